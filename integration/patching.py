@@ -1,0 +1,84 @@
+"""Narrow, reversible fixes of upstream code, each tied to the upstream lines it addresses.
+
+A `Fix` says which upstream file and version it concerns, why it exists, how to tell that
+the upstream code still needs it (`still_needed`), and how to apply it. `Patcher` records
+every attribute a fix replaces so that `undo()` puts the originals back (tests rely on it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Fix:
+    name: str
+    upstream: str  # file:line and version, e.g. "megatron/core/... .py:303 (megatron-core 0.19.2)"
+    reason: str
+    still_needed: Callable[[], bool]  # False once upstream no longer has the problem
+    apply: Callable[["Patcher"], None]
+
+
+class Patcher:
+    """Replaces attributes and remembers the originals, so that every change can be undone."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any, bool]] = []
+
+    def setattr(self, owner: Any, name: str, value: Any) -> None:
+        had = name in vars(owner)
+        self._saved.append((owner, name, vars(owner).get(name), had))
+        setattr(owner, name, value)
+
+    def undo(self) -> None:
+        for owner, name, old, had in reversed(self._saved):
+            if had:
+                setattr(owner, name, old)
+            else:
+                delattr(owner, name)
+        self._saved.clear()
+
+
+def source_of(obj: Any) -> str:
+    return inspect.getsource(inspect.unwrap(obj))
+
+
+def source_has(obj: Any, *needles: str) -> bool:
+    """True when every needle still stands in the upstream source of `obj` (False once
+    `obj` is our rewrite of it, so that applying fixes twice changes nothing)."""
+    if getattr(inspect.unwrap(obj), "__megaseek_rewrite__", False):
+        return False
+    text = source_of(obj)
+    return all(n in text for n in needles)
+
+
+def rewrite_function(owner: Any, name: str, replacements: dict[str, str]) -> Any:
+    """Recompiles `owner.name` from its upstream source with exact text replacements.
+
+    Used where a check is written into a function body (a `.type()` string, a `.cuda()`
+    call) and nothing short of its text can change it. Every replacement must match, so a
+    changed upstream function fails loudly here instead of being patched half-way.
+    """
+    original = vars(owner)[name] if name in vars(owner) else getattr(owner, name)
+    func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+    text = textwrap.dedent(source_of(func))
+    for old, new in replacements.items():
+        if old not in text:
+            raise RuntimeError(f"{func.__module__}.{func.__qualname__}: {old!r} not found; "
+                               "the upstream code changed, review this fix")
+        text = text.replace(old, new)
+    # A method that calls zero-argument super() needs the `__class__` cell the class body
+    # gave it: compile it inside a factory that provides one.
+    body = textwrap.indent(text, "    ")
+    factory = f"def _factory(__class__):\n{body}\n    return {func.__name__}\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(factory, f"<megaseek fix of {func.__module__}.{func.__qualname__}>", "exec"),
+         func.__globals__, namespace)
+    new = namespace["_factory"](owner if isinstance(owner, type) else None)
+    if isinstance(original, (staticmethod, classmethod)) and not isinstance(new, type(original)):
+        new = type(original)(new)
+    (new.__func__ if isinstance(new, (staticmethod, classmethod)) else new).__megaseek_rewrite__ = True
+    return new

@@ -1,0 +1,88 @@
+"""`megaseek pretrain` / `python -m integration.pretrain`: Megatron's GPT pretraining with
+megaseek's plugins, through `megatron.training.pretrain` as Megatron-LM's
+`pretrain_gpt.py` does. Takes every Megatron argument plus `--plugins` and plugin flags.
+
+Run it under torchrun. Without CUDA it runs on CPU with gloo (`integration.cpu`).
+Without `--data-path` or `--mock-data`, it trains on the built-in byte-level corpus
+(`integration.corpus`), with `--tokenizer-type NullTokenizer --vocab-size 257`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
+from integration import compat, cpu
+from integration.corpus import BYTE_VOCAB_SIZE, build_byte_corpus
+from integration.patching import Patcher
+from plugins import PluginRegistry, default_registry
+
+CPU_DEFAULTS = [
+    "--distributed-backend", "gloo", "--transformer-impl", "local",
+    "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
+    "--no-bias-dropout-fusion", "--no-masked-softmax-fusion", "--no-persist-layer-norm",
+    "--no-rope-fusion", "--use-cpu-initialization",
+]
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def with_defaults(argv: list[str]) -> list[str]:
+    """Adds what a CPU run needs and the built-in corpus where the user chose nothing.
+    Only flags the user did not give are added; nothing the user gave is changed."""
+    added: list[str] = []
+    if cpu.cuda_is_absent():
+        i = 0
+        while i < len(CPU_DEFAULTS):
+            flag = CPU_DEFAULTS[i]
+            takes_value = i + 1 < len(CPU_DEFAULTS) and not CPU_DEFAULTS[i + 1].startswith("--")
+            if not _given(argv, flag):
+                added += CPU_DEFAULTS[i:i + 1 + takes_value]
+            i += 1 + takes_value
+    if not (_given(argv, "--data-path") or _given(argv, "--mock-data")
+            or _given(argv, "--train-data-path")):
+        cache = os.environ.get("MEGASEEK_DATA_CACHE", os.path.join(tempfile.gettempdir(), "megaseek-data"))
+        added += ["--data-path", build_byte_corpus(cache), "--split", "90,5,5"]
+        if not _given(argv, "--tokenizer-type"):
+            added += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB_SIZE)]
+    return argv + added
+
+
+def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
+    argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
+    registry = registry or default_registry()
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    patcher = Patcher()
+    compat.install()
+    cpu.install()
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from integration import gpt, hooks
+
+    sys.argv = [sys.argv[0], *argv]  # Megatron parses sys.argv
+    args = parse_and_validate_args(extra_args_provider=registry.add_arguments)
+    plugins = registry.enabled(args)
+    hooks.attach(plugins, args, patcher)
+    try:
+        pretrain(
+            pretrain_cfg_container_from_args(args),
+            gpt.datasets_provider,
+            ModelType.encoder_or_decoder,
+            gpt.forward_step,
+            model_provider=gpt.model_provider_with(hooks.layer_spec_hooks(plugins)),
+        )
+    finally:
+        patcher.undo()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates .venv with megaseek and its pinned dependencies. Idempotent: a stamp records
+# what was installed, so a second run with an unchanged recipe returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${MEGASEEK_VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_PIN="torch==2.13.0"          # the CPU wheel; never an unpinned torch (it pulls CUDA)
+MCORE_PIN="megatron-core==0.19.2"
+DEPS=(numpy "packaging>=24.2" psutil triton pytest pytest-xdist pytest-timeout)
+TEST_DEPS=()
+
+recipe="$TORCH_PIN $MCORE_PIN ${DEPS[*]} ${TEST_DEPS[*]-} $(sha1sum pyproject.toml | cut -c1-12)"
+stamp="$VENV/.megaseek-setup"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$recipe" ]; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  pip install -q "$TORCH_PIN"
+fi
+# numpy and packaging first: --ignore-requires-python below would otherwise pick sources
+# that need Python 3.12 (shared/notes/megatron-core-on-cpu.md).
+pip install -q "${DEPS[@]}" ${TEST_DEPS[@]+"${TEST_DEPS[@]}"}
+# megatron-core 0.19.2 declares Python >= 3.12 but its cp311 wheel works on 3.11.
+pip install -q --ignore-requires-python --no-deps "$MCORE_PIN"
+pip install -q --no-deps --no-build-isolation -e .
+
+echo "$recipe" > "$stamp"

@@ -1,0 +1,154 @@
+"""Run a function on several ranks of a torch.distributed process group.
+
+    from tests.multirank import run_ranks
+
+    def _sum(rank, world_size, base):          # must be module-level
+        t = torch.tensor([base + rank])
+        torch.distributed.all_reduce(t)
+        return t.item()
+
+    assert run_ranks(_sum, 2, 10) == [21, 21]
+
+Each rank is a fresh process started with the 'spawn' method, so ``fn`` (and
+its arguments and return value) must be picklable: define ``fn`` at module
+level of an importable module, not as a lambda or a nested function. The ranks
+rendezvous through a FileStore in a temporary directory (no TCP ports, so
+``pytest -n`` is safe). The backend defaults to "nccl" (one GPU per rank) when
+CUDA is available and to "gloo" otherwise.
+
+``run_ranks`` never hangs: a rank that raises, or dies without reporting (for
+instance through ``os._exit`` or a segfault), makes it raise ``RankFailed``
+with that rank's traceback or exit code; ranks still running shortly after a
+failure, or when ``timeout`` expires, are terminated and named in the error.
+"""
+
+import os
+import pickle
+import queue as queue_module
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["RankFailed", "run_ranks"]
+
+# Seconds the surviving ranks get to finish once one rank has failed.
+_FAILURE_GRACE_S = 3.0
+# Seconds a rank must have been dead without a result before it is reported.
+_DEAD_GRACE_S = 0.5
+_CHILD_ENV = {"TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+class RankFailed(AssertionError):
+    """One or more ranks raised, died, or did not finish in time."""
+
+
+def _worker(fn, rank, world_size, backend, store_path, results, args, kwargs):
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        try:
+            value = fn(rank, world_size, *args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+        # Pickle here so that an unpicklable result is reported, not lost.
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+def _stop(procs):
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def run_ranks(fn, world_size, *args, backend=None, timeout=120.0, **kwargs):
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes.
+
+    Returns the ranks' return values as a list ordered by rank. Raises
+    ``RankFailed`` if a rank raises or dies, or if not every rank has finished
+    within ``timeout`` seconds (wall clock, process start-up included).
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    saved_env = {k: os.environ.get(k) for k in _CHILD_ENV}
+    procs = []
+    try:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+            store_path = os.path.join(tmp, "store")
+            for k, v in _CHILD_ENV.items():
+                os.environ.setdefault(k, v)  # children inherit os.environ at start
+            try:
+                for rank in range(world_size):
+                    p = ctx.Process(
+                        target=_worker, name=f"rank{rank}", daemon=True,
+                        args=(fn, rank, world_size, backend, store_path, results, args, kwargs),
+                    )
+                    p.start()
+                    procs.append(p)
+            finally:
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            return _collect(procs, results, timeout)
+    finally:
+        _stop(procs)
+        results.close()
+        results.cancel_join_thread()
+
+
+def _collect(procs, results, timeout):
+    values, failures, dead_since = {}, {}, {}
+    pending = set(range(len(procs)))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    while pending:
+        now = time.monotonic()
+        if now >= deadline:
+            timed_out = not failures
+            break
+        try:
+            rank, ok, payload = results.get(timeout=0.05)
+        except queue_module.Empty:
+            for rank in sorted(pending):
+                code = procs[rank].exitcode
+                if code is None:
+                    continue
+                if now - dead_since.setdefault(rank, now) >= _DEAD_GRACE_S:
+                    pending.discard(rank)
+                    failures[rank] = f"exited with code {code} without reporting a result"
+                    deadline = min(deadline, now + _FAILURE_GRACE_S)
+            continue
+        pending.discard(rank)
+        if ok:
+            values[rank] = pickle.loads(payload)
+        else:
+            failures[rank] = f"raised:\n{payload}"
+            deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+    if timed_out:
+        raise RankFailed(
+            f"run_ranks timed out after {timeout}s; ranks {sorted(pending)} of "
+            f"{len(procs)} had not finished and were killed"
+        )
+    if failures:
+        lines = [f"{len(failures)} of {len(procs)} ranks failed: {sorted(failures)}"]
+        lines += [f"--- rank {r} {msg}" for r, msg in sorted(failures.items())]
+        if pending:
+            lines.append(f"ranks {sorted(pending)} were still running and were killed")
+        raise RankFailed("\n".join(lines))
+    return [values[r] for r in range(len(procs))]
