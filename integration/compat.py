@@ -68,8 +68,8 @@ def _apply_dataset_helpers(p: Patcher) -> None:
 def _apply_distopt_empty_state(p: Patcher) -> None:
     cls = _distopt()
     p.setattr(cls, "state_dict", rewrite_function(cls, "state_dict", {
-        "assert len(steps) == 1\n        step = steps[0]":
-            "assert len(steps) <= 1\n        step = steps[0] if steps else 0"}))
+        "assert len(steps) == 1\n            step = steps[0]\n":
+            "assert len(steps) <= 1\n            step = steps[0] if steps else 0\n"}))
 
 
 def _apply_distopt_step_per_param(p: Patcher) -> None:

@@ -29,34 +29,30 @@ VERSION = "megatron-core 0.19.2"
 
 # Modules that reach `torch.cuda` or allocate on "cuda" in the paths a GPT model takes
 # through `pretrain()` (build, DDP/distributed optimizer, TP/PP schedules, checkpoints).
-CUDA_CALLING_MODULES = {
-    "megatron.training.training": "training.py:1150,1156 (start-time all-reduce), 4588 "
-                                  "(data flags), current_stream/Stream in the loop",
-    "megatron.training.initialize": "initialize.py:270-283 (device_count/set_device), "
-                                    "447 (seed only when device_count > 0), 509-547",
-    "megatron.training.checkpointing": "checkpointing.py get/set_rng_state, empty_cache",
-    "megatron.training.utils.common_utils": "common_utils.py memory report, current_device",
-    "megatron.core.utils": "utils.py get_batch_on_this_tp_rank, current_device",
-    "megatron.core.timers": "timers.py synchronize/current_device",
-    "megatron.core.rerun_state_machine": "rerun_state_machine.py get_rng_state, tensors",
-    "megatron.core.tensor_parallel.random": "random.py:303-345 (get_rng_state, manual_seed)",
-    "megatron.core.tensor_parallel.mappings": "mappings.py:95,145,185,447 (current_device)",
-    "megatron.core.pipeline_parallel.schedules": "schedules.py:749,1121,2292 (device='cuda')",
-    "megatron.core.pipeline_parallel.p2p_communication": "p2p_communication.py:211-223,334,"
-                                                         "342 (current_device), 263,419",
-    "megatron.core.optimizer.optimizer": "optimizer.py:315,698,702,1249 (device='cuda')",
-    "megatron.core.optimizer.clip_grads": "clip_grads.py:96,108,112,180,231 (device='cuda')",
-    "megatron.core.optimizer.distrib_optimizer": "distrib_optimizer.py current_device",
-    "megatron.core.distributed.param_and_grad_buffer": "param_and_grad_buffer.py:632,1180,"
-                                                       "1186 (current_device, streams)",
-    "megatron.core.models.common.embeddings.rotary_pos_embedding": "rotary_pos_embedding.py"
-                                                                   ":78,162",
-    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "yarn_rotary_pos_"
-                                                                        "embedding.py:76,122",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "state_dict_saver.py "
-                                                                    "current_device",
-    "megatron.core.dist_checkpointing.strategies.filesystem_async": "filesystem_async.py "
-                                                                    "synchronize",
+CUDA_CALLING_MODULES = {  # module -> where it calls CUDA (lines of its file)
+    "megatron.training.training": "1150,1156 (start-time all-reduce), 1818, 4588 (data flags), "
+                                  "Stream/current_stream in the loop",
+    "megatron.training.initialize": "270-283 (device_count/set_device), 447 (seeds only when "
+                                    "device_count > 0), 509-547 (jit warm-up on 'cuda')",
+    "megatron.training.checkpointing": "get/set_rng_state, empty_cache",
+    "megatron.training.utils.common_utils": "memory report, current_device",
+    "megatron.core.utils": "get_batch_on_this_tp_rank (current_device)",
+    "megatron.core.timers": "synchronize, current_device",
+    "megatron.core.rerun_state_machine": "get_rng_state, tensors on current_device",
+    "megatron.core.tensor_parallel.random": "303-345 (get_rng_state, manual_seed)",
+    "megatron.core.tensor_parallel.mappings": "95,145,185,447 (current_device)",
+    "megatron.core.pipeline_parallel.schedules": "749,1121,2292 (device='cuda')",
+    "megatron.core.pipeline_parallel.p2p_communication": "211-223,334,342 (current_device), "
+                                                         "263,419 (synchronize)",
+    "megatron.core.optimizer.optimizer": "315,698,702,1249 (device='cuda')",
+    "megatron.core.optimizer.clip_grads": "96,108,112,180,231 (device='cuda')",
+    "megatron.core.optimizer.distrib_optimizer": "current_device",
+    "megatron.core.distributed.param_and_grad_buffer": "632,1180,1186 (current_device, streams)",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "78,162 (current_device)",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "76,122,126",
+    "megatron.core.transformer.utils": "39,44 (causal masks on 'cuda')",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "current_device",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize",
 }
 
 _CUDA_MARKERS = ("torch.cuda.", "device='cuda'", 'device="cuda"')
@@ -77,7 +73,7 @@ def source_has_any(obj, needles) -> bool:
 def _proxy_fix(name: str, where: str) -> Fix:
     return Fix(
         name=f"cpu-torch:{name}",
-        upstream=f"{where} ({VERSION})",
+        upstream=f"{name.replace('.', '/')}.py: {where} ({VERSION})",
         reason="calls torch.cuda or allocates on 'cuda'; sees the CPU as its device",
         still_needed=partial(_calls_cuda, name),
         apply=lambda p: p.setattr(_module(name), "torch", CpuTorch()),
@@ -95,7 +91,7 @@ def _apply_rng(p: Patcher) -> None:
     # fork() swaps the CPU generator's state in and out, which its CUDA-era check reports
     # as "CPU RNG state changed within GPU RNG context" on every call; here that is the
     # design (the forked state is the TP rank's own), so that one message is dropped.
-    logging.getLogger(random.__name__).addFilter(_drop_cpu_rng_warning)
+    p.add_log_filter(logging.getLogger(random.__name__), _drop_cpu_rng_warning)
 
 
 def _drop_cpu_rng_warning(record: logging.LogRecord) -> bool:
@@ -260,3 +256,24 @@ def install(force: bool = False) -> Patcher | None:
         if fix.still_needed():
             fix.apply(patcher)
     return patcher
+
+
+# Megatron flags a CPU run needs: gloo, and no CUDA-only fused kernels or TE modules.
+CPU_ARGUMENTS = (
+    ("--distributed-backend", "gloo"), ("--transformer-impl", "local"),
+    ("--no-gradient-accumulation-fusion",), ("--no-bias-gelu-fusion",),
+    ("--no-bias-swiglu-fusion",), ("--no-bias-dropout-fusion",),
+    ("--no-masked-softmax-fusion",), ("--no-persist-layer-norm",), ("--no-rope-fusion",),
+    ("--use-cpu-initialization",),
+)
+
+
+def given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def with_cpu_arguments(argv: list[str]) -> list[str]:
+    """Where CUDA is absent, appends the CPU_ARGUMENTS the user did not give."""
+    if not cuda_is_absent():
+        return argv
+    return argv + [part for flag in CPU_ARGUMENTS if not given(argv, flag[0]) for part in flag]

@@ -8,6 +8,7 @@ every attribute a fix replaces so that `undo()` puts the originals back (tests r
 from __future__ import annotations
 
 import inspect
+import logging
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,20 +27,27 @@ class Patcher:
     """Replaces attributes and remembers the originals, so that every change can be undone."""
 
     def __init__(self) -> None:
-        self._saved: list[tuple[Any, str, Any, bool]] = []
+        self._undo: list[Callable[[], None]] = []
 
     def setattr(self, owner: Any, name: str, value: Any) -> None:
-        had = name in vars(owner)
-        self._saved.append((owner, name, vars(owner).get(name), had))
+        if name in vars(owner):
+            old = vars(owner)[name]
+            self._undo.append(lambda: setattr(owner, name, old))
+        else:
+            self._undo.append(lambda: delattr(owner, name))
         setattr(owner, name, value)
 
+    def add_log_filter(self, logger: logging.Logger, log_filter: Callable) -> None:
+        logger.addFilter(log_filter)
+        self._undo.append(lambda: logger.removeFilter(log_filter))
+
+    @property
+    def changes(self) -> int:
+        return len(self._undo)
+
     def undo(self) -> None:
-        for owner, name, old, had in reversed(self._saved):
-            if had:
-                setattr(owner, name, old)
-            else:
-                delattr(owner, name)
-        self._saved.clear()
+        while self._undo:
+            self._undo.pop()()
 
 
 def source_of(obj: Any) -> str:
@@ -64,20 +72,23 @@ def rewrite_function(owner: Any, name: str, replacements: dict[str, str]) -> Any
     """
     original = vars(owner)[name] if name in vars(owner) else getattr(owner, name)
     func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
-    text = textwrap.dedent(source_of(func))
+    text = source_of(func)
     for old, new in replacements.items():
         if old not in text:
             raise RuntimeError(f"{func.__module__}.{func.__qualname__}: {old!r} not found; "
                                "the upstream code changed, review this fix")
         text = text.replace(old, new)
-    # A method that calls zero-argument super() needs the `__class__` cell the class body
-    # gave it: compile it inside a factory that provides one.
-    body = textwrap.indent(text, "    ")
-    factory = f"def _factory(__class__):\n{body}\n    return {func.__name__}\n"
+    # A method keeps its indentation (re-indenting would change multi-line strings) and is
+    # compiled inside a factory that gives it the `__class__` cell zero-argument super()
+    # needs; a top-level function compiles as it is.
+    nested = text[:1].isspace()
+    if nested:
+        text = f"def _factory(__class__):\n{text}\n    return {func.__name__}\n"
     namespace: dict[str, Any] = {}
-    exec(compile(factory, f"<megaseek fix of {func.__module__}.{func.__qualname__}>", "exec"),
+    exec(compile(text, f"<megaseek fix of {func.__module__}.{func.__qualname__}>", "exec"),
          func.__globals__, namespace)
-    new = namespace["_factory"](owner if isinstance(owner, type) else None)
+    new = (namespace["_factory"](owner if isinstance(owner, type) else None) if nested
+           else namespace[func.__name__])
     if isinstance(original, (staticmethod, classmethod)) and not isinstance(new, type(original)):
         new = type(original)(new)
     (new.__func__ if isinstance(new, (staticmethod, classmethod)) else new).__megaseek_rewrite__ = True

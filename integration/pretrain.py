@@ -15,39 +15,21 @@ import tempfile
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import compat, cpu
+from integration.cpu import given
 from integration.corpus import BYTE_VOCAB_SIZE, build_byte_corpus
 from integration.patching import Patcher
 from plugins import PluginRegistry, default_registry
 
-CPU_DEFAULTS = [
-    "--distributed-backend", "gloo", "--transformer-impl", "local",
-    "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
-    "--no-bias-dropout-fusion", "--no-masked-softmax-fusion", "--no-persist-layer-norm",
-    "--no-rope-fusion", "--use-cpu-initialization",
-]
-
-
-def _given(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
 def with_defaults(argv: list[str]) -> list[str]:
     """Adds what a CPU run needs and the built-in corpus where the user chose nothing.
     Only flags the user did not give are added; nothing the user gave is changed."""
+    argv = cpu.with_cpu_arguments(argv)
     added: list[str] = []
-    if cpu.cuda_is_absent():
-        i = 0
-        while i < len(CPU_DEFAULTS):
-            flag = CPU_DEFAULTS[i]
-            takes_value = i + 1 < len(CPU_DEFAULTS) and not CPU_DEFAULTS[i + 1].startswith("--")
-            if not _given(argv, flag):
-                added += CPU_DEFAULTS[i:i + 1 + takes_value]
-            i += 1 + takes_value
-    if not (_given(argv, "--data-path") or _given(argv, "--mock-data")
-            or _given(argv, "--train-data-path")):
+    if not (given(argv, "--data-path") or given(argv, "--mock-data")
+            or given(argv, "--train-data-path")):
         cache = os.environ.get("MEGASEEK_DATA_CACHE", os.path.join(tempfile.gettempdir(), "megaseek-data"))
         added += ["--data-path", build_byte_corpus(cache), "--split", "90,5,5"]
-        if not _given(argv, "--tokenizer-type"):
+        if not given(argv, "--tokenizer-type"):
             added += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB_SIZE)]
     return argv + added
 

@@ -80,16 +80,23 @@ class PluginRegistry:
             if plugin.add_arguments is None:
                 continue
             before = {id(a) for a in parser._actions}
-            plugin.add_arguments(parser.add_argument_group(f"megaseek plugin {plugin.name}"))
+            try:
+                plugin.add_arguments(parser.add_argument_group(f"megaseek plugin {plugin.name}"))
+            except argparse.ArgumentError as clash:
+                raise PluginError(f"plugin {plugin.name!r} adds a flag that Megatron or another "
+                                  f"plugin already defines: {clash}") from clash
             for action in parser._actions:
                 if id(action) in before:
                     continue
-                if action.dest in self._flags:
+                # Megatron may build its parser more than once; only another plugin's
+                # claim on the same flag is a conflict.
+                if action.dest in self._flags and self._flags[action.dest].plugin != plugin.name:
                     other = self._flags[action.dest].plugin
                     raise PluginError(f"plugins {other!r} and {plugin.name!r} both define "
                                       f"{action.option_strings[0]}")
-                self._flags[action.dest] = _FlagInfo(plugin.name, action.option_strings[0],
-                                                    action.default)
+                if action.default is not self._unset:
+                    self._flags[action.dest] = _FlagInfo(plugin.name, action.option_strings[0],
+                                                        action.default)
                 action.default = self._unset
         return parser
 
@@ -107,12 +114,15 @@ class PluginRegistry:
         chosen = [self._plugins[name] for name in requested]
 
         orphans = []
+        defaulted = set(getattr(args, "plugin_flags_defaulted", ()))
         for dest, info in self._flags.items():
             value = getattr(args, dest, self._unset)
             if value is self._unset:
                 setattr(args, dest, info.default)
-            elif info.plugin not in requested:
+                defaulted.add(dest)
+            elif info.plugin not in requested and dest not in defaulted:
                 orphans.append(f"{info.option} needs '{PLUGINS_FLAG} {info.plugin}'")
+        args.plugin_flags_defaulted = sorted(defaulted)  # so that a second check agrees
         if orphans:
             raise PluginError("plugin flags given without their plugin: " + "; ".join(orphans))
 

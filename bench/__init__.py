@@ -1,0 +1,1 @@
+"""megaseek's benchmarks: `python -m bench [NAME ...]` (see `bench.registry`)."""

@@ -1,0 +1,45 @@
+"""The README's demo: pretrain a tiny dense GPT on CPU through Megatron's own training
+loop, on 2 gloo ranks with tensor parallelism, on the built-in byte-level corpus.
+
+It runs `integration.pretrain` under torchrun; extra arguments go to Megatron (e.g.
+`--pipeline-model-parallel-size 2 --tensor-model-parallel-size 1`, or `--plugins ...`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+RANKS = 2
+MODEL = [
+    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
+    "--seq-length", "128", "--max-position-embeddings", "128",
+    "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+]
+TRAINING = [
+    "--tensor-model-parallel-size", "2",
+    "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", "300",
+    "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
+    "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "1234",
+    "--log-interval", "25", "--eval-interval", "100", "--eval-iters", "4",
+]
+
+
+def command(extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(RANKS), "-m", "integration.pretrain",
+            *MODEL, *TRAINING, *extra]
+
+
+def main(argv: list[str] | None = None) -> None:
+    extra = list(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ, TORCHDYNAMO_DISABLE=os.environ.get("TORCHDYNAMO_DISABLE", "1"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
+    raise SystemExit(subprocess.run(command(extra), env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()

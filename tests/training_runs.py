@@ -1,0 +1,68 @@
+"""Run `integration.pretrain` (or a launch script) under torchrun and read its results.
+
+Each run is a real Megatron `pretrain()` on 2 gloo ranks in subprocesses; the helpers
+parse Megatron's own log lines and read its checkpoints back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+TINY_GPT = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "64", "--max-position-embeddings", "64",
+    "--micro-batch-size", "2", "--global-batch-size", "8",
+    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
+    "--seed", "1234", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "2",
+]
+
+_ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
+_VALIDATION = re.compile(r"validation loss at iteration (\d+) on validation set \| lm loss value: ([0-9.E+-]+)")
+
+
+def torchrun(module_or_script: list[str], args: list[str], tmp_path: Path, ranks: int = 2,
+             env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """Runs `torchrun --nproc-per-node ranks` and returns its combined output; raises
+    with the output's tail if the run fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(ranks), *module_or_script, *args]
+    run_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
+                   PYTHONWARNINGS="ignore", MEGASEEK_DATA_CACHE=str(tmp_path.parent / "data"),
+                   **(env or {}))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=timeout,
+                          cwd=tmp_path)
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise AssertionError(f"torchrun exited {done.returncode}:\n{output[-6000:]}")
+    return output
+
+
+def pretrain(args: list[str], tmp_path: Path, **kwargs) -> str:
+    return torchrun(["-m", "integration.pretrain"], TINY_GPT + args, tmp_path, **kwargs)
+
+
+def losses(output: str) -> dict[int, float]:
+    """Training loss per logged iteration, as Megatron prints it."""
+    return {int(i): float(v) for i, v in _ITERATION.findall(output)}
+
+
+def final_validation_loss(output: str) -> float:
+    found = _VALIDATION.findall(output)
+    assert found, "no final validation loss in the output"
+    return float(found[-1][1])
+
+
+def checkpoint_tensors(directory: Path, iteration: int) -> dict[str, torch.Tensor]:
+    """Every tensor of a `torch_dist` checkpoint (model and optimizer state)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = directory.parent / f"{directory.name}-{iteration}.pt"
+    dcp_to_torch_save(directory / f"iter_{iteration:07d}", flat)
+    state = torch.load(flat, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
