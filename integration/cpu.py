@@ -41,6 +41,7 @@ CUDA_CALLING_MODULES = {  # module -> where it calls CUDA (lines of its file)
     "megatron.core.rerun_state_machine": "get_rng_state, tensors on current_device",
     "megatron.core.tensor_parallel.random": "303-345 (get_rng_state, manual_seed)",
     "megatron.core.tensor_parallel.mappings": "95,145,185,447 (current_device)",
+    "megatron.core.tensor_parallel.layers": "647 (sequence-parallel all-gather buffer)",
     "megatron.core.pipeline_parallel.schedules": "749,1121,2292 (device='cuda')",
     "megatron.core.pipeline_parallel.p2p_communication": "211-223,334,342 (current_device), "
                                                          "263,419 (synchronize)",

@@ -19,8 +19,20 @@ def layer_spec_hooks(plugins: list[Plugin]):
     return [p.transform_layer_spec for p in plugins if p.transform_layer_spec is not None]
 
 
+def check_megatron_flags(plugins: list[Plugin], args: argparse.Namespace) -> None:
+    """Megatron flags that cannot work without a plugin fail here, not deep in a build."""
+    names = {p.name for p in plugins}
+    if (getattr(args, "multi_latent_attention", False) and "mla" not in names
+            and getattr(args, "transformer_impl", None) == "local"):
+        raise PluginError("--multi-latent-attention with --transformer-impl local needs "
+                          "--plugins mla (Megatron's own MLA does not build with the local "
+                          "spec: its core attention rejects k_channels/v_channels)")
+
+
 def attach(plugins: list[Plugin], args: argparse.Namespace, patcher: Patcher) -> None:
     import megatron.training.training as training
+
+    check_megatron_flags(plugins, args)
 
     schedules = [p for p in plugins if p.schedule is not None]
     if len(schedules) > 1:  # slots normally catch this; a schedule hook without the slot too

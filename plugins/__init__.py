@@ -143,7 +143,9 @@ class PluginRegistry:
 
 def builtin_plugins() -> list[Plugin]:
     """The plugins megaseek ships. Each plugin package adds itself here once it works."""
-    return []
+    from plugins.mla.plugin import MLA
+
+    return [MLA]
 
 
 def default_registry() -> PluginRegistry:

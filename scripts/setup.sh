@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 TORCH_PIN="torch==2.13.0"          # the CPU wheel; never an unpinned torch (it pulls CUDA)
 MCORE_PIN="megatron-core==0.19.2"
 DEPS=(numpy "packaging>=24.2" psutil triton pytest pytest-xdist pytest-timeout)
-TEST_DEPS=()
+TEST_DEPS=("transformers==4.57.1")  # Hugging Face DeepseekV3: the test oracle for MLA and MoE
 
 recipe="$TORCH_PIN $MCORE_PIN ${DEPS[*]} ${TEST_DEPS[*]-} $(sha1sum pyproject.toml | cut -c1-12)"
 stamp="$VENV/.megaseek-setup"

@@ -8,13 +8,18 @@ import torch
 from tests.training_runs import checkpoint_tensors, final_validation_loss, losses, pretrain
 
 pytestmark = pytest.mark.slow
+MLA_FLAGS = ["--plugins", "mla", "--multi-latent-attention", "--normalization", "RMSNorm",
+             "--position-embedding-type", "rope", "--q-lora-rank", "32", "--kv-lora-rank", "16",
+             "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16"]
 
 
 @pytest.mark.parametrize("layout", [
     [],  # data parallel, 2 ranks
     ["--tensor-model-parallel-size", "2"],
     ["--pipeline-model-parallel-size", "2"],
-], ids=["dp2", "tp2", "pp2"])
+    ["--tensor-model-parallel-size", "2", *MLA_FLAGS,
+     "--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mla_up_proj"],
+], ids=["dp2", "tp2", "pp2", "tp2-mla-recompute"])
 def test_loss_falls(layout, tmp_path):
     curve = losses(pretrain(layout + ["--train-iters", "30"], tmp_path))
     assert sorted(curve) == list(range(1, 31))

@@ -1,0 +1,190 @@
+"""Multi-head Latent Attention (DeepSeek-V3) as Megatron's `self_attention` submodule.
+
+Built from a Megatron `ModuleSpec` like Megatron's own MLA and with its submodule names
+(`linear_q_down_proj`, `linear_kv_up_proj`, ...), so checkpoints keep their keys; unlike
+it, it builds with Megatron's local (non-TE) linears and runs on CPU. Layout:
+
+  query   x -> linear_q_down_proj -> q_layernorm -> linear_q_up_proj -> per head [nope | rope]
+          (or x -> linear_q_proj when q_lora_rank is None)
+  key/val x -> linear_kv_down_proj -> [latent | k_rope];  k_rope is one head shared by all
+          latent -> kv_layernorm -> linear_kv_up_proj -> per head [k_nope | v]
+  RoPE    only on q_rope and k_rope (plain or YaRN, `plugins.mla.rope`)
+  core    causal softmax(q k^T * scale) v over heads [nope | rope], v of its own width
+  out     linear_proj (row-parallel)
+
+Tensor parallelism: heads are split across TP ranks (column-parallel up-projections,
+row-parallel output); the down-projections are replicated. With sequence parallelism the
+down-projections and latent norms see this rank's sequence shard, and the up-projections
+all-gather the (small) latents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from plugins.mla.rope import Yarn, apply_rotary, rotary_table, yarn_mscale
+
+
+@dataclass
+class MLASubmodules:
+    linear_q_proj: ModuleSpec | type | None = None
+    linear_q_down_proj: ModuleSpec | type | None = None
+    linear_q_up_proj: ModuleSpec | type | None = None
+    linear_kv_down_proj: ModuleSpec | type | None = None
+    linear_kv_up_proj: ModuleSpec | type | None = None
+    q_layernorm: ModuleSpec | type | None = None
+    kv_layernorm: ModuleSpec | type | None = None
+    linear_proj: ModuleSpec | type | None = None
+
+
+class ReplicatedLinear(MegatronModule):
+    """y = x W^T with W whole on every TP rank (MLA's down-projections).
+
+    Under sequence parallelism each rank sees a different sequence shard, so the weight's
+    gradient is partial: `sequence_parallel` on the weight makes Megatron all-reduce it
+    across the TP group, as it does for layer-norm weights.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, **unused):
+        super().__init__(config)
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size,
+                                                     dtype=config.params_dtype))
+        if config.perform_initialization:
+            with tensor_parallel.get_cuda_rng_tracker().fork(
+                    tensor_parallel.random.get_data_parallel_rng_tracker_name()):
+                init_method(self.weight)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True),
+                                                   prefix, {}, sharded_offsets)
+
+
+class RMSNorm(MegatronModule):
+    """RMSNorm whose weight is marked for sequence parallelism (Megatron's local norm
+    refuses `--sequence-parallel`)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__(config)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class MLASelfAttention(MegatronModule):
+    def __init__(self, config, submodules: MLASubmodules, layer_number: int = 1,
+                 attn_mask_type=None, pg_collection=None, **unused: Any):
+        super().__init__(config)
+        self.layer_number = layer_number
+        tp_size = (pg_collection.tp.size() if pg_collection is not None
+                   else parallel_state.get_tensor_model_parallel_world_size())
+        self.heads = config.num_attention_heads // tp_size  # this rank's heads
+        self.nope_dim, self.rope_dim = config.qk_head_dim, config.qk_pos_emb_head_dim
+        self.v_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
+        self.yarn = None if config.rope_type != "yarn" else Yarn(
+            config.rotary_scaling_factor, config.original_max_position_embeddings,
+            config.beta_fast, config.beta_slow, config.mscale, config.mscale_all_dim)
+        mscale = 1.0 if self.yarn is None else yarn_mscale(self.yarn.factor,
+                                                           self.yarn.mscale_all_dim)
+        self.softmax_scale = mscale * mscale / math.sqrt(self.nope_dim + self.rope_dim)
+        # Set by the layer when --recompute-modules has mla_up_proj (plugins.mla.layer).
+        self.up_projection_recompute = None
+
+        hidden, qk_dim = config.hidden_size, self.nope_dim + self.rope_dim
+        column = dict(config=config, init_method=config.init_method, bias=False,
+                      gather_output=False, skip_bias_add=True)
+        if config.q_lora_rank is None:
+            self.linear_q_proj = build_module(submodules.linear_q_proj, hidden,
+                                              config.num_attention_heads * qk_dim, **column)
+        else:
+            self.linear_q_down_proj = build_module(submodules.linear_q_down_proj, hidden,
+                                                   config.q_lora_rank, config=config,
+                                                   init_method=config.init_method)
+            self.q_layernorm = build_module(submodules.q_layernorm, config=config,
+                                            hidden_size=config.q_lora_rank,
+                                            eps=config.layernorm_epsilon)
+            self.linear_q_up_proj = build_module(submodules.linear_q_up_proj, config.q_lora_rank,
+                                                 config.num_attention_heads * qk_dim, **column)
+        self.linear_kv_down_proj = build_module(submodules.linear_kv_down_proj, hidden,
+                                                self.kv_lora_rank + self.rope_dim,
+                                                config=config, init_method=config.init_method)
+        self.kv_layernorm = build_module(submodules.kv_layernorm, config=config,
+                                         hidden_size=self.kv_lora_rank,
+                                         eps=config.layernorm_epsilon)
+        self.linear_kv_up_proj = build_module(
+            submodules.linear_kv_up_proj, self.kv_lora_rank,
+            config.num_attention_heads * (self.nope_dim + self.v_dim), **column)
+        self.linear_proj = build_module(
+            submodules.linear_proj, config.num_attention_heads * self.v_dim, hidden,
+            config=config, init_method=config.output_layer_init_method, bias=False,
+            input_is_parallel=True, skip_bias_add=True)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                packed_seq_params=None, inference_context=None, **unused: Any):
+        if packed_seq_params is not None or inference_context is not None:
+            raise NotImplementedError("plugins.mla: packed sequences and inference contexts "
+                                      "are not supported; train with unpacked sequences")
+        # Down-projections, on this rank's sequence (shard).   x: [s, b, hidden]
+        q_latent = (hidden_states if self.config.q_lora_rank is None
+                    else self.linear_q_down_proj(hidden_states))      # [s, b, q_lora]
+        kv_latent, k_rope = self.linear_kv_down_proj(hidden_states).split(
+            [self.kv_lora_rank, self.rope_dim], dim=-1)               # [s, b, kv_lora], [s, b, rope]
+        # k_rope serves every head, so its gradient sums over the TP ranks' heads: the
+        # sequence all-gather's backward (reduce-scatter) or an all-reduce does that.
+        if self.config.sequence_parallel:
+            k_rope = tensor_parallel.gather_from_sequence_parallel_region(k_rope)
+        else:
+            k_rope = tensor_parallel.copy_to_tensor_model_parallel_region(k_rope)
+
+        up = self._up_project
+        if self.up_projection_recompute is not None:
+            up = lambda *a: self.up_projection_recompute.run(self._up_project, *a)  # noqa: E731
+        query, key, value = up(q_latent, kv_latent, k_rope)            # [b, n, s, d] each
+
+        # Core attention over this rank's heads; dropout draws per TP rank.
+        mask = None if attention_mask is None else ~attention_mask
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, is_causal=attention_mask is None,
+                dropout_p=self.config.attention_dropout if self.training else 0.0,
+                scale=self.softmax_scale)                              # [b, n, s, v]
+        context = context.permute(2, 0, 1, 3).flatten(2)              # [s, b, n * v]
+        return self.linear_proj(context)                               # (output, bias)
+
+    def _up_project(self, q_latent, kv_latent, k_rope):
+        """Latents to per-head query, key and value with RoPE applied: [b, n, s, d]."""
+        if self.config.q_lora_rank is None:
+            q, _ = self.linear_q_proj(q_latent)
+        else:
+            q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))
+        kv, _ = self.linear_kv_up_proj(self.kv_layernorm(kv_latent))
+        s, b = q.shape[:2]
+        q = q.view(s, b, self.heads, self.nope_dim + self.rope_dim)
+        kv = kv.view(s, b, self.heads, self.nope_dim + self.v_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+
+        cos, sin = rotary_table(torch.arange(s, device=q.device), self.rope_dim,
+                                self.config.rotary_base, self.yarn, q.dtype)
+        q_rope = apply_rotary(q_rope, cos, sin)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)          # [s, b, 1, rope]
+        query = torch.cat([q_nope, q_rope], dim=-1)
+        key = torch.cat([k_nope, k_rope.expand(-1, -1, self.heads, -1)], dim=-1)
+        return (query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                value.permute(1, 2, 0, 3))

@@ -1,0 +1,165 @@
+"""plugins.mla: parity with Hugging Face's DeepseekV3 attention, TP=2 (and sequence
+parallel) against TP=1, and selective recomputation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from plugins.mla.convert import from_interleaved_rope
+from tests.mla_build import build_attention, build_layer, megatron_ranks, shard
+from tests.mla_oracle import MLAShape, hf_mla, random_weights
+from tests.multirank import run_ranks
+
+DEEPSEEK_YARN = dict(factor=4.0, original_max_position_embeddings=8, beta_fast=32, beta_slow=1,
+                     mscale=1.0, mscale_all_dim=1.0)
+BASE = MLAShape(hidden=64, heads=4, q_lora_rank=32, kv_lora_rank=16, qk_head_dim=8,
+                qk_pos_emb_head_dim=4, v_head_dim=6)
+CASES = {
+    "rope": BASE,
+    "rope-no-q-lora": dataclasses.replace(BASE, q_lora_rank=None),
+    "rope-half-split": dataclasses.replace(BASE, rope_interleave=False),  # HF's other layout
+    "yarn": dataclasses.replace(BASE, yarn=DEEPSEEK_YARN),
+    "yarn-no-q-lora": dataclasses.replace(BASE, q_lora_rank=None, yarn=DEEPSEEK_YARN),
+    "yarn-mscales": dataclasses.replace(BASE, yarn={**DEEPSEEK_YARN, "mscale": 0.9,
+                                                    "mscale_all_dim": 0.7}),
+}
+SEQ, BATCH = 24, 2  # 24 positions: past YaRN's original length of 8
+
+
+def ours_vs_hf(rank: int, world_size: int) -> dict[str, float]:
+    """Largest |ours - HF| per case (ours on [s, b, h], HF on [b, s, h])."""
+    errors = {}
+    with megatron_ranks():
+        for name, shape in CASES.items():
+            weights = random_weights(shape, seed=7)
+            module = build_attention(shape)
+            ours = weights if not shape.rope_interleave else from_interleaved_rope(
+                weights, shape.heads, shape.qk_head_dim, shape.qk_pos_emb_head_dim)
+            module.load_state_dict(ours, strict=True)
+            x = torch.randn(BATCH, SEQ, shape.hidden, generator=torch.Generator().manual_seed(3))
+            ours, _ = module(x.transpose(0, 1).contiguous())
+            errors[name] = (ours.transpose(0, 1) - hf_mla(weights, x, shape)).abs().max().item()
+    return errors
+
+
+def test_matches_hugging_face_deepseek_v3():
+    # fp32 throughout; differences are summation-order rounding (outputs are O(1)).
+    errors = run_ranks(ours_vs_hf, 1)[0]
+    assert errors.keys() == CASES.keys()
+    assert all(e < 2e-5 for e in errors.values()), errors
+
+
+def tp_run(rank: int, world_size: int, sequence_parallel: bool, case: str):
+    """Output, input gradient and weight gradients (full, gathered) at this TP size."""
+    shape = CASES[case]
+    full = random_weights(shape, seed=11)
+    x = torch.randn(SEQ, BATCH, shape.hidden, generator=torch.Generator().manual_seed(5))
+    grad_out = torch.randn(SEQ, BATCH, shape.hidden, generator=torch.Generator().manual_seed(6))
+    with megatron_ranks(tp=world_size):
+        module = build_attention(shape, tensor_model_parallel_size=world_size,
+                                 sequence_parallel=sequence_parallel)
+        module.load_state_dict({k: shard(k, v, rank, world_size) for k, v in full.items()})
+        local = x.chunk(world_size)[rank] if sequence_parallel else x
+        local = local.clone().requires_grad_()
+        out, _ = module(local)
+        local_grad = grad_out.chunk(world_size)[rank] if sequence_parallel else grad_out
+        out.backward(local_grad)
+        grads = {n: p.grad for n, p in module.named_parameters()}
+        if sequence_parallel:  # what Megatron's finalize_model_grads does for these weights
+            for n, p in module.named_parameters():
+                if getattr(p, "sequence_parallel", False):
+                    torch.distributed.all_reduce(grads[n])
+        return out.detach(), local.grad, grads
+
+
+def gather(parts, name: str, world_size: int) -> torch.Tensor:
+    if name.startswith(("linear_q_up_proj", "linear_q_proj", "linear_kv_up_proj")):
+        return torch.cat(parts, dim=0)
+    if name.startswith("linear_proj"):
+        return torch.cat(parts, dim=1)
+    return parts[0]
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_tensor_parallel_equals_single_rank(sequence_parallel):
+    case = "yarn"
+    (ref_out, ref_dx, ref_grads), = run_ranks(tp_run, 1, False, case)
+    ranks = run_ranks(tp_run, 2, sequence_parallel, case)
+    outs = [r[0] for r in ranks]
+    dxs = [r[1] for r in ranks]
+    out = torch.cat(outs) if sequence_parallel else outs[0]
+    dx = torch.cat(dxs) if sequence_parallel else dxs[0]
+    # fp32: the TP split changes only the order of additions. Weight gradients reach ~30
+    # (sums over 48 tokens), so their rounding is relative: about 1e-7 of the value.
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=0, atol=1e-5)
+    for name, ref in ref_grads.items():
+        got = gather([r[2][name] for r in ranks], name, 2)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+DEEPSEEK_LIKE = MLAShape(hidden=448, heads=8, q_lora_rank=96, kv_lora_rank=32, qk_head_dim=8,
+                         qk_pos_emb_head_dim=4, v_head_dim=8, yarn=DEEPSEEK_YARN)
+RECOMPUTE = {"none": [], "layernorm": ["layernorm"], "mla_up_proj": ["mla_up_proj"],
+             "both": ["layernorm", "mla_up_proj"]}
+
+
+def layer_grads_and_saved_bytes(rank: int, world_size: int):
+    """Per recompute option: gradients of a full layer, and bytes saved for backward
+    (activations only: unique storages autograd keeps, parameters excluded)."""
+    from plugins.mla.recompute import SelectiveRecompute
+
+    shape = DEEPSEEK_LIKE
+    x = torch.randn(64, 2, shape.hidden, generator=torch.Generator().manual_seed(1))
+    results = {}
+    with megatron_ranks():
+        reference_state = None
+        for name, modules in RECOMPUTE.items():
+            overrides = dict(recompute_granularity="selective", recompute_modules=modules) \
+                if modules else {}
+            layer = build_layer(shape, hidden_dropout=0.1, **overrides)
+            if reference_state is None:
+                reference_state = layer.state_dict()
+            layer.load_state_dict(reference_state)
+            params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+            kept: dict[int, int] = {}
+
+            def ledger(t, recomputed):
+                ptr = t.untyped_storage().data_ptr()
+                if not recomputed and ptr not in params:
+                    kept[ptr] = t.untyped_storage().nbytes()
+
+            counting = layer.selective_recompute or SelectiveRecompute()
+            counting.ledger = ledger
+            inp = x.clone().requires_grad_()
+            torch.manual_seed(0)  # the same dropout masks in every configuration
+            with (counting if layer.selective_recompute is None else _nothing()):
+                out, _ = layer(inp, attention_mask=None)
+            out.backward(torch.ones_like(out))
+            results[name] = (sum(kept.values()), inp.grad,
+                             {n: p.grad for n, p in layer.named_parameters()})
+    return results
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_recompute_is_bit_exact_and_saves_memory():
+    results = run_ranks(layer_grads_and_saved_bytes, 1, timeout=240)[0]
+    base_bytes, base_dx, base_grads = results["none"]
+    for name, (saved, dx, grads) in results.items():
+        assert torch.equal(dx, base_dx), name
+        for param, grad in grads.items():
+            assert torch.equal(grad, base_grads[param]), (name, param)
+    # Each option keeps fewer bytes; both together fewer than either.
+    assert results["layernorm"][0] < base_bytes
+    assert results["mla_up_proj"][0] < base_bytes
+    assert results["both"][0] < min(results["layernorm"][0], results["mla_up_proj"][0])
