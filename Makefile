@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m integration.demo
+	$(PY) -m integration.demo $(ARGS)
 
 test: setup
 	$(PY) -m pytest -n 2 --timeout=600 tests

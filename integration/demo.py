@@ -3,6 +3,8 @@ loop, on 2 gloo ranks with tensor parallelism, on the built-in byte-level corpus
 
 It runs `integration.pretrain` under torchrun; extra arguments go to Megatron (e.g.
 `--pipeline-model-parallel-size 2 --tensor-model-parallel-size 1`, or `--plugins ...`).
+`--mla` switches the attention to the MLA plugin (DeepSeek-V3's ratios, scaled down) with
+selective recomputation of the RMSNorms and up-projections.
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ TRAINING = [
 ]
 
 
+MLA = [
+    "--plugins", "mla", "--multi-latent-attention", "--q-lora-rank", "48",
+    "--kv-lora-rank", "16", "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16",
+    "--v-head-dim", "32", "--rope-type", "yarn", "--rotary-scaling-factor", "4",
+    "--yarn-original-max-position-embeddings", "32", "--mscale", "1.0", "--mscale-all-dim", "1.0",
+    "--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mla_up_proj",
+]
+
+
 def command(extra: list[str]) -> list[str]:
+    if "--mla" in extra:
+        extra = [a for a in extra if a != "--mla"] + MLA
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(RANKS), "-m", "integration.pretrain",
             *MODEL, *TRAINING, *extra]
