@@ -1,7 +1,9 @@
 """The benchmarks `python -m bench` knows: name -> function returning a `bench.report.Result`."""
 
-from bench import cpu_step
+from bench import cpu_step, mla
 
 BENCHMARKS = {
     "cpu_step": cpu_step.run,
+    "mla_saved_bytes": mla.run_saved_bytes,
+    "mla_cpu_time": mla.run_cpu_time,
 }

@@ -1,4 +1,4 @@
-"""A benchmark's result and its markdown table."""
+"""A benchmark's result and its markdown tables."""
 
 from __future__ import annotations
 
@@ -14,10 +14,21 @@ class Config:
 
 
 @dataclass(frozen=True)
+class Table:
+    """A table of its own (not timings), printed under the benchmark's heading."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    right: frozenset[int] = frozenset()  # right-aligned (numeric) column indices
+
+
+@dataclass(frozen=True)
 class Result:
     benchmark: str
-    configs: list[Config]  # the first is the baseline the ratios divide by
+    configs: list[Config]  # the first is the baseline the ratios divide by; may be empty
     notes: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
 
 
 def _ms(seconds: float) -> str:
@@ -35,18 +46,32 @@ def _row(benchmark: str, config: Config, baseline_median: float | None) -> str:
             f"| {_ms(q1)}–{_ms(q3)} | {len(t)} | {ratio} |")
 
 
+def _table(table: Table) -> list[str]:
+    lines = [f"{table.title}:", "", "| " + " | ".join(table.header) + " |",
+             "|" + "|".join("---:" if i in table.right else "---"
+                            for i in range(len(table.header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    return lines
+
+
 def markdown(machine: dict[str, str], results: list[Result]) -> str:
     lines = ["# megaseek benchmarks", ""]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
-    lines += ["", "Repetitions of a benchmark's configurations are interleaved in one run; "
-              "the ratio is each median over the first configuration's.", "",
-              "| benchmark | configuration | median ms | p25–p75 ms | n | ratio |",
-              "|---|---|---:|---:|---:|---:|"]
-    for result in results:
+    timed = [result for result in results if result.configs]
+    if timed:
+        lines += ["", "Repetitions of a benchmark's configurations are interleaved in one run; "
+                  "the ratio is each median over the first configuration's.", "",
+                  "| benchmark | configuration | median ms | p25–p75 ms | n | ratio |",
+                  "|---|---|---:|---:|---:|---:|"]
+    for result in timed:
         base = result.configs[0].times_s
         base_median = statistics.median(base) if base else None
         lines += [_row(result.benchmark, c, base_median) for c in result.configs]
     for result in results:
+        if result.tables:
+            lines += ["", f"## {result.benchmark}"]
+        for table in result.tables:
+            lines += [""] + _table(table)
         if result.notes:
             lines += ["", f"Notes on {result.benchmark}:", ""]
             lines += [f"- {note}" for note in result.notes]

@@ -143,9 +143,10 @@ class PluginRegistry:
 
 def builtin_plugins() -> list[Plugin]:
     """The plugins megaseek ships. Each plugin package adds itself here once it works."""
+    from plugins.fp8.plugin import FP8
     from plugins.mla.plugin import MLA
 
-    return [MLA]
+    return [MLA, FP8]
 
 
 def default_registry() -> PluginRegistry:

@@ -1,9 +1,18 @@
-"""DeepSeek-V3 fine-grained FP8 training without Transformer Engine, not implemented yet.
+"""DeepSeek-V3 fine-grained FP8 training for Megatron without Transformer Engine.
 
-Will replace Megatron's column- and row-parallel (and grouped expert) linear layers with
-ones whose Fprop, Dgrad and Wgrad GEMMs take E4M3 operands with 1x128 activation and
-128x128 weight scales and accumulate in FP32, cache layer inputs for backward in FP8,
-and offer BF16 Adam moments; enabled by Megatron's `--fp8-format e4m3 --fp8-recipe
-blockwise`, which without Transformer Engine does nothing today. Nothing here is
-registered until it works.
+Turn it on with Megatron's own `--fp8-format e4m3 --fp8-recipe blockwise` plus
+`--plugins fp8` (and `--fp8-backend auto|emulated|torch`). The transformer layer's
+column- and row-parallel linears then run Fprop, Dgrad and Wgrad with E4M3 operands,
+one scale per 1x128 activation tile and per 128x128 weight block, FP32 accumulation
+(`linear`), and keep their input for backward in FP8. Embedding, output head, router,
+norms and attention stay in the training dtype. Without this plugin Megatron's FP8 flags
+do nothing on the local spec.
+
+Public API: `quantize(x, block)` / `dequantize(q, scales, block)` (`quantize`),
+`fp8_linear(x, weight, backend)` (`linear`), `matmul_limited_accumulation` (the
+accumulation-precision study, `accumulation`).
 """
+
+from plugins.fp8.quantize import E4M3_MAX, dequantize, quantize
+
+__all__ = ["E4M3_MAX", "dequantize", "quantize"]

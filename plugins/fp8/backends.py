@@ -1,0 +1,68 @@
+"""Block-scaled FP8 GEMM backends: C = A @ B^T from E4M3 operands and their tile scales.
+
+Every backend computes the same thing: A [m, k] with scales per (a_block) tile, B [n, k]
+with scales per (b_block) tile, products accumulated in FP32, result in FP32.
+- `emulated`: dequantizes both operands to FP32 and multiplies in FP32: the exact value
+  of the block-scaled product up to FP32 summation order. Runs anywhere; the reference.
+- `torch`: PyTorch's block-scaled `torch._scaled_mm` on Hopper (sm90) GPUs.
+A backend that cannot run here raises; nothing falls back to BF16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from plugins.fp8.quantize import dequantize
+
+Block = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Operand:
+    q: torch.Tensor        # float8_e4m3fn [rows, k]
+    scales: torch.Tensor   # float32, one per tile
+    block: Block
+
+
+def emulated_gemm(a: Operand, b: Operand) -> torch.Tensor:
+    return dequantize(a.q, a.scales, a.block) @ dequantize(b.q, b.scales, b.block).t()
+
+
+def torch_scaled_gemm(a: Operand, b: Operand) -> torch.Tensor:
+    # torch._scaled_mm takes B column-major ([k, n] with stride (1, k)) and scales per
+    # tile in the layout of its block-wise recipe.
+    return torch._scaled_mm(a.q, b.q.t(), scale_a=a.scales, scale_b=b.scales.t(),
+                            out_dtype=torch.float32)
+
+
+def torch_scaled_available() -> str | None:
+    """None when the `torch` backend can run, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"block-scaled torch._scaled_mm needs an sm90 GPU, this is sm{major}{minor}"
+    return None
+
+
+BACKENDS: dict[str, Callable[[Operand, Operand], torch.Tensor]] = {
+    "emulated": emulated_gemm,
+    "torch": torch_scaled_gemm,
+}
+
+
+def resolve(name: str) -> str:
+    """The backend `--fp8-backend NAME` asks for; 'auto' is `torch` on sm90, else
+    `emulated`. An unavailable explicit choice is an error, never a silent fallback."""
+    if name == "auto":
+        return "torch" if torch_scaled_available() is None else "emulated"
+    if name not in BACKENDS:
+        raise ValueError(f"--fp8-backend {name}: unknown; choose from auto, "
+                         f"{', '.join(BACKENDS)}")
+    if name == "torch" and (why := torch_scaled_available()) is not None:
+        raise ValueError(f"--fp8-backend torch is unavailable here ({why}); use "
+                         "--fp8-backend emulated")
+    return name

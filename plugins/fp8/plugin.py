@@ -1,0 +1,64 @@
+"""The `fp8` plugin: `--plugins fp8 --fp8-format e4m3 --fp8-recipe blockwise`."""
+
+from __future__ import annotations
+
+import argparse
+
+from plugins import Plugin, PluginError
+
+BLOCK = 128
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--fp8-backend", choices=["auto", "emulated", "torch"], default="auto",
+                       help="GEMM implementation of the fp8 plugin: 'torch' (block-scaled "
+                            "torch._scaled_mm, sm90 GPUs), 'emulated' (exact FP32 product of "
+                            "the FP8 operands, any device), 'auto' (torch where available)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    from plugins.fp8 import backends
+
+    if args.fp8 != "e4m3":
+        raise PluginError("--plugins fp8 needs --fp8-format e4m3 (DeepSeek-V3 uses E4M3 for "
+                          f"every tensor); got --fp8-format {args.fp8}")
+    if args.fp8_recipe != "blockwise":
+        raise PluginError("--plugins fp8 needs --fp8-recipe blockwise (1x128 activation and "
+                          f"128x128 weight scales); got --fp8-recipe {args.fp8_recipe}")
+    if args.transformer_impl != "local":
+        raise PluginError("--plugins fp8 replaces Megatron's local linears: use "
+                          "--transformer-impl local (Transformer Engine has its own FP8)")
+    if args.gradient_accumulation_fusion:
+        raise PluginError("--plugins fp8 needs --no-gradient-accumulation-fusion")
+    tp = args.tensor_model_parallel_size
+    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+    for flag, size in (("--hidden-size", args.hidden_size), ("--ffn-hidden-size", ffn)):
+        if size % (BLOCK * tp):
+            raise PluginError(f"--plugins fp8: {flag} {size} must be a multiple of "
+                              f"{BLOCK} x --tensor-model-parallel-size ({BLOCK * tp}) for "
+                              "128x128 weight blocks on every TP rank")
+    tokens = args.seq_length * args.micro_batch_size
+    if tokens % BLOCK:
+        raise PluginError(f"--plugins fp8: --seq-length x --micro-batch-size = {tokens} tokens "
+                          f"per micro-batch must be a multiple of {BLOCK} (Wgrad tiles 128 "
+                          "tokens)")
+    try:
+        args.fp8_backend = backends.resolve(args.fp8_backend)
+    except ValueError as error:
+        raise PluginError(str(error)) from error
+
+
+def transform_layer_spec(layer_spec, args):
+    from plugins.fp8.spec import with_fp8_linears
+
+    return with_fp8_linears(layer_spec, args.fp8_backend)
+
+
+FP8 = Plugin(
+    name="fp8",
+    summary="DeepSeek-V3 fine-grained FP8 GEMMs (1x128 / 128x128 scales) without TE",
+    add_arguments=add_arguments,
+    validate=validate,
+    transform_layer_spec=transform_layer_spec,
+    slots=frozenset({"linear_gemm"}),
+)

@@ -1,0 +1,121 @@
+"""Fine-grained (tile-wise) E4M3 quantization, as in DeepSeek-V3's FP8 training.
+
+DeepSeek-V3 stores every GEMM operand in E4M3 (3 mantissa bits, max 448) and keeps the
+range problem of so few bits in check with one float32 scale per small tile, computed
+online from the tile's absolute maximum: scale = amax / 448, so the tile's largest value
+maps to E4M3's largest. An outlier then costs precision only inside its own tile. The
+tilings, for y = x @ W^T with x [tokens, in] and W [out, in]:
+
+    Fprop  y  = x @ W^T     x  1x128 (per token, per 128 channels), W 128x128
+    Dgrad  dx = dy @ W      dy 1x128,                              W 128x128 (as W^T)
+    Wgrad  dW = dy^T @ x    dy and x 128x1 (128 tokens per channel, K runs over tokens)
+
+In every case the tiles run along the GEMM's reduction dimension K, so one scale applies
+to each 128-long stretch of K and can be applied once per 128 products (see
+`plugins.fp8.accumulation`). Blocks (1, 128), (128, 128) and (128, 1) are the ones used;
+any (r, c) that divides the shape works.
+
+Convention: `scales` multiply on the way back, x ≈ q * scale (DeepSeek's checkpoints call
+the same numbers `weight_scale_inv`, one per 128x128 block, laid out [out/128, in/128] as
+here). Error bound per element, with s the tile's scale: |dequantize(q) - x| <=
+max(2^-4 * |x|, 2^-10 * s) up to float32 rounding of x / s and q * s, i.e. half an E4M3
+ulp: relative 2^-4 where |x| / s is in E4M3's normal range (>= 2^-6), absolute 2^-10 * s
+(half the smallest subnormal) below it; never more than 2^-4 of the tile's amax. Scales
+never go below float32's smallest normal 2^-126: an all-zero tile gets that scale and zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+SMALLEST_NORMAL_FP32 = 2.0 ** -126  # floor for scales: all-zero (or underflowing) tiles
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_block(shape: torch.Size, block: tuple[int, int], who: str) -> tuple[int, int]:
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"{who}: block must be a pair of positive ints such as (1, 128), "
+                         f"(128, 128) or (128, 1); got {block!r}")
+    r, c = block
+    for name, size, b in (("rows", shape[0], r), ("cols", shape[1], c)):
+        if size % b:
+            raise ValueError(
+                f"{who}: {name} = {size} (dim {0 if name == 'rows' else 1} of shape "
+                f"{tuple(shape)}) is not divisible by the block's {name} {b} for block "
+                f"{tuple(block)}; pad {name} to a multiple of {b} (zeros quantize exactly)")
+    return r, c
+
+
+def _tiles(x: torch.Tensor, r: int, c: int) -> torch.Tensor:
+    rows, cols = x.shape
+    return x.reshape(rows // r, r, cols // c, c)  # [R, r, C, c]
+
+
+def tile_scales(amax: torch.Tensor, power_of_two_scales: bool = False) -> torch.Tensor:
+    """Per-tile scales from per-tile absolute maxima (float32, any shape)."""
+    # The floor keeps zero tiles (and amax so small that amax / 448 underflows) finite and
+    # positive; an all-zero tile gets scale 2^-126 and quantizes to zeros.
+    scale = (amax / E4M3_MAX).clamp_min(SMALLEST_NORMAL_FP32)
+    if power_of_two_scales:
+        # Round up to 2^ceil(log2(scale)) exactly via frexp (scale = m * 2^e, m in [0.5, 1)):
+        # m == 0.5 is already a power of two. Up, so that amax / scale stays <= 448.
+        mantissa, exponent = torch.frexp(scale)
+        scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).int())
+    return scale
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int], *,
+             power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] fp32/bf16/fp16 -> (q [rows, cols] float8_e4m3fn,
+    scales [rows // r, cols // c] float32) for block (r, c); x ≈ dequantize(q, scales, block).
+
+    power_of_two_scales rounds each scale up to 2^ceil(log2(amax / 448)), as DeepSeek's
+    later checkpoints and FP8 dispatch do: scaling by it is exact, at up to 1 bit of range.
+
+    Non-finite values raise ValueError naming the first bad tile: the E4M3 cast would turn
+    them into NaN or (on some backends) silently into ±448, and one inf makes the whole
+    tile's scale inf.
+    """
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"quantize: x has dtype {x.dtype}; expected one of "
+                        f"torch.float32, torch.bfloat16, torch.float16")
+    if x.dim() != 2:
+        raise ValueError(f"quantize: x must be 2-D [rows, cols]; got shape {tuple(x.shape)}")
+    r, c = _check_block(x.shape, block, "quantize")
+    tiles = _tiles(x.float(), r, c)  # [R, r, C, c] float32, exact upcast
+
+    finite = torch.isfinite(tiles).all(dim=3).all(dim=1)  # [R, C]
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        i, j = bad[0].tolist()
+        raise ValueError(
+            f"quantize: input has non-finite values (inf or NaN) in tile (row tile {i}, "
+            f"col tile {j}) of block {(r, c)}, i.e. rows {i * r}:{(i + 1) * r}, cols "
+            f"{j * c}:{(j + 1) * c}; {len(bad)} of {finite.numel()} tiles are affected")
+
+    amax = tiles.abs().amax(dim=3).amax(dim=1)  # [R, C]
+    scales = tile_scales(amax, power_of_two_scales)  # [R, C]
+    # Clamp before the cast: the cast's handling of out-of-range values differs between
+    # backends and versions (NaN or saturation). With amax scaling values only leave
+    # [-448, 448] by rounding of amax / scale, which the clamp undoes.
+    scaled = (tiles / scales[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    q = scaled.to(torch.float8_e4m3fn).reshape(x.shape)  # [rows, cols]
+    return q, scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [rows, cols] float8_e4m3fn, scales [rows // r, cols // c] -> [rows, cols] dtype."""
+    if q.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"dequantize: q has dtype {q.dtype}; expected torch.float8_e4m3fn")
+    if q.dim() != 2:
+        raise ValueError(f"dequantize: q must be 2-D [rows, cols]; got shape {tuple(q.shape)}")
+    r, c = _check_block(q.shape, block, "dequantize")
+    expected = (q.shape[0] // r, q.shape[1] // c)
+    if tuple(scales.shape) != expected:
+        raise ValueError(f"dequantize: scales have shape {tuple(scales.shape)}; expected "
+                         f"{expected} for q of shape {tuple(q.shape)} and block {(r, c)}")
+    tiles = _tiles(q.float(), r, c) * scales.float()[:, None, :, None]  # [R, r, C, c]
+    return tiles.reshape(q.shape).to(dtype)

@@ -1,0 +1,52 @@
+"""Put FP8 linears into a layer spec: every Megatron column-/row-parallel linear of the
+transformer layer (attention projections, MLP, experts) becomes its FP8 version.
+Embedding, output head, router, norms and the attention core are not in these slots, so
+they stay in the training dtype, as in DeepSeek-V3."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from plugins.fp8.linear import FP8ColumnParallelLinear, FP8RowParallelLinear
+
+FP8_VERSION = {ColumnParallelLinear: FP8ColumnParallelLinear,
+               RowParallelLinear: FP8RowParallelLinear}
+
+
+def _convert(node, backend: str):
+    if isinstance(node, type) and node in FP8_VERSION:
+        return ModuleSpec(module=FP8_VERSION[node], params={"fp8_backend": backend})
+    if isinstance(node, ModuleSpec):
+        if node.module in FP8_VERSION:
+            node.module = FP8_VERSION[node.module]
+            node.params = {**node.params, "fp8_backend": backend}
+        node.submodules = _convert(node.submodules, backend)
+        return node
+    if isinstance(node, functools.partial):  # e.g. Megatron's MLP.as_mlp_submodule
+        return functools.partial(node.func, *(_convert(a, backend) for a in node.args),
+                                 **{k: _convert(v, backend) for k, v in node.keywords.items()})
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for field in dataclasses.fields(node):
+            setattr(node, field.name, _convert(getattr(node, field.name), backend))
+    return node
+
+
+def with_fp8_linears(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
+    return _convert(copy.deepcopy(layer_spec), backend)
+
+
+def count_fp8_linears(spec) -> int:
+    """How many linear slots of a spec are FP8 (for tests and logs)."""
+    if isinstance(spec, ModuleSpec):
+        own = spec.module in FP8_VERSION.values()
+        return own + count_fp8_linears(spec.submodules)
+    if isinstance(spec, functools.partial):
+        return sum(count_fp8_linears(v) for v in (*spec.args, *spec.keywords.values()))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return sum(count_fp8_linears(getattr(spec, f.name)) for f in dataclasses.fields(spec))
+    return 0

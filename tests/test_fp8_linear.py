@@ -1,0 +1,105 @@
+"""plugins.fp8's linear layers: the three FP8 GEMMs, the FP8 activation cache, and the
+Megatron drop-ins under tensor parallelism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plugins.fp8.linear import ACTIVATION, WEIGHT, fp8_linear
+from plugins.fp8.quantize import dequantize, quantize
+from tests.multirank import run_ranks
+
+
+def fake_quant(x: torch.Tensor, block) -> torch.Tensor:
+    return dequantize(*quantize(x, block), block)
+
+
+def test_gemms_are_the_products_of_the_quantized_operands():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 384, generator=g, requires_grad=True)
+    w = torch.randn(256, 384, generator=g, requires_grad=True)
+    dy = torch.randn(256, 256, generator=g)
+    y = fp8_linear(x, w)
+    y.backward(dy)
+    # The emulated backend is the exact block-scaled product, up to FP32 summation order.
+    torch.testing.assert_close(y, fake_quant(x.detach(), ACTIVATION) @ fake_quant(w.detach(), WEIGHT).t())
+    torch.testing.assert_close(x.grad, fake_quant(dy, ACTIVATION) @ fake_quant(w.detach().t().contiguous(), WEIGHT).t())
+    x_cached = fake_quant(x.detach(), ACTIVATION)  # Wgrad reads the FP8 cache, not x
+    torch.testing.assert_close(
+        w.grad, fake_quant(dy.t().contiguous(), ACTIVATION) @ fake_quant(x_cached.t().contiguous(), ACTIVATION).t())
+    # And they are close to the FP32 linear: E4M3 has 3 mantissa bits, errors average out
+    # over K = 384 products (relative Frobenius error of a few percent at most).
+    ref = x.detach() @ w.detach().t()
+    assert (y - ref).norm() / ref.norm() < 0.05
+
+
+def saved_bytes(fn, *inputs) -> int:
+    params = {t.untyped_storage().data_ptr() for t in inputs[1:]}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(kept.values())
+
+
+def test_input_is_cached_in_fp8_half_the_bytes_of_bf16():
+    x = torch.randn(1024, 1024, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(512, 1024, dtype=torch.bfloat16, requires_grad=True)
+    bf16 = saved_bytes(torch.nn.functional.linear, x, w)
+    fp8 = saved_bytes(fp8_linear, x, w)
+    assert bf16 == x.numel() * 2
+    # 1 byte per element plus one float32 scale per 128 elements.
+    assert fp8 == x.numel() + x.numel() // 128 * 4
+    assert 0.5 <= fp8 / bf16 < 0.52
+
+
+def tp_linear_pair(rank: int, world_size: int, sequence_parallel: bool):
+    """An FP8 column-parallel then row-parallel linear (an MLP without activation)."""
+    from tests.mla_build import megatron_ranks
+
+    from megatron.core.transformer import TransformerConfig
+
+    from plugins.fp8.linear import FP8ColumnParallelLinear, FP8RowParallelLinear
+
+    hidden, ffn, tokens = 256, 512, 128
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(ffn, hidden, generator=g) / 16, torch.randn(hidden, ffn, generator=g) / 16
+    x = torch.randn(tokens, 1, hidden, generator=g)
+    dy = torch.randn(tokens, 1, hidden, generator=g)
+    with megatron_ranks(tp=world_size):
+        config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
+                                   tensor_model_parallel_size=world_size,
+                                   sequence_parallel=sequence_parallel,
+                                   use_cpu_initialization=True, add_bias_linear=False)
+        fc1 = FP8ColumnParallelLinear(hidden, ffn, config=config, init_method=torch.nn.init.zeros_,
+                                      bias=False, gather_output=False)
+        fc2 = FP8RowParallelLinear(ffn, hidden, config=config, init_method=torch.nn.init.zeros_,
+                                   bias=False, input_is_parallel=True, skip_bias_add=True)
+        with torch.no_grad():
+            fc1.weight.copy_(w1.chunk(world_size, 0)[rank])
+            fc2.weight.copy_(w2.chunk(world_size, 1)[rank])
+        local_x = (x.chunk(world_size)[rank] if sequence_parallel else x).clone().requires_grad_()
+        y, _ = fc2(fc1(local_x)[0])
+        y.backward(dy.chunk(world_size)[rank] if sequence_parallel else dy)
+        return y.detach(), local_x.grad, fc1.weight.grad, fc2.weight.grad
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_tensor_parallel_fp8_equals_single_rank(sequence_parallel):
+    ref_y, ref_dx, ref_g1, ref_g2 = run_ranks(tp_linear_pair, 1, False)[0]
+    ranks = run_ranks(tp_linear_pair, 2, sequence_parallel)
+    cat = (lambda parts: torch.cat(parts)) if sequence_parallel else (lambda parts: parts[0])
+    # Per-rank weight shards are whole 128x128 blocks and activations keep their 1x128
+    # tiles, so every rank quantizes exactly as one rank would; only FP32 summation order
+    # (the row-parallel all-reduce) differs.
+    torch.testing.assert_close(cat([r[0] for r in ranks]), ref_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cat([r[1] for r in ranks]), ref_dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]), ref_g1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[3] for r in ranks], dim=1), ref_g2, rtol=1e-5, atol=1e-5)

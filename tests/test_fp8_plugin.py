@@ -1,0 +1,60 @@
+"""`--plugins fp8` on Megatron's command line, and what it does to the layer spec."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+import integration  # noqa: F401
+from plugins import PluginError, default_registry
+
+BASE = ["--num-layers", "2", "--hidden-size", "256", "--ffn-hidden-size", "512",
+        "--num-attention-heads", "4", "--seq-length", "64", "--max-position-embeddings", "64",
+        "--micro-batch-size", "2", "--transformer-impl", "local",
+        "--no-gradient-accumulation-fusion"]
+FP8 = ["--plugins", "fp8", "--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
+
+
+def enabled(argv, monkeypatch):
+    from megatron.training.arguments import parse_args
+
+    registry = default_registry()
+    monkeypatch.setattr(sys, "argv", ["pretrain", *BASE, *argv])
+    args = parse_args(extra_args_provider=registry.add_arguments)
+    return args, registry.enabled(args)
+
+
+def test_auto_backend_resolves_to_emulated_without_a_gpu(monkeypatch):
+    args, plugins = enabled(FP8, monkeypatch)
+    assert [p.name for p in plugins] == ["fp8"] and args.fp8_backend == "emulated"
+
+
+def test_every_layer_linear_becomes_fp8(monkeypatch):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from plugins.fp8.spec import count_fp8_linears
+    from plugins.mla.spec import with_mla
+
+    args, plugins = enabled(FP8, monkeypatch)
+    dense = plugins[0].transform_layer_spec(get_gpt_layer_local_spec(), args)
+    assert count_fp8_linears(dense) == 4  # qkv, proj, fc1, fc2
+    mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()), args)
+    # MLA's q/kv up-projections, q_proj slot, output projection, fc1, fc2 (the replicated
+    # down-projections are not Megatron linears and stay in the training dtype for now).
+    assert count_fp8_linears(mla) == 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plugins", "fp8"], "--fp8-format e4m3"),
+    (["--plugins", "fp8", "--fp8-format", "hybrid", "--fp8-recipe", "blockwise"], "--fp8-format e4m3"),
+    (["--plugins", "fp8", "--fp8-format", "e4m3"], "--fp8-recipe blockwise"),
+    (FP8 + ["--fp8-backend", "torch"], "--fp8-backend torch is unavailable"),
+    (FP8 + ["--hidden-size", "192"], "--hidden-size 192 must be a multiple of 128"),
+    (FP8 + ["--seq-length", "48", "--max-position-embeddings", "48"], "multiple of 128"),
+    (["--fp8-backend", "emulated"], "--fp8-backend needs '--plugins fp8'"),
+], ids=["no-format", "hybrid", "no-recipe", "torch-backend-on-cpu", "hidden", "tokens",
+        "flag-without-plugin"])
+def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
+    with pytest.raises(PluginError, match=message.replace("-", r"\-")):
+        enabled(argv, monkeypatch)
