@@ -42,6 +42,14 @@ def validate(args: argparse.Namespace) -> None:
         raise PluginError(f"--plugins fp8: --seq-length x --micro-batch-size = {tokens} tokens "
                           f"per micro-batch must be a multiple of {BLOCK} (Wgrad tiles 128 "
                           "tokens)")
+    if args.swiglu:
+        if args.bias_swiglu_fusion:
+            raise PluginError("--plugins fp8 with --swiglu needs --no-bias-swiglu-fusion (the "
+                              "fused kernel keeps its input in the training dtype)")
+        # Megatron's seam for an activation module (no flag of its own; config fields are
+        # filled from args by name): MLP then calls MLPSubmodules.activation_func, which
+        # the spec transform sets to the SwiGLU that caches its input in FP8.
+        args.use_te_activation_func = True
     try:
         args.fp8_backend = backends.resolve(args.fp8_backend)
     except ValueError as error:
@@ -51,7 +59,7 @@ def validate(args: argparse.Namespace) -> None:
 def transform_layer_spec(layer_spec, args):
     from plugins.fp8.spec import with_fp8_linears
 
-    return with_fp8_linears(layer_spec, args.fp8_backend)
+    return with_fp8_linears(layer_spec, args.fp8_backend, swiglu=args.swiglu)
 
 
 FP8 = Plugin(

@@ -12,32 +12,40 @@ import functools
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron.core.transformer.mlp import MLPSubmodules
+
 from plugins.fp8.linear import FP8ColumnParallelLinear, FP8RowParallelLinear
+from plugins.fp8.swiglu import FP8SwiGLU
 
 FP8_VERSION = {ColumnParallelLinear: FP8ColumnParallelLinear,
                RowParallelLinear: FP8RowParallelLinear}
 
 
-def _convert(node, backend: str):
+def _convert(node, backend: str, swiglu: bool = False):
     if isinstance(node, type) and node in FP8_VERSION:
         return ModuleSpec(module=FP8_VERSION[node], params={"fp8_backend": backend})
     if isinstance(node, ModuleSpec):
         if node.module in FP8_VERSION:
             node.module = FP8_VERSION[node.module]
             node.params = {**node.params, "fp8_backend": backend}
-        node.submodules = _convert(node.submodules, backend)
+        node.submodules = _convert(node.submodules, backend, swiglu)
         return node
     if isinstance(node, functools.partial):  # e.g. Megatron's MLP.as_mlp_submodule
-        return functools.partial(node.func, *(_convert(a, backend) for a in node.args),
-                                 **{k: _convert(v, backend) for k, v in node.keywords.items()})
+        return functools.partial(node.func, *(_convert(a, backend, swiglu) for a in node.args),
+                                 **{k: _convert(v, backend, swiglu) for k, v in node.keywords.items()})
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         for field in dataclasses.fields(node):
-            setattr(node, field.name, _convert(getattr(node, field.name), backend))
+            setattr(node, field.name, _convert(getattr(node, field.name), backend, swiglu))
+        if swiglu and isinstance(node, MLPSubmodules):
+            node.activation_func = FP8SwiGLU
     return node
 
 
-def with_fp8_linears(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
-    return _convert(copy.deepcopy(layer_spec), backend)
+def with_fp8_linears(layer_spec: ModuleSpec, backend: str, swiglu: bool = False) -> ModuleSpec:
+    """FP8 linears everywhere in the layer; with `swiglu`, MLPs also get the SwiGLU that
+    caches its input in FP8 (Megatron routes the activation through that slot when
+    `config.use_te_activation_func` is set, which the plugin does)."""
+    return _convert(copy.deepcopy(layer_spec), backend, swiglu)
 
 
 def count_fp8_linears(spec) -> int:

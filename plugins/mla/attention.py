@@ -73,6 +73,27 @@ class ReplicatedLinear(MegatronModule):
                                                    prefix, {}, sharded_offsets)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = w * x / rms(x), computed in FP32. Keeps only x and one FP32 rstd per token for
+    backward (torch's CPU rms_norm keeps FP32 copies of x and of x / rms(x) as well)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)   # [..., 1]
+        ctx.save_for_backward(x, rstd, weight)
+        return ((x32 * rstd) * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        x32, g = x.float(), dy.float() * weight.float()
+        normed = x32 * rstd
+        dx = rstd * (g - normed * (g * normed).mean(-1, keepdim=True))
+        dw = (dy.float() * normed).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
 class RMSNorm(MegatronModule):
     """RMSNorm whose weight is marked for sequence parallelism (Megatron's local norm
     refuses `--sequence-parallel`)."""
@@ -84,7 +105,7 @@ class RMSNorm(MegatronModule):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class MLASelfAttention(MegatronModule):
@@ -163,7 +184,7 @@ class MLASelfAttention(MegatronModule):
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, is_causal=attention_mask is None,
                 dropout_p=self.config.attention_dropout if self.training else 0.0,
-                scale=self.softmax_scale)                              # [b, n, s, v]
+                scale=self.softmax_scale)[..., :self.v_dim]            # [b, n, s, v]
         context = context.permute(2, 0, 1, 3).flatten(2)              # [s, b, n * v]
         return self.linear_proj(context)                               # (output, bias)
 
@@ -186,5 +207,11 @@ class MLASelfAttention(MegatronModule):
         k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)          # [s, b, 1, rope]
         query = torch.cat([q_nope, q_rope], dim=-1)
         key = torch.cat([k_nope, k_rope.expand(-1, -1, self.heads, -1)], dim=-1)
-        return (query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
-                value.permute(1, 2, 0, 3))
+        if value.shape[-1] != query.shape[-1] and value.device.type == "cpu":
+            # PyTorch's CPU flash kernel needs one head size for q, k and v; without it SDPA
+            # falls back to materializing the [s, s] probabilities. Zero columns of v add
+            # zero columns to the output, which forward() drops.
+            value = F.pad(value, (0, query.shape[-1] - value.shape[-1]))
+        # Contiguous [b, n, s, d]: what attention keeps for backward is then exactly these
+        # tensors, which mla_up_proj recomputation replaces by recipes.
+        return tuple(t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
