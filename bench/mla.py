@@ -1,18 +1,9 @@
 """MLA benchmarks: activation memory of selective recompute, and CPU time against Megatron.
 
-mla_saved_bytes  Bytes autograd keeps for backward in one megaseek MLA transformer layer
-                 (MLA attention + dense SwiGLU MLP, RMSNorms), per `--recompute-modules`
-                 choice, counted as in tests/test_mla.py: the unique storages of the tensors
-                 autograd saves inside the layer (SelectiveRecompute's ledger sees each
-                 one), parameters excluded. Two shapes: DeepSeek-V3 scaled down by 16
-                 (fp32) and DeepSeek-V3's own layer (bf16) at short sequences, where each
-                 saved storage's growth with the sequence length is measured (linear, or
-                 s x s: SDPA's CPU math path keeps the probabilities) and extrapolated.
+mla_saved_bytes  Bytes autograd keeps for backward in one megaseek MLA layer (MLA attention,
+                 dense SwiGLU MLP, RMSNorms) per `--recompute-modules` choice.
 mla_cpu_time     Forward + backward of megaseek's MLASelfAttention against Megatron-Core's
-                 own (megatron.core.transformer.multi_latent_attention.MLASelfAttention) on
-                 the same weights, which needs a core-attention module that accepts MLA's
-                 k_channels/v_channels (the local DotProductAttention does not); see
-                 `KVChannelsDotProductAttention`.
+                 on the same weights.
 """
 
 from __future__ import annotations
@@ -23,14 +14,12 @@ import math
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import integration  # noqa: F401  (first: makes megatron.training importable on 3.11)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from bench.report import Config, Result, Table
 from bench.timing import interleaved
@@ -56,31 +45,23 @@ class Shape:
                 f"{self.qk_pos_emb_head_dim}, v {self.v_head_dim}, ffn {self.ffn}")
 
 
-# DeepSeek-V3 (hidden 7168, 128 heads, ...; dense SwiGLU of 18432 in its first 3 layers)
-DEEPSEEK_V3 = Shape(hidden=7168, heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
-                    qk_pos_emb_head_dim=64, v_head_dim=128, ffn=18432)
-# ... with every one of those dimensions divided by 16
-SCALED = Shape(hidden=448, heads=8, q_lora_rank=96, kv_lora_rank=32, qk_head_dim=8,
-               qk_pos_emb_head_dim=4, v_head_dim=8, ffn=18432 // 16)
+# DeepSeek-V3's attention and dense (first three layers) MLP, and the same divided by 16
+DEEPSEEK_V3 = Shape(7168, 128, 1536, 512, 128, 64, 128, 18432)
+SCALED = Shape(448, 8, 96, 32, 8, 4, 8, 18432 // 16)
 
 RECOMPUTE = {"none": [], "layernorm": ["layernorm"], "mla_up_proj": ["mla_up_proj"],
              "layernorm+mla_up_proj": ["layernorm", "mla_up_proj"]}
-
-SCALED_SEQ, SCALED_BATCH = 256, 1
-FULL_SEQS, FULL_BATCH = (64, 128, 256), 1  # each twice the last; the last is extrapolated
+SCALED_SEQ = 256
+FULL_SEQS = (64, 128, 256)  # short: the full layer is slow on CPU; extrapolated below
 EXTRAPOLATE_TO = 4096
-SAVED_BYTES_THREADS = 2  # not a timing benchmark: use both cores
+SAVED_BYTES_THREADS = 2     # a memory count, not a timing: use both cores
+TIME_SEQ, TIME_BATCH, WARMUP, REPS = 256, 2, 5, 60
 
-TIME_SEQ, TIME_BATCH = 256, 2
-WARMUP, REPS = 5, 60
-
-
-# ----------------------------------------------------------------------------- setup
 
 @contextlib.contextmanager
 def megatron_single_rank(seed: int = 1234):
-    """One gloo rank on a HashStore, Megatron's model-parallel state (TP = PP = 1) and
-    megaseek's CPU fixes, all undone on exit."""
+    """One gloo rank, Megatron's model-parallel state (TP = PP = 1) and megaseek's CPU
+    fixes, all undone on exit."""
     from megatron.core import parallel_state, tensor_parallel
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -102,7 +83,7 @@ def megatron_single_rank(seed: int = 1234):
 def mla_config(shape: Shape, dtype: torch.dtype = torch.float32, **overrides):
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    fields = dict(
+    return MLATransformerConfig(**{**dict(
         num_layers=1, hidden_size=shape.hidden, num_attention_heads=shape.heads,
         ffn_hidden_size=shape.ffn, q_lora_rank=shape.q_lora_rank,
         kv_lora_rank=shape.kv_lora_rank, qk_head_dim=shape.qk_head_dim,
@@ -110,10 +91,7 @@ def mla_config(shape: Shape, dtype: torch.dtype = torch.float32, **overrides):
         normalization="RMSNorm", layernorm_epsilon=1e-6, rope_type="rope", rotary_base=10000,
         attention_dropout=0.0, hidden_dropout=0.0, add_bias_linear=False,
         gated_linear_unit=True, activation_func=F.silu, use_cpu_initialization=True,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16,
-    )
-    fields.update(overrides)
-    return MLATransformerConfig(**fields)
+        params_dtype=dtype, bf16=dtype == torch.bfloat16), **overrides})
 
 
 def build_layer(config):
@@ -122,76 +100,62 @@ def build_layer(config):
 
     from plugins.mla.spec import with_mla
 
-    spec = with_mla(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    return build_module(spec, config=config, layer_number=1)
+    return build_module(with_mla(get_gpt_layer_local_spec(normalization="RMSNorm")),
+                        config=config, layer_number=1)
+
+
+def inputs(shape: Shape, seq: int, batch: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(seq, batch, shape.hidden, generator=g).to(dtype) for _ in "xg")
 
 
 # ------------------------------------------------------------------- mla_saved_bytes
 
 @dataclass(frozen=True)
 class Saved:
-    where: str       # "module / torch call" running when autograd saved it
-    shape: tuple     # of the first saved view of this storage
+    module: str   # innermost module running when autograd saved it
+    shape: tuple  # of the first saved view of the storage
     dtype: torch.dtype
-    nbytes: int      # of the whole storage
+    nbytes: int   # of the whole storage
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.module} {list(self.shape)} {dtype} {self.nbytes / MiB:.2f} MiB"
 
 
-class _CurrentCall(TorchFunctionMode):
-    """Names the torch call (F.scaled_dot_product_attention, F.rms_norm, ...) that is
-    running; a mode is off inside its own handler, so that is the outermost one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.name = "-"
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        outer, self.name = self.name, getattr(func, "__name__", str(func))
-        try:
-            return func(*args, **(kwargs or {}))
-        finally:
-            self.name = outer
+def track_module_names(layer, stack: list[str]) -> list:
+    """Hooks that keep `stack[-1]` the name of the innermost module running."""
+    hooks = []
+    for name, module in layer.named_modules():
+        if name:
+            hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+            hooks.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+    return hooks
 
 
-def saved_for_backward(layer, x: torch.Tensor, grad: torch.Tensor):
-    """Forward + backward of `layer` on x; the storages autograd kept (in saving order)
-    and the input gradient."""
+def saved_for_backward(layer, x, grad) -> tuple[list[Saved], torch.Tensor]:
+    """Forward + backward of the layer; the storages autograd kept (in saving order, as
+    SelectiveRecompute's ledger sees them, parameters and recomputed outputs excluded) and
+    the input gradient."""
     from plugins.mla.recompute import SelectiveRecompute
 
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     kept: dict[int, Saved] = {}
-    modules = ["layer"]
-    call = _CurrentCall()
-
-    def enter(name):
-        def hook(module, args) -> None:
-            modules.append(name)
-        return hook
-
-    def leave(module, args, output) -> None:  # returns None: the output stays as it is
-        modules.pop()
-
-    hooks = []
-    for name, module in layer.named_modules():
-        if name:
-            hooks.append(module.register_forward_pre_hook(enter(name)))
-            hooks.append(module.register_forward_hook(leave))
+    stack = ["layer"]
 
     def ledger(t: torch.Tensor, recomputed: bool) -> None:
         ptr = t.untyped_storage().data_ptr()
         if not recomputed and ptr not in params and ptr not in kept:
-            # No torch call running: saved by a custom autograd.Function (Megatron's linears)
-            where = modules[-1] if call.name == "-" else f"{modules[-1]} / {call.name}"
-            kept[ptr] = Saved(where, tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
+            kept[ptr] = Saved(stack[-1], tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
 
-    # The layer enters its own SelectiveRecompute; without recompute one with nothing
-    # tracked is entered here only for its ledger (as tests/test_mla.py does).
+    # Without recompute the layer has no SelectiveRecompute: enter an empty one for its ledger.
     counting = layer.selective_recompute or SelectiveRecompute()
-    counting.ledger = ledger
+    outer = contextlib.nullcontext() if layer.selective_recompute else counting
+    counting.ledger, hooks = ledger, track_module_names(layer, stack)
     inp = x.clone().requires_grad_()
     try:
-        with (counting if layer.selective_recompute is None else contextlib.nullcontext()):
-            with call:
-                out, _ = layer(inp, attention_mask=None)
+        with outer:
+            out, _ = layer(inp, attention_mask=None)
         out.backward(grad)
     finally:
         counting.ledger = None
@@ -201,328 +165,175 @@ def saved_for_backward(layer, x: torch.Tensor, grad: torch.Tensor):
     return list(kept.values()), inp.grad
 
 
-def _total(saved: list[Saved]) -> int:
-    return sum(s.nbytes for s in saved)
-
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _describe(s: Saved, tokens: int | None = None, total: int | None = None) -> str:
-    text = f"{s.where} {list(s.shape)} {_dtype(s.dtype)} {s.nbytes / MiB:.2f} MiB"
-    if total:
-        text += f" ({100 * s.nbytes / total:.0f}%)"
-    return text
-
-
-def _top(saved: list[Saved], k: int) -> str:
-    total = _total(saved)
-    return "; ".join(_describe(s, total=total)
-                     for s in sorted(saved, key=lambda s: -s.nbytes)[:k])
-
-
-def _dropped(base: list[Saved], other: list[Saved]) -> list[Saved]:
-    """What `base` saves and `other` does not (matched by label, shape, dtype, size)."""
-    rest = Counter((s.where, s.shape, s.dtype, s.nbytes) for s in other)
-    out = []
-    for s in base:
-        key = (s.where, s.shape, s.dtype, s.nbytes)
-        if rest[key]:
-            rest[key] -= 1
-        else:
-            out.append(s)
-    return out
-
-
-def _inputs(shape: Shape, seq: int, batch: int, dtype: torch.dtype, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(seq, batch, shape.hidden, generator=g).to(dtype)
-    grad = torch.randn(seq, batch, shape.hidden, generator=g).to(dtype)
-    return x, grad
-
-
-def _layers(shape: Shape, dtype: torch.dtype):
-    """(option, layer) per recompute option, all on the weights of the first; each is
-    built after the previous one was let go (callers drop their reference)."""
-    reference = None
+def layers(shape: Shape, dtype: torch.dtype):
+    """(option, layer) per recompute option, all with the first one's weights; one alive
+    at a time."""
+    weights = None
     for option, names in RECOMPUTE.items():
-        overrides = dict(recompute_granularity="selective", recompute_modules=names) \
-            if names else {}
-        if reference is None:
-            layer = build_layer(mla_config(shape, dtype, **overrides))
-            reference = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                         for k, v in layer.state_dict().items()}
-        else:
-            layer = build_layer(mla_config(shape, dtype, perform_initialization=False,
-                                           **overrides))
-            layer.load_state_dict(reference)
-        assert (layer.selective_recompute is None) == (not names), option
+        recompute = dict(recompute_granularity="selective", recompute_modules=names)
+        layer = build_layer(mla_config(shape, dtype, perform_initialization=weights is None,
+                                       **(recompute if names else {})))
+        if weights is None:
+            weights = {k: v.clone() for k, v in layer.state_dict().items()
+                       if isinstance(v, torch.Tensor)}
+        layer.load_state_dict(weights, strict=False)  # strict: the `_extra_state` entries
         yield option, layer
         del layer
         gc.collect()
 
 
-@dataclass
-class Scaling:
-    """Per saved storage, how its size grows from seq s0 to 2 s0 (2: linear, 4: s x s);
-    checked by predicting every storage at 4 s0 exactly."""
+def measure(shape: Shape, dtype: torch.dtype, seqs, seed: int):
+    """Per option: {seq: saved storages}, and whether every input grad equals none's."""
+    data = {s: inputs(shape, s, 1, dtype, seed) for s in seqs}
+    results, reference = {}, {}
+    for option, layer in layers(shape, dtype):
+        by_seq, equal = {}, True
+        for s in seqs:
+            by_seq[s], dx = saved_for_backward(layer, *data[s])
+            equal &= torch.equal(dx, reference.setdefault(s, dx))
+        results[option] = (by_seq, equal)
+    return results
 
-    linear: int = 0      # bytes at the largest measured seq
-    quadratic: int = 0
-    problems: list[str] = field(default_factory=list)
+
+def total(saved: list[Saved]) -> int:
+    return sum(s.nbytes for s in saved)
 
 
-def _scaling(by_seq: dict[int, list[Saved]]) -> Scaling:
-    s0, s1, s2 = sorted(by_seq)
-    assert s1 == 2 * s0 and s2 == 2 * s1
-    result = Scaling()
-    a, b, c = by_seq[s0], by_seq[s1], by_seq[s2]
-    if not len(a) == len(b) == len(c):
-        result.problems.append(f"{len(a)}, {len(b)}, {len(c)} saved storages")
-        return result
-    for x, y, z in zip(a, b, c):
-        growth = y.nbytes / x.nbytes if x.nbytes else 0
-        if x.where != y.where or y.where != z.where or growth not in (2, 4):
-            result.problems.append(f"{x.where} {list(x.shape)}: x{growth:.3g}")
-        elif z.nbytes != growth * y.nbytes:
-            result.problems.append(f"{x.where} {list(x.shape)}: predicted "
-                                   f"{growth * y.nbytes}, measured {z.nbytes} at seq {s2}")
-        elif growth == 2:
-            result.linear += z.nbytes
+def dropped(base: list[Saved], other: list[Saved]) -> list[Saved]:
+    """What `base` saves and `other` does not, largest first."""
+    left, gone = Counter(other), []
+    for s in base:
+        if left[s]:
+            left[s] -= 1
         else:
-            result.quadratic += z.nbytes
-    return result
+            gone.append(s)
+    return sorted(gone, key=lambda s: -s.nbytes)
 
 
-def sdpa_backward_node(qk_dim: int, v_dim: int, dtype: torch.dtype) -> str:
-    """The autograd node F.scaled_dot_product_attention records on CPU for these head dims
-    (causal, the [b, n, s, d] views MLA passes): its flash kernel's, or its math path's."""
-    q = torch.randn(1, 16, 2, qk_dim, dtype=dtype).transpose(1, 2).requires_grad_()
-    v = torch.randn(1, 16, 2, v_dim, dtype=dtype).transpose(1, 2).requires_grad_()
-    node = F.scaled_dot_product_attention(q, q, v, is_causal=True).grad_fn
-    while node is not None and not any(k in type(node).__name__ for k in ("Attention", "Bmm")):
-        node = node.next_functions[0][0]
-    return type(node).__name__ if node is not None else "?"
+def not_linear(by_seq: dict[int, list[Saved]]) -> list[str]:
+    """Saved storages that did not grow in proportion to the sequence length between
+    consecutive measured lengths (storages matched by saving order)."""
+    seqs, problems = sorted(by_seq), []
+    for s0, s1 in zip(seqs, seqs[1:]):
+        a, b = by_seq[s0], by_seq[s1]
+        if [x.module for x in a] != [y.module for y in b]:
+            problems.append(f"seq {s0} to {s1}: {len(a)} vs {len(b)} storages, not matched")
+            continue
+        problems += [f"{x.describe()} grew x{y.nbytes / x.nbytes:.3g} from seq {s0} to {s1}"
+                     for x, y in zip(a, b) if y.nbytes * s0 != x.nbytes * s1]
+    return problems
+
+
+def dropped_note(label: str, results: dict, seq: int) -> str:
+    base = results["none"][0][seq]
+    parts = []
+    for option in list(RECOMPUTE)[1:]:
+        gone = dropped(base, results[option][0][seq])
+        parts.append(f"{option}: {total(gone) / MiB:.2f} MiB in {len(gone)} storages"
+                     + "".join(f"; {s.describe()}" for s in gone[:4])
+                     + ("; ..." if len(gone) > 4 else ""))
+    return f"{label} what each option stops saving, largest first: " + " | ".join(parts) + "."
 
 
 def run_saved_bytes() -> Result:
-    start = time.perf_counter()
-    threads = torch.get_num_threads()
+    start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(SAVED_BYTES_THREADS)
-    scaled: dict[str, tuple[list[Saved], bool]] = {}
-    full: dict[str, tuple[dict[int, list[Saved]], bool]] = {}
     try:
         with megatron_single_rank():
-            # (a) scaled down by 16, fp32
-            x, grad = _inputs(SCALED, SCALED_SEQ, SCALED_BATCH, torch.float32, seed=1)
-            base_dx = None
-            for option, layer in _layers(SCALED, torch.float32):
-                saved, dx = saved_for_backward(layer, x, grad)
-                base_dx = dx if base_dx is None else base_dx
-                scaled[option] = (saved, torch.equal(dx, base_dx))
-                del layer
-            scaled_s = time.perf_counter() - start
-
-            # (b) DeepSeek-V3's layer, bf16, at three sequence lengths
-            inputs = {s: _inputs(DEEPSEEK_V3, s, FULL_BATCH, torch.bfloat16, seed=2)
-                      for s in FULL_SEQS}
-            base_dx = None
-            for option, layer in _layers(DEEPSEEK_V3, torch.bfloat16):
-                by_seq, dx = {}, None
-                for s in FULL_SEQS:
-                    by_seq[s], dx = saved_for_backward(layer, *inputs[s])
-                base_dx = dx if base_dx is None else base_dx
-                full[option] = (by_seq, torch.equal(dx, base_dx))
-                del layer, dx
-            del base_dx, inputs
-            gc.collect()
+            scaled = measure(SCALED, torch.float32, (SCALED_SEQ,), seed=1)
+            full = measure(DEEPSEEK_V3, torch.bfloat16, FULL_SEQS, seed=2)
     finally:
         torch.set_num_threads(threads)
     elapsed = time.perf_counter() - start
 
-    base = _total(scaled["none"][0])
-    scaled_table = Table(
-        f"(a) DeepSeek-V3 scaled down by 16 ({SCALED.describe()}), seq {SCALED_SEQ}, "
-        f"batch {SCALED_BATCH}, fp32",
+    none_a = total(scaled["none"][0][SCALED_SEQ])
+    table_a = Table(
+        f"(a) DeepSeek-V3 / 16 ({SCALED.describe()}), seq {SCALED_SEQ}, batch 1, fp32",
         ["recompute", "saved MiB", "ratio to none", "input grad bit-equal to none's"],
-        [[o, f"{_total(v) / MiB:.3f}", f"{_total(v) / base:.3f}", "yes" if eq else "NO"]
-         for o, (v, eq) in scaled.items()],
-        right=frozenset({1, 2}))
+        [[o, f"{total(v[SCALED_SEQ]) / MiB:.3f}", f"{total(v[SCALED_SEQ]) / none_a:.3f}",
+          "yes" if eq else "NO"] for o, (v, eq) in scaled.items()], right=frozenset({1, 2}))
 
-    s_max = FULL_SEQS[-1]
-    tokens = s_max * FULL_BATCH
-    k = EXTRAPOLATE_TO // s_max
-    scalings = {o: _scaling(by_seq) for o, (by_seq, _) in full.items()}
-    base_max = _total(full["none"][0][s_max])
-    base_4k = scalings["none"].linear * k + scalings["none"].quadratic * k * k
+    s_max, k = FULL_SEQS[-1], EXTRAPOLATE_TO / FULL_SEQS[-1]
+    problems = {o: not_linear(by_seq) for o, (by_seq, _) in full.items()}
+    none_b = total(full["none"][0][s_max])
     rows = []
-    for option, (by_seq, dx_equal) in full.items():
-        sc = scalings[option]
-        at_4k = sc.linear * k + sc.quadratic * k * k
-        bad = " (!)" if sc.problems else ""
-        rows.append([option, *(f"{_total(by_seq[s]) / MiB:.2f}" for s in FULL_SEQS),
-                     f"{sc.quadratic / MiB:.2f}{bad}",
-                     f"{sc.linear / tokens / 1024:.1f}{bad}",
-                     f"{sc.linear / tokens * EXTRAPOLATE_TO / 2 ** 30:.3f}{bad}",
-                     f"{at_4k / 2 ** 30:.3f}{bad}",
-                     f"{_total(by_seq[s_max]) / base_max:.3f}", f"{at_4k / base_4k:.3f}",
-                     "yes" if dx_equal else "NO"])
-    full_table = Table(
-        f"(b) DeepSeek-V3 layer ({DEEPSEEK_V3.describe()}), batch {FULL_BATCH}, bf16",
-        ["recompute", *(f"MiB @ seq {s}" for s in FULL_SEQS),
-         f"of which s×s MiB @ {s_max}", f"linear part KiB/token",
-         f"GiB @ {EXTRAPOLATE_TO}: linear part only (KiB/token × {EXTRAPOLATE_TO})",
-         f"GiB @ {EXTRAPOLATE_TO}: linear × {k} + s×s × {k * k}",
-         f"ratio to none @ {s_max}", f"ratio to none @ {EXTRAPOLATE_TO}",
-         "input grad bit-equal to none's"],
-        rows, right=frozenset(range(1, 10)))
+    for option, (by_seq, equal) in full.items():
+        at_max = total(by_seq[s_max])
+        at_4k = "n/a: not linear" if problems[option] else f"{at_max * k / 2 ** 30:.3f}"
+        rows.append([option, *(f"{total(by_seq[s]) / MiB:.2f}" for s in FULL_SEQS),
+                     f"{at_max / s_max / 1024:.1f}", at_4k, f"{at_max / none_b:.3f}",
+                     "yes" if equal else "NO"])
+    table_b = Table(
+        f"(b) DeepSeek-V3 layer ({DEEPSEEK_V3.describe()}), batch 1, bf16",
+        ["recompute", *(f"MiB @ seq {s}" for s in FULL_SEQS), f"KiB/token @ {s_max}",
+         f"GiB @ {EXTRAPOLATE_TO} (x{k:g})", f"ratio to none @ {s_max}",
+         "input grad bit-equal to none's"], rows, right=frozenset(range(1, 7)))
 
-    none_max = full["none"][0][s_max]
-    both_max = full["layernorm+mla_up_proj"][0][s_max]
-    problems = [f"{o}: " + "; ".join(sc.problems) for o, sc in scalings.items() if sc.problems]
-    quadratic = [s for s in none_max if s.where.endswith("scaled_dot_product_attention")
-                 and len(s.shape) == 4 and s.shape[-1] == s.shape[-2] == s_max]
-    s0, s1, s2 = FULL_SEQS
-    qk_dim = DEEPSEEK_V3.qk_head_dim + DEEPSEEK_V3.qk_pos_emb_head_dim
-    scaling_note = (
-        f"Sequence-length scaling, measured per saved storage: from seq {s0} to {s1} every "
-        f"storage grows exactly 2x (linear) or 4x (s×s), and that predicts every storage at "
-        f"seq {s2} exactly, for all four options. So the claim 'every saved tensor is linear "
-        f"in the sequence length on the CPU attention path' is FALSE for this layer: "
-        f"F.scaled_dot_product_attention cannot use its CPU flash kernel when v_head_dim "
-        f"({DEEPSEEK_V3.v_head_dim}) differs from the query/key head dim "
-        f"({qk_dim}) (checked here in bf16: with equal head dims its backward node is "
-        f"{sdpa_backward_node(qk_dim, qk_dim, torch.bfloat16)}, with these "
-        f"{sdpa_backward_node(qk_dim, DEEPSEEK_V3.v_head_dim, torch.bfloat16)}, the math "
-        f"path's), and the math path saves the softmax "
-        f"probabilities [b, n, s, s] in fp32 "
-        + ("(" + "; ".join(_describe(s) for s in quadratic) + f" at seq {s_max})" if quadratic
-           else "")
-        + f". The GiB @ {EXTRAPOLATE_TO} columns therefore give both bytes/token × "
-        f"{EXTRAPOLATE_TO} of the linear part alone (what a kernel that keeps no s×s "
-        f"tensor would add to it is not modelled) and the measured model: linear part at "
-        f"seq {s_max} × {k} + s×s part × {k * k}. A GPU run whose attention kernel keeps "
-        f"no s×s tensor (TE's fused attention, say) is not measured here."
-        if not problems else
-        "Sequence-length scaling check FAILED (the extrapolation is not valid) for: "
-        + " | ".join(problems))
-
-    def dropped(option: str, shape_rows: dict) -> str:
-        gone = _dropped(shape_rows["none"], shape_rows[option])
-        if not gone:
-            return f"{option}: nothing"
-        return (f"{option}: {_total(gone) / MiB:.2f} MiB = "
-                + "; ".join(_describe(s) for s in gone))
-
-    full_max = {o: by_seq[s_max] for o, (by_seq, _) in full.items()}
-    scaled_rows = {o: v for o, (v, _) in scaled.items()}
+    steps = " and ".join(f"{a} to {b}" for a, b in zip(FULL_SEQS, FULL_SEQS[1:]))
+    bad = [f"{o}: " + "; ".join(p) for o, p in problems.items() if p]
+    linearity = (f"(b) Linearity, measured: every saved storage of every option grew exactly "
+                 f"2x from seq {steps}: linear in s, so the GiB @ {EXTRAPOLATE_TO} column is "
+                 f"the seq-{s_max} bytes x {k:g}." if not bad else
+                 "(b) Linearity, measured: NOT linear, so no extrapolation for: " + " | ".join(bad))
+    remaining = sorted(full["layernorm+mla_up_proj"][0][s_max], key=lambda s: -s.nbytes)
     notes = [
-        "Saved bytes = unique storages of the tensors autograd saves for backward inside "
-        "one layer (SelectiveRecompute's ledger is called on each), parameters excluded, "
-        "the layer's input counted when autograd saves it (counted as in tests/test_mla.py)."
-        " Each option ran "
-        "forward and backward at every shape and sequence length; its input gradient is "
-        "compared bit for bit with that of 'none' on the same weights. A storage's label "
-        "is 'innermost module / outermost torch call' running when it was saved (found by "
-        "module hooks and a TorchFunctionMode; the module alone where a custom "
-        "autograd.Function such as Megatron's linear saved it), its shape that of its "
-        "first saved view.",
-        "Layer: plugins.mla.spec.with_mla(get_gpt_layer_local_spec(normalization="
-        "'RMSNorm')), i.e. MLATransformerLayer with megaseek's MLASelfAttention (core "
-        "attention: F.scaled_dot_product_attention) and Megatron's local dense MLP (SwiGLU:"
-        " gated_linear_unit, silu), no biases, dropout 0 (as DeepSeek-V3), plain RoPE (YaRN "
-        "would change only the values of the cos/sin tables and the softmax scale), TP = 1.",
-        f"(b) runs DeepSeek-V3's full layer shape (583M parameters, params_dtype=bf16, "
-        f"bf16=True) at seq {', '.join(map(str, FULL_SEQS))} only (not {EXTRAPOLATE_TO}), "
-        f"to stay within a few minutes on 2 CPU cores.",
-        scaling_note,
-        f"(b) largest saved storages without recompute, seq {s_max} (of {len(none_max)}): "
-        + _top(none_max, 8) + ".",
-        f"(b) largest saved storages with layernorm+mla_up_proj, seq {s_max} "
-        f"(of {len(both_max)}): " + _top(both_max, 6) + ".",
-        f"(b) what each option stops saving, seq {s_max}: "
-        + " | ".join(dropped(o, full_max) for o in list(RECOMPUTE)[1:]) + ".",
-        f"(a) what each option stops saving, seq {SCALED_SEQ}: "
-        + " | ".join(dropped(o, scaled_rows) for o in list(RECOMPUTE)[1:]) + ".",
-        "Why the reductions are small on this path: 'layernorm' drops only the norm "
-        "outputs that the following linears save as their inputs; F.rms_norm on CPU also "
-        "saves its own fp32 intermediates (for bf16 an fp32 copy of its input and the fp32 "
-        "normalized value, 4 bytes per element each), which stay. 'mla_up_proj' drops the "
-        "query/key/value the up-projection returns only where attention saves those very "
-        "tensors; SDPA's CPU math path saves derived tensors instead (q and k scaled by "
-        "sqrt(scale), and in bf16 fp32 copies of q, k and v), so it drops "
-        f"{_total(_dropped(full_max['none'], full_max['mla_up_proj'])) / MiB:.2f} MiB at "
-        f"the bf16 full shape and "
-        f"{_total(_dropped(scaled_rows['none'], scaled_rows['mla_up_proj'])) / MiB:.2f} MiB "
-        "in fp32 (the value there is a view of the kv up-projection output). What remains "
-        "is dominated by the fp32 attention intermediates (s×s probabilities, "
-        "q/k/v copies), the RMSNorm intermediates and the MLP (SwiGLU's fc1 output and "
-        "activation).",
-        f"Wall time of this benchmark: {elapsed:.0f} s ((a): {scaled_s:.0f} s), "
-        f"torch threads {SAVED_BYTES_THREADS}.",
+        "Saved bytes: the unique storages of the tensors autograd saves inside the layer "
+        "(SelectiveRecompute's ledger sees each; parameters and recomputed outputs excluded), "
+        "as tests/test_mla.py counts them. Each option runs forward and backward on the same "
+        "weights and inputs; its input gradient is compared bit for bit with none's. A "
+        "storage is labelled by the innermost module running when it was saved.",
+        "Layer: plugins.mla.spec.with_mla(get_gpt_layer_local_spec(normalization='RMSNorm'))"
+        ": megaseek's MLASelfAttention and Megatron's local SwiGLU MLP, no biases, dropout 0, "
+        "plain RoPE, TP = 1.",
+        linearity,
+        dropped_note(f"(b) seq {s_max}:", full, s_max),
+        dropped_note(f"(a) seq {SCALED_SEQ}:", scaled, SCALED_SEQ),
+        f"(b) seq {s_max}: largest storages still saved with layernorm+mla_up_proj (of "
+        f"{len(remaining)}): " + "; ".join(s.describe() for s in remaining[:5]) + ".",
+        f"Wall time {elapsed:.0f} s on {SAVED_BYTES_THREADS} torch threads.",
     ]
-    return Result("mla_saved_bytes", [], notes, [scaled_table, full_table])
+    return Result("mla_saved_bytes", [], notes, [table_a, table_b])
 
 
 # ---------------------------------------------------------------------- mla_cpu_time
 
-def _core_attention_classes():
-    """Two core-attention modules that let Megatron's MLASelfAttention build on CPU
-    (defined lazily: Megatron is imported only after integration's fixes)."""
+def core_attention_classes():
+    """Core attentions for Megatron's MLASelfAttention on CPU (defined here, not at import:
+    Megatron is imported only after integration's fixes)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.module import MegatronModule
 
     class KVChannelsDotProductAttention(DotProductAttention):
-        """Megatron's local DotProductAttention, also taking MLA's k_channels/v_channels.
+        """Megatron's local DotProductAttention, also taking MLA's k_channels/v_channels
+        (None by default: Attention.__init__ first builds it without them)."""
 
-        MultiLatentAttention.__init__ (multi_latent_attention.py:207-217) builds its core
-        attention with k_channels=qk_head_dim + qk_pos_emb_head_dim and
-        v_channels=v_head_dim, which DotProductAttention.__init__ (dot_product_attention.py
-        :42) does not accept. Its forward already handles a value head width other than
-        the query/key one (baddbmm over q.k, bmm with v); only the final view uses
-        hidden_size_per_partition = kv_channels x heads, so that is set to v_channels x
-        heads (hidden_size_per_attention_head only feeds a default softmax scale, which MLA
-        always passes). The base Attention.__init__ first builds it without the two
-        arguments (attention.py:382), hence the defaults.
-        """
-
-        def __init__(self, *args, k_channels: int | None = None,
-                     v_channels: int | None = None, **kwargs):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
             super().__init__(*args, **kwargs)
-            if k_channels is not None:
+            if k_channels is not None:  # only feeds a default softmax scale MLA overrides
                 self.hidden_size_per_attention_head = k_channels
-            if v_channels is not None:
+            if v_channels is not None:  # the final view of the context: [s, b, heads x v]
                 self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
     class SDPACoreAttention(MegatronModule):
-        """Causal softmax(q k^T * scale) v by F.scaled_dot_product_attention, through the
-        spec's core_attention slot: [s, b, n, d] in, [s, b, n * v] out (as megaseek's)."""
+        """Causal F.scaled_dot_product_attention: [s, b, n, d] in, [s, b, n * v] out."""
 
         def __init__(self, config, layer_number, attn_mask_type, attention_type,
                      softmax_scale=None, **unused):
             super().__init__(config=config)
-            self.causal = attn_mask_type == AttnMaskType.causal
             self.softmax_scale = softmax_scale
+            assert attn_mask_type == AttnMaskType.causal
 
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                    attention_bias=None, packed_seq_params=None):
-            assert attention_bias is None and packed_seq_params is None
+        def forward(self, query, key, value, attention_mask, **unused):
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
-            mask = None if attention_mask is None else ~attention_mask
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
-                dropout_p=self.config.attention_dropout if self.training else 0.0,
-                scale=self.softmax_scale)
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                     scale=self.softmax_scale)
             return context.permute(2, 0, 1, 3).flatten(2)
 
     return KVChannelsDotProductAttention, SDPACoreAttention
 
 
 def build_megatron_mla(config, core_attention):
-    """Megatron-Core's MLASelfAttention from its own local layer spec, with the core
-    attention replaced."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
 
@@ -540,148 +351,107 @@ def build_megaseek_mla(config):
     return build_module(mla_attention_spec(), config=config, layer_number=1)
 
 
-def random_mla_weights(module, seed: int) -> dict[str, torch.Tensor]:
+def random_weights(module, seed: int) -> dict[str, torch.Tensor]:
     """N(0, 1/fan_in) linears and 1 + 0.1 N(0, 1) norms, so activations are O(1)."""
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in module.named_parameters():
-        if p.dim() == 1:
-            out[name] = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-        else:
-            out[name] = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
-    return out
+    return {name: (1 + 0.1 * torch.randn(p.shape, generator=g)) if p.dim() == 1
+            else torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
+            for name, p in module.named_parameters()}
 
 
-def _load(module, weights: dict[str, torch.Tensor]) -> None:
+def load(module, weights: dict[str, torch.Tensor]) -> None:
     missing, unexpected = module.load_state_dict(weights, strict=False)
-    # Megatron's linears carry an `_extra_state` entry (None without TE), nothing else.
-    assert not unexpected and all(k.endswith("._extra_state") for k in missing), \
-        (missing, unexpected)
+    assert not unexpected and all(k.endswith("._extra_state") for k in missing)
 
 
-def _fwd_bwd(module, x, grad):
+def fwd_bwd(module, x, grad):
     inp = x.clone().requires_grad_()
     module.zero_grad(set_to_none=True)
-    out, bias = module(inp, attention_mask=None)
-    assert bias is None
+    out, _ = module(inp, attention_mask=None)
     out.backward(grad)
     return out.detach(), inp.grad, {n: p.grad for n, p in module.named_parameters()}
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Largest |a - b| and the largest |b| it compares with."""
-    return (a - b).abs().max().item(), b.abs().max().item()
+def attention_nodes(module, x) -> str:
+    """The softmax/attention nodes in the module's autograd graph: which kernel ran."""
+    out, _ = module(x, attention_mask=None)
+    names, seen, todo = set(), set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            if any(w in type(node).__name__ for w in ("Attention", "Softmax")):
+                names.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    return ", ".join(sorted(names)) or "none"
+
+
+def compare(name, got, ref) -> str:
+    """Largest differences of output, input grad and weight grads, relative to the largest
+    reference value."""
+    diffs = [(what, (a - b).abs().max().item(), b.abs().max().item())
+             for what, a, b in [("output", got[0], ref[0]), ("input grad", got[1], ref[1])]
+             + [(k, g, ref[2][k]) for k, g in got[2].items()]]
+    worst = max(diffs, key=lambda d: d[1] / d[2])
+    return (f"{name} vs A (fp32): max |output diff| {diffs[0][1]:.1e} (of {diffs[0][2]:.2f}), "
+            f"max |input-grad diff| {diffs[1][1]:.1e} (of {diffs[1][2]:.2f}); worst relative "
+            f"{worst[0]} {worst[1] / worst[2]:.1e}: "
+            + ("equal up to fp32 rounding." if worst[1] / worst[2] < 1e-5 else "NOT EQUAL."))
 
 
 def run_cpu_time() -> Result:
     from plugins.mla.convert import from_interleaved_rope
 
-    shape = SCALED
-    qk_dim = shape.qk_head_dim + shape.qk_pos_emb_head_dim
-    x, grad = _inputs(shape, TIME_SEQ, TIME_BATCH, torch.float32, seed=3)
-    notes: list[str] = []
-    configs: dict[str, Callable[[], None]] = {}
+    x, grad = inputs(SCALED, TIME_SEQ, TIME_BATCH, torch.float32, seed=3)
     with megatron_single_rank():
-        kv_dpa, sdpa = _core_attention_classes()
-        # One config for all three; qk_layernorm=True makes Megatron's local spec build real
-        # q/kv latent RMSNorms (IdentityOp otherwise); megaseek always has them.
-        config = mla_config(shape, qk_layernorm=True)
-        ours = build_megaseek_mla(config)
-        megatron = {name: build_megatron_mla(config, core)
-                    for name, core in (("B", kv_dpa), ("C", sdpa))}
+        kv_dpa, sdpa = core_attention_classes()
+        config = mla_config(SCALED, qk_layernorm=True)  # else Megatron's spec has no latent norms
+        modules = {"A": build_megaseek_mla(config), "B": build_megatron_mla(config, kv_dpa),
+                   "C": build_megatron_mla(config, sdpa)}
+        # Megatron rotates RoPE pairs (x_2i, x_2i+1), megaseek (x_i, x_i+d/2): convert.
+        rope = dict(heads=SCALED.heads, qk_head_dim=SCALED.qk_head_dim,
+                    rope_dim=SCALED.qk_pos_emb_head_dim)
+        weights = random_weights(modules["B"], seed=7)
+        load(modules["A"], from_interleaved_rope(weights, **rope))
+        load(modules["B"], weights)
+        load(modules["C"], weights)
 
-        # Megatron's MLA rotates RoPE pairs (x_2i, x_2i+1) (apply_rotary_pos_emb with
-        # mla_rotary_interleaved=True: DeepSeek's checkpoint layout); megaseek rotates
-        # (x_i, x_i+d/2) and converts checkpoints with from_interleaved_rope.
-        weights = random_mla_weights(megatron["B"], seed=7)
-        for module in megatron.values():
-            _load(module, weights)
-        convert = dict(heads=shape.heads, qk_head_dim=shape.qk_head_dim,
-                       rope_dim=shape.qk_pos_emb_head_dim)
-        _load(ours, from_interleaved_rope(weights, **convert))
+        ref = fwd_bwd(modules["A"], x, grad)
+        checks = []
+        for name in "BC":
+            out, dx, grads = fwd_bwd(modules[name], x, grad)
+            checks.append(compare(name, (out, dx, from_interleaved_rope(grads, **rope)), ref))
+        kernels = "; ".join(f"{n}: {attention_nodes(m, x)}" for n, m in modules.items())
 
-        ref_out, ref_dx, ref_grads = _fwd_bwd(ours, x, grad)
-        for name, module in megatron.items():
-            out, dx, grads = _fwd_bwd(module, x, grad)
-            grads = from_interleaved_rope(grads, **convert)  # into megaseek's row order
-            d_out, m_out = _max_diff(out, ref_out)
-            d_dx, m_dx = _max_diff(dx, ref_dx)
-            worst = max(((k, *_max_diff(g, ref_grads[k])) for k, g in grads.items()),
-                        key=lambda t: t[1] / t[2])
-            relative = max(d_out / m_out, d_dx / m_dx, worst[1] / worst[2])
-            verdict = (f"equal up to fp32 summation-order rounding (largest difference "
-                       f"{relative:.1e} of the values compared)" if relative < 1e-5 else
-                       f"NOT equal: largest difference {relative:.1e} of the values compared")
-            notes.append(
-                f"{name} vs A on the same weights (fp32): max |output diff| {d_out:.1e} "
-                f"(outputs up to {m_out:.2f}), max |input-grad diff| {d_dx:.1e} (up to "
-                f"{m_dx:.2f}), weight grads worst {worst[0]} {worst[1]:.1e} (up to "
-                f"{worst[2]:.2f}): {verdict}.")
+        current = {}
 
-        steps = {"A": ours, **megatron}
-        current: list[Callable[[], None]] = []
-
-        def select(module):
+        def use(name):
             @contextlib.contextmanager
-            def use():
-                current.append(lambda: _fwd_bwd(module, x, grad))
-                try:
-                    yield
-                finally:
-                    current.pop()
-            return use
+            def enter():
+                current["module"] = modules[name]
+                yield
+            return enter
 
-        configs = {name: select(module) for name, module in steps.items()}
-        times = interleaved(lambda: current[-1](), configs, reps=REPS, warmup=WARMUP)
+        times = interleaved(lambda: fwd_bwd(current["module"], x, grad),
+                            {n: use(n) for n in modules}, reps=REPS, warmup=WARMUP)
 
     notes = [
-        f"Attention module only (no layer), {shape.describe()} (DeepSeek-V3 / 16), seq "
-        f"{TIME_SEQ}, batch {TIME_BATCH}, fp32, plain RoPE, causal, dropout 0, TP = 1; "
-        f"step = zero_grad + forward + backward with a fixed output gradient; {WARMUP} "
-        f"warm-up rounds, then {REPS} interleaved rounds.",
-        "Megatron-Core 0.19.2's MLASelfAttention does not build with its local spec "
-        "(get_gpt_layer_local_spec(multi_latent_attention=True)): "
-        "MultiLatentAttention.__init__ (multi_latent_attention.py:207-217) passes "
-        "k_channels=qk_head_dim+qk_pos_emb_head_dim and v_channels=v_head_dim to the core "
-        "attention, and the local DotProductAttention.__init__ (dot_product_attention.py:42)"
-        " takes neither: TypeError. Fix used for B (bench/mla.py, "
-        "KVChannelsDotProductAttention, put in the spec's core_attention slot): a "
-        "DotProductAttention subclass that accepts k_channels/v_channels (default None, "
-        "because Attention.__init__ at attention.py:382 first builds it without them), "
-        "and sets hidden_size_per_partition = v_channels x heads per partition (used only "
-        "for the final view of the context, which is [s, b, heads x v_head_dim], not "
-        "kv_channels x heads = hidden/heads x heads) and hidden_size_per_attention_head = "
-        "k_channels; the forward is unchanged (baddbmm q.k^T with MLA's softmax_scale, "
-        "FusedScaleMaskSoftmax's torch fallback with the default causal mask, bmm with v "
-        "of its own width). C instead puts a small F.scaled_dot_product_attention module "
-        "(SDPACoreAttention) in that slot, the core attention megaseek uses, so A vs C "
-        "compares everything but the core attention.",
-        "Also needed for Megatron's module: config.qk_layernorm=True (otherwise its local "
-        "spec uses IdentityOp for q_layernorm/kv_layernorm), rope_type='rope' "
-        "(apply_rope_fusion stays False), and megaseek's CPU fixes (integration.cpu."
-        "install: RotaryEmbedding and the causal mask allocate on 'cuda').",
-        "Weights: the same random state dict under the same names (linear_q_down_proj, "
-        "q_layernorm, linear_q_up_proj, linear_kv_down_proj, kv_layernorm, "
-        "linear_kv_up_proj, linear_proj; Megatron's down-projections are "
-        "ColumnParallelLinear with an extra `_extra_state` entry, megaseek's "
-        "ReplicatedLinear has none). The one layout difference: Megatron's MLA rotates "
-        "RoPE pairs (x_2i, x_2i+1) (mla_rotary_interleaved=True, DeepSeek's checkpoint "
-        "layout), megaseek pairs (x_i, x_i+d/2), so megaseek gets "
-        "plugins.mla.convert.from_interleaved_rope(weights) (the RoPE rows of "
-        "linear_q_up_proj and linear_kv_down_proj permuted evens-then-odds) and Megatron's "
-        "weight gradients are permuted the same way before comparing.",
-        *notes,
-        "Where the time goes: all three materialise the [b, n, s, s] scores: "
-        "F.scaled_dot_product_attention (A, C) cannot use its CPU flash kernel here "
-        f"because v_head_dim ({shape.v_head_dim}) differs from the query/key head dim "
-        f"({qk_dim}) (its backward node here: "
-        f"{sdpa_backward_node(qk_dim, shape.v_head_dim, torch.float32)}; with equal dims: "
-        f"{sdpa_backward_node(qk_dim, qk_dim, torch.float32)}), so it runs its math path "
-        "(bmm, softmax, bmm). A torch.profiler run taken while writing this "
-        "benchmark put B's extra time in its local core attention's copies, fill_ and "
-        "masked_fill_ over [b, n, s, s] tensors (FusedScaleMaskSoftmax's torch fallback, "
-        "attention dropout at p = 0) on top of the same softmax and bmm work. A vs C isolates everything but the core "
-        "attention (projections, norms, RoPE, layout copies).",
+        f"Attention module only, {SCALED.describe()} (DeepSeek-V3 / 16), seq {TIME_SEQ}, "
+        f"batch {TIME_BATCH}, fp32, plain RoPE, causal, dropout 0, TP = 1; step = zero_grad "
+        f"+ forward + backward; {WARMUP} warm-up rounds, then {REPS} interleaved rounds.",
+        "Megatron-Core 0.19.2's MLASelfAttention does not build with its local spec: "
+        "MultiLatentAttention.__init__ passes k_channels and v_channels to the core attention "
+        "and the local DotProductAttention.__init__ takes neither (TypeError). B's minimal "
+        "fix (KVChannelsDotProductAttention in the spec's core_attention slot) accepts them "
+        "and sets hidden_size_per_partition = v_channels x heads, so the context's final "
+        "view is [s, b, heads x v_head_dim]; its forward is unchanged. C puts "
+        "F.scaled_dot_product_attention (SDPACoreAttention) in that slot instead.",
+        "Megatron's module also needs qk_layernorm=True (else IdentityOp latent norms) and "
+        "megaseek's CPU fixes. Same random weights for all; megaseek's get the RoPE rows "
+        "permuted by plugins.mla.convert.from_interleaved_rope, and Megatron's weight "
+        "gradients are permuted alike before comparing.",
+        *checks,
+        f"Softmax/attention autograd nodes each ran (forward on the input above): {kernels}.",
     ]
     return Result("mla_cpu_time", [
         Config("A", "megaseek MLASelfAttention (plugins.mla)", times["A"]),

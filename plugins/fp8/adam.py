@@ -1,8 +1,8 @@
 """Adam(W) whose first and second moments are stored in BF16, with FP32 master weights.
 
-DeepSeek-V3 (technical report, section 3.3.2 "Low-Precision Optimizer States") keeps the
-AdamW moments in BF16 while the master weights and the gradients used by the optimizer stay
-in FP32. Per parameter that is 4 (master) + 2 (`exp_avg`) + 2 (`exp_avg_sq`) = 8 bytes of
+The DeepSeek-V3 technical report ("Low-Precision Optimizer States") tracks the AdamW
+moments in BF16 while the master weights and the gradients used by the optimizer stay in
+FP32. Per parameter that is 4 (master) + 2 (`exp_avg`) + 2 (`exp_avg_sq`) = 8 bytes of
 optimizer-owned memory instead of 4 + 4 + 4 = 12: two thirds.
 
 `AdamWBF16Moments` performs exactly the update of `torch.optim.AdamW`
@@ -11,9 +11,9 @@ gradient), in the same order of operations as torch's single-tensor implementati
 with FP32 moments it is bit-identical to torch's (the tests check this). With BF16 moments
 each step upcasts the stored moments to FP32, updates them and the parameter in FP32 (the
 parameter update uses the FP32 values of this step), and rounds the new moments back to
-BF16 with round-to-nearest-even (`Tensor.copy_` into a BF16 tensor). Plain RNE rounding of
-both moments is what DeepSeek-V3 describes; there is no stochastic rounding and no
-error-compensation buffer. Only one parameter's FP32 moments exist at a time, so the
+BF16 with round-to-nearest-even (`Tensor.copy_` into a BF16 tensor). The report names
+no stochastic rounding and no error compensation for either moment, so there is none here:
+plain RNE, the default FP32-to-BF16 conversion, for the second moment as for the first. Only one parameter's FP32 moments exist at a time, so the
 transient FP32 working memory is that of the largest parameter tensor.
 
 The state uses torch Adam's keys, `step` (a float32 scalar tensor per parameter),
@@ -33,7 +33,6 @@ from typing import Callable, Iterable
 
 import torch
 
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 SUPPORTED_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 

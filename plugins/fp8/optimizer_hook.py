@@ -59,25 +59,35 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp8": torch.uint8}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
-_CLASS_CHOICE = ("            if USING_PYTORCH_OPTIMIZER:\n"
-                 "                adam_cls = torch.optim.AdamW if config.decoupled_weight_decay "
-                 "else torch.optim.Adam\n")
-_CLASS_CHOICE_FIXED = ("            from plugins.fp8.optimizer_hook import (  # megaseek\n"
-                       "                AdamWBF16Moments, adam_class_for)\n"
-                       "            if USING_PYTORCH_OPTIMIZER:\n"
-                       "                adam_cls = adam_class_for(config)\n")
-_INIT_STATE = "                            if config is None or not config.use_precision_aware_optimizer:\n"
-_INIT_STATE_FIXED = ("                            if isinstance(opt, AdamWBF16Moments):  # megaseek\n"
-                     "                                opt.initialize_state(p)\n"
-                     "                            elif config is None or not config.use_precision_aware_optimizer:\n")
+
+def _lines(indent: int, *lines: str) -> str:
+    """Source lines at `indent` spaces, as they stand in the upstream function."""
+    return "".join(" " * indent + line + "\n" for line in lines)
+
+
+# megatron/core/optimizer/__init__.py:556-557 and 592 (megatron-core 0.19.2).
+_CLASS_CHOICE = _lines(
+    12, "if USING_PYTORCH_OPTIMIZER:",
+    "    adam_cls = torch.optim.AdamW if config.decoupled_weight_decay else torch.optim.Adam")
+_CLASS_CHOICE_FIXED = _lines(
+    12, "from plugins.fp8.optimizer_hook import AdamWBF16Moments, adam_class_for  # megaseek",
+    "if USING_PYTORCH_OPTIMIZER:",
+    "    adam_cls = adam_class_for(config)")
+_INIT_STATE = _lines(28, "if config is None or not config.use_precision_aware_optimizer:")
+_INIT_STATE_FIXED = _lines(
+    28, "if isinstance(opt, AdamWBF16Moments):  # megaseek: moments in their storage dtypes",
+    "    opt.initialize_state(p)",
+    "elif config is None or not config.use_precision_aware_optimizer:")
 
 
 def _config_check(key: str) -> tuple[str, str]:
+    """optimizer_config.py:476-481: the assertion on `{key}_dtype`, and its relaxed form."""
     old = (f"self.{key}_dtype == torch.float32\n"
-           f"            ), \"{key}_dtype can only be fp32 when not using precision-aware optimizer\"")
+           f"            ), \"{key}_dtype can only be fp32 when not using precision-aware "
+           "optimizer\"")
     new = (f"self.{key}_dtype in (torch.float32, torch.bfloat16)\n"
-           f"            ), \"{key}_dtype can only be fp32, or bf16 (megaseek's AdamWBF16Moments), "
-           f"when not using precision-aware optimizer\"")
+           f"            ), \"{key}_dtype can only be fp32, or bf16 (megaseek's "
+           "AdamWBF16Moments), when not using precision-aware optimizer\"")
     return old, new
 
 
