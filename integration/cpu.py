@@ -182,6 +182,15 @@ def _apply_distopt_types(p: Patcher) -> None:
         k: v for k, v in _TYPE_STRINGS.items() if "FloatTensor'" not in k or "BFloat" in k}))
 
 
+def _apply_float16_optimizer_types(p: Patcher) -> None:
+    cls = _float16_optimizer()
+    p.setattr(cls, "__init__", rewrite_function(cls, "__init__", _TYPE_STRINGS))
+
+
+def _float16_optimizer():
+    return _module("megatron.core.optimizer.optimizer").Float16OptimizerWithFloat16Params
+
+
 def _distopt():
     return _module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
 
@@ -235,6 +244,11 @@ FIXES: tuple[Fix, ...] = (
         lambda: source_has(_distopt()._build_model_and_main_param_groups,
                            "'torch.cuda.FloatTensor'"),
         _apply_distopt_types),
+    Fix("cpu-float16-optimizer-param-types",
+        f"megatron/core/optimizer/optimizer.py:973,992 ({VERSION})",
+        "the --bf16/--fp16 optimizer accepts parameters only if type() names a CUDA tensor",
+        lambda: source_has(_float16_optimizer().__init__, "'torch.cuda.BFloat16Tensor'"),
+        _apply_float16_optimizer_types),
 )
 
 

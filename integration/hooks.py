@@ -33,6 +33,11 @@ def attach(plugins: list[Plugin], args: argparse.Namespace, patcher: Patcher) ->
     import megatron.training.training as training
 
     check_megatron_flags(plugins, args)
+    # Megatron's own --exp-avg-dtype/--exp-avg-sq-dtype bf16 (refused without TE today):
+    # BF16 Adam moments with FP32 master weights (plugins.fp8.optimizer_hook).
+    from plugins.fp8.optimizer_hook import attach_bf16_moments
+
+    attach_bf16_moments(args, patcher)
 
     schedules = [p for p in plugins if p.schedule is not None]
     if len(schedules) > 1:  # slots normally catch this; a schedule hook without the slot too

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -337,7 +336,6 @@ def test_moment_flags():
 
 # --- Megatron's training loop, 2 gloo ranks ----------------------------------------------
 
-LAUNCH = Path(__file__).parent / "launch_scripts" / "pretrain_with_bf16_moments.py"
 BF16_MOMENTS = ["--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
 
 
@@ -353,14 +351,13 @@ def test_megatron_trains_saves_bf16_moments_and_resumes_bit_exact(optimizer, tmp
     weights; its checkpoint load goes through the rewritten init_state_fn).
     distopt-bf16: DeepSeek-V3's layout, BF16 model weights, FP32 master-weight shards and
     BF16 moments in the distributed optimizer (dp_reshardable checkpoint format)."""
-    from tests.training_runs import (TINY_GPT, checkpoint_tensors, final_validation_loss,
-                                     losses, torchrun)
+    from tests.training_runs import checkpoint_tensors, final_validation_loss, losses, pretrain
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = TINY_GPT + optimizer + BF16_MOMENTS + ["--train-iters", "8", "--save-interval", "4"]
-    out_a = torchrun([str(LAUNCH)], common + ["--save", str(straight)], tmp_path)
-    out_b = torchrun([str(LAUNCH)], common + ["--save", str(resumed), "--load", str(straight),
-                                              "--ckpt-step", "4"], tmp_path)
+    common = optimizer + BF16_MOMENTS + ["--train-iters", "8", "--save-interval", "4"]
+    out_a = pretrain(common + ["--save", str(straight)], tmp_path)
+    out_b = pretrain(common + ["--save", str(resumed), "--load", str(straight),
+                               "--ckpt-step", "4"], tmp_path)
 
     curve = losses(out_a)
     assert sorted(curve) == list(range(1, 9))

@@ -8,6 +8,11 @@ one scale per 1x128 activation tile and per 128x128 weight block, FP32 accumulat
 norms and attention stay in the training dtype. Without this plugin Megatron's FP8 flags
 do nothing on the local spec.
 
+BF16 Adam moments with FP32 master weights (DeepSeek-V3's optimizer state) come with
+Megatron's own `--exp-avg-dtype bf16 --exp-avg-sq-dtype bf16`, which Megatron refuses
+without Transformer Engine today (`adam`, `optimizer_hook`; DDP and the distributed
+optimizer; state is 2/3 of FP32 moments' bytes, master weights included).
+
 Public API: `quantize(x, block)` / `dequantize(q, scales, block)` (`quantize`),
 `fp8_linear(x, weight, backend)` (`linear`), `matmul_limited_accumulation` (the
 accumulation-precision study, `accumulation`).

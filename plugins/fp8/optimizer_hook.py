@@ -36,9 +36,9 @@ formats gather through FP32 buffers (distrib_optimizer.py:1317-1318, 1341, 1364-
 in `get_parameter_state_dp_zero`; 2310-2311 in `load_parameter_state_from_dp_zero`,
 2196-2197 in its legacy variant), so they store the BF16 moments upcast to FP32:
 lossless (every BF16 value is an FP32 value, and `copy_` back into the BF16 state is
-exact), but twice the moments' bytes on disk. The non-distributed optimizers
-(`FP32Optimizer`, `Float16OptimizerWithFloat16Params`) save `optimizer.state_dict()`
-tensors as they are (BF16).
+exact), but twice the moments' bytes on disk. The non-distributed optimizers save the
+`optimizer.state_dict()` tensors as they are, BF16 (`FP32Optimizer` is tested;
+`Float16OptimizerWithFloat16Params` shares its code but does not run on CPU today).
 """
 
 from __future__ import annotations
@@ -158,14 +158,6 @@ def install_bf16_moments(patcher: Patcher) -> Patcher:
 
 def _dtype(value) -> torch.dtype:
     return value if isinstance(value, torch.dtype) else _DTYPES[value]
-
-
-def wants_bf16_moments(args: argparse.Namespace) -> bool:
-    """True when Megatron's `--exp-avg-dtype` / `--exp-avg-sq-dtype` ask for other than
-    FP32 and no precision-aware optimizer (TE) is asked for."""
-    dtypes = (_dtype(args.exp_avg_dtype), _dtype(args.exp_avg_sq_dtype))
-    return (any(d != torch.float32 for d in dtypes)
-            and not getattr(args, "use_precision_aware_optimizer", False))
 
 
 def torch_adam_in_use() -> bool:
