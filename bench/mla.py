@@ -2,8 +2,7 @@
 
 mla_saved_bytes  Bytes autograd keeps for backward in one megaseek MLA layer (MLA attention,
                  dense SwiGLU MLP, RMSNorms) per `--recompute-modules` choice.
-mla_cpu_time     Forward + backward of megaseek's MLASelfAttention against Megatron-Core's
-                 own, on the same weights.
+mla_cpu_time     Forward + backward of megaseek's MLASelfAttention against Megatron-Core's.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ DEEPSEEK_V3 = dict(hidden_size=7168, num_attention_heads=128, q_lora_rank=1536,
 SCALED = {k: v // 16 for k, v in DEEPSEEK_V3.items()}
 RECOMPUTE = {"none": [], "layernorm": ["layernorm"], "mla_up_proj": ["mla_up_proj"],
              "layernorm+mla_up_proj": ["layernorm", "mla_up_proj"]}
-SCALED_SEQ = 256
+SCALED_SEQS = (128, 256)
 FULL_SEQS = (64, 128, 256)  # short: the full layer is slow on CPU; extrapolated if linear
 EXTRAPOLATE_TO = 4096
 SAVED_BYTES_THREADS = 2     # a byte count, not a timing: use both cores
@@ -46,24 +45,22 @@ def describe(shape: dict) -> str:
 
 
 @contextlib.contextmanager
-def megatron_single_rank(seed: int = 1234):
+def megatron_single_rank():
     """One gloo rank, Megatron's model-parallel state (TP = PP = 1) and megaseek's CPU
     fixes, all undone on exit."""
     from megatron.core import parallel_state, tensor_parallel
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    fixes = None
+    fixes = cpu.install(force=True)
     try:
-        fixes = cpu.install(force=True)
         parallel_state.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
         with warnings.catch_warnings():  # "TE/Apex not installed" and deprecations
             warnings.simplefilter("ignore")
             yield
     finally:
         parallel_state.destroy_model_parallel()
-        if fixes is not None:
-            fixes.undo()
+        fixes.undo()
         dist.destroy_process_group()
 
 
@@ -96,16 +93,6 @@ class Saved:
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         return f"{self.module} {list(self.shape)} {dtype} {self.nbytes / MiB:.2f} MiB"
-
-
-def build_layer(config):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
-
-    from plugins.mla.spec import with_mla
-
-    return build_module(with_mla(get_gpt_layer_local_spec(normalization="RMSNorm")),
-                        config=config, layer_number=1)
 
 
 def track_module_names(layer, stack: list[str]) -> list:
@@ -154,34 +141,27 @@ def saved_for_backward(layer, x, grad) -> tuple[list[Saved], torch.Tensor]:
     return list(kept.values()), inp.grad
 
 
-def layers(shape: dict, dtype):
-    """(option, layer) per recompute option, all with the first one's weights."""
-    weights = None
+def measure(shape: dict, dtype, seqs, seed: int) -> dict:
+    """{option: {seq: (saved storages, input grad)}}, every option on the same weights."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from plugins.mla.spec import with_mla
+
+    data = {s: inputs(shape, s, 1, dtype, seed) for s in seqs}
+    spec = with_mla(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    results, weights = {}, None
     for option, names in RECOMPUTE.items():
         recompute = dict(recompute_granularity="selective", recompute_modules=names)
-        layer = build_layer(mla_config(shape, dtype, perform_initialization=weights is None,
-                                       **(recompute if names else {})))
-        if weights is None:
-            weights = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                       for k, v in layer.state_dict().items()}
+        config = mla_config(shape, dtype, perform_initialization=weights is None,
+                            **(recompute if names else {}))
+        layer = build_module(spec, config=config, layer_number=1)
+        weights = weights or {k: v.clone() if isinstance(v, torch.Tensor) else v
+                              for k, v in layer.state_dict().items()}
         layer.load_state_dict(weights)
-        yield option, layer
+        results[option] = {s: saved_for_backward(layer, *data[s]) for s in seqs}
         del layer
         gc.collect()  # one full-size layer alive at a time
-
-
-def measure(shape: dict, dtype, seqs, seed: int) -> dict:
-    """Per option: ({seq: saved storages}, every input grad bit-equal to none's?)."""
-    data = {s: inputs(shape, s, 1, dtype, seed) for s in seqs}
-    results, reference = {}, {}
-    for option, layer in layers(shape, dtype):
-        by_seq, equal = {}, True
-        for s in seqs:
-            by_seq[s], dx = saved_for_backward(layer, *data[s])
-            if option == "none":
-                reference[s] = dx
-            equal = equal and torch.equal(dx, reference[s])
-        results[option] = (by_seq, equal)
     return results
 
 
@@ -189,23 +169,12 @@ def total(saved: list[Saved]) -> int:
     return sum(s.nbytes for s in saved)
 
 
-def dropped(base: list[Saved], other: list[Saved]) -> list[Saved]:
-    """What `base` saves and `other` does not, largest first."""
-    left, gone = Counter(other), []
-    for s in base:
-        if left[s]:
-            left[s] -= 1
-        else:
-            gone.append(s)
-    return sorted(gone, key=lambda s: -s.nbytes)
-
-
-def not_linear(by_seq: dict[int, list[Saved]]) -> list[str]:
+def not_linear(by_seq: dict) -> list[str]:
     """Storages that did not grow in proportion to the sequence length from one measured
     length to the next (matched by saving order)."""
     seqs, problems = sorted(by_seq), []
     for s0, s1 in zip(seqs, seqs[1:]):
-        a, b = by_seq[s0], by_seq[s1]
+        a, b = by_seq[s0][0], by_seq[s1][0]
         if [x.module for x in a] != [y.module for y in b]:
             problems.append(f"seq {s0} to {s1}: {len(a)} vs {len(b)} storages, unmatched")
             continue
@@ -214,24 +183,45 @@ def not_linear(by_seq: dict[int, list[Saved]]) -> list[str]:
     return problems
 
 
-def dropped_note(label: str, results: dict, seq: int) -> str:
-    parts = []
+def saved_table(title: str, results: dict) -> Table:
+    seqs = sorted(results["none"])
+    s_max, k = seqs[-1], EXTRAPOLATE_TO // seqs[-1]
+    none = total(results["none"][s_max][0])
+    rows = []
+    for option, by_seq in results.items():
+        nbytes = {s: total(saved) for s, (saved, _) in by_seq.items()}
+        equal = all(torch.equal(dx, results["none"][s][1]) for s, (_, dx) in by_seq.items())
+        at_k = "not linear" if not_linear(by_seq) else f"{nbytes[s_max] * k / 2 ** 30:.3f}"
+        rows.append([option, *(f"{nbytes[s] / MiB:.2f}" for s in seqs),
+                     f"{nbytes[s_max] / none:.3f}", at_k, "yes" if equal else "NO"])
+    return Table(title, ["recompute", *(f"MiB @ seq {s}" for s in seqs),
+                         f"ratio to none @ {s_max}", f"GiB @ {EXTRAPOLATE_TO} (x{k}, if linear)",
+                         "input grad bit-equal to none's"], rows,
+                 right=frozenset(range(1, len(seqs) + 3)))
+
+
+def linearity_note(label: str, results: dict) -> str:
+    bad = [f"{o}: " + "; ".join(not_linear(r)) for o, r in results.items() if not_linear(r)]
+    if bad:
+        return f"{label} linearity, measured: NOT linear, not extrapolated: " + " | ".join(bad)
+    seqs = sorted(results["none"])
+    steps = " and ".join(f"{a} to {b}" for a, b in zip(seqs, seqs[1:]))
+    return (f"{label} linearity, measured: every saved storage of every option grew exactly "
+            f"in proportion to s from seq {steps}, so the GiB @ {EXTRAPOLATE_TO} column is "
+            f"the seq-{seqs[-1]} bytes x {EXTRAPOLATE_TO // seqs[-1]}.")
+
+
+def dropped_note(label: str, results: dict) -> str:
+    """What each option saves less than 'none' at the longest sequence (same module,
+    shape, dtype and size), largest first."""
+    s_max, parts = max(results["none"]), []
     for option in list(RECOMPUTE)[1:]:
-        gone = dropped(results["none"][0][seq], results[option][0][seq])
+        gone = Counter(results["none"][s_max][0]) - Counter(results[option][s_max][0])
+        gone = sorted(gone.elements(), key=lambda s: -s.nbytes)
         parts.append(f"{option}: {total(gone) / MiB:.2f} MiB in {len(gone)} storages ("
                      + "; ".join(s.describe() for s in gone[:3])
                      + ("; ..." if len(gone) > 3 else "") + ")")
-    return f"{label}: what each option stops saving, largest first: " + " | ".join(parts) + "."
-
-
-def linearity_note(problems: dict[str, list[str]]) -> str:
-    bad = [f"{o}: " + "; ".join(p) for o, p in problems.items() if p]
-    if bad:
-        return "(b) Linearity, measured: NOT linear, so not extrapolated: " + " | ".join(bad)
-    steps = " and ".join(f"{a} to {b}" for a, b in zip(FULL_SEQS, FULL_SEQS[1:]))
-    return (f"(b) Linearity, measured: every saved storage of every option grew exactly in "
-            f"proportion to s from seq {steps}, so the GiB @ {EXTRAPOLATE_TO} column is the "
-            f"seq-{FULL_SEQS[-1]} bytes x {EXTRAPOLATE_TO // FULL_SEQS[-1]}.")
+    return f"{label} seq {s_max}, what each option stops saving: " + " | ".join(parts) + "."
 
 
 def run_saved_bytes() -> Result:
@@ -239,50 +229,22 @@ def run_saved_bytes() -> Result:
     torch.set_num_threads(SAVED_BYTES_THREADS)
     try:
         with megatron_single_rank():
-            scaled = measure(SCALED, torch.float32, (SCALED_SEQ,), seed=1)
+            scaled = measure(SCALED, torch.float32, SCALED_SEQS, seed=1)
             full = measure(DEEPSEEK_V3, torch.bfloat16, FULL_SEQS, seed=2)
     finally:
         torch.set_num_threads(threads)
-    elapsed = time.perf_counter() - start
-    yes = {True: "yes", False: "NO"}
-
-    none_a = total(scaled["none"][0][SCALED_SEQ])
-    table_a = Table(
-        f"(a) DeepSeek-V3 / 16 ({describe(SCALED)}), seq {SCALED_SEQ}, batch 1, fp32",
-        ["recompute", "saved MiB", "ratio to none", "input grad bit-equal to none's"],
-        [[o, f"{total(v[SCALED_SEQ]) / MiB:.3f}", f"{total(v[SCALED_SEQ]) / none_a:.3f}",
-          yes[eq]] for o, (v, eq) in scaled.items()], right=frozenset({1, 2}))
-
-    s_max, k = FULL_SEQS[-1], EXTRAPOLATE_TO // FULL_SEQS[-1]
-    problems = {o: not_linear(by_seq) for o, (by_seq, _) in full.items()}
-    none_b, rows = total(full["none"][0][s_max]), []
-    for option, (by_seq, equal) in full.items():
-        at_max = total(by_seq[s_max])
-        at_4k = "not linear" if problems[option] else f"{at_max * k / 2 ** 30:.3f}"
-        rows.append([option, *(f"{total(by_seq[s]) / MiB:.2f}" for s in FULL_SEQS),
-                     f"{at_max / none_b:.3f}", at_4k, yes[equal]])
-    table_b = Table(
-        f"(b) DeepSeek-V3 layer ({describe(DEEPSEEK_V3)}), batch 1, bf16",
-        ["recompute", *(f"MiB @ seq {s}" for s in FULL_SEQS), f"ratio to none @ {s_max}",
-         f"GiB @ {EXTRAPOLATE_TO} (x{k})", "input grad bit-equal to none's"],
-        rows, right=frozenset(range(1, 6)))
-
-    remaining = sorted(full["layernorm+mla_up_proj"][0][s_max], key=lambda s: -s.nbytes)
-    notes = [
+    return Result("mla_saved_bytes", [], [
         "Saved bytes: unique storages of the tensors autograd saves inside the layer "
         "(SelectiveRecompute's ledger sees each), parameters and recomputed outputs "
         "excluded, as tests/test_mla.py counts them; each labelled by the innermost module "
         "running when it was saved. Every option runs on the same weights and inputs.",
         "Layer: plugins.mla.spec.with_mla(get_gpt_layer_local_spec(normalization='RMSNorm'))"
         ", no biases, dropout 0, plain RoPE, TP = 1.",
-        linearity_note(problems),
-        dropped_note(f"(b) seq {s_max}", full, s_max),
-        dropped_note(f"(a) seq {SCALED_SEQ}", scaled, SCALED_SEQ),
-        f"(b) seq {s_max}, layernorm+mla_up_proj: largest of the {len(remaining)} storages "
-        "still saved: " + "; ".join(s.describe() for s in remaining[:4]) + ".",
-        f"Wall time {elapsed:.0f} s on {SAVED_BYTES_THREADS} torch threads.",
-    ]
-    return Result("mla_saved_bytes", [], notes, [table_a, table_b])
+        linearity_note("(a)", scaled), linearity_note("(b)", full),
+        dropped_note("(a)", scaled), dropped_note("(b)", full),
+        f"Wall time {time.perf_counter() - start:.0f} s on {SAVED_BYTES_THREADS} torch threads.",
+    ], [saved_table(f"(a) DeepSeek-V3 / 16 ({describe(SCALED)}), batch 1, fp32", scaled),
+        saved_table(f"(b) DeepSeek-V3 layer ({describe(DEEPSEEK_V3)}), batch 1, bf16", full)])
 
 
 # ---------------------------------------------------------------------- mla_cpu_time
@@ -343,11 +305,6 @@ def random_weights(module, seed: int) -> dict[str, torch.Tensor]:
             for name, p in module.named_parameters()}
 
 
-def load(module, weights: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = module.load_state_dict(weights, strict=False)
-    assert not unexpected and all(k.endswith("._extra_state") for k in missing)
-
-
 def fwd_bwd(module, x, grad):
     inp = x.clone().requires_grad_()
     module.zero_grad(set_to_none=True)
@@ -376,10 +333,9 @@ def compare(name: str, got, ref) -> str:
     pairs += [(k, g, ref[2][k]) for k, g in got[2].items()]
     rel = {what: ((a - b).abs().max() / b.abs().max()).item() for what, a, b in pairs}
     worst = max(rel, key=rel.get)
-    verdict = "equal up to fp32 rounding" if rel[worst] < 1e-5 else "NOT EQUAL"
     return (f"{name} vs A, max |difference| / max |A's value|: output {rel['output']:.1e}, "
             f"input grad {rel['input grad']:.1e}, worst of all {worst} {rel[worst]:.1e}: "
-            f"{verdict}.")
+            + ("equal up to fp32 rounding." if rel[worst] < 1e-5 else "NOT EQUAL."))
 
 
 @contextlib.contextmanager
@@ -403,7 +359,9 @@ def run_cpu_time() -> Result:
                                     rope_dim=SCALED["qk_pos_emb_head_dim"])
         weights = random_weights(modules["B"], seed=7)
         for name, module in modules.items():
-            load(module, to_ours(weights) if name == "A" else weights)
+            missing, unexpected = module.load_state_dict(
+                to_ours(weights) if name == "A" else weights, strict=False)
+            assert not unexpected and all(k.endswith("._extra_state") for k in missing)
 
         ref = fwd_bwd(modules["A"], x, grad)
         checks = []
@@ -412,11 +370,16 @@ def run_cpu_time() -> Result:
             checks.append(compare(name, (out, dx, to_ours(grads)), ref))
         kernels = "; ".join(f"{n}: {attention_nodes(m, x)}" for n, m in modules.items())
         current = {}
-        times = interleaved(lambda: fwd_bwd(current["module"], x, grad),
-                            {n: functools.partial(selected, current, m) for n, m in modules.items()},
+        configs = {n: functools.partial(selected, current, m) for n, m in modules.items()}
+        times = interleaved(lambda: fwd_bwd(current["module"], x, grad), configs,
                             reps=REPS, warmup=WARMUP)
 
-    notes = [
+    return Result("mla_cpu_time", [
+        Config("A", "megaseek MLASelfAttention (plugins.mla)", times["A"]),
+        Config("B", "Megatron-Core MLASelfAttention + minimal fix "
+                    "(KVChannelsDotProductAttention)", times["B"]),
+        Config("C", "Megatron-Core MLASelfAttention + SDPA core attention", times["C"]),
+    ], [
         f"Attention module only, DeepSeek-V3 / 16 ({describe(SCALED)}), seq {TIME_SEQ}, batch "
         f"{TIME_BATCH}, fp32, plain RoPE, causal, dropout 0, TP = 1; step = zero_grad + "
         f"forward + backward; {WARMUP} warm-up rounds, then {REPS} interleaved rounds.",
@@ -431,10 +394,4 @@ def run_cpu_time() -> Result:
         "from_interleaved_rope, and B's and C's weight grads alike before comparing.",
         *checks,
         f"Softmax/attention autograd nodes in each forward: {kernels}.",
-    ]
-    return Result("mla_cpu_time", [
-        Config("A", "megaseek MLASelfAttention (plugins.mla)", times["A"]),
-        Config("B", "Megatron-Core MLASelfAttention + minimal fix "
-                    "(KVChannelsDotProductAttention)", times["B"]),
-        Config("C", "Megatron-Core MLASelfAttention + SDPA core attention", times["C"]),
-    ], notes)
+    ])

@@ -182,6 +182,13 @@ def _apply_distopt_types(p: Patcher) -> None:
         k: v for k, v in _TYPE_STRINGS.items() if "FloatTensor'" not in k or "BFloat" in k}))
 
 
+def _apply_distopt_gather(p: Patcher) -> None:
+    cls = _distopt()
+    p.setattr(cls, "get_parameter_state_dp_zero", rewrite_function(
+        cls, "get_parameter_state_dp_zero",
+        {"send_tensor = send_tensor.cuda()": "send_tensor = send_tensor.cpu()"}))
+
+
 def _apply_float16_optimizer_types(p: Patcher) -> None:
     cls = _float16_optimizer()
     p.setattr(cls, "__init__", rewrite_function(cls, "__init__", _TYPE_STRINGS))
@@ -244,6 +251,13 @@ FIXES: tuple[Fix, ...] = (
         lambda: source_has(_distopt()._build_model_and_main_param_groups,
                            "'torch.cuda.FloatTensor'"),
         _apply_distopt_types),
+    Fix("cpu-distopt-gather-to-device",
+        f"megatron/core/optimizer/distrib_optimizer.py:1374 ({VERSION})",
+        "the fully reshardable optimizer checkpoint moves each shard with .cuda() before "
+        "gathering it",
+        lambda: source_has(_distopt().get_parameter_state_dp_zero,
+                           "send_tensor = send_tensor.cuda()"),
+        _apply_distopt_gather),
     Fix("cpu-float16-optimizer-param-types",
         f"megatron/core/optimizer/optimizer.py:973,992 ({VERSION})",
         "the --bf16/--fp16 optimizer accepts parameters only if type() names a CUDA tensor",

@@ -42,7 +42,7 @@ def global_load(local_load: torch.Tensor, group) -> torch.Tensor:
 def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
     """In place b_i += rate * sign(mean(load) - load_i); `load` [E] is the global count."""
     load = load.float()
-    bias.add_(torch.sign(load - load.mean()), alpha=rate)
+    bias.add_(torch.sign(load.mean() - load), alpha=rate)
     return bias
 
 
