@@ -156,8 +156,9 @@ def measure(shape: dict, dtype, seqs, seed: int) -> dict:
         config = mla_config(shape, dtype, perform_initialization=weights is None,
                             **(recompute if names else {}))
         layer = build_module(spec, config=config, layer_number=1)
-        weights = weights or {k: v.clone() if isinstance(v, torch.Tensor) else v
-                              for k, v in layer.state_dict().items()}
+        if weights is None:
+            weights = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                       for k, v in layer.state_dict().items()}
         layer.load_state_dict(weights)
         results[option] = {s: saved_for_backward(layer, *data[s]) for s in seqs}
         del layer
