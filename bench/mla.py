@@ -78,7 +78,7 @@ def mla_config(shape: dict, dtype=torch.float32, **overrides):
 def inputs(shape: dict, seq: int, batch: int, dtype, seed: int):
     """Input and output gradient, [seq, batch, hidden]."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(seq, batch, shape["hidden_size"], generator=g).to(dtype) for _ in "xg"]
+    return [torch.randn(seq, batch, shape["hidden_size"], generator=g).to(dtype) for _ in range(2)]
 
 
 # ------------------------------------------------------------------- mla_saved_bytes
@@ -206,10 +206,10 @@ def linearity_note(label: str, results: dict) -> str:
     if bad:
         return f"{label} linearity, measured: NOT linear, not extrapolated: " + " | ".join(bad)
     seqs = sorted(results["none"])
-    steps = " and ".join(f"{a} to {b}" for a, b in zip(seqs, seqs[1:]))
+    steps = " and ".join(f"{a} to {b} (x{b / a:g})" for a, b in zip(seqs, seqs[1:]))
     return (f"{label} linearity, measured: every saved storage of every option grew exactly "
-            f"in proportion to s from seq {steps}, so the GiB @ {EXTRAPOLATE_TO} column is "
-            f"the seq-{seqs[-1]} bytes x {EXTRAPOLATE_TO // seqs[-1]}.")
+            f"as s did, from seq {steps}: linear in s, so the GiB @ {EXTRAPOLATE_TO} column "
+            f"is the seq-{seqs[-1]} bytes x {EXTRAPOLATE_TO // seqs[-1]}.")
 
 
 def dropped_note(label: str, results: dict) -> str:
