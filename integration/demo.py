@@ -4,7 +4,9 @@ loop, on 2 gloo ranks with tensor parallelism, on the built-in byte-level corpus
 It runs `integration.pretrain` under torchrun; extra arguments go to Megatron (e.g.
 `--pipeline-model-parallel-size 2 --tensor-model-parallel-size 1`, or `--plugins ...`).
 `--mla` switches the attention to the MLA plugin (DeepSeek-V3's ratios, scaled down) with
-selective recomputation of the RMSNorms and up-projections.
+selective recomputation of the RMSNorms and up-projections; `--moe` makes every layer but
+the first a DeepSeek-V3 MoE layer (16 experts in 4 groups, top-4 from 2 groups, a shared
+expert) with expert parallelism over the 2 ranks and FP8 dispatch.
 """
 
 from __future__ import annotations
@@ -38,9 +40,29 @@ MLA = [
 ]
 
 
+MOE = [
+    "--plugins", "moe", "--num-experts", "16", "--moe-router-topk", "4",
+    "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+    "--moe-router-bias-update-rate", "1e-2", "--moe-router-topk-scaling-factor", "2.5",
+    "--moe-ffn-hidden-size", "128", "--moe-shared-expert-intermediate-size", "128",
+    "--moe-router-load-balancing-type", "none", "--moe-layer-freq", "([0]+[1]*3)",
+    "--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "1",
+    "--moe-fp8-dispatch",
+]
+
+
 def command(extra: list[str]) -> list[str]:
-    if "--mla" in extra:
-        extra = [a for a in extra if a != "--mla"] + MLA
+    presets = {"--mla": MLA, "--moe": MOE}
+    chosen = [a for a in extra if a in presets]
+    extra = [a for a in extra if a not in presets]
+    for name in chosen:
+        extra += presets[name]
+    if "--moe" in chosen and "--plugins" in extra:  # one --plugins flag naming all
+        names = [extra[i + 1] for i, a in enumerate(extra) if a == "--plugins"]
+        extra = [a for i, a in enumerate(extra)
+                 if a != "--plugins" and (i == 0 or extra[i - 1] != "--plugins")]
+        extra += ["--plugins", *names]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(RANKS), "-m", "integration.pretrain",
             *MODEL, *TRAINING, *extra]

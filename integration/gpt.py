@@ -16,7 +16,10 @@ from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+)
 from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.core.utils import (
     get_attr_wrapped_model,
@@ -33,15 +36,21 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     """Builds this rank's GPTModel chunk; `layer_spec_hooks` are the plugins' spec transforms."""
     args = get_args()
     config = config or core_transformer_config_from_args(args)
-    layer_spec = get_gpt_layer_local_spec(
-        num_experts=args.num_experts,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        qk_layernorm=args.qk_layernorm,
-        multi_latent_attention=args.multi_latent_attention,
-        normalization=args.normalization,
-    )
-    for transform in layer_spec_hooks:
-        layer_spec = transform(layer_spec, args)
+    if args.num_experts:
+        # Megatron's block spec: one spec per layer (dense first layers, --moe-layer-freq).
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                                normalization=args.normalization,
+                                                vp_stage=vp_stage)
+        for transform in layer_spec_hooks:
+            layer_spec.layer_specs = [transform(s, args) for s in layer_spec.layer_specs]
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            qk_layernorm=args.qk_layernorm,
+            multi_latent_attention=args.multi_latent_attention,
+            normalization=args.normalization,
+        )
+        for transform in layer_spec_hooks:
+            layer_spec = transform(layer_spec, args)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

@@ -145,8 +145,9 @@ def builtin_plugins() -> list[Plugin]:
     """The plugins megaseek ships. Each plugin package adds itself here once it works."""
     from plugins.fp8.plugin import FP8
     from plugins.mla.plugin import MLA
+    from plugins.moe.plugin import MOE
 
-    return [MLA, FP8]
+    return [MLA, MOE, FP8]
 
 
 def default_registry() -> PluginRegistry:

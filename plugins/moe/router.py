@@ -139,21 +139,23 @@ class DeepSeekRouter(torch.nn.Module):
             torch.empty(config.num_experts, hidden_size, dtype=dtype, device=device)
         )
         # A buffer, not a parameter: the balancing rule updates it, not the optimizer.
-        # Persistent so checkpoints carry it.
+        # Persistent so checkpoints carry it. Named as in DeepSeek's checkpoints; not
+        # `expert_bias`, which Megatron's finalize_model_grads would update on its own.
         self.register_buffer(
-            "expert_bias", torch.zeros(config.num_experts, dtype=torch.float32, device=device)
+            "e_score_correction_bias",
+            torch.zeros(config.num_experts, dtype=torch.float32, device=device),
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         torch.nn.init.normal_(self.weight, std=self.init_std)
-        self.expert_bias.zero_()
+        self.e_score_correction_bias.zero_()
 
     def forward(self, hidden: torch.Tensor):
         hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
         logits = F.linear(hidden.float(), self.weight.float())  # [T, E], fp32 like HF
         scores = logits.sigmoid()  # [T, E]
-        indices, gates = _select(scores, self.expert_bias, self.config)
+        indices, gates = _select(scores, self.e_score_correction_bias, self.config)
         return indices, gates, scores
 
     def extra_repr(self) -> str:

@@ -1,0 +1,78 @@
+"""DeepSeek-V3's MoE layer as Megatron's `mlp` submodule of MoE layers.
+
+    tokens -> router (sigmoid, bias for choosing, group/node-limited top-k)
+           -> dispatch to the experts' EP ranks (all-to-all; FP8 with 1x128 power-of-two
+              scales when asked; optionally node-aware two-hop)
+           -> local routed experts (SwiGLU)
+           -> combine (reverse all-to-all in the training dtype, weighted by the gates)
+           + shared experts (Megatron's SharedExpertMLP)
+
+No token is dropped. Each forward in training counts the tokens each expert received;
+after every optimizer step the plugin all-reduces those counts over the data-parallel
+ranks (which include the expert-parallel ones) and moves the expert bias toward balance
+(`plugins.moe.balance`), then logs the load statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+from plugins.moe import dispatch as ep
+from plugins.moe.balance import expert_load
+from plugins.moe.experts import LocalExperts
+from plugins.moe.router import DeepSeekRouter, RouterConfig
+
+
+@dataclass
+class DeepSeekMoESubmodules:
+    shared_experts: Any = None  # Megatron's shared-expert builder (from its MoE spec)
+
+
+def router_config(config) -> RouterConfig:
+    return RouterConfig(
+        num_experts=config.num_moe_experts, top_k=config.moe_router_topk,
+        num_groups=config.moe_router_num_groups or 1,
+        group_top_k=config.moe_router_group_topk or 1,
+        scaling_factor=config.moe_router_topk_scaling_factor or 1.0, normalize=True)
+
+
+class DeepSeekMoE(MegatronModule):
+    def __init__(self, config, submodules: DeepSeekMoESubmodules, pg_collection=None,
+                 fp8_dispatch: bool = False, ranks_per_node: int | None = None, **unused):
+        super().__init__(config)
+        self.ep_group = parallel_state.get_expert_model_parallel_group()
+        ep_size = self.ep_group.size()
+        self.router = DeepSeekRouter(config.hidden_size, router_config(config),
+                                     dtype=config.params_dtype)
+        self.experts = LocalExperts(config, config.num_moe_experts // ep_size,
+                                    config.hidden_size, config.moe_ffn_hidden_size)
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size:
+            self.shared_experts = submodules.shared_experts(
+                config=config, pg_collection=pg_collection, gate=False)
+        self.fp8_dispatch, self.ranks_per_node = fp8_dispatch, ranks_per_node
+        # Tokens per expert since the last optimizer step (this rank's tokens).
+        self.register_buffer("tokens_per_expert",
+                             torch.zeros(config.num_moe_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor, **unused: Any):
+        shape = hidden_states.shape                                    # [s, b, h]
+        tokens = hidden_states.reshape(-1, shape[-1])                 # [T, h]
+        indices, gates, _ = self.router(tokens)                       # [T, K] each
+        if self.training:
+            self.tokens_per_expert += expert_load(indices, self.router.config.num_experts)
+        sent = ep.dispatch(tokens, indices, self.router.config.num_experts, self.ep_group,
+                           fp8=self.fp8_dispatch, ranks_per_node=self.ranks_per_node)
+        expert_out = self.experts(sent.tokens, sent.tokens_per_expert)
+        routed = ep.combine(expert_out, sent, gates.to(tokens.dtype), self.ep_group)
+        output = routed.view(shape)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(hidden_states)
+        return output, None

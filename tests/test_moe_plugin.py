@@ -1,0 +1,73 @@
+"""`--plugins moe`: Megatron's MoE flags with DeepSeek-V3's router, balancing and
+expert-parallel dispatch, through Megatron's training loop."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+import integration  # noqa: F401
+from plugins import PluginError, default_registry
+from tests.training_runs import losses, pretrain
+
+MOE = ["--plugins", "moe", "--num-experts", "8", "--moe-router-topk", "2",
+       "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+       "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+       "--moe-router-bias-update-rate", "1e-2", "--moe-router-topk-scaling-factor", "2.5",
+       "--moe-ffn-hidden-size", "64", "--moe-shared-expert-intermediate-size", "64",
+       "--moe-router-load-balancing-type", "none", "--disable-bias-linear", "--swiglu"]
+BASE = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4",
+        "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
+        "--transformer-impl", "local"]
+
+
+def enabled(argv, monkeypatch):
+    from megatron.training.arguments import parse_args
+
+    registry = default_registry()
+    monkeypatch.setattr(sys, "argv", ["pretrain", *BASE, *argv])
+    args = parse_args(extra_args_provider=registry.add_arguments)
+    return args, registry.enabled(args)
+
+
+def test_moe_enabled(monkeypatch):
+    args, plugins = enabled(MOE + ["--moe-fp8-dispatch"], monkeypatch)
+    assert [p.name for p in plugins] == ["moe"] and args.moe_fp8_dispatch
+
+
+def without(flag: str) -> list[str]:
+    return [a for a in MOE if a != flag]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (MOE[:2] + MOE[4:], "--num-experts"),  # --plugins moe without --num-experts
+    (without("--moe-router-enable-expert-bias"), "--moe-router-enable-expert-bias"),
+    (MOE + ["--moe-router-score-function", "softmax"], "--moe-router-score-function sigmoid"),
+    (MOE + ["--moe-router-group-topk", "5"], "--moe-router-group-topk"),
+    (MOE + ["--moe-router-topk", "5"], "--moe-router-topk"),
+    (MOE + ["--moe-router-num-groups", "3"], "--moe-router-num-groups"),
+    (MOE + ["--moe-fp8-dispatch", "--hidden-size", "96"], "--hidden-size"),
+    (MOE + ["--moe-router-load-balancing-type", "aux_loss"], "--moe-router-load-balancing-type"),
+    (["--moe-fp8-dispatch"], "--moe-fp8-dispatch needs '--plugins moe'"),
+], ids=["no-experts", "no-bias", "softmax", "group-topk", "topk", "groups", "fp8-hidden",
+        "aux-loss", "flag-without-plugin"])
+def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
+    with pytest.raises(PluginError, match=re.escape(message)):
+        enabled(argv, monkeypatch)
+
+
+@pytest.mark.slow
+def test_trains_with_ep2_fp8_two_hop_dispatch_and_balances(tmp_path):
+    """EP=2 on 2 gloo ranks (2 simulated nodes), first layer dense, FP8 dispatch: the loss
+    falls, and the bias updates after each optimizer step bring the load toward balance."""
+    out = pretrain(MOE + ["--hidden-size", "128", "--expert-model-parallel-size", "2",
+                          "--moe-layer-freq", "([0]+[1]*1)", "--moe-fp8-dispatch",
+                          "--moe-dispatch-ranks-per-node", "1", "--train-iters", "40",
+                          "--log-interval", "5"], tmp_path)
+    curve = losses(out)
+    assert curve[40] < curve[5] - 0.5
+    imbalance = [float(v) for v in re.findall(r"moe layer 0: load max/mean ([0-9.]+)", out)]
+    assert len(imbalance) == 8  # one MoE layer, logged every 5 of 40 steps
+    assert max(imbalance[-3:]) < imbalance[0], imbalance
