@@ -11,7 +11,7 @@ from tests.mla_oracle import MLAShape
 
 
 @contextlib.contextmanager
-def megatron_ranks(tp: int = 1, seed: int = 1234):
+def megatron_ranks(tp: int = 1, seed: int = 1234, ep: int = 1):
     """Megatron's model-parallel state over the current process group, with CPU support."""
     import integration  # noqa: F401
     from integration import cpu
@@ -19,7 +19,8 @@ def megatron_ranks(tp: int = 1, seed: int = 1234):
     from megatron.core import parallel_state, tensor_parallel
 
     patcher = cpu.install()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     try:
         yield

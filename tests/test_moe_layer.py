@@ -1,0 +1,79 @@
+"""DeepSeekMoE as Megatron builds it: EP=2 and EP=4 equal EP=1 (routed output, gradients,
+bias update and load statistics), with and without FP8 dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+
+EXPERTS, HIDDEN, FFN, TOKENS = 8, 128, 32, 16  # tokens per rank
+
+
+def moe_step(rank: int, world_size: int, fp8: bool):
+    """Every rank holds its own tokens; returns its outputs, input and weight gradients,
+    and the bias after one update from the global load."""
+    import torch.nn.functional as F
+
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.transformer import TransformerConfig
+
+    from plugins.moe.balance import global_load, imbalance, update_expert_bias
+    from plugins.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
+    from tests.mla_build import megatron_ranks
+
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(EXPERTS, 2 * FFN, HIDDEN, generator=g) / HIDDEN ** 0.5
+    w2 = torch.randn(EXPERTS, HIDDEN, FFN, generator=g) / FFN ** 0.5
+    router = torch.randn(EXPERTS, HIDDEN, generator=g) / HIDDEN ** 0.5
+    bias = torch.randn(EXPERTS, generator=g) * 0.1
+    all_tokens = torch.randn(4 * TOKENS, 1, HIDDEN, generator=g)  # EP <= 4 ranks' tokens
+    with megatron_ranks(ep=world_size):
+        config = TransformerConfig(
+            num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
+            moe_router_topk=2, moe_router_num_groups=4, moe_router_group_topk=2,
+            moe_router_topk_scaling_factor=2.5, moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True, moe_ffn_hidden_size=FFN,
+            moe_shared_expert_intermediate_size=None, expert_model_parallel_size=world_size,
+            add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+            use_cpu_initialization=True, moe_router_load_balancing_type="none")
+        spec = get_moe_module_spec_for_backend(LocalSpecProvider(), EXPERTS)
+        layer = DeepSeekMoE(config, DeepSeekMoESubmodules(spec.keywords["submodules"].shared_experts),
+                            fp8_dispatch=fp8)
+        local = slice(rank * EXPERTS // world_size, (rank + 1) * EXPERTS // world_size)
+        with torch.no_grad():
+            layer.experts.weight1.copy_(w1[local])
+            layer.experts.weight2.copy_(w2[local])
+            layer.router.weight.copy_(router)
+            layer.router.e_score_correction_bias.copy_(bias)
+        mine = slice(rank * 4 * TOKENS // world_size, (rank + 1) * 4 * TOKENS // world_size)
+        x = all_tokens[mine].clone().requires_grad_()
+        out, _ = layer(x)
+        out.backward(torch.ones_like(out))
+        load = global_load(layer.tokens_per_expert, torch.distributed.group.WORLD)
+        new_bias = update_expert_bias(layer.router.e_score_correction_bias.clone(), load, 1e-2)
+        return (out.detach(), x.grad, layer.experts.weight1.grad, layer.experts.weight2.grad,
+                layer.router.weight.grad, new_bias, imbalance(load))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-dispatch", "fp8-dispatch"])
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_parallel_equals_one_rank(ep, fp8):
+    (ref,) = run_ranks(moe_step, 1, fp8)
+    ranks = run_ranks(moe_step, ep, fp8)
+    out = torch.cat([r[0] for r in ranks])
+    dx = torch.cat([r[1] for r in ranks])
+    # Expert weights: each rank has its slice; the router weight gradient is this rank's
+    # tokens' part, summed over ranks (what data-parallel all-reduce does).
+    w1 = torch.cat([r[2] for r in ranks])
+    w2 = torch.cat([r[3] for r in ranks])
+    router = sum(r[4] for r in ranks)
+    # fp32: only the summation order differs (per-rank sums, all-to-all ordering); FP8
+    # dispatch quantizes each token identically on any rank (per-token 1x128 tiles).
+    for got, want in ((out, ref[0]), (dx, ref[1]), (w1, ref[2]), (w2, ref[3]),
+                      (router, ref[4])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for r in ranks:  # global load: the same bias update and statistics everywhere
+        assert torch.equal(r[5], ref[5]) and torch.equal(r[6], ref[6])
