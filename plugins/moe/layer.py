@@ -24,7 +24,9 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from plugins.moe import dispatch as ep
-from plugins.moe.balance import expert_load
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from plugins.moe.balance import expert_load, sequence_balance_loss
 from plugins.moe.experts import LocalExperts
 from plugins.moe.router import DeepSeekRouter, RouterConfig
 
@@ -57,6 +59,13 @@ class DeepSeekMoE(MegatronModule):
             self.shared_experts = submodules.shared_experts(
                 config=config, pg_collection=pg_collection, gate=False)
         self.fp8_dispatch, self.ranks_per_node = fp8_dispatch, ranks_per_node
+        # Complementary sequence-wise balance loss (off unless Megatron's
+        # --moe-router-load-balancing-type seq_aux_loss with --moe-aux-loss-coeff).
+        balancing = config.moe_router_load_balancing_type
+        coeff = config.moe_aux_loss_coeff
+        self.seq_aux_loss_coeff = 0.0
+        if "seq_aux_loss" in (balancing if isinstance(balancing, list) else [balancing]):
+            self.seq_aux_loss_coeff = float(coeff[0] if isinstance(coeff, list) else coeff)
         # Tokens per expert since the last optimizer step (this rank's tokens).
         self.register_buffer("tokens_per_expert",
                              torch.zeros(config.num_moe_experts, dtype=torch.float32),
@@ -65,7 +74,7 @@ class DeepSeekMoE(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, **unused: Any):
         shape = hidden_states.shape                                    # [s, b, h]
         tokens = hidden_states.reshape(-1, shape[-1])                 # [T, h]
-        indices, gates, _ = self.router(tokens)                       # [T, K] each
+        indices, gates, scores = self.router(tokens)                  # [T, K], [T, K], [T, E]
         if self.training:
             self.tokens_per_expert += expert_load(indices, self.router.config.num_experts)
         sent = ep.dispatch(tokens, indices, self.router.config.num_experts, self.ep_group,
@@ -73,6 +82,14 @@ class DeepSeekMoE(MegatronModule):
         expert_out = self.experts(sent.tokens, sent.tokens_per_expert)
         routed = ep.combine(expert_out, sent, gates.to(tokens.dtype), self.ep_group)
         output = routed.view(shape)
+        if self.training and self.seq_aux_loss_coeff > 0:
+            s, b = shape[:2]  # rows are [s, b] sequence-major; the loss wants batch-major
+            by_sequence = lambda t: t.view(s, b, -1).transpose(0, 1).reshape(s * b, -1)  # noqa: E731
+            loss = sequence_balance_loss(by_sequence(scores), by_sequence(indices),
+                                         self.router.config.num_experts,
+                                         self.router.config.top_k, s, self.seq_aux_loss_coeff)
+            # Megatron's way of adding an auxiliary loss: its gradient joins in backward.
+            output = MoEAuxLossAutoScaler.apply(output, loss)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
         return output, None

@@ -32,9 +32,11 @@ def validate(args: argparse.Namespace) -> None:
     if balancing - {"none", "seq_aux_loss"}:
         raise PluginError("--plugins moe: --moe-router-load-balancing-type must be none or "
                           "seq_aux_loss (DeepSeek-V3 has no global auxiliary loss)")
-    if "seq_aux_loss" in balancing:
-        raise PluginError("--plugins moe: the complementary sequence-wise loss is not wired "
-                          "into training yet; use --moe-router-load-balancing-type none")
+    coeff = args.moe_aux_loss_coeff
+    coeff = coeff[0] if isinstance(coeff, list) else coeff
+    if "seq_aux_loss" in balancing and not coeff:
+        raise PluginError("--moe-router-load-balancing-type seq_aux_loss needs "
+                          "--moe-aux-loss-coeff (DeepSeek-V3 uses a small one, e.g. 1e-4)")
     ep = args.expert_model_parallel_size
     if args.num_experts % ep:
         raise PluginError(f"--plugins moe: --num-experts {args.num_experts} is not divisible "
