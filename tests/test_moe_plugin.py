@@ -74,3 +74,6 @@ def test_trains_with_ep2_fp8_two_hop_dispatch_and_balances(tmp_path):
     imbalance = [float(v) for v in re.findall(r"moe layer 0: load max/mean ([0-9.]+)", out)]
     assert len(imbalance) == 8  # one MoE layer, logged every 5 of 40 steps
     assert sum(imbalance[-3:]) / 3 < sum(imbalance[:3]) / 3, str(imbalance)
+    # Two simulated nodes (one rank each): the share of routed tokens per node sums to 1.
+    shares = re.findall(r"tokens per node ([0-9.]+)/([0-9.]+)", out)
+    assert len(shares) == 8 and all(abs(float(a) + float(b) - 1) < 0.02 for a, b in shares)

@@ -17,6 +17,9 @@ class BiasUpdate:
     def __init__(self, args, model_chunks) -> None:
         self.rate = args.moe_router_bias_update_rate
         self.log_interval = args.log_interval
+        # Simulated or real nodes of the EP group, for the per-node share of routed tokens.
+        ranks_per_node = args.moe_dispatch_ranks_per_node or args.expert_model_parallel_size
+        self.nodes = args.expert_model_parallel_size // ranks_per_node
         self.layers = [m for chunk in model_chunks for m in chunk.modules()
                        if isinstance(m, DeepSeekMoE)]
         # Every rank that sees different tokens: data-parallel (EP is carved from it) and
@@ -31,7 +34,9 @@ class BiasUpdate:
             load = global_load(layer.tokens_per_expert, self.group)
             update_expert_bias(layer.router.e_score_correction_bias, load, self.rate)
             layer.tokens_per_expert.zero_()
-            stats.append((imbalance(load).item(), layer.router.e_score_correction_bias))
+            per_node = load.view(self.nodes, -1).sum(-1)
+            stats.append((imbalance(load).item(), layer.router.e_score_correction_bias,
+                          (per_node / per_node.sum()).tolist()))
         if self.steps % self.log_interval == 0 and stats:
             self._log(stats)
 
@@ -40,9 +45,11 @@ class BiasUpdate:
 
         writer = get_tensorboard_writer()
         parts = []
-        for i, (max_over_mean, bias) in enumerate(stats):
+        for i, (max_over_mean, bias, node_share) in enumerate(stats):
+            shares = "/".join(f"{share:.2f}" for share in node_share)
             parts.append(f"moe layer {i}: load max/mean {max_over_mean:.3f} "
-                         f"bias [{bias.min().item():+.4f}, {bias.max().item():+.4f}]")
+                         f"bias [{bias.min().item():+.4f}, {bias.max().item():+.4f}] "
+                         f"tokens per node {shares}")
             if writer is not None:
                 writer.add_scalar(f"moe/layer{i}/load_max_over_mean", max_over_mean, self.steps)
                 writer.add_scalar(f"moe/layer{i}/bias_abs_max", bias.abs().max().item(), self.steps)
