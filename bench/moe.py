@@ -13,7 +13,6 @@ import contextlib
 import functools
 import importlib
 import os
-import statistics
 import tempfile
 import time
 import traceback

@@ -18,7 +18,7 @@ def megatron_ranks(tp: int = 1, seed: int = 1234, ep: int = 1):
 
     from megatron.core import parallel_state, tensor_parallel
 
-    patcher = cpu.install()
+    patcher = cpu.install(force=True)  # CPU semantics on any machine (tensors are on CPU)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -13,8 +13,8 @@ Each rank is a fresh process started with the 'spawn' method, so ``fn`` (and
 its arguments and return value) must be picklable: define ``fn`` at module
 level of an importable module, not as a lambda or a nested function. The ranks
 rendezvous through a FileStore in a temporary directory (no TCP ports, so
-``pytest -n`` is safe). The backend defaults to "nccl" (one GPU per rank) when
-CUDA is available and to "gloo" otherwise.
+``pytest -n`` is safe). The backend defaults to "gloo" (the tests build CPU tensors);
+GPU tests pass backend="nccl", and each rank then uses GPU `rank`.
 
 ``run_ranks`` never hangs: a rank that raises, or dies without reporting (for
 instance through ``os._exit`` or a segfault), makes it raise ``RankFailed``
@@ -81,7 +81,7 @@ def run_ranks(fn, world_size, *args, backend=None, timeout=120.0, **kwargs):
     within ``timeout`` seconds (wall clock, process start-up included).
     """
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "gloo"  # tests build CPU tensors; GPU tests ask for "nccl"
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     saved_env = {k: os.environ.get(k) for k in _CHILD_ENV}

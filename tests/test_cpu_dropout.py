@@ -14,7 +14,7 @@ def dropout_masks(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tenso
 
     from megatron.core import parallel_state, tensor_parallel
 
-    patcher = cpu.install()
+    patcher = cpu.install(force=True)  # CPU semantics on any machine (tensors are on CPU)
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
         torch.manual_seed(1234)  # what Megatron's _set_random_seed does first
