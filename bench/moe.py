@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 import tempfile
 import time
-import traceback
 import warnings
 
 import integration  # noqa: F401  (first: makes megatron.training importable on 3.11)
@@ -191,56 +189,32 @@ def moe_config(dispatcher: str):
 @contextlib.contextmanager
 def megatron_single_rank():
     """One gloo rank, Megatron's parallel state (TP = PP = EP = 1), megaseek's CPU fixes;
-    yields a Patcher for fixes found missing here; all undone on exit."""
+    all undone on exit."""
     from integration import cpu
-    from integration.patching import Patcher
     from megatron.core import parallel_state, tensor_parallel
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    fixes, extra = cpu.install(force=True), Patcher()
+    fixes = cpu.install(force=True)
     try:
         parallel_state.initialize_model_parallel(1, 1)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         with warnings.catch_warnings():  # "TE/Apex not installed" and deprecations
             warnings.simplefilter("ignore")
-            yield extra
+            yield
     finally:
-        extra.undo()
         parallel_state.destroy_model_parallel()
         if fixes is not None:
             fixes.undo()
         dist.destroy_process_group()
 
 
-def build_megatron(dispatcher: str, extra, missing: list[str]):
-    """Megatron's MoELayer (local spec) after one forward/backward. Where a Megatron
-    module calls CUDA, gives it CpuTorch (integration.cpu's fix for such modules), notes
-    where and retries: so the notes say which fixes integration/cpu.py lacks."""
+def build_megatron(dispatcher: str):
+    """Megatron's MoELayer from its local spec (SequentialMLP experts)."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
-    from integration.cpu_device import CpuTorch
-
-    for _ in range(5):
-        try:
-            layer = get_moe_module_spec_for_backend(LocalSpecProvider(), T_EXPERTS)(
-                config=moe_config(dispatcher))
-            x = torch.randn(8, 1, T_HIDDEN, requires_grad=True)
-            layer(x)[0].sum().backward()
-            return layer
-        except (AssertionError, RuntimeError) as error:
-            if "CUDA" not in str(error):
-                raise
-            frame = next(f for f, _ in reversed(list(traceback.walk_tb(error.__traceback__)))
-                         if f.f_globals.get("__name__", "").startswith("megatron."))
-            name = frame.f_globals["__name__"]
-            module = importlib.import_module(name)
-            if isinstance(module.torch, CpuTorch):
-                raise
-            missing.append(f"{name} (line {frame.f_lineno}: {type(error).__name__}: "
-                           f"{str(error).splitlines()[0]})")
-            extra.setattr(module, "torch", CpuTorch())
-    raise RuntimeError("Megatron's MoELayer still calls CUDA after 5 fixes")
+    return get_moe_module_spec_for_backend(LocalSpecProvider(), T_EXPERTS)(
+        config=moe_config(dispatcher))
 
 
 def same_weights(ours, megatron, seed: int) -> None:
@@ -320,16 +294,14 @@ def run_layer_cpu_time() -> Result:
     x = torch.randn(T_TOKENS, 1, T_HIDDEN, generator=g)  # [s, b, h]
     grad = torch.randn(T_TOKENS, 1, T_HIDDEN, generator=g)
     dispatchers = {"B": "alltoall", "C": "allgather"}
-    layers, missing, dropped, checks = {}, {}, {}, []
-    with megatron_single_rank() as extra:
+    layers, dropped, checks = {}, {}, []
+    with megatron_single_rank():
         spec = get_moe_module_spec_for_backend(LocalSpecProvider(), T_EXPERTS)
         layers["A"] = DeepSeekMoE(moe_config("alltoall"), DeepSeekMoESubmodules(
             spec.keywords["submodules"].shared_experts))
-        # allgather first: it needs fewer fixes, so alltoall's list shows what it adds.
-        for key, dispatcher in reversed(dispatchers.items()):
-            missing[key] = []
+        for key, dispatcher in dispatchers.items():
             try:
-                layers[key] = build_megatron(dispatcher, extra, missing[key])
+                layers[key] = build_megatron(dispatcher)
             except Exception as error:  # noqa: BLE001  (reported, the row is dropped)
                 dropped[key] = f"{type(error).__name__}: {error}"
         layers = dict(sorted(layers.items()))
@@ -345,14 +317,7 @@ def run_layer_cpu_time() -> Result:
                             reps=REPS, warmup=WARMUP)
         profiles = [f"{k}: {top_ops(layer, x, grad)}" for k, layer in layers.items()]
 
-    fixes = " | ".join(f"{k} ({dispatchers[k]}): " + ("; ".join(v) if v else "none more")
-                       for k, v in missing.items())
-    fixes_note = ("Megatron's MoELayer ran on CPU with integration.cpu's fixes alone."
-                  if not any(missing.values()) else
-                  "Megatron's MoELayer on CPU: integration.cpu's fixes are not enough. Building "
-                  "C, then B, each Megatron module that still called CUDA was given CpuTorch "
-                  "by this benchmark (integration.cpu's fix for such modules; its "
-                  f"CUDA_CALLING_MODULES lacks them), at its first CUDA call: {fixes}.")
+    fixes_note = "Megatron's MoELayer runs on CPU with integration.cpu's fixes."
     return Result("moe_layer_cpu_time", [
         Config("A", "megaseek DeepSeekMoE (plugins.moe.layer)", times["A"]),
         *(Config(k, f"Megatron-Core MoELayer, local spec (SequentialMLP), '{d}' dispatcher",
@@ -375,10 +340,6 @@ def run_layer_cpu_time() -> Result:
         "At EP = 1 neither Megatron dispatcher communicates (its all-to-all and all-gather "
         "return their input on a 1-rank group); DeepSeekMoE still calls all_to_all_single "
         "on its 1-rank gloo group (counts, then payload; and back in combine and backward).",
-        "A's aten::fill_ and aten::add_ are mostly on tensors shaped like the stacked "
-        "expert weights ([E, 2F, H], [E, H, F]): on CPU, LocalExperts loops over experts "
-        "indexing weight1[e] / weight2[e], and the backward of each index zero-fills a "
-        "whole-stack gradient and accumulates it.",
         "Most self CPU time per step (torch.profiler, 3 steps, after the timing): "
         + " | ".join(profiles) + ".",
     ])

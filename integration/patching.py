@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
 

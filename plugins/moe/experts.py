@@ -47,9 +47,12 @@ class LocalExperts(MegatronModule):
             return torch._grouped_mm(F.silu(gate) * up, self.weight2.transpose(1, 2),
                                      offs=offsets)
         outputs = []
-        for e, chunk in enumerate(tokens.split(counts)):
-            gate, up = F.linear(chunk, self.weight1[e]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.weight2[e]))
+        # unbind, not weight[e]: indexing's backward would zero-fill a gradient the size of
+        # the whole stack once per expert.
+        for chunk, w1, w2 in zip(tokens.split(counts), self.weight1.unbind(0),
+                                 self.weight2.unbind(0)):
+            gate, up = F.linear(chunk, w1).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, w2))
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

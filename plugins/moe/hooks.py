@@ -3,7 +3,6 @@ balancing, DeepSeek-V3 section 2.1.2)."""
 
 from __future__ import annotations
 
-import torch
 
 from megatron.core import parallel_state
 
