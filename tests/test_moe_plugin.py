@@ -77,3 +77,19 @@ def test_trains_with_ep2_fp8_two_hop_dispatch_and_balances(tmp_path):
     # Two simulated nodes (one rank each): the share of routed tokens per node sums to 1.
     shares = re.findall(r"tokens per node ([0-9.]+)/([0-9.]+)", out)
     assert len(shares) == 8 and all(abs(float(a) + float(b) - 1) < 0.02 for a, b in shares)
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
+    """Experts are sharded over EP ranks in Megatron's distributed checkpoint, the router's
+    bias travels with it: the EP=1 run evaluates exactly as the EP=2 run that saved."""
+    from tests.training_runs import final_validation_loss
+
+    common = MOE + ["--hidden-size", "128", "--make-vocab-size-divisible-by", "256",
+                    "--train-iters", "4"]
+    saved = pretrain(common + ["--expert-model-parallel-size", "2",
+                               "--save", str(tmp_path / "ck"), "--save-interval", "4"], tmp_path)
+    loaded = pretrain(common + ["--expert-model-parallel-size", "1", "--load",
+                                str(tmp_path / "ck"), "--no-load-optim", "--no-load-rng"], tmp_path)
+    assert "loading distributed checkpoint" in loaded and not losses(loaded)
+    assert final_validation_loss(loaded) == pytest.approx(final_validation_loss(saved), abs=1e-5)
