@@ -33,6 +33,9 @@ def attach(plugins: list[Plugin], args: argparse.Namespace, patcher: Patcher) ->
     import megatron.training.training as training
 
     check_megatron_flags(plugins, args)
+    for plugin in plugins:
+        if plugin.install is not None:
+            plugin.install(args, patcher)
     # Megatron's own --exp-avg-dtype/--exp-avg-sq-dtype bf16 (refused without TE today):
     # BF16 Adam moments with FP32 master weights (plugins.fp8.optimizer_hook).
     from plugins.fp8.optimizer_hook import attach_bf16_moments

@@ -37,6 +37,9 @@ class Plugin:
     schedule: Callable[[argparse.Namespace], Callable[..., Any]] | None = None
     # (args, model_chunks, optimizer) -> a callable run after every successful step.
     on_optimizer_step: Callable[[argparse.Namespace, list, Any], Callable[[], None]] | None = None
+    # (args, patcher) -> None: upstream changes the plugin needs for this run, made before
+    # Megatron builds its configs (each one names the upstream lines it changes).
+    install: Callable[[argparse.Namespace, Any], None] | None = None
     slots: frozenset[str] = frozenset()
 
 

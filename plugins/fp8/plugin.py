@@ -56,6 +56,26 @@ def validate(args: argparse.Namespace) -> None:
         raise PluginError(str(error)) from error
 
 
+MOE_FP8_NEEDS_TE = "if self.num_moe_experts and self.fp8:"
+
+
+def install(args: argparse.Namespace, patcher) -> None:
+    """megatron/core/transformer/transformer_config.py:2294-2300 (megatron-core 0.19.2)
+    refuses FP8 with MoE unless Transformer Engine >= 1.7 is installed; with this plugin
+    the experts' FP8 GEMMs are megaseek's (plugins.moe), so that gate is lifted for the
+    run. Megatron's other FP8 checks stay."""
+    if not args.num_experts:
+        return
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from integration.patching import rewrite_function, source_has
+
+    if source_has(TransformerConfig.__post_init__, MOE_FP8_NEEDS_TE):
+        patcher.setattr(TransformerConfig, "__post_init__", rewrite_function(
+            TransformerConfig, "__post_init__",
+            {MOE_FP8_NEEDS_TE: "if False:  # lifted by plugins.fp8: the experts' FP8 is not TE's"}))
+
+
 def transform_layer_spec(layer_spec, args):
     from plugins.fp8.spec import with_fp8_linears
 
@@ -68,5 +88,6 @@ FP8 = Plugin(
     add_arguments=add_arguments,
     validate=validate,
     transform_layer_spec=transform_layer_spec,
+    install=install,
     slots=frozenset({"linear_gemm"}),
 )

@@ -20,9 +20,13 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
 
 
 class LocalExperts(MegatronModule):
-    def __init__(self, config, num_local_experts: int, hidden: int, ffn: int):
+    """`fp8_backend` (set when the fp8 plugin is on): both GEMMs of every expert in FP8
+    (plugins.fp8.linear) and the SwiGLU input cached in FP8, as in the dense layers."""
+
+    def __init__(self, config, num_local_experts: int, hidden: int, ffn: int,
+                 fp8_backend: str | None = None):
         super().__init__(config)
-        self.num_local_experts, self.ffn = num_local_experts, ffn
+        self.num_local_experts, self.ffn, self.fp8_backend = num_local_experts, ffn, fp8_backend
         # [experts, 2 * ffn, hidden] (gate | up) and [experts, hidden, ffn]
         self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden,
                                                       dtype=config.params_dtype))
@@ -40,6 +44,8 @@ class LocalExperts(MegatronModule):
 
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """tokens [n, hidden] grouped by expert -> [n, hidden]."""
+        if self.fp8_backend is not None:
+            return self._fp8_forward(tokens, counts)
         if _grouped_mm_available(tokens):
             offsets = torch.tensor(counts, device=tokens.device).cumsum(0).to(torch.int32)
             h = torch._grouped_mm(tokens, self.weight1.transpose(1, 2), offs=offsets)
@@ -53,6 +59,23 @@ class LocalExperts(MegatronModule):
                                  self.weight2.unbind(0)):
             gate, up = F.linear(chunk, w1).chunk(2, dim=-1)
             outputs.append(F.linear(F.silu(gate) * up, w2))
+        return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
+
+    def _fp8_forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        from plugins.fp8.linear import fp8_linear
+        from plugins.fp8.swiglu import FP8CachedSwiGLU
+
+        outputs = []
+        for chunk, w1, w2 in zip(tokens.split(counts), self.weight1.unbind(0),
+                                 self.weight2.unbind(0)):
+            if chunk.shape[0] % 128:  # Wgrad tiles 128 tokens: pad the expert's rows
+                pad = 128 - chunk.shape[0] % 128
+                chunk = torch.cat([chunk, chunk.new_zeros(pad, chunk.shape[1])])
+            else:
+                pad = 0
+            h = FP8CachedSwiGLU.apply(fp8_linear(chunk, w1, self.fp8_backend))
+            out = fp8_linear(h, w2, self.fp8_backend)
+            outputs.append(out[:out.shape[0] - pad])
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

@@ -46,14 +46,16 @@ def router_config(config) -> RouterConfig:
 
 class DeepSeekMoE(MegatronModule):
     def __init__(self, config, submodules: DeepSeekMoESubmodules, pg_collection=None,
-                 fp8_dispatch: bool = False, ranks_per_node: int | None = None, **unused):
+                 fp8_dispatch: bool = False, ranks_per_node: int | None = None,
+                 fp8_backend: str | None = None, **unused):
         super().__init__(config)
         self.ep_group = parallel_state.get_expert_model_parallel_group()
         ep_size = self.ep_group.size()
         self.router = DeepSeekRouter(config.hidden_size, router_config(config),
                                      dtype=config.params_dtype)
         self.experts = LocalExperts(config, config.num_moe_experts // ep_size,
-                                    config.hidden_size, config.moe_ffn_hidden_size)
+                                    config.hidden_size, config.moe_ffn_hidden_size,
+                                    fp8_backend=fp8_backend)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = submodules.shared_experts(

@@ -27,6 +27,9 @@ def with_deepseek_moe(layer_spec: ModuleSpec, args) -> ModuleSpec:
     spec.submodules.mlp = ModuleSpec(
         module=DeepSeekMoE,
         params={"fp8_dispatch": args.moe_fp8_dispatch,
-                "ranks_per_node": args.moe_dispatch_ranks_per_node},
+                "ranks_per_node": args.moe_dispatch_ranks_per_node,
+                # With the fp8 plugin on, the routed experts' GEMMs run in FP8 too.
+                "fp8_backend": getattr(args, "fp8_backend", None)
+                if "fp8" in (args.plugins or []) else None},
         submodules=DeepSeekMoESubmodules(shared_experts=submodules.shared_experts))
     return spec
