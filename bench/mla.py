@@ -12,18 +12,16 @@ import functools
 import gc
 import math
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 
 import integration  # noqa: F401  (first: makes megatron.training importable on 3.11)
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from bench.single_rank import megatron_single_rank
 from bench.report import Config, Result, Table
 from bench.timing import interleaved
-from integration import cpu
 
 MiB = 2 ** 20
 # DeepSeek-V3's attention and dense MLP (its first three layers), and all of it / 16
@@ -42,26 +40,6 @@ TIME_SEQ, TIME_BATCH, WARMUP, REPS = 256, 2, 5, 60
 
 def describe(shape: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in shape.items())
-
-
-@contextlib.contextmanager
-def megatron_single_rank():
-    """One gloo rank, Megatron's model-parallel state (TP = PP = 1) and megaseek's CPU
-    fixes, all undone on exit."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    fixes = cpu.install(force=True)
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        with warnings.catch_warnings():  # "TE/Apex not installed" and deprecations
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        fixes.undo()
-        dist.destroy_process_group()
 
 
 def mla_config(shape: dict, dtype=torch.float32, **overrides):

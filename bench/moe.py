@@ -14,7 +14,6 @@ import functools
 import os
 import tempfile
 import time
-import warnings
 
 import integration  # noqa: F401  (first: makes megatron.training importable on 3.11)
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from bench.single_rank import megatron_single_rank
 from bench.report import Config, Result, Table
 from bench.timing import interleaved
 
@@ -184,28 +184,6 @@ def moe_config(dispatcher: str):
         moe_router_load_balancing_type="none", moe_token_dispatcher_type=dispatcher,
         moe_shared_expert_intermediate_size=None, add_bias_linear=False,
         gated_linear_unit=True, activation_func=F.silu, use_cpu_initialization=True)
-
-
-@contextlib.contextmanager
-def megatron_single_rank():
-    """One gloo rank, Megatron's parallel state (TP = PP = EP = 1), megaseek's CPU fixes;
-    all undone on exit."""
-    from integration import cpu
-    from megatron.core import parallel_state, tensor_parallel
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    fixes = cpu.install(force=True)
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        with warnings.catch_warnings():  # "TE/Apex not installed" and deprecations
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        if fixes is not None:
-            fixes.undo()
-        dist.destroy_process_group()
 
 
 def build_megatron(dispatcher: str):

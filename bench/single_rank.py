@@ -1,0 +1,31 @@
+"""One gloo rank with Megatron's model-parallel state and megaseek's CPU fixes."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import integration  # noqa: F401  (first: makes megatron.training importable on 3.11)
+import torch.distributed as dist
+
+from integration import cpu
+
+
+@contextlib.contextmanager
+def megatron_single_rank():
+    """TP = PP = EP = 1 on a one-rank gloo group; everything undone on exit."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    fixes = cpu.install(force=True)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        with warnings.catch_warnings():  # "TE/Apex not installed" and deprecations
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if fixes is not None:
+            fixes.undo()
+        dist.destroy_process_group()
