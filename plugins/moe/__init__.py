@@ -1,8 +1,12 @@
-"""DeepSeek-V3 fine-grained MoE for Megatron, not implemented yet.
+"""DeepSeek-V3's fine-grained MoE for Megatron.
 
-Will replace the `mlp` submodule of MoE layers: sigmoid router with group- and
-node-limited top-k, auxiliary-loss-free expert-bias balancing updated after each
-optimizer step, shared experts, and expert-parallel all-to-all dispatch in FP8 (one
-scale per 1x128 tile) with a BF16 combine, including a node-aware two-hop dispatch.
-Configured by Megatron's `--moe-router-*` flags. Nothing here is registered until it works.
+Replaces the `mlp` submodule of Megatron's MoE layers (`--moe-layer-freq` keeps the first
+layers dense) with `layer.DeepSeekMoE`: a sigmoid router that chooses with an expert bias
+and limits each token to the best groups/nodes (`router`), auxiliary-loss-free balancing
+updated after every optimizer step plus the optional sequence-wise loss (`balance`,
+`hooks`), expert-parallel all-to-all dispatch on torch.distributed with FP8 and
+node-aware two-hop options (`dispatch`), SwiGLU routed experts (`experts`) and Megatron's
+shared experts. Turn it on with `--plugins moe` and Megatron's MoE flags
+(`--num-experts`, `--moe-router-score-function sigmoid`, `--moe-router-enable-expert-bias`,
+`--moe-router-num-groups`, `--moe-router-group-topk`, ...).
 """
