@@ -5,6 +5,7 @@ with scales per (b_block) tile, products accumulated in FP32, result in FP32.
 - `emulated`: dequantizes both operands to FP32 and multiplies in FP32: the exact value
   of the block-scaled product up to FP32 summation order. Runs anywhere; the reference.
 - `torch`: PyTorch's block-scaled `torch._scaled_mm` on Hopper (sm90) GPUs.
+- `triton`: megaseek's Triton kernel (`plugins.fp8.triton_gemm`) on FP8 tensor cores.
 A backend that cannot run here raises; nothing falls back to BF16.
 """
 
@@ -48,9 +49,16 @@ def torch_scaled_available() -> str | None:
     return None
 
 
+def triton_scaled_gemm(a: Operand, b: Operand) -> torch.Tensor:
+    from plugins.fp8.triton_gemm import triton_gemm
+
+    return triton_gemm(a, b)
+
+
 BACKENDS: dict[str, Callable[[Operand, Operand], torch.Tensor]] = {
     "emulated": emulated_gemm,
     "torch": torch_scaled_gemm,
+    "triton": triton_scaled_gemm,
 }
 
 
@@ -65,4 +73,10 @@ def resolve(name: str) -> str:
     if name == "torch" and (why := torch_scaled_available()) is not None:
         raise ValueError(f"--fp8-backend torch is unavailable here ({why}); use "
                          "--fp8-backend emulated")
+    if name == "triton":
+        from plugins.fp8.triton_gemm import available
+
+        if (why := available()) is not None:
+            raise ValueError(f"--fp8-backend triton is unavailable here ({why}); use "
+                             "--fp8-backend emulated")
     return name

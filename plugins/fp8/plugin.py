@@ -10,10 +10,12 @@ BLOCK = 128
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--fp8-backend", choices=["auto", "emulated", "torch"], default="auto",
+    group.add_argument("--fp8-backend", choices=["auto", "emulated", "torch", "triton"],
+                       default="auto",
                        help="GEMM implementation of the fp8 plugin: 'torch' (block-scaled "
-                            "torch._scaled_mm, sm90 GPUs), 'emulated' (exact FP32 product of "
-                            "the FP8 operands, any device), 'auto' (torch where available)")
+                            "torch._scaled_mm, sm90 GPUs), 'triton' (megaseek's kernel, FP8 "
+                            "tensor cores), 'emulated' (exact FP32 product of the FP8 "
+                            "operands, any device), 'auto' (torch where available)")
 
 
 def validate(args: argparse.Namespace) -> None:
