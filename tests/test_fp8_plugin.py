@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 
 import integration  # noqa: F401
-from plugins import PluginError, default_registry
+from plugins import PluginError
+from tests.plugin_args import enabled as parse_enabled
 
 BASE = ["--num-layers", "2", "--hidden-size", "256", "--ffn-hidden-size", "512",
         "--num-attention-heads", "4", "--seq-length", "64", "--max-position-embeddings", "64",
@@ -17,12 +17,7 @@ FP8 = ["--plugins", "fp8", "--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
 
 
 def enabled(argv, monkeypatch):
-    from megatron.training.arguments import parse_args
-
-    registry = default_registry()
-    monkeypatch.setattr(sys, "argv", ["pretrain", *BASE, *argv])
-    args = parse_args(extra_args_provider=registry.add_arguments)
-    return args, registry.enabled(args)
+    return parse_enabled(BASE + argv, monkeypatch)
 
 
 def test_auto_backend_resolves_to_emulated_without_a_gpu(monkeypatch):

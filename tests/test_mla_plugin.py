@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 
 import integration  # noqa: F401  (megatron.training on Python 3.11)
-from integration import hooks
-from plugins import PluginError, default_registry
+from plugins import PluginError
+from tests.plugin_args import enabled as parse_enabled
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "1",
@@ -18,14 +17,7 @@ MLA = ["--plugins", "mla", "--multi-latent-attention", "--kv-lora-rank", "16",
 
 
 def enabled(argv, monkeypatch):
-    from megatron.training.arguments import parse_args
-
-    registry = default_registry()
-    monkeypatch.setattr(sys, "argv", ["pretrain", *BASE, *argv])
-    args = parse_args(extra_args_provider=registry.add_arguments)
-    plugins = registry.enabled(args)
-    hooks.check_megatron_flags(plugins, args)
-    return args, plugins
+    return parse_enabled(BASE + argv, monkeypatch)
 
 
 def test_mla_enabled_with_megatron_flags(monkeypatch):

@@ -4,12 +4,12 @@ expert-parallel dispatch, through Megatron's training loop."""
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
 import integration  # noqa: F401
-from plugins import PluginError, default_registry
+from plugins import PluginError
+from tests.plugin_args import enabled as parse_enabled
 from tests.training_runs import losses, pretrain
 
 MOE = ["--plugins", "moe", "--num-experts", "8", "--moe-router-topk", "2",
@@ -24,12 +24,7 @@ BASE = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4
 
 
 def enabled(argv, monkeypatch):
-    from megatron.training.arguments import parse_args
-
-    registry = default_registry()
-    monkeypatch.setattr(sys, "argv", ["pretrain", *BASE, *argv])
-    args = parse_args(extra_args_provider=registry.add_arguments)
-    return args, registry.enabled(args)
+    return parse_enabled(BASE + argv, monkeypatch)
 
 
 def test_moe_enabled(monkeypatch):
