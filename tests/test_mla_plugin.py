@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 import integration  # noqa: F401  (megatron.training on Python 3.11)
