@@ -6,7 +6,10 @@ It runs `integration.pretrain` under torchrun; extra arguments go to Megatron (e
 `--mla` switches the attention to the MLA plugin (DeepSeek-V3's ratios, scaled down) with
 selective recomputation of the RMSNorms and up-projections; `--moe` makes every layer but
 the first a DeepSeek-V3 MoE layer (16 experts in 4 groups, top-4 from 2 groups, a shared
-expert) with expert parallelism over the 2 ranks and FP8 dispatch.
+expert) with expert parallelism over the 2 ranks and FP8 dispatch; `--fp8` runs every
+linear's GEMMs (experts' and MLA's down-projections included) in block-scaled FP8 on the
+emulated backend, with 128-wide dimensions and no TP. `--mla --moe --fp8` is the whole
+DeepSeek-V3 recipe at toy size.
 """
 
 from __future__ import annotations
@@ -52,14 +55,26 @@ MOE = [
 ]
 
 
+FP8 = [
+    "--plugins", "fp8", "--fp8-format", "e4m3", "--fp8-recipe", "blockwise",
+    "--fp8-backend", "emulated", "--tensor-model-parallel-size", "1",
+    # Every FP8 GEMM reduces over whole 128-wide tiles: 128-multiples where the presets
+    # above are smaller (the kv down-projection's 128 + 16 output rows may stay ragged).
+    "--ffn-hidden-size", "256",
+]
+FP8_WITH_MLA = ["--q-lora-rank", "128", "--kv-lora-rank", "128"]
+
+
 def command(extra: list[str]) -> list[str]:
-    presets = {"--mla": MLA, "--moe": MOE}
+    presets = {"--mla": MLA, "--moe": MOE, "--fp8": FP8}
     chosen = [a for a in extra if a in presets]
     extra = [a for a in extra if a not in presets]
     for name in chosen:
         extra += presets[name]
-    if "--moe" in chosen and "--plugins" in extra:  # one --plugins flag naming all
-        names = [extra[i + 1] for i, a in enumerate(extra) if a == "--plugins"]
+    if "--fp8" in chosen and "--mla" in chosen:
+        extra += FP8_WITH_MLA
+    if extra.count("--plugins") > 1:  # one --plugins flag naming all
+        names = [a for i, a in enumerate(extra) if i and extra[i - 1] == "--plugins"]
         extra = [a for i, a in enumerate(extra)
                  if a != "--plugins" and (i == 0 or extra[i - 1] != "--plugins")]
         extra += ["--plugins", *names]

@@ -34,6 +34,50 @@ def test_gemms_are_the_products_of_the_quantized_operands():
     assert (y - ref).norm() / ref.norm() < 0.05
 
 
+def test_ragged_out_and_tokens_are_the_zero_padded_product():
+    """MLA's kv down-projection has 576 output rows and an expert gets any number of
+    tokens: the layer pads both with zeros to whole tiles, which is exactly the product of
+    explicitly padded operands, cut back."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 256, generator=g, requires_grad=True)
+    w = torch.randn(576, 256, generator=g, requires_grad=True)
+    dy = torch.randn(200, 576, generator=g)
+    fp8_linear(x, w).backward(dy)
+    y = fp8_linear(x, w)
+
+    x_pad = torch.cat([x.detach(), torch.zeros(56, 256)]).requires_grad_()  # 256 tokens
+    w_pad = torch.cat([w.detach(), torch.zeros(64, 256)]).requires_grad_()  # 640 rows
+    dy_pad = torch.zeros(256, 640)
+    dy_pad[:200, :576] = dy
+    y_pad = fp8_linear(x_pad, w_pad)
+    y_pad.backward(dy_pad)
+    assert torch.equal(y, y_pad[:200, :576])
+    assert torch.equal(x.grad, x_pad.grad[:200])
+    assert torch.equal(w.grad, w_pad.grad[:576])
+    # The last 128x128 weight block holds 64 real rows: its scale is theirs alone.
+    assert (y - x.detach() @ w.detach().t()).norm() / y.norm() < 0.05
+
+
+def test_input_already_in_fp8_is_used_as_given():
+    """The MoE plugin hands its FP8-dispatched tokens (power-of-two 1x128 scales) to the
+    experts: Fprop and the Wgrad cache use those bytes, not a second quantization."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 256, generator=g, requires_grad=True)
+    w = torch.randn(128, 256, generator=g, requires_grad=True)
+    dy = torch.randn(128, 128, generator=g)
+    q, scales = quantize(x.detach(), ACTIVATION, power_of_two_scales=True)
+    x_sent = dequantize(q, scales, ACTIVATION)
+    y = fp8_linear(x, w, x_fp8=(q, scales))
+    y.backward(dy)
+    torch.testing.assert_close(y, x_sent @ fake_quant(w.detach(), WEIGHT).t())
+    torch.testing.assert_close(
+        w.grad, fake_quant(dy.t().contiguous(), ACTIVATION) @ fake_quant(x_sent.t().contiguous(), ACTIVATION).t())
+    # Quantizing x again (amax / 448 scales) would have given other values.
+    assert not torch.equal(y, fp8_linear(x.detach(), w.detach()))
+    with pytest.raises(ValueError, match="x_fp8 holds"):
+        fp8_linear(x[:64], w, x_fp8=(q, scales))
+
+
 def saved_bytes(fn, *inputs) -> int:
     params = {t.untyped_storage().data_ptr() for t in inputs[1:]}
     kept: dict[int, int] = {}

@@ -34,9 +34,10 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
     dense = plugins[0].transform_layer_spec(get_gpt_layer_local_spec(), args)
     assert count_fp8_linears(dense) == 4  # qkv, proj, fc1, fc2
     mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()), args)
-    # MLA's q/kv up-projections, q_proj slot, output projection, fc1, fc2 (the replicated
-    # down-projections are not Megatron linears and stay in the training dtype for now).
-    assert count_fp8_linears(mla) == 6
+    # MLA's q/kv down- and up-projections, q_proj slot, output projection, fc1, fc2.
+    assert count_fp8_linears(mla) == 8
+    attention = mla.submodules.self_attention.submodules
+    assert attention.linear_kv_down_proj.params == {"fp8_backend": "emulated"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -44,11 +45,28 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
     (["--plugins", "fp8", "--fp8-format", "hybrid", "--fp8-recipe", "blockwise"], "--fp8-format e4m3"),
     (["--plugins", "fp8", "--fp8-format", "e4m3"], "--fp8-recipe blockwise"),
     (FP8 + ["--fp8-backend", "torch"], "--fp8-backend torch is unavailable"),
-    (FP8 + ["--hidden-size", "192"], "--hidden-size 192 must be a multiple of 128"),
-    (FP8 + ["--seq-length", "48", "--max-position-embeddings", "48"], "multiple of 128"),
+    (FP8 + ["--hidden-size", "192"], "--hidden-size 192 gives 192 per rank; it must be a "
+                                     "multiple of 128"),
+    (FP8 + ["--tensor-model-parallel-size", "4"],
+     "--num-attention-heads 4 x --kv-channels 64 / --tensor-model-parallel-size 4 gives 64"),
+    (FP8 + ["--multi-latent-attention", "--kv-lora-rank", "96", "--v-head-dim", "32",
+            "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16"], "--kv-lora-rank 96 gives 96"),
+    (FP8 + ["--num-experts", "4", "--moe-ffn-hidden-size", "64"],
+     "--moe-ffn-hidden-size 64 gives 64 per rank"),
     (["--fp8-backend", "emulated"], "--fp8-backend needs '--plugins fp8'"),
-], ids=["no-format", "hybrid", "no-recipe", "torch-backend-on-cpu", "hidden", "tokens",
-        "flag-without-plugin"])
+], ids=["no-format", "hybrid", "no-recipe", "torch-backend-on-cpu", "hidden", "attn-proj-tp",
+        "mla-kv-lora", "expert-ffn", "flag-without-plugin"])
 def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
     with pytest.raises(PluginError, match=message.replace("-", r"\-")):
         enabled(argv, monkeypatch)
+
+
+def test_megatron_still_gates_layernorm_recompute_with_fp8_on_transformer_engine():
+    """The fp8 plugin lifts this upstream gate (its norms are not FP8; the MLA plugin does
+    the recomputation); once upstream drops it, this test fails and the lift can go."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from integration.patching import source_has
+    from plugins.fp8.plugin import RECOMPUTE_FP8_NEEDS_TE
+
+    assert source_has(TransformerConfig.__post_init__, RECOMPUTE_FP8_NEEDS_TE)

@@ -11,9 +11,10 @@ from tests.multirank import run_ranks
 EXPERTS, HIDDEN, FFN, TOKENS = 8, 128, 32, 16  # tokens per rank
 
 
-def moe_step(rank: int, world_size: int, fp8: bool):
+def moe_step(rank: int, world_size: int, fp8: bool, fp8_experts: bool = False):
     """Every rank holds its own tokens; returns its outputs, input and weight gradients,
-    and the bias after one update from the global load."""
+    and the bias after one update from the global load. `fp8_experts`: the experts' GEMMs
+    in FP8 (the fp8 plugin's), fed the dispatched FP8 bytes."""
     import torch.nn.functional as F
 
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
@@ -24,9 +25,10 @@ def moe_step(rank: int, world_size: int, fp8: bool):
     from plugins.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
     from tests.mla_build import megatron_ranks
 
+    ffn = 128 if fp8_experts else FFN  # fc2 in FP8 reduces over whole 128-wide tiles
     g = torch.Generator().manual_seed(0)
-    w1 = torch.randn(EXPERTS, 2 * FFN, HIDDEN, generator=g) / HIDDEN ** 0.5
-    w2 = torch.randn(EXPERTS, HIDDEN, FFN, generator=g) / FFN ** 0.5
+    w1 = torch.randn(EXPERTS, 2 * ffn, HIDDEN, generator=g) / HIDDEN ** 0.5
+    w2 = torch.randn(EXPERTS, HIDDEN, ffn, generator=g) / ffn ** 0.5
     router = torch.randn(EXPERTS, HIDDEN, generator=g) / HIDDEN ** 0.5
     bias = torch.randn(EXPERTS, generator=g) * 0.1
     all_tokens = torch.randn(4 * TOKENS, 1, HIDDEN, generator=g)  # EP <= 4 ranks' tokens
@@ -35,13 +37,14 @@ def moe_step(rank: int, world_size: int, fp8: bool):
             num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
             moe_router_topk=2, moe_router_num_groups=4, moe_router_group_topk=2,
             moe_router_topk_scaling_factor=2.5, moe_router_score_function="sigmoid",
-            moe_router_enable_expert_bias=True, moe_ffn_hidden_size=FFN,
+            moe_router_enable_expert_bias=True, moe_ffn_hidden_size=ffn,
             moe_shared_expert_intermediate_size=None, expert_model_parallel_size=world_size,
             add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
             use_cpu_initialization=True, moe_router_load_balancing_type="none")
         spec = get_moe_module_spec_for_backend(LocalSpecProvider(), EXPERTS)
         layer = DeepSeekMoE(config, DeepSeekMoESubmodules(spec.keywords["submodules"].shared_experts),
-                            fp8_dispatch=fp8)
+                            fp8_dispatch=fp8,
+                            fp8_backend="emulated" if fp8_experts else None)
         local = slice(rank * EXPERTS // world_size, (rank + 1) * EXPERTS // world_size)
         with torch.no_grad():
             layer.experts.weight1.copy_(w1[local])
@@ -58,11 +61,12 @@ def moe_step(rank: int, world_size: int, fp8: bool):
                 layer.router.weight.grad, new_bias, imbalance(load))
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-dispatch", "fp8-dispatch"])
+@pytest.mark.parametrize("fp8, fp8_experts", [(False, False), (True, False), (True, True)],
+                         ids=["bf16-dispatch", "fp8-dispatch", "fp8-dispatch-fp8-experts"])
 @pytest.mark.parametrize("ep", [2, 4])
-def test_expert_parallel_equals_one_rank(ep, fp8):
-    (ref,) = run_ranks(moe_step, 1, fp8)
-    ranks = run_ranks(moe_step, ep, fp8)
+def test_expert_parallel_equals_one_rank(ep, fp8, fp8_experts):
+    (ref,) = run_ranks(moe_step, 1, fp8, fp8_experts)
+    ranks = run_ranks(moe_step, ep, fp8, fp8_experts)
     out = torch.cat([r[0] for r in ranks])
     dx = torch.cat([r[1] for r in ranks])
     # Expert weights: each rank has its slice; the router weight gradient is this rank's
@@ -71,7 +75,9 @@ def test_expert_parallel_equals_one_rank(ep, fp8):
     w2 = torch.cat([r[3] for r in ranks])
     router = sum(r[4] for r in ranks)
     # fp32: only the summation order differs (per-rank sums, all-to-all ordering); FP8
-    # dispatch quantizes each token identically on any rank (per-token 1x128 tiles).
+    # dispatch quantizes each token identically on any rank (per-token 1x128 tiles), and
+    # an expert receives its tokens in the same order at any EP (by source rank, then
+    # token), so its Wgrad's 128-token tiles hold the same tokens.
     for got, want in ((out, ref[0]), (dx, ref[1]), (w1, ref[2]), (w2, ref[3]),
                       (router, ref[4])):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

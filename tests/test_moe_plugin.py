@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 import integration  # noqa: F401
 from plugins import PluginError
@@ -90,32 +91,59 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
     assert final_validation_loss(loaded) == pytest.approx(final_validation_loss(saved), abs=1e-5)
 
 
-def test_fp8_experts_compute_the_fp8_products():
-    """With the fp8 plugin on, each routed expert runs fc1 and fc2 as FP8 GEMMs with the
-    SwiGLU input cached in FP8; rows are padded to the 128-token Wgrad tiles and cut."""
-    import torch
-
+def build_experts(fp8_backend=None, hidden=128, ffn=128):
     from megatron.core.transformer import TransformerConfig
 
-    from plugins.fp8.linear import fp8_linear
-    from plugins.fp8.swiglu import FP8CachedSwiGLU
     from plugins.moe.experts import LocalExperts
 
-    config = TransformerConfig(num_layers=1, hidden_size=128, num_attention_heads=4,
+    config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
                                use_cpu_initialization=True, perform_initialization=False)
-    experts = LocalExperts(config, 2, 128, 128, fp8_backend="emulated")
+    experts = LocalExperts(config, 3, hidden, ffn, fp8_backend=fp8_backend)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        experts.weight1.copy_(torch.randn(2, 256, 128, generator=g) / 12)
-        experts.weight2.copy_(torch.randn(2, 128, 128, generator=g) / 12)
-    tokens = torch.randn(200, 128, generator=g)
-    out = experts(tokens, [128, 72])
-    for rows, w1, w2, got in ((slice(0, 128), 0, 0, out[:128]), (slice(128, 200), 1, 1, out[128:])):
-        x = tokens[rows]
-        padded = torch.cat([x, x.new_zeros((-x.shape[0]) % 128, 128)])
-        want = fp8_linear(FP8CachedSwiGLU.apply(fp8_linear(padded, experts.weight1[w1])),
-                          experts.weight2[w2])[: x.shape[0]]
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        experts.weight1.copy_(torch.randn(3, 2 * ffn, hidden, generator=g) / 12)
+        experts.weight2.copy_(torch.randn(3, hidden, ffn, generator=g) / 12)
+    return experts, torch.randn(200, hidden, generator=g)
+
+
+@pytest.mark.parametrize("dispatched_fp8", [False, True], ids=["bf16-tokens", "fp8-tokens"])
+def test_fp8_experts_compute_the_fp8_products(dispatched_fp8):
+    """With the fp8 plugin on, each routed expert runs fc1 and fc2 as FP8 GEMMs with the
+    SwiGLU input cached in FP8; tokens that came by FP8 dispatch enter fc1 as sent."""
+    from plugins.fp8.linear import fp8_linear
+    from plugins.fp8.quantize import quantize
+    from plugins.fp8.swiglu import FP8CachedSwiGLU
+
+    experts, tokens = build_experts("emulated")
+    counts = [128, 0, 72]  # an expert with no tokens still takes part
+    sent = quantize(tokens, (1, 128), power_of_two_scales=True) if dispatched_fp8 else None
+    out = experts(tokens, counts, sent)
+    for rows, e in ((slice(0, 128), 0), (slice(128, 200), 2)):
+        x_fp8 = (sent[0][rows], sent[1][rows]) if dispatched_fp8 else None
+        want = fp8_linear(FP8CachedSwiGLU.apply(
+            fp8_linear(tokens[rows], experts.weight1[e], x_fp8=x_fp8)), experts.weight2[e])
+        assert torch.equal(out[rows], want)
+    out.square().sum().backward()
+    assert torch.equal(experts.weight1.grad[1], torch.zeros_like(experts.weight1[1]))
+
+
+def test_grouped_gemm_equals_the_loop_over_experts(monkeypatch):
+    """torch._grouped_mm (one GEMM per projection for all experts; on the CPU too) against
+    the per-expert loop, forward and backward, with an expert that gets no tokens."""
+    import plugins.moe.experts as experts_module
+
+    experts, tokens = build_experts(hidden=64, ffn=32)
+    counts = [90, 0, 110]
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(experts_module, "_grouped_mm_available", lambda x, g=grouped: g)
+        experts.zero_grad()
+        x = tokens.clone().requires_grad_()
+        out = experts(x, counts)
+        out.sum().backward()  # a stride-0 gradient, which _grouped_mm's backward rejects
+        results.append((out, x.grad, experts.weight1.grad.clone(), experts.weight2.grad.clone()))
+    for grouped, loop in zip(*results):
+        torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)  # summation order
 
 
 def test_megatron_still_gates_moe_fp8_on_transformer_engine():

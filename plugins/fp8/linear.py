@@ -31,38 +31,68 @@ from plugins.fp8.quantize import dequantize, quantize
 ACTIVATION, WEIGHT, ALONG_TOKENS = (1, 128), (128, 128), (128, 1)
 
 
+def _pad_rows(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
+    """Zero rows appended up to a multiple: zeros quantize exactly and add nothing to a
+    product, so a ragged dimension costs a copy, never accuracy."""
+    extra = -t.shape[0] % multiple
+    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+
+def _pad_cols(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, -t.shape[1] % multiple))
+
+
+def _quantized(t: torch.Tensor, block) -> backends.Operand:
+    return backends.Operand(*quantize(t, block), block)
+
+
 class FP8Linear(torch.autograd.Function):
+    """y = x W^T. Only `in` (every GEMM's or Fprop's reduction dim) must be a multiple of
+    128. A ragged `out` (MLA's 576-row kv down-projection) is zero-padded to whole 128x128
+    weight blocks, as DeepSeek's checkpoints lay out its scales; a ragged token count
+    (an expert's share of a batch) is zero-padded to whole 128-token Wgrad tiles.
+
+    `x_q`, `x_scales`: x already in FP8 with 1x128 tiles (the MoE plugin's FP8 dispatch
+    delivers tokens so); Fprop and the backward cache use them as they are."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str,
+                x_q: torch.Tensor | None = None, x_scales: torch.Tensor | None = None):
         gemm = backends.BACKENDS[backend]
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])                                  # [tokens, in]
-        xq = backends.Operand(*quantize(x2d, ACTIVATION), ACTIVATION)
-        wq = backends.Operand(*quantize(weight, WEIGHT), WEIGHT)
-        y = gemm(xq, wq)                                                # [tokens, out] fp32
-        ctx.save_for_backward(xq.q, xq.scales, weight)                 # the FP8 cache
+        shape, out = x.shape, weight.shape[0]
+        if x_q is None:
+            x_q, x_scales = quantize(x.reshape(-1, shape[-1]), ACTIVATION)  # [tokens, in]
+        elif x_q.shape != (x.numel() // shape[-1], shape[-1]):
+            raise ValueError(f"fp8_linear: x_fp8 holds {tuple(x_q.shape)}, x is {tuple(shape)}")
+        wq = _quantized(_pad_rows(weight), WEIGHT)                           # [out_p, in]
+        y = gemm(backends.Operand(x_q, x_scales, ACTIVATION), wq)[:, :out]   # [tokens, out]
+        ctx.save_for_backward(x_q, x_scales, weight)                        # the FP8 cache
         ctx.backend, ctx.shape = backend, shape
-        return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
+        return y.to(x.dtype).view(*shape[:-1], out)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xq, x_scales, weight = ctx.saved_tensors
+        x_q, x_scales, weight = ctx.saved_tensors
         gemm = backends.BACKENDS[ctx.backend]
-        dy2d = dy.reshape(-1, dy.shape[-1])                             # [tokens, out]
-        # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out] in 128x128 blocks.
-        dyq = backends.Operand(*quantize(dy2d, ACTIVATION), ACTIVATION)
-        wtq = backends.Operand(*quantize(weight.t().contiguous(), WEIGHT), WEIGHT)
+        dy2d = dy.reshape(-1, dy.shape[-1])                                  # [tokens, out]
+        # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out_p] in 128x128 blocks.
+        dyq = _quantized(_pad_cols(dy2d), ACTIVATION)                       # [tokens, out_p]
+        wtq = _quantized(_pad_rows(weight).t().contiguous(), WEIGHT)        # [in, out_p]
         dx = gemm(dyq, wtq).to(dy.dtype).view(ctx.shape)
         # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens.
-        x = dequantize(xq, x_scales, ACTIVATION)
-        dy_t = backends.Operand(*quantize(dy2d.t().contiguous(), ACTIVATION), ACTIVATION)
-        x_t = backends.Operand(*quantize(x.t().contiguous(), ACTIVATION), ACTIVATION)
-        dw = gemm(dy_t, x_t).to(weight.dtype)                           # [out, in]
-        return dx, dw, None
+        x = dequantize(x_q, x_scales, ACTIVATION)                            # [tokens, in]
+        dy_t = _quantized(_pad_rows(dy2d).t().contiguous(), ACTIVATION)      # [out, tokens_p]
+        x_t = _quantized(_pad_rows(x).t().contiguous(), ACTIVATION)          # [in, tokens_p]
+        dw = gemm(dy_t, x_t).to(weight.dtype)                                # [out, in]
+        return dx, dw, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated") -> torch.Tensor:
-    return FP8Linear.apply(x, weight, backend)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
+    x [tokens, in] in 1x128 tiles, when the caller already has x in FP8."""
+    x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
+    return FP8Linear.apply(x, weight, backend, x_q, x_scales)
 
 
 def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,

@@ -32,18 +32,11 @@ def validate(args: argparse.Namespace) -> None:
                           "--transformer-impl local (Transformer Engine has its own FP8)")
     if args.gradient_accumulation_fusion:
         raise PluginError("--plugins fp8 needs --no-gradient-accumulation-fusion")
-    tp = args.tensor_model_parallel_size
-    ffn = args.ffn_hidden_size or 4 * args.hidden_size
-    for flag, size in (("--hidden-size", args.hidden_size), ("--ffn-hidden-size", ffn)):
-        if size % (BLOCK * tp):
-            raise PluginError(f"--plugins fp8: {flag} {size} must be a multiple of "
-                              f"{BLOCK} x --tensor-model-parallel-size ({BLOCK * tp}) for "
-                              "128x128 weight blocks on every TP rank")
-    tokens = args.seq_length * args.micro_batch_size
-    if tokens % BLOCK:
-        raise PluginError(f"--plugins fp8: --seq-length x --micro-batch-size = {tokens} tokens "
-                          f"per micro-batch must be a multiple of {BLOCK} (Wgrad tiles 128 "
-                          "tokens)")
+    for what, per_rank in _reduction_dims(args):
+        if per_rank % BLOCK:
+            raise PluginError(f"--plugins fp8: {what} gives {per_rank} per rank; it must be a "
+                              f"multiple of {BLOCK} (an FP8 GEMM reduces over whole 1x128 / "
+                              "128x128 tiles)")
     if args.swiglu:
         if args.bias_swiglu_fusion:
             raise PluginError("--plugins fp8 with --swiglu needs --no-bias-swiglu-fusion (the "
@@ -58,24 +51,61 @@ def validate(args: argparse.Namespace) -> None:
         raise PluginError(str(error)) from error
 
 
+def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(flags, size on one TP rank) of the dimension each FP8 linear of the model reduces
+    over in Fprop. Output dims may be ragged (padded to whole blocks inside the layer);
+    token counts too (Wgrad pads to whole 128-token tiles)."""
+    tp = args.tensor_model_parallel_size
+    per_tp = f" / --tensor-model-parallel-size {tp}" if tp > 1 else ""
+    dims = [(f"--hidden-size {args.hidden_size}", args.hidden_size)]  # every input projection
+    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+    dims.append((f"--ffn-hidden-size {ffn}{per_tp}", ffn // tp))  # fc2 (row-parallel)
+    if args.multi_latent_attention:
+        heads = args.num_attention_heads
+        dims.append((f"--num-attention-heads {heads} x --v-head-dim {args.v_head_dim}{per_tp}",
+                     heads * args.v_head_dim // tp))  # linear_proj
+        dims.append((f"--kv-lora-rank {args.kv_lora_rank}", args.kv_lora_rank))  # kv up
+        if args.q_lora_rank:
+            dims.append((f"--q-lora-rank {args.q_lora_rank}", args.q_lora_rank))  # q up
+    else:
+        channels = args.kv_channels or args.hidden_size // args.num_attention_heads
+        dims.append((f"--num-attention-heads {args.num_attention_heads} x --kv-channels "
+                     f"{channels}{per_tp}", args.num_attention_heads * channels // tp))
+    if args.num_experts:
+        routed = args.moe_ffn_hidden_size or ffn
+        dims.append((f"--moe-ffn-hidden-size {routed}", routed))  # expert fc2 (no expert TP)
+        shared = args.moe_shared_expert_intermediate_size
+        if shared:
+            dims.append((f"--moe-shared-expert-intermediate-size {shared}{per_tp}", shared // tp))
+    return dims
+
+
 MOE_FP8_NEEDS_TE = "if self.num_moe_experts and self.fp8:"
+RECOMPUTE_FP8_NEEDS_TE = ('if "moe_act" in self.recompute_modules or "layernorm" in '
+                          'self.recompute_modules:')
 
 
 def install(args: argparse.Namespace, patcher) -> None:
-    """megatron/core/transformer/transformer_config.py:2294-2300 (megatron-core 0.19.2)
-    refuses FP8 with MoE unless Transformer Engine >= 1.7 is installed; with this plugin
-    the experts' FP8 GEMMs are megaseek's (plugins.moe), so that gate is lifted for the
-    run. Megatron's other FP8 checks stay."""
-    if not args.num_experts:
-        return
+    """Two of TransformerConfig.__post_init__'s FP8 checks are about Transformer Engine's
+    FP8, which this plugin replaces, and are lifted for the run (megatron-core 0.19.2):
+    - transformer_config.py:2294-2300 refuses FP8 with MoE unless TE >= 1.7 is installed;
+      with this plugin the experts' FP8 GEMMs are megaseek's (plugins.moe);
+    - transformer_config.py:1821-1832 refuses `--recompute-modules layernorm` (and
+      moe_act) with FP8 unless TE >= 2.6 (TE's FP8 norm outputs); here the norms stay in
+      the training dtype and the MLA plugin recomputes them itself.
+    Megatron's other FP8 checks stay."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from integration.patching import rewrite_function, source_has
 
-    if source_has(TransformerConfig.__post_init__, MOE_FP8_NEEDS_TE):
-        patcher.setattr(TransformerConfig, "__post_init__", rewrite_function(
-            TransformerConfig, "__post_init__",
-            {MOE_FP8_NEEDS_TE: "if False:  # lifted by plugins.fp8: the experts' FP8 is not TE's"}))
+    lifted = {}
+    if args.num_experts and source_has(TransformerConfig.__post_init__, MOE_FP8_NEEDS_TE):
+        lifted[MOE_FP8_NEEDS_TE] = "if False:  # lifted by plugins.fp8: the experts' FP8 is not TE's"
+    if source_has(TransformerConfig.__post_init__, RECOMPUTE_FP8_NEEDS_TE):
+        lifted[RECOMPUTE_FP8_NEEDS_TE] = "if False:  # lifted by plugins.fp8: norms are not FP8"
+    if lifted:
+        patcher.setattr(TransformerConfig, "__post_init__",
+                        rewrite_function(TransformerConfig, "__post_init__", lifted))
 
 
 def transform_layer_spec(layer_spec, args):

@@ -1,7 +1,10 @@
 """Put FP8 linears into a layer spec: every Megatron column-/row-parallel linear of the
-transformer layer (attention projections, MLP, experts) becomes its FP8 version.
-Embedding, output head, router, norms and the attention core are not in these slots, so
-they stay in the training dtype, as in DeepSeek-V3."""
+transformer layer (attention projections, MLP, experts) becomes its FP8 version, and
+modules of other plugins that run their own GEMMs in FP8 when given a backend (MLA's
+replicated down-projections) opt in with a class attribute `accepts_fp8_backend = True`
+and get `fp8_backend` in their params. Embedding, output head, router, norms and the
+attention core are not in these slots, so they stay in the training dtype, as in
+DeepSeek-V3."""
 
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ FP8_VERSION = {ColumnParallelLinear: FP8ColumnParallelLinear,
                RowParallelLinear: FP8RowParallelLinear}
 
 
+def _takes_fp8(module) -> bool:
+    return module in FP8_VERSION or getattr(module, "accepts_fp8_backend", False)
+
+
 def _convert(node, backend: str, swiglu: bool = False):
-    if isinstance(node, type) and node in FP8_VERSION:
-        return ModuleSpec(module=FP8_VERSION[node], params={"fp8_backend": backend})
+    if isinstance(node, type) and _takes_fp8(node):
+        return ModuleSpec(module=FP8_VERSION.get(node, node), params={"fp8_backend": backend})
     if isinstance(node, ModuleSpec):
-        if node.module in FP8_VERSION:
-            node.module = FP8_VERSION[node.module]
+        if _takes_fp8(node.module):
+            node.module = FP8_VERSION.get(node.module, node.module)
             node.params = {**node.params, "fp8_backend": backend}
         node.submodules = _convert(node.submodules, backend, swiglu)
         return node
@@ -51,7 +58,7 @@ def with_fp8_linears(layer_spec: ModuleSpec, backend: str, swiglu: bool = False)
 def count_fp8_linears(spec) -> int:
     """How many linear slots of a spec are FP8 (for tests and logs)."""
     if isinstance(spec, ModuleSpec):
-        own = spec.module in FP8_VERSION.values()
+        own = spec.params.get("fp8_backend") is not None
         return own + count_fp8_linears(spec.submodules)
     if isinstance(spec, functools.partial):
         return sum(count_fp8_linears(v) for v in (*spec.args, *spec.keywords.values()))

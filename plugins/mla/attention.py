@@ -53,9 +53,16 @@ class ReplicatedLinear(MegatronModule):
     Under sequence parallelism each rank sees a different sequence shard, so the weight's
     gradient is partial: `sequence_parallel` on the weight makes Megatron all-reduce it
     across the TP group, as it does for layer-norm weights.
+
+    With the fp8 plugin on, its spec transform passes `fp8_backend` and the three GEMMs
+    run in FP8 (DeepSeek-V3 keeps its down-projections in FP8 too; the kv one's 576 rows
+    end in a half 128x128 block).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config, init_method, **unused):
+    accepts_fp8_backend = True  # plugins.fp8.spec: this module can take its FP8 GEMMs
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method,
+                 fp8_backend: str | None = None, **unused):
         super().__init__(config)
         self.weight = torch.nn.Parameter(torch.empty(output_size, input_size,
                                                      dtype=config.params_dtype))
@@ -64,8 +71,13 @@ class ReplicatedLinear(MegatronModule):
                     tensor_parallel.random.get_data_parallel_rng_tracker_name()):
                 init_method(self.weight)
         self.weight.sequence_parallel = config.sequence_parallel
+        self.fp8_backend = fp8_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_backend is not None:
+            from plugins.fp8.linear import fp8_linear
+
+            return fp8_linear(x, self.weight, self.fp8_backend)
         return F.linear(x, self.weight)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

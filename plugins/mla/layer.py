@@ -12,6 +12,8 @@ saved-tensor hooks instead (`plugins.mla.recompute`):
 
 from __future__ import annotations
 
+import copy
+
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -22,10 +24,16 @@ RECOMPUTE_MODULES = ("layernorm", "mla_up_proj")
 
 class MLATransformerLayer(TransformerLayer):
     def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
         chosen = set(config.recompute_modules or ()) if (
             config.recompute_granularity == "selective") else set()
-        # Megatron's own layernorm recompute (CheckpointWithoutOutput) is replaced below.
+        if "layernorm" in chosen:
+            # Megatron's own layernorm recompute (CheckpointWithoutOutput) is replaced
+            # below; with FP8 its set-up also reaches for Transformer Engine
+            # (transformer_layer.py:452-511, megatron-core 0.19.2). So Megatron builds
+            # this layer from a view of the config without 'layernorm'.
+            config = copy.copy(config)
+            config.recompute_modules = [m for m in config.recompute_modules if m != "layernorm"]
+        super().__init__(config, *args, **kwargs)
         self.recompute_input_layernorm = self.recompute_pre_mlp_layernorm = False
         self.selective_recompute = None
         if not chosen & set(RECOMPUTE_MODULES):

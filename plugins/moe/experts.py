@@ -1,8 +1,10 @@
 """This rank's routed experts: SwiGLU MLPs stored as stacked weights.
 
-Tokens arrive grouped by local expert (`counts[e]` rows each). On a GPU with PyTorch's
-grouped GEMM (`torch._grouped_mm`) all experts run as one grouped GEMM per projection;
-elsewhere a loop over experts computes the same products.
+Tokens arrive grouped by local expert (`counts[e]` rows each). Where PyTorch has its
+grouped GEMM (`torch._grouped_mm`: BF16 on CUDA, any float dtype on the CPU) all experts
+run as one grouped GEMM per projection; elsewhere a loop over experts computes the same
+products. With the fp8 plugin on, each expert runs its two GEMMs in FP8, and tokens that
+arrived in FP8 (the MoE plugin's FP8 dispatch) enter fc1 as the bytes that were sent.
 """
 
 from __future__ import annotations
@@ -16,7 +18,22 @@ from megatron.core.transformer.module import MegatronModule
 
 
 def _grouped_mm_available(x: torch.Tensor) -> bool:
-    return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.dtype == torch.bfloat16 if x.is_cuda else x.is_floating_point()
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: `torch._grouped_mm`'s
+    backward rejects the stride-0 gradients that, e.g., a `sum()` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class LocalExperts(MegatronModule):
@@ -42,16 +59,14 @@ class LocalExperts(MegatronModule):
         for w in (self.weight1, self.weight2):
             w.allreduce = False  # expert parameter: Megatron reduces it over expert-DP only
 
-    def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """tokens [n, hidden] grouped by expert -> [n, hidden]."""
+    def forward(self, tokens: torch.Tensor, counts: list[int],
+                tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens [n, hidden] grouped by expert -> [n, hidden]. `tokens_fp8`: the same
+        tokens as (E4M3 [n, hidden], 1x128 scales [n, hidden/128]), as dispatched."""
         if self.fp8_backend is not None:
-            return self._fp8_forward(tokens, counts)
+            return self._fp8_forward(tokens, counts, tokens_fp8)
         if _grouped_mm_available(tokens):
-            offsets = torch.tensor(counts, device=tokens.device).cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(tokens, self.weight1.transpose(1, 2), offs=offsets)
-            gate, up = h.chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(gate) * up, self.weight2.transpose(1, 2),
-                                     offs=offsets)
+            return self._grouped_forward(tokens, counts)
         outputs = []
         # unbind, not weight[e]: indexing's backward would zero-fill a gradient the size of
         # the whole stack once per expert.
@@ -61,21 +76,25 @@ class LocalExperts(MegatronModule):
             outputs.append(F.linear(F.silu(gate) * up, w2))
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
-    def _fp8_forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _grouped_forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ends = torch.tensor(counts, device=tokens.device).cumsum(0).to(torch.int32)  # [e]
+        h = torch._grouped_mm(tokens, self.weight1.transpose(1, 2), offs=ends)  # [n, 2f]
+        gate, up = _ContiguousGrad.apply(h).chunk(2, dim=-1)
+        out = torch._grouped_mm(F.silu(gate) * up, self.weight2.transpose(1, 2), offs=ends)
+        return _ContiguousGrad.apply(out)                                        # [n, h]
+
+    def _fp8_forward(self, tokens: torch.Tensor, counts: list[int],
+                     tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         from plugins.fp8.linear import fp8_linear
         from plugins.fp8.swiglu import FP8CachedSwiGLU
 
+        per_expert_fp8 = (zip(tokens_fp8[0].split(counts), tokens_fp8[1].split(counts))
+                          if tokens_fp8 is not None else [None] * len(counts))
         outputs = []
-        for chunk, w1, w2 in zip(tokens.split(counts), self.weight1.unbind(0),
-                                 self.weight2.unbind(0)):
-            if chunk.shape[0] % 128:  # Wgrad tiles 128 tokens: pad the expert's rows
-                pad = 128 - chunk.shape[0] % 128
-                chunk = torch.cat([chunk, chunk.new_zeros(pad, chunk.shape[1])])
-            else:
-                pad = 0
-            h = FP8CachedSwiGLU.apply(fp8_linear(chunk, w1, self.fp8_backend))
-            out = fp8_linear(h, w2, self.fp8_backend)
-            outputs.append(out[:out.shape[0] - pad])
+        for chunk, chunk_fp8, w1, w2 in zip(tokens.split(counts), per_expert_fp8,
+                                            self.weight1.unbind(0), self.weight2.unbind(0)):
+            h = FP8CachedSwiGLU.apply(fp8_linear(chunk, w1, self.fp8_backend, chunk_fp8))
+            outputs.append(fp8_linear(h, w2, self.fp8_backend))
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
