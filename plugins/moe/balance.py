@@ -7,8 +7,9 @@ with load_i the number of tokens routed to expert i over the whole global batch,
     b_i += rate * sign(mean(load) - load_i)
 
 so overloaded experts become less attractive to choose (the bias never weighs outputs).
-The counts must be global: each rank sees only its micro-batches, so the caller sums
-`expert_load` over the data- and expert-parallel ranks with `global_load` first.
+The counts must be global: each rank sees only its part of the batch, so the caller sums
+`expert_load` with `global_load` over every rank that sees other tokens (data- and
+context-parallel ranks, and tensor-parallel ones under sequence parallelism) first.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> t
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int,
-                          top_k: int, seq_len: int, alpha: float) -> torch.Tensor:
+                          top_k: int, seq_len: int, alpha: float, group=None) -> torch.Tensor:
     """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over sequences.
 
     For one sequence of T tokens, with N_r routed experts, K_r chosen per token and s_{i,t}
@@ -62,20 +63,32 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, num_exper
     alpha when routing or affinities are uniform, and grows as both concentrate on the same
     experts within a sequence.
 
-    scores [B*T, E] (all experts, unbiased), indices [B*T, K], arranged batch-major:
-    token t of sequence b is row b*T + t.
+    scores [B*S, E] (all experts, unbiased), indices [B*S, K], arranged batch-major: token t
+    of sequence b is row b*S + t, with S = `seq_len` this rank's tokens of each sequence.
+
+    Sequences split over ranks (context parallelism; sequence parallelism over the
+    tensor-parallel ranks): every rank of `group` holds S tokens of each of the same B
+    sequences (which ones, and their order, do not matter), so T = S * group size. The
+    counts are summed over `group` (f is the whole sequence's) and P_i sums only this rank's
+    tokens (still divided by the whole T). This rank's loss is then its share of L: the
+    shares sum to L over `group`, and the gradient of the share w.r.t. this rank's scores
+    is the gradient of L w.r.t. them. `group` None or of one rank: whole sequences here.
     """
     rows, E = scores.shape
     if rows % seq_len:
         raise ValueError(f"{rows} tokens are not a whole number of sequences of {seq_len}")
-    B, T, K = rows // seq_len, seq_len, top_k
+    ranks = 1 if group is None else dist.get_world_size(group)
+    B, S, K = rows // seq_len, seq_len, top_k
+    T = S * ranks  # whole sequence: Megatron splits it evenly over CP (and SP) ranks
 
-    s = scores.float().view(B, T, E)
-    P = (s / (s.sum(dim=-1, keepdim=True) + 1e-20)).mean(dim=1)  # [B, E]
-    chosen = indices.reshape(B, T * K)  # [B, T*K]
+    s = scores.float().view(B, S, E)
+    P = (s / (s.sum(dim=-1, keepdim=True) + 1e-20)).sum(dim=1) / T  # [B, E], this rank's part
+    chosen = indices.reshape(B, S * K)  # [B, S*K]
     counts = torch.zeros(B, E, dtype=s.dtype, device=s.device).scatter_add_(
         1, chosen, torch.ones_like(chosen, dtype=s.dtype)
-    )  # [B, E]
+    )  # [B, E], this rank's tokens; fp32 counts are exact below 2^24
+    if ranks > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)  # [B, E], whole sequences
     f = counts * (num_experts / (K * T))  # [B, E]
     return alpha * (f * P).sum(dim=-1).mean()
 

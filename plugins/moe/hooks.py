@@ -22,15 +22,23 @@ class BiasUpdate:
         self.layers = [m for chunk in model_chunks for m in chunk.modules()
                        if isinstance(m, DeepSeekMoE)]
         # Every rank that sees different tokens: data-parallel (EP is carved from it) and
-        # context-parallel ranks; tensor-parallel ranks see the same tokens.
-        self.group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        # context-parallel ranks, and tensor-parallel ranks under sequence parallelism
+        # only: without it they see the same tokens, and summing would count them TP times.
+        if args.sequence_parallel:
+            self.group = parallel_state.get_tensor_and_data_parallel_group(
+                with_context_parallel=True)
+        else:
+            self.group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.steps = 0
+
+    def loads(self) -> list:
+        """Each layer's tokens per expert [E] since the last step, over the global batch."""
+        return [global_load(layer.tokens_per_expert, self.group) for layer in self.layers]
 
     def __call__(self) -> None:
         self.steps += 1
         stats = []
-        for layer in self.layers:
-            load = global_load(layer.tokens_per_expert, self.group)
+        for layer, load in zip(self.layers, self.loads()):
             update_expert_bias(layer.router.e_score_correction_bias, load, self.rate)
             layer.tokens_per_expert.zero_()
             per_node = load.view(self.nodes, -1).sum(-1)

@@ -8,9 +8,16 @@
            + shared experts (Megatron's SharedExpertMLP)
 
 No token is dropped. Each forward in training counts the tokens each expert received;
-after every optimizer step the plugin all-reduces those counts over the data-parallel
-ranks (which include the expert-parallel ones) and moves the expert bias toward balance
+after every optimizer step the plugin all-reduces those counts over the ranks that see
+different tokens (data-parallel, which include the expert-parallel ones, context-parallel,
+and tensor-parallel under sequence parallelism) and moves the expert bias toward balance
 (`plugins.moe.balance`), then logs the load statistics.
+
+Split sequences: under context parallelism, and under sequence parallelism (tensor-
+parallel ranks hold different rows of [s, b, h]), this rank holds only s of each
+sequence's tokens. Routing is per token and needs nothing more; the sequence-wise loss
+sums its expert counts over those ranks (`sequence_group`) so that it is the whole
+sequence's, and the router weight is summed over the tensor-parallel ranks by Megatron.
 """
 
 from __future__ import annotations
@@ -44,6 +51,19 @@ def router_config(config) -> RouterConfig:
         scaling_factor=config.moe_router_topk_scaling_factor or 1.0, normalize=True)
 
 
+def sequence_group(config, pg_collection=None):
+    """The ranks holding parts of the same sequences as this one in the MoE layer: the
+    context-parallel group, and the tensor-parallel ranks too under sequence parallelism
+    (without it they hold the same tokens)."""
+    if config.sequence_parallel:
+        if pg_collection is not None:
+            return pg_collection.tp_cp
+        return parallel_state.get_tensor_and_context_parallel_group()
+    if pg_collection is not None:
+        return pg_collection.cp
+    return parallel_state.get_context_parallel_group()
+
+
 class DeepSeekMoE(MegatronModule):
     def __init__(self, config, submodules: DeepSeekMoESubmodules, pg_collection=None,
                  fp8_dispatch: bool = False, ranks_per_node: int | None = None,
@@ -53,6 +73,11 @@ class DeepSeekMoE(MegatronModule):
         ep_size = self.ep_group.size()
         self.router = DeepSeekRouter(config.hidden_size, router_config(config),
                                      dtype=config.params_dtype)
+        # Replicated over TP, but under sequence parallelism each TP rank's gradient is from
+        # its own tokens only: the attribute makes Megatron sum it over TP, as it does for
+        # its own router and layernorms (megatron-core 0.19.2, core/distributed/
+        # finalize_model_grads.py:452 in _allreduce_non_tensor_model_parallel_grads).
+        self.router.weight.sequence_parallel = config.sequence_parallel
         self.experts = LocalExperts(config, config.num_moe_experts // ep_size,
                                     config.hidden_size, config.moe_ffn_hidden_size,
                                     fp8_backend=fp8_backend)
@@ -61,6 +86,7 @@ class DeepSeekMoE(MegatronModule):
             self.shared_experts = submodules.shared_experts(
                 config=config, pg_collection=pg_collection, gate=False)
         self.fp8_dispatch, self.ranks_per_node = fp8_dispatch, ranks_per_node
+        self.sequence_group = sequence_group(config, pg_collection)
         # Complementary sequence-wise balance loss (off unless Megatron's
         # --moe-router-load-balancing-type seq_aux_loss with --moe-aux-loss-coeff).
         balancing = config.moe_router_load_balancing_type
@@ -87,10 +113,22 @@ class DeepSeekMoE(MegatronModule):
         if self.training and self.seq_aux_loss_coeff > 0:
             s, b = shape[:2]  # rows are [s, b] sequence-major; the loss wants batch-major
             by_sequence = lambda t: t.view(s, b, -1).transpose(0, 1).reshape(s * b, -1)  # noqa: E731
+            # s is this rank's part of each sequence (CP: chunks r and 2cp-1-r; SP: a
+            # 1/tp slice); the loss is this rank's share of the whole sequences' loss.
             loss = sequence_balance_loss(by_sequence(scores), by_sequence(indices),
                                          self.router.config.num_experts,
-                                         self.router.config.top_k, s, self.seq_aux_loss_coeff)
+                                         self.router.config.top_k, s, self.seq_aux_loss_coeff,
+                                         group=self.sequence_group)
             # Megatron's way of adding an auxiliary loss: its gradient joins in backward.
+            # The shares' gradients add up to the whole sequence's as Megatron reduces the
+            # router weight (megatron-core 0.19.2): summed over TP under SP (see above);
+            # averaged over DP x CP by DDP (distributed_data_parallel.py:212), which the
+            # scale Megatron gives this backward cancels for CP (cp / micro-batches,
+            # pipeline_parallel/schedules.py:361). So the router weight gets the mean over
+            # DP replicas of the whole-sequence loss's gradient, as with one rank per replica.
+            # With --calculate-per-token-loss (scale 1, DDP sums, then all gradients are
+            # divided by the global token count, finalize_model_grads.py:694) the split
+            # still equals one rank, but this loss is divided by that count too.
             output = MoEAuxLossAutoScaler.apply(output, loss)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
