@@ -11,8 +11,9 @@ from tests.mla_oracle import MLAShape
 
 
 @contextlib.contextmanager
-def megatron_ranks(tp: int = 1, seed: int = 1234, ep: int = 1):
-    """Megatron's model-parallel state over the current process group, with CPU support."""
+def megatron_ranks(tp: int = 1, seed: int = 1234, ep: int = 1, cp: int = 1):
+    """Megatron's model-parallel state over the current process group, with CPU support.
+    Experts are never tensor-parallel in megaseek (expert TP = 1)."""
     import integration  # noqa: F401
     from integration import cpu
 
@@ -20,7 +21,9 @@ def megatron_ranks(tp: int = 1, seed: int = 1234, ep: int = 1):
 
     patcher = cpu.install(force=True)  # CPU semantics on any machine (tensors are on CPU)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             expert_model_parallel_size=ep)
+                                             context_parallel_size=cp,
+                                             expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     try:
         yield

@@ -11,7 +11,6 @@ TP=2 without SP (both ranks hold all tokens) guards against summing where nothin
 
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -23,27 +22,6 @@ EXPERTS, HIDDEN, FFN, SEQ, BATCH = 8, 32, 16, 16, 2
 # A large coefficient: the balance loss then moves the router gradient as much as the
 # main loss does, so a wrong share of it shows far above the tolerance.
 ALPHA = 0.5
-
-
-@contextlib.contextmanager
-def megatron_ranks(tp: int, cp: int, seed: int = 1234):
-    """Megatron's parallel state (TP x CP over the current process group) on CPU."""
-    import integration  # noqa: F401
-    from integration import cpu
-
-    from megatron.core import parallel_state, tensor_parallel
-
-    patcher = cpu.install(force=True)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             context_parallel_size=cp,
-                                             expert_tensor_parallel_size=1)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    try:
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        if patcher is not None:
-            patcher.undo()
 
 
 def this_rank_part(full: torch.Tensor, sp: bool) -> torch.Tensor:
@@ -61,9 +39,10 @@ def this_rank_part(full: torch.Tensor, sp: bool) -> torch.Tensor:
     return part.contiguous()
 
 
-def moe_step(rank: int, world_size: int, tp: int, cp: int, sp: bool):
+def moe_step(rank: int, world_size: int, tp: int, cp: int, sp: bool, per_token: bool = False):
     """One forward and backward of the MoE layer on this rank's part of the micro-batch,
-    then the router gradient reduced as Megatron reduces it, and the bias update."""
+    then the router gradient reduced as Megatron reduces it, and the bias update.
+    `per_token`: Megatron's --calculate-per-token-loss reduction instead."""
     import torch.nn.functional as F
 
     from megatron.core import parallel_state
@@ -76,6 +55,7 @@ def moe_step(rank: int, world_size: int, tp: int, cp: int, sp: bool):
 
     import plugins.moe.layer as moe_layer
     from plugins.moe.hooks import BiasUpdate
+    from tests.mla_build import megatron_ranks
 
     g = torch.Generator().manual_seed(0)
     w1 = torch.randn(EXPERTS, 2 * FFN, HIDDEN, generator=g) / HIDDEN ** 0.5
@@ -91,7 +71,7 @@ def moe_step(rank: int, world_size: int, tp: int, cp: int, sp: bool):
     grad_full = torch.randn(SEQ, BATCH, HIDDEN, generator=g)  # d(main loss)/d(output) * s*b
     positions = torch.arange(SEQ).view(SEQ, 1).expand(SEQ, BATCH)
 
-    with megatron_ranks(tp, cp):
+    with megatron_ranks(tp=tp, cp=cp):
         config = TransformerConfig(
             num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
             tensor_model_parallel_size=tp, context_parallel_size=cp, sequence_parallel=sp,
@@ -101,7 +81,7 @@ def moe_step(rank: int, world_size: int, tp: int, cp: int, sp: bool):
             moe_ffn_hidden_size=FFN, moe_shared_expert_intermediate_size=None,
             moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=ALPHA,
             add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
-            use_cpu_initialization=True)
+            use_cpu_initialization=True, calculate_per_token_loss=per_token)
         layer = moe_layer.DeepSeekMoE(config, moe_layer.DeepSeekMoESubmodules())
         with torch.no_grad():
             layer.experts.weight1.copy_(w1)
@@ -126,19 +106,26 @@ def moe_step(rank: int, world_size: int, tp: int, cp: int, sp: bool):
         # 334), cp times its share of the whole mean; under SP the loss is on all tokens of
         # every TP rank (the logits are gathered), and its gradient reaches each rank's rows.
         # The balance loss's backward is scaled by cp / micro-batches (schedules.py:361).
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(float(cp)))
-        out.backward(this_rank_part(grad_full, sp) * cp / (SEQ * BATCH))
+        # With --calculate-per-token-loss the loss is the sum over this rank's tokens and
+        # the balance loss's scale is 1 (schedules.py:358).
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 if per_token else float(cp)))
+        out.backward(this_rank_part(grad_full, sp) * (1.0 if per_token else cp / (SEQ * BATCH)))
 
         # Megatron's reduction of the router weight: DDP averages over DP x CP (gradient
-        # scaled by 1/dp_cp, then summed: distributed_data_parallel.py:212), then
-        # finalize_model_grads sums the parameters marked sequence_parallel over TP.
+        # scaled by 1/dp_cp, then summed: distributed_data_parallel.py:212; per-token: only
+        # summed), then finalize_model_grads sums the parameters marked sequence_parallel
+        # over TP, and per-token divides by the global token count (finalize_model_grads.
+        # py:694; one DP replica, one micro-batch here: SEQ * BATCH).
         weight = layer.router.weight
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        weight.grad /= dp_cp.size()
+        if not per_token:
+            weight.grad /= dp_cp.size()
         torch.distributed.all_reduce(weight.grad, group=dp_cp)
         layer.ddp_config = DistributedDataParallelConfig()
         _allreduce_non_tensor_model_parallel_grads(
             [layer], config, parallel_state.get_tensor_model_parallel_group())
+        if per_token:
+            weight.grad /= SEQ * BATCH
 
         args = SimpleNamespace(moe_router_bias_update_rate=1e-2, log_interval=10 ** 6,
                                moe_dispatch_ranks_per_node=None, expert_model_parallel_size=1,
@@ -189,3 +176,12 @@ def test_tensor_parallel_without_sp_counts_each_token_once(whole):
         torch.testing.assert_close(r["loss"], whole["loss"], rtol=1e-5, atol=0)
         torch.testing.assert_close(r["router_grad"], whole["router_grad"], rtol=1e-5, atol=1e-6)
         assert torch.equal(r["load"], whole["load"]) and torch.equal(r["bias"], whole["bias"])
+
+
+@pytest.mark.parametrize("tp, cp", [(1, 1), (2, 1), (1, 2)], ids=["one-rank", "tp2-sp", "cp2"])
+def test_per_token_loss_reduction_gives_the_same_router_gradient(whole, tp, cp):
+    """--calculate-per-token-loss reduces gradients differently (sums, then divides by the
+    global token count); the balance loss is scaled so its gradient is unchanged."""
+    for r in run_ranks(moe_step, tp * cp, tp, cp, tp > 1, True):
+        torch.testing.assert_close(r["router_grad"], whole["router_grad"], rtol=1e-5,
+                                   atol=1e-6)

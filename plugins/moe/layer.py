@@ -107,7 +107,8 @@ class DeepSeekMoE(MegatronModule):
             self.tokens_per_expert += expert_load(indices, self.router.config.num_experts)
         sent = ep.dispatch(tokens, indices, self.router.config.num_experts, self.ep_group,
                            fp8=self.fp8_dispatch, ranks_per_node=self.ranks_per_node)
-        expert_out = self.experts(sent.tokens, sent.tokens_per_expert)
+        dispatched_fp8 = (sent.fp8_q, sent.fp8_scales) if sent.fp8_q is not None else None
+        expert_out = self.experts(sent.tokens, sent.tokens_per_expert, dispatched_fp8)
         routed = ep.combine(expert_out, sent, gates.to(tokens.dtype), self.ep_group)
         output = routed.view(shape)
         if self.training and self.seq_aux_loss_coeff > 0:
@@ -126,9 +127,13 @@ class DeepSeekMoE(MegatronModule):
             # scale Megatron gives this backward cancels for CP (cp / micro-batches,
             # pipeline_parallel/schedules.py:361). So the router weight gets the mean over
             # DP replicas of the whole-sequence loss's gradient, as with one rank per replica.
-            # With --calculate-per-token-loss (scale 1, DDP sums, then all gradients are
-            # divided by the global token count, finalize_model_grads.py:694) the split
-            # still equals one rank, but this loss is divided by that count too.
+            # With --calculate-per-token-loss the scale is 1, DDP sums, and every gradient
+            # is then divided by the global token count (finalize_model_grads.py:694),
+            # num_microbatches x DP x (tokens of this micro-batch's whole sequences): so
+            # the loss is multiplied by the latter, leaving the same 1 / (micro-batches x
+            # DP) as above (Megatron's router does likewise, moe/router.py:633).
+            if self.config.calculate_per_token_loss:
+                loss = loss * (tokens.shape[0] * self.sequence_group.size())
             output = MoEAuxLossAutoScaler.apply(output, loss)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
