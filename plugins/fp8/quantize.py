@@ -26,6 +26,8 @@ never go below float32's smallest normal 2^-126: an all-zero tile gets that scal
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -46,6 +48,41 @@ def _check_block(shape: torch.Size, block: tuple[int, int], who: str) -> tuple[i
                 f"{tuple(shape)}) is not divisible by the block's {name} {b} for block "
                 f"{tuple(block)}; pad {name} to a multiple of {b} (zeros quantize exactly)")
     return r, c
+
+
+def _check_input(x: torch.Tensor, block: tuple[int, int], who: str) -> tuple[int, int]:
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{who}: x has dtype {x.dtype}; expected one of "
+                        f"torch.float32, torch.bfloat16, torch.float16")
+    if x.dim() != 2:
+        raise ValueError(f"{who}: x must be 2-D [rows, cols]; got shape {tuple(x.shape)}")
+    return _check_block(x.shape, block, who)
+
+
+def _raise_if_non_finite(finite: torch.Tensor, block: tuple[int, int], who: str) -> None:
+    """finite [R, C] bool, one per tile: raises naming the first tile that is not."""
+    if bool(finite.all()):
+        return
+    r, c = block
+    bad = (~finite).nonzero()
+    i, j = bad[0].tolist()
+    raise ValueError(
+        f"{who}: input has non-finite values (inf or NaN) in tile (row tile {i}, "
+        f"col tile {j}) of block {(r, c)}, i.e. rows {i * r}:{(i + 1) * r}, cols "
+        f"{j * c}:{(j + 1) * c}; {len(bad)} of {finite.numel()} tiles are affected")
+
+
+def _triton_kernel(x: torch.Tensor, block: tuple[int, int]):
+    """`plugins.fp8.triton_quantize` where it should quantize x (a CUDA tensor, a GPU it
+    runs on, a block it has), else None. It gives the same bits, so this changes speed
+    only; CPU tensors never import Triton."""
+    if not x.is_cuda or importlib.util.find_spec("triton") is None:
+        return None
+    from plugins.fp8 import triton_quantize
+
+    if block not in triton_quantize.BLOCKS or triton_quantize.available(x.device) is not None:
+        return None
+    return triton_quantize
 
 
 def _tiles(x: torch.Tensor, r: int, c: int) -> torch.Tensor:
@@ -77,23 +114,18 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *,
     Non-finite values raise ValueError naming the first bad tile: the E4M3 cast would turn
     them into NaN or (on some backends) silently into ±448, and one inf makes the whole
     tile's scale inf.
+
+    CUDA tensors on sm89+ go through the Triton kernel `plugins.fp8.triton_quantize`
+    for blocks (1, 128), (128, 128) and (128, 1): one pass over memory, the same bits.
     """
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"quantize: x has dtype {x.dtype}; expected one of "
-                        f"torch.float32, torch.bfloat16, torch.float16")
-    if x.dim() != 2:
-        raise ValueError(f"quantize: x must be 2-D [rows, cols]; got shape {tuple(x.shape)}")
-    r, c = _check_block(x.shape, block, "quantize")
+    r, c = _check_input(x, block, "quantize")
+    kernel = _triton_kernel(x, (r, c))
+    if kernel is not None:  # one pass over memory on the GPU, bit-identical
+        return kernel.quantize(x, (r, c), power_of_two_scales=power_of_two_scales)
     tiles = _tiles(x.float(), r, c)  # [R, r, C, c] float32, exact upcast
 
     finite = torch.isfinite(tiles).all(dim=3).all(dim=1)  # [R, C]
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()
-        i, j = bad[0].tolist()
-        raise ValueError(
-            f"quantize: input has non-finite values (inf or NaN) in tile (row tile {i}, "
-            f"col tile {j}) of block {(r, c)}, i.e. rows {i * r}:{(i + 1) * r}, cols "
-            f"{j * c}:{(j + 1) * c}; {len(bad)} of {finite.numel()} tiles are affected")
+    _raise_if_non_finite(finite, (r, c), "quantize")
 
     amax = tiles.abs().amax(dim=3).amax(dim=1)  # [R, C]
     scales = tile_scales(amax, power_of_two_scales)  # [R, C]
