@@ -1,0 +1,209 @@
+"""Tile-wise E4M3 quantization as one Triton kernel: x read once, q and scales written once.
+
+`plugins.fp8.quantize.quantize` in torch ops passes over memory several times (upcast,
+isfinite, abs, amax, divide, clamp, cast). Activations are quantized on every step, so on
+the GPU the same result should come at memory bandwidth. This kernel gives it bit for bit
+(same codes, same scales): the same float32 operations with IEEE division, the same
+floor, power-of-two rounding and clamp, and the same error for a tile with inf or NaN.
+
+Blocks (1, 128), (128, 128) and (128, 1), and `quantize_transposed(x)`: x^T in 1x128
+tiles, i.e. x in 128x1 tiles (128 tokens per channel, as Wgrad takes x and dy) written
+out transposed, from one read of x and with no `x.t().contiguous()` copy.
+
+`plugins.fp8.quantize.quantize` calls it for CUDA tensors where it can run (sm89 or newer,
+for the E4M3 conversions); CPU tensors keep the torch ops. `TRITON_INTERPRET=1`, set
+before this module is imported, runs the kernel on the CPU, which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from plugins.fp8.quantize import _check_input, _raise_if_non_finite
+
+# Launch shape per block: (BLOCK_R, BLOCK_C, num_warps), i.e. the chunk of x one program
+# takes. Starting points, not tuned on a GPU (this kernel has not yet run on one).
+LAUNCH = {
+    (1, 128): (32, 128, 4),     # 32 rows of one 128-wide tile column: 32 scales
+    (128, 128): (128, 128, 8),  # one tile: one scale
+    (128, 1): (128, 64, 8),     # 64 columns of one 128-tall tile row: 64 scales
+}
+BLOCKS = tuple(LAUNCH)
+
+_E4M3_MAX = tl.constexpr(448.0)
+_SMALLEST_NORMAL_FP32 = tl.constexpr(2.0 ** -126)
+_INF_BITS = tl.constexpr(0x7F800000)  # float32 bits of inf; above it: NaN
+
+
+@triton.jit
+def _tile_scales(amax_bits, POWER_OF_TWO: tl.constexpr):
+    """Per-tile float32 scales from the bits of the tiles' amax, as `quantize.tile_scales`;
+    inf for a tile holding inf or NaN (amax_bits >= inf's bits)."""
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    # div_rn: IEEE division as in torch (on NVIDIA GPUs `/` is not correctly rounded).
+    scale = tl.maximum(tl.math.div_rn(amax, _E4M3_MAX), _SMALLEST_NORMAL_FP32)
+    if POWER_OF_TWO:
+        # Round up to a power of two as frexp does: a positive normal float is a power of
+        # two iff its mantissa bits are zero; otherwise carry into the exponent, then
+        # clear the mantissa.
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(amax_bits >= _INF_BITS, float("inf"), scale)
+
+
+@triton.jit
+def _e4m3_codes(y):
+    """float32 y in [-448, 448] -> E4M3 codes (uint8), rounded to nearest even, in
+    integer arithmetic: for Triton's interpreter, whose float8 cast is not RNE (see
+    `_SOFTWARE_CASTS`); a GPU uses its conversion instruction instead."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    # Normal codes (|y| >= 2^-6): keep 3 of float32's 23 mantissa bits, rounding the 20
+    # dropped ones to nearest even (a carry runs on into the exponent, as it should),
+    # and rebias the exponent from 127 to 7.
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+    # Subnormal codes (|y| < 2^-6) count multiples of 2^-9: adding 2^23 rounds |y| * 2^9
+    # to an integer (ties to even) in the low mantissa bits. 8 comes out as 2^-6's code.
+    subnormal = (tl.abs(y) * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    return (tl.where(mag >= (121 << 23), normal, subnormal) | sign).to(tl.uint8)
+
+
+@triton.jit
+def _quantize_tiles(x, q, scales, rows, cols, stride_r, stride_c,
+                    TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    POWER_OF_TWO: tl.constexpr, TRANSPOSE: tl.constexpr,
+                    SOFTWARE_CASTS: tl.constexpr):
+    """Quantize x [rows, cols] (any strides) in TILE_R x TILE_C tiles.
+
+    One program takes a BLOCK_R x BLOCK_C chunk of x; each tile side is 1 or the chunk's
+    whole side, so the chunk holds [BLOCK_R // TILE_R, BLOCK_C // TILE_C] whole tiles:
+        (1, 128)    BLOCK_R rows of one 128-wide tile column  -> BLOCK_R scales
+        (128, 128)  one tile                                  -> 1 scale
+        (128, 1)    BLOCK_C columns of one 128-tall tile row  -> BLOCK_C scales
+    It loads the chunk once, reduces it to its tiles' amax, and writes the E4M3 codes to
+    q (uint8) and the scales. q is [rows, cols] and scales [rows // TILE_R, cols // TILE_C];
+    with TRANSPOSE, q is [cols, rows] and scales [cols // TILE_C, rows // TILE_R]: x^T
+    quantized in TILE_C x TILE_R tiles. A tile with inf or NaN gets scale inf.
+    SOFTWARE_CASTS does the bf16 -> float32 and float32 -> E4M3 conversions in integer
+    arithmetic, for Triton's interpreter (see `_SOFTWARE_CASTS`).
+    """
+    col_chunks = tl.cdiv(cols, BLOCK_C)
+    pid_r, pid_c = tl.program_id(0) // col_chunks, tl.program_id(0) % col_chunks
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)                       # [BR] rows of x
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)                       # [BC] cols of x
+    r64, c64 = r.to(tl.int64), c.to(tl.int64)                         # offsets may pass 2^31
+    inside = (r < rows)[:, None] & (c < cols)[None, :]                # [BR, BC]
+    v = tl.load(x + r64[:, None] * stride_r + c64[None, :] * stride_c, mask=inside,
+                other=0.0)                                            # [BR, BC]
+    if SOFTWARE_CASTS and v.dtype == tl.bfloat16:
+        # bf16 is float32's upper half: widening is a shift (also for subnormals).
+        v = (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    v = v.to(tl.float32)                                              # [BR, BC], exact
+
+    # Tile amax, as float32 bits: for |v| the integers order as the floats do, and inf
+    # and NaN (exponent all ones) above every finite value, so this max cannot drop a NaN
+    # (a float max may) and also tells which tiles are not finite.
+    amax_bits = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF            # [BR, BC]
+    if TILE_C > 1:
+        amax_bits = tl.max(amax_bits, axis=1, keep_dims=True)         # [BR, 1]
+    if TILE_R > 1:
+        amax_bits = tl.max(amax_bits, axis=0, keep_dims=True)         # [1, BC] or [1, 1]
+    scale = _tile_scales(amax_bits, POWER_OF_TWO)                     # [BR // TR, BC // TC]
+
+    if POWER_OF_TWO:
+        y = v * tl.math.div_rn(1.0, scale)  # 1 / scale is a power of two: same as v / scale
+    else:
+        y = tl.math.div_rn(v, scale)                                  # [BR, BC]
+    y = tl.minimum(tl.maximum(y, -_E4M3_MAX), _E4M3_MAX)  # where amax / scale rounded up
+    if SOFTWARE_CASTS:
+        codes = _e4m3_codes(y)                                        # [BR, BC] uint8
+    else:
+        codes = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)       # RNE, as torch's cast
+
+    tr = pid_r * (BLOCK_R // TILE_R) + tl.arange(0, BLOCK_R // TILE_R)  # [BR // TR] tile rows
+    tc = pid_c * (BLOCK_C // TILE_C) + tl.arange(0, BLOCK_C // TILE_C)  # [BC // TC] tile cols
+    tiles_inside = (tr < rows // TILE_R)[:, None] & (tc < cols // TILE_C)[None, :]
+    if TRANSPOSE:
+        tl.store(q + c64[:, None] * rows + r64[None, :], tl.trans(codes),
+                 mask=tl.trans(inside))                               # [BC, BR] of [cols, rows]
+        tl.store(scales + tc[:, None] * (rows // TILE_R) + tr[None, :], tl.trans(scale),
+                 mask=tl.trans(tiles_inside))
+    else:
+        tl.store(q + r64[:, None] * cols + c64[None, :], codes, mask=inside)
+        tl.store(scales + tr[:, None] * (cols // TILE_C) + tc[None, :], scale,
+                 mask=tiles_inside)
+
+
+# Workaround for Triton's interpreter (triton/runtime/interpreter.py, `_convert_float`,
+# Triton 3.9.0): its float32 -> float8e4nv cast rounds ties away from zero and truncates
+# E4M3 subnormals, and its bf16 -> float32 cast gets subnormals wrong; the GPU's
+# conversions are exact (widening) and round to nearest even, as torch's. Interpreted, the
+# kernel converts in integer arithmetic instead. tests/test_fp8_triton_quantize.py fails
+# once the interpreter's casts are right.
+_SOFTWARE_CASTS = isinstance(_quantize_tiles, InterpretedFunction)
+
+
+def available(device: torch.device | None = None) -> str | None:
+    """None when the kernel can run on `device` (default: the current CUDA device), else
+    why not."""
+    if _SOFTWARE_CASTS:  # interpreted: runs anywhere
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (TRITON_INTERPRET=1 runs it on the CPU, for tests)"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "E4M3 conversions need sm89 or newer"
+    return None
+
+
+def _launch(x: torch.Tensor, block: tuple[int, int], power_of_two_scales: bool,
+            transpose: bool, software_casts: bool = _SOFTWARE_CASTS):
+    rows, cols = x.shape
+    r, c = block
+    block_r, block_c, num_warps = LAUNCH[block]
+    q = torch.empty((cols, rows) if transpose else (rows, cols), dtype=torch.float8_e4m3fn,
+                    device=x.device)
+    scales = torch.empty((cols // c, rows // r) if transpose else (rows // r, cols // c),
+                         dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, scales
+    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _quantize_tiles[grid](  # on x's device, which need not be the current one
+            x, q.view(torch.uint8), scales, rows, cols, x.stride(0), x.stride(1),
+            TILE_R=r, TILE_C=c, BLOCK_R=block_r, BLOCK_C=block_c,
+            POWER_OF_TWO=power_of_two_scales, TRANSPOSE=transpose,
+            SOFTWARE_CASTS=software_casts, num_warps=num_warps,
+            enable_fp_fusion=False)  # nothing to fuse; fixed so Triton's default can't matter
+    return q, scales
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int], *,
+             power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`plugins.fp8.quantize.quantize` on the kernel: same arguments, same errors, same
+    result bit for bit; for blocks (1, 128), (128, 128) and (128, 1)."""
+    r, c = _check_input(x, block, "quantize")
+    if (r, c) not in BLOCKS:
+        raise ValueError(f"triton quantize: block {(r, c)} is not one of {BLOCKS}; "
+                         f"plugins.fp8.quantize.quantize takes any block")
+    q, scales = _launch(x, (r, c), power_of_two_scales, transpose=False)
+    _raise_if_non_finite(torch.isfinite(scales), (r, c), "quantize")
+    return q, scales
+
+
+def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] -> (q [cols, rows], scales [cols, rows // 128]), the same as
+    quantize(x.t().contiguous(), (1, 128)): x^T in 1x128 tiles (128 rows of x per scale),
+    from one read of x. rows must be a multiple of 128. A non-finite value raises naming
+    its tile of x^T."""
+    _check_input(x, (128, 1), "quantize_transposed")
+    q, scales = _launch(x, (128, 1), power_of_two_scales, transpose=True)
+    _raise_if_non_finite(torch.isfinite(scales), (1, 128), "quantize_transposed (tiles of x^T)")
+    return q, scales
