@@ -322,3 +322,20 @@ def test_cuda_matches_cpu(case, dtype, power_of_two, monkeypatch):
         monkeypatch.setattr(tq, "_launch", lambda *a, **k: launched.append(a) or software)
         quantize(x, block, power_of_two_scales=power_of_two)
         assert len(launched) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (128, 1), "transposed"])
+def test_cuda_non_finite_raises_like_quantize(block):
+    from plugins.fp8 import triton_quantize as tq
+
+    if tq.available(torch.device("cuda")) is not None:
+        pytest.skip(tq.available(torch.device("cuda")))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        x, want = with_bad_values(block, bad)
+        with pytest.raises(ValueError) as got:
+            if block == "transposed":
+                tq.quantize_transposed(x.cuda())
+            else:
+                quantize(x.cuda(), block)
+        assert str(got.value) == want
