@@ -26,7 +26,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from plugins.fp8 import backends
-from plugins.fp8.quantize import dequantize, quantize
+from plugins.fp8.quantize import dequantize, quantize, quantize_transposed
 
 ACTIVATION, WEIGHT, ALONG_TOKENS = (1, 128), (128, 128), (128, 1)
 
@@ -81,8 +81,8 @@ class FP8Linear(torch.autograd.Function):
         dx = gemm(dyq, wtq).to(dy.dtype).view(ctx.shape)
         # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens.
         x = dequantize(x_q, x_scales, ACTIVATION)                            # [tokens, in]
-        dy_t = _quantized(_pad_rows(dy2d).t().contiguous(), ACTIVATION)      # [out, tokens_p]
-        x_t = _quantized(_pad_rows(x).t().contiguous(), ACTIVATION)          # [in, tokens_p]
+        dy_t = backends.Operand(*quantize_transposed(_pad_rows(dy2d)), ACTIVATION)  # [out, tokens_p]
+        x_t = backends.Operand(*quantize_transposed(_pad_rows(x)), ACTIVATION)      # [in, tokens_p]
         dw = gemm(dy_t, x_t).to(weight.dtype)                                # [out, in]
         return dx, dw, None, None, None
 

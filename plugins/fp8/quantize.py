@@ -137,6 +137,17 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *,
     return q, scales
 
 
+def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] -> x^T in 1x128 tiles: (q [cols, rows], scales [cols, rows // 128]),
+    exactly quantize(x.t().contiguous(), (1, 128)). Wgrad's operands are tiled along
+    tokens this way; on a GPU the Triton kernel reads x once and never builds x^T."""
+    kernel = _triton_kernel(x, (128, 1))
+    if kernel is not None:
+        return kernel.quantize_transposed(x, power_of_two_scales=power_of_two_scales)
+    return quantize(x.t().contiguous(), (1, 128), power_of_two_scales=power_of_two_scales)
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int],
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q [rows, cols] float8_e4m3fn, scales [rows // r, cols // c] -> [rows, cols] dtype."""
