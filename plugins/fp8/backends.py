@@ -33,9 +33,14 @@ def emulated_gemm(a: Operand, b: Operand) -> torch.Tensor:
 
 
 def torch_scaled_gemm(a: Operand, b: Operand) -> torch.Tensor:
-    # torch._scaled_mm takes B column-major ([k, n] with stride (1, k)) and scales per
-    # tile in the layout of its block-wise recipe.
-    return torch._scaled_mm(a.q, b.q.t(), scale_a=a.scales, scale_b=b.scales.t(),
+    # torch._scaled_mm takes B column-major ([k, n] with stride (1, k)) and its block-wise
+    # scales in these layouts (aten/src/ATen/native/cuda/ScaledBlas.cpp): 1x128 scales
+    # outer-dim-major ([rows, k/128] with stride (1, rows)); B's 128x128 scales as
+    # [k/128, n/128] (the transpose of ours, a view); B's 1x128 scales (Wgrad) as a
+    # contiguous [k/128, n]. Not yet run on an sm90 GPU (tests/test_fp8_gpu.py checks it).
+    scale_a = a.scales.t().contiguous().t()
+    scale_b = b.scales.t().contiguous() if b.block == (1, 128) else b.scales.t()
+    return torch._scaled_mm(a.q, b.q.t(), scale_a=scale_a, scale_b=scale_b,
                             out_dtype=torch.float32)
 
 
