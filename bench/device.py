@@ -7,14 +7,12 @@ CPU fixes), so the benchmarks' smoke modes exercise every code path without a GP
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
 import subprocess
 import sys
 import time
 import traceback
-import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
@@ -194,27 +192,8 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
 def megatron_on(device: torch.device):
-    """TP = PP = EP = 1 on a one-rank group for `device`: NCCL on a GPU; on the CPU, gloo
-    with megaseek's CPU fixes (bench.single_rank). Everything undone on exit."""
-    if device.type == "cpu":
-        from bench.single_rank import megatron_single_rank
+    """TP = PP = EP = 1 on a one-rank group for `device` (bench.single_rank)."""
+    from bench.single_rank import megatron_single_rank
 
-        with megatron_single_rank():
-            yield
-        return
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        with warnings.catch_warnings():  # "TE/Apex not installed" and deprecations
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    return megatron_single_rank(device)
