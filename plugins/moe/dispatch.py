@@ -108,6 +108,8 @@ class Dispatched:
 
 def _all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group):
     """x [sum(send_splits), ...] -> [sum(recv_splits), ...]; splits are lists (gloo)."""
+    if dist.get_world_size(group) == 1:  # EP = 1: everything stays here, no collective
+        return x
     out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
     return out
