@@ -200,3 +200,13 @@ def test_requantizing_dequantized_values_is_idempotent(block, power_of_two):
         assert torch.equal(bits(q2), bits(q))
         torch.testing.assert_close(scales2, scales, rtol=2.0 ** -22, atol=0)
         torch.testing.assert_close(dequantize(q2, scales2, block), y, rtol=2.0 ** -21, atol=0)
+
+
+def test_square_blocks_of_the_transpose_are_the_transposed_blocks():
+    """FP8Linear's Dgrad transposes the FP8 weight instead of quantizing W^T: the same
+    bits, because a 128x128 block of W^T is a block of W transposed."""
+    w = torch.randn(384, 256, generator=torch.Generator().manual_seed(3)) * 5
+    q, scales = quantize(w, (128, 128))
+    q_t, scales_t = quantize(w.t().contiguous(), (128, 128))
+    assert torch.equal(q.t().contiguous().view(torch.uint8), q_t.view(torch.uint8))
+    assert torch.equal(scales.t(), scales_t)

@@ -77,7 +77,10 @@ class FP8Linear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])                                  # [tokens, out]
         # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out_p] in 128x128 blocks.
         dyq = _quantized(_pad_cols(dy2d), ACTIVATION)                       # [tokens, out_p]
-        wtq = _quantized(_pad_rows(weight).t().contiguous(), WEIGHT)        # [in, out_p]
+        # 128x128 blocks are square: W^T's blocks are W's transposed, bit for bit, so the
+        # FP8 weight is transposed rather than W transposed and quantized again.
+        wq = _quantized(_pad_rows(weight), WEIGHT)                           # [out_p, in]
+        wtq = backends.Operand(wq.q.t().contiguous(), wq.scales.t().contiguous(), WEIGHT)
         dx = gemm(dyq, wtq).to(dy.dtype).view(ctx.shape)
         # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens.
         x = dequantize(x_q, x_scales, ACTIVATION)                            # [tokens, in]
