@@ -7,6 +7,7 @@ CPU fixes), so the benchmarks' smoke modes exercise every code path without a GP
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import subprocess
@@ -190,6 +191,19 @@ def free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def failure_recorded(into: dict, key: str, device: torch.device):
+    """Runs the block; an exception is printed and stored as `into[key]` (the table says
+    why, and the next case goes on); cached GPU memory is given back either way."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc()
+        into[key] = failure(error)
+    finally:
+        free(device)
 
 
 def megatron_on(device: torch.device):

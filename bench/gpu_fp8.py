@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import math
-import traceback
 from dataclasses import dataclass
 from functools import partial
 
@@ -158,7 +157,7 @@ def measure_gemms(setup: Setup, device, available: dict[str, str | None]) -> lis
                  _random((m, n), setup, device, g)) for _ in range(setup.sets)]
         for pass_ in PASSES:
             row = {"weight": [n, k], "pass": pass_, "dims": gemm_dims(pass_, m, n, k)}
-            try:
+            with dev.failure_recorded(row, "error", device):  # the row says why
                 ops = [gemm_operands(pass_, *s) for s in sets]
                 calls = {"bf16": lambda i, ops=ops: ops[i % len(ops)][0]()}
                 for impl in live:
@@ -175,11 +174,7 @@ def measure_gemms(setup: Setup, device, available: dict[str, str | None]) -> lis
                     except Exception as error:  # noqa: BLE001
                         row["max_rel_error"][impl] = dev.failure(error)
                 del ops, ref
-            except Exception as error:  # noqa: BLE001  (the row says why; the next goes on)
-                traceback.print_exc()
-                row["error"] = dev.failure(error)
             rows.append(row)
-            dev.free(device)
         del sets
         dev.free(device)
     return rows
@@ -193,7 +188,7 @@ def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> l
     live = [i for i in setup.impls if available[i] is None and i != "scaled_mm"]
     for n, k in setup.weights:
         row = {"weight": [n, k], "tokens": m}
-        try:
+        with dev.failure_recorded(row, "error", device):  # the row says why
             sets = [(_random((m, k), setup, device, g, True),
                      _random((n, k), setup, device, g, True),
                      _random((m, n), setup, device, g)) for _ in range(setup.sets)]
@@ -204,11 +199,7 @@ def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> l
             row["times_s"] = dev.time_interleaved(calls, setup.reps, setup.warmup, device)
             dev.log(f"linear [{n}, {k}] fwd+bwd", row["times_s"])
             del sets, calls
-        except Exception as error:  # noqa: BLE001  (the row says why; the next goes on)
-            traceback.print_exc()
-            row["error"] = dev.failure(error)
         rows.append(row)
-        dev.free(device)
     return rows
 
 
@@ -263,12 +254,8 @@ def measure(device: torch.device, setup: Setup) -> dict:
         for key, fn in (("gemm", partial(measure_gemms, setup, device, available)),
                         ("linear", partial(measure_linears, setup, device, available)),
                         ("quantize", partial(measure_quantize, setup, device))):
-            try:
+            with dev.failure_recorded(sections, key, device):  # the others still run
                 sections[key] = fn()
-            except Exception as error:  # noqa: BLE001  (one section failing keeps the others)
-                traceback.print_exc()
-                sections[key] = dev.failure(error)
-            dev.free(device)
     finally:
         torch.set_float32_matmul_precision(precision)
     return {"device": dev.describe(device), "tokens": setup.tokens, "dtype": str(setup.dtype),

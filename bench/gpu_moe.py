@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -252,12 +251,8 @@ def measure(device: torch.device, setup: Setup) -> dict:
     sections = {}
     with dev.megatron_on(device):
         for key, fn in (("layer", measure_layers), ("grouped", measure_grouped)):
-            try:
+            with dev.failure_recorded(sections, key, device):  # the other still runs
                 sections[key] = fn(setup, device)
-            except Exception as error:  # noqa: BLE001  (one section failing keeps the other)
-                traceback.print_exc()
-                sections[key] = dev.failure(error)
-            dev.free(device)
     return {"device": dev.describe(device), "setup": {
         k: (str(v) if isinstance(v, torch.dtype) else v)
         for k, v in dataclasses.asdict(setup).items()}, **sections}

@@ -28,18 +28,20 @@ from megatron.core.tensor_parallel.mappings import (
 from plugins.fp8 import backends
 from plugins.fp8.quantize import dequantize, quantize, quantize_transposed
 
-ACTIVATION, WEIGHT, ALONG_TOKENS = (1, 128), (128, 128), (128, 1)
+ACTIVATION, WEIGHT = (1, 128), (128, 128)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
-    """Zero rows appended up to a multiple: zeros quantize exactly and add nothing to a
-    product, so a ragged dimension costs a copy, never accuracy."""
+    """t [rows, cols] with zero rows appended up to a multiple: zeros quantize exactly and
+    add nothing to a product, so a ragged dimension costs a copy, never accuracy."""
     extra = -t.shape[0] % multiple
-    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+    return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra))
 
 
 def _pad_cols(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, -t.shape[1] % multiple))
+    """t [rows, cols] with zero columns appended up to a multiple (as `_pad_rows`)."""
+    extra = -t.shape[1] % multiple
+    return t if extra == 0 else torch.nn.functional.pad(t, (0, extra))
 
 
 def _quantized(t: torch.Tensor, block) -> backends.Operand:
