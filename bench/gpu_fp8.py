@@ -55,7 +55,7 @@ class Setup:
     impls: tuple[str, ...]
     dtype: torch.dtype
     sets: int  # input sets rotated through, so repeated calls do not time the L2 cache
-    warmup: int
+    warmup: int  # >= 1: a shape's first call autotunes the triton kernel (seconds)
     reps: int
 
 
@@ -169,6 +169,10 @@ def measure_gemms(setup: Setup, device, available: dict[str, str | None]) -> lis
                 for impl in (i for i in live if isinstance(row["times_s"][i], list)):
                     try:
                         got = gemm_fn(impl)(*ops[0][1:]).float()
+                        if impl == "triton":  # what the autotuner chose for this shape
+                            from plugins.fp8.triton_gemm import tuned_config
+
+                            row["triton_config"] = tuned_config()
                         row["max_rel_error"][impl] = (
                             (got - ref).abs().max() / ref.abs().max()).item()
                     except Exception as error:  # noqa: BLE001
@@ -347,6 +351,11 @@ def result(raw: dict) -> Result:
             ["weight [N, K]", "pass", "GEMM MxNxK", *(IMPLS[i] for i in shown)], err_rows))
         notes += [_verdict(v, GEMM_TARGET, f"(a) {IMPLS[i]} speedup over BF16")
                   for i, v in speedups.items()]
+        chosen = [f"{'x'.join(map(str, r['dims']))}: {r['triton_config']}"
+                  for r in raw["gemm"] if "triton_config" in r]
+        if chosen:
+            notes.append("(a) The `triton` backend's autotuned config per GEMM MxNxK (tuned "
+                         "in the warm-up): " + "; ".join(chosen) + ".")
     elif "gemm" in raw:
         notes.append(f"(a) failed: {raw['gemm']}")
 

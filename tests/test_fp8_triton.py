@@ -8,34 +8,79 @@ import torch
 
 from tests.multirank import run_ranks
 
-SHAPES = [(64, 128, 128), (130, 256, 384), (256, 384, 256)]  # (M, N, K); M not a tile multiple
+WEIGHT, ACTIVATION = (128, 128), (1, 128)
+# (M, N, K, blocks of B). With the interpreter's 64x128 tiles in groups of 2 tile rows:
+# M not a tile multiple, a short last group (130: 3 tile rows), two full groups (256),
+# and N not a tile multiple (300, 1x128 B only: 128x128 blocks need whole blocks).
+SHAPES = [(64, 128, 128, (WEIGHT, ACTIVATION)), (130, 256, 384, (WEIGHT, ACTIVATION)),
+          (256, 384, 256, (WEIGHT, ACTIVATION)), (200, 300, 256, (ACTIVATION,))]
+# For the GPU configs' tiles (up to 128x256): ragged in M and, for 256-wide tiles, in N.
+GPU_CONFIG_SHAPES = [(300, 384, 256, (WEIGHT, ACTIVATION)), (300, 200, 256, (ACTIVATION,))]
 
 
-def triton_vs_emulated(rank: int, world_size: int) -> list[float]:
+def relative_errors(shapes, gemm) -> list[float]:
+    """max |C - C_emulated| / max |C_emulated| of `gemm(a, b)` per shape and B block
+    (Fprop/Dgrad: 128x128 weight blocks; Wgrad: 1x128 tiles)."""
     from plugins.fp8 import backends
     from plugins.fp8.quantize import quantize
 
     errors = []
     g = torch.Generator().manual_seed(0)
-    for m, n, k in SHAPES:
-        x, w, dy = (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g),
-                    torch.randn(n, k, generator=g))
-        a = backends.Operand(*quantize(x, (1, 128)), (1, 128))
-        for b in (backends.Operand(*quantize(w, (128, 128)), (128, 128)),   # Fprop/Dgrad
-                  backends.Operand(*quantize(dy, (1, 128)), (1, 128))):     # Wgrad
+    for m, n, k, blocks in shapes:
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        a = backends.Operand(*quantize(x, ACTIVATION), ACTIVATION)
+        for block in blocks:
+            b = backends.Operand(*quantize(w, block), block)
             want = backends.emulated_gemm(a, b)
-            got = backends.BACKENDS["triton"](a, b)
-            errors.append(((got - want).abs().max() / want.abs().max()).item())
+            errors.append(((gemm(a, b) - want).abs().max() / want.abs().max()).item())
     return errors
+
+
+def triton_vs_emulated(rank: int, world_size: int) -> list[float]:
+    from plugins.fp8 import backends, triton_gemm
+
+    # Interpreted: one fixed config, so the autotuner never benchmarks.
+    assert triton_gemm._tuned_gemm.configs == [triton_gemm.INTERPRETER_CONFIG]
+    return relative_errors(SHAPES, backends.BACKENDS["triton"])
+
+
+def gpu_configs_vs_emulated(rank: int, world_size: int) -> list[float]:
+    from plugins.fp8 import triton_gemm
+
+    # The interpreter ignores warps and stages: each tile shape and group size once.
+    metas = {tuple(c.kwargs.items()): c.kwargs for c in triton_gemm.CONFIGS}.values()
+    return [e for meta in metas for e in relative_errors(
+        GPU_CONFIG_SHAPES, lambda a, b, meta=meta: triton_gemm._launch(
+            triton_gemm._block_scaled_gemm, a, b, **meta))]
 
 
 def test_triton_kernel_matches_the_emulated_product(monkeypatch):
     # The interpreter is chosen when the kernel is defined: set it for the spawned process.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     errors = run_ranks(triton_vs_emulated, 1, timeout=300)[0]
-    assert len(errors) == 2 * len(SHAPES)
+    assert len(errors) == sum(len(blocks) for *_, blocks in SHAPES)
     # Same products, summed per 128-wide chunk then scaled (FP32 summation order only).
     assert max(errors) < 1e-5, errors
+
+
+def test_every_gpu_tile_shape_matches_the_emulated_product(monkeypatch):
+    """The tiles the GPU autotunes over, interpreted: their masks and grouped order."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    errors = run_ranks(gpu_configs_vs_emulated, 1, timeout=300)[0]
+    assert errors
+    assert max(errors) < 1e-5, errors  # FP32 summation order only, as above
+
+
+def test_configs_fit_h100_and_the_key_leaves_out_m():
+    from plugins.fp8 import triton_gemm
+
+    h100, sm89 = 227 * 1024, 99 * 1024  # shared memory a block may opt into
+    assert all(triton_gemm._shared_bytes(c) <= h100 for c in triton_gemm.CONFIGS)
+    assert triton_gemm._fitting_configs(triton_gemm.CONFIGS, h100) == list(triton_gemm.CONFIGS)
+    small = triton_gemm._fitting_configs(triton_gemm.CONFIGS, sm89)
+    assert small and all(triton_gemm._shared_bytes(c) <= sm89 for c in small)
+    # Token counts change on almost every MoE call: tuning must not follow them.
+    assert "M" not in triton_gemm._tuned_gemm.keys and "K" not in triton_gemm._tuned_gemm.keys
 
 
 def test_unavailable_without_a_gpu_or_the_interpreter(monkeypatch):
