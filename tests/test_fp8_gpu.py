@@ -79,6 +79,23 @@ def test_quantize_on_cuda_rejects_non_finite():
         quantize(x, (1, 128))
 
 
+@pytest.mark.parametrize("name", ["emulated", *GPU_BACKENDS])
+def test_linear_rejects_non_finite_on_cuda(name):
+    """fp8_linear checks x and W only after queuing its GEMM: the error still comes."""
+    require(name)
+    x = torch.randn(256, 256, device="cuda", requires_grad=True)
+    w = torch.randn(128, 256, device="cuda")
+    with torch.no_grad():
+        x_bad = x.clone()
+        x_bad[130, 7] = float("nan")
+    with pytest.raises(ValueError, match="input x .* non-finite"):
+        fp8_linear(x_bad, w, name)
+    dy = torch.randn(256, 128, device="cuda")
+    dy[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="output gradient dy has non-finite"):
+        fp8_linear(x, w, name).backward(dy)
+
+
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("b_block", [(128, 128), (1, 128)], ids=["B128x128", "B1x128"])
 @pytest.mark.parametrize("m,n,k", SHAPES)

@@ -78,6 +78,26 @@ def test_input_already_in_fp8_is_used_as_given():
         fp8_linear(x[:64], w, x_fp8=(q, scales))
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_operands_raise_naming_the_tensor(bad):
+    """Each direction checks its operands once, after its GEMMs: x and W in forward, dy in
+    backward; the error names the tensor and the tile."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 256, generator=g, requires_grad=True)
+    w = torch.randn(128, 256, generator=g, requires_grad=True)
+    with torch.no_grad():
+        x_bad, w_bad = x.clone(), w.clone()
+        x_bad[200, 130], w_bad[5, 3] = bad, bad
+    with pytest.raises(ValueError, match=r"the input x .* non-finite .*row tile 200, col tile 1"):
+        fp8_linear(x_bad, w)
+    with pytest.raises(ValueError, match=r"the weight has non-finite .*row tile 0, col tile 0"):
+        fp8_linear(x, w_bad)
+    dy = torch.randn(256, 128, generator=g)
+    dy[7, 0] = bad
+    with pytest.raises(ValueError, match=r"output gradient dy has non-finite .*row tile 7"):
+        fp8_linear(x, w).backward(dy)
+
+
 def saved_bytes(fn, *inputs) -> int:
     params = {t.untyped_storage().data_ptr() for t in inputs[1:]}
     kept: dict[int, int] = {}

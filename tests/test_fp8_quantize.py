@@ -10,7 +10,14 @@ covers the float32 roundings of x / s and q * s (each <= 2^-24 relative).
 import pytest
 import torch
 
-from plugins.fp8.quantize import E4M3_MAX, dequantize, quantize
+from plugins.fp8.quantize import (
+    E4M3_MAX,
+    dequantize,
+    quantize,
+    quantize_transposed,
+    raise_if_non_finite,
+    requantize_transposed,
+)
 
 BLOCKS = [(1, 128), (128, 128), (128, 1)]
 
@@ -146,6 +153,42 @@ def test_non_finite_raises_naming_the_tile(bad):
     x[3, 200] = bad
     with pytest.raises(ValueError, match=r"non-finite.*row tile 3, col tile 1"):
         quantize(x, (1, 128))
+
+
+@pytest.mark.parametrize("power_of_two", [False, True])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_unchecked_non_finite_tiles_cannot_come_back_finite(bad, power_of_two):
+    """check_finite=False (no host sync) leaves the check to the caller: a bad tile's scale
+    is inf, so all of it dequantizes to inf or NaN, and the later check names it."""
+    x = torch.randn(256, 256)
+    x[130, 5] = bad
+    q, scales = quantize(x, (128, 128), power_of_two_scales=power_of_two, check_finite=False)
+    assert torch.isinf(scales[1, 0]) and bool(torch.isfinite(scales).sum() == 3)
+    y = dequantize(q, scales, (128, 128))
+    assert not bool(torch.isfinite(y[128:, :128]).any())
+    torch.testing.assert_close(y[:128], dequantize(*quantize(x[:128], (128, 128),
+                               power_of_two_scales=power_of_two), (128, 128)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^the thing has non-finite.*row tile 1, col tile 0"):
+        raise_if_non_finite(scales, (128, 128), "the thing")
+
+
+def test_transposed_tiles_with_padding_and_from_fp8():
+    """Wgrad's operands: x^T in 1x128 tiles with a ragged token count zero-padded, from x
+    itself or from x held in FP8 1x128 tiles (the layer's backward cache)."""
+    x = spread(200, 256, seed=6)
+    x_pad = torch.cat([x, torch.zeros(56, 256)])
+    q, scales = quantize_transposed(x, pad_rows=True)
+    q_ref, scales_ref = quantize(x_pad.t().contiguous(), (1, 128))
+    assert q.shape == (256, 256) and torch.equal(bits(q), bits(q_ref))
+    assert torch.equal(scales, scales_ref)
+
+    cache = quantize(x, (1, 128))
+    q, scales = requantize_transposed(*cache, pad_rows=True)
+    q_ref, scales_ref = quantize(torch.cat([dequantize(*cache, (1, 128)), torch.zeros(56, 256)])
+                                 .t().contiguous(), (1, 128))
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(scales, scales_ref)
+    with pytest.raises(ValueError, match=r"rows = 200.*multiple of 128"):
+        quantize_transposed(x)
 
 
 def test_indivisible_dims_raise_naming_dim_and_block():

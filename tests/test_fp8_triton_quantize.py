@@ -15,17 +15,20 @@ import itertools
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from plugins.fp8.quantize import quantize
+from plugins.fp8.quantize import quantize, quantize_transposed, requantize_transposed
 from tests.multirank import run_ranks
 
 pytest.importorskip("triton")
 
-# (name, block or "transposed", shape of x); "transposed" is quantize_transposed(x).
+# (name, block or kind, shape of x). Kinds: "transposed" is quantize_transposed(x);
+# "padded" the same with pad_rows (ragged rows); "requantized" is
+# requantize_transposed(*quantize(x, (1, 128)), pad_rows=True): from x in FP8.
 CASES = [
     ("1x128 one tile", (1, 128), (1, 128)),
     ("1x128 ragged rows", (1, 128), (37, 256)),
@@ -40,6 +43,9 @@ CASES = [
 # Column-major x (stride (1, rows)); the name says so.
 CASES += [("1x128 strided", (1, 128), (64, 256)), ("128x128 strided", (128, 128), (128, 256)),
           ("transposed strided", "transposed", (256, 64))]
+CASES += [("padded", "padded", (200, 70)), ("padded whole", "padded", (256, 64)),
+          ("requantized", "requantized", (200, 256)), ("requantized whole", "requantized", (128, 384))]
+TRANSPOSED = ("transposed", "padded", "requantized")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RUNS = list(itertools.product(CASES, DTYPES, (False, True)))  # (case, dtype, power_of_two)
 RUN_IDS = [f"{name}-{str(dtype)[6:]}{'-pow2' if p2 else ''}" for (name, _, _), dtype, p2 in RUNS]
@@ -98,7 +104,7 @@ def make_input(block, shape, dtype, seed=0) -> torch.Tensor:
 
 
 def case_input(name, block, shape, dtype) -> torch.Tensor:
-    if block == "transposed":  # the special tiles are x^T's 1x128 tiles
+    if block in TRANSPOSED:  # the special tiles are x^T's 1x128 tiles
         x = make_input((1, 128), shape[::-1], dtype).t().contiguous()  # [rows, cols]
     else:
         x = make_input(block, shape, dtype)
@@ -107,9 +113,18 @@ def case_input(name, block, shape, dtype) -> torch.Tensor:
 
 def quantize_both(tq, x, block, power_of_two):
     """(the kernel's (q, scales), the reference's) for x in a case."""
+    p2 = dict(power_of_two_scales=power_of_two)
     if block == "transposed":
-        return (tq.quantize_transposed(x, power_of_two_scales=power_of_two),
-                quantize(x.t().contiguous().cpu(), (1, 128), power_of_two_scales=power_of_two))
+        return (tq.quantize_transposed(x, **p2),
+                quantize(x.t().contiguous().cpu(), (1, 128), **p2))
+    if block == "padded":
+        x_pad = torch.cat([x.cpu(), x.new_zeros(-x.shape[0] % 128, x.shape[1]).cpu()])
+        return (tq.quantize_transposed(x, pad_rows=True, **p2),
+                quantize(x_pad.t().contiguous(), (1, 128), **p2))
+    if block == "requantized":  # the reference: plugins.fp8.quantize's torch ops
+        cache = quantize(x.cpu(), (1, 128), **p2)
+        return (tq.requantize_transposed(*(t.to(x.device) for t in cache), pad_rows=True, **p2),
+                requantize_transposed(*cache, pad_rows=True, **p2))
     return (tq.quantize(x, block, power_of_two_scales=power_of_two),
             quantize(x.cpu(), block, power_of_two_scales=power_of_two))
 
@@ -123,20 +138,25 @@ def with_bad_values(block, bad):
     x = torch.randn(256, 256, generator=torch.Generator().manual_seed(3))
     x[130, 5] = bad
     x[3, 200] = bad
-    ref_x, ref_block = (x.t().contiguous(), (1, 128)) if block == "transposed" else (x, block)
     with pytest.raises(ValueError) as want:
-        quantize(ref_x, ref_block)
-    message = str(want.value)
+        quantize_transposed(x) if block == "transposed" else quantize(x, block)
+    return x, str(want.value)
+
+
+def unchecked(quantizer, x, block):
+    """check_finite=False: (q, scales) with no error."""
     if block == "transposed":
-        message = message.replace("quantize:", "quantize_transposed (tiles of x^T):", 1)
-    return x, message
+        return quantizer.quantize_transposed(x, check_finite=False)
+    return quantizer.quantize(x, block, check_finite=False)
 
 
 def interpreted_checks(rank: int, world_size: int) -> dict:
     """Everything that runs the kernel, in one process with TRITON_INTERPRET=1."""
     from plugins.fp8 import triton_quantize as tq
 
-    out = {"software_casts": tq._SOFTWARE_CASTS, "identical": {}, "errors": []}
+    qz = types.SimpleNamespace(quantize=quantize, quantize_transposed=quantize_transposed)
+    out = {"software_casts": tq._SOFTWARE_CASTS, "identical": {}, "errors": [],
+           "unchecked_scales": []}
     for (name, block, shape), dtype, p2 in RUNS:
         got, want = quantize_both(tq, case_input(name, block, shape, dtype), block, p2)
         differ = (bits(got[0]) != bits(want[0])).sum().item()
@@ -157,6 +177,9 @@ def interpreted_checks(rank: int, world_size: int) -> dict:
             except ValueError as e:
                 got = str(e)
             out["errors"].append((block, bad, got, want))
+            got_scales = unchecked(tq, x, block)[1]
+            out["unchecked_scales"].append(torch.equal(got_scales, unchecked(qz, x, block)[1])
+                                           and int(torch.isinf(got_scales).sum()) == 2)
 
     # The interpreter's own casts (the workaround's reasons to exist): float32 -> E4M3 on
     # ties, bf16 -> float32 on subnormals (x / 2^-126 lands in E4M3's normal range).
@@ -202,6 +225,10 @@ def test_non_finite_raises_like_quantize(interpreted):
     for block, bad, got, want in interpreted["errors"]:
         assert got == want, (block, bad)
         assert "2 of" in got  # both bad tiles counted, the first one named
+
+
+def test_unchecked_bad_tiles_get_scale_inf_like_quantize(interpreted):
+    assert interpreted["unchecked_scales"] == [True] * 12
 
 
 def test_interpreter_cast_still_needs_the_workaround(interpreted):
@@ -250,7 +277,7 @@ def test_cpu_quantize_does_not_touch_triton():
         import sys
         import torch
         sys.modules["triton"] = None  # any `import triton` now raises ImportError
-        from plugins.fp8.quantize import quantize
+        from plugins.fp8.quantize import quantize, quantize_transposed, requantize_transposed
         x = torch.randn(256, 256)
         for block in [(1, 128), (128, 128), (128, 1)]:
             q, s = quantize(x, block)
@@ -278,16 +305,19 @@ def test_compiles_for_sm90():
         pytest.skip("TRITON_INTERPRET=1 in this process")
     if "nvidia" not in backends:
         pytest.skip("this Triton has no NVIDIA backend")
-    for block, transpose in [((1, 128), False), ((128, 128), False), ((128, 1), True)]:
+    launches = [((1, 128), False, False), ((128, 128), False, False), ((128, 1), True, False),
+                ((128, 1), True, True)]  # (block, transpose, from FP8)
+    for block, transpose, from_fp8 in launches:
         for p2 in (False, True):
             block_r, block_c, num_warps = tq.LAUNCH[block]
             constants = dict(stride_c=1, TILE_R=block[0], TILE_C=block[1], BLOCK_R=block_r,
                              BLOCK_C=block_c, POWER_OF_TWO=p2, TRANSPOSE=transpose,
-                             SOFTWARE_CASTS=False)
-            signature = {"x": "*bf16", "q": "*u8", "scales": "*fp32", "rows": "i32",
-                         "cols": "i32", "stride_r": "i32",
+                             FROM_FP8=from_fp8, SOFTWARE_CASTS=False)
+            signature = {"x": "*u8" if from_fp8 else "*bf16", "q": "*u8", "scales": "*fp32",
+                         "src_scales": "*fp32", "rows": "i32", "cols": "i32",
+                         "out_rows": "i32", "stride_r": "i32",
                          **dict.fromkeys(constants, "constexpr")}
-            aligned = {(i,): [["tt.divisibility", 16]] for i in range(6)}  # as a launch would
+            aligned = {(i,): [["tt.divisibility", 16]] for i in range(8)}  # as a launch would
             kernel = triton.compile(ASTSource(tq._quantize_tiles, signature, constants, aligned),
                                     target=GPUTarget("cuda", 90, 32),
                                     options=dict(num_warps=num_warps, enable_fp_fusion=False))
@@ -298,6 +328,19 @@ def test_compiles_for_sm90():
             assert "div.full" not in ptx and "div.approx" not in ptx
             assert ".ftz" not in ptx  # subnormal inputs (tiny tiles) are not flushed
             assert "ld.global.v4" in ptx and "st.global.v4" in ptx  # 16-byte accesses
+
+
+def software_launch(tq, x, block, power_of_two):
+    """The kernel's result for a case with the interpreter's integer conversions."""
+    if block not in TRANSPOSED:
+        return tq._launch(x, block, power_of_two, False, software_casts=True)
+    out_rows = x.shape[0] + (-x.shape[0] % 128 if block != "transposed" else 0)
+    src_scales = None
+    if block == "requantized":
+        x, src_scales = (t.to(x.device) for t in quantize(x.cpu(), (1, 128),
+                                                          power_of_two_scales=power_of_two))
+    return tq._launch(x, (128, 1), power_of_two, True, software_casts=True, out_rows=out_rows,
+                      src_scales=src_scales)
 
 
 @pytest.mark.gpu
@@ -312,12 +355,11 @@ def test_cuda_matches_cpu(case, dtype, power_of_two, monkeypatch):
     name, block, shape = case
     x = case_input(name, block, shape, dtype).cuda()  # .cuda() keeps the strides
     got, want = quantize_both(tq, x, block, power_of_two)
-    tile, transpose = ((128, 1), True) if block == "transposed" else (block, False)
-    software = tq._launch(x, tile, power_of_two, transpose, software_casts=True)
+    software = software_launch(tq, x, block, power_of_two)
     for q, scales in (got, software):
         assert torch.equal(bits(q).cpu(), bits(want[0]))
         assert torch.equal(scales.cpu(), want[1])
-    if block != "transposed":  # and plugins.fp8.quantize.quantize launches the kernel
+    if block not in TRANSPOSED:  # and plugins.fp8.quantize.quantize launches the kernel
         launched = []
         monkeypatch.setattr(tq, "_launch", lambda *a, **k: launched.append(a) or software)
         quantize(x, block, power_of_two_scales=power_of_two)

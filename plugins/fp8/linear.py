@@ -6,8 +6,8 @@
 
 The layer input is kept for backward in FP8 with its 1x128 scales, not in the training
 dtype: about half the bytes for BF16 training. Wgrad needs x tiled along tokens, so the
-cached x is dequantized and quantized again along the other axis (as DeepSeek's kernels
-transpose the cache). Products accumulate in FP32; outputs come back in x's dtype.
+cached x is re-quantized along the other axis straight from its FP8 bytes (as DeepSeek's
+kernels transpose the cache). Products accumulate in FP32; outputs come back in x's dtype.
 
 `FP8ColumnParallelLinear` and `FP8RowParallelLinear` are Megatron's linear layers with
 only their GEMM function replaced; tensor/sequence-parallel communication is Megatron's.
@@ -26,26 +26,30 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from plugins.fp8 import backends
-from plugins.fp8.quantize import dequantize, quantize, quantize_transposed
+from plugins.fp8.quantize import (
+    pad_to_tiles,
+    quantize,
+    quantize_transposed,
+    raise_if_non_finite,
+    requantize_transposed,
+)
 
 ACTIVATION, WEIGHT = (1, 128), (128, 128)
 
 
-def _pad_rows(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
-    """t [rows, cols] with zero rows appended up to a multiple: zeros quantize exactly and
-    add nothing to a product, so a ragged dimension costs a copy, never accuracy."""
-    extra = -t.shape[0] % multiple
-    return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra))
-
-
-def _pad_cols(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
-    """t [rows, cols] with zero columns appended up to a multiple (as `_pad_rows`)."""
-    extra = -t.shape[1] % multiple
-    return t if extra == 0 else torch.nn.functional.pad(t, (0, extra))
-
-
 def _quantized(t: torch.Tensor, block) -> backends.Operand:
-    return backends.Operand(*quantize(t, block), block)
+    """Unchecked for inf and NaN (no host sync): the caller checks the scales once the
+    GEMMs are queued (`_raise_if_non_finite`); a bad tile's scale is inf meanwhile, so
+    nothing it touches comes out finite."""
+    return backends.Operand(*quantize(t, block, check_finite=False), block)
+
+
+def _raise_if_non_finite(*operands: tuple[str, backends.Operand]) -> None:
+    """One host sync for all of them; then the error names the operand and its tile."""
+    if bool(torch.stack([torch.isfinite(op.scales).all() for _, op in operands]).all()):
+        return
+    for what, op in operands:
+        raise_if_non_finite(op.scales, op.block, f"fp8_linear: the {what}")
 
 
 class FP8Linear(torch.autograd.Function):
@@ -55,7 +59,12 @@ class FP8Linear(torch.autograd.Function):
     (an expert's share of a batch) is zero-padded to whole 128-token Wgrad tiles.
 
     `x_q`, `x_scales`: x already in FP8 with 1x128 tiles (the MoE plugin's FP8 dispatch
-    delivers tokens so); Fprop and the backward cache use them as they are."""
+    delivers tokens so); Fprop and the backward cache use them as they are.
+
+    Inf or NaN in x or W (forward) or dy (backward) raises ValueError naming the tensor
+    and tile. Each direction waits for the GPU once, after its GEMMs are queued, so the
+    GPU stays busy while the host waits.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str,
@@ -63,12 +72,16 @@ class FP8Linear(torch.autograd.Function):
         gemm = backends.BACKENDS[backend]
         shape, out = x.shape, weight.shape[0]
         if x_q is None:
-            x_q, x_scales = quantize(x.reshape(-1, shape[-1]), ACTIVATION)  # [tokens, in]
+            xq = _quantized(x.reshape(-1, shape[-1]), ACTIVATION)               # [tokens, in]
+            checks = [("input x (from the layer before)", xq)]
         elif x_q.shape != (x.numel() // shape[-1], shape[-1]):
             raise ValueError(f"fp8_linear: x_fp8 holds {tuple(x_q.shape)}, x is {tuple(shape)}")
-        wq = _quantized(_pad_rows(weight), WEIGHT)                           # [out_p, in]
-        y = gemm(backends.Operand(x_q, x_scales, ACTIVATION), wq)[:, :out]   # [tokens, out]
-        ctx.save_for_backward(x_q, x_scales, weight)                        # the FP8 cache
+        else:  # checked where it was quantized
+            xq, checks = backends.Operand(x_q, x_scales, ACTIVATION), []
+        wq = _quantized(pad_to_tiles(weight, rows=128), WEIGHT)              # [out_p, in]
+        y = gemm(xq, wq)[:, :out]                                            # [tokens, out]
+        _raise_if_non_finite(*checks, ("weight", wq))
+        ctx.save_for_backward(xq.q, xq.scales, weight)                       # the FP8 cache
         ctx.backend, ctx.shape = backend, shape
         return y.to(x.dtype).view(*shape[:-1], out)
 
@@ -78,17 +91,21 @@ class FP8Linear(torch.autograd.Function):
         gemm = backends.BACKENDS[ctx.backend]
         dy2d = dy.reshape(-1, dy.shape[-1])                                  # [tokens, out]
         # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out_p] in 128x128 blocks.
-        dyq = _quantized(_pad_cols(dy2d), ACTIVATION)                       # [tokens, out_p]
+        dyq = _quantized(pad_to_tiles(dy2d, cols=128), ACTIVATION)          # [tokens, out_p]
         # 128x128 blocks are square: W^T's blocks are W's transposed, bit for bit, so the
-        # FP8 weight is transposed rather than W transposed and quantized again.
-        wq = _quantized(_pad_rows(weight), WEIGHT)                           # [out_p, in]
+        # FP8 weight is transposed rather than W transposed and quantized again. (W was
+        # checked in forward.)
+        wq = _quantized(pad_to_tiles(weight, rows=128), WEIGHT)              # [out_p, in]
         wtq = backends.Operand(wq.q.t().contiguous(), wq.scales.t().contiguous(), WEIGHT)
         dx = gemm(dyq, wtq).to(dy.dtype).view(ctx.shape)
-        # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens.
-        x = dequantize(x_q, x_scales, ACTIVATION)                            # [tokens, in]
-        dy_t = backends.Operand(*quantize_transposed(_pad_rows(dy2d)), ACTIVATION)  # [out, tokens_p]
-        x_t = backends.Operand(*quantize_transposed(_pad_rows(x)), ACTIVATION)      # [in, tokens_p]
+        # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
+        # token count zero-padded to whole tiles; x straight from the FP8 cache.
+        dy_t = backends.Operand(*quantize_transposed(dy2d, check_finite=False, pad_rows=True),
+                                ACTIVATION)                                  # [out, tokens_p]
+        x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
+                               ACTIVATION)                                   # [in, tokens_p]
         dw = gemm(dy_t, x_t).to(weight.dtype)                                # [out, in]
+        _raise_if_non_finite(("output gradient dy", dyq))
         return dx, dw, None, None, None
 
 

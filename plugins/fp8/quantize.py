@@ -59,17 +59,19 @@ def _check_input(x: torch.Tensor, block: tuple[int, int], who: str) -> tuple[int
     return _check_block(x.shape, block, who)
 
 
-def _raise_if_non_finite(finite: torch.Tensor, block: tuple[int, int], who: str) -> None:
-    """finite [R, C] bool, one per tile: raises naming the first tile that is not."""
+def raise_if_non_finite(scales: torch.Tensor, block: tuple[int, int], what: str) -> None:
+    """Raises naming the first tile with inf or NaN, for `scales` from
+    quantize(..., check_finite=False) (such a tile's scale is inf). A host sync on a GPU."""
+    finite = torch.isfinite(scales)  # [R, C]
     if bool(finite.all()):
         return
     r, c = block
     bad = (~finite).nonzero()
     i, j = bad[0].tolist()
     raise ValueError(
-        f"{who}: input has non-finite values (inf or NaN) in tile (row tile {i}, "
-        f"col tile {j}) of block {(r, c)}, i.e. rows {i * r}:{(i + 1) * r}, cols "
-        f"{j * c}:{(j + 1) * c}; {len(bad)} of {finite.numel()} tiles are affected")
+        f"{what} has non-finite values (inf or NaN) in tile (row tile {i}, col tile {j}) "
+        f"of block {(r, c)}, i.e. rows {i * r}:{(i + 1) * r}, cols {j * c}:{(j + 1) * c}; "
+        f"{len(bad)} of {finite.numel()} tiles are affected")
 
 
 def _triton_kernel(x: torch.Tensor, block: tuple[int, int]):
@@ -91,7 +93,8 @@ def _tiles(x: torch.Tensor, r: int, c: int) -> torch.Tensor:
 
 
 def tile_scales(amax: torch.Tensor, power_of_two_scales: bool = False) -> torch.Tensor:
-    """Per-tile scales from per-tile absolute maxima (float32, any shape)."""
+    """Per-tile scales from per-tile absolute maxima (float32, any shape); inf where amax
+    is inf or NaN, so that such a tile dequantizes to inf or NaN, never to finite values."""
     # The floor keeps zero tiles (and amax so small that amax / 448 underflows) finite and
     # positive; an all-zero tile gets scale 2^-126 and quantizes to zeros.
     scale = (amax / E4M3_MAX).clamp_min(SMALLEST_NORMAL_FP32)
@@ -100,11 +103,11 @@ def tile_scales(amax: torch.Tensor, power_of_two_scales: bool = False) -> torch.
         # m == 0.5 is already a power of two. Up, so that amax / scale stays <= 448.
         mantissa, exponent = torch.frexp(scale)
         scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).int())
-    return scale
+    return torch.where(torch.isfinite(amax), scale, torch.inf)
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int], *,
-             power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, block: tuple[int, int], *, power_of_two_scales: bool = False,
+             check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, cols] fp32/bf16/fp16 -> (q [rows, cols] float8_e4m3fn,
     scales [rows // r, cols // c] float32) for block (r, c); x ≈ dequantize(q, scales, block).
 
@@ -113,7 +116,9 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *,
 
     Non-finite values raise ValueError naming the first bad tile: the E4M3 cast would turn
     them into NaN or (on some backends) silently into ±448, and one inf makes the whole
-    tile's scale inf.
+    tile's scale inf. That check waits for the GPU; check_finite=False skips it, for
+    callers that check the scales later (`raise_if_non_finite`) after queuing more work.
+    A tile with inf or NaN gets scale inf either way, so it cannot dequantize to finite.
 
     CUDA tensors on sm89+ go through the Triton kernel `plugins.fp8.triton_quantize`
     for blocks (1, 128), (128, 128) and (128, 1): one pass over memory, the same bits.
@@ -121,31 +126,81 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *,
     r, c = _check_input(x, block, "quantize")
     kernel = _triton_kernel(x, (r, c))
     if kernel is not None:  # one pass over memory on the GPU, bit-identical
-        return kernel.quantize(x, (r, c), power_of_two_scales=power_of_two_scales)
-    tiles = _tiles(x.float(), r, c)  # [R, r, C, c] float32, exact upcast
+        return kernel.quantize(x, (r, c), power_of_two_scales=power_of_two_scales,
+                               check_finite=check_finite)
+    q, scales = _quantize_tiles(x, (r, c), power_of_two_scales)
+    if check_finite:
+        raise_if_non_finite(scales, (r, c), "quantize: x")
+    return q, scales
 
-    finite = torch.isfinite(tiles).all(dim=3).all(dim=1)  # [R, C]
-    _raise_if_non_finite(finite, (r, c), "quantize")
 
-    amax = tiles.abs().amax(dim=3).amax(dim=1)  # [R, C]
+def _quantize_tiles(x: torch.Tensor, block: tuple[int, int], power_of_two_scales: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    tiles = _tiles(x.float(), *block)  # [R, r, C, c] float32, exact upcast
+    amax = tiles.abs().amax(dim=3).amax(dim=1)  # [R, C], NaN where a tile has one
     scales = tile_scales(amax, power_of_two_scales)  # [R, C]
     # Clamp before the cast: the cast's handling of out-of-range values differs between
     # backends and versions (NaN or saturation). With amax scaling values only leave
     # [-448, 448] by rounding of amax / scale, which the clamp undoes.
     scaled = (tiles / scales[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
-    q = scaled.to(torch.float8_e4m3fn).reshape(x.shape)  # [rows, cols]
-    return q, scales
+    return scaled.to(torch.float8_e4m3fn).reshape(x.shape), scales  # [rows, cols], [R, C]
 
 
-def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False
+def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                        check_finite: bool = True, pad_rows: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, cols] -> x^T in 1x128 tiles: (q [cols, rows], scales [cols, rows // 128]),
     exactly quantize(x.t().contiguous(), (1, 128)). Wgrad's operands are tiled along
-    tokens this way; on a GPU the Triton kernel reads x once and never builds x^T."""
+    tokens this way; on a GPU the Triton kernel reads x once and never builds x^T.
+
+    pad_rows appends zero rows to x up to a multiple of 128 first (a ragged token count:
+    zeros add nothing to Wgrad's sum over tokens); q is then [cols, rows rounded up]."""
+    _check_input(x, (1, 1), "quantize_transposed")
+    _transposed_rows(x, pad_rows, "quantize_transposed")
     kernel = _triton_kernel(x, (128, 1))
     if kernel is not None:
-        return kernel.quantize_transposed(x, power_of_two_scales=power_of_two_scales)
-    return quantize(x.t().contiguous(), (1, 128), power_of_two_scales=power_of_two_scales)
+        return kernel.quantize_transposed(x, power_of_two_scales=power_of_two_scales,
+                                          check_finite=check_finite, pad_rows=pad_rows)
+    x_t = pad_to_tiles(x, rows=128 if pad_rows else 1).t().contiguous()
+    q, scales = quantize(x_t, (1, 128), power_of_two_scales=power_of_two_scales,
+                         check_finite=False)
+    if check_finite:
+        raise_if_non_finite(scales, (1, 128), "quantize_transposed: x^T")
+    return q, scales
+
+
+def _transposed_rows(x: torch.Tensor, pad_rows: bool, who: str) -> int:
+    """Rows of x after padding (x^T's columns), checked to make whole 128-row tiles."""
+    rows, cols = x.shape
+    out_rows = rows + (-rows % 128 if pad_rows else 0)
+    _check_block(torch.Size((out_rows, cols)), (128, 1), who)
+    return out_rows
+
+
+def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
+                          power_of_two_scales: bool = False, pad_rows: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x held in FP8 in 1x128 tiles (q [rows, cols], scales [rows, cols // 128]) -> x^T in
+    1x128 tiles, exactly quantize_transposed(dequantize(q, scales, (1, 128)), ...): the
+    layer input cached for backward, re-tiled along tokens for Wgrad. On a GPU the Triton
+    kernel reads the FP8 bytes once; nothing in float32 is built. Not checked for
+    non-finite values: these are the source's, which its own quantization reported."""
+    kernel = _triton_kernel(q, (128, 1))
+    if kernel is not None:
+        return kernel.requantize_transposed(q, scales, power_of_two_scales=power_of_two_scales,
+                                            pad_rows=pad_rows)
+    return quantize_transposed(dequantize(q, scales, (1, 128)), check_finite=False,
+                               power_of_two_scales=power_of_two_scales, pad_rows=pad_rows)
+
+
+def pad_to_tiles(t: torch.Tensor, rows: int = 1, cols: int = 1) -> torch.Tensor:
+    """t [r, c] with zero rows and columns appended up to multiples of `rows` and `cols`:
+    zeros quantize exactly and add nothing to a product, so a ragged dimension costs a
+    copy, never accuracy."""
+    extra_rows, extra_cols = -t.shape[0] % rows, -t.shape[1] % cols
+    if extra_rows == extra_cols == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, extra_cols, 0, extra_rows))
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int],

@@ -20,7 +20,9 @@ class FP8CachedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         gate, linear = x.chunk(2, dim=-1)                          # [..., F] each
-        ctx.save_for_backward(*quantize(x.reshape(-1, x.shape[-1]), TILE))
+        # Unchecked (no host sync): inf or NaN in x makes the output inf or NaN too, which
+        # the next FP8 linear reports; the cache's scale is inf, so backward stays so.
+        ctx.save_for_backward(*quantize(x.reshape(-1, x.shape[-1]), TILE, check_finite=False))
         ctx.shape, ctx.dtype = x.shape, x.dtype
         return F.silu(gate) * linear
 

@@ -1,14 +1,16 @@
 """Tile-wise E4M3 quantization as one Triton kernel: x read once, q and scales written once.
 
 `plugins.fp8.quantize.quantize` in torch ops passes over memory several times (upcast,
-isfinite, abs, amax, divide, clamp, cast). Activations are quantized on every step, so on
+abs, amax, divide, clamp, cast). Activations are quantized on every step, so on
 the GPU the same result should come at memory bandwidth. This kernel gives it bit for bit
 (same codes, same scales): the same float32 operations with IEEE division, the same
 floor, power-of-two rounding and clamp, and the same error for a tile with inf or NaN.
 
 Blocks (1, 128), (128, 128) and (128, 1), and `quantize_transposed(x)`: x^T in 1x128
 tiles, i.e. x in 128x1 tiles (128 tokens per channel, as Wgrad takes x and dy) written
-out transposed, from one read of x and with no `x.t().contiguous()` copy.
+out transposed, from one read of x and with no `x.t().contiguous()` copy; a ragged token
+count is zero-padded on the way. `requantize_transposed(q, scales)` does the same from x
+held in FP8 1x128 tiles (the linear layer's backward cache), decoding it in registers.
 
 `plugins.fp8.quantize.quantize` calls it for CUDA tensors where it can run (sm89 or newer,
 for the E4M3 conversions); CPU tensors keep the torch ops. `TRITON_INTERPRET=1`, set
@@ -24,7 +26,12 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from plugins.fp8.quantize import _check_input, _raise_if_non_finite
+from plugins.fp8.quantize import (
+    _check_block,
+    _check_input,
+    _transposed_rows,
+    raise_if_non_finite,
+)
 
 # Launch shape per block: (BLOCK_R, BLOCK_C, num_warps), i.e. the chunk of x one program
 # takes. Starting points, not tuned on a GPU (this kernel has not yet run on one).
@@ -75,12 +82,50 @@ def _e4m3_codes(y):
 
 
 @triton.jit
-def _quantize_tiles(x, q, scales, rows, cols, stride_r, stride_c,
+def _e4m3_value(codes):
+    """E4M3 codes (uint8) -> float32, exactly, in integer arithmetic (for the interpreter,
+    as `_e4m3_codes`): normal codes rebias the exponent from 7 to 127, subnormal ones
+    count multiples of 2^-9; 0x7F and 0xFF are NaN."""
+    bits = codes.to(tl.int32)
+    mag = bits & 0x7F
+    normal = ((mag + ((127 - 7) << 3)) << 20).to(tl.float32, bitcast=True)
+    value = tl.where(mag >= 8, normal, (mag & 7).to(tl.float32) * 0.001953125)
+    value = tl.where(mag == 0x7F, float("nan"), value)
+    return tl.where(bits >= 0x80, -value, value)
+
+
+@triton.jit
+def _load_chunk(x, src_scales, r, c, rows, cols, stride_r, stride_c,
+                FROM_FP8: tl.constexpr, SOFTWARE_CASTS: tl.constexpr):
+    """x's values at rows r [BR] and cols c [BC] as float32 [BR, BC], zeros outside x.
+    FROM_FP8: x holds E4M3 codes (uint8) in 1x128 tiles with src_scales [rows, cols // 128],
+    and the values are codes times scales in float32, as `quantize.dequantize`."""
+    inside = (r < rows)[:, None] & (c < cols)[None, :]                # [BR, BC]
+    r64, c64 = r.to(tl.int64), c.to(tl.int64)                         # offsets may pass 2^31
+    v = tl.load(x + r64[:, None] * stride_r + c64[None, :] * stride_c, mask=inside,
+                other=0)                                              # [BR, BC]
+    if FROM_FP8:
+        if SOFTWARE_CASTS:
+            v = _e4m3_value(v)
+        else:
+            v = v.to(tl.float8e4nv, bitcast=True).to(tl.float32)      # exact
+        s = tl.load(src_scales + r64[:, None] * (cols // 128) + (c // 128)[None, :],
+                    mask=inside, other=0.0)                           # [BR, BC]
+        return v * s
+    if SOFTWARE_CASTS and v.dtype == tl.bfloat16:
+        # bf16 is float32's upper half: widening is a shift (also for subnormals).
+        v = (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)                                           # exact
+
+
+@triton.jit
+def _quantize_tiles(x, q, scales, src_scales, rows, cols, out_rows, stride_r, stride_c,
                     TILE_R: tl.constexpr, TILE_C: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     POWER_OF_TWO: tl.constexpr, TRANSPOSE: tl.constexpr,
-                    SOFTWARE_CASTS: tl.constexpr):
-    """Quantize x [rows, cols] (any strides) in TILE_R x TILE_C tiles.
+                    FROM_FP8: tl.constexpr, SOFTWARE_CASTS: tl.constexpr):
+    """Quantize x [rows, cols] (any strides), zero rows appended up to out_rows, in
+    TILE_R x TILE_C tiles.
 
     One program takes a BLOCK_R x BLOCK_C chunk of x; each tile side is 1 or the chunk's
     whole side, so the chunk holds [BLOCK_R // TILE_R, BLOCK_C // TILE_C] whole tiles:
@@ -88,24 +133,20 @@ def _quantize_tiles(x, q, scales, rows, cols, stride_r, stride_c,
         (128, 128)  one tile                                  -> 1 scale
         (128, 1)    BLOCK_C columns of one 128-tall tile row  -> BLOCK_C scales
     It loads the chunk once, reduces it to its tiles' amax, and writes the E4M3 codes to
-    q (uint8) and the scales. q is [rows, cols] and scales [rows // TILE_R, cols // TILE_C];
-    with TRANSPOSE, q is [cols, rows] and scales [cols // TILE_C, rows // TILE_R]: x^T
-    quantized in TILE_C x TILE_R tiles. A tile with inf or NaN gets scale inf.
-    SOFTWARE_CASTS does the bf16 -> float32 and float32 -> E4M3 conversions in integer
+    q (uint8) and the scales. q is [out_rows, cols] and scales [out_rows // TILE_R,
+    cols // TILE_C]; with TRANSPOSE, q is [cols, out_rows] and scales [cols // TILE_C,
+    out_rows // TILE_R]: x^T quantized in TILE_C x TILE_R tiles. A tile with inf or NaN
+    gets scale inf. FROM_FP8: x is itself FP8 in 1x128 tiles (see `_load_chunk`).
+    SOFTWARE_CASTS does the conversions between float32 and bf16 or E4M3 in integer
     arithmetic, for Triton's interpreter (see `_SOFTWARE_CASTS`).
     """
     col_chunks = tl.cdiv(cols, BLOCK_C)
     pid_r, pid_c = tl.program_id(0) // col_chunks, tl.program_id(0) % col_chunks
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)                       # [BR] rows of x
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)                       # [BC] cols of x
-    r64, c64 = r.to(tl.int64), c.to(tl.int64)                         # offsets may pass 2^31
-    inside = (r < rows)[:, None] & (c < cols)[None, :]                # [BR, BC]
-    v = tl.load(x + r64[:, None] * stride_r + c64[None, :] * stride_c, mask=inside,
-                other=0.0)                                            # [BR, BC]
-    if SOFTWARE_CASTS and v.dtype == tl.bfloat16:
-        # bf16 is float32's upper half: widening is a shift (also for subnormals).
-        v = (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    v = v.to(tl.float32)                                              # [BR, BC], exact
+    r64, c64 = r.to(tl.int64), c.to(tl.int64)
+    v = _load_chunk(x, src_scales, r, c, rows, cols, stride_r, stride_c,
+                    FROM_FP8, SOFTWARE_CASTS)                         # [BR, BC] float32
 
     # Tile amax, as float32 bits: for |v| the integers order as the floats do, and inf
     # and NaN (exponent all ones) above every finite value, so this max cannot drop a NaN
@@ -127,13 +168,14 @@ def _quantize_tiles(x, q, scales, rows, cols, stride_r, stride_c,
     else:
         codes = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)       # RNE, as torch's cast
 
+    inside = (r < out_rows)[:, None] & (c < cols)[None, :]            # [BR, BC]
     tr = pid_r * (BLOCK_R // TILE_R) + tl.arange(0, BLOCK_R // TILE_R)  # [BR // TR] tile rows
     tc = pid_c * (BLOCK_C // TILE_C) + tl.arange(0, BLOCK_C // TILE_C)  # [BC // TC] tile cols
-    tiles_inside = (tr < rows // TILE_R)[:, None] & (tc < cols // TILE_C)[None, :]
+    tiles_inside = (tr < out_rows // TILE_R)[:, None] & (tc < cols // TILE_C)[None, :]
     if TRANSPOSE:
-        tl.store(q + c64[:, None] * rows + r64[None, :], tl.trans(codes),
-                 mask=tl.trans(inside))                               # [BC, BR] of [cols, rows]
-        tl.store(scales + tc[:, None] * (rows // TILE_R) + tr[None, :], tl.trans(scale),
+        tl.store(q + c64[:, None] * out_rows + r64[None, :], tl.trans(codes),
+                 mask=tl.trans(inside))                           # [BC, BR] of [cols, out_rows]
+        tl.store(scales + tc[:, None] * (out_rows // TILE_R) + tr[None, :], tl.trans(scale),
                  mask=tl.trans(tiles_inside))
     else:
         tl.store(q + r64[:, None] * cols + c64[None, :], codes, mask=inside)
@@ -163,29 +205,35 @@ def available(device: torch.device | None = None) -> str | None:
 
 
 def _launch(x: torch.Tensor, block: tuple[int, int], power_of_two_scales: bool,
-            transpose: bool, software_casts: bool = _SOFTWARE_CASTS):
+            transpose: bool, software_casts: bool = _SOFTWARE_CASTS, out_rows: int | None = None,
+            src_scales: torch.Tensor | None = None):
+    """q and scales of x (zero rows appended up to out_rows), x^T's with transpose; x FP8
+    in 1x128 tiles with src_scales given."""
     rows, cols = x.shape
+    out_rows = rows if out_rows is None else out_rows
     r, c = block
     block_r, block_c, num_warps = LAUNCH[block]
-    q = torch.empty((cols, rows) if transpose else (rows, cols), dtype=torch.float8_e4m3fn,
-                    device=x.device)
-    scales = torch.empty((cols // c, rows // r) if transpose else (rows // r, cols // c),
+    q = torch.empty((cols, out_rows) if transpose else (out_rows, cols),
+                    dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((cols // c, out_rows // r) if transpose else (out_rows // r, cols // c),
                          dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
+    if q.numel() == 0:
         return q, scales
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    from_fp8 = src_scales is not None
+    grid = (triton.cdiv(out_rows, block_r) * triton.cdiv(cols, block_c),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _quantize_tiles[grid](  # on x's device, which need not be the current one
-            x, q.view(torch.uint8), scales, rows, cols, x.stride(0), x.stride(1),
+            x.view(torch.uint8) if from_fp8 else x, q.view(torch.uint8), scales,
+            src_scales if from_fp8 else scales, rows, cols, out_rows, x.stride(0), x.stride(1),
             TILE_R=r, TILE_C=c, BLOCK_R=block_r, BLOCK_C=block_c,
-            POWER_OF_TWO=power_of_two_scales, TRANSPOSE=transpose,
+            POWER_OF_TWO=power_of_two_scales, TRANSPOSE=transpose, FROM_FP8=from_fp8,
             SOFTWARE_CASTS=software_casts, num_warps=num_warps,
             enable_fp_fusion=False)  # nothing to fuse; fixed so Triton's default can't matter
     return q, scales
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int], *,
-             power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, block: tuple[int, int], *, power_of_two_scales: bool = False,
+             check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`plugins.fp8.quantize.quantize` on the kernel: same arguments, same errors, same
     result bit for bit; for blocks (1, 128), (128, 128) and (128, 1)."""
     r, c = _check_input(x, block, "quantize")
@@ -193,17 +241,37 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *,
         raise ValueError(f"triton quantize: block {(r, c)} is not one of {BLOCKS}; "
                          f"plugins.fp8.quantize.quantize takes any block")
     q, scales = _launch(x, (r, c), power_of_two_scales, transpose=False)
-    _raise_if_non_finite(torch.isfinite(scales), (r, c), "quantize")
+    if check_finite:
+        raise_if_non_finite(scales, (r, c), "quantize: x")
     return q, scales
 
 
-def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False
+def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                        check_finite: bool = True, pad_rows: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, cols] -> (q [cols, rows], scales [cols, rows // 128]), the same as
-    quantize(x.t().contiguous(), (1, 128)): x^T in 1x128 tiles (128 rows of x per scale),
-    from one read of x. rows must be a multiple of 128. A non-finite value raises naming
-    its tile of x^T."""
-    _check_input(x, (128, 1), "quantize_transposed")
-    q, scales = _launch(x, (128, 1), power_of_two_scales, transpose=True)
-    _raise_if_non_finite(torch.isfinite(scales), (1, 128), "quantize_transposed (tiles of x^T)")
+    """`plugins.fp8.quantize.quantize_transposed` on the kernel: x^T in 1x128 tiles
+    (128 rows of x per scale, zero rows appended with pad_rows), from one read of x."""
+    _check_input(x, (1, 1), "quantize_transposed")
+    out_rows = _transposed_rows(x, pad_rows, "quantize_transposed")
+    q, scales = _launch(x, (128, 1), power_of_two_scales, transpose=True, out_rows=out_rows)
+    if check_finite:
+        raise_if_non_finite(scales, (1, 128), "quantize_transposed: x^T")
     return q, scales
+
+
+def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
+                          power_of_two_scales: bool = False, pad_rows: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`plugins.fp8.quantize.requantize_transposed` on the kernel: x held in FP8 1x128
+    tiles -> x^T in 1x128 tiles, reading the FP8 bytes and scales once."""
+    if q.dtype != torch.float8_e4m3fn or q.dim() != 2:
+        raise TypeError(f"requantize_transposed: q must be 2-D torch.float8_e4m3fn; got "
+                        f"{q.dtype} of shape {tuple(q.shape)}")
+    _check_block(q.shape, (1, 128), "requantize_transposed")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (q.shape[0], q.shape[1] // 128):
+        raise ValueError(f"requantize_transposed: scales must be float32 of shape "
+                         f"{(q.shape[0], q.shape[1] // 128)}; got {scales.dtype} of shape "
+                         f"{tuple(scales.shape)}")
+    out_rows = _transposed_rows(q, pad_rows, "requantize_transposed")
+    return _launch(q, (128, 1), power_of_two_scales, transpose=True, out_rows=out_rows,
+                   src_scales=scales.contiguous())
