@@ -6,8 +6,10 @@
               result is compared with the `emulated` backend on the same operands.
 (b) linear    plugins.fp8.linear.fp8_linear forward + backward, quantization included,
               side by side with BF16 F.linear forward + backward. Target: >= 1.5x.
-(c) quantize  plugins.fp8.quantize.quantize as achieved GB/s (bytes read + written) over
-              a device-to-device copy's, measured in the same run. Target: >= 80%.
+(c) quantize  plugins.fp8.quantize's quantizations of a linear (x, W, and Wgrad's dy^T and
+              x^T, the latter re-tiled from the FP8 cache) as achieved GB/s (bytes read +
+              written) over a device-to-device copy's, measured in the same run.
+              Target: >= 80%.
 
     Fprop   y  = x  @ W^T   A = x  [M, K] 1x128    B = W   [N, K] 128x128
     Dgrad   dx = dy @ W     A = dy [M, N] 1x128    B = W^T [K, N] 128x128
@@ -50,7 +52,7 @@ IMPLS = {
 class Setup:
     tokens: int  # M
     weights: tuple[tuple[int, int], ...]  # (N, K): each linear's weight [N, K]
-    quantize: tuple[tuple[str, tuple[int, int], tuple[int, int]], ...]  # label, shape, block
+    quantize: tuple[tuple[str, tuple[int, int], object], ...]  # label, shape, `_quantizer` kind
     copy_elements: int  # bf16 elements of the bandwidth probe's copy
     impls: tuple[str, ...]
     dtype: torch.dtype
@@ -65,12 +67,16 @@ FULL = Setup(
     tokens=4096,
     weights=((7168, 2048), (2048, 7168), (7168, 16384), (24576, 1536), (7168, 18432)),
     quantize=(("activation 1x128", (4096, 7168), ACTIVATION),
-              ("weight 128x128", (7168, 2048), WEIGHT)),
+              ("weight 128x128", (7168, 2048), WEIGHT),
+              ("Wgrad dy^T 1x128", (4096, 7168), "transposed"),
+              ("Wgrad x^T from the FP8 cache", (4096, 7168), "requantized")),
     copy_elements=2**29, impls=("torch", "scaled_mm", "triton"), dtype=torch.bfloat16,
     sets=3, warmup=5, reps=30)
 SMOKE = Setup(
     tokens=256, weights=((256, 384), (384, 256)),
-    quantize=(("activation 1x128", (256, 384), ACTIVATION), ("weight 128x128", (384, 256), WEIGHT)),
+    quantize=(("activation 1x128", (256, 384), ACTIVATION), ("weight 128x128", (384, 256), WEIGHT),
+              ("Wgrad dy^T 1x128", (200, 384), "transposed"),
+              ("Wgrad x^T from the FP8 cache", (200, 384), "requantized")),
     copy_elements=2**20, impls=("torch", "scaled_mm", "triton", "emulated"),
     dtype=torch.bfloat16, sets=2, warmup=1, reps=3)
 
@@ -207,41 +213,61 @@ def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> l
     return rows
 
 
-def quantize_kernel(device: torch.device):
-    """plugins.fp8.triton_quantize's launch without quantize()'s finiteness check (whose
-    host sync cannot be captured in a CUDA graph), where that kernel runs; else None. A
-    private function of a young module: if it changes, its rows report the error."""
+def quantize_kernel_runs(device: torch.device) -> bool:
+    """Whether plugins.fp8.quantize goes through the Triton kernel on `device`."""
+    if device.type != "cuda":
+        return False
     try:
         from plugins.fp8 import triton_quantize
     except ImportError:
-        return None
-    launch = getattr(triton_quantize, "_launch", None)
-    if launch is None or device.type != "cuda" or triton_quantize.available(device):
-        return None
-    return lambda x, block: launch(x, block, False, False)
+        return False
+    return triton_quantize.available(device) is None
+
+
+def _quantizer(kind, check_finite: bool):
+    """The call a linear makes for `kind`: a block (x or W), "transposed" (Wgrad's dy^T,
+    ragged tokens padded) or "requantized" (Wgrad's x^T from the FP8 cache (q, scales))."""
+    from plugins.fp8.quantize import quantize, quantize_transposed, requantize_transposed
+
+    if kind == "transposed":
+        return partial(quantize_transposed, check_finite=check_finite, pad_rows=True)
+    if kind == "requantized":
+        return lambda cache: requantize_transposed(*cache, pad_rows=True)
+    return partial(quantize, block=kind, check_finite=check_finite)
+
+
+def _moved_bytes(kind, shape: tuple[int, int], dtype_bytes: int) -> int:
+    """Read once, E4M3 bytes and float32 scales written once (the FP8 cache is read as
+    bytes and scales too)."""
+    elements = math.prod(shape)
+    tiles = elements // (kind[0] * kind[1] if isinstance(kind, tuple) else 128)
+    read = elements + 4 * tiles if kind == "requantized" else elements * dtype_bytes
+    return read + elements + 4 * tiles
 
 
 def measure_quantize(setup: Setup, device) -> dict:
-    """quantize() as callers call it, each call timed alone (its host sync included), and
-    the Triton kernel alone in CUDA graphs, against a copy's bandwidth (also in a graph)."""
+    """The quantizations as a linear calls them, each call timed alone (its launch and,
+    where it checks for inf/NaN, its host sync included), and the same with no check in
+    CUDA graphs (launch overhead out), against a copy's bandwidth (also in a graph)."""
     from plugins.fp8.quantize import quantize
 
     g = torch.Generator(device).manual_seed(2)
     src = torch.empty(setup.copy_elements, dtype=torch.bfloat16, device=device)
     src.normal_(generator=g)
     dst = torch.empty_like(src)
-    kernel = quantize_kernel(device)
+    graph_kernel = quantize_kernel_runs(device)
     per_call, graphed = {}, {"copy": lambda i: dst.copy_(src)}
     cases = []
-    for label, shape, block in setup.quantize:
+    for label, shape, kind in setup.quantize:
         sets = [_random(shape, setup, device, g) for _ in range(setup.sets)]
-        elements = math.prod(shape)
-        tiles = elements // (block[0] * block[1])
-        cases.append({"label": label, "shape": list(shape), "block": list(block),
-                      "bytes": elements * sets[0].element_size() + elements + 4 * tiles})
-        per_call[label] = lambda i, s=sets, b=block: quantize(s[i % len(s)], b)
-        if kernel is not None:
-            graphed[f"kernel {label}"] = lambda i, s=sets, b=block: kernel(s[i % len(s)], b)
+        if kind == "requantized":
+            sets = [quantize(x, ACTIVATION) for x in sets]
+        cases.append({"label": label, "shape": list(shape), "kind": str(kind),
+                      "bytes": _moved_bytes(kind, shape, setup.dtype.itemsize)})
+        per_call[label] = lambda i, s=sets, f=_quantizer(kind, True): f(s[i % len(s)])
+        if graph_kernel:
+            graphed[f"kernel {label}"] = \
+                lambda i, s=sets, f=_quantizer(kind, False): f(s[i % len(s)])
     times = dev.time_interleaved(per_call, setup.reps, setup.warmup, device)
     times.update(dev.time_graphed(graphed, GRAPHED_CALLS, setup.reps, setup.warmup, device))
     dev.log("quantize", times)
@@ -394,7 +420,7 @@ def result(raw: dict) -> Result:
                  f"{copy_bw / 1e9:.0f}" if copy_bw else "-", "1.00"]]
         fractions: dict[str, list[float]] = {}
         for case in q["cases"]:
-            for what, key in (("quantize()", case["label"]),
+            for what, key in (("as called", case["label"]),
                               ("kernel alone", f"kernel {case['label']}")):
                 if key not in q["times_s"]:
                     continue
@@ -403,8 +429,9 @@ def result(raw: dict) -> Result:
                 bw = case["bytes"] / t if t else None
                 if bw and copy_bw:
                     fractions.setdefault(what, []).append(bw / copy_bw)
+                source = "e4m3 + scales" if case.get("kind") == "requantized" else "bf16"
                 rows.append([f"{what} {case['label']}", f"[{case['shape'][0]}, "
-                             f"{case['shape'][1]}] bf16", f"{case['bytes'] / 1e6:.1f}",
+                             f"{case['shape'][1]}] {source}", f"{case['bytes'] / 1e6:.1f}",
                              cell(times), f"{bw / 1e9:.0f}" if bw else "-",
                              f"{bw / copy_bw:.2f}" if bw and copy_bw else "-"])
         tables.append(Table(
@@ -412,11 +439,12 @@ def result(raw: dict) -> Result:
             "copy in the same run", ["case", "tensor", "MB moved", "median", "GB/s",
                                      "of copy GB/s"], rows, right=frozenset({2, 4, 5})))
         notes.append("(c) bytes moved: the input read once, E4M3 bytes and float32 scales "
-                     "written once; the copy counts its read and its write. quantize(): "
-                     "plugins.fp8.quantize.quantize as callers call it, each call between "
-                     "its own CUDA events, so its launch and its finiteness check's host sync "
-                     "count. Kernel alone (plugins.fp8.triton_quantize, no check) and the copy: "
-                     f"{GRAPHED_CALLS} calls per CUDA graph, launch overhead taken out.")
+                     "written once; the copy counts its read and its write. As called: "
+                     "plugins.fp8.quantize's call with its inf/NaN check (none for x^T from "
+                     "the cache), each call between its own CUDA events, so its launch and "
+                     "the check's host sync count; a linear checks once per direction instead. "
+                     "Kernel alone (the same call unchecked: plugins.fp8.triton_quantize) and "
+                     f"the copy: {GRAPHED_CALLS} calls per CUDA graph, launch overhead out.")
         notes += [_verdict(v, QUANTIZE_TARGET, f"(c) {what}, fraction of copy bandwidth")
                   for what, v in fractions.items()]
     elif "quantize" in raw:
