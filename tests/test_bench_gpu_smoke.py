@@ -66,7 +66,7 @@ def test_fp8_tables(smoke):
     labels = [r[0] for r in quantize.rows]
     assert labels[0] == "device-to-device copy (bandwidth probe)"
     for label, _, _ in setup.quantize:  # (and the kernel alone, where it runs: on a GPU)
-        assert f"quantize() {label}" in labels
+        assert f"as called {label}" in labels
     for table, labels in ((gemm, 3), (errors, 3), (linear, 1), (quantize, 2)):
         check_cells(table, labels)
 
