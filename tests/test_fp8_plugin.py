@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import integration  # noqa: F401
 from plugins import PluginError
@@ -22,6 +23,18 @@ def enabled(argv, monkeypatch):
 def test_auto_backend_resolves_to_emulated_without_a_gpu(monkeypatch):
     args, plugins = enabled(FP8, monkeypatch)
     assert [p.name for p in plugins] == ["fp8"] and args.fp8_backend == "emulated"
+
+
+@pytest.mark.parametrize("capability,backend", [((9, 0), "torch"), ((8, 9), "triton"),
+                                                ((10, 0), "triton"), ((8, 0), "emulated")])
+def test_auto_backend_on_gpus(capability, backend, monkeypatch):
+    """What 'auto' picks per GPU generation (the device queries answered as that GPU's):
+    FP8 tensor cores are never left unused for the emulated backend."""
+    from plugins.fp8 import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert backends.resolve("auto") == backend
 
 
 def test_every_layer_linear_becomes_fp8(monkeypatch):

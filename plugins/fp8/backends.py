@@ -11,6 +11,7 @@ A backend that cannot run here raises; nothing falls back to BF16.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,11 +68,22 @@ BACKENDS: dict[str, Callable[[Operand, Operand], torch.Tensor]] = {
 }
 
 
+def auto() -> str:
+    """`torch` on sm90; `triton` on another GPU with FP8 tensor cores (sm89 or newer);
+    `emulated` elsewhere (the CPU, or a GPU without FP8: FP8 numerics, FP32 speed)."""
+    if torch_scaled_available() is None:
+        return "torch"
+    if (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+            and importlib.util.find_spec("triton") is not None):
+        return "triton"
+    return "emulated"
+
+
 def resolve(name: str) -> str:
-    """The backend `--fp8-backend NAME` asks for; 'auto' is `torch` on sm90, else
-    `emulated`. An unavailable explicit choice is an error, never a silent fallback."""
+    """The backend `--fp8-backend NAME` asks for ('auto': see `auto`). An unavailable
+    explicit choice is an error, never a silent fallback."""
     if name == "auto":
-        return "torch" if torch_scaled_available() is None else "emulated"
+        return auto()
     if name not in BACKENDS:
         raise ValueError(f"--fp8-backend {name}: unknown; choose from auto, "
                          f"{', '.join(BACKENDS)}")

@@ -15,7 +15,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="GEMM implementation of the fp8 plugin: 'torch' (block-scaled "
                             "torch._scaled_mm, sm90 GPUs), 'triton' (megaseek's kernel, FP8 "
                             "tensor cores), 'emulated' (exact FP32 product of the FP8 "
-                            "operands, any device), 'auto' (torch where available)")
+                            "operands, any device), 'auto' (torch on sm90, triton on other "
+                            "sm89+ GPUs, else emulated)")
 
 
 def validate(args: argparse.Namespace) -> None:
