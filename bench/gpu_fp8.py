@@ -190,8 +190,14 @@ def measure_gemms(setup: Setup, device, available: dict[str, str | None]) -> lis
     return rows
 
 
+CACHED_W = " + cached W"  # suffix of the runs with the FP8 weight held (--fp8-cache-weights)
+
+
 def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> list[dict]:
+    """Each FP8 backend as called by default, and with its FP8 weight from the cache
+    (quantized before timing, as for every micro-batch of a step but the first)."""
     from plugins.fp8.linear import fp8_linear
+    from plugins.fp8.weight_cache import quantize_weight
 
     g = torch.Generator(device).manual_seed(1)
     m, rows = setup.tokens, []
@@ -202,13 +208,17 @@ def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> l
             sets = [(_random((m, k), setup, device, g, True),
                      _random((n, k), setup, device, g, True),
                      _random((m, n), setup, device, g)) for _ in range(setup.sets)]
+            held = [quantize_weight(w.detach()) for _, w, _ in sets]
             calls = {"bf16": lambda i, s=sets: fwd_bwd(F.linear, *s[i % len(s)])}
             for impl in live:
                 calls[impl] = lambda i, s=sets, f=partial(fp8_linear, backend=impl): \
                     fwd_bwd(f, *s[i % len(s)])
+                calls[impl + CACHED_W] = lambda i, s=sets, h=held, impl=impl: fwd_bwd(
+                    partial(fp8_linear, backend=impl, weight_fp8=h[i % len(s)]),
+                    *s[i % len(s)])
             row["times_s"] = dev.time_interleaved(calls, setup.reps, setup.warmup, device)
             dev.log(f"linear [{n}, {k}] fwd+bwd", row["times_s"])
-            del sets, calls
+            del sets, held, calls
         rows.append(row)
     return rows
 
@@ -323,6 +333,11 @@ def _verdict(values: list[float], target: float, what: str) -> str:
     return f"{what}: geometric mean {mean:.2f}, lowest {low:.2f} (target >= {target}: {met})"
 
 
+def _linear_impl(key: str) -> str:
+    impl, cached, _ = key.partition(CACHED_W)
+    return IMPLS[impl] + (CACHED_W if cached else "")
+
+
 def result(raw: dict) -> Result:
     impls = raw["impls"]
     notes = [f"Device: {raw['device'].get('gpu', raw['device']['device'])}; CUDA "
@@ -386,7 +401,7 @@ def result(raw: dict) -> Result:
         notes.append(f"(a) failed: {raw['gemm']}")
 
     if isinstance(raw.get("linear"), list):
-        rows, speedups = [], {i: [] for i in shown if i != "scaled_mm"}
+        rows, speedups = [], {v: [] for i in shown if i != "scaled_mm" for v in (i, i + CACHED_W)}
         for r in raw["linear"]:
             n, k = r["weight"]
             flops = 3 * 2 * r["tokens"] * n * k
@@ -404,10 +419,13 @@ def result(raw: dict) -> Result:
         tables.append(Table(
             "(b) Linear forward + backward, quantization included: fp8_linear vs BF16 "
             "F.linear (median, TFLOP/s of the three GEMMs, speedup over BF16)",
-            ["weight [N, K]", "BF16 F.linear", *(f"fp8_linear, {IMPLS[i]}" for i in speedups)],
+            ["weight [N, K]", "BF16 F.linear", *(f"fp8_linear, {_linear_impl(i)}" for i in speedups)],
             rows))
-        notes += [_verdict(v, LINEAR_TARGET, f"(b) fp8_linear with {IMPLS[i]} speedup")
+        notes += [_verdict(v, LINEAR_TARGET, f"(b) fp8_linear with {_linear_impl(i)} speedup")
                   for i, v in speedups.items()]
+        notes.append(f"(b) {CACHED_W.strip(' +')}: the weight's FP8 copy made before timing, as "
+                     "--fp8-cache-weights holds it for every micro-batch of a step but the "
+                     "first; without it W is quantized in forward and again in backward.")
     elif "linear" in raw:
         notes.append(f"(b) failed: {raw['linear']}")
 

@@ -50,7 +50,13 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
     # MLA's q/kv down- and up-projections, q_proj slot, output projection, fc1, fc2.
     assert count_fp8_linears(mla) == 8
     attention = mla.submodules.self_attention.submodules
-    assert attention.linear_kv_down_proj.params == {"fp8_backend": "emulated"}
+    assert attention.linear_kv_down_proj.params == {"fp8_backend": "emulated",
+                                                     "fp8_cache_weights": False}
+    args, plugins = enabled(FP8 + ["--fp8-cache-weights"], monkeypatch)
+    mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()), args)
+    attention = mla.submodules.self_attention.submodules
+    assert attention.linear_kv_down_proj.params["fp8_cache_weights"] is True
+    assert attention.linear_proj.params["fp8_cache_weights"] is True
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -67,8 +73,9 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
     (FP8 + ["--num-experts", "4", "--moe-ffn-hidden-size", "64"],
      "--moe-ffn-hidden-size 64 gives 64 per rank"),
     (["--fp8-backend", "emulated"], "--fp8-backend needs '--plugins fp8'"),
+    (["--fp8-cache-weights"], "--fp8-cache-weights needs '--plugins fp8'"),
 ], ids=["no-format", "hybrid", "no-recipe", "torch-backend-on-cpu", "hidden", "attn-proj-tp",
-        "mla-kv-lora", "expert-ffn", "flag-without-plugin"])
+        "mla-kv-lora", "expert-ffn", "flag-without-plugin", "cache-without-plugin"])
 def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
     with pytest.raises(PluginError, match=message.replace("-", r"\-")):
         enabled(argv, monkeypatch)

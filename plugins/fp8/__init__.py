@@ -5,7 +5,8 @@ Turn it on with Megatron's own `--fp8-format e4m3 --fp8-recipe blockwise` plus
 column- and row-parallel linears then run Fprop, Dgrad and Wgrad with E4M3 operands,
 one scale per 1x128 activation tile and per 128x128 weight block, FP32 accumulation
 (`linear`), and keep their input for backward in FP8. Embedding, output head, router,
-norms and attention stay in the training dtype. Without this plugin Megatron's FP8 flags
+norms and attention stay in the training dtype. `--fp8-cache-weights` quantizes each
+weight once per step instead of per micro-batch (`weight_cache`). Without this plugin Megatron's FP8 flags
 do nothing on the local spec.
 
 BF16 Adam moments with FP32 master weights (DeepSeek-V3's optimizer state) come with

@@ -33,8 +33,9 @@ from plugins.fp8.quantize import (
     raise_if_non_finite,
     requantize_transposed,
 )
+from plugins.fp8.weight_cache import WEIGHT, FP8WeightCache, quantize_weight
 
-ACTIVATION, WEIGHT = (1, 128), (128, 128)
+ACTIVATION = (1, 128)
 
 
 def _quantized(t: torch.Tensor, block) -> backends.Operand:
@@ -46,7 +47,8 @@ def _quantized(t: torch.Tensor, block) -> backends.Operand:
 
 def _raise_if_non_finite(*operands: tuple[str, backends.Operand]) -> None:
     """One host sync for all of them; then the error names the operand and its tile."""
-    if bool(torch.stack([torch.isfinite(op.scales).all() for _, op in operands]).all()):
+    if not operands or bool(torch.stack([torch.isfinite(op.scales).all()
+                                         for _, op in operands]).all()):
         return
     for what, op in operands:
         raise_if_non_finite(op.scales, op.block, f"fp8_linear: the {what}")
@@ -59,7 +61,9 @@ class FP8Linear(torch.autograd.Function):
     (an expert's share of a batch) is zero-padded to whole 128-token Wgrad tiles.
 
     `x_q`, `x_scales`: x already in FP8 with 1x128 tiles (the MoE plugin's FP8 dispatch
-    delivers tokens so); Fprop and the backward cache use them as they are.
+    delivers tokens so); Fprop and the backward cache use them as they are. `w_q`,
+    `w_scales`: W already in FP8 (`quantize_weight`, as `FP8WeightCache` keeps it), used
+    in forward and backward; otherwise W is quantized in each.
 
     Inf or NaN in x or W (forward) or dy (backward) raises ValueError naming the tensor
     and tile. Each direction waits for the GPU once, after its GEMMs are queued, so the
@@ -68,26 +72,33 @@ class FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str,
-                x_q: torch.Tensor | None = None, x_scales: torch.Tensor | None = None):
+                x_q: torch.Tensor | None = None, x_scales: torch.Tensor | None = None,
+                w_q: torch.Tensor | None = None, w_scales: torch.Tensor | None = None):
         gemm = backends.BACKENDS[backend]
         shape, out = x.shape, weight.shape[0]
+        checks = []  # what was quantized here; given operands were checked by their makers
         if x_q is None:
             xq = _quantized(x.reshape(-1, shape[-1]), ACTIVATION)               # [tokens, in]
-            checks = [("input x (from the layer before)", xq)]
+            checks.append(("input x (from the layer before)", xq))
         elif x_q.shape != (x.numel() // shape[-1], shape[-1]):
             raise ValueError(f"fp8_linear: x_fp8 holds {tuple(x_q.shape)}, x is {tuple(shape)}")
-        else:  # checked where it was quantized
-            xq, checks = backends.Operand(x_q, x_scales, ACTIVATION), []
-        wq = _quantized(pad_to_tiles(weight, rows=128), WEIGHT)              # [out_p, in]
+        else:
+            xq = backends.Operand(x_q, x_scales, ACTIVATION)
+        if w_q is None:
+            wq = quantize_weight(weight, check_finite=False)                 # [out_p, in]
+            checks.append(("weight", wq))
+        else:
+            wq = backends.Operand(w_q, w_scales, WEIGHT)
         y = gemm(xq, wq)[:, :out]                                            # [tokens, out]
-        _raise_if_non_finite(*checks, ("weight", wq))
-        ctx.save_for_backward(xq.q, xq.scales, weight)                       # the FP8 cache
+        _raise_if_non_finite(*checks)
+        # The FP8 input (and a given FP8 weight, held anyway) for backward.
+        ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
         ctx.backend, ctx.shape = backend, shape
         return y.to(x.dtype).view(*shape[:-1], out)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_q, x_scales, weight = ctx.saved_tensors
+        x_q, x_scales, weight, w_q, w_scales = ctx.saved_tensors
         gemm = backends.BACKENDS[ctx.backend]
         dy2d = dy.reshape(-1, dy.shape[-1])                                  # [tokens, out]
         # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out_p] in 128x128 blocks.
@@ -95,7 +106,8 @@ class FP8Linear(torch.autograd.Function):
         # 128x128 blocks are square: W^T's blocks are W's transposed, bit for bit, so the
         # FP8 weight is transposed rather than W transposed and quantized again. (W was
         # checked in forward.)
-        wq = _quantized(pad_to_tiles(weight, rows=128), WEIGHT)              # [out_p, in]
+        wq = (backends.Operand(w_q, w_scales, WEIGHT) if w_q is not None
+              else quantize_weight(weight, check_finite=False))              # [out_p, in]
         wtq = backends.Operand(wq.q.t().contiguous(), wq.scales.t().contiguous(), WEIGHT)
         dx = gemm(dyq, wtq).to(dy.dtype).view(ctx.shape)
         # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
@@ -106,19 +118,23 @@ class FP8Linear(torch.autograd.Function):
                                ACTIVATION)                                   # [in, tokens_p]
         dw = gemm(dy_t, x_t).to(weight.dtype)                                # [out, in]
         _raise_if_non_finite(("output gradient dy", dyq))
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
-               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+               weight_fp8: backends.Operand | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
-    x [tokens, in] in 1x128 tiles, when the caller already has x in FP8."""
+    x [tokens, in] in 1x128 tiles, when the caller already has x in FP8; `weight_fp8`: the
+    weight as `quantize_weight` gives it (from an `FP8WeightCache`)."""
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
-    return FP8Linear.apply(x, weight, backend, x_q, x_scales)
+    w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
+    return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales)
 
 
 def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
-                      sequence_parallel, *, backend: str, tp_group=None, **unused):
+                      sequence_parallel, *, backend: str,
+                      weight_cache: FP8WeightCache | None = None, tp_group=None, **unused):
     """Megatron's `linear_with_grad_accumulation_and_async_allreduce` contract with the
     GEMMs in FP8: all-gather the input under sequence parallelism, all-reduce its
     gradient under plain TP (both through Megatron's own mappings)."""
@@ -130,17 +146,28 @@ def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allredu
                                                      group=tp_group)
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = fp8_linear(input, weight, backend)
+    weight_fp8 = weight_cache.get(weight) if weight_cache is not None else None
+    output = fp8_linear(input, weight, backend, weight_fp8=weight_fp8)
     return output if bias is None else output + bias
 
 
 class FP8ColumnParallelLinear(ColumnParallelLinear):
-    def __init__(self, *args, fp8_backend: str = "emulated", **kwargs):
+    """`fp8_cache_weights`: keep the FP8 weight through the step (`plugins.fp8.weight_cache`)."""
+
+    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self._forward_impl = partial(_fp8_forward_impl, backend=fp8_backend)
+        self.fp8_weight_cache = FP8WeightCache() if fp8_cache_weights else None
+        self._forward_impl = partial(_fp8_forward_impl, backend=fp8_backend,
+                                     weight_cache=self.fp8_weight_cache)
 
 
 class FP8RowParallelLinear(RowParallelLinear):
-    def __init__(self, *args, fp8_backend: str = "emulated", **kwargs):
+    """`fp8_cache_weights`: keep the FP8 weight through the step (`plugins.fp8.weight_cache`)."""
+
+    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self._forward_impl = partial(_fp8_forward_impl, backend=fp8_backend)
+        self.fp8_weight_cache = FP8WeightCache() if fp8_cache_weights else None
+        self._forward_impl = partial(_fp8_forward_impl, backend=fp8_backend,
+                                     weight_cache=self.fp8_weight_cache)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 from plugins import Plugin, PluginError
 
@@ -17,6 +18,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "tensor cores), 'emulated' (exact FP32 product of the FP8 "
                             "operands, any device), 'auto' (torch on sm90, triton on other "
                             "sm89+ GPUs, else emulated)")
+    group.add_argument("--fp8-cache-weights", action="store_true",
+                       help="keep each weight's FP8 copy from its first use in a step until "
+                            "the optimizer step, instead of quantizing it in every "
+                            "micro-batch's forward and backward (costs 1 byte per weight)")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -112,7 +117,15 @@ def install(args: argparse.Namespace, patcher) -> None:
 def transform_layer_spec(layer_spec, args):
     from plugins.fp8.spec import with_fp8_linears
 
-    return with_fp8_linears(layer_spec, args.fp8_backend, swiglu=args.swiglu)
+    return with_fp8_linears(layer_spec, args.fp8_backend, swiglu=args.swiglu,
+                            cache_weights=args.fp8_cache_weights)
+
+
+def on_optimizer_step(args, model_chunks, optimizer):
+    """New weights after each successful step: cached FP8 copies are stale."""
+    from plugins.fp8.weight_cache import drop_fp8_weights
+
+    return partial(drop_fp8_weights, model_chunks)
 
 
 FP8 = Plugin(
@@ -122,5 +135,6 @@ FP8 = Plugin(
     validate=validate,
     transform_layer_spec=transform_layer_spec,
     install=install,
+    on_optimizer_step=on_optimizer_step,
     slots=frozenset({"linear_gemm"}),
 )

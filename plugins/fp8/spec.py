@@ -2,7 +2,7 @@
 transformer layer (attention projections, MLP, experts) becomes its FP8 version, and
 modules of other plugins that run their own GEMMs in FP8 when given a backend (MLA's
 replicated down-projections) opt in with a class attribute `accepts_fp8_backend = True`
-and get `fp8_backend` in their params. Embedding, output head, router, norms and the
+and get `fp8_backend` (and `fp8_cache_weights`) in their params. Embedding, output head, router, norms and the
 attention core are not in these slots, so they stay in the training dtype, as in
 DeepSeek-V3."""
 
@@ -28,31 +28,34 @@ def _takes_fp8(module) -> bool:
     return module in FP8_VERSION or getattr(module, "accepts_fp8_backend", False)
 
 
-def _convert(node, backend: str, swiglu: bool = False):
+def _convert(node, params: dict, swiglu: bool):
     if isinstance(node, type) and _takes_fp8(node):
-        return ModuleSpec(module=FP8_VERSION.get(node, node), params={"fp8_backend": backend})
+        return ModuleSpec(module=FP8_VERSION.get(node, node), params=dict(params))
     if isinstance(node, ModuleSpec):
         if _takes_fp8(node.module):
             node.module = FP8_VERSION.get(node.module, node.module)
-            node.params = {**node.params, "fp8_backend": backend}
-        node.submodules = _convert(node.submodules, backend, swiglu)
+            node.params = {**node.params, **params}
+        node.submodules = _convert(node.submodules, params, swiglu)
         return node
     if isinstance(node, functools.partial):  # e.g. Megatron's MLP.as_mlp_submodule
-        return functools.partial(node.func, *(_convert(a, backend, swiglu) for a in node.args),
-                                 **{k: _convert(v, backend, swiglu) for k, v in node.keywords.items()})
+        return functools.partial(node.func, *(_convert(a, params, swiglu) for a in node.args),
+                                 **{k: _convert(v, params, swiglu) for k, v in node.keywords.items()})
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         for field in dataclasses.fields(node):
-            setattr(node, field.name, _convert(getattr(node, field.name), backend, swiglu))
+            setattr(node, field.name, _convert(getattr(node, field.name), params, swiglu))
         if swiglu and isinstance(node, MLPSubmodules):
             node.activation_func = FP8SwiGLU
     return node
 
 
-def with_fp8_linears(layer_spec: ModuleSpec, backend: str, swiglu: bool = False) -> ModuleSpec:
+def with_fp8_linears(layer_spec: ModuleSpec, backend: str, swiglu: bool = False,
+                     cache_weights: bool = False) -> ModuleSpec:
     """FP8 linears everywhere in the layer; with `swiglu`, MLPs also get the SwiGLU that
     caches its input in FP8 (Megatron routes the activation through that slot when
-    `config.use_te_activation_func` is set, which the plugin does)."""
-    return _convert(copy.deepcopy(layer_spec), backend, swiglu)
+    `config.use_te_activation_func` is set, which the plugin does); with `cache_weights`,
+    each keeps its FP8 weight through the step (`plugins.fp8.weight_cache`)."""
+    params = {"fp8_backend": backend, "fp8_cache_weights": cache_weights}
+    return _convert(copy.deepcopy(layer_spec), params, swiglu)
 
 
 def count_fp8_linears(spec) -> int:

@@ -62,7 +62,7 @@ class ReplicatedLinear(MegatronModule):
     accepts_fp8_backend = True  # plugins.fp8.spec: this module can take its FP8 GEMMs
 
     def __init__(self, input_size: int, output_size: int, *, config, init_method,
-                 fp8_backend: str | None = None, **unused):
+                 fp8_backend: str | None = None, fp8_cache_weights: bool = False, **unused):
         super().__init__(config)
         self.weight = torch.nn.Parameter(torch.empty(output_size, input_size,
                                                      dtype=config.params_dtype))
@@ -72,12 +72,19 @@ class ReplicatedLinear(MegatronModule):
                 init_method(self.weight)
         self.weight.sequence_parallel = config.sequence_parallel
         self.fp8_backend = fp8_backend
+        self.fp8_weight_cache = None
+        if fp8_cache_weights:
+            from plugins.fp8.weight_cache import FP8WeightCache
+
+            self.fp8_weight_cache = FP8WeightCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_backend is not None:
             from plugins.fp8.linear import fp8_linear
 
-            return fp8_linear(x, self.weight, self.fp8_backend)
+            cache = self.fp8_weight_cache
+            return fp8_linear(x, self.weight, self.fp8_backend,
+                              weight_fp8=cache.get(self.weight) if cache is not None else None)
         return F.linear(x, self.weight)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

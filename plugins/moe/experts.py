@@ -38,12 +38,19 @@ class _ContiguousGrad(torch.autograd.Function):
 
 class LocalExperts(MegatronModule):
     """`fp8_backend` (set when the fp8 plugin is on): both GEMMs of every expert in FP8
-    (plugins.fp8.linear) and the SwiGLU input cached in FP8, as in the dense layers."""
+    (plugins.fp8.linear) and the SwiGLU input cached in FP8, as in the dense layers;
+    `fp8_cache_weights`: each expert's FP8 weights kept through the step
+    (plugins.fp8.weight_cache)."""
 
     def __init__(self, config, num_local_experts: int, hidden: int, ffn: int,
-                 fp8_backend: str | None = None):
+                 fp8_backend: str | None = None, fp8_cache_weights: bool = False):
         super().__init__(config)
         self.num_local_experts, self.ffn, self.fp8_backend = num_local_experts, ffn, fp8_backend
+        self.fp8_weight_cache = None
+        if fp8_cache_weights:
+            from plugins.fp8.weight_cache import FP8WeightCache
+
+            self.fp8_weight_cache = FP8WeightCache()
         # [experts, 2 * ffn, hidden] (gate | up) and [experts, hidden, ffn]
         self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden,
                                                       dtype=config.params_dtype))
@@ -90,11 +97,15 @@ class LocalExperts(MegatronModule):
 
         per_expert_fp8 = (zip(tokens_fp8[0].split(counts), tokens_fp8[1].split(counts))
                           if tokens_fp8 is not None else [None] * len(counts))
+        cache = self.fp8_weight_cache
         outputs = []
-        for chunk, chunk_fp8, w1, w2 in zip(tokens.split(counts), per_expert_fp8,
-                                            self.weight1.unbind(0), self.weight2.unbind(0)):
-            h = FP8CachedSwiGLU.apply(fp8_linear(chunk, w1, self.fp8_backend, chunk_fp8))
-            outputs.append(fp8_linear(h, w2, self.fp8_backend))
+        for e, (chunk, chunk_fp8, w1, w2) in enumerate(zip(
+                tokens.split(counts), per_expert_fp8, self.weight1.unbind(0),
+                self.weight2.unbind(0))):
+            w1_fp8, w2_fp8 = ((cache.get(w1, ("fc1", e)), cache.get(w2, ("fc2", e)))
+                              if cache is not None else (None, None))
+            h = FP8CachedSwiGLU.apply(fp8_linear(chunk, w1, self.fp8_backend, chunk_fp8, w1_fp8))
+            outputs.append(fp8_linear(h, w2, self.fp8_backend, weight_fp8=w2_fp8))
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

@@ -67,7 +67,7 @@ def sequence_group(config, pg_collection=None):
 class DeepSeekMoE(MegatronModule):
     def __init__(self, config, submodules: DeepSeekMoESubmodules, pg_collection=None,
                  fp8_dispatch: bool = False, ranks_per_node: int | None = None,
-                 fp8_backend: str | None = None, **unused):
+                 fp8_backend: str | None = None, fp8_cache_weights: bool = False, **unused):
         super().__init__(config)
         self.ep_group = parallel_state.get_expert_model_parallel_group()
         ep_size = self.ep_group.size()
@@ -80,7 +80,7 @@ class DeepSeekMoE(MegatronModule):
         self.router.weight.sequence_parallel = config.sequence_parallel
         self.experts = LocalExperts(config, config.num_moe_experts // ep_size,
                                     config.hidden_size, config.moe_ffn_hidden_size,
-                                    fp8_backend=fp8_backend)
+                                    fp8_backend=fp8_backend, fp8_cache_weights=fp8_cache_weights)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = submodules.shared_experts(

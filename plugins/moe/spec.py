@@ -24,12 +24,12 @@ def with_deepseek_moe(layer_spec: ModuleSpec, args) -> ModuleSpec:
     submodules = mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
     spec = copy.copy(layer_spec)
     spec.submodules = copy.copy(layer_spec.submodules)
+    fp8 = "fp8" in (args.plugins or [])  # then the routed experts' GEMMs run in FP8 too
     spec.submodules.mlp = ModuleSpec(
         module=DeepSeekMoE,
         params={"fp8_dispatch": args.moe_fp8_dispatch,
                 "ranks_per_node": args.moe_dispatch_ranks_per_node,
-                # With the fp8 plugin on, the routed experts' GEMMs run in FP8 too.
-                "fp8_backend": getattr(args, "fp8_backend", None)
-                if "fp8" in (args.plugins or []) else None},
+                "fp8_backend": args.fp8_backend if fp8 else None,
+                "fp8_cache_weights": fp8 and args.fp8_cache_weights},
         submodules=DeepSeekMoESubmodules(shared_experts=submodules.shared_experts))
     return spec

@@ -1,0 +1,128 @@
+"""`--fp8-cache-weights` (plugins.fp8.weight_cache): each weight is quantized once per
+training step instead of in every micro-batch's forward and backward, with the same bits,
+and never used stale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plugins.fp8.linear import fp8_linear
+from plugins.fp8.weight_cache import FP8WeightCache, quantize_weight
+from tests.multirank import run_ranks
+from tests.test_fp8_loss_gap import DEEPSEEK_V3, FP8, MODEL
+from tests.test_moe_plugin import build_experts
+from tests.training_runs import losses, torchrun
+
+
+def forward_backward(x, w, dy, **kw):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8_linear(x, w, **kw)
+    y.backward(dy)
+    return y, x.grad, w.grad
+
+
+def test_a_cached_weight_gives_the_same_bits():
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = torch.randn(200, 256, generator=g), torch.randn(576, 256, generator=g), \
+        torch.randn(200, 576, generator=g)  # ragged out and tokens: padded alike
+    cache = FP8WeightCache()
+    cached = forward_backward(x, w, dy, weight_fp8=cache.get(w))
+    for got, want in zip(cached, forward_backward(x, w, dy)):
+        assert torch.equal(got, want)
+
+
+def test_the_cache_holds_until_dropped_or_changed_in_place():
+    w = torch.nn.Parameter(torch.randn(256, 256))
+    cache = FP8WeightCache()
+    first = cache.get(w)
+    assert cache.get(w) is first and cache.quantizations == 1
+    # Megatron's optimizer writes new weights through .data or into its buffers, which no
+    # version counter sees: the copy is stale until dropped, hence the plugin drops every
+    # cache after each optimizer step.
+    w.data.mul_(2)
+    assert cache.get(w) is first
+    cache.drop()
+    fresh = cache.get(w)
+    assert torch.equal(fresh.scales, 2 * first.scales) and cache.quantizations == 2
+    with torch.no_grad():  # an ordinary in-place change moves the version counter
+        w.mul_(2)
+    assert torch.equal(cache.get(w).scales, 4 * first.scales) and cache.quantizations == 3
+    other = w.detach().clone()  # another tensor in the same slot
+    assert cache.get(other) is not cache.get(w)
+
+
+def test_a_non_finite_weight_raises_naming_it():
+    w = torch.randn(256, 256)
+    w[130, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"the weight has non-finite .*row tile 1, col tile 0"):
+        FP8WeightCache().get(w)
+    assert torch.isinf(quantize_weight(w, check_finite=False).scales[1, 0])
+
+
+def megatron_linears(rank, world_size):
+    """Megatron's column-parallel FP8 linear with and without the cache, same weights:
+    (quantizations after two micro-batches, whether every output and gradient agreed)."""
+    from megatron.core.transformer import TransformerConfig
+
+    from plugins.fp8.linear import FP8ColumnParallelLinear
+    from tests.mla_build import megatron_ranks
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 128, generator=g)
+    batches = [(torch.randn(64, 2, 128, generator=g), torch.randn(64, 2, 256, generator=g))
+                for _ in range(2)]
+    with megatron_ranks():
+        config = TransformerConfig(num_layers=1, hidden_size=128, num_attention_heads=4,
+                                   use_cpu_initialization=True, add_bias_linear=False)
+        results = []
+        for cache_weights in (False, True):
+            fc = FP8ColumnParallelLinear(128, 256, config=config, bias=False,
+                                         init_method=torch.nn.init.zeros_, gather_output=True,
+                                         fp8_cache_weights=cache_weights)
+            with torch.no_grad():
+                fc.weight.copy_(w)
+            outputs = []
+            for x, dy in batches:
+                x = x.clone().requires_grad_()
+                y, _ = fc(x)
+                y.backward(dy)
+                outputs += [y.detach(), x.grad]
+            results.append((outputs, fc.weight.grad, fc.fp8_weight_cache))
+        (plain, plain_grad, none), (cached, cached_grad, cache) = results
+    return (none, cache.quantizations,
+            all(map(torch.equal, plain, cached)) and torch.equal(plain_grad, cached_grad))
+
+
+def test_megatron_linear_quantizes_its_weight_once_for_all_micro_batches():
+    no_cache, quantizations, same = run_ranks(megatron_linears, 1)[0]
+    assert no_cache is None and quantizations == 1 and same
+
+
+def test_experts_quantize_each_weight_once():
+    counts = [128, 0, 72]
+    plain, tokens = build_experts("emulated")
+    cached, _ = build_experts("emulated")
+    cached.fp8_weight_cache = FP8WeightCache()
+    for _ in range(2):  # two micro-batches
+        for experts in (plain, cached):
+            experts(tokens, counts).square().sum().backward()
+    assert cached.fp8_weight_cache.quantizations == 6  # fc1 and fc2 of 3 experts
+    assert torch.equal(cached.weight1.grad, plain.weight1.grad)
+    assert torch.equal(cached.weight2.grad, plain.weight2.grad)
+
+
+@pytest.mark.slow
+def test_training_with_cached_weights_is_training_without(tmp_path):
+    """Megatron's loop on 2 ranks (EP=2, the distributed optimizer, 2 micro-batches per
+    step), DeepSeek-V3-style with every linear in FP8: the loss curve with cached weights
+    is the curve without. A cache not dropped after each step would reuse the first step's
+    weights and part from it after the first step."""
+    args = [*MODEL, *DEEPSEEK_V3, "--plugins", "mla", "moe", "fp8", *FP8[2:],
+            "--moe-fp8-dispatch", "--use-distributed-optimizer", "--train-iters", "6",
+            "--lr-warmup-iters", "1"]
+    plain = losses(torchrun(["-m", "integration.pretrain"], args, tmp_path))
+    cached = losses(torchrun(["-m", "integration.pretrain"], args + ["--fp8-cache-weights"],
+                             tmp_path))
+    assert len(plain) == 6 and cached == plain
+    assert plain[6] < plain[1]  # it trained
