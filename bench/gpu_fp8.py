@@ -419,7 +419,8 @@ def result(raw: dict) -> Result:
         tables.append(Table(
             "(b) Linear forward + backward, quantization included: fp8_linear vs BF16 "
             "F.linear (median, TFLOP/s of the three GEMMs, speedup over BF16)",
-            ["weight [N, K]", "BF16 F.linear", *(f"fp8_linear, {_linear_impl(i)}" for i in speedups)],
+            ["weight [N, K]", "BF16 F.linear",
+             *(f"fp8_linear, {_linear_impl(i)}" for i in speedups)],
             rows))
         notes += [_verdict(v, LINEAR_TARGET, f"(b) fp8_linear with {_linear_impl(i)} speedup")
                   for i, v in speedups.items()]

@@ -6,8 +6,8 @@ column- and row-parallel linears then run Fprop, Dgrad and Wgrad with E4M3 opera
 one scale per 1x128 activation tile and per 128x128 weight block, FP32 accumulation
 (`linear`), and keep their input for backward in FP8. Embedding, output head, router,
 norms and attention stay in the training dtype. `--fp8-cache-weights` quantizes each
-weight once per step instead of per micro-batch (`weight_cache`). Without this plugin Megatron's FP8 flags
-do nothing on the local spec.
+weight once per step instead of per micro-batch (`weight_cache`). Without this plugin
+Megatron's FP8 flags do nothing on the local spec.
 
 BF16 Adam moments with FP32 master weights (DeepSeek-V3's optimizer state) come with
 Megatron's own `--exp-avg-dtype bf16 --exp-avg-sq-dtype bf16`, which Megatron refuses

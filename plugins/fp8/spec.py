@@ -2,9 +2,9 @@
 transformer layer (attention projections, MLP, experts) becomes its FP8 version, and
 modules of other plugins that run their own GEMMs in FP8 when given a backend (MLA's
 replicated down-projections) opt in with a class attribute `accepts_fp8_backend = True`
-and get `fp8_backend` (and `fp8_cache_weights`) in their params. Embedding, output head, router, norms and the
-attention core are not in these slots, so they stay in the training dtype, as in
-DeepSeek-V3."""
+and get `fp8_backend` and `fp8_cache_weights` in their params. Embedding, output head,
+router, norms and the attention core are not in these slots, so they stay in the training
+dtype, as in DeepSeek-V3."""
 
 from __future__ import annotations
 

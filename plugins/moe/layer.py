@@ -80,7 +80,8 @@ class DeepSeekMoE(MegatronModule):
         self.router.weight.sequence_parallel = config.sequence_parallel
         self.experts = LocalExperts(config, config.num_moe_experts // ep_size,
                                     config.hidden_size, config.moe_ffn_hidden_size,
-                                    fp8_backend=fp8_backend, fp8_cache_weights=fp8_cache_weights)
+                                    fp8_backend=fp8_backend,
+                                    fp8_cache_weights=fp8_cache_weights)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = submodules.shared_experts(
