@@ -8,7 +8,7 @@ selective recomputation of the RMSNorms and up-projections; `--moe` makes every 
 the first a DeepSeek-V3 MoE layer (16 experts in 4 groups, top-4 from 2 groups, a shared
 expert) with expert parallelism over the 2 ranks and FP8 dispatch; `--fp8` runs every
 linear's GEMMs (experts' and MLA's down-projections included) in block-scaled FP8 on the
-emulated backend, with 128-wide dimensions and no TP. `--mla --moe --fp8` is the whole
+emulated backend, each weight quantized once per step, with 128-wide dimensions and no TP. `--mla --moe --fp8` is the whole
 DeepSeek-V3 recipe at toy size.
 """
 
@@ -58,6 +58,7 @@ MOE = [
 FP8 = [
     "--plugins", "fp8", "--fp8-format", "e4m3", "--fp8-recipe", "blockwise",
     "--fp8-backend", "emulated", "--tensor-model-parallel-size", "1",
+    "--fp8-cache-weights",  # each weight quantized once per step, not per micro-batch
     # Every FP8 GEMM reduces over whole 128-wide tiles: 128-multiples where the presets
     # above are smaller (the kv down-projection's 128 + 16 output rows may stay ragged).
     "--ffn-hidden-size", "256",
