@@ -98,6 +98,30 @@ def test_non_finite_operands_raise_naming_the_tensor(bad):
         fp8_linear(x, w).backward(dy)
 
 
+def test_one_host_sync_per_direction(monkeypatch):
+    """The inf/NaN checks are fp8_linear's only waits on the device (a `bool(tensor)`): one
+    in forward, one in backward, not one per quantization; none in a forward whose
+    operands arrive in FP8 (dispatched tokens, a cached weight), checked by their makers."""
+    from plugins.fp8.weight_cache import FP8WeightCache
+
+    syncs = []
+    to_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: syncs.append(t) or to_bool(t))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 256, generator=g, requires_grad=True)
+    w = torch.randn(576, 256, generator=g, requires_grad=True)
+    y = fp8_linear(x, w)
+    assert len(syncs) == 1
+    y.backward(torch.randn(200, 576, generator=g))
+    assert len(syncs) == 2
+
+    weight_fp8 = FP8WeightCache().get(w)  # checked once, when cached
+    x_fp8 = quantize(x.detach(), ACTIVATION)
+    syncs.clear()
+    fp8_linear(x, w, x_fp8=x_fp8, weight_fp8=weight_fp8)
+    assert syncs == []
+
+
 def saved_bytes(fn, *inputs) -> int:
     params = {t.untyped_storage().data_ptr() for t in inputs[1:]}
     kept: dict[int, int] = {}
