@@ -52,6 +52,14 @@ def test_the_cache_holds_until_dropped_or_changed_in_place():
     assert cache.get(other) is not cache.get(w)
 
 
+def test_a_held_weight_costs_a_byte_per_element():
+    w = torch.randn(7168, 2048, dtype=torch.bfloat16)  # DeepSeek-V3's expert fc2 shape
+    held = FP8WeightCache().get(w)
+    held_bytes = sum(t.untyped_storage().nbytes() for t in (held.q, held.scales))
+    assert held_bytes == w.numel() + 4 * w.numel() // (128 * 128)  # half of BF16's bytes
+    assert held.q.shape == w.shape
+
+
 def test_a_non_finite_weight_raises_naming_it():
     w = torch.randn(256, 256)
     w[130, 3] = float("nan")
