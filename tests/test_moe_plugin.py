@@ -127,6 +127,28 @@ def test_fp8_experts_compute_the_fp8_products(dispatched_fp8):
     assert torch.equal(experts.weight1.grad[1], torch.zeros_like(experts.weight1[1]))
 
 
+def test_fp8_experts_wait_on_the_device_once_per_projection(monkeypatch):
+    """The inf/NaN checks (each a `bool(tensor)`) of a layer's experts: one for all fc1
+    inputs, none when they came by FP8 dispatch (checked by the sender), one for all fc2
+    inputs; with the weights held (--fp8-cache-weights), nothing per expert."""
+    from plugins.fp8.quantize import quantize
+    from plugins.fp8.weight_cache import FP8WeightCache
+
+    experts, tokens = build_experts("emulated")
+    experts.fp8_weight_cache = FP8WeightCache()
+    counts = [128, 0, 72]
+    experts(tokens, counts)  # caches (and checks) each expert's weights
+    sent = quantize(tokens, (1, 128), power_of_two_scales=True)
+    syncs = []
+    to_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: syncs.append(t) or to_bool(t))
+    experts(tokens, counts)
+    assert len(syncs) == 2
+    syncs.clear()
+    experts(tokens, counts, sent)
+    assert len(syncs) == 1
+
+
 def test_grouped_gemm_equals_the_loop_over_experts(monkeypatch):
     """torch._grouped_mm (one GEMM per projection for all experts; on the CPU too) against
     the per-expert loop, forward and backward, with an expert that gets no tokens."""

@@ -92,20 +92,32 @@ class LocalExperts(MegatronModule):
 
     def _fp8_forward(self, tokens: torch.Tensor, counts: list[int],
                      tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """fc1, SwiGLU and fc2 of every expert in FP8. 1x128 tiles run along one token's
+        channels, so the layer quantizes all tokens at once, and all SwiGLU outputs at
+        once, with each expert's own bits: one launch and one inf/NaN check (one wait on
+        the GPU) per projection for the layer, not per expert."""
         from plugins.fp8.linear import fp8_linear
+        from plugins.fp8.quantize import quantize, raise_if_non_finite
         from plugins.fp8.swiglu import FP8CachedSwiGLU
 
-        per_expert_fp8 = (zip(tokens_fp8[0].split(counts), tokens_fp8[1].split(counts))
-                          if tokens_fp8 is not None else [None] * len(counts))
-        cache = self.fp8_weight_cache
-        outputs = []
-        for e, (chunk, chunk_fp8, w1, w2) in enumerate(zip(
-                tokens.split(counts), per_expert_fp8, self.weight1.unbind(0),
-                self.weight2.unbind(0))):
-            w1_fp8, w2_fp8 = ((cache.get(w1, ("fc1", e)), cache.get(w2, ("fc2", e)))
-                              if cache is not None else (None, None))
-            h = FP8CachedSwiGLU.apply(fp8_linear(chunk, w1, self.fp8_backend, chunk_fp8, w1_fp8))
-            outputs.append(fp8_linear(h, w2, self.fp8_backend, weight_fp8=w2_fp8))
+        def checked_fp8(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+            q, scales = quantize(x, (1, 128), check_finite=False)
+            raise_if_non_finite(scales, (1, 128), f"moe experts: {what}")
+            return q, scales
+
+        def project(x, x_fp8, weights, name: str) -> list[torch.Tensor]:
+            cache = self.fp8_weight_cache
+            return [fp8_linear(chunk, w, self.fp8_backend, (q, scales),
+                               cache.get(w, (name, e)) if cache is not None else None)
+                    for e, (chunk, q, scales, w) in enumerate(zip(
+                        x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
+                        weights.unbind(0)))]
+
+        if tokens_fp8 is None:  # (dispatched FP8 tokens were checked by their sender)
+            tokens_fp8 = checked_fp8(tokens, "the tokens (fc1's input)")
+        h = FP8CachedSwiGLU.apply(torch.cat(project(tokens, tokens_fp8, self.weight1, "fc1")))
+        outputs = project(h, checked_fp8(h, "the SwiGLU output (fc2's input)"), self.weight2,
+                          "fc2")
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
