@@ -362,6 +362,17 @@ def result(raw: dict) -> Result:
             parts.append(f"{base / t:.2f}x")
         return ", ".join(parts)
 
+    def speed_cells(times_s, flops, speedups) -> list[str]:
+        """BF16's cell, then each FP8 implementation's against it; collects the speedups."""
+        base = dev.median(times_s["bf16"])
+        cells = [cell(times_s["bf16"], None, flops)]
+        for impl in speedups:
+            cells.append(cell(times_s[impl], base, flops))
+            t = dev.median(times_s[impl])
+            if t and base:
+                speedups[impl].append(base / t)
+        return cells
+
     shown = [i for i in impls if i not in raw["unavailable"]]
     if isinstance(raw.get("gemm"), list):
         rows, err_rows, speedups = [], [], {i: [] for i in shown}
@@ -373,13 +384,7 @@ def result(raw: dict) -> Result:
                 rows.append(label + [cell(r["error"])] * (1 + len(shown)))
                 err_rows.append(label + [_error(r["error"])] * len(shown))
                 continue
-            base = dev.median(r["times_s"]["bf16"])
-            row = label + [cell(r["times_s"]["bf16"], None, flops)]
-            for impl in shown:
-                row.append(cell(r["times_s"][impl], base, flops))
-                t = dev.median(r["times_s"][impl])
-                if t and base:
-                    speedups[impl].append(base / t)
+            row = label + speed_cells(r["times_s"], flops, speedups)
             rows.append(row)
             err_rows.append(row[:3] + [_error(r["max_rel_error"].get(impl)) for impl in shown])
         tables.append(Table(
@@ -408,14 +413,7 @@ def result(raw: dict) -> Result:
             if "error" in r:
                 rows.append([f"[{n}, {k}]"] + [cell(r["error"])] * (1 + len(speedups)))
                 continue
-            base = dev.median(r["times_s"]["bf16"])
-            row = [f"[{n}, {k}]", cell(r["times_s"]["bf16"], None, flops)]
-            for impl in speedups:
-                row.append(cell(r["times_s"][impl], base, flops))
-                t = dev.median(r["times_s"][impl])
-                if t and base:
-                    speedups[impl].append(base / t)
-            rows.append(row)
+            rows.append([f"[{n}, {k}]", *speed_cells(r["times_s"], flops, speedups)])
         tables.append(Table(
             "(b) Linear forward + backward, quantization included: fp8_linear vs BF16 "
             "F.linear (median, TFLOP/s of the three GEMMs, speedup over BF16)",

@@ -40,12 +40,12 @@ ACTIVATION = (1, 128)
 
 def _quantized(t: torch.Tensor, block) -> backends.Operand:
     """Unchecked for inf and NaN (no host sync): the caller checks the scales once the
-    GEMMs are queued (`_raise_if_non_finite`); a bad tile's scale is inf meanwhile, so
+    GEMMs are queued (`_check_operands`); a bad tile's scale is inf meanwhile, so
     nothing it touches comes out finite."""
     return backends.Operand(*quantize(t, block, check_finite=False), block)
 
 
-def _raise_if_non_finite(*operands: tuple[str, backends.Operand]) -> None:
+def _check_operands(*operands: tuple[str, backends.Operand]) -> None:
     """One host sync for all of them; then the error names the operand and its tile."""
     if not operands or bool(torch.stack([torch.isfinite(op.scales).all()
                                          for _, op in operands]).all()):
@@ -90,7 +90,7 @@ class FP8Linear(torch.autograd.Function):
         else:
             wq = backends.Operand(w_q, w_scales, WEIGHT)
         y = gemm(xq, wq)[:, :out]                                            # [tokens, out]
-        _raise_if_non_finite(*checks)
+        _check_operands(*checks)
         # The FP8 input (and a given FP8 weight, held anyway) for backward.
         ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
         ctx.backend, ctx.shape = backend, shape
@@ -117,7 +117,7 @@ class FP8Linear(torch.autograd.Function):
         x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
                                ACTIVATION)                                   # [in, tokens_p]
         dw = gemm(dy_t, x_t).to(weight.dtype)                                # [out, in]
-        _raise_if_non_finite(("output gradient dy", dyq))
+        _check_operands(("output gradient dy", dyq))
         return dx, dw, None, None, None, None, None
 
 
