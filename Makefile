@@ -13,4 +13,4 @@ test: setup
 	$(PY) -m pytest -n 2 --timeout=600 tests
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(ARGS)

@@ -1,6 +1,6 @@
 """cpu_step: a dense GPT's training step on CPU, megaseek's targeted fixes vs a global mode.
 
-A  `integration.cpu.install()`: only the Megatron modules that call CUDA see `CpuTorch`
+A  `upstream.cpu.install()`: only the Megatron modules that call CUDA see `CpuTorch`
    as their `torch`; every other call goes straight to torch.
 B  A plus a global `TorchFunctionMode` that rewrites `device='cuda'` keywords: the
    alternative the targeted fixes avoid, where every torch call detours through Python.
@@ -12,23 +12,19 @@ CUDA RNG tracker), so there is no "no fixes" row.
 
 from __future__ import annotations
 
-import contextlib
-import statistics
-import warnings
-
 import integration  # noqa: F401  (first: makes megatron.training importable on 3.11)
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from bench.report import Config, Result
-from bench.timing import interleaved
-from integration import cpu
-from integration.cpu_device import cpu_if_cuda
+from bench.result import Config, Result
+from bench.single_rank import megatron_single_rank
+from bench.timing import interleaved, median
+from upstream.cpu_device import cpu_if_cuda
 
 LAYERS, HIDDEN, HEADS = 2, 64, 4
 VOCAB, SEQ, MICRO_BATCH = 512, 64, 4
 WARMUP, REPS = 3, 30
+SMOKE_WARMUP, SMOKE_REPS = 1, 3
 
 
 class CudaToCpuMode(TorchFunctionMode):
@@ -54,14 +50,12 @@ class CallCounter(TorchFunctionMode):
 
 
 def build_model():
-    """The dense GPT on this single rank (TP = PP = 1)."""
-    from megatron.core import parallel_state, tensor_parallel
+    """The dense GPT on this single rank (TP = PP = 1; bench.single_rank seeds the CUDA RNG
+    tracker dropout forks)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # the RNG tracker dropout forks
     config = TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
                                use_cpu_initialization=True)
     return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
@@ -85,37 +79,34 @@ def make_step(model):
     return step
 
 
-def run() -> Result:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    fixes = cpu.install(force=True)
-    try:
-        with warnings.catch_warnings():  # Megatron's "TE/Apex not installed" and deprecations
-            warnings.simplefilter("ignore")
-            step = make_step(build_model())
+def under_global_mode(step) -> None:
+    # Entering and leaving the mode is timed with the step: microseconds on milliseconds.
+    with CudaToCpuMode():
+        step()
+
+
+def run(smoke: bool = False) -> Result:
+    warmup, reps = (SMOKE_WARMUP, SMOKE_REPS) if smoke else (WARMUP, REPS)
+    with megatron_single_rank():
+        step = make_step(build_model())
         step()  # allocates Adam's state
         with CallCounter() as counter:
             step()
-        times = interleaved(step, {"A": contextlib.nullcontext, "B": CudaToCpuMode},
-                            reps=REPS, warmup=WARMUP)
-    finally:
-        from megatron.core import parallel_state
+        times = interleaved({"A": lambda i: step(), "B": lambda i: under_global_mode(step)},
+                            reps=reps, warmup=warmup)
 
-        parallel_state.destroy_model_parallel()
-        if fixes is not None:
-            fixes.undo()
-        dist.destroy_process_group()
-
-    extra_us = (statistics.median(times["B"]) - statistics.median(times["A"])) * 1e6
+    a, b = median(times["A"]), median(times["B"])
+    extra = (f"{(b - a) * 1e6 / counter.calls:.1f} µs more per call than A" if a and b
+             else "no time to compare (a configuration failed)")
     return Result("cpu_step", [
-        Config("A", "targeted fixes (`integration.cpu.install()`)", times["A"]),
+        Config("A", "targeted fixes (`upstream.cpu.install()`)", times["A"]),
         Config("B", "targeted fixes + global device-rewriting TorchFunctionMode", times["B"]),
     ], [
         f"GPTModel, local layer spec, {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, "
         f"vocab {VOCAB}, seq {SEQ}, micro-batch {MICRO_BATCH}, fp32, default dropout; "
         f"step = forward + loss.mean() + backward + torch.optim.Adam; "
-        f"{WARMUP} warm-up rounds, then {REPS} interleaved rounds.",
-        f"B's mode intercepts {counter.calls} torch calls per step: "
-        f"{extra_us / counter.calls:.1f} µs more per call than A.",
+        f"{warmup} warm-up rounds, then {reps} interleaved rounds.",
+        f"B's mode intercepts {counter.calls} torch calls per step: {extra}.",
         "Without any fix the step cannot run: building the model stops at "
         "megatron/core/tensor_parallel/random.py (CUDA RNG tracker).",
     ])

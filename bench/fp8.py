@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.report import Result, Table
+from bench.result import Result, Table
 from plugins.fp8.linear import fp8_linear
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 
 TOKENS = 256
 LINEARS = [(7168, 2048), (2048, 7168), (7168, 16384), (1536, 24576), (7168, 18432)]  # (in, out)
 EXPERT = (7168, 2048)  # DeepSeek-V3's routed expert: hidden 7168, intermediate 2048
+SMOKE_LINEARS, SMOKE_EXPERT = [(256, 384)], (256, 128)  # multiples of the 128-wide tiles
 
 
 def saved_bytes(fn, *inputs, weights=()) -> int:
@@ -43,18 +44,19 @@ def fp8_swiglu_mlp(x, w1, w2):
     return fp8_linear(FP8CachedSwiGLU.apply(fp8_linear(x, w1)), w2)
 
 
-def run() -> Result:
+def run(smoke: bool = False) -> Result:
     def tensor(*shape):
         return torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
 
+    linears, expert = (SMOKE_LINEARS, SMOKE_EXPERT) if smoke else (LINEARS, EXPERT)
     rows = []
-    for k, n in LINEARS:
+    for k, n in linears:
         x, w = tensor(TOKENS, k), tensor(n, k)
         bf16 = saved_bytes(F.linear, x, w, weights=[w])
         fp8 = saved_bytes(fp8_linear, x, w, weights=[w])
         rows.append([f"linear {k} -> {n}", f"{bf16 / TOKENS:.0f}", f"{fp8 / TOKENS:.0f}",
                      f"{fp8 / bf16:.3f}"])
-    hidden, ffn = EXPERT
+    hidden, ffn = expert
     x, w1, w2 = tensor(TOKENS, hidden), tensor(2 * ffn, hidden), tensor(hidden, ffn)
     bf16 = saved_bytes(bf16_swiglu_mlp, x, w1, w2, weights=[w1, w2])
     fp8 = saved_bytes(fp8_swiglu_mlp, x, w1, w2, weights=[w1, w2])

@@ -6,7 +6,7 @@
               result is compared with the `emulated` backend on the same operands.
 (b) linear    plugins.fp8.linear.fp8_linear forward + backward, quantization included,
               side by side with BF16 F.linear forward + backward. Target: >= 1.5x.
-(c) quantize  plugins.fp8.quantize's quantizations of a linear (x, W, and Wgrad's dy^T and
+(c) quantize  plugins.common.quantize's quantizations of a linear (x, W, and Wgrad's dy^T and
               x^T, the latter re-tiled from the FP8 cache) as achieved GB/s (bytes read +
               written) over a device-to-device copy's, measured in the same run.
               Target: >= 80%.
@@ -15,7 +15,7 @@
     Dgrad   dx = dy @ W     A = dy [M, N] 1x128    B = W^T [K, N] 128x128
     Wgrad   dW = dy^T @ x   A = dy^T [N, M] 1x128  B = x^T [K, M] 1x128 (K = tokens)
 
-`python -m bench.gpu gpu_fp8` on a GPU; `--smoke` runs tiny shapes on the CPU (only the
+`python -m bench gpu_fp8` on a GPU; `--smoke` runs tiny shapes on the CPU (only the
 `emulated` backend can run there), so CI exercises the same code.
 """
 
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import device as dev
-from bench.report import Result, Table
+from bench import machine, timing
+from bench.result import Result, Table
 
 NAME = "gpu_fp8"
 ACTIVATION, WEIGHT = (1, 128), (128, 128)
@@ -119,7 +120,7 @@ def why_unavailable(impl: str) -> str | None:
 
 def _quantized(t: torch.Tensor, block):
     from plugins.fp8 import backends
-    from plugins.fp8.quantize import quantize
+    from plugins.common.quantize import quantize
 
     return backends.Operand(*quantize(t, block), block)
 
@@ -168,8 +169,8 @@ def measure_gemms(setup: Setup, device, available: dict[str, str | None]) -> lis
                 calls = {"bf16": lambda i, ops=ops: ops[i % len(ops)][0]()}
                 for impl in live:
                     calls[impl] = lambda i, f=gemm_fn(impl), ops=ops: f(*ops[i % len(ops)][1:])
-                row["times_s"] = dev.time_interleaved(calls, setup.reps, setup.warmup, device)
-                dev.log(f"gemm [{n}, {k}] {pass_}", row["times_s"])
+                row["times_s"] = timing.interleaved(calls, setup.reps, setup.warmup, device)
+                timing.log(f"gemm [{n}, {k}] {pass_}", row["times_s"])
                 # Agreement with the exact block-scaled product, on the first input set.
                 ref, row["max_rel_error"] = backends.emulated_gemm(*ops[0][1:]), {}
                 for impl in (i for i in live if isinstance(row["times_s"][i], list)):
@@ -216,19 +217,19 @@ def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> l
                 calls[impl + CACHED_W] = lambda i, s=sets, h=held, impl=impl: fwd_bwd(
                     partial(fp8_linear, backend=impl, weight_fp8=h[i % len(s)]),
                     *s[i % len(s)])
-            row["times_s"] = dev.time_interleaved(calls, setup.reps, setup.warmup, device)
-            dev.log(f"linear [{n}, {k}] fwd+bwd", row["times_s"])
+            row["times_s"] = timing.interleaved(calls, setup.reps, setup.warmup, device)
+            timing.log(f"linear [{n}, {k}] fwd+bwd", row["times_s"])
             del sets, held, calls
         rows.append(row)
     return rows
 
 
 def quantize_kernel_runs(device: torch.device) -> bool:
-    """Whether plugins.fp8.quantize goes through the Triton kernel on `device`."""
+    """Whether plugins.common.quantize goes through the Triton kernel on `device`."""
     if device.type != "cuda":
         return False
     try:
-        from plugins.fp8 import triton_quantize
+        from plugins.common import triton_quantize
     except ImportError:
         return False
     return triton_quantize.available(device) is None
@@ -237,7 +238,7 @@ def quantize_kernel_runs(device: torch.device) -> bool:
 def _quantizer(kind, check_finite: bool):
     """The call a linear makes for `kind`: a block (x or W), "transposed" (Wgrad's dy^T,
     ragged tokens padded) or "requantized" (Wgrad's x^T from the FP8 cache (q, scales))."""
-    from plugins.fp8.quantize import quantize, quantize_transposed, requantize_transposed
+    from plugins.common.quantize import quantize, quantize_transposed, requantize_transposed
 
     if kind == "transposed":
         return partial(quantize_transposed, check_finite=check_finite, pad_rows=True)
@@ -259,7 +260,7 @@ def measure_quantize(setup: Setup, device) -> dict:
     """The quantizations as a linear calls them, each call timed alone (its launch and,
     where it checks for inf/NaN, its host sync included), and the same with no check in
     CUDA graphs (launch overhead out), against a copy's bandwidth (also in a graph)."""
-    from plugins.fp8.quantize import quantize
+    from plugins.common.quantize import quantize
 
     g = torch.Generator(device).manual_seed(2)
     src = torch.empty(setup.copy_elements, dtype=torch.bfloat16, device=device)
@@ -278,9 +279,9 @@ def measure_quantize(setup: Setup, device) -> dict:
         if graph_kernel:
             graphed[f"kernel {label}"] = \
                 lambda i, s=sets, f=_quantizer(kind, False): f(s[i % len(s)])
-    times = dev.time_interleaved(per_call, setup.reps, setup.warmup, device)
-    times.update(dev.time_graphed(graphed, GRAPHED_CALLS, setup.reps, setup.warmup, device))
-    dev.log("quantize", times)
+    times = timing.interleaved(per_call, setup.reps, setup.warmup, device)
+    times.update(timing.graphed(graphed, GRAPHED_CALLS, setup.reps, setup.warmup, device))
+    timing.log("quantize", times)
     return {"copy_bytes": 2 * setup.copy_elements * 2, "times_s": times, "cases": cases}
 
 
@@ -298,7 +299,8 @@ def measure(device: torch.device, setup: Setup) -> dict:
                 sections[key] = fn()
     finally:
         torch.set_float32_matmul_precision(precision)
-    return {"device": dev.describe(device), "tokens": setup.tokens, "dtype": str(setup.dtype),
+    return {"device": machine.accelerator(device), "tokens": setup.tokens,
+            "dtype": str(setup.dtype),
             "warmup": setup.warmup, "reps": setup.reps, "input_sets": setup.sets,
             "impls": list(setup.impls), "unavailable": {k: v for k, v in available.items() if v},
             **sections}
@@ -354,7 +356,7 @@ def result(raw: dict) -> Result:
         if isinstance(times, str):
             failures.setdefault(times, "")
             return _short(f"failed: {times}")
-        t = dev.median(times)
+        t = timing.median(times)
         parts = [_ms(t)]
         if flops:
             parts.append(f"{flops / t / 1e12:.3g} TFLOP/s")
@@ -364,11 +366,11 @@ def result(raw: dict) -> Result:
 
     def speed_cells(times_s, flops, speedups) -> list[str]:
         """BF16's cell, then each FP8 implementation's against it; collects the speedups."""
-        base = dev.median(times_s["bf16"])
+        base = timing.median(times_s["bf16"])
         cells = [cell(times_s["bf16"], None, flops)]
         for impl in speedups:
             cells.append(cell(times_s[impl], base, flops))
-            t = dev.median(times_s[impl])
+            t = timing.median(times_s[impl])
             if t and base:
                 speedups[impl].append(base / t)
         return cells
@@ -430,7 +432,7 @@ def result(raw: dict) -> Result:
 
     if isinstance(raw.get("quantize"), dict):
         q = raw["quantize"]
-        copy_t = dev.median(q["times_s"]["copy"])
+        copy_t = timing.median(q["times_s"]["copy"])
         copy_bw = q["copy_bytes"] / copy_t if copy_t else None
         rows = [["device-to-device copy (bandwidth probe)", f"[{q['copy_bytes'] // 4}] bf16",
                  f"{q['copy_bytes'] / 1e6:.0f}", cell(q["times_s"]["copy"]),
@@ -442,7 +444,7 @@ def result(raw: dict) -> Result:
                 if key not in q["times_s"]:
                     continue
                 times = q["times_s"][key]
-                t = dev.median(times)
+                t = timing.median(times)
                 bw = case["bytes"] / t if t else None
                 if bw and copy_bw:
                     fractions.setdefault(what, []).append(bw / copy_bw)
@@ -457,10 +459,10 @@ def result(raw: dict) -> Result:
                                      "of copy GB/s"], rows, right=frozenset({2, 4, 5})))
         notes.append("(c) bytes moved: the input read once, E4M3 bytes and float32 scales "
                      "written once; the copy counts its read and its write. As called: "
-                     "plugins.fp8.quantize's call with its inf/NaN check (none for x^T from "
+                     "plugins.common.quantize's call with its inf/NaN check (none for x^T from "
                      "the cache), each call between its own CUDA events, so its launch and "
                      "the check's host sync count; a linear checks once per direction instead. "
-                     "Kernel alone (the same call unchecked: plugins.fp8.triton_quantize) and "
+                     "Kernel alone (the same call unchecked: plugins.common.triton_quantize) and "
                      f"the copy: {GRAPHED_CALLS} calls per CUDA graph, launch overhead out.")
         notes += [_verdict(v, QUANTIZE_TARGET, f"(c) {what}, fraction of copy bandwidth")
                   for what, v in fractions.items()]
@@ -468,13 +470,10 @@ def result(raw: dict) -> Result:
         notes.append(f"(c) failed: {raw['quantize']}")
 
     notes += [f"Error in full: {text}" for text in failures]
-    return Result(NAME, [], notes, tables)
+    return Result(NAME, [], notes, tables, raw=raw)
 
 
 def run(smoke: bool = False) -> Result:
-    """The registry's entry: full shapes on a GPU; without one, nothing (see --smoke)."""
-    device = dev.default_device()
-    if device.type != "cuda" and not smoke:
-        return Result(NAME, [], ["Not run: no CUDA device. `python -m bench.gpu --smoke "
-                                 "gpu_fp8` runs tiny shapes on the CPU."])
-    return result(measure(device, SMOKE if smoke else FULL))
+    """The registry's entry (which skips it without a GPU unless `smoke`): DeepSeek-V3's
+    shapes, or tiny ones on whatever device there is."""
+    return result(measure(dev.default_device(), SMOKE if smoke else FULL))

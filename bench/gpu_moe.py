@@ -7,11 +7,11 @@ grouped GEMMs (issue 5).
              local spec runs its experts as SequentialMLP (one GEMM per expert):
              LocalSpecProvider.grouped_mlp_modules ignores moe_grouped_gemm, and its only
              grouped-GEMM experts (TEGroupedMLP) need Transformer Engine.
-(b) grouped  torch._grouped_mm as plugins.moe.experts runs it (fc1, fc2 forward) in
+(b) grouped  torch._grouped_mm as plugins.common.experts runs it (fc1, fc2 forward) in
              TFLOP/s next to one dense torch.mm of the same FLOPs, and the experts module's
              forward + backward, with tokens spread evenly over the experts.
 
-`python -m bench.gpu gpu_moe` on a GPU; `--smoke` runs a tiny layer on the CPU in FP32.
+`python -m bench gpu_moe` on a GPU; `--smoke` runs a tiny layer on the CPU in FP32.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from bench import device as dev
-from bench.report import Result, Table
+from bench import machine, timing
+from bench.result import Result, Table
 
 NAME = "gpu_moe"
 LAYERS = {"A": "megaseek DeepSeekMoE (plugins.moe.layer)"}
@@ -156,7 +157,7 @@ def top_kernels(layer, x, grad, device, steps: int = 2, top: int = 5) -> str:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             fwd_bwd(layer, x, grad)
-        dev.synchronize(device)
+        timing.synchronize(device)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     return ", ".join(f"{e.key[:60]} {getattr(e, key) / steps / 1e3:.2f} ms ({e.count // steps}x)"
@@ -181,8 +182,8 @@ def measure_layers(setup: Setup, device: torch.device) -> dict:
               for k, layer in layers.items() if k != "A"}
     del ref_out, ref_in_grad
     calls = {k: (lambda i, layer=layer: fwd_bwd(layer, x, grad)) for k, layer in layers.items()}
-    times = dev.time_interleaved(calls, setup.reps, setup.warmup, device)
-    dev.log("MoE layer fwd+bwd", times)
+    times = timing.interleaved(calls, setup.reps, setup.warmup, device)
+    timing.log("MoE layer fwd+bwd", times)
     profiles = {}
     for key, layer in layers.items():
         try:
@@ -196,7 +197,7 @@ def measure_layers(setup: Setup, device: torch.device) -> dict:
 
 
 def experts_path(x: torch.Tensor) -> str:
-    from plugins.moe import experts
+    from plugins.common import experts
 
     grouped = getattr(experts, "_grouped_mm_available", None)
     if grouped is not None and grouped(x.reshape(-1, x.shape[-1])):
@@ -206,7 +207,7 @@ def experts_path(x: torch.Tensor) -> str:
 
 def measure_grouped(setup: Setup, device: torch.device) -> dict:
     """fc1 / fc2 grouped GEMMs at the layer's shapes with the tokens spread evenly."""
-    from plugins.moe.experts import LocalExperts
+    from plugins.common.experts import LocalExperts
 
     rows = setup.tokens * setup.top_k
     counts = [rows // setup.experts] * setup.experts
@@ -239,9 +240,9 @@ def measure_grouped(setup: Setup, device: torch.device) -> dict:
         "fc2 dense, same FLOPs": (lambda i: torch.mm(h, w2[0].t()), fc2),
         "experts fwd+bwd (LocalExperts)": (fwd_bwd, 3 * (fc1 + fc2)),
     }
-    times = dev.time_interleaved({k: c for k, (c, _) in cases.items()}, setup.reps,
+    times = timing.interleaved({k: c for k, (c, _) in cases.items()}, setup.reps,
                                  setup.warmup, device)
-    dev.log("experts' GEMMs", times)
+    timing.log("experts' GEMMs", times)
     return {"rows": rows, "tokens_per_expert": counts[0], "times_s": times,
             "flops": {k: f for k, (_, f) in cases.items()}}
 
@@ -253,7 +254,7 @@ def measure(device: torch.device, setup: Setup) -> dict:
         for key, fn in (("layer", measure_layers), ("grouped", measure_grouped)):
             with dev.failure_recorded(sections, key, device):  # the other still runs
                 sections[key] = fn(setup, device)
-    return {"device": dev.describe(device), "setup": {
+    return {"device": machine.accelerator(device), "setup": {
         k: (str(v) if isinstance(v, torch.dtype) else v)
         for k, v in dataclasses.asdict(setup).items()}, **sections}
 
@@ -264,8 +265,8 @@ def measure(device: torch.device, setup: Setup) -> dict:
 def _cell(times, base=None, flops=None) -> str:
     if isinstance(times, str):
         return f"failed: {times[:60]}"
-    t = dev.median(times)
-    q1, q3 = dev.spread(times)
+    t = timing.median(times)
+    q1, q3 = timing.quartiles(times)
     parts = [f"{t * 1e3:.2f} ms ({q1 * 1e3:.2f}–{q3 * 1e3:.2f})"]
     if flops:
         parts.append(f"{flops / t / 1e12:.3g} TFLOP/s")
@@ -289,7 +290,7 @@ def result(raw: dict) -> Result:
     layer = raw.get("layer")
     if isinstance(layer, dict):
         flops = 3 * expert_flops(_setup(s))
-        base = dev.median(layer["times_s"].get("A"))
+        base = timing.median(layer["times_s"].get("A"))
         rows = [[f"{k}: {layer['names'][k]}", _cell(t, base if k != "A" else None, flops)]
                 for k, t in layer["times_s"].items()]
         rows += [[f"{k}: {layer['names'][k]}", f"dropped: {why}"]
@@ -312,7 +313,7 @@ def result(raw: dict) -> Result:
             f"{grouped['tokens_per_expert']} per expert", ["GEMM", "median"], rows))
     elif grouped is not None:
         notes.append(f"(b) failed: {grouped}")
-    return Result(NAME, [], notes, tables)
+    return Result(NAME, [], notes, tables, raw=raw)
 
 
 def _setup(fields: dict) -> Setup:
@@ -320,9 +321,6 @@ def _setup(fields: dict) -> Setup:
 
 
 def run(smoke: bool = False) -> Result:
-    """The registry's entry: full shapes on a GPU; without one, nothing (see --smoke)."""
-    device = dev.default_device()
-    if device.type != "cuda" and not smoke:
-        return Result(NAME, [], ["Not run: no CUDA device. `python -m bench.gpu --smoke "
-                                 "gpu_moe` runs a tiny layer on the CPU."])
-    return result(measure(device, SMOKE if smoke else FULL))
+    """The registry's entry (which skips it without a GPU unless `smoke`): a one-GPU
+    DeepSeek-V3 shape, or a tiny layer on whatever device there is."""
+    return result(measure(dev.default_device(), SMOKE if smoke else FULL))

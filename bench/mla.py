@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.single_rank import megatron_single_rank
-from bench.report import Config, Result, Table
+from bench.result import Config, Result, Table
 from bench.timing import interleaved
 
 MiB = 2 ** 20
@@ -36,6 +36,7 @@ FULL_SEQS = (64, 128, 256)  # short: the full layer is slow on CPU; extrapolated
 EXTRAPOLATE_TO = 4096
 SAVED_BYTES_THREADS = 2     # a byte count, not a timing: use both cores
 TIME_SEQ, TIME_BATCH, WARMUP, REPS = 256, 2, 5, 60
+SMOKE_WARMUP, SMOKE_REPS = 1, 3
 
 
 def describe(shape: dict) -> str:
@@ -203,13 +204,19 @@ def dropped_note(label: str, results: dict) -> str:
     return f"{label} seq {s_max}, what each option stops saving: " + " | ".join(parts) + "."
 
 
-def run_saved_bytes() -> Result:
+def run_saved_bytes(smoke: bool = False) -> Result:
+    # label: (table title, shape, dtype, sequence lengths, seed)
+    cases = {"(a)": (f"(a) DeepSeek-V3 / 16 ({describe(SCALED)}), batch 1, fp32",
+                     SCALED, torch.float32, SCALED_SEQS, 1)}
+    if not smoke:  # the full layer takes most of the wall time
+        cases["(b)"] = (f"(b) DeepSeek-V3 layer ({describe(DEEPSEEK_V3)}), batch 1, bf16",
+                        DEEPSEEK_V3, torch.bfloat16, FULL_SEQS, 2)
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(SAVED_BYTES_THREADS)
     try:
         with megatron_single_rank():
-            scaled = measure(SCALED, torch.float32, SCALED_SEQS, seed=1)
-            full = measure(DEEPSEEK_V3, torch.bfloat16, FULL_SEQS, seed=2)
+            measured = {label: measure(shape, dtype, seqs, seed=seed)
+                        for label, (_, shape, dtype, seqs, seed) in cases.items()}
     finally:
         torch.set_num_threads(threads)
     return Result("mla_saved_bytes", [], [
@@ -219,11 +226,10 @@ def run_saved_bytes() -> Result:
         "running when it was saved. Every option runs on the same weights and inputs.",
         "Layer: plugins.mla.spec.with_mla(get_gpt_layer_local_spec(normalization='RMSNorm'))"
         ", no biases, dropout 0, plain RoPE, TP = 1.",
-        linearity_note("(a)", scaled), linearity_note("(b)", full),
-        dropped_note("(a)", scaled), dropped_note("(b)", full),
+        *(linearity_note(label, results) for label, results in measured.items()),
+        *(dropped_note(label, results) for label, results in measured.items()),
         f"Wall time {time.perf_counter() - start:.0f} s on {SAVED_BYTES_THREADS} torch threads.",
-    ], [saved_table(f"(a) DeepSeek-V3 / 16 ({describe(SCALED)}), batch 1, fp32", scaled),
-        saved_table(f"(b) DeepSeek-V3 layer ({describe(DEEPSEEK_V3)}), batch 1, bf16", full)])
+    ], [saved_table(cases[label][0], results) for label, results in measured.items()])
 
 
 # ---------------------------------------------------------------------- mla_cpu_time
@@ -317,13 +323,7 @@ def compare(name: str, got, ref) -> str:
             + ("equal up to fp32 rounding." if rel[worst] < 1e-5 else "NOT EQUAL."))
 
 
-@contextlib.contextmanager
-def selected(current: dict, module):
-    current["module"] = module
-    yield
-
-
-def run_cpu_time() -> Result:
+def run_cpu_time(smoke: bool = False) -> Result:
     from plugins.mla.convert import from_interleaved_rope
 
     x, grad = inputs(SCALED, TIME_SEQ, TIME_BATCH, torch.float32, seed=3)
@@ -348,10 +348,9 @@ def run_cpu_time() -> Result:
             out, dx, grads = fwd_bwd(modules[name], x, grad)
             checks.append(compare(name, (out, dx, to_ours(grads)), ref))
         kernels = "; ".join(f"{n}: {attention_nodes(m, x)}" for n, m in modules.items())
-        current = {}
-        configs = {n: functools.partial(selected, current, m) for n, m in modules.items()}
-        times = interleaved(lambda: fwd_bwd(current["module"], x, grad), configs,
-                            reps=REPS, warmup=WARMUP)
+        warmup, reps = (SMOKE_WARMUP, SMOKE_REPS) if smoke else (WARMUP, REPS)
+        times = interleaved({n: (lambda i, m=m: fwd_bwd(m, x, grad)) for n, m in modules.items()},
+                            reps=reps, warmup=warmup)
 
     return Result("mla_cpu_time", [
         Config("A", "megaseek MLASelfAttention (plugins.mla)", times["A"]),
@@ -361,7 +360,7 @@ def run_cpu_time() -> Result:
     ], [
         f"Attention module only, DeepSeek-V3 / 16 ({describe(SCALED)}), seq {TIME_SEQ}, batch "
         f"{TIME_BATCH}, fp32, plain RoPE, causal, dropout 0, TP = 1; step = zero_grad + "
-        f"forward + backward; {WARMUP} warm-up rounds, then {REPS} interleaved rounds.",
+        f"forward + backward; {warmup} warm-up rounds, then {reps} interleaved rounds.",
         "Megatron-Core 0.19.2's MLASelfAttention does not build with its local spec: "
         "MultiLatentAttention.__init__ passes k_channels and v_channels to the core attention "
         "and the local DotProductAttention.__init__ takes neither (TypeError). B's minimal "

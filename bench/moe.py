@@ -9,8 +9,6 @@ moe_layer_cpu_time  Forward + backward of one DeepSeekMoE layer vs Megatron-Core
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import tempfile
 import time
@@ -22,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from bench.single_rank import megatron_single_rank
-from bench.report import Config, Result, Table
+from bench.result import Config, Result, Table
 from bench.timing import interleaved
 
 # --------------------------------------------------------------------------- dispatch bytes
@@ -103,7 +101,8 @@ def expected_rows(indices) -> dict[str, int]:
             "other_nodes": int(other_nodes.sum())}
 
 
-def run_dispatch_bytes() -> Result:
+def run_dispatch_bytes(smoke: bool = False) -> Result:
+    """Byte counts, not timings: a smoke run is the same run (seconds)."""
     start = time.perf_counter()
     counts = on_ranks()
     n = RANKS * TOKENS
@@ -171,6 +170,7 @@ def run_dispatch_bytes() -> Result:
 T_HIDDEN, T_EXPERTS, T_FFN, T_TOP_K, T_GROUPS, T_GROUP_TOP_K = 512, 16, 128, 4, 4, 2
 T_TOKENS, SCALING = 1024, 2.5
 WARMUP, REPS = 3, 30
+SMOKE_WARMUP, SMOKE_REPS = 1, 3
 
 
 def moe_config(dispatcher: str):
@@ -256,13 +256,7 @@ def top_ops(layer, x, grad, steps: int = 3, top: int = 4) -> str:
                      for e in ops[:top])
 
 
-@contextlib.contextmanager
-def selected(current: dict, layer):
-    current["layer"] = layer
-    yield
-
-
-def run_layer_cpu_time() -> Result:
+def run_layer_cpu_time(smoke: bool = False) -> Result:
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
@@ -289,13 +283,12 @@ def run_layer_cpu_time() -> Result:
         ref = (*fwd_bwd(layers["A"], x, grad), grads(layers["A"]))
         checks = [compare(key, (*fwd_bwd(layer, x, grad), grads(layer)), ref)
                   for key, layer in layers.items() if key != "A"]
-        current = {}
-        configs = {k: functools.partial(selected, current, m) for k, m in layers.items()}
-        times = interleaved(lambda: fwd_bwd(current["layer"], x, grad), configs,
-                            reps=REPS, warmup=WARMUP)
+        warmup, reps = (SMOKE_WARMUP, SMOKE_REPS) if smoke else (WARMUP, REPS)
+        times = interleaved({k: (lambda i, m=m: fwd_bwd(m, x, grad)) for k, m in layers.items()},
+                            reps=reps, warmup=warmup)
         profiles = [f"{k}: {top_ops(layer, x, grad)}" for k, layer in layers.items()]
 
-    fixes_note = "Megatron's MoELayer runs on CPU with integration.cpu's fixes."
+    fixes_note = "Megatron's MoELayer runs on CPU with upstream.cpu's fixes."
     return Result("moe_layer_cpu_time", [
         Config("A", "megaseek DeepSeekMoE (plugins.moe.layer)", times["A"]),
         *(Config(k, f"Megatron-Core MoELayer, local spec (SequentialMLP), '{d}' dispatcher",
@@ -305,7 +298,7 @@ def run_layer_cpu_time() -> Result:
         f"(SwiGLU), top-{T_TOP_K} from {T_GROUP_TOP_K} of {T_GROUPS} groups, sigmoid scores "
         f"with expert bias, gates normalized and scaled by {SCALING}, no aux loss, no shared "
         f"expert (both would run the same Megatron SharedExpertMLP), {T_TOKENS} tokens, fp32, single rank, EP = 1; step = zero_grad + forward "
-        f"+ backward; {WARMUP} warm-up rounds, then {REPS} interleaved rounds.",
+        f"+ backward; {warmup} warm-up rounds, then {reps} interleaved rounds.",
         "Same routing options in both: --moe-router-score-function sigmoid, "
         "--moe-router-enable-expert-bias, --moe-router-num-groups, --moe-router-group-topk, "
         "--moe-router-topk-scaling-factor. Megatron scores a group by its top "

@@ -1,15 +1,67 @@
-"""The benchmarks `python -m bench` knows: name -> function returning a `bench.report.Result`."""
+"""Every benchmark `python -m bench` knows: its name, its function, what it needs, and a
+line on what it measures."""
 
-from bench import cpu_step, fp8, gpu_fp8, gpu_moe, mla, moe
+from __future__ import annotations
 
-BENCHMARKS = {
-    "cpu_step": cpu_step.run,
-    "mla_saved_bytes": mla.run_saved_bytes,
-    "mla_cpu_time": mla.run_cpu_time,
-    "fp8_saved_bytes": fp8.run,
-    "moe_dispatch_bytes": moe.run_dispatch_bytes,
-    "moe_layer_cpu_time": moe.run_layer_cpu_time,
-    # GPU only (without CUDA they return a note); `python -m bench.gpu` also writes JSON.
-    "gpu_fp8": gpu_fp8.run,
-    "gpu_moe": gpu_moe.run,
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from bench.result import Result
+
+NEEDS = {
+    "cpu": "any machine",
+    "gpu": "a CUDA GPU (or --smoke: tiny shapes, on the CPU too)",
 }
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    # "module:function", called with `smoke`. Imported only when run, so listing the
+    # benchmarks or running the GPU ones does not import the others' Megatron stack.
+    function: str
+    needs: str  # a key of NEEDS
+    description: str
+
+    def load(self) -> Callable[[bool], Result]:
+        module, function = self.function.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+BENCHMARKS = {b.name: b for b in (
+    Benchmark("cpu_step", "bench.cpu_step:run", "cpu",
+              "dense GPT training step on CPU: targeted CPU fixes vs a global TorchFunctionMode"),
+    Benchmark("mla_saved_bytes", "bench.mla:run_saved_bytes", "cpu",
+              "bytes one MLA layer saves for backward, per --recompute-modules choice"),
+    Benchmark("mla_cpu_time", "bench.mla:run_cpu_time", "cpu",
+              "MLA attention forward + backward on CPU: megaseek's vs Megatron-Core's"),
+    Benchmark("fp8_saved_bytes", "bench.fp8:run", "cpu",
+              "activation bytes FP8 linears and the FP8 SwiGLU MLP keep vs BF16"),
+    Benchmark("moe_dispatch_bytes", "bench.moe:run_dispatch_bytes", "cpu",
+              "MoE dispatch bytes per token on 4 gloo ranks: FP8 vs BF16, two-hop vs flat"),
+    Benchmark("moe_layer_cpu_time", "bench.moe:run_layer_cpu_time", "cpu",
+              "MoE layer forward + backward on CPU: DeepSeekMoE vs Megatron-Core's MoELayer"),
+    Benchmark("gpu_fp8", "bench.gpu_fp8:run", "gpu",
+              "FP8 GEMMs, linears and quantization vs BF16 at DeepSeek-V3's shapes"),
+    Benchmark("gpu_moe", "bench.gpu_moe:run", "gpu",
+              "MoE layer vs Megatron-Core's, and the experts' grouped GEMMs, on a GPU"),
+)}
+
+
+def unmet_need(benchmark: Benchmark, smoke: bool) -> str | None:
+    """Why `benchmark` cannot run on this machine, or None."""
+    if benchmark.needs == "gpu" and not smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            return ("needs a CUDA GPU and this machine has none "
+                    "(`python -m bench --smoke` runs its tiny shapes on the CPU)")
+    return None
+
+
+def listing() -> str:
+    """`python -m bench --list`: one line a benchmark."""
+    width = max(map(len, BENCHMARKS))
+    lines = [f"{b.name:<{width}}  needs {b.needs}  {b.description}" for b in BENCHMARKS.values()]
+    return "\n".join(lines + ["", "needs: " + "; ".join(f"{k}: {v}" for k, v in NEEDS.items())])

@@ -10,7 +10,7 @@ import integration  # noqa: F401  (first: makes megatron.training importable on 
 import torch
 import torch.distributed as dist
 
-from integration import cpu
+from upstream import cpu
 
 
 @contextlib.contextmanager

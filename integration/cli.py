@@ -14,14 +14,29 @@ import sys
 
 
 def list_fixes(argv: list[str]) -> None:
-    import integration  # noqa: F401
-    from integration import compat, cpu
+    """Every upstream change (`upstream.registry.all_fixes`), grouped by scope: its
+    upstream file:line, its reason, and whether the installed megatron-core still needs it."""
+    import importlib.metadata
+    import textwrap
+    import warnings
 
-    for scope, fixes in (("every machine", compat.FIXES), ("CPU only", cpu.FIXES)):
+    import integration  # noqa: F401
+    from upstream.registry import all_fixes
+
+    with warnings.catch_warnings():  # megatron's import-time notes about TE and Apex
+        warnings.simplefilter("ignore")
+        fixes = all_fixes()
+        needed = {fix.name: fix.still_needed() for fix in fixes}
+    for scope in dict.fromkeys(fix.scope.label for fix in fixes):
         print(f"# {scope}")
-        for fix in fixes:
-            state = "needed" if fix.still_needed() else "NOT NEEDED (remove it)"
-            print(f"{fix.name:58} {state}\n    {fix.upstream}\n    {fix.reason}")
+        for fix in (f for f in fixes if f.scope.label == scope):
+            state = "needed" if needed[fix.name] else "NOT NEEDED (remove it)"
+            print(f"{fix.name:58} {state}\n    {fix.upstream}")
+            print(textwrap.fill(fix.reason, 92, initial_indent="    ", subsequent_indent="    "))
+        print()
+    version = importlib.metadata.version("megatron-core")
+    print(f"{len(fixes)} upstream changes; {sum(needed.values())} still needed by the installed "
+          f"megatron-core {version}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +50,13 @@ def main(argv: list[str] | None = None) -> None:
         from integration.demo import main as run
     elif command == "fixes":
         run = list_fixes
+    elif command in ("", "-h", "--help", "help"):
+        print(__doc__)
+        return
     else:
-        raise SystemExit(__doc__)
+        print(f"megaseek: error: unknown command {command!r}; the commands are pretrain, "
+              f"launch, demo, fixes\n{__doc__}", file=sys.stderr)
+        raise SystemExit(2)
     run(rest)
 
 

@@ -2,7 +2,7 @@
 
 These are the three callables Megatron-LM's `pretrain_gpt.py` hands to `pretrain()`; the
 model provider builds Megatron's `GPTModel` from its local layer spec and lets the enabled
-plugins transform that spec (`integration.plugins_runtime`).
+plugins rewrite that spec as the model is built (`upstream.seams.model_specs`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_l
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
-                   config=None, pg_collection=None, *, layer_spec_hooks=()) -> GPTModel:
-    """Builds this rank's GPTModel chunk; `layer_spec_hooks` are the plugins' spec transforms."""
+                   config=None, pg_collection=None) -> GPTModel:
+    """Builds this rank's GPTModel chunk from Megatron's local specs (the plugins rewrite
+    them as GPTModel is built: `upstream.seams.model_specs`)."""
     args = get_args()
     config = config or core_transformer_config_from_args(args)
     if args.num_experts:
@@ -41,16 +42,12 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                                 normalization=args.normalization,
                                                 vp_stage=vp_stage)
-        for transform in layer_spec_hooks:
-            layer_spec.layer_specs = [transform(s, args) for s in layer_spec.layer_specs]
     else:
         layer_spec = get_gpt_layer_local_spec(
             qk_layernorm=args.qk_layernorm,
             multi_latent_attention=args.multi_latent_attention,
             normalization=args.normalization,
         )
-        for transform in layer_spec_hooks:
-            layer_spec = transform(layer_spec, args)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -155,6 +152,3 @@ def datasets_provider(train_val_test_num_samples, vp_stage: int | None = None):
 
 datasets_provider.is_distributed = True  # every rank calls it; Megatron broadcasts nothing
 
-
-def model_provider_with(hooks) -> Any:
-    return partial(model_provider, layer_spec_hooks=tuple(hooks))

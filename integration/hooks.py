@@ -1,84 +1,119 @@
-"""Attach enabled plugins to Megatron's training loop through its own seams.
+"""Enable the plugins on Megatron's parsed arguments: the one function both launch paths
+(`megaseek pretrain` and `megaseek launch SCRIPT`) call.
 
-`megatron.training.training` looks up `get_forward_backward_func` and
-`get_megatron_optimizer` by name at call time; a plugin that provides a schedule or an
-optimizer-step callback is attached by replacing those names for the run (the Patcher
-can undo it). Layer-spec transforms go to the model provider (`integration.gpt`).
+`enable(registry, args, patcher)` checks the plugin flags, applies the upstream fixes the
+enabled plugins need, and attaches their hooks to Megatron through the seams of
+`upstream.seams`; every change goes through `patcher`, so the caller undoes them all when
+the run ends. Nothing here knows any plugin by name.
 """
 
 from __future__ import annotations
 
 import argparse
-from functools import wraps
+import contextlib
+import os
+import sys
 
-from integration.patching import Patcher
-from plugins import Plugin, PluginError
-
-
-def layer_spec_hooks(plugins: list[Plugin]):
-    return [p.transform_layer_spec for p in plugins if p.transform_layer_spec is not None]
-
-
-def check_megatron_flags(plugins: list[Plugin], args: argparse.Namespace) -> None:
-    """Megatron flags that cannot work without a plugin fail here, not deep in a build."""
-    names = {p.name for p in plugins}
-    if (getattr(args, "multi_latent_attention", False) and "mla" not in names
-            and getattr(args, "transformer_impl", None) == "local"):
-        raise PluginError("--multi-latent-attention with --transformer-impl local needs "
-                          "--plugins mla (Megatron's own MLA does not build with the local "
-                          "spec: its core attention rejects k_channels/v_channels)")
+from plugins import Plugin, PluginError, PluginRegistry, transform_spec
+from upstream import compat, cpu, seams
+from upstream.patching import Patcher
 
 
-def attach(plugins: list[Plugin], args: argparse.Namespace, patcher: Patcher) -> None:
-    import megatron.training.training as training
+@contextlib.contextmanager
+def megatron_run(registry: PluginRegistry):
+    """The frame of one run, for both entry points. Inside the block:
+    - the fixes this machine needs are in place (`upstream.compat`; `upstream.cpu` without
+      CUDA), and the yielded Patcher takes the run's own changes; all are undone at its end;
+    - the plugins' start-up checks run before Megatron prints its argument dump;
+    - a checkpoint that does not fit the model fails naming the key and the flags;
+    - a configuration the plugins refuse ends the run as argparse does: one line,
+      `megaseek: error: ...`, on rank 0 only, and exit status 2 on every rank."""
+    installed = [compat.install(), cpu.install()]
+    patcher = Patcher()
+    try:
+        seams.checks_before_argument_dump(registry.enabled).apply(patcher)
+        seams.checkpoint_mismatch_named().apply(patcher)
+        yield patcher
+    except (PluginError, seams.CheckpointMismatch) as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        patcher.undo()
+        for fixes in reversed(installed):
+            if fixes is not None:
+                fixes.undo()
 
-    check_megatron_flags(plugins, args)
+
+class _ModelChunks:
+    """The model chunks Megatron builds, known once it builds the optimizer for them."""
+
+    def __init__(self) -> None:
+        self.chunks: list | None = None
+
+    def get(self) -> list:
+        if self.chunks is None:
+            raise RuntimeError("plugin state was asked for before Megatron built the model")
+        return self.chunks
+
+
+def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher) -> list[Plugin]:
+    """Enables and attaches the plugins `args` names; returns them in registry order."""
+    plugins = registry.enabled(args)
     for plugin in plugins:
-        if plugin.install is not None:
-            plugin.install(args, patcher)
-    # Megatron's own --exp-avg-dtype/--exp-avg-sq-dtype bf16 (refused without TE today):
-    # BF16 Adam moments with FP32 master weights (plugins.fp8.optimizer_hook).
-    from plugins.fp8.optimizer_hook import attach_bf16_moments
+        for fix in (plugin.fixes(args) if plugin.fixes is not None else ()):
+            if fix.still_needed():
+                fix.apply(patcher)
 
-    attach_bf16_moments(args, patcher)
+    def apply(seam) -> None:
+        seam.apply(patcher)
+
+    apply(seams.model_specs(lambda spec: transform_spec(plugins, spec, args)))
 
     schedules = [p for p in plugins if p.schedule is not None]
     if len(schedules) > 1:  # slots normally catch this; a schedule hook without the slot too
         raise PluginError("--plugins: " + " and ".join(p.name for p in schedules)
                           + " both provide a pipeline schedule; enable only one")
     if schedules:
-        forward_backward = schedules[0].schedule(args)
+        apply(seams.schedule(schedules[0].schedule(args)))
 
-        @wraps(training.get_forward_backward_func)
-        def get_forward_backward_func(*unused, **unused_kw):
-            return forward_backward
+    placements = [p for p in plugins if p.placement is not None]
+    if len(placements) > 1:
+        raise PluginError("--plugins: " + " and ".join(p.name for p in placements)
+                          + " both place the pipeline stages; enable only one")
+    if placements:
+        placement = placements[0].placement(args)
+        placement.check()
+        apply(seams.pipeline_placement(placement))
 
-        patcher.setattr(training, "get_forward_backward_func", get_forward_backward_func)
-
+    chunks = _ModelChunks()
     step_hooks = [p for p in plugins if p.on_optimizer_step is not None]
-    if step_hooks:
-        build_optimizer = training.get_megatron_optimizer
 
-        @wraps(build_optimizer)
-        def get_megatron_optimizer(config, model_chunks, *a, **kw):
-            optimizer = build_optimizer(config, model_chunks, *a, **kw)
-            callbacks = [p.on_optimizer_step(args, model_chunks, optimizer) for p in step_hooks]
-            _run_after_step(optimizer, callbacks)
-            return optimizer
+    def callbacks_for(model_chunks, optimizer):
+        chunks.chunks = model_chunks
+        return [p.on_optimizer_step(args, model_chunks, optimizer) for p in step_hooks]
 
-        patcher.setattr(training, "get_megatron_optimizer", get_megatron_optimizer)
+    apply(seams.after_optimizer_step(callbacks_for))
 
+    stateful = [p for p in plugins if p.checkpoint_state is not None]
+    if stateful:
+        states: dict = {}
 
-def _run_after_step(optimizer, callbacks) -> None:
-    step = optimizer.step
+        def plugin_states() -> dict:
+            if not states:
+                states.update({p.name: p.checkpoint_state(args, chunks.get()) for p in stateful})
+            return states
 
-    @wraps(step)
-    def step_then_callbacks(*args, **kwargs):
-        result = step(*args, **kwargs)
-        update_successful = result[0] if isinstance(result, tuple) else bool(result)
-        if update_successful:
-            for callback in callbacks:
-                callback()
-        return result
+        apply(seams.checkpoint_state(plugin_states))
 
-    optimizer.step = step_then_callbacks
+    evaluating = [p for p in plugins if p.evaluation is not None]
+    if evaluating:
+        passes: list = []
+
+        def evaluation_passes() -> list:
+            if not passes:
+                passes.extend(p.evaluation(args, chunks.get()) for p in evaluating)
+            return passes
+
+        apply(seams.evaluation_passes(evaluation_passes))
+    return plugins

@@ -2,7 +2,7 @@
 megaseek's plugins, through `megatron.training.pretrain` as Megatron-LM's
 `pretrain_gpt.py` does. Takes every Megatron argument plus `--plugins` and plugin flags.
 
-Run it under torchrun. Without CUDA it runs on CPU with gloo (`integration.cpu`).
+Run it under torchrun. Without CUDA it runs on CPU with gloo (`upstream.cpu`).
 Without `--data-path` or `--mock-data`, it trains on the built-in byte-level corpus
 (`integration.corpus`), with `--tokenizer-type NullTokenizer --vocab-size 257`.
 """
@@ -10,15 +10,17 @@ Without `--data-path` or `--mock-data`, it trains on the built-in byte-level cor
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
-from integration import compat, cpu
-from integration.cpu import given
+from integration import hooks
 from integration.corpus import BYTE_VOCAB_SIZE, build_byte_corpus
-from integration.patching import Patcher
 from plugins import PluginRegistry, default_registry
+from upstream import cpu
+from upstream.cpu import given
+
 
 def with_defaults(argv: list[str]) -> list[str]:
     """Adds what a CPU run needs and the built-in corpus where the user chose nothing.
@@ -34,36 +36,42 @@ def with_defaults(argv: list[str]) -> list[str]:
     return argv + added
 
 
+def one_rank_without_torchrun() -> None:
+    """Started without torchrun (no WORLD_SIZE in the environment): run as the only rank,
+    and say so, rather than fail on a missing MASTER_ADDR."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    print("megaseek: not started by torchrun: running one rank (for several, start it as "
+          "`torchrun --nproc-per-node N -m integration.pretrain ...`)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
+    one_rank_without_torchrun()
     argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
     registry = registry or default_registry()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-    patcher = Patcher()
-    compat.install()
-    cpu.install()
+    with hooks.megatron_run(registry) as patcher:
+        from megatron.core.enums import ModelType
+        from megatron.training import pretrain
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
 
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
-    from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
+        from integration import gpt
 
-    from integration import gpt, hooks
+        sys.argv = [sys.argv[0], *argv]  # Megatron parses sys.argv
+        args = parse_and_validate_args(extra_args_provider=registry.add_arguments)
+        hooks.enable(registry, args, patcher)
+        pretrain(pretrain_cfg_container_from_args(args), gpt.datasets_provider,
+                 ModelType.encoder_or_decoder, gpt.forward_step, model_provider=gpt.model_provider)
+    from integration.shutdown import end_run
 
-    sys.argv = [sys.argv[0], *argv]  # Megatron parses sys.argv
-    args = parse_and_validate_args(extra_args_provider=registry.add_arguments)
-    plugins = registry.enabled(args)
-    hooks.attach(plugins, args, patcher)
-    try:
-        pretrain(
-            pretrain_cfg_container_from_args(args),
-            gpt.datasets_provider,
-            ModelType.encoder_or_decoder,
-            gpt.forward_step,
-            model_provider=gpt.model_provider_with(hooks.layer_spec_hooks(plugins)),
-        )
-    finally:
-        patcher.undo()
+    end_run()  # pretrain() leaves the process groups up: every rank ends them together
 
 
 if __name__ == "__main__":

@@ -1,15 +1,32 @@
 """megaseek's plugins and the one registry that turns them on.
 
 A `Plugin` names itself, adds its own flags (through Megatron's `extra_args_provider`),
-validates the parsed arguments, and offers hooks: a transform of the transformer layer
-spec, a pipeline schedule, and a callback after each optimizer step. It claims the
-*slots* it replaces (e.g. "self_attention", "schedule"); two enabled plugins may not
-claim the same slot.
+validates the parsed arguments, and offers hooks, each optional:
+- `transform_layer_spec`: rewrites one transformer layer's `ModuleSpec` (applied to every
+  layer of a block spec, MTP's included: `transform_spec`);
+- `schedule`: a pipeline schedule (Megatron's forward-backward keyword interface);
+- `placement`: which stages (layers, embedding, head and loss) each pipeline chunk of each
+  rank builds;
+- `on_optimizer_step`: a callback run after every successful optimizer step, with
+  Megatron's iteration number;
+- `checkpoint_state`: the plugin's own sharded state, saved and loaded with Megatron's
+  checkpoint;
+- `evaluation`: an extra pass of Megatron's evaluation (e.g. with other weights);
+- `fixes`: the upstream changes the plugin needs for a run (`upstream.patching.Fix`).
+It claims the *slots* it replaces (e.g. "self_attention", "schedule"); two enabled plugins
+may not claim the same slot.
 
 Nothing activates because it is installed: a plugin runs only when named in
-`--plugins NAME [NAME ...]`. Megatron's own flags configure what Megatron already names;
+`--plugins NAME [NAME ...]`, or, for a plugin that implements a Megatron flag Megatron
+cannot honour by itself here (BF16 Adam moments without Transformer Engine), when that
+flag is given (`enabled_by`). Megatron's own flags configure what Megatron already names;
 a plugin's flags are only for what Megatron lacks, and giving one without enabling its
 plugin is an error at start-up.
+
+Plugins compose through specs, never by knowing about each other: transforms run in the
+registry's order (the order of registration), whatever order `--plugins` names them in,
+so the model is the same for every order. A plugin that maps the finished spec (fp8
+turns every linear slot into its FP8 version) registers after those that add slots.
 """
 
 from __future__ import annotations
@@ -31,15 +48,32 @@ class Plugin:
     summary: str
     add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
     validate: Callable[[argparse.Namespace], None] | None = None
-    # (layer_spec, args) -> layer_spec; applied to Megatron's GPT layer spec in order.
+    # (layer_spec, args) -> layer_spec, for one transformer layer's ModuleSpec.
     transform_layer_spec: Callable[[Any, argparse.Namespace], Any] | None = None
     # args -> a Megatron forward-backward function (same keyword interface).
     schedule: Callable[[argparse.Namespace], Callable[..., Any]] | None = None
-    # (args, model_chunks, optimizer) -> a callable run after every successful step.
-    on_optimizer_step: Callable[[argparse.Namespace, list, Any], Callable[[], None]] | None = None
-    # (args, patcher) -> None: upstream changes the plugin needs for this run, made before
-    # Megatron builds its configs (each one names the upstream lines it changes).
-    install: Callable[[argparse.Namespace, Any], None] | None = None
+    # args -> upstream.seams.Placement: the stages each rank's pipeline chunks build.
+    placement: Callable[[argparse.Namespace], Any] | None = None
+    # (args, model_chunks, optimizer) -> callable(iteration), run after every successful
+    # optimizer step with the iteration that step completed (Megatron's count, so it
+    # continues across a resume).
+    on_optimizer_step: Callable[[argparse.Namespace, list, Any], Callable[[int], None]] | None = None
+    # (args, model_chunks) -> an object with `sharded_state_dict()` (Megatron
+    # dist-checkpointing objects, saved under the plugin's name) and
+    # `load_state_dict(state)` (what was loaded; None when the checkpoint has none).
+    checkpoint_state: Callable[[argparse.Namespace, list], Any] | None = None
+    # (args, model_chunks) -> (name, context manager factory): after each of Megatron's
+    # evaluations, it runs again inside the context, its results printed under the name.
+    evaluation: Callable[[argparse.Namespace, list], tuple[str, Callable[[], Any]]] | None = None
+    # args -> the upstream fixes this run needs (each applied only if still needed).
+    fixes: Callable[[argparse.Namespace], Iterable[Any]] | None = None
+    # args -> bool: on without --plugins, because a Megatron flag that only this plugin
+    # can honour was given (the flag is the opt-in).
+    enabled_by: Callable[[argparse.Namespace], bool] | None = None
+    # args -> None, or the message of the start-up error when Megatron flags were given
+    # that cannot work without this plugin and it is not enabled (Megatron would ignore
+    # them or fail late).
+    needed_by: Callable[[argparse.Namespace], str | None] | None = None
     slots: frozenset[str] = frozenset()
 
 
@@ -105,7 +139,8 @@ class PluginRegistry:
 
     def enabled(self, args: argparse.Namespace) -> list[Plugin]:
         """Checks `--plugins` and the plugin flags in `args`, fills in defaults, runs each
-        enabled plugin's validation, and returns the enabled plugins in command-line order."""
+        enabled plugin's validation, and returns the enabled plugins in registry order (the
+        order their hooks run in, whatever the order on the command line)."""
         requested = list(getattr(args, "plugins", []) or [])
         unknown = [name for name in requested if name not in self._plugins]
         if unknown:
@@ -114,7 +149,10 @@ class PluginRegistry:
         duplicates = sorted({n for n in requested if requested.count(n) > 1})
         if duplicates:
             raise PluginError(f"{PLUGINS_FLAG}: {', '.join(duplicates)} named more than once")
-        chosen = [self._plugins[name] for name in requested]
+        chosen = [plugin for name, plugin in self._plugins.items()
+                  if name in requested or (plugin.enabled_by is not None
+                                           and plugin.enabled_by(args))]
+        requested = [plugin.name for plugin in chosen]
 
         orphans = []
         defaulted = set(getattr(args, "plugin_flags_defaulted", ()))
@@ -128,6 +166,12 @@ class PluginRegistry:
         args.plugin_flags_defaulted = sorted(defaulted)  # so that a second check agrees
         if orphans:
             raise PluginError("plugin flags given without their plugin: " + "; ".join(orphans))
+
+        for plugin in self._plugins.values():
+            if plugin.name not in requested and plugin.needed_by is not None:
+                message = plugin.needed_by(args)
+                if message:
+                    raise PluginError(message)
 
         claimed: dict[str, str] = {}
         for plugin in chosen:
@@ -144,13 +188,62 @@ class PluginRegistry:
         return chosen
 
 
+def transform_spec(plugins: Iterable[Plugin], spec: Any, args: argparse.Namespace) -> Any:
+    """The plugins' layer-spec transforms applied, in registry order, to a layer's
+    `ModuleSpec`, to every layer of a block spec (`TransformerBlockSubmodules`, as
+    Megatron's MoE models use), or to the layer inside every MTP layer of an MTP block
+    spec. Returns a new spec; the one passed in is not changed."""
+    transforms = [p.transform_layer_spec for p in plugins if p.transform_layer_spec is not None]
+    if not transforms or spec is None:
+        return spec
+
+    def one_layer(layer_spec):
+        for transform in transforms:
+            layer_spec = transform(layer_spec, args)
+        return layer_spec
+
+    return _map_layer_specs(spec, one_layer)
+
+
+def _map_layer_specs(spec: Any, one_layer: Callable[[Any], Any]) -> Any:
+    import copy
+
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlockSubmodules,
+        MultiTokenPredictionLayerSubmodules,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    if isinstance(spec, (TransformerBlockSubmodules, MultiTokenPredictionBlockSubmodules)):
+        spec = copy.copy(spec)
+        spec.layer_specs = [_map_layer_specs(s, one_layer) for s in spec.layer_specs]
+        return spec
+    if isinstance(spec, ModuleSpec) and isinstance(
+            spec.submodules, (TransformerBlockSubmodules, MultiTokenPredictionBlockSubmodules,
+                              MultiTokenPredictionLayerSubmodules)):
+        spec = copy.copy(spec)
+        spec.submodules = _map_layer_specs(spec.submodules, one_layer)
+        return spec
+    if isinstance(spec, MultiTokenPredictionLayerSubmodules):
+        spec = copy.copy(spec)
+        spec.mtp_model_layer = _map_layer_specs(spec.mtp_model_layer, one_layer)
+        return spec
+    if isinstance(spec, ModuleSpec):
+        return one_layer(copy.deepcopy(spec))
+    raise TypeError(f"not a layer or block spec: {type(spec).__name__}")
+
+
 def builtin_plugins() -> list[Plugin]:
-    """The plugins megaseek ships. Each plugin package adds itself here once it works."""
+    """The plugins megaseek ships, in the order their hooks run: plugins that put modules
+    into the spec first, fp8 (which maps the finished spec's linears) last. Each plugin
+    package adds itself here once it works."""
+    from plugins.bf16_moments.plugin import BF16_MOMENTS
     from plugins.fp8.plugin import FP8
     from plugins.mla.plugin import MLA
     from plugins.moe.plugin import MOE
 
-    return [MLA, MOE, FP8]
+    return [MLA, MOE, BF16_MOMENTS, FP8]
 
 
 def default_registry() -> PluginRegistry:

@@ -7,11 +7,12 @@
 #      PYTHON=.venv/bin/python bash scripts/device_run.sh --fetch
 # 2. The device tool's call (copy as is):
 #      run(command="bash scripts/device_run.sh", carry=[".whl"], timeout_s=600)
-# 3. What comes back in $OUT (7 files): run.log (all output), env.txt (GPU, driver,
+# 3. What comes back in $OUT (6 files): run.log (all output), env.txt (GPU, driver,
 #    versions), pytest_gpu.xml (tests/test_fp8_gpu.py and the benchmarks' smoke test on the
-#    GPU; max relative errors as properties), gpu_fp8.md/.json and gpu_moe.md/.json (the
-#    tables for bench/results.md and every timing; the tables rebuild from the JSON alone:
-#    bench.gpu_fp8.result(json.load(open("gpu_fp8.json"))["gpu_fp8"]), likewise gpu_moe).
+#    GPU; max relative errors as properties), bench/results/gpu_fp8.json and gpu_moe.json
+#    (each benchmark's tables, every timing, the machine and versions) and bench/results.md.
+#    Here: copy the two JSON files into bench/results/, then `python -m bench --report-only`
+#    regenerates bench/results.md with them.
 #
 # Steps run in order, each under a share of the time left, and a failing step does not stop
 # the next: tests first (short), then gpu_fp8 (about 2 minutes expected), gpu_moe (about 1),
@@ -68,8 +69,8 @@ export PYTHONPATH="/tmp/site:$PWD"
 
 step "GPU tests" 150 python3 -m pytest -p no:cacheprovider -q -rA --timeout=120 \
   --junitxml="$OUT/pytest_gpu.xml" tests/test_fp8_gpu.py tests/test_bench_gpu_smoke.py
-step "gpu_fp8" 240 python3 -m bench.gpu gpu_fp8 --md "$OUT/gpu_fp8.md" --json "$OUT/gpu_fp8.json"
-step "gpu_moe" 150 python3 -m bench.gpu gpu_moe --md "$OUT/gpu_moe.md" --json "$OUT/gpu_moe.json"
+step "gpu_fp8" 240 python3 -m bench gpu_fp8 --out "$OUT/bench"
+step "gpu_moe" 150 python3 -m bench gpu_moe --out "$OUT/bench"
 # Other tests marked gpu (e.g. NCCL all-reduce); modules that fail to import on the
 # device's packages are reported and skipped.
 step "other gpu tests" 90 python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \

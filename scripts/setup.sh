@@ -11,7 +11,7 @@ MCORE_PIN="megatron-core==0.19.2"
 DEPS=(numpy "packaging>=24.2" psutil triton pytest pytest-xdist pytest-timeout)
 TEST_DEPS=("transformers==4.57.1")  # Hugging Face DeepseekV3: the test oracle for MLA and MoE
 
-recipe="$TORCH_PIN $MCORE_PIN ${DEPS[*]} ${TEST_DEPS[*]-} $(sha1sum pyproject.toml | cut -c1-12)"
+recipe="typing-override-pth $TORCH_PIN $MCORE_PIN ${DEPS[*]} ${TEST_DEPS[*]-} $(sha1sum pyproject.toml | cut -c1-12)"
 stamp="$VENV/.megaseek-setup"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$recipe" ]; then
   exit 0
@@ -29,5 +29,16 @@ pip install -q "${DEPS[@]}" ${TEST_DEPS[@]+"${TEST_DEPS[@]}"}
 # megatron-core 0.19.2 declares Python >= 3.12 but its cp311 wheel works on 3.11.
 pip install -q --ignore-requires-python --no-deps "$MCORE_PIN"
 pip install -q --no-deps --no-build-isolation -e .
+# Python 3.11 only: every interpreter of this venv gets typing.override (new in 3.12), which
+# megatron.training imports (upstream.compat TYPING_OVERRIDE). `integration` provides it
+# on import, but processes that Megatron spawns from a launched script (the checkpoint
+# writer's multiprocessing Manager re-imports the script as its main) never import it.
+"$VENV/bin/python" - <<'PY'
+import pathlib, site, sys
+if sys.version_info < (3, 12):
+    pth = pathlib.Path(site.getsitepackages()[0]) / "megaseek-typing-override.pth"
+    pth.write_text("import typing, typing_extensions; typing.override = getattr("
+                   "typing, 'override', typing_extensions.override)\n")
+PY
 
 echo "$recipe" > "$stamp"

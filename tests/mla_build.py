@@ -15,7 +15,7 @@ def megatron_ranks(tp: int = 1, seed: int = 1234, ep: int = 1, cp: int = 1):
     """Megatron's model-parallel state over the current process group, with CPU support.
     Experts are never tensor-parallel in megaseek (expert TP = 1)."""
     import integration  # noqa: F401
-    from integration import cpu
+    from upstream import cpu
 
     from megatron.core import parallel_state, tensor_parallel
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import integration  # noqa: F401  (megatron.training on Python 3.11)
-from integration import hooks
 from plugins import default_registry
 
 
@@ -16,6 +15,4 @@ def enabled(argv: list[str], monkeypatch):
     registry = default_registry()
     monkeypatch.setattr(sys, "argv", ["pretrain", *argv])
     args = parse_args(extra_args_provider=registry.add_arguments)
-    plugins = registry.enabled(args)
-    hooks.check_megatron_flags(plugins, args)
-    return args, plugins
+    return args, registry.enabled(args)

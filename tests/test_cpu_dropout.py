@@ -10,7 +10,7 @@ from tests.multirank import run_ranks
 
 def dropout_masks(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     import integration  # noqa: F401
-    from integration import cpu
+    from upstream import cpu
 
     from megatron.core import parallel_state, tensor_parallel
 

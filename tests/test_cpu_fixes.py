@@ -1,4 +1,4 @@
-"""integration.cpu / integration.compat fixes, the CpuTorch proxy, and the patching tools.
+"""upstream.cpu / upstream.compat fixes, the CpuTorch proxy, and the patching tools.
 
 `cpu.install()` and `compat.install()` change Megatron modules in this process: every
 test that installs undoes it (fixtures with yield, or try/finally), so that the
@@ -8,7 +8,6 @@ test that installs undoes it (fixtures with yield, or try/finally), so that the
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import logging
 import re
 import sys
@@ -18,12 +17,9 @@ import pytest
 import torch
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
-from integration import compat, cpu
-from integration.cpu_device import CpuTorch, NullEvent
-from integration.patching import Patcher, rewrite_function, source_has
-
-ALL_FIXES = (*cpu.FIXES, *compat.FIXES)
-VERSION = "megatron-core 0.19.2"
+from upstream import compat, cpu
+from upstream.cpu_device import CpuTorch, NullEvent
+from upstream.patching import Patcher, rewrite_function, source_has
 
 
 def _training():
@@ -32,10 +28,10 @@ def _training():
 
 def _assert_nothing_installed():
     training = _training()
-    assert training.torch is torch, "integration.cpu is installed: some test did not undo it"
+    assert training.torch is torch, "upstream.cpu is installed: some test did not undo it"
     utils = importlib.import_module("megatron.core.datasets.utils")
     assert utils.compile_helpers is not compat._prebuilt_dataset_helpers, (
-        "integration.compat is installed: some test did not undo it")
+        "upstream.compat is installed: some test did not undo it")
 
 
 @pytest.fixture
@@ -57,61 +53,9 @@ def compat_installed():
         patcher.undo()
 
 
-# --- the probes: an upgrade of megatron-core shows which fixes can go ---------------------
-
-def test_installed_megatron_core_is_the_version_the_fixes_name():
-    assert importlib.metadata.version("megatron-core") == "0.19.2"
-
-
-@pytest.mark.parametrize("fix", ALL_FIXES, ids=[f.name for f in ALL_FIXES])
-def test_fix_still_needed(fix):
-    _assert_nothing_installed()
-    assert fix.still_needed() is True
-
-
-def test_fix_names_are_unique():
-    names = [f.name for f in ALL_FIXES]
-    assert len(names) == len(set(names))
-
-
-def _megatron_root() -> Path:
-    """The folder that holds the `megatron` package (a namespace package: no __file__)."""
-    core = importlib.import_module("megatron.core")
-    return Path(core.__file__).parent.parent.parent
-
-
-_FILES: list[Path] = []
-
-
-def _megatron_files() -> list[Path]:
-    if not _FILES:
-        _FILES.extend((_megatron_root() / "megatron").rglob("*.py"))
-    return _FILES
-
+# --- the proxy fixes (every fix's probe and upstream place: test_upstream_registry.py) ------
 
 _PY_REFERENCE = re.compile(r"([\w/.]+\.py)(?::([\d,\- ]+))?")
-
-
-@pytest.mark.parametrize("fix", ALL_FIXES, ids=[f.name for f in ALL_FIXES])
-def test_fix_names_its_upstream_place(fix):
-    assert fix.upstream.strip()
-    assert VERSION in fix.upstream
-    assert fix.reason.strip()
-    references = _PY_REFERENCE.findall(fix.upstream)
-    assert references, f"{fix.name}: no file named in {fix.upstream!r}"
-    root = _megatron_root()
-    for path, lines in references:
-        if path.startswith("megatron/"):
-            candidates = [root / path] if (root / path).is_file() else []
-        else:  # a path relative to the module's folder, e.g. "training.py", "transformer/x.py"
-            candidates = [p for p in _megatron_files() if p.as_posix().endswith("/" + path)]
-        assert candidates, f"{fix.name}: {path} is not a file of the installed megatron"
-        numbers = [int(n) for n in re.findall(r"\d+", lines or "")]
-        if numbers and len(candidates) == 1:
-            length = len(candidates[0].read_text().splitlines())
-            assert max(numbers) <= length, f"{fix.name}: {path} has only {length} lines"
-
-
 PROXY_FIXES = tuple(f for f in cpu.FIXES if f.name.startswith("cpu-torch:"))
 
 
@@ -577,8 +521,25 @@ def test_rewrite_function_applies_replacements():
     assert sample_function(1) == 2  # the original is untouched
     assert new.__name__ == "sample_function"
     assert source_has(sample_function, "x + 1")
-    assert not source_has(new, "x + 1")
-    assert not source_has(new, "return")  # a rewrite never counts as upstream
+    assert not source_has(new, "x + 1")  # a probe for the replaced text reads False now
+    assert source_has(new, "return x + 2")  # the rewrite's own text
+
+
+def test_rewrites_of_one_function_compose():
+    """Two fixes of one function (e.g. fp8's two TransformerConfig checks): the second
+    rewrites the first's text, and each probe sees only its own text gone."""
+    patcher = Patcher()
+    try:
+        patcher.setattr(THIS, "sample_function",
+                        rewrite_function(THIS, "sample_function", {"x + 1": "x + 2"}))
+        assert source_has(THIS.sample_function, "return")
+        patcher.setattr(THIS, "sample_function",
+                        rewrite_function(THIS, "sample_function", {"x + 2": "(x + 2) * 10"}))
+        assert THIS.sample_function(1) == 30
+        assert not source_has(THIS.sample_function, "x + 1")
+    finally:
+        patcher.undo()
+    assert THIS.sample_function(1) == 2
 
 
 def test_rewrite_function_missing_pattern():
@@ -612,7 +573,7 @@ def test_rewrite_keeps_staticmethod_and_classmethod():
     make = rewrite_function(Child, "make", {'"!"': '"?"'})
     assert isinstance(twice, staticmethod)
     assert isinstance(make, classmethod)
-    assert not source_has(twice, "x * 3")
+    assert source_has(twice, "x * 3") and not source_has(twice, "x * 2")
     patcher = Patcher()
     patcher.setattr(Child, "twice", twice)
     patcher.setattr(Child, "make", make)

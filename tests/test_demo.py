@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from integration import cpu
+from upstream import cpu
 from integration.demo import command
 from tests.plugin_args import enabled
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from plugins.fp8.accumulation import matmul_limited_accumulation, round_to_mantissa_bits
-from plugins.fp8.quantize import dequantize, quantize
+from plugins.common.quantize import dequantize, quantize
 
 M, N, K = 16, 128, 4096
 

@@ -1,6 +1,6 @@
-"""AdamW with BF16 moments and FP32 master weights (`plugins.fp8.adam`), and Megatron's
-`--exp-avg-dtype bf16 --exp-avg-sq-dtype bf16` without Transformer Engine
-(`plugins.fp8.optimizer_hook`).
+"""AdamW with BF16 moments and FP32 master weights (`plugins.bf16_moments.adam`), and
+Megatron's `--exp-avg-dtype bf16 --exp-avg-sq-dtype bf16` without Transformer Engine (the
+`bf16_moments` plugin, `plugins.bf16_moments.plugin`, and its fixes, `upstream.optimizer`).
 
 - The update is torch's: with FP32 moments it is bit-identical to torch.optim.AdamW / Adam.
 - With BF16 moments each new moment is the round-to-nearest-even BF16 of the FP32 update
@@ -19,7 +19,7 @@ import io
 import pytest
 import torch
 
-from plugins.fp8.adam import AdamWBF16Moments, optimizer_state_bytes
+from plugins.bf16_moments.adam import AdamWBF16Moments, optimizer_state_bytes
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -9  # 8 significant bits: |round(x) - x| <= 2^-9 |x|
 
@@ -221,12 +221,17 @@ def test_refuses_what_it_does_not_do():
 
 # --- Megatron, in this process ----------------------------------------------------------
 
+def _fixes():
+    from upstream.optimizer import bf16_moments_fixes
+
+    return bf16_moments_fixes(AdamWBF16Moments)
+
+
 @pytest.fixture
 def bf16_moments_installed():
-    from integration.patching import Patcher
-    from plugins.fp8.optimizer_hook import install_bf16_moments
+    from upstream.patching import Patcher, apply_fixes
 
-    patcher = install_bf16_moments(Patcher())
+    patcher = apply_fixes(_fixes(), Patcher())
     try:
         yield patcher
     finally:
@@ -243,10 +248,10 @@ def _config(**kwargs):
 def test_megatron_without_te_refuses_bf16_moments_today():
     """What megatron-core 0.19.2 does with the flags when nothing is installed: it refuses
     (it does not ignore them)."""
-    from plugins.fp8.optimizer_hook import FIXES, torch_adam_in_use
+    from upstream.optimizer import torch_adam_in_use
 
     assert torch_adam_in_use(), "these tests describe a machine without TE/Apex"
-    assert all(fix.still_needed() for fix in FIXES)
+    assert all(fix.still_needed() for fix in _fixes())
     with pytest.raises(AssertionError, match="exp_avg_dtype can only be fp32"):
         _config(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)
     with pytest.raises(AssertionError, match="only supported with distributed optimizer"):
@@ -264,7 +269,7 @@ def _build(config, module):
 
 
 def test_megatron_builds_bf16_moment_adam(bf16_moments_installed):
-    from plugins.fp8.optimizer_hook import FIXES, install_bf16_moments
+    from upstream.patching import apply_fixes
 
     module = torch.nn.Linear(4, 3)
     for decoupled in (True, False):
@@ -288,19 +293,20 @@ def test_megatron_builds_bf16_moment_adam(bf16_moments_installed):
     optimizer, _ = _build(_config(decoupled_weight_decay=False), module)
     assert type(optimizer) is torch.optim.Adam
 
-    assert not any(fix.still_needed() for fix in FIXES)
+    assert not any(fix.still_needed() for fix in _fixes())
     changes = bf16_moments_installed.changes
-    install_bf16_moments(bf16_moments_installed)  # a second install changes nothing
+    apply_fixes(_fixes(), bf16_moments_installed)  # a second install changes nothing
     assert bf16_moments_installed.changes == changes
     with pytest.raises(AssertionError, match="fp32, or bf16"):
         _config(exp_avg_dtype=torch.float16)
 
 
 def test_undo_restores_megatron(bf16_moments_installed):
-    from plugins.fp8.optimizer_hook import FIXES
+    import megatron.core.optimizer as megatron_optimizer
 
     bf16_moments_installed.undo()
-    assert all(fix.still_needed() for fix in FIXES)
+    assert all(fix.still_needed() for fix in _fixes())
+    assert not any(name.startswith("_megaseek") for name in vars(megatron_optimizer))
     with pytest.raises(AssertionError, match="exp_avg_dtype can only be fp32"):
         _config(exp_avg_dtype=torch.bfloat16)
 
@@ -316,7 +322,7 @@ def _args(**overrides) -> argparse.Namespace:
 
 def test_moment_flags():
     from plugins import PluginError
-    from plugins.fp8.optimizer_hook import check_moment_flags
+    from plugins.bf16_moments.plugin import check_moment_flags
 
     assert check_moment_flags(_args()) is True
     assert check_moment_flags(_args(exp_avg_sq_dtype="fp32")) is True  # strings before mapping
@@ -332,6 +338,36 @@ def test_moment_flags():
     for message, args in refused.items():
         with pytest.raises(PluginError, match=message):
             check_moment_flags(args)
+
+
+def test_fixes_apply_exactly_where_the_flags_ask_for_them():
+    """The fixes' scope (upstream.optimizer) and the plugin's check agree on every
+    request the check accepts."""
+    from plugins.bf16_moments.plugin import check_moment_flags, fixes
+
+    for args in (_args(), _args(exp_avg_sq_dtype="fp32"), _args(exp_avg_dtype="fp32"),
+                 _args(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)):
+        needed = check_moment_flags(args)
+        assert all(fix.applies(args) is needed for fix in _fixes())
+        assert [fix.name for fix in fixes(args)] == (
+            ["bf16-moments-adam-class", "bf16-moments-config-check"] if needed else [])
+
+
+def test_the_flags_turn_the_plugin_on(monkeypatch):
+    from plugins import PluginError
+    from tests.plugin_args import enabled
+
+    args, plugins = enabled(BF16_MOMENTS, monkeypatch)
+    assert [p.name for p in plugins] == ["bf16_moments"]
+    assert len(plugins[0].fixes(args)) == 2
+    args, plugins = enabled(["--exp-avg-sq-dtype", "bf16"], monkeypatch)
+    assert [p.name for p in plugins] == ["bf16_moments"]
+    args, plugins = enabled([], monkeypatch)
+    assert plugins == []
+    with pytest.raises(PluginError, match="give Megatron's --exp-avg-dtype bf16"):
+        enabled(["--plugins", "bf16_moments"], monkeypatch)
+    with pytest.raises(PluginError, match="fp32 or bf16 only"):
+        enabled(["--exp-avg-dtype", "fp16"], monkeypatch)
 
 
 # --- Megatron's training loop, 2 gloo ranks ----------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from plugins.fp8 import backends
 from plugins.fp8.linear import fp8_linear
-from plugins.fp8.quantize import dequantize, quantize
+from plugins.common.quantize import dequantize, quantize
 
 pytestmark = pytest.mark.gpu
 
@@ -57,7 +57,7 @@ def test_quantize_on_cuda_matches_cpu(shape, block, dtype, power_of_two):
     assert q.is_cuda and q.dtype == torch.float8_e4m3fn and q.shape == x.shape
     assert scales.dtype == torch.float32 and scales.shape == scales_cpu.shape
 
-    # The documented bound (plugins.fp8.quantize): half an E4M3 ulp, up to FP32 rounding.
+    # The documented bound (plugins.common.quantize): half an E4M3 ulp, up to FP32 rounding.
     s = scales.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     error = (dequantize(q, scales, block) - x.float()).abs()
     bound = torch.maximum(x.float().abs() * 2**-4, s * 2**-10) * (1 + 2**-10)

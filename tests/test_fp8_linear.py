@@ -3,11 +3,16 @@ Megatron drop-ins under tensor parallelism."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from plugins.common.quantize import dequantize, quantize
 from plugins.fp8.linear import ACTIVATION, WEIGHT, fp8_linear
-from plugins.fp8.quantize import dequantize, quantize
 from tests.multirank import run_ranks
 
 
@@ -154,7 +159,7 @@ def tp_linear_pair(rank: int, world_size: int, sequence_parallel: bool):
 
     from megatron.core.transformer import TransformerConfig
 
-    from plugins.fp8.linear import FP8ColumnParallelLinear, FP8RowParallelLinear
+    from plugins.fp8.modules import FP8ColumnParallelLinear, FP8RowParallelLinear
 
     hidden, ffn, tokens = 256, 512, 128
     g = torch.Generator().manual_seed(0)
@@ -191,3 +196,28 @@ def test_tensor_parallel_fp8_equals_single_rank(sequence_parallel):
     torch.testing.assert_close(cat([r[1] for r in ranks]), ref_dx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]), ref_g1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([r[3] for r in ranks], dim=1), ref_g2, rtol=1e-5, atol=1e-5)
+
+
+def test_emulated_backend_never_imports_triton():
+    """`--fp8-backend emulated` on the CPU: quantization and all three GEMMs of fp8_linear
+    run, and Triton is never imported (in a fresh process, where nothing else did)."""
+    script = """if True:
+        import sys
+        import torch
+        from plugins.common.quantize import quantize
+        from plugins.fp8 import backends
+        from plugins.fp8.linear import fp8_linear
+        backend = backends.resolve("emulated")
+        x = torch.randn(256, 256, requires_grad=True)
+        w = torch.randn(384, 256, requires_grad=True)
+        fp8_linear(x, w, backend).sum().backward()
+        for block in [(1, 128), (128, 128), (128, 1)]:
+            quantize(x.detach(), block)
+        assert x.grad is not None and w.grad is not None
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "triton"
+                     or m.endswith(("triton_quantize", "triton_gemm"))))
+    """
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parents[1], timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -38,10 +40,14 @@ def test_auto_backend_on_gpus(capability, backend, monkeypatch):
 
 
 def test_every_layer_linear_becomes_fp8(monkeypatch):
+    """The transform maps module classes, whichever plugin put them in the spec:
+    Megatron's linears, MLA's replicated down-projections, the MoE layer's experts."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from plugins.fp8.modules import FP8LocalExperts, FP8ReplicatedLinear
     from plugins.fp8.spec import count_fp8_linears
     from plugins.mla.spec import with_mla
+    from plugins.moe.spec import with_deepseek_moe
 
     args, plugins = enabled(FP8, monkeypatch)
     dense = plugins[0].transform_layer_spec(get_gpt_layer_local_spec(), args)
@@ -50,8 +56,16 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
     # MLA's q/kv down- and up-projections, q_proj slot, output projection, fc1, fc2.
     assert count_fp8_linears(mla) == 8
     attention = mla.submodules.self_attention.submodules
+    assert attention.linear_kv_down_proj.module is FP8ReplicatedLinear
     assert attention.linear_kv_down_proj.params == {"fp8_backend": "emulated",
                                                      "fp8_cache_weights": False}
+    moe_args = argparse.Namespace(moe_fp8_dispatch=False, moe_dispatch_ranks_per_node=None)
+    moe = with_deepseek_moe(get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False),
+                            moe_args)
+    moe = plugins[0].transform_layer_spec(moe, args)
+    assert moe.submodules.mlp.submodules.experts.module is FP8LocalExperts
+    # qkv, proj; routed experts; shared experts' fc1, fc2.
+    assert count_fp8_linears(moe) == 5
     args, plugins = enabled(FP8 + ["--fp8-cache-weights"], monkeypatch)
     mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()), args)
     attention = mla.submodules.self_attention.submodules
@@ -68,8 +82,9 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
                                      "multiple of 128"),
     (FP8 + ["--tensor-model-parallel-size", "4"],
      "--num-attention-heads 4 x --kv-channels 64 / --tensor-model-parallel-size 4 gives 64"),
-    (FP8 + ["--multi-latent-attention", "--kv-lora-rank", "96", "--v-head-dim", "32",
-            "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16"], "--kv-lora-rank 96 gives 96"),
+    (["--plugins", "mla", *FP8[1:], "--multi-latent-attention", "--kv-lora-rank", "96",
+      "--v-head-dim", "32", "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16"],
+     "--kv-lora-rank 96 gives 96"),
     (FP8 + ["--num-experts", "4", "--moe-ffn-hidden-size", "64"],
      "--moe-ffn-hidden-size 64 gives 64 per rank"),
     (["--fp8-backend", "emulated"], "--fp8-backend needs '--plugins fp8'"),
@@ -86,7 +101,7 @@ def test_megatron_still_gates_layernorm_recompute_with_fp8_on_transformer_engine
     the recomputation); once upstream drops it, this test fails and the lift can go."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from integration.patching import source_has
-    from plugins.fp8.plugin import RECOMPUTE_FP8_NEEDS_TE
+    from upstream.patching import source_has
+    from upstream.transformer import RECOMPUTE_FP8_NEEDS_TE
 
     assert source_has(TransformerConfig.__post_init__, RECOMPUTE_FP8_NEEDS_TE)

@@ -1,4 +1,4 @@
-"""Tile-wise E4M3 quantization (plugins.fp8.quantize).
+"""Tile-wise E4M3 quantization (plugins.common.quantize).
 
 The round-trip bound tested, per element with s the element's tile scale:
     |dequantize(quantize(x)) - x| <= max(2^-4 * |x|, 2^-10 * s) * (1 + 2^-20)
@@ -10,7 +10,7 @@ covers the float32 roundings of x / s and q * s (each <= 2^-24 relative).
 import pytest
 import torch
 
-from plugins.fp8.quantize import (
+from plugins.common.quantize import (
     E4M3_MAX,
     dequantize,
     quantize,

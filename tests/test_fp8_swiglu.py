@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from plugins.fp8.quantize import dequantize, quantize
+from plugins.common.quantize import dequantize, quantize
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 from tests.test_fp8_linear import saved_bytes
 

@@ -22,7 +22,7 @@ def relative_errors(shapes, gemm) -> list[float]:
     """max |C - C_emulated| / max |C_emulated| of `gemm(a, b)` per shape and B block
     (Fprop/Dgrad: 128x128 weight blocks; Wgrad: 1x128 tiles)."""
     from plugins.fp8 import backends
-    from plugins.fp8.quantize import quantize
+    from plugins.common.quantize import quantize
 
     errors = []
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,5 @@
-"""The one-pass Triton quantizer (plugins.fp8.triton_quantize), run by Triton's interpreter
-on the CPU, against plugins.fp8.quantize.quantize: the same codes and the same scales,
+"""The one-pass Triton quantizer (plugins.common.triton_quantize), run by Triton's interpreter
+on the CPU, against plugins.common.quantize.quantize: the same codes and the same scales,
 bit for bit, and the same errors.
 
 The inputs are random over ~8 decades plus tiles where the last bit decides: all zeros,
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.fp8.quantize import quantize, quantize_transposed, requantize_transposed
+from plugins.common.quantize import quantize, quantize_transposed, requantize_transposed
 from tests.multirank import run_ranks
 
 pytest.importorskip("triton")
@@ -121,7 +121,7 @@ def quantize_both(tq, x, block, power_of_two):
         x_pad = torch.cat([x.cpu(), x.new_zeros(-x.shape[0] % 128, x.shape[1]).cpu()])
         return (tq.quantize_transposed(x, pad_rows=True, **p2),
                 quantize(x_pad.t().contiguous(), (1, 128), **p2))
-    if block == "requantized":  # the reference: plugins.fp8.quantize's torch ops
+    if block == "requantized":  # the reference: plugins.common.quantize's torch ops
         cache = quantize(x.cpu(), (1, 128), **p2)
         return (tq.requantize_transposed(*(t.to(x.device) for t in cache), pad_rows=True, **p2),
                 requantize_transposed(*cache, pad_rows=True, **p2))
@@ -152,7 +152,7 @@ def unchecked(quantizer, x, block):
 
 def interpreted_checks(rank: int, world_size: int) -> dict:
     """Everything that runs the kernel, in one process with TRITON_INTERPRET=1."""
-    from plugins.fp8 import triton_quantize as tq
+    from plugins.common import triton_quantize as tq
 
     qz = types.SimpleNamespace(quantize=quantize, quantize_transposed=quantize_transposed)
     out = {"software_casts": tq._SOFTWARE_CASTS, "identical": {}, "errors": [],
@@ -234,7 +234,7 @@ def test_unchecked_bad_tiles_get_scale_inf_like_quantize(interpreted):
 def test_interpreter_cast_still_needs_the_workaround(interpreted):
     # Fails once Triton's interpreter casts float32 -> float8e4nv to nearest even and
     # bf16 subnormals -> float32 exactly: then drop `_SOFTWARE_CASTS` and what it selects
-    # from plugins/fp8/triton_quantize.py.
+    # from plugins/common/triton_quantize.py.
     assert interpreted["interpreter_e4m3_cast_differs"] > 0
     assert interpreted["interpreter_bf16_cast_differs"] > 0
 
@@ -242,7 +242,7 @@ def test_interpreter_cast_still_needs_the_workaround(interpreted):
 @pytest.mark.parametrize("block,shape", [((128, 128), (100, 256)), ((1, 128), (256, 200)),
                                          ((128, 1), (64, 256))])
 def test_indivisible_shape_raises_like_quantize_before_launching(block, shape):
-    from plugins.fp8 import triton_quantize as tq
+    from plugins.common import triton_quantize as tq
 
     x = torch.randn(shape)
     with pytest.raises(ValueError) as want:
@@ -254,7 +254,7 @@ def test_indivisible_shape_raises_like_quantize_before_launching(block, shape):
 
 
 def test_input_checks_like_quantize():
-    from plugins.fp8 import triton_quantize as tq
+    from plugins.common import triton_quantize as tq
 
     with pytest.raises(TypeError, match="quantize: x has dtype torch.float64"):
         tq.quantize(torch.zeros(128, 128, dtype=torch.float64), (1, 128))
@@ -277,12 +277,12 @@ def test_cpu_quantize_does_not_touch_triton():
         import sys
         import torch
         sys.modules["triton"] = None  # any `import triton` now raises ImportError
-        from plugins.fp8.quantize import quantize, quantize_transposed, requantize_transposed
+        from plugins.common.quantize import quantize, quantize_transposed, requantize_transposed
         x = torch.randn(256, 256)
         for block in [(1, 128), (128, 128), (128, 1)]:
             q, s = quantize(x, block)
             assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
-        assert "plugins.fp8.triton_quantize" not in sys.modules
+        assert "plugins.common.triton_quantize" not in sys.modules
         print("ok")
     """
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "TRITON_INTERPRET": "1"}
@@ -299,7 +299,7 @@ def test_compiles_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from plugins.fp8 import triton_quantize as tq
+    from plugins.common import triton_quantize as tq
 
     if tq._SOFTWARE_CASTS:
         pytest.skip("TRITON_INTERPRET=1 in this process")
@@ -348,7 +348,7 @@ def software_launch(tq, x, block, power_of_two):
 def test_cuda_matches_cpu(case, dtype, power_of_two, monkeypatch):
     """On a GPU, quantize goes through the kernel (hardware E4M3 conversion) and gives the
     CPU's torch result; so does the kernel's integer rounding (SOFTWARE_CASTS)."""
-    from plugins.fp8 import triton_quantize as tq
+    from plugins.common import triton_quantize as tq
 
     if tq.available(torch.device("cuda")) is not None:
         pytest.skip(tq.available(torch.device("cuda")))
@@ -359,7 +359,7 @@ def test_cuda_matches_cpu(case, dtype, power_of_two, monkeypatch):
     for q, scales in (got, software):
         assert torch.equal(bits(q).cpu(), bits(want[0]))
         assert torch.equal(scales.cpu(), want[1])
-    if block not in TRANSPOSED:  # and plugins.fp8.quantize.quantize launches the kernel
+    if block not in TRANSPOSED:  # and plugins.common.quantize.quantize launches the kernel
         launched = []
         monkeypatch.setattr(tq, "_launch", lambda *a, **k: launched.append(a) or software)
         quantize(x, block, power_of_two_scales=power_of_two)
@@ -369,7 +369,7 @@ def test_cuda_matches_cpu(case, dtype, power_of_two, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("block", [(1, 128), (128, 128), (128, 1), "transposed"])
 def test_cuda_non_finite_raises_like_quantize(block):
-    from plugins.fp8 import triton_quantize as tq
+    from plugins.common import triton_quantize as tq
 
     if tq.available(torch.device("cuda")) is not None:
         pytest.skip(tq.available(torch.device("cuda")))

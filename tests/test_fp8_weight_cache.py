@@ -73,7 +73,7 @@ def megatron_linears(rank, world_size):
     (quantizations after two micro-batches, whether every output and gradient agreed)."""
     from megatron.core.transformer import TransformerConfig
 
-    from plugins.fp8.linear import FP8ColumnParallelLinear
+    from plugins.fp8.modules import FP8ColumnParallelLinear
     from tests.mla_build import megatron_ranks
 
     g = torch.Generator().manual_seed(0)

@@ -21,6 +21,7 @@ CASES = {
     "rope": BASE,
     "rope-no-q-lora": dataclasses.replace(BASE, q_lora_rank=None),
     "rope-half-split": dataclasses.replace(BASE, rope_interleave=False),  # HF's other layout
+    "rope-wide-v": dataclasses.replace(BASE, v_head_dim=16),  # v wider than q and k
     "yarn": dataclasses.replace(BASE, yarn=DEEPSEEK_YARN),
     "yarn-no-q-lora": dataclasses.replace(BASE, q_lora_rank=None, yarn=DEEPSEEK_YARN),
     "yarn-mscales": dataclasses.replace(BASE, yarn={**DEEPSEEK_YARN, "mscale": 0.9,

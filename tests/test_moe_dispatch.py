@@ -23,7 +23,7 @@ import functools
 import pytest
 import torch
 
-from plugins.fp8.quantize import dequantize, quantize
+from plugins.common.quantize import dequantize, quantize
 from plugins.moe.dispatch import combine, dispatch, fp8_row_bytes
 from plugins.moe.router import RouterConfig, route
 from tests.multirank import run_ranks
@@ -158,10 +158,44 @@ def _one_hot_expert(rank, world):
                 d_hidden_error=float((h.grad - d_expected).abs().max() / d_expected.abs().max()))
 
 
+def _host_syncs(rank, world):
+    """Host syncs of dispatch, combine and their backward, flat and (EP=4) two-hop."""
+    from tests.host_syncs import host_syncs
+
+    hidden, indices, gates, _, cotangent = _problem(world, 4)
+    shard = slice(rank * TOKENS, (rank + 1) * TOKENS)
+    counted = {}
+    for name, two_hop in (("flat", False), ("two_hop", True))[:1 + (world == 4)]:
+        h = hidden[shard].clone().requires_grad_()
+        g = gates[shard].clone().requires_grad_()
+        with host_syncs() as syncs:
+            d = dispatch(h, indices[shard], EXPERTS, None, fp8=True, ranks_per_node=2,
+                         two_hop=two_hop)
+            out = combine(d.tokens * 2, d, g, None)
+            (out * cotangent[shard]).sum().backward()
+        counted[name] = syncs
+    return counted
+
+
+def _non_finite(rank, world):
+    """Rank 0's tokens hold a NaN: with FP8 dispatch every rank raises, none hangs."""
+    hidden, indices, _, _, _ = _problem(world, 4)
+    h = hidden[rank * TOKENS:(rank + 1) * TOKENS].clone()
+    if rank == 0:
+        h[3, 200] = float("nan")
+    try:
+        dispatch(h, indices[:TOKENS], EXPERTS, None, fp8=True)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def _worker(rank, world, scenarios):
     results = {name: _run_scenario(rank, world, *spec) for name, spec in scenarios.items()}
     results["errors"] = _errors(rank, world)
     results["one_hot"] = _one_hot_expert(rank, world)
+    results["host_syncs"] = _host_syncs(rank, world)
+    results["non_finite"] = _non_finite(rank, world)
     return results
 
 
@@ -308,3 +342,26 @@ def test_ranks_with_nothing_to_receive(world):
     for rank, r in enumerate(results):
         assert sum(r["one_hot"]["counts"]) == (world * TOKENS if rank == 0 else 0)
         assert r["one_hot"]["error"] < 1e-6 and r["one_hot"]["d_hidden_error"] < 1e-6
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_host_sync_per_hop(world):
+    """Dispatch reads its split sizes once per hop (flat: 1, two-hop: 2); nothing else in
+    dispatch, combine or their backward waits for the device."""
+    for r in _results(world):
+        assert r["host_syncs"]["flat"] == ["tolist"]
+        if world == 4:
+            assert r["host_syncs"]["two_hop"] == ["tolist", "tolist"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_non_finite_tokens_stop_every_rank(world):
+    """The count of non-finite tiles travels with the split sizes: the rank holding the
+    NaN names its tile, the others name that rank, before any payload moves."""
+    results = _results(world)
+    assert "FP8 dispatch: hidden has non-finite values" in results[0]["non_finite"]
+    assert "row tile 3, col tile 1" in results[0]["non_finite"]
+    for r in results[1:]:
+        assert r["non_finite"] == ("FP8 dispatch: rank(s) [0] of the expert-parallel group "
+                                   "hold tokens with inf or NaN")
+

@@ -13,14 +13,17 @@ EXPERTS, HIDDEN, FFN, TOKENS = 8, 128, 32, 16  # tokens per rank
 
 def moe_step(rank: int, world_size: int, fp8: bool, fp8_experts: bool = False):
     """Every rank holds its own tokens; returns its outputs, input and weight gradients,
-    and the bias after one update from the global load. `fp8_experts`: the experts' GEMMs
-    in FP8 (the fp8 plugin's), fed the dispatched FP8 bytes."""
+    and the bias after one update from the global load. `fp8_experts`: the experts' slot
+    holds the fp8 plugin's experts, which take the dispatched FP8 bytes."""
     import torch.nn.functional as F
 
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from plugins.common.experts import LocalExperts
+    from plugins.fp8.modules import FP8LocalExperts
     from plugins.moe.balance import global_load, imbalance, update_expert_bias
     from plugins.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
     from tests.mla_build import megatron_ranks
@@ -42,9 +45,10 @@ def moe_step(rank: int, world_size: int, fp8: bool, fp8_experts: bool = False):
             add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
             use_cpu_initialization=True, moe_router_load_balancing_type="none")
         spec = get_moe_module_spec_for_backend(LocalSpecProvider(), EXPERTS)
-        layer = DeepSeekMoE(config, DeepSeekMoESubmodules(spec.keywords["submodules"].shared_experts),
-                            fp8_dispatch=fp8,
-                            fp8_backend="emulated" if fp8_experts else None)
+        experts = (ModuleSpec(module=FP8LocalExperts, params={"fp8_backend": "emulated"})
+                   if fp8_experts else LocalExperts)
+        layer = DeepSeekMoE(config, DeepSeekMoESubmodules(
+            spec.keywords["submodules"].shared_experts, experts=experts), fp8_dispatch=fp8)
         local = slice(rank * EXPERTS // world_size, (rank + 1) * EXPERTS // world_size)
         with torch.no_grad():
             layer.experts.weight1.copy_(w1[local])
@@ -83,3 +87,61 @@ def test_expert_parallel_equals_one_rank(ep, fp8, fp8_experts):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for r in ranks:  # global load: the same bias update and statistics everywhere
         assert torch.equal(r[5], ref[5]) and torch.equal(r[6], ref[6])
+
+
+def bias_updates(rank: int, world_size: int):
+    """A layer given its process groups (each a new group object, so that parallel_state's
+    would be told apart), and ten bias updates of a run resumed at iteration 100."""
+    from types import SimpleNamespace
+
+    import megatron.training
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer import TransformerConfig
+
+    from plugins.moe.hooks import BiasUpdate
+    from plugins.moe.layer import GROUPS, DeepSeekMoE, DeepSeekMoESubmodules
+    from tests.host_syncs import host_syncs
+    from tests.mla_build import megatron_ranks
+
+    with megatron_ranks():
+        config = TransformerConfig(
+            num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
+            moe_router_topk=2, moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True, moe_ffn_hidden_size=FFN,
+            add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+            use_cpu_initialization=True, moe_router_load_balancing_type="none")
+        groups = ProcessGroupCollection()
+        for name in GROUPS:
+            setattr(groups, name, dist.new_group([0]))
+        layer = DeepSeekMoE(config, DeepSeekMoESubmodules(), pg_collection=groups)
+        uses_given_groups = (layer.ep_group is groups.ep and layer.sequence_group is groups.cp
+                             and layer.load_group is groups.dp_cp_gtp_remat
+                             and layer.experts.pg_collection is groups)
+        logged = []
+        megatron.training.print_rank_0 = logged.append
+        hook = BiasUpdate(SimpleNamespace(moe_router_bias_update_rate=1e-2, log_interval=5,
+                                          moe_dispatch_ranks_per_node=None,
+                                          expert_model_parallel_size=1), [layer])
+        syncs, biases = {}, []
+        for iteration in range(101, 111):
+            layer(torch.randn(16, 1, HIDDEN, generator=torch.Generator().manual_seed(iteration)))
+            with host_syncs() as calls:
+                hook(iteration)
+            syncs[iteration] = len(calls)
+            biases.append(layer.router.e_score_correction_bias.clone())
+        return uses_given_groups, syncs, logged, biases
+
+
+def test_bias_update_follows_megatrons_iteration():
+    """After a resume the log cadence follows Megatron's iteration (log interval 5: at 105
+    and 110, not 5 steps after the restart's first); statistics come to the host only
+    then, while the bias moves on the device every step. The layer's process groups are
+    those of the pg_collection it is given."""
+    uses_given_groups, syncs, logged, biases = run_ranks(bias_updates, 1)[0]
+    assert uses_given_groups
+    assert len(logged) == 2 and all(line.startswith("moe layer 0: load") for line in logged)
+    assert [i for i, n in syncs.items() if n] == [105, 110]
+    assert all(not torch.equal(a, b) for a, b in zip([torch.zeros(EXPERTS)] + biases, biases))
+

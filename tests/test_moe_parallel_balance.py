@@ -132,7 +132,7 @@ def moe_step(rank: int, world_size: int, tp: int, cp: int, sp: bool, per_token: 
                                sequence_parallel=sp)
         hook = BiasUpdate(args, [layer])
         (load,) = hook.loads()
-        hook()
+        hook(1)  # Megatron's iteration
         return dict(out=out.detach(), positions=this_rank_part(positions, sp),
                     loss=losses[0], router_grad=weight.grad.clone(), load=load,
                     bias=layer.router.e_score_correction_bias.clone())

@@ -94,11 +94,13 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
 def build_experts(fp8_backend=None, hidden=128, ffn=128):
     from megatron.core.transformer import TransformerConfig
 
-    from plugins.moe.experts import LocalExperts
+    from plugins.common.experts import LocalExperts
+    from plugins.fp8.modules import FP8LocalExperts
 
     config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
                                use_cpu_initialization=True, perform_initialization=False)
-    experts = LocalExperts(config, 3, hidden, ffn, fp8_backend=fp8_backend)
+    experts = (LocalExperts(config, 3, hidden, ffn) if fp8_backend is None
+               else FP8LocalExperts(config, 3, hidden, ffn, fp8_backend=fp8_backend))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         experts.weight1.copy_(torch.randn(3, 2 * ffn, hidden, generator=g) / 12)
@@ -110,8 +112,8 @@ def build_experts(fp8_backend=None, hidden=128, ffn=128):
 def test_fp8_experts_compute_the_fp8_products(dispatched_fp8):
     """With the fp8 plugin on, each routed expert runs fc1 and fc2 as FP8 GEMMs with the
     SwiGLU input cached in FP8; tokens that came by FP8 dispatch enter fc1 as sent."""
+    from plugins.common.quantize import quantize
     from plugins.fp8.linear import fp8_linear
-    from plugins.fp8.quantize import quantize
     from plugins.fp8.swiglu import FP8CachedSwiGLU
 
     experts, tokens = build_experts("emulated")
@@ -131,7 +133,7 @@ def test_fp8_experts_wait_on_the_device_once_per_projection(monkeypatch):
     """The inf/NaN checks (each a `bool(tensor)`) of a layer's experts: one for all fc1
     inputs, none when they came by FP8 dispatch (checked by the sender), one for all fc2
     inputs; with the weights held (--fp8-cache-weights), nothing per expert."""
-    from plugins.fp8.quantize import quantize
+    from plugins.common.quantize import quantize
     from plugins.fp8.weight_cache import FP8WeightCache
 
     experts, tokens = build_experts("emulated")
@@ -152,7 +154,7 @@ def test_fp8_experts_wait_on_the_device_once_per_projection(monkeypatch):
 def test_grouped_gemm_equals_the_loop_over_experts(monkeypatch):
     """torch._grouped_mm (one GEMM per projection for all experts; on the CPU too) against
     the per-expert loop, forward and backward, with an expert that gets no tokens."""
-    import plugins.moe.experts as experts_module
+    import plugins.common.experts as experts_module
 
     experts, tokens = build_experts(hidden=64, ffn=32)
     counts = [90, 0, 110]
@@ -170,11 +172,11 @@ def test_grouped_gemm_equals_the_loop_over_experts(monkeypatch):
 
 def test_megatron_still_gates_moe_fp8_on_transformer_engine():
     """The fp8 plugin lifts this upstream gate for its own MoE FP8; once upstream drops it,
-    this test fails and plugins.fp8.plugin.install can go."""
+    this test fails and upstream.transformer's fp8-moe-without-te can go."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from integration.patching import source_has
-    from plugins.fp8.plugin import MOE_FP8_NEEDS_TE
+    from upstream.patching import source_has
+    from upstream.transformer import MOE_FP8_NEEDS_TE
 
     assert source_has(TransformerConfig.__post_init__, MOE_FP8_NEEDS_TE)
 

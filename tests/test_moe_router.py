@@ -11,6 +11,7 @@ from plugins.moe.balance import (
     update_expert_bias,
 )
 from plugins.moe.router import DeepSeekRouter, RouterConfig, route
+from tests.host_syncs import host_syncs
 from tests.multirank import run_ranks
 
 
@@ -328,3 +329,20 @@ def test_nan_logits_raise_with_count():
         route(logits, torch.zeros(16), cfg)
     with pytest.raises(ValueError, match="experts"):
         route(torch.randn(4, 8), None, cfg)
+
+
+def test_router_forward_neither_checks_its_config_nor_waits_for_the_device(monkeypatch):
+    """The config is validated once, when the router is built; forward and backward run
+    without a host sync (NaN logits reach the loss through their NaN gates instead)."""
+    router = DeepSeekRouter(64, RouterConfig(16, 4, num_groups=4, group_top_k=2))
+    checks = []
+    monkeypatch.setattr(RouterConfig, "validate", lambda self: checks.append(self))
+    hidden = torch.randn(32, 64, generator=_gen(3))
+    with host_syncs() as syncs:
+        indices, gates, scores = router(hidden)
+        (gates.sum() + scores.sum()).backward()
+    assert not checks and not syncs
+    hidden[5, 0] = float("nan")
+    _, gates, _ = router(hidden)
+    assert torch.isnan(gates[5]).all() and torch.isfinite(gates[:5]).all()
+

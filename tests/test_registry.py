@@ -61,10 +61,17 @@ def parse(registry: PluginRegistry, argv: list[str]) -> argparse.Namespace:
 
 # --- enabling --------------------------------------------------------------------------
 
-def test_enabled_in_command_line_order_with_defaults_filled_in(registry):
+def test_enabled_in_registry_order_whatever_the_command_line_order(registry):
+    # Hooks run in the order the plugins were registered, so that the model is the same
+    # for every order of --plugins.
+    for order in (["beta", "alpha"], ["alpha", "beta"]):
+        assert [p.name for p in registry.enabled(parse(registry, ["--plugins", *order]))] == [
+            "alpha", "beta"]
+
+
+def test_defaults_filled_in(registry):
     args = parse(registry, ["--plugins", "beta", "alpha"])
-    chosen = registry.enabled(args)
-    assert [p.name for p in chosen] == ["beta", "alpha"]
+    registry.enabled(args)
     # Every plugin flag ends up with its declared default, not the parse-time marker.
     assert args.alpha_rate == 0.5 and type(args.alpha_rate) is float
     assert args.alpha_verbose is False
@@ -178,7 +185,7 @@ def test_two_plugins_claiming_the_same_slot(registry):
 
 def test_plugins_with_different_slots_coexist(registry):
     args = parse(registry, ["--plugins", "gamma", "beta"])
-    assert [p.name for p in registry.enabled(args)] == ["gamma", "beta"]
+    assert [p.name for p in registry.enabled(args)] == ["beta", "gamma"]  # registry order
 
 
 def test_same_plugin_listed_twice(registry):
@@ -354,3 +361,16 @@ def test_enabled_twice_on_the_same_args(registry):
     args = parse(registry, ["--plugins", "alpha"])
     registry.enabled(args)
     assert [p.name for p in registry.enabled(args)] == ["alpha"]
+
+
+def test_a_megatron_flag_that_needs_a_disabled_plugin_fails_at_start():
+    needs = Plugin("needy", "test", needed_by=lambda args: (
+        "--needy-megatron-flag needs --plugins needy" if args.needy_megatron_flag else None))
+    registry = PluginRegistry([needs])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--needy-megatron-flag", action="store_true")
+    registry.add_arguments(parser)
+    with pytest.raises(PluginError, match="--needy-megatron-flag needs --plugins needy"):
+        registry.enabled(parser.parse_args(["--needy-megatron-flag"]))
+    assert registry.enabled(parser.parse_args(["--needy-megatron-flag", "--plugins", "needy"]))
+    assert registry.enabled(parser.parse_args([])) == []

@@ -1,24 +1,19 @@
 """DeepSeek-V3 fine-grained FP8 training for Megatron without Transformer Engine.
 
 Turn it on with Megatron's own `--fp8-format e4m3 --fp8-recipe blockwise` plus
-`--plugins fp8` (and `--fp8-backend auto|emulated|torch`). The transformer layer's
-column- and row-parallel linears then run Fprop, Dgrad and Wgrad with E4M3 operands,
-one scale per 1x128 activation tile and per 128x128 weight block, FP32 accumulation
-(`linear`), and keep their input for backward in FP8. Embedding, output head, router,
-norms and attention stay in the training dtype. `--fp8-cache-weights` quantizes each
-weight once per step instead of per micro-batch (`weight_cache`). Without this plugin
+`--plugins fp8` (and `--fp8-backend auto|emulated|torch|triton`). Its spec transform maps
+the module classes of every linear slot of the finished layer spec to FP8 versions
+(`spec`, `modules`): Megatron's column- and row-parallel linears, the replicated linears
+and the routed experts of `plugins.common` (MLA's down-projections, the moe plugin's
+experts), whichever plugin put them there. They run Fprop, Dgrad and Wgrad with E4M3
+operands, one scale per 1x128 activation tile and per 128x128 weight block, FP32
+accumulation (`linear`), and keep their input for backward in FP8. Embedding, output head,
+router, norms and attention stay in the training dtype. `--fp8-cache-weights` quantizes
+each weight once per step instead of per micro-batch (`weight_cache`). Without this plugin
 Megatron's FP8 flags do nothing on the local spec.
 
-BF16 Adam moments with FP32 master weights (DeepSeek-V3's optimizer state) come with
-Megatron's own `--exp-avg-dtype bf16 --exp-avg-sq-dtype bf16`, which Megatron refuses
-without Transformer Engine today (`adam`, `optimizer_hook`; DDP and the distributed
-optimizer; state is 2/3 of FP32 moments' bytes, master weights included).
-
-Public API: `quantize(x, block)` / `dequantize(q, scales, block)` (`quantize`),
-`fp8_linear(x, weight, backend)` (`linear`), `matmul_limited_accumulation` (the
-accumulation-precision study, `accumulation`).
+Public API: `fp8_linear(x, weight, backend)` (`linear`), `matmul_limited_accumulation` (the
+accumulation-precision study, `accumulation`); the E4M3 format itself, `quantize(x, block)`
+/ `dequantize(q, scales, block)`, is `plugins.common.quantize`, shared with the moe plugin's
+FP8 dispatch.
 """
-
-from plugins.fp8.quantize import E4M3_MAX, dequantize, quantize
-
-__all__ = ["E4M3_MAX", "dequantize", "quantize"]

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from plugins.fp8.quantize import dequantize
+from plugins.common.quantize import dequantize
 
 Block = tuple[int, int]
 

@@ -1,4 +1,4 @@
-"""FP8 linear layers: all three GEMMs with block-scaled E4M3 operands, as DeepSeek-V3.
+"""The FP8 linear product: all three GEMMs with block-scaled E4M3 operands, as DeepSeek-V3.
 
     Fprop   y  = x  @ W^T    x: 1x128 tiles (per token)     W: 128x128 blocks
     Dgrad   dx = dy @ W      dy: 1x128 tiles (per token)    W: 128x128 blocks
@@ -9,31 +9,23 @@ dtype: about half the bytes for BF16 training. Wgrad needs x tiled along tokens,
 cached x is re-quantized along the other axis straight from its FP8 bytes (as DeepSeek's
 kernels transpose the cache). Products accumulate in FP32; outputs come back in x's dtype.
 
-`FP8ColumnParallelLinear` and `FP8RowParallelLinear` are Megatron's linear layers with
-only their GEMM function replaced; tensor/sequence-parallel communication is Megatron's.
+Plain torch (no Megatron import): the modules that put it into a model are in
+`plugins.fp8.modules`.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
-
-from plugins.fp8 import backends
-from plugins.fp8.quantize import (
+from plugins.common.quantize import (
     pad_to_tiles,
     quantize,
     quantize_transposed,
     raise_if_non_finite,
     requantize_transposed,
 )
-from plugins.fp8.weight_cache import WEIGHT, FP8WeightCache, quantize_weight
+from plugins.fp8 import backends
+from plugins.fp8.weight_cache import WEIGHT, quantize_weight
 
 ACTIVATION = (1, 128)
 
@@ -130,44 +122,3 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
     w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
     return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales)
-
-
-def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
-                      sequence_parallel, *, backend: str,
-                      weight_cache: FP8WeightCache | None = None, tp_group=None, **unused):
-    """Megatron's `linear_with_grad_accumulation_and_async_allreduce` contract with the
-    GEMMs in FP8: all-gather the input under sequence parallelism, all-reduce its
-    gradient under plain TP (both through Megatron's own mappings)."""
-    if gradient_accumulation_fusion:
-        raise ValueError("--plugins fp8 needs --no-gradient-accumulation-fusion (the fused "
-                         "wgrad kernel would bypass the FP8 Wgrad GEMM)")
-    if sequence_parallel:
-        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
-                                                     group=tp_group)
-    elif allreduce_dgrad:
-        input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    weight_fp8 = weight_cache.get(weight) if weight_cache is not None else None
-    output = fp8_linear(input, weight, backend, weight_fp8=weight_fp8)
-    return output if bias is None else output + bias
-
-
-class FP8ColumnParallelLinear(ColumnParallelLinear):
-    """`fp8_cache_weights`: keep the FP8 weight through the step (`plugins.fp8.weight_cache`)."""
-
-    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fp8_weight_cache = FP8WeightCache() if fp8_cache_weights else None
-        self._forward_impl = partial(_fp8_forward_impl, backend=fp8_backend,
-                                     weight_cache=self.fp8_weight_cache)
-
-
-class FP8RowParallelLinear(RowParallelLinear):
-    """`fp8_cache_weights`: keep the FP8 weight through the step (`plugins.fp8.weight_cache`)."""
-
-    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fp8_weight_cache = FP8WeightCache() if fp8_cache_weights else None
-        self._forward_impl = partial(_fp8_forward_impl, backend=fp8_backend,
-                                     weight_cache=self.fp8_weight_cache)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from functools import partial
 
 from plugins import Plugin, PluginError
 
@@ -86,32 +85,13 @@ def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
     return dims
 
 
-MOE_FP8_NEEDS_TE = "if self.num_moe_experts and self.fp8:"
-RECOMPUTE_FP8_NEEDS_TE = ('if "moe_act" in self.recompute_modules or "layernorm" in '
-                          'self.recompute_modules:')
+def fixes(args: argparse.Namespace):
+    """Two of TransformerConfig's FP8 checks are about Transformer Engine's FP8, which this
+    plugin replaces: lifted for the run where they apply (`upstream.transformer`)."""
+    from upstream.patching import applicable
+    from upstream.transformer import FP8_FIXES
 
-
-def install(args: argparse.Namespace, patcher) -> None:
-    """Two of TransformerConfig.__post_init__'s FP8 checks are about Transformer Engine's
-    FP8, which this plugin replaces, and are lifted for the run (megatron-core 0.19.2):
-    - transformer_config.py:2294-2300 refuses FP8 with MoE unless TE >= 1.7 is installed;
-      with this plugin the experts' FP8 GEMMs are megaseek's (plugins.moe);
-    - transformer_config.py:1821-1832 refuses `--recompute-modules layernorm` (and
-      moe_act) with FP8 unless TE >= 2.6 (TE's FP8 norm outputs); here the norms stay in
-      the training dtype and the MLA plugin recomputes them itself.
-    Megatron's other FP8 checks stay."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from integration.patching import rewrite_function, source_has
-
-    lifted = {}
-    if args.num_experts and source_has(TransformerConfig.__post_init__, MOE_FP8_NEEDS_TE):
-        lifted[MOE_FP8_NEEDS_TE] = "if False:  # lifted by plugins.fp8: the experts' FP8 is not TE's"
-    if source_has(TransformerConfig.__post_init__, RECOMPUTE_FP8_NEEDS_TE):
-        lifted[RECOMPUTE_FP8_NEEDS_TE] = "if False:  # lifted by plugins.fp8: norms are not FP8"
-    if lifted:
-        patcher.setattr(TransformerConfig, "__post_init__",
-                        rewrite_function(TransformerConfig, "__post_init__", lifted))
+    return applicable(FP8_FIXES, args)
 
 
 def transform_layer_spec(layer_spec, args):
@@ -122,10 +102,14 @@ def transform_layer_spec(layer_spec, args):
 
 
 def on_optimizer_step(args, model_chunks, optimizer):
-    """New weights after each successful step: cached FP8 copies are stale."""
+    """New weights after each successful step: cached FP8 copies are stale (whatever the
+    iteration)."""
     from plugins.fp8.weight_cache import drop_fp8_weights
 
-    return partial(drop_fp8_weights, model_chunks)
+    def drop(iteration: int) -> None:
+        drop_fp8_weights(model_chunks)
+
+    return drop
 
 
 FP8 = Plugin(
@@ -134,7 +118,8 @@ FP8 = Plugin(
     add_arguments=add_arguments,
     validate=validate,
     transform_layer_spec=transform_layer_spec,
-    install=install,
+    fixes=fixes,
     on_optimizer_step=on_optimizer_step,
-    slots=frozenset({"linear_gemm"}),
+    # Every linear slot's GEMM (the module classes it maps) and the MLPs' activation.
+    slots=frozenset({"linear_gemm", "activation_func"}),
 )

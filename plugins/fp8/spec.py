@@ -1,10 +1,9 @@
-"""Put FP8 linears into a layer spec: every Megatron column-/row-parallel linear of the
-transformer layer (attention projections, MLP, experts) becomes its FP8 version, and
-modules of other plugins that run their own GEMMs in FP8 when given a backend (MLA's
-replicated down-projections) opt in with a class attribute `accepts_fp8_backend = True`
-and get `fp8_backend` and `fp8_cache_weights` in their params. Embedding, output head,
-router, norms and the attention core are not in these slots, so they stay in the training
-dtype, as in DeepSeek-V3."""
+"""Put FP8 into a finished layer spec by mapping module classes: every linear slot of the
+layer becomes its FP8 version (`FP8_VERSION`, classes of `plugins.fp8.modules`), whichever
+plugin put the slot there, and with SwiGLU the MLPs' activation slot becomes `FP8SwiGLU`.
+Each FP8 module gets `fp8_backend` and `fp8_cache_weights` in its params. Embedding, output
+head, router, norms and the attention core are not in these slots, so they stay in the
+training dtype, as in DeepSeek-V3."""
 
 from __future__ import annotations
 
@@ -13,27 +12,33 @@ import dataclasses
 import functools
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron.core.transformer.mlp import MLPSubmodules
-
-from plugins.fp8.linear import FP8ColumnParallelLinear, FP8RowParallelLinear
+from plugins.common.experts import LocalExperts
+from plugins.common.linear import ReplicatedLinear
+from plugins.fp8.modules import (
+    FP8ColumnParallelLinear,
+    FP8LocalExperts,
+    FP8ReplicatedLinear,
+    FP8RowParallelLinear,
+)
 from plugins.fp8.swiglu import FP8SwiGLU
 
-FP8_VERSION = {ColumnParallelLinear: FP8ColumnParallelLinear,
-               RowParallelLinear: FP8RowParallelLinear}
-
-
-def _takes_fp8(module) -> bool:
-    return module in FP8_VERSION or getattr(module, "accepts_fp8_backend", False)
+FP8_VERSION = {
+    ColumnParallelLinear: FP8ColumnParallelLinear,  # Megatron's: attention, MLP, experts
+    RowParallelLinear: FP8RowParallelLinear,
+    ReplicatedLinear: FP8ReplicatedLinear,          # MLA's down-projections
+    LocalExperts: FP8LocalExperts,                  # the moe plugin's routed experts
+}
 
 
 def _convert(node, params: dict, swiglu: bool):
-    if isinstance(node, type) and _takes_fp8(node):
-        return ModuleSpec(module=FP8_VERSION.get(node, node), params=dict(params))
+    if isinstance(node, type) and node in FP8_VERSION:
+        return ModuleSpec(module=FP8_VERSION[node], params=dict(params))
     if isinstance(node, ModuleSpec):
-        if _takes_fp8(node.module):
-            node.module = FP8_VERSION.get(node.module, node.module)
+        if node.module in FP8_VERSION:
+            node.module = FP8_VERSION[node.module]
             node.params = {**node.params, **params}
         node.submodules = _convert(node.submodules, params, swiglu)
         return node
@@ -44,6 +49,9 @@ def _convert(node, params: dict, swiglu: bool):
         for field in dataclasses.fields(node):
             setattr(node, field.name, _convert(getattr(node, field.name), params, swiglu))
         if swiglu and isinstance(node, MLPSubmodules):
+            # Megatron's local spec leaves this slot empty (the MLP then applies
+            # config.activation_func); with config.use_te_activation_func, which the plugin
+            # sets, the MLP calls the module here instead.
             node.activation_func = FP8SwiGLU
     return node
 
@@ -51,18 +59,19 @@ def _convert(node, params: dict, swiglu: bool):
 def with_fp8_linears(layer_spec: ModuleSpec, backend: str, swiglu: bool = False,
                      cache_weights: bool = False) -> ModuleSpec:
     """FP8 linears everywhere in the layer; with `swiglu`, MLPs also get the SwiGLU that
-    caches its input in FP8 (Megatron routes the activation through that slot when
-    `config.use_te_activation_func` is set, which the plugin does); with `cache_weights`,
-    each keeps its FP8 weight through the step (`plugins.fp8.weight_cache`)."""
+    caches its input in FP8; with `cache_weights`, each FP8 module keeps its FP8 weights
+    through the step (`plugins.fp8.weight_cache`)."""
     params = {"fp8_backend": backend, "fp8_cache_weights": cache_weights}
     return _convert(copy.deepcopy(layer_spec), params, swiglu)
 
 
+FP8_MODULES = frozenset(FP8_VERSION.values())
+
+
 def count_fp8_linears(spec) -> int:
-    """How many linear slots of a spec are FP8 (for tests and logs)."""
+    """How many linear slots of a spec hold an FP8 module (for tests and logs)."""
     if isinstance(spec, ModuleSpec):
-        own = spec.params.get("fp8_backend") is not None
-        return own + count_fp8_linears(spec.submodules)
+        return (spec.module in FP8_MODULES) + count_fp8_linears(spec.submodules)
     if isinstance(spec, functools.partial):
         return sum(count_fp8_linears(v) for v in (*spec.args, *spec.keywords.values()))
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):

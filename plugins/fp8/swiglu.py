@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plugins.fp8.quantize import dequantize, quantize
+from plugins.common.quantize import dequantize, quantize
 
 TILE = (1, 128)
 

@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterable
 import torch
 
 from plugins.fp8.backends import Operand
-from plugins.fp8.quantize import pad_to_tiles, quantize, raise_if_non_finite
+from plugins.common.quantize import pad_to_tiles, quantize, raise_if_non_finite
 
 WEIGHT = (128, 128)
 

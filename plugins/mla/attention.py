@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from plugins.mla.rope import Yarn, apply_rotary, rotary_table, yarn_mscale
 
@@ -45,51 +44,6 @@ class MLASubmodules:
     q_layernorm: ModuleSpec | type | None = None
     kv_layernorm: ModuleSpec | type | None = None
     linear_proj: ModuleSpec | type | None = None
-
-
-class ReplicatedLinear(MegatronModule):
-    """y = x W^T with W whole on every TP rank (MLA's down-projections).
-
-    Under sequence parallelism each rank sees a different sequence shard, so the weight's
-    gradient is partial: `sequence_parallel` on the weight makes Megatron all-reduce it
-    across the TP group, as it does for layer-norm weights.
-
-    With the fp8 plugin on, its spec transform passes `fp8_backend` and the three GEMMs
-    run in FP8 (DeepSeek-V3 keeps its down-projections in FP8 too; the kv one's 576 rows
-    end in a half 128x128 block).
-    """
-
-    accepts_fp8_backend = True  # plugins.fp8.spec: this module can take its FP8 GEMMs
-
-    def __init__(self, input_size: int, output_size: int, *, config, init_method,
-                 fp8_backend: str | None = None, fp8_cache_weights: bool = False, **unused):
-        super().__init__(config)
-        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size,
-                                                     dtype=config.params_dtype))
-        if config.perform_initialization:
-            with tensor_parallel.get_cuda_rng_tracker().fork(
-                    tensor_parallel.random.get_data_parallel_rng_tracker_name()):
-                init_method(self.weight)
-        self.weight.sequence_parallel = config.sequence_parallel
-        self.fp8_backend = fp8_backend
-        self.fp8_weight_cache = None
-        if fp8_cache_weights:
-            from plugins.fp8.weight_cache import FP8WeightCache
-
-            self.fp8_weight_cache = FP8WeightCache()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_backend is not None:
-            from plugins.fp8.linear import fp8_linear
-
-            cache = self.fp8_weight_cache
-            return fp8_linear(x, self.weight, self.fp8_backend,
-                              weight_fp8=cache.get(self.weight) if cache is not None else None)
-        return F.linear(x, self.weight)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True),
-                                                   prefix, {}, sharded_offsets)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -229,8 +183,11 @@ class MLASelfAttention(MegatronModule):
         if value.shape[-1] != query.shape[-1] and value.device.type == "cpu":
             # PyTorch's CPU flash kernel needs one head size for q, k and v; without it SDPA
             # falls back to materializing the [s, s] probabilities. Zero columns of v add
-            # zero columns to the output, which forward() drops.
-            value = F.pad(value, (0, query.shape[-1] - value.shape[-1]))
+            # zero columns to the output, which forward() drops; zero columns of q and k
+            # add nothing to q.k (the softmax scale is given, not taken from the width).
+            width = max(value.shape[-1], query.shape[-1])
+            query, key, value = (t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+                                 for t in (query, key, value))
         # Contiguous [b, n, s, d]: what attention keeps for backward is then exactly these
         # tensors, which mla_up_proj recomputation replaces by recipes.
         return tuple(t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))

@@ -50,6 +50,14 @@ def validate(args: argparse.Namespace) -> None:
                               f"(or {' '.join(MEGATRON_RECOMPUTE)} outside attention)")
 
 
+def needed_by(args: argparse.Namespace) -> str | None:
+    if getattr(args, "multi_latent_attention", False) and args.transformer_impl == "local":
+        return ("--multi-latent-attention with --transformer-impl local needs --plugins mla "
+                "(Megatron's own MLA does not build with the local spec: its core attention "
+                "rejects k_channels/v_channels)")
+    return None
+
+
 def transform_layer_spec(layer_spec, args):
     from plugins.mla.spec import with_mla
 
@@ -60,6 +68,10 @@ MLA = Plugin(
     name="mla",
     summary="DeepSeek-V3 Multi-head Latent Attention with selective recompute, no TE needed",
     validate=validate,
+    needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
-    slots=frozenset({"self_attention"}),
+    # The attention, the layer's two norms (RMSNorms that support sequence parallelism)
+    # and the layer module itself (for selective recomputation).
+    slots=frozenset({"self_attention", "input_layernorm", "pre_mlp_layernorm",
+                     "transformer_layer"}),
 )

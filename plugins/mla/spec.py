@@ -7,7 +7,8 @@ import copy
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from plugins.mla.attention import MLASelfAttention, MLASubmodules, ReplicatedLinear, RMSNorm
+from plugins.common.linear import ReplicatedLinear
+from plugins.mla.attention import MLASelfAttention, MLASubmodules, RMSNorm
 from plugins.mla.layer import MLATransformerLayer
 
 

@@ -20,13 +20,16 @@ import torch.distributed as dist
 __all__ = ["expert_load", "global_load", "update_expert_bias", "sequence_balance_loss", "imbalance"]
 
 
-def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert: indices [T, K] -> counts [E] int64."""
+def expert_load(indices: torch.Tensor, num_experts: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens routed to each expert: indices [T, K] -> counts [E] int64, counting only
+    the entries where `mask` (like indices) is True when given."""
     flat = indices.reshape(-1)  # [T*K]
+    ones = (torch.ones_like(flat, dtype=torch.int64) if mask is None
+            else mask.reshape(-1).to(torch.int64))
     # scatter_add_, not bincount: a fixed output size, so no host sync on GPU.
     return torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int64)
-    )
+        0, flat, ones)
 
 
 def global_load(local_load: torch.Tensor, group) -> torch.Tensor:

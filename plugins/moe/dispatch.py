@@ -9,13 +9,18 @@ Layout: E routed experts split evenly over the EP group's `ep` ranks; rank r own
 
 Every exchange is `all_to_all_single` with split sizes passed as Python lists of ints:
 gloo rejects tensor split sizes (that is why Megatron's alltoall dispatcher fails on CPU).
-Each dispatch first exchanges small int64 count tensors (one host sync, needed to know
-the split sizes), then the payload.
+Each hop first exchanges small int64 count tensors, then the payload. Reading the counts
+is the hop's one host sync (the split sizes must be on the host); nothing else in
+dispatch or combine waits for the device: no value checks, no data-dependent shapes
+(row positions come from sorts and offsets of counts the host already has). Row
+reorderings are permutations whose backward gathers with the inverse permutation.
 
 FP8 (`fp8=True`, DeepSeek-V3's dispatch): the sender quantizes each token once with
-power-of-two scales in 1x128 tiles (`plugins.fp8.quantize`) and sends, per (token,
+power-of-two scales in 1x128 tiles (`plugins.common.quantize`) and sends, per (token,
 expert) row, one packed uint8 buffer: H E4M3 bytes followed by the H/128 float32 scales
-as 4*H/128 bytes ([rows, H + H/32] uint8), so the payload is a single all_to_all.
+as 4*H/128 bytes ([rows, H + H/32] uint8), so the payload is a single all_to_all. Tiles
+with inf or NaN are counted, and the count travels with the split sizes: every rank
+raises before any payload moves.
 The receiver returns both the dequantized tokens (in the hidden dtype; exact, since the
 scales are powers of two) and the raw q/scales for FP8 expert GEMMs. Only the forward
 dispatch is quantized: its backward is straight-through (the gradient of dequantize o
@@ -46,7 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from plugins.fp8.quantize import dequantize, quantize
+from plugins.common.quantize import dequantize, quantize, raise_if_non_finite
+from plugins.moe.balance import expert_load
 
 __all__ = ["Dispatched", "dispatch", "combine", "fp8_row_bytes"]
 
@@ -55,12 +61,69 @@ _BLOCK = (1, TILE)
 
 
 @dataclass(frozen=True)
-class _Hop:
-    """One all_to_all: `rows` picks the sent rows from the source tensor, in send order."""
+class _Rows:
+    """x[index]: which rows of a tensor, in which order. With `inverse`, index is
+    order // copies for a permutation `order` of copies x (rows of x) whose inverse is
+    `inverse` (flat dispatch sends each token once per chosen expert): backward then
+    gathers each row's gradients and sums its copies, where otherwise it scatter-adds
+    (serial on the CPU, nondeterministic on a GPU)."""
 
-    rows: torch.Tensor  # [S] int64
+    index: torch.Tensor  # [S] int64
+    inverse: torch.Tensor | None = None  # [S] int64
+    copies: int = 1
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self.index)
+
+    def put_back(self, grad: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """The gradient of x [num_rows, ...] from that of take(x)."""
+        if self.inverse is None:
+            zeros = grad.new_zeros((num_rows,) + tuple(grad.shape[1:]))
+            return zeros.index_add_(0, self.index, grad)
+        grad = grad.index_select(0, self.inverse)  # copy c of row r at r * copies + c
+        if self.copies == 1:
+            return grad
+        return grad.view(num_rows, self.copies, *grad.shape[1:]).sum(1)
+
+
+def _permutation(order: torch.Tensor, inverse: torch.Tensor | None = None,
+                 copies: int = 1) -> _Rows:
+    """Rows order // copies, with the inverse of the permutation `order`."""
+    if inverse is None:
+        inverse = torch.empty_like(order).index_copy_(
+            0, order, torch.arange(order.numel(), device=order.device))
+    return _Rows(order // copies if copies > 1 else order, inverse, copies)
+
+
+class _Reorder(torch.autograd.Function):
+    """rows.take(x), differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, rows: _Rows):
+        ctx.rows, ctx.num_rows = rows, x.shape[0]
+        return rows.take(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.rows.put_back(grad, ctx.num_rows), None
+
+
+def _reorder(x: torch.Tensor, rows: _Rows | None) -> torch.Tensor:
+    return x if rows is None else _Reorder.apply(x, rows)
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """One all_to_all: `rows` picks the sent rows of the source tensor in send order
+    (None: all of them, in order)."""
+
     send_splits: list[int]  # rows to each rank of the group
     recv_splits: list[int]  # rows from each rank of the group
+    rows: _Rows | None = None
+
+    def reverse(self) -> "_Hop":
+        """Sends the received rows back, in order."""
+        return _Hop(self.recv_splits, self.send_splits)
 
 
 @dataclass(frozen=True)
@@ -94,13 +157,14 @@ class Dispatched:
     inter_node_bytes: int
     num_tokens: int  # T
     top_k: int  # K
-    # For combine: hops in dispatch order, the grouping permutation of the last hop's
-    # received rows, how sent rows map back to tokens, and the relay's bookkeeping.
+    # For combine: hops in dispatch order; how the last hop's received rows were grouped
+    # (None: they came grouped, as at EP = 1); flat: the pairs' send order; two-hop: the
+    # token of each row sent in hop 1, and the relay's bookkeeping.
     hops: tuple[_Hop, ...]
-    group_order: torch.Tensor  # [N] int64, tokens = last hop's received rows[group_order]
-    sent_token: torch.Tensor  # [S1] int64, token of each row sent in hop 1
-    sent_slot: torch.Tensor  # [S1] int64, flat: its choice k; two-hop: unused (-1)
-    relay: _Relay | None
+    grouping: _Rows | None
+    pairs: _Rows | None = None
+    sent_token: torch.Tensor | None = None
+    relay: _Relay | None = None
 
 
 # --------------------------------------------------------------------------- all-to-all
@@ -115,47 +179,70 @@ def _all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
     return out
 
 
-def _exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
-    """counts [ep, c] int64 (row r: to rank r) -> [ep, c] (row r: from rank r)."""
-    return _all_to_all(counts, [1] * counts.shape[0], [1] * counts.shape[0], group)
+@dataclass(frozen=True)
+class _Counts:
+    """A hop's row counts after their exchange: `sent` [ep, c] (row r: to rank r) and
+    `received` [ep, c] (row r: from rank r) on the device, and on the host."""
+
+    received: torch.Tensor
+    sent_rows: list[int]  # rows to each rank
+    received_rows: list[int]  # rows from each rank
+    received_per_column: list[int]  # rows received per column (local expert)
+    bad_tiles: list[int]  # non-finite FP8 tiles each rank reported
+
+
+def _exchange_counts(counts: torch.Tensor, group, bad_tiles: torch.Tensor | None = None
+                     ) -> _Counts:
+    """Sends counts[r] to rank r. The hop's one host sync: the split sizes. `bad_tiles`
+    (0-d int64, FP8 dispatch): this rank's non-finite tiles, sent to every rank with the
+    counts, so that all ranks learn of them before any payload moves."""
+    ep = counts.shape[0]
+    flag = counts.new_zeros(()) if bad_tiles is None else bad_tiles
+    sent = torch.cat([counts, flag.expand(ep, 1)], dim=1)  # [ep, c + 1]
+    received = _all_to_all(sent, [1] * ep, [1] * ep, group)
+    host_sent, host_received = torch.stack([sent, received]).tolist()
+    return _Counts(received=received[:, :-1],
+                   sent_rows=[sum(row[:-1]) for row in host_sent],
+                   received_rows=[sum(row[:-1]) for row in host_received],
+                   received_per_column=[sum(col) for col in zip(*host_received)][:-1],
+                   bad_tiles=[row[-1] for row in host_received])
 
 
 class _Exchange(torch.autograd.Function):
-    """Send x[rows] (or its packed FP8 `wire` rows) to the group; backward sends back.
+    """Send hop.rows of x (or of its packed FP8 `wire`) to the group; backward sends back.
 
     Returns (received values [R, H] in x.dtype, received wire [R, B] uint8 or empty).
-    Backward is the reverse all_to_all of the gradient in its own dtype, scattered (with
-    accumulation: a row may be sent to several ranks) into x's rows: straight-through
-    for the FP8 wire.
+    Backward is the reverse all_to_all of the gradient in its own dtype, put back into
+    x's rows (summed where a row was sent several times): straight-through for the FP8
+    wire.
     """
 
     @staticmethod
-    def forward(ctx, x, rows, send_splits, recv_splits, group, wire):
-        ctx.save_for_backward(rows)
-        ctx.splits = (send_splits, recv_splits)
-        ctx.group = group
-        ctx.num_rows = x.shape[0]
+    def forward(ctx, x, hop: _Hop, group, wire):
+        ctx.hop, ctx.group, ctx.num_rows = hop, group, x.shape[0]
+        payload = x if wire is None else wire
+        if hop.rows is not None:
+            payload = hop.rows.take(payload)
+        received = _all_to_all(payload, hop.send_splits, hop.recv_splits, group)
         if wire is None:
-            out = _all_to_all(x.index_select(0, rows), send_splits, recv_splits, group)
             empty = torch.empty(0, dtype=torch.uint8, device=x.device)
             ctx.mark_non_differentiable(empty)
-            return out, empty
-        received = _all_to_all(wire.index_select(0, rows), send_splits, recv_splits, group)
-        q, scales = _unpack(received, x.shape[1])
+            return received, empty
         ctx.mark_non_differentiable(received)
+        q, scales = _unpack(received, x.shape[1])
         return dequantize(q, scales, _BLOCK, x.dtype), received
 
     @staticmethod
     def backward(ctx, grad, _grad_wire):
-        (rows,) = ctx.saved_tensors
-        send_splits, recv_splits = ctx.splits
-        back = _all_to_all(grad, recv_splits, send_splits, ctx.group)  # [S, H]
-        grad_x = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
-        return grad_x.index_add_(0, rows, back), None, None, None, None, None
+        hop = ctx.hop
+        back = _all_to_all(grad, hop.recv_splits, hop.send_splits, ctx.group)  # [S, H]
+        if hop.rows is not None:
+            back = hop.rows.put_back(back, ctx.num_rows)
+        return back, None, None, None
 
 
 def _send(x, hop: _Hop, group, wire=None):
-    return _Exchange.apply(x, hop.rows, hop.send_splits, hop.recv_splits, group, wire)
+    return _Exchange.apply(x, hop, group, wire)
 
 
 # --------------------------------------------------------------------------- FP8 wire
@@ -167,8 +254,9 @@ def fp8_row_bytes(hidden_size: int) -> int:
 
 
 def _pack(hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [T, H] -> [T, H + H/32] uint8: E4M3 bytes, then the float32 scales' bytes."""
-    q, scales = quantize(hidden, _BLOCK, power_of_two_scales=True)
+    """hidden [T, H] -> [T, H + H/32] uint8: E4M3 bytes, then the float32 scales' bytes.
+    Unchecked here (a tile with inf or NaN gets scale inf): `_raise_if_non_finite`."""
+    q, scales = quantize(hidden, _BLOCK, power_of_two_scales=True, check_finite=False)
     return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
 
 
@@ -179,6 +267,22 @@ def _unpack(packed: torch.Tensor, hidden_size: int):
     return q, scales
 
 
+def _bad_tiles(wire: torch.Tensor | None, hidden_size: int) -> torch.Tensor | None:
+    return None if wire is None else (~torch.isfinite(_unpack(wire, hidden_size)[1])).sum()
+
+
+def _raise_if_non_finite(counts: _Counts, wire, hidden_size: int, me: int) -> None:
+    """Every rank raises when any rank's tokens had inf or NaN (before any payload moves:
+    no rank is left waiting in an all_to_all); the rank holding them names the tile."""
+    if not any(counts.bad_tiles):
+        return
+    if counts.bad_tiles[me]:
+        raise_if_non_finite(_unpack(wire, hidden_size)[1], _BLOCK, "FP8 dispatch: hidden")
+    ranks = [r for r, bad in enumerate(counts.bad_tiles) if bad]
+    raise ValueError(f"FP8 dispatch: rank(s) {ranks} of the expert-parallel group hold "
+                     "tokens with inf or NaN")
+
+
 def _row_bytes(hidden: torch.Tensor, fp8: bool) -> int:
     return fp8_row_bytes(hidden.shape[1]) if fp8 else hidden.shape[1] * hidden.element_size()
 
@@ -187,6 +291,8 @@ def _row_bytes(hidden: torch.Tensor, fp8: bool) -> int:
 
 
 def _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop):
+    """Shapes and sizes only (no host sync); expert indices in [0, num_experts) are the
+    caller's promise (`route` gives them)."""
     if hidden.dim() != 2 or indices.dim() != 2 or indices.shape[0] != hidden.shape[0]:
         raise ValueError(f"dispatch: expected hidden [T, H] and indices [T, K]; got "
                          f"{tuple(hidden.shape)} and {tuple(indices.shape)}")
@@ -198,9 +304,6 @@ def _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop):
         raise ValueError(
             f"--num-experts ({num_experts}) must be divisible by "
             f"--expert-model-parallel-size ({ep}) to split experts evenly over EP ranks")
-    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < num_experts:
-        raise ValueError(f"dispatch: expert indices must be in [0, {num_experts}); got "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
     if ranks_per_node is not None and (ranks_per_node < 1 or ep % ranks_per_node):
         raise ValueError(f"dispatch: ranks_per_node ({ranks_per_node}) must divide the "
                          f"expert-parallel size ({ep})")
@@ -216,9 +319,10 @@ def dispatch(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, grou
              two_hop: bool | None = None) -> Dispatched:
     """Send each (token, chosen expert) row of hidden [T, H] to the rank owning the expert.
 
-    indices [T, K] int64 (distinct experts per token, as `route` gives). `ranks_per_node`
-    sets the (simulated) node size for `inter_node_bytes` and, unless two_hop=False,
-    selects the node-aware two-hop dispatch; None: the whole group is one node, flat.
+    indices [T, K] int64 in [0, num_experts) (distinct experts per token, as `route`
+    gives). `ranks_per_node` sets the (simulated) node size for `inter_node_bytes` and,
+    unless two_hop=False, selects the node-aware two-hop dispatch; None: the whole group
+    is one node, flat.
     """
     ep, me = dist.get_world_size(group), dist.get_rank(group)
     _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop)
@@ -230,16 +334,57 @@ def dispatch(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, grou
     return plan(hidden, wire, indices.long(), num_experts // ep, ep, me, rpn, group)
 
 
-def _grouping(recv_counts: torch.Tensor, src: torch.Tensor, ep: int) -> torch.Tensor:
-    """Permutation [R] grouping received rows by local expert, then source rank.
+def _by_column(counts: torch.Tensor, rows: int) -> _Rows:
+    """Rows laid out in blocks counts[i, j] (row-major: block (0, 0), (0, 1), ...) regrouped
+    column-major (block (0, 0), (1, 0), ...), each block's rows in their order: received
+    rows, which come by source rank then local expert, grouped by local expert then source
+    rank. Built from offsets, no sort and no host sync."""
+
+    def starts(blocks):  # exclusive cumulative sum
+        return blocks.cumsum(0) - blocks
+
+    by_row = counts.reshape(-1)  # [ep * epr], the received layout
+    by_col = counts.t().reshape(-1)  # the grouped layout
+    shift = (starts(by_row).view(counts.shape).t().reshape(-1) - starts(by_col))  # per block
+    order = torch.arange(rows, device=counts.device) + shift.repeat_interleave(
+        by_col, output_size=rows)
+    return _permutation(order)
+
+
+def _flat(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
+    T, K = indices.shape
+    expert = indices.reshape(-1)  # [T*K], pair p = t*K + k
+    pair_order = torch.sort(expert, stable=True).indices  # [P] by expert, then token
+    counts = _exchange_counts(expert_load(indices, epr * ep).view(ep, epr), group,
+                              _bad_tiles(wire, hidden.shape[1]))
+    _raise_if_non_finite(counts, wire, hidden.shape[1], me)
+    pairs = _permutation(pair_order)
+    hop = _Hop(counts.sent_rows, counts.received_rows, _permutation(pair_order, pairs.inverse, K))
+
+    received, packed = _send(hidden, hop, group, wire)  # [R, H] by source, then expert
+    grouping = _by_column(counts.received, received.shape[0]) if ep > 1 else None
+    sent, crossed = _bytes(hop.send_splits, me, rpn, _row_bytes(hidden, wire is not None))
+    return _result(received, packed, grouping, counts.received_per_column, sent, crossed,
+                   T, K, (hop,), pairs=pairs)
+
+
+def _grouping(recv_counts: torch.Tensor, src: torch.Tensor, ep: int) -> _Rows:
+    """Grouping of received rows by local expert, then source rank (two-hop: rows from
+    several relays interleave their sources).
 
     recv_counts [ep, epr]: rows per (sender, local expert), the senders' blocks each
     sorted by local expert; src [R]: each row's source rank. Stable: token order stays.
     """
     epr = recv_counts.shape[1]
     ids = torch.arange(epr, device=src.device).repeat(ep)
-    local = ids.repeat_interleave(recv_counts.reshape(-1))  # [R]
-    return torch.sort(local * ep + src, stable=True).indices
+    local = ids.repeat_interleave(recv_counts.reshape(-1), output_size=src.numel())  # [R]
+    return _permutation(torch.sort(local * ep + src, stable=True).indices)
+
+
+def _first(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat positions of mask's True entries, in order: nonzero() without its host sync,
+    for a `count` the host already knows."""
+    return torch.sort(mask.logical_not().reshape(-1).to(torch.int8), stable=True).indices[:count]
 
 
 def _bytes(send_splits, me, rpn, row_bytes):
@@ -247,24 +392,6 @@ def _bytes(send_splits, me, rpn, row_bytes):
     off_rank = sum(n for r, n in enumerate(send_splits) if r != me)
     off_node = sum(n for r, n in enumerate(send_splits) if r // rpn != me // rpn)
     return off_rank * row_bytes, off_node * row_bytes
-
-
-def _flat(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
-    T, K = indices.shape
-    expert = indices.reshape(-1)  # [T*K], pair p = t*K + k
-    pair_order = torch.sort(expert, stable=True).indices  # [P] by expert, then token
-    sent_expert = expert[pair_order]  # [P] ascending, so grouped by owner rank too
-    counts = torch.bincount(sent_expert, minlength=epr * ep).view(ep, epr)  # [ep, epr]
-    recv_counts = _exchange_counts(counts, group)  # [ep (source), epr]
-    hop = _Hop(rows=pair_order // K, send_splits=counts.sum(1).tolist(),
-               recv_splits=recv_counts.sum(1).tolist())
-
-    received, packed = _send(hidden, hop, group, wire)  # [R, H] by source, then expert
-    src = torch.arange(ep, device=indices.device).repeat_interleave(recv_counts.sum(1))
-    order = _grouping(recv_counts, src, ep)  # [R]
-    sent, crossed = _bytes(hop.send_splits, me, rpn, _row_bytes(hidden, wire is not None))
-    return _result(received, packed, order, recv_counts.sum(0).tolist(), wire is not None,
-                   sent, crossed, T, K, (hop,), pair_order // K, pair_order % K, None)
 
 
 def _two_hop(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
@@ -276,56 +403,54 @@ def _two_hop(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
     dev = indices.device
     hits = torch.zeros(nodes, T, dtype=torch.bool, device=dev)
     hits[node_of.reshape(-1), torch.arange(T, device=dev).repeat_interleave(K)] = True
-    unit_node, unit_token = hits.nonzero(as_tuple=True)  # [U] by node, then token
-    per_node = torch.bincount(unit_node, minlength=nodes)  # [nodes]
     counts1 = torch.zeros(nodes, rpn, dtype=torch.long, device=dev)
-    counts1[:, local_idx] = per_node
-    counts1 = counts1.view(ep, 1)
-    recv1 = _exchange_counts(counts1, group).view(-1)  # [ep]
-    hop1 = _Hop(rows=unit_token, send_splits=counts1.view(-1).tolist(),
-                recv_splits=recv1.tolist())
+    counts1[:, local_idx] = hits.sum(1)  # [nodes] tokens to each node
+    counts1 = _exchange_counts(counts1.view(ep, 1), group, _bad_tiles(wire, hidden.shape[1]))
+    _raise_if_non_finite(counts1, wire, hidden.shape[1], me)
+    unit = _first(hits, sum(counts1.sent_rows))  # [U] by node, then token
+    unit_node, unit_token = unit // T, unit % T
+    hop1 = _Hop(counts1.sent_rows, counts1.received_rows, _Rows(unit_token))
     x1, packed1 = _send(hidden, hop1, group, wire)  # [U1, H]
 
     # The relay needs each unit's experts on its node (-1: elsewhere) and its source rank.
     on_node = node_of[unit_token] == unit_node[:, None]  # [U, K]
     meta = torch.where(on_node, indices[unit_token], -1)  # [U, K]
     meta1 = _all_to_all(meta, hop1.send_splits, hop1.recv_splits, group)  # [U1, K]
-    src1 = torch.arange(ep, device=dev).repeat_interleave(recv1)  # [U1]
+    src1 = torch.arange(ep, device=dev).repeat_interleave(
+        counts1.received.reshape(-1), output_size=x1.shape[0])  # [U1]
 
     # Hop 2 ("NVLink"): forward each (unit, expert) pair to its owner in our node.
-    unit, slot = (meta1 >= 0).nonzero(as_tuple=True)  # [P2] pairs, row-major (unit, k)
-    expert = meta1[unit, slot]  # [P2]
-    key = expert * ep + src1[unit]  # owner rank, then local expert, then source rank
-    pair_order = torch.sort(key, stable=True).indices  # [P2]
-    unit, slot, expert = unit[pair_order], slot[pair_order], expert[pair_order]
-    counts2 = torch.bincount(expert, minlength=epr * ep).view(ep, epr)
-    recv_counts2 = _exchange_counts(counts2, group)  # [ep (relay), epr]
-    hop2 = _Hop(rows=unit, send_splits=counts2.sum(1).tolist(),
-                recv_splits=recv_counts2.sum(1).tolist())
+    forwarded = meta1 >= 0  # [U1, K]
+    counts2 = _exchange_counts(
+        expert_load(meta1.clamp_min(0), epr * ep, forwarded).view(ep, epr), group)
+    # Pairs in row-major (unit, k) order, then by owner rank, local expert, source rank.
+    key = torch.where(forwarded, meta1 * ep + src1[:, None], (epr * ep) * ep)  # [U1, K]
+    pair = torch.sort(key.reshape(-1), stable=True).indices[:sum(counts2.sent_rows)]  # [P2]
+    unit, slot = pair // K, pair % K
+    hop2 = _Hop(counts2.sent_rows, counts2.received_rows, _Rows(unit))
     received, packed = _send(x1, hop2, group, packed1 if wire is not None else None)
     src = _all_to_all(src1[unit], hop2.send_splits, hop2.recv_splits, group)  # [R]
 
-    order = _grouping(recv_counts2, src, ep)  # [R]
+    grouping = _grouping(counts2.received, src, ep)  # [R]
     row_bytes = _row_bytes(hidden, wire is not None)
     sent1, crossed = _bytes(hop1.send_splits, me, rpn, row_bytes)
     sent2, crossed2 = _bytes(hop2.send_splits, me, rpn, row_bytes)
     assert crossed2 == 0, "hop 2 must stay inside the node"
     relay = _Relay(unit=unit, slot=slot, units=x1.shape[0])
-    return _result(received, packed, order, recv_counts2.sum(0).tolist(), wire is not None,
-                   sent1 + sent2, crossed, T, K, (hop1, hop2), unit_token,
-                   torch.full_like(unit_token, -1), relay)
+    return _result(received, packed, grouping, counts2.received_per_column, sent1 + sent2,
+                   crossed, T, K, (hop1, hop2), sent_token=unit_token, relay=relay)
 
 
-def _result(received, packed, order, per_expert, fp8, sent, crossed, T, K, hops,
-            sent_token, sent_slot, relay) -> Dispatched:
+def _result(received, packed, grouping, per_expert, sent, crossed, T, K, hops,
+            **for_combine) -> Dispatched:
     q = scales = None
-    if fp8:
-        q, scales = _unpack(packed.index_select(0, order), received.shape[1])
+    if packed.dim() == 2:  # the FP8 wire (else an empty placeholder)
+        q, scales = _unpack(packed if grouping is None else grouping.take(packed),
+                            received.shape[1])
     return Dispatched(
-        tokens=received.index_select(0, order), tokens_per_expert=per_expert, fp8_q=q,
+        tokens=_reorder(received, grouping), tokens_per_expert=per_expert, fp8_q=q,
         fp8_scales=scales, bytes_sent=sent, inter_node_bytes=crossed, num_tokens=T,
-        top_k=K, hops=hops, group_order=order, sent_token=sent_token, sent_slot=sent_slot,
-        relay=relay)
+        top_k=K, hops=hops, grouping=grouping, **for_combine)
 
 
 # --------------------------------------------------------------------------- combine
@@ -346,29 +471,29 @@ def combine(expert_out: torch.Tensor, dispatched: Dispatched, gates: torch.Tenso
     if tuple(gates.shape) != (d.num_tokens, d.top_k):
         raise ValueError(f"combine: gates must be [T, K] = [{d.num_tokens}, {d.top_k}]; "
                          f"got {tuple(gates.shape)}")
-    arrived = _ungroup(expert_out, d.group_order)  # [R, H] in the last hop's arrival order
+    # Back to the last hop's arrival order.
+    arrived = expert_out if d.grouping is None else _reorder(expert_out, _inverse(d.grouping))
     if d.relay is None:
         return _combine_flat(arrived, d, gates, group)
     return _combine_two_hop(arrived, d, gates, group)
 
 
-def _ungroup(x, order):
-    """Undo tokens = received[order]: rows back to arrival order."""
-    return x.index_select(0, torch.argsort(order))
+def _inverse(rows: _Rows) -> _Rows:
+    return _Rows(rows.inverse, rows.index)
 
 
 def _back(x, hop: _Hop, group):
     """Reverse one dispatch hop: received rows -> rows in that hop's send order."""
-    rows = torch.arange(x.shape[0], device=x.device)
-    reverse = _Hop(rows=rows, send_splits=hop.recv_splits, recv_splits=hop.send_splits)
-    return _send(x, reverse, group)[0]
+    if dist.get_world_size(group) == 1:
+        return x
+    return _send(x, hop.reverse(), group)[0]
 
 
 def _combine_flat(arrived, d, gates, group):
     back = _back(arrived, d.hops[0], group)  # [P, H] pairs sorted by expert
-    weight = gates[d.sent_token, d.sent_slot].float()  # [P]
-    out = back.new_zeros(d.num_tokens, arrived.shape[1], dtype=torch.float32)
-    return out.index_add(0, d.sent_token, back.float() * weight[:, None]).to(arrived.dtype)
+    by_token = _reorder(back, _inverse(d.pairs)).view(d.num_tokens, d.top_k, -1)  # [T, K, H]
+    out = torch.bmm(gates.float().unsqueeze(1), by_token.float())  # [T, 1, H]
+    return out.squeeze(1).to(arrived.dtype)
 
 
 def _combine_two_hop(arrived, d, gates, group):

@@ -3,15 +3,19 @@ balancing, DeepSeek-V3 section 2.1.2)."""
 
 from __future__ import annotations
 
-
-from megatron.core import parallel_state
+import torch
 
 from plugins.moe.balance import global_load, imbalance, update_expert_bias
 from plugins.moe.layer import DeepSeekMoE
 
 
 class BiasUpdate:
-    """Called after every successful optimizer step with the model chunks' MoE layers."""
+    """Called after every successful optimizer step, with the iteration that step completed
+    (Megatron's count, which continues across a resume), for the model chunks' MoE layers.
+
+    The update stays on the device: one all-reduce of every layer's loads, then the biases.
+    Statistics come to the host only on logging steps (iteration % --log-interval == 0).
+    """
 
     def __init__(self, args, model_chunks) -> None:
         self.rate = args.moe_router_bias_update_rate
@@ -21,43 +25,43 @@ class BiasUpdate:
         self.nodes = args.expert_model_parallel_size // ranks_per_node
         self.layers = [m for chunk in model_chunks for m in chunk.modules()
                        if isinstance(m, DeepSeekMoE)]
-        # Every rank that sees different tokens: data-parallel (EP is carved from it) and
-        # context-parallel ranks, and tensor-parallel ranks under sequence parallelism
-        # only: without it they see the same tokens, and summing would count them TP times.
-        if args.sequence_parallel:
-            self.group = parallel_state.get_tensor_and_data_parallel_group(
-                with_context_parallel=True)
-        else:
-            self.group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        self.steps = 0
+        groups = {layer.load_group for layer in self.layers}
+        if len(groups) > 1:
+            raise ValueError("the MoE layers sum their expert loads over different process "
+                             "groups; one all-reduce cannot serve them all")
+        self.group = groups.pop() if groups else None
 
-    def loads(self) -> list:
-        """Each layer's tokens per expert [E] since the last step, over the global batch."""
-        return [global_load(layer.tokens_per_expert, self.group) for layer in self.layers]
+    def loads(self) -> torch.Tensor:
+        """Each layer's tokens per expert since the last step, over the global batch:
+        [layers, E]."""
+        return global_load(torch.stack([layer.tokens_per_expert for layer in self.layers]),
+                           self.group)
 
-    def __call__(self) -> None:
-        self.steps += 1
-        stats = []
-        for layer, load in zip(self.layers, self.loads()):
+    def __call__(self, iteration: int) -> None:
+        if not self.layers:
+            return
+        loads = self.loads()
+        for layer, load in zip(self.layers, loads):
             update_expert_bias(layer.router.e_score_correction_bias, load, self.rate)
             layer.tokens_per_expert.zero_()
-            per_node = load.view(self.nodes, -1).sum(-1)
-            stats.append((imbalance(load).item(), layer.router.e_score_correction_bias,
-                          (per_node / per_node.sum()).tolist()))
-        if self.steps % self.log_interval == 0 and stats:
-            self._log(stats)
+        if iteration % self.log_interval == 0:
+            self._log(loads, iteration)
 
-    def _log(self, stats) -> None:
+    def _log(self, loads: torch.Tensor, iteration: int) -> None:
         from megatron.training import get_tensorboard_writer, print_rank_0
 
         writer = get_tensorboard_writer()
         parts = []
-        for i, (max_over_mean, bias, node_share) in enumerate(stats):
-            shares = "/".join(f"{share:.2f}" for share in node_share)
+        for i, (layer, load) in enumerate(zip(self.layers, loads)):
+            bias = layer.router.e_score_correction_bias
+            max_over_mean = imbalance(load).item()
+            per_node = load.view(self.nodes, -1).sum(-1)
+            shares = "/".join(f"{share:.2f}" for share in (per_node / per_node.sum()).tolist())
             parts.append(f"moe layer {i}: load max/mean {max_over_mean:.3f} "
                          f"bias [{bias.min().item():+.4f}, {bias.max().item():+.4f}] "
                          f"tokens per node {shares}")
             if writer is not None:
-                writer.add_scalar(f"moe/layer{i}/load_max_over_mean", max_over_mean, self.steps)
-                writer.add_scalar(f"moe/layer{i}/bias_abs_max", bias.abs().max().item(), self.steps)
+                writer.add_scalar(f"moe/layer{i}/load_max_over_mean", max_over_mean, iteration)
+                writer.add_scalar(f"moe/layer{i}/bias_abs_max", bias.abs().max().item(),
+                                  iteration)
         print_rank_0(" | ".join(parts))

@@ -3,7 +3,8 @@
     tokens -> router (sigmoid, bias for choosing, group/node-limited top-k)
            -> dispatch to the experts' EP ranks (all-to-all; FP8 with 1x128 power-of-two
               scales when asked; optionally node-aware two-hop)
-           -> local routed experts (SwiGLU)
+           -> this rank's routed experts (the spec's `experts` slot: SwiGLU, stacked
+              weights; given the dispatched FP8 bytes too, which they may use)
            -> combine (reverse all-to-all in the training dtype, weighted by the gates)
            + shared experts (Megatron's SharedExpertMLP)
 
@@ -18,6 +19,9 @@ parallel ranks hold different rows of [s, b, h]), this rank holds only s of each
 sequence's tokens. Routing is per token and needs nothing more; the sequence-wise loss
 sums its expert counts over those ranks (`sequence_group`) so that it is the whole
 sequence's, and the router weight is summed over the tensor-parallel ranks by Megatron.
+
+Process groups are those of the `pg_collection` Megatron passes to the layer (parallel_state's
+when it is built without one).
 """
 
 from __future__ import annotations
@@ -27,20 +31,28 @@ from typing import Any
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
-
-from plugins.moe import dispatch as ep
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import build_module
 
+from plugins.common.experts import LocalExperts
+from plugins.common.groups import process_groups
+from plugins.moe import dispatch as ep
 from plugins.moe.balance import expert_load, sequence_balance_loss
-from plugins.moe.experts import LocalExperts
 from plugins.moe.router import DeepSeekRouter, RouterConfig
 
 
 @dataclass
 class DeepSeekMoESubmodules:
     shared_experts: Any = None  # Megatron's shared-expert builder (from its MoE spec)
+    # This rank's routed experts: (config, num_local_experts, hidden, ffn, pg_collection=)
+    # -> a module called as experts(tokens, counts, tokens_fp8=None), `tokens_fp8` the
+    # dispatched FP8 bytes (or None), which an expert module may use or ignore.
+    experts: Any = LocalExperts
+
+
+# The process groups the layer uses (ProcessGroupCollection's names).
+GROUPS = ("ep", "tp", "cp", "tp_cp", "dp_cp_gtp_remat", "tp_dp_cp", "expt_tp", "expt_dp")
 
 
 def router_config(config) -> RouterConfig:
@@ -51,25 +63,27 @@ def router_config(config) -> RouterConfig:
         scaling_factor=config.moe_router_topk_scaling_factor or 1.0, normalize=True)
 
 
-def sequence_group(config, pg_collection=None):
+def sequence_group(config, groups):
     """The ranks holding parts of the same sequences as this one in the MoE layer: the
     context-parallel group, and the tensor-parallel ranks too under sequence parallelism
     (without it they hold the same tokens)."""
-    if config.sequence_parallel:
-        if pg_collection is not None:
-            return pg_collection.tp_cp
-        return parallel_state.get_tensor_and_context_parallel_group()
-    if pg_collection is not None:
-        return pg_collection.cp
-    return parallel_state.get_context_parallel_group()
+    return groups.tp_cp if config.sequence_parallel else groups.cp
+
+
+def load_group(config, groups):
+    """Every rank that sees other tokens than this one, over which the expert loads are
+    summed for the bias update: data-parallel (EP is carved from it) and context-parallel
+    ranks, and tensor-parallel ones under sequence parallelism only (without it they see
+    the same tokens, and summing would count them TP times)."""
+    return groups.tp_dp_cp if config.sequence_parallel else groups.dp_cp_gtp_remat
 
 
 class DeepSeekMoE(MegatronModule):
     def __init__(self, config, submodules: DeepSeekMoESubmodules, pg_collection=None,
-                 fp8_dispatch: bool = False, ranks_per_node: int | None = None,
-                 fp8_backend: str | None = None, fp8_cache_weights: bool = False, **unused):
+                 fp8_dispatch: bool = False, ranks_per_node: int | None = None, **unused):
         super().__init__(config)
-        self.ep_group = parallel_state.get_expert_model_parallel_group()
+        groups = process_groups(pg_collection, GROUPS)
+        self.ep_group = groups.ep
         ep_size = self.ep_group.size()
         self.router = DeepSeekRouter(config.hidden_size, router_config(config),
                                      dtype=config.params_dtype)
@@ -78,16 +92,16 @@ class DeepSeekMoE(MegatronModule):
         # its own router and layernorms (megatron-core 0.19.2, core/distributed/
         # finalize_model_grads.py:452 in _allreduce_non_tensor_model_parallel_grads).
         self.router.weight.sequence_parallel = config.sequence_parallel
-        self.experts = LocalExperts(config, config.num_moe_experts // ep_size,
+        self.experts = build_module(submodules.experts, config, config.num_moe_experts // ep_size,
                                     config.hidden_size, config.moe_ffn_hidden_size,
-                                    fp8_backend=fp8_backend,
-                                    fp8_cache_weights=fp8_cache_weights)
+                                    pg_collection=groups)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = submodules.shared_experts(
-                config=config, pg_collection=pg_collection, gate=False)
+                config=config, pg_collection=groups, gate=False)
         self.fp8_dispatch, self.ranks_per_node = fp8_dispatch, ranks_per_node
-        self.sequence_group = sequence_group(config, pg_collection)
+        self.sequence_group = sequence_group(config, groups)
+        self.load_group = load_group(config, groups)
         # Complementary sequence-wise balance loss (off unless Megatron's
         # --moe-router-load-balancing-type seq_aux_loss with --moe-aux-loss-coeff).
         balancing = config.moe_router_load_balancing_type
@@ -108,8 +122,8 @@ class DeepSeekMoE(MegatronModule):
             self.tokens_per_expert += expert_load(indices, self.router.config.num_experts)
         sent = ep.dispatch(tokens, indices, self.router.config.num_experts, self.ep_group,
                            fp8=self.fp8_dispatch, ranks_per_node=self.ranks_per_node)
-        dispatched_fp8 = (sent.fp8_q, sent.fp8_scales) if sent.fp8_q is not None else None
-        expert_out = self.experts(sent.tokens, sent.tokens_per_expert, dispatched_fp8)
+        sent_fp8 = (sent.fp8_q, sent.fp8_scales) if self.fp8_dispatch else None
+        expert_out = self.experts(sent.tokens, sent.tokens_per_expert, sent_fp8)
         routed = ep.combine(expert_out, sent, gates.to(tokens.dtype), self.ep_group)
         output = routed.view(shape)
         if self.training and self.seq_aux_loss_coeff > 0:

@@ -82,20 +82,14 @@ class RouterConfig:
 
 
 def _select(scores: torch.Tensor, expert_bias: torch.Tensor | None, config: RouterConfig):
-    """Top-k routing of fp32 sigmoid scores [T, E] -> (indices [T, K], gates [T, K])."""
-    config.validate()
+    """Top-k routing of fp32 sigmoid scores [T, E] -> (indices [T, K], gates [T, K]), for a
+    validated config. No check of the values, so no host sync."""
     T, E = scores.shape
-    if E != config.num_experts:
-        raise ValueError(f"router scores have {E} experts, config has {config.num_experts}")
     G, M, K = config.num_groups, config.group_top_k, config.top_k
 
     choice = scores.detach()  # [T, E]; choosing is not differentiable
     if expert_bias is not None:
         choice = choice + expert_bias.float()
-    bad = int(torch.isnan(choice).any(dim=-1).sum())  # a host sync, worth it: NaN must not route
-    if bad:
-        raise ValueError(f"{bad} of {T} tokens have NaN router scores (NaN logits or expert_bias)")
-
     if G > 1:
         grouped = choice.view(T, G, E // G)  # [T, G, E/G]
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
@@ -115,8 +109,21 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, config: Router
 
     `expert_bias` [E] (or None) only changes which experts are chosen; the gates are the
     chosen experts' unbiased sigmoid scores (normalized over them when `config.normalize`)
-    times `config.scaling_factor`. Raises ValueError if any token's logits are NaN.
+    times `config.scaling_factor`. Checks its arguments: the config, the expert count,
+    and NaN (which raises ValueError, a host sync). `DeepSeekRouter` checks its config once
+    and never its values: NaN logits choose an expert (topk ranks NaN first) and give it a
+    NaN gate, so they reach the loss, where Megatron's NaN check stops the run.
     """
+    config.validate()
+    if logits.shape[-1] != config.num_experts:
+        raise ValueError(f"router scores have {logits.shape[-1]} experts, config has "
+                         f"{config.num_experts}")
+    bad = torch.isnan(logits).any(dim=-1)
+    if expert_bias is not None:
+        bad |= torch.isnan(expert_bias).any()
+    if bool(bad.any()):
+        raise ValueError(f"{int(bad.sum())} of {logits.shape[0]} tokens have NaN router scores "
+                         "(NaN logits or expert_bias)")
     return _select(logits.float().sigmoid(), expert_bias, config)
 
 
@@ -130,7 +137,7 @@ class DeepSeekRouter(torch.nn.Module):
     def __init__(self, hidden_size: int, config: RouterConfig, *, init_std: float = 0.02,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        config.validate()
+        config.validate()  # once: forward trusts it
         self.config = config
         self.init_std = init_std
         # The gate stays in the training dtype (fp32 here), never FP8: a small error in

@@ -8,6 +8,7 @@ import functools
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from plugins.common.experts import LocalExperts
 from plugins.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
 
 
@@ -17,19 +18,19 @@ def _is_megatron_moe(mlp) -> bool:
 
 
 def with_deepseek_moe(layer_spec: ModuleSpec, args) -> ModuleSpec:
-    """Dense layers (first-k-dense) are returned unchanged."""
+    """The layer's `mlp` slot becomes DeepSeekMoE, with Megatron's shared experts and
+    `LocalExperts` in its submodule slots. Dense layers (first-k-dense) are returned
+    unchanged."""
     mlp = layer_spec.submodules.mlp
     if not _is_megatron_moe(mlp):
         return layer_spec
     submodules = mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
     spec = copy.copy(layer_spec)
     spec.submodules = copy.copy(layer_spec.submodules)
-    fp8 = "fp8" in (args.plugins or [])  # then the routed experts' GEMMs run in FP8 too
     spec.submodules.mlp = ModuleSpec(
         module=DeepSeekMoE,
         params={"fp8_dispatch": args.moe_fp8_dispatch,
-                "ranks_per_node": args.moe_dispatch_ranks_per_node,
-                "fp8_backend": args.fp8_backend if fp8 else None,
-                "fp8_cache_weights": fp8 and args.fp8_cache_weights},
-        submodules=DeepSeekMoESubmodules(shared_experts=submodules.shared_experts))
+                "ranks_per_node": args.moe_dispatch_ranks_per_node},
+        submodules=DeepSeekMoESubmodules(shared_experts=submodules.shared_experts,
+                                         experts=LocalExperts))
     return spec

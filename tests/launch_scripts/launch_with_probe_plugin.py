@@ -1,16 +1,29 @@
-"""Runs `integration.launch` with a registry holding one probe plugin whose every hook
-leaves a trace the test can read: its flag's value, the layer spec it rewrote (the MLP is
-dropped, so the parameter count falls), schedule calls and optimizer steps in a file."""
+"""Runs `integration.launch` with megaseek's plugins plus two test plugins that use every
+seam and leave a trace (one line per event, `RANK EVENT`, in the `--probe-trace` file):
+
+- `probe`: records the layer spec it is handed (after the other plugins' transforms, since
+  it registers last) and, with `--probe-drop-mlp`, drops each layer's MLP; counts schedule
+  calls; records each optimizer step's iteration; keeps a per-rank counter as sharded
+  checkpoint state (saved, loaded, reported); and adds an evaluation pass with the output
+  layer zeroed (whose loss is then exactly ln(vocab size)).
+- `vplace`: DualPipeV's placement, rank r building stages r and 2P-1-r.
+"""
 
 import os
 import sys
+from contextlib import contextmanager
+
+import torch
 
 from integration import launch
-from plugins import Plugin, PluginRegistry
+from plugins import Plugin, PluginRegistry, builtin_plugins
+from upstream.seams import Placement
 
 
 def add_arguments(group):
     group.add_argument("--probe-trace", type=str, default=None, help="file to write events to")
+    group.add_argument("--probe-drop-mlp", action="store_true", default=False,
+                       help="drop every layer's MLP")
 
 
 def trace(args, event):
@@ -18,33 +31,98 @@ def trace(args, event):
         f.write(f"{os.environ['RANK']} {event}\n")
 
 
-def drop_mlp(spec, args):
+def name_of(spec):
+    """The class a spec builds (a ModuleSpec, a class, or a partial of a classmethod)."""
+    module = getattr(spec, "module", getattr(spec, "func", spec))
+    module = getattr(module, "__self__", module)  # MLP.as_mlp_submodule -> MLP
+    return getattr(module, "__name__", type(module).__name__)
+
+
+def record_spec(spec, args):
     from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 
-    spec.submodules.pre_mlp_layernorm = IdentityOp
-    spec.submodules.mlp = IdentityOp
-    spec.submodules.mlp_bda = IdentityFuncOp
-    trace(args, "spec")
+    if args.probe_drop_mlp:
+        spec.submodules.pre_mlp_layernorm = IdentityOp
+        spec.submodules.mlp = IdentityOp
+        spec.submodules.mlp_bda = IdentityFuncOp
+    trace(args, f"spec {name_of(spec.submodules.self_attention)} {name_of(spec.submodules.mlp)}")
     return spec
 
 
 def schedule(args):
-    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+    from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 
     def counted(*a, **kw):
         trace(args, "schedule")
-        return forward_backward_no_pipelining(*a, **kw)
+        return get_forward_backward_func()(*a, **kw)
 
     return counted
 
 
 def on_optimizer_step(args, model_chunks, optimizer):
-    return lambda: trace(args, "step")
+    return lambda iteration: trace(args, f"step {iteration}")
 
 
-PROBE = Plugin("probe", "test plugin", add_arguments=add_arguments,
-               transform_layer_spec=drop_mlp, schedule=schedule,
-               on_optimizer_step=on_optimizer_step, slots=frozenset({"mlp", "schedule"}))
+class Counter:
+    """A per-rank tensor saved as one shard of a [world] tensor: 10 x the iteration it was
+    saved at, plus the rank (a fresh run's holds the rank alone)."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+
+    def sharded_state_dict(self):
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.training import get_args
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        value = 10.0 * (getattr(get_args(), "curr_iteration", -1) + 1) + rank
+        trace(self.args, f"state {value:g}")
+        return {"counter": ShardedTensor.from_rank_offsets("probe.counter",
+                                                           torch.tensor([value]),
+                                                           (0, rank, world))}
+
+    def load_state_dict(self, state):
+        trace(self.args, "loaded nothing" if state is None
+              else f"loaded {state['counter'].item():g}")
+
+
+def evaluation(args, model_chunks):
+    @contextmanager
+    def output_layer_zeroed():
+        # The output layer's weight, or the embedding it is tied to: zero logits.
+        weights = [module.weight if module.weight is not None
+                   else chunk.module.shared_embedding_or_output_weight()
+                   for chunk in model_chunks
+                   for name, module in chunk.named_modules() if name.endswith("output_layer")]
+        kept = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w in weights:
+                w.zero_()
+        trace(args, "evaluation pass")
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, k in zip(weights, kept):
+                    w.copy_(k)
+
+    return "probe", output_layer_zeroed
+
+
+PROBE = Plugin("probe", "test plugin using every seam", add_arguments=add_arguments,
+               transform_layer_spec=record_spec, schedule=schedule,
+               on_optimizer_step=on_optimizer_step,
+               checkpoint_state=lambda args, chunks: Counter(args),
+               evaluation=evaluation, slots=frozenset({"schedule"}))
+
+
+def v_placement(args):
+    p = args.pipeline_model_parallel_size
+    return Placement(p, 2, lambda rank, chunk: rank if chunk == 0 else 2 * p - 1 - rank)
+
+
+VPLACE = Plugin("vplace", "test plugin: DualPipeV's placement", placement=v_placement,
+                slots=frozenset({"placement"}))
 
 if __name__ == "__main__":
-    launch.main(sys.argv[1:], registry=PluginRegistry([PROBE]))
+    launch.main(sys.argv[1:], registry=PluginRegistry([*builtin_plugins(), PROBE, VPLACE]))

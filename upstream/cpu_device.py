@@ -1,7 +1,7 @@
 """What an upstream module sees as `torch` when the CPU stands in for its CUDA device.
 
 `CpuTorch` is installed as the global name `torch` of chosen Megatron modules only (see
-`integration.cpu`). It forwards every attribute to the real torch, except:
+`upstream.cpu`). It forwards every attribute to the real torch, except:
 - `torch.cuda`, which becomes `CpuCuda`: the CPU is the rank's one device, streams and
   events are no-ops (CPU work is synchronous), the device RNG is the CPU generator;
 - tensor factories called with a CUDA device, which allocate on the CPU instead.

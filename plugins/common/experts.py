@@ -3,8 +3,8 @@
 Tokens arrive grouped by local expert (`counts[e]` rows each). Where PyTorch has its
 grouped GEMM (`torch._grouped_mm`: BF16 on CUDA, any float dtype on the CPU) all experts
 run as one grouped GEMM per projection; elsewhere a loop over experts computes the same
-products. With the fp8 plugin on, each expert runs its two GEMMs in FP8, and tokens that
-arrived in FP8 (the MoE plugin's FP8 dispatch) enter fc1 as the bytes that were sent.
+products. Tokens that also arrived in FP8 (`tokens_fp8`, from an FP8 dispatch) are taken
+from their training-dtype copy here; a subclass that runs its GEMMs in FP8 takes the bytes.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from plugins.common.groups import process_groups
 
 
 def _grouped_mm_available(x: torch.Tensor) -> bool:
@@ -37,20 +40,14 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class LocalExperts(MegatronModule):
-    """`fp8_backend` (set when the fp8 plugin is on): both GEMMs of every expert in FP8
-    (plugins.fp8.linear) and the SwiGLU input cached in FP8, as in the dense layers;
-    `fp8_cache_weights`: each expert's FP8 weights kept through the step
-    (plugins.fp8.weight_cache)."""
+    """The `experts` slot of the moe plugin's layer: built as
+    `experts(config, num_local_experts, hidden, ffn, pg_collection=...)`."""
 
     def __init__(self, config, num_local_experts: int, hidden: int, ffn: int,
-                 fp8_backend: str | None = None, fp8_cache_weights: bool = False):
+                 pg_collection=None, **unused):
         super().__init__(config)
-        self.num_local_experts, self.ffn, self.fp8_backend = num_local_experts, ffn, fp8_backend
-        self.fp8_weight_cache = None
-        if fp8_cache_weights:
-            from plugins.fp8.weight_cache import FP8WeightCache
-
-            self.fp8_weight_cache = FP8WeightCache()
+        self.num_local_experts, self.ffn = num_local_experts, ffn
+        self.pg_collection = pg_collection  # for the checkpoint's expert sharding
         # [experts, 2 * ffn, hidden] (gate | up) and [experts, hidden, ffn]
         self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden,
                                                       dtype=config.params_dtype))
@@ -69,9 +66,8 @@ class LocalExperts(MegatronModule):
     def forward(self, tokens: torch.Tensor, counts: list[int],
                 tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [n, hidden] grouped by expert -> [n, hidden]. `tokens_fp8`: the same
-        tokens as (E4M3 [n, hidden], 1x128 scales [n, hidden/128]), as dispatched."""
-        if self.fp8_backend is not None:
-            return self._fp8_forward(tokens, counts, tokens_fp8)
+        tokens as (E4M3 [n, hidden], 1x128 scales [n, hidden/128]) when they were
+        dispatched so; unused here (`tokens` holds their values)."""
         if _grouped_mm_available(tokens):
             return self._grouped_forward(tokens, counts)
         outputs = []
@@ -90,42 +86,11 @@ class LocalExperts(MegatronModule):
         out = torch._grouped_mm(F.silu(gate) * up, self.weight2.transpose(1, 2), offs=ends)
         return _ContiguousGrad.apply(out)                                        # [n, h]
 
-    def _fp8_forward(self, tokens: torch.Tensor, counts: list[int],
-                     tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """fc1, SwiGLU and fc2 of every expert in FP8. 1x128 tiles run along one token's
-        channels, so the layer quantizes all tokens at once, and all SwiGLU outputs at
-        once, with each expert's own bits: one launch and one inf/NaN check (one wait on
-        the GPU) per projection for the layer, not per expert."""
-        from plugins.fp8.linear import fp8_linear
-        from plugins.fp8.quantize import quantize, raise_if_non_finite
-        from plugins.fp8.swiglu import FP8CachedSwiGLU
-
-        def checked_fp8(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-            q, scales = quantize(x, (1, 128), check_finite=False)
-            raise_if_non_finite(scales, (1, 128), f"moe experts: {what}")
-            return q, scales
-
-        def project(x, x_fp8, weights, name: str) -> list[torch.Tensor]:
-            cache = self.fp8_weight_cache
-            return [fp8_linear(chunk, w, self.fp8_backend, (q, scales),
-                               cache.get(w, (name, e)) if cache is not None else None)
-                    for e, (chunk, q, scales, w) in enumerate(zip(
-                        x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
-                        weights.unbind(0)))]
-
-        if tokens_fp8 is None:  # (dispatched FP8 tokens were checked by their sender)
-            tokens_fp8 = checked_fp8(tokens, "the tokens (fc1's input)")
-        h = FP8CachedSwiGLU.apply(torch.cat(project(tokens, tokens_fp8, self.weight1, "fc1")))
-        outputs = project(h, checked_fp8(h, "the SwiGLU output (fc2's input)"), self.weight2,
-                          "fc2")
-        return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Experts are split over EP ranks along dim 0 and replicated over expert-DP."""
-        ep_rank = parallel_state.get_expert_model_parallel_rank()
-        ep_size = parallel_state.get_expert_model_parallel_world_size()
-        replica = (0, parallel_state.get_expert_tensor_parallel_rank(),
-                   parallel_state.get_expert_data_parallel_rank())
+        groups = process_groups(self.pg_collection, ("ep", "expt_tp", "expt_dp"))
+        ep_rank, ep_size = get_pg_rank(groups.ep), get_pg_size(groups.ep)
+        replica = (0, get_pg_rank(groups.expt_tp), get_pg_rank(groups.expt_dp))
         return {
             f"{prefix}{name}": ShardedTensor.from_rank_offsets(
                 f"{prefix}{name}", param, *sharded_offsets, (len(sharded_offsets), ep_rank,

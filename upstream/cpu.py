@@ -7,7 +7,7 @@ probe, and a test asserts each probe, so an upgrade of megatron-core shows what 
 
 Three kinds of fix, cheapest first:
 - a module whose code calls `torch.cuda.*` or allocates on `device="cuda"` gets
-  `CpuTorch` as its global `torch` (see `integration.cpu_device`); the rest of the
+  `CpuTorch` as its global `torch` (see `upstream.cpu_device`); the rest of the
   process keeps the real torch, and hot paths pay one attribute lookup;
 - a Megatron function that only needs a different argument or a wrapper is replaced;
 - a check written into a function body (`.cuda()`, `.type() == 'torch.cuda.FloatTensor'`)
@@ -22,10 +22,12 @@ from functools import partial, wraps
 
 import torch
 
-from integration.cpu_device import CpuTorch
-from integration.patching import Fix, Patcher, rewrite_function, source_has
+from upstream.cpu_device import CpuTorch
+from upstream.patching import Fix, Patcher, Scope, apply_fixes, rewrite_function, source_has
 
 VERSION = "megatron-core 0.19.2"
+# Where CUDA is absent; `install(force=True)` applies them on a CUDA machine too (tests).
+CPU_ONLY = Scope("CPU only", lambda args: cuda_is_absent())
 
 # Modules that reach `torch.cuda` or allocate on "cuda" in the paths a GPT model takes
 # through `pretrain()` (build, DDP/distributed optimizer, TP/PP schedules, checkpoints).
@@ -35,6 +37,8 @@ CUDA_CALLING_MODULES = {  # module -> where it calls CUDA (lines of its file)
     "megatron.training.initialize": "270-283 (device_count/set_device), 447 (seeds only when "
                                     "device_count > 0), 509-547 (jit warm-up on 'cuda')",
     "megatron.training.checkpointing": "get/set_rng_state, empty_cache",
+    "megatron.training.models.dist_utils": "303 (_ddp_wrap: torch.cuda.Stream, the model "
+                                           "building path of pretrain without a provider)",
     "megatron.training.utils.common_utils": "memory report, current_device",
     "megatron.core.utils": "get_batch_on_this_tp_rank (current_device)",
     "megatron.core.timers": "synchronize, current_device",
@@ -46,6 +50,7 @@ CUDA_CALLING_MODULES = {  # module -> where it calls CUDA (lines of its file)
     "megatron.core.pipeline_parallel.p2p_communication": "211-223,334,342 (current_device), "
                                                          "263,419 (synchronize)",
     "megatron.core.optimizer.optimizer": "315,698,702,1249 (device='cuda')",
+    "megatron.core.optimizer.grad_scaler": "20 (--fp16's loss scale, torch.cuda.FloatTensor)",
     "megatron.core.optimizer.clip_grads": "96,108,112,180,231 (device='cuda')",
     "megatron.core.optimizer.distrib_optimizer": "current_device",
     "megatron.core.distributed.param_and_grad_buffer": "632,1180,1186 (current_device, streams)",
@@ -80,6 +85,7 @@ def _proxy_fix(name: str, where: str) -> Fix:
         reason="calls torch.cuda or allocates on 'cuda'; sees the CPU as its device",
         still_needed=partial(_calls_cuda, name),
         apply=lambda p: p.setattr(_module(name), "torch", CpuTorch()),
+        scope=CPU_ONLY,
     )
 
 
@@ -210,66 +216,94 @@ FIXES: tuple[Fix, ...] = (
         f"megatron/core/tensor_parallel/random.py:101-172 ({VERSION})",
         "the RNG tracker saves and restores CUDA generator states; on CPU, dropout draws "
         "from the CPU generator, so the tracker forks that one (per-TP-rank dropout masks)",
-        _rng_needed, _apply_rng),
+        _rng_needed, _apply_rng, CPU_ONLY),
     Fix("cpu-allow-no-cuda",
         f"megatron/training/initialize.py:66, training.py:1091 ({VERSION})",
         "initialize_megatron asserts CUDA unless allow_no_cuda, which pretrain() never passes",
         lambda: source_has(_module("megatron.training.initialize").initialize_megatron,
                            'assert torch.cuda.is_available(), "Megatron requires CUDA."'),
-        _apply_allow_no_cuda),
+        _apply_allow_no_cuda, CPU_ONLY),
     Fix("cpu-arch-version",
         f"megatron/training/arguments.py:1414,1444,1484 ({VERSION})",
         "validate_args queries the CUDA architecture when TP > 1 or CP > 1",
         lambda: source_has(_module("megatron.training.utils.common_utils")
                            .get_device_arch_version, "torch.cuda.get_device_properties"),
-        _apply_arch_version),
+        _apply_arch_version, CPU_ONLY),
     Fix("cpu-data-iterators-keep-rng",
         f"megatron/training/training.py:4601 ({VERSION}) with torch.utils.data.DataLoader",
         "building the data iterators after a checkpoint's RNG state is restored draws from "
         "the CPU generator, which on CPU is dropout's: resumed runs would differ",
-        dataloader_draws_from_global_rng, _apply_quiet_data_iterators),
+        dataloader_draws_from_global_rng, _apply_quiet_data_iterators, CPU_ONLY),
     Fix("cpu-get-model-to-device",
         f"megatron/training/training.py:1818 ({VERSION})",
         "get_model moves each model chunk with .cuda()",
         lambda: source_has(_module("megatron.training.training").get_model,
                            "model_module.cuda(torch.cuda.current_device())"),
-        _apply_get_model),
+        _apply_get_model, CPU_ONLY),
     Fix("cpu-shared-embedding-to-device",
         f"megatron/core/models/common/language_module/language_module.py:307 ({VERSION})",
         "the embedding tied across pipeline stages is moved with .cuda() before its all-reduce",
         lambda: source_has(_module("megatron.core.models.common.language_module."
                                    "language_module").LanguageModule
                            .setup_embeddings_and_output_layer, "weight.data.cuda()"),
-        _apply_shared_embedding),
+        _apply_shared_embedding, CPU_ONLY),
     Fix("cpu-clip-grads-type",
         f"megatron/core/optimizer/clip_grads.py:174 ({VERSION})",
         "asserts every grad's type() is 'torch.cuda.FloatTensor'",
         lambda: source_has(_module("megatron.core.optimizer.clip_grads")
                            .clip_grad_by_total_norm_fp32, "'torch.cuda.FloatTensor'"),
-        _apply_clip_grads),
+        _apply_clip_grads, CPU_ONLY),
     Fix("cpu-distopt-param-types",
         f"megatron/core/optimizer/distrib_optimizer.py:401,466,758 ({VERSION})",
         "the distributed optimizer accepts parameters only if type() names a CUDA tensor",
         lambda: source_has(_distopt()._build_model_and_main_param_groups,
                            "'torch.cuda.FloatTensor'"),
-        _apply_distopt_types),
+        _apply_distopt_types, CPU_ONLY),
     Fix("cpu-distopt-gather-to-device",
         f"megatron/core/optimizer/distrib_optimizer.py:1374 ({VERSION})",
         "the fully reshardable optimizer checkpoint moves each shard with .cuda() before "
         "gathering it",
         lambda: source_has(_distopt().get_parameter_state_dp_zero,
                            "send_tensor = send_tensor.cuda()"),
-        _apply_distopt_gather),
+        _apply_distopt_gather, CPU_ONLY),
     Fix("cpu-float16-optimizer-param-types",
         f"megatron/core/optimizer/optimizer.py:973,992 ({VERSION})",
         "the --bf16/--fp16 optimizer accepts parameters only if type() names a CUDA tensor",
         lambda: source_has(_float16_optimizer().__init__, "'torch.cuda.BFloat16Tensor'"),
-        _apply_float16_optimizer_types),
+        _apply_float16_optimizer_types, CPU_ONLY),
 )
 
 
 def cuda_is_absent() -> bool:
     return not torch.cuda.is_available()
+
+
+def _tensor_cuda_fails() -> bool:
+    try:
+        torch.zeros(1).cuda()
+    except (RuntimeError, AssertionError):
+        return True
+    return False
+
+
+def _apply_tensor_cuda_stays(p: Patcher) -> None:
+    @wraps(torch.Tensor.cuda)
+    def stays_on_cpu(self, device=None, non_blocking=False, **unused):
+        return self
+
+    p.setattr(torch.Tensor, "cuda", stays_on_cpu)
+
+
+# Applied by `megaseek launch` only: the launch script's own code, not Megatron's.
+LAUNCH_SCRIPT_FIXES: tuple[Fix, ...] = (
+    Fix("cpu-launch-script-tensor-cuda",
+        "Megatron-LM core_r0.19.0 pretrain_gpt.py:128 (get_batch: batch[key].cuda("
+        "non_blocking=True)); torch/_tensor.py Tensor.cuda",
+        "the release launch script moves each batch with .cuda(), which fails without "
+        "CUDA; on a CUDA-less machine the batch stays where it is (the CPU)",
+        _tensor_cuda_fails, _apply_tensor_cuda_stays,
+        Scope("CPU only, megaseek launch", lambda args: cuda_is_absent())),
+)
 
 
 def install(force: bool = False) -> Patcher | None:
@@ -278,15 +312,11 @@ def install(force: bool = False) -> Patcher | None:
     Returns the `Patcher` (call `undo()` to restore Megatron) or None when nothing was
     applied: on a CUDA machine, or when the fixes are already in place.
     """
-    if not (force or cuda_is_absent()):
+    if not (force or CPU_ONLY.holds(None)):
         return None
     if isinstance(_module("megatron.training.training").torch, CpuTorch):
         return None
-    patcher = Patcher()
-    for fix in FIXES:
-        if fix.still_needed():
-            fix.apply(patcher)
-    return patcher
+    return apply_fixes(FIXES, Patcher())
 
 
 # Megatron flags a CPU run needs: gloo, and no CUDA-only fused kernels or TE modules.

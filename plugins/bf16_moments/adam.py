@@ -24,7 +24,8 @@ parameter's dtype (torch/optim/optimizer.py, `_process_value_according_to_param_
 this optimizer casts the moments back to their storage dtype right after loading (exact,
 since the values were BF16), so a loaded state is BF16 again.
 
-This module depends on torch only; `plugins.fp8.optimizer_hook` makes Megatron use it.
+This module depends on torch only; the fixes of `upstream.optimizer`, which the plugin
+applies (`plugins.bf16_moments.plugin`), make Megatron build it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tile-wise E4M3 quantization as one Triton kernel: x read once, q and scales written once.
 
-`plugins.fp8.quantize.quantize` in torch ops passes over memory several times (upcast,
+`plugins.common.quantize.quantize` in torch ops passes over memory several times (upcast,
 abs, amax, divide, clamp, cast). Activations are quantized on every step, so on
 the GPU the same result should come at memory bandwidth. This kernel gives it bit for bit
 (same codes, same scales): the same float32 operations with IEEE division, the same
@@ -12,7 +12,7 @@ out transposed, from one read of x and with no `x.t().contiguous()` copy; a ragg
 count is zero-padded on the way. `requantize_transposed(q, scales)` does the same from x
 held in FP8 1x128 tiles (the linear layer's backward cache), decoding it in registers.
 
-`plugins.fp8.quantize.quantize` calls it for CUDA tensors where it can run (sm89 or newer,
+`plugins.common.quantize.quantize` calls it for CUDA tensors where it can run (sm89 or newer,
 for the E4M3 conversions); CPU tensors keep the torch ops. `TRITON_INTERPRET=1`, set
 before this module is imported, runs the kernel on the CPU, which is how the tests check it.
 """
@@ -26,11 +26,13 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from plugins.fp8.quantize import (
-    _check_block,
-    _check_input,
-    _transposed_rows,
+from plugins.common.tiles import (
+    E4M3_MAX,
+    SMALLEST_NORMAL_FP32,
+    check_block,
+    check_input,
     raise_if_non_finite,
+    transposed_rows,
 )
 
 # Launch shape per block: (BLOCK_R, BLOCK_C, num_warps), i.e. the chunk of x one program
@@ -42,8 +44,8 @@ LAUNCH = {
 }
 BLOCKS = tuple(LAUNCH)
 
-_E4M3_MAX = tl.constexpr(448.0)
-_SMALLEST_NORMAL_FP32 = tl.constexpr(2.0 ** -126)
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_SMALLEST_NORMAL_FP32 = tl.constexpr(SMALLEST_NORMAL_FP32)
 _INF_BITS = tl.constexpr(0x7F800000)  # float32 bits of inf; above it: NaN
 
 
@@ -234,12 +236,12 @@ def _launch(x: torch.Tensor, block: tuple[int, int], power_of_two_scales: bool,
 
 def quantize(x: torch.Tensor, block: tuple[int, int], *, power_of_two_scales: bool = False,
              check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """`plugins.fp8.quantize.quantize` on the kernel: same arguments, same errors, same
+    """`plugins.common.quantize.quantize` on the kernel: same arguments, same errors, same
     result bit for bit; for blocks (1, 128), (128, 128) and (128, 1)."""
-    r, c = _check_input(x, block, "quantize")
+    r, c = check_input(x, block, "quantize")
     if (r, c) not in BLOCKS:
         raise ValueError(f"triton quantize: block {(r, c)} is not one of {BLOCKS}; "
-                         f"plugins.fp8.quantize.quantize takes any block")
+                         f"plugins.common.quantize.quantize takes any block")
     q, scales = _launch(x, (r, c), power_of_two_scales, transpose=False)
     if check_finite:
         raise_if_non_finite(scales, (r, c), "quantize: x")
@@ -249,10 +251,10 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *, power_of_two_scales: bo
 def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
                         check_finite: bool = True, pad_rows: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`plugins.fp8.quantize.quantize_transposed` on the kernel: x^T in 1x128 tiles
+    """`plugins.common.quantize.quantize_transposed` on the kernel: x^T in 1x128 tiles
     (128 rows of x per scale, zero rows appended with pad_rows), from one read of x."""
-    _check_input(x, (1, 1), "quantize_transposed")
-    out_rows = _transposed_rows(x, pad_rows, "quantize_transposed")
+    check_input(x, (1, 1), "quantize_transposed")
+    out_rows = transposed_rows(x, pad_rows, "quantize_transposed")
     q, scales = _launch(x, (128, 1), power_of_two_scales, transpose=True, out_rows=out_rows)
     if check_finite:
         raise_if_non_finite(scales, (1, 128), "quantize_transposed: x^T")
@@ -262,16 +264,16 @@ def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
 def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
                           power_of_two_scales: bool = False, pad_rows: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`plugins.fp8.quantize.requantize_transposed` on the kernel: x held in FP8 1x128
+    """`plugins.common.quantize.requantize_transposed` on the kernel: x held in FP8 1x128
     tiles -> x^T in 1x128 tiles, reading the FP8 bytes and scales once."""
     if q.dtype != torch.float8_e4m3fn or q.dim() != 2:
         raise TypeError(f"requantize_transposed: q must be 2-D torch.float8_e4m3fn; got "
                         f"{q.dtype} of shape {tuple(q.shape)}")
-    _check_block(q.shape, (1, 128), "requantize_transposed")
+    check_block(q.shape, (1, 128), "requantize_transposed")
     if scales.dtype != torch.float32 or tuple(scales.shape) != (q.shape[0], q.shape[1] // 128):
         raise ValueError(f"requantize_transposed: scales must be float32 of shape "
                          f"{(q.shape[0], q.shape[1] // 128)}; got {scales.dtype} of shape "
                          f"{tuple(scales.shape)}")
-    out_rows = _transposed_rows(q, pad_rows, "requantize_transposed")
+    out_rows = transposed_rows(q, pad_rows, "requantize_transposed")
     return _launch(q, (128, 1), power_of_two_scales, transpose=True, out_rows=out_rows,
                    src_scales=scales.contiguous())

@@ -1,35 +1,66 @@
 """Fixes for megatron-core 0.19.2 that every machine needs, CUDA or not.
 
-Each is a `Fix` (see `integration.patching`) with the upstream place it addresses; the
-CPU-only ones live in `integration.cpu`.
+Each is a `Fix` (see `upstream.patching`) with the upstream place it addresses; the
+CPU-only ones live in `upstream.cpu`. `TYPING_OVERRIDE` is applied when `integration` is
+imported (`provide_typing_override`), since `megatron.training` does not import without
+it; `FIXES` by `install()`, at the start of a run.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 import typing
-
-
-def provide_typing_override() -> None:
-    """megatron/training/models/{gpt,hybrid}.py:5 (megatron-core 0.19.2) import
-    `typing.override`, new in Python 3.12; the wheel itself works on 3.11."""
-    if sys.version_info < (3, 12) and not hasattr(typing, "override"):
-        import typing_extensions
-
-        typing.override = typing_extensions.override
-
-
-# --- fixes applied on every machine --------------------------------------------------
-
-import importlib
 from pathlib import Path
 
 import torch
 
-from integration.patching import Fix, Patcher, rewrite_function, source_has
+from upstream.patching import (EVERY_MACHINE, Fix, Patcher, Scope, apply_fixes,
+                               rewrite_function, source_has)
 
 VERSION = "megatron-core 0.19.2"
 
+
+# --- applied at import: megatron.training on Python 3.11 ---------------------------------
+
+PYTHON_BEFORE_3_12 = Scope("Python < 3.12, when integration is imported",
+                           lambda args: sys.version_info < (3, 12))
+_IMPORTS_OVERRIDE = "from typing import Any, Callable, ClassVar, Literal, override"
+
+
+def _megatron_training_models_import_typing_override() -> bool:
+    # Read as text: on Python 3.11 these modules do not import until the fix is applied.
+    # (The probe stays True once applied; applying again changes nothing.)
+    core = Path(importlib.util.find_spec("megatron.core").origin).parent
+    models = core.parent / "training" / "models"
+    uses = any(_IMPORTS_OVERRIDE in (models / f).read_text() for f in ("gpt.py", "hybrid.py"))
+    return uses and sys.version_info < (3, 12)
+
+
+def _apply_typing_override(p: Patcher) -> None:
+    import typing_extensions
+
+    if getattr(typing, "override", None) is not typing_extensions.override:
+        p.setattr(typing, "override", typing_extensions.override)
+
+
+TYPING_OVERRIDE = Fix(
+    "typing-override",
+    f"megatron/training/models/gpt.py:5, megatron/training/models/hybrid.py:5 ({VERSION})",
+    "they import typing.override, new in Python 3.12 (typing_extensions has it); the rest "
+    "of the wheel works on 3.11",
+    _megatron_training_models_import_typing_override, _apply_typing_override,
+    PYTHON_BEFORE_3_12)
+
+
+def provide_typing_override() -> None:
+    """Applies `TYPING_OVERRIDE` for the life of the process (it only adds a name)."""
+    if TYPING_OVERRIDE.applies(None):
+        apply_fixes([TYPING_OVERRIDE], Patcher())
+
+
+# --- applied on every machine at the start of a run ---------------------------------------
 
 def _module(name: str):
     return importlib.import_module(name)
@@ -78,10 +109,13 @@ def _apply_distopt_step_per_param(p: Patcher) -> None:
         's["step"] = step\n': 's["step"] = step.clone()\n'}))
 
 
+_LOAD_PARAM_STATE_CHECK = "if not isinstance(tensors[key], torch.Tensor):"
+
+
 def _apply_distopt_load_param_state(p: Patcher) -> None:
     cls = _distopt()
     fixed = rewrite_function(cls, "_set_main_param_and_optimizer_states", {
-        "if not isinstance(tensors[key], torch.Tensor):":
+        _LOAD_PARAM_STATE_CHECK:
             'if key == "step" or not isinstance(tensors[key], torch.Tensor):'})
     p.setattr(cls, "_set_main_param_and_optimizer_states", torch.no_grad()(fixed))
 
@@ -91,36 +125,32 @@ FIXES: tuple[Fix, ...] = (
         f"megatron/training/initialize.py:173-177 -> megatron/core/datasets/utils.py:25 ({VERSION})",
         "compile_helpers runs `make` in a folder where the wheel ships no Makefile, then "
         "sys.exit(1); the wheel's prebuilt helpers_cpp is what it would build",
-        _wheel_lacks_makefile, _apply_dataset_helpers),
+        _wheel_lacks_makefile, _apply_dataset_helpers, EVERY_MACHINE),
     Fix("distopt-state-dict-before-first-step",
         f"megatron/core/optimizer/distrib_optimizer.py:837-840 ({VERSION})",
         "with torch's Adam (no TE/apex), state_dict() asserts exactly one step value; "
         "--load builds it before any step, when there is none",
         lambda: _uses_torch_adam() and source_has(_distopt().state_dict,
                                                   "assert len(steps) == 1\n"),
-        _apply_distopt_empty_state),
+        _apply_distopt_empty_state, EVERY_MACHINE),
     Fix("distopt-step-tensor-per-param",
         f"megatron/core/optimizer/distrib_optimizer.py:1026-1032 ({VERSION})",
         "load_state_dict gives every parameter the same 'step' tensor; torch's Adam "
         "increments it once per parameter, so bias correction is wrong after a resume",
         lambda: _uses_torch_adam() and source_has(_distopt().load_state_dict,
                                                   's["step"] = step\n'),
-        _apply_distopt_step_per_param),
+        _apply_distopt_step_per_param, EVERY_MACHINE),
     Fix("distopt-load-param-state",
         f"megatron/core/optimizer/distrib_optimizer.py:1210-1225 ({VERSION})",
         "fp32 main params are views of parameters that require grad, copied into in place "
         "outside no_grad (error); and the checkpoint's non-persistent 'step' placeholder "
         "overwrites the step just loaded from the param groups",
         lambda: source_has(_distopt()._set_main_param_and_optimizer_states,
-                           "dst_tensors[key].copy_(tensors[key])"),
-        _apply_distopt_load_param_state),
+                           _LOAD_PARAM_STATE_CHECK),
+        _apply_distopt_load_param_state, EVERY_MACHINE),
 )
 
 
 def install() -> Patcher:
     """Applies every fix whose upstream problem is present; returns the Patcher."""
-    patcher = Patcher()
-    for fix in FIXES:
-        if fix.still_needed():
-            fix.apply(patcher)
-    return patcher
+    return apply_fixes(FIXES, Patcher())

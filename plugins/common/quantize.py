@@ -30,57 +30,26 @@ import importlib.util
 
 import torch
 
-E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-SMALLEST_NORMAL_FP32 = 2.0 ** -126  # floor for scales: all-zero (or underflowing) tiles
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from plugins.common.tiles import (
+    E4M3_MAX,
+    SMALLEST_NORMAL_FP32,
+    check_block,
+    check_input,
+    raise_if_non_finite,
+    transposed_rows,
+)
 
-
-def _check_block(shape: torch.Size, block: tuple[int, int], who: str) -> tuple[int, int]:
-    if (not isinstance(block, (tuple, list)) or len(block) != 2
-            or not all(isinstance(b, int) and b > 0 for b in block)):
-        raise ValueError(f"{who}: block must be a pair of positive ints such as (1, 128), "
-                         f"(128, 128) or (128, 1); got {block!r}")
-    r, c = block
-    for name, size, b in (("rows", shape[0], r), ("cols", shape[1], c)):
-        if size % b:
-            raise ValueError(
-                f"{who}: {name} = {size} (dim {0 if name == 'rows' else 1} of shape "
-                f"{tuple(shape)}) is not divisible by the block's {name} {b} for block "
-                f"{tuple(block)}; pad {name} to a multiple of {b} (zeros quantize exactly)")
-    return r, c
-
-
-def _check_input(x: torch.Tensor, block: tuple[int, int], who: str) -> tuple[int, int]:
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"{who}: x has dtype {x.dtype}; expected one of "
-                        f"torch.float32, torch.bfloat16, torch.float16")
-    if x.dim() != 2:
-        raise ValueError(f"{who}: x must be 2-D [rows, cols]; got shape {tuple(x.shape)}")
-    return _check_block(x.shape, block, who)
-
-
-def raise_if_non_finite(scales: torch.Tensor, block: tuple[int, int], what: str) -> None:
-    """Raises naming the first tile with inf or NaN, for `scales` from
-    quantize(..., check_finite=False) (such a tile's scale is inf). A host sync on a GPU."""
-    finite = torch.isfinite(scales)  # [R, C]
-    if bool(finite.all()):
-        return
-    r, c = block
-    bad = (~finite).nonzero()
-    i, j = bad[0].tolist()
-    raise ValueError(
-        f"{what} has non-finite values (inf or NaN) in tile (row tile {i}, col tile {j}) "
-        f"of block {(r, c)}, i.e. rows {i * r}:{(i + 1) * r}, cols {j * c}:{(j + 1) * c}; "
-        f"{len(bad)} of {finite.numel()} tiles are affected")
+__all__ = ["E4M3_MAX", "dequantize", "pad_to_tiles", "quantize", "quantize_transposed",
+           "raise_if_non_finite", "requantize_transposed", "tile_scales"]
 
 
 def _triton_kernel(x: torch.Tensor, block: tuple[int, int]):
-    """`plugins.fp8.triton_quantize` where it should quantize x (a CUDA tensor, a GPU it
+    """`plugins.common.triton_quantize` where it should quantize x (a CUDA tensor, a GPU it
     runs on, a block it has), else None. It gives the same bits, so this changes speed
     only; CPU tensors never import Triton."""
     if not x.is_cuda or importlib.util.find_spec("triton") is None:
         return None
-    from plugins.fp8 import triton_quantize
+    from plugins.common import triton_quantize
 
     if block not in triton_quantize.BLOCKS or triton_quantize.available(x.device) is not None:
         return None
@@ -120,10 +89,10 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *, power_of_two_scales: bo
     callers that check the scales later (`raise_if_non_finite`) after queuing more work.
     A tile with inf or NaN gets scale inf either way, so it cannot dequantize to finite.
 
-    CUDA tensors on sm89+ go through the Triton kernel `plugins.fp8.triton_quantize`
+    CUDA tensors on sm89+ go through the Triton kernel `plugins.common.triton_quantize`
     for blocks (1, 128), (128, 128) and (128, 1): one pass over memory, the same bits.
     """
-    r, c = _check_input(x, block, "quantize")
+    r, c = check_input(x, block, "quantize")
     kernel = _triton_kernel(x, (r, c))
     if kernel is not None:  # one pass over memory on the GPU, bit-identical
         return kernel.quantize(x, (r, c), power_of_two_scales=power_of_two_scales,
@@ -155,8 +124,8 @@ def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
 
     pad_rows appends zero rows to x up to a multiple of 128 first (a ragged token count:
     zeros add nothing to Wgrad's sum over tokens); q is then [cols, rows rounded up]."""
-    _check_input(x, (1, 1), "quantize_transposed")
-    _transposed_rows(x, pad_rows, "quantize_transposed")
+    check_input(x, (1, 1), "quantize_transposed")
+    transposed_rows(x, pad_rows, "quantize_transposed")
     kernel = _triton_kernel(x, (128, 1))
     if kernel is not None:
         return kernel.quantize_transposed(x, power_of_two_scales=power_of_two_scales,
@@ -167,14 +136,6 @@ def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
     if check_finite:
         raise_if_non_finite(scales, (1, 128), "quantize_transposed: x^T")
     return q, scales
-
-
-def _transposed_rows(x: torch.Tensor, pad_rows: bool, who: str) -> int:
-    """Rows of x after padding (x^T's columns), checked to make whole 128-row tiles."""
-    rows, cols = x.shape
-    out_rows = rows + (-rows % 128 if pad_rows else 0)
-    _check_block(torch.Size((out_rows, cols)), (128, 1), who)
-    return out_rows
 
 
 def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
@@ -210,7 +171,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int],
         raise TypeError(f"dequantize: q has dtype {q.dtype}; expected torch.float8_e4m3fn")
     if q.dim() != 2:
         raise ValueError(f"dequantize: q must be 2-D [rows, cols]; got shape {tuple(q.shape)}")
-    r, c = _check_block(q.shape, block, "dequantize")
+    r, c = check_block(q.shape, block, "dequantize")
     expected = (q.shape[0] // r, q.shape[1] // c)
     if tuple(scales.shape) != expected:
         raise ValueError(f"dequantize: scales have shape {tuple(scales.shape)}; expected "

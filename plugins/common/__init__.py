@@ -1,0 +1,14 @@
+"""Building blocks that several plugins use; not a plugin, and it imports none.
+
+- `quantize`, `triton_quantize`, `tiles`: DeepSeek-V3's block-scaled E4M3 format (1x128
+  and 128x128 tiles), which the fp8 plugin's GEMMs and the moe plugin's FP8 dispatch
+  (`--moe-fp8-dispatch`) both speak;
+- `linear.ReplicatedLinear`: a linear whose weight is whole on every tensor-parallel rank
+  (MLA's down-projections);
+- `experts.LocalExperts`: a rank's routed experts as stacked SwiGLU weights, the `experts`
+  slot of the moe plugin's layer spec;
+- `groups.process_groups`: Megatron's `pg_collection`, or parallel_state's groups without one.
+
+A plugin that changes how these compute does it by spec: the fp8 plugin maps
+`ReplicatedLinear` and `LocalExperts` to FP8 subclasses of its own.
+"""

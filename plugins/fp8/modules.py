@@ -1,0 +1,124 @@
+"""The FP8 versions of the layer spec's module classes (`plugins.fp8.spec` maps each class
+to its version here). Each keeps its parent's parameters, names and communication and
+changes only its GEMMs, which run through `plugins.fp8.linear.fp8_linear`:
+- `FP8ColumnParallelLinear`, `FP8RowParallelLinear`: Megatron's linear layers with their
+  GEMM function replaced; tensor/sequence-parallel communication stays Megatron's;
+- `FP8ReplicatedLinear`: `plugins.common.linear.ReplicatedLinear` (MLA's down-projections;
+  DeepSeek-V3 keeps them in FP8 too, the kv one's 576 rows ending in a half 128x128 block);
+- `FP8LocalExperts`: `plugins.common.experts.LocalExperts` with fc1 and fc2 of every expert
+  in FP8 and the SwiGLU input cached in FP8; tokens that came by FP8 dispatch enter fc1 as
+  the bytes that were sent.
+Each takes `fp8_backend` (a `plugins.fp8.backends` name) and `fp8_cache_weights` (keep its
+FP8 weights through the step: `plugins.fp8.weight_cache`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from plugins.common.experts import LocalExperts
+from plugins.common.linear import ReplicatedLinear
+from plugins.common.quantize import quantize, raise_if_non_finite
+from plugins.fp8.linear import ACTIVATION, fp8_linear
+from plugins.fp8.swiglu import FP8CachedSwiGLU
+from plugins.fp8.weight_cache import FP8WeightCache
+
+
+class _FP8Module:
+    """What every FP8 module adds to its parent: the GEMM backend, and with
+    `fp8_cache_weights` the FP8 copies of its weights, held through the step."""
+
+    def _set_fp8(self, backend: str, cache_weights: bool) -> None:
+        self.fp8_backend = backend
+        self.fp8_weight_cache = FP8WeightCache() if cache_weights else None
+
+    def _held(self, weight: torch.Tensor, slot=0):
+        """The held FP8 copy of `weight` (None: quantize it where it is used)."""
+        cache = self.fp8_weight_cache
+        return cache.get(weight, slot) if cache is not None else None
+
+
+def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+                      sequence_parallel, *, module: _FP8Module, tp_group=None, **unused):
+    """Megatron's `linear_with_grad_accumulation_and_async_allreduce` contract with the
+    GEMMs in FP8: all-gather the input under sequence parallelism, all-reduce its
+    gradient under plain TP (both through Megatron's own mappings)."""
+    if gradient_accumulation_fusion:
+        raise ValueError("--plugins fp8 needs --no-gradient-accumulation-fusion (the fused "
+                         "wgrad kernel would bypass the FP8 Wgrad GEMM)")
+    if sequence_parallel:
+        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
+                                                     group=tp_group)
+    elif allreduce_dgrad:
+        input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+    output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight))
+    return output if bias is None else output + bias
+
+
+class FP8ColumnParallelLinear(_FP8Module, ColumnParallelLinear):
+    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_fp8(fp8_backend, fp8_cache_weights)
+        self._forward_impl = partial(_fp8_forward_impl, module=self)
+
+
+class FP8RowParallelLinear(_FP8Module, RowParallelLinear):
+    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_fp8(fp8_backend, fp8_cache_weights)
+        self._forward_impl = partial(_fp8_forward_impl, module=self)
+
+
+class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
+    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_fp8(fp8_backend, fp8_cache_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.fp8_backend, weight_fp8=self._held(self.weight))
+
+
+def _checked_fp8(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scales = quantize(x, ACTIVATION, check_finite=False)
+    raise_if_non_finite(scales, ACTIVATION, f"moe experts: {what}")
+    return q, scales
+
+
+class FP8LocalExperts(_FP8Module, LocalExperts):
+    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_fp8(fp8_backend, fp8_cache_weights)
+
+    def forward(self, tokens: torch.Tensor, counts: list[int],
+                tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """fc1, SwiGLU and fc2 of every expert in FP8. 1x128 tiles run along one token's
+        channels, so the layer quantizes all tokens at once, and all SwiGLU outputs at
+        once, with each expert's own bits: one launch and one inf/NaN check (one wait on
+        the GPU) per projection for the layer, not per expert. Dispatched FP8 tokens were
+        checked by their sender."""
+        if tokens_fp8 is None:
+            tokens_fp8 = _checked_fp8(tokens, "the tokens (fc1's input)")
+        h = FP8CachedSwiGLU.apply(torch.cat(self._project(tokens, tokens_fp8, counts,
+                                                          self.weight1, "fc1")))
+        outputs = self._project(h, _checked_fp8(h, "the SwiGLU output (fc2's input)"), counts,
+                                self.weight2, "fc2")
+        return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
+
+    def _project(self, x, x_fp8, counts, weights, name: str) -> list[torch.Tensor]:
+        """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
+        return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)))
+                for e, (chunk, q, scales, w) in enumerate(zip(
+                    x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
+                    weights.unbind(0)))]

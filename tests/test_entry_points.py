@@ -1,0 +1,70 @@
+"""How `megaseek` starts and refuses: configuration errors read like a command-line tool's
+(one line, once, exit status 2, before Megatron's argument dump), an unknown command says
+so, and `megaseek pretrain` without torchrun runs one rank instead of failing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.training_runs import TINY_GPT, losses, torchrun
+
+ENV = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def run(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=300)
+
+
+def test_unknown_command_is_named(tmp_path):
+    done = run(["-m", "integration.cli", "frobnicate"], tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("megaseek: error: unknown command 'frobnicate'")
+
+
+@pytest.mark.slow
+def test_configuration_error_is_one_line_once_before_the_argument_dump(tmp_path):
+    with pytest.raises(AssertionError) as failed:
+        torchrun(["-m", "integration.pretrain"], TINY_GPT + ["--train-iters", "1",
+                                                             "--plugins", "nosuch"], tmp_path)
+    output = str(failed.value)
+    assert output.count("megaseek: error: --plugins: unknown plugin(s) nosuch") == 1
+    assert "exitcode  : 2" in output  # every rank exits as argparse does
+    assert "------------------------ arguments" not in output
+    assert "Traceback" not in output.split("megaseek: error")[0]
+
+
+@pytest.mark.slow
+def test_pretrain_without_torchrun_runs_one_rank(tmp_path):
+    done = one_rank(["--train-iters", "3"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "running one rank" in done.stderr
+    assert sorted(losses(done.stdout + done.stderr)) == [1, 2, 3]
+
+
+def one_rank(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in ENV.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-m", "integration.pretrain", *TINY_GPT, *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=dict(env, MEGASEEK_DATA_CACHE=str(tmp_path / "data")))
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_names_the_key_and_the_flags(tmp_path):
+    saved = one_rank(["--train-iters", "3", "--save", "ckpt", "--save-interval", "3"], tmp_path)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    loaded = one_rank(["--train-iters", "4", "--load", "ckpt", "--plugins", "mla",
+                       "--multi-latent-attention", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+                       "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16", "--rope-type", "rope"],
+                      tmp_path)
+    assert loaded.returncode == 2
+    error = [line for line in loaded.stderr.splitlines() if line.startswith("megaseek: error")]
+    assert len(error) == 1
+    assert "the checkpoint has no 'decoder.layers." in error[0]
+    assert "--plugins (checkpoint: (none), this run: mla)" in error[0]
+    assert "--multi-latent-attention (checkpoint: False, this run: True)" in error[0]

@@ -1,0 +1,314 @@
+"""`upstream.registry.all_fixes()`: every change megaseek makes to upstream code, listed
+once, each with its scope, its upstream place and a probe; nothing patches upstream from
+outside `upstream/`; each conditional fix applies only where its scope holds.
+
+The probes are asserted True here: when an upgrade of megatron-core (or Python) makes a
+fix unnecessary, its test fails and the fix can go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.metadata
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import integration  # noqa: F401  (megatron.training on Python 3.11)
+import upstream
+from upstream import compat, cpu, transformer
+from upstream.patching import EVERY_MACHINE, Fix, Patcher, apply_fixes, applicable
+from upstream.registry import all_fixes
+
+VERSION = "megatron-core 0.19.2"
+REPO = Path(__file__).resolve().parent.parent
+ALL = all_fixes()
+
+
+def _assert_nothing_installed():
+    training = importlib.import_module("megatron.training.training")
+    assert training.torch is torch, "upstream.cpu is installed: some test did not undo it"
+
+
+# --- the probes ----------------------------------------------------------------------------
+
+def test_installed_megatron_core_is_the_version_the_fixes_name():
+    assert importlib.metadata.version("megatron-core") == "0.19.2"
+
+
+@pytest.mark.parametrize("fix", ALL, ids=[f.name for f in ALL])
+def test_fix_still_needed(fix):
+    _assert_nothing_installed()
+    assert fix.still_needed() is True
+
+
+def test_fix_names_are_unique():
+    names = [f.name for f in ALL]
+    assert len(names) == len(set(names))
+
+
+def _megatron_root() -> Path:
+    """The folder that holds the `megatron` package (a namespace package: no __file__)."""
+    core = importlib.import_module("megatron.core")
+    return Path(core.__file__).parent.parent.parent
+
+
+_PY_REFERENCE = re.compile(r"([\w/.]+\.py)(?::([\d,\- ]+))?")
+_FILES: list[Path] = []
+
+
+def _megatron_files() -> list[Path]:
+    if not _FILES:
+        _FILES.extend((_megatron_root() / "megatron").rglob("*.py"))
+    return _FILES
+
+
+def _candidates(path: str) -> list[Path]:
+    root = _megatron_root()
+    if path.startswith(("megatron/", "torch/")):
+        return [root / path] if (root / path).is_file() else []
+    # relative to a module's folder, e.g. "training.py", "models/gpt.py"
+    return [p for p in _megatron_files() if p.as_posix().endswith("/" + path)]
+
+
+@pytest.mark.parametrize("fix", ALL, ids=[f.name for f in ALL])
+def test_fix_names_its_upstream_place(fix):
+    assert fix.reason.strip() and fix.scope.label.strip()
+    references = _PY_REFERENCE.findall(fix.upstream)
+    assert references, f"{fix.name}: no file named in {fix.upstream!r}"
+    # The fixes of Megatron-LM's launch scripts name that repository's release; the
+    # others the installed megatron-core (and its files).
+    if "Megatron-LM" in fix.upstream:
+        references = [r for r in references if _candidates(r[0])]
+    else:
+        assert VERSION in fix.upstream, fix.upstream
+    for path, lines in references:
+        candidates = _candidates(path)
+        assert candidates, f"{fix.name}: {path} is not a file of the installed megatron/torch"
+        numbers = [int(n) for n in re.findall(r"\d+", lines or "")]
+        if numbers and len(candidates) == 1:
+            length = len(candidates[0].read_text().splitlines())
+            assert max(numbers) <= length, f"{fix.name}: {path} has only {length} lines"
+
+
+# --- one registry: every Fix of the project is in it ---------------------------------------
+
+def _project_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def _calls(tree: ast.AST, name: str) -> list[int]:
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call) and (
+        getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name)]
+
+
+def test_fixes_are_defined_in_upstream_only():
+    """No `Fix` record and no rewrite of upstream code outside `upstream/`."""
+    found = []
+    for path in _project_files("plugins", "integration", "bench"):
+        tree = ast.parse(path.read_text())
+        for name in ("Fix", "rewrite_function"):
+            found += [f"{path.relative_to(REPO)}:{line} {name}(" for line in _calls(tree, name)]
+    assert not found, found
+
+
+def test_plugins_and_bench_patch_nothing():
+    """Plugins get their upstream changes applied through their `fixes` hook; they and the
+    benchmarks hold no Patcher of their own."""
+    found = []
+    for path in _project_files("plugins", "bench"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "upstream.patching":
+                found += [f"{path.relative_to(REPO)}:{node.lineno} imports {a.name}"
+                          for a in node.names if a.name in ("Patcher", "rewrite_function")]
+        found += [f"{path.relative_to(REPO)}:{line} Patcher()" for line in _calls(tree, "Patcher")]
+    assert not found, found
+
+
+def _module_level_fixes(module) -> list[Fix]:
+    found = []
+    for value in vars(module).values():
+        if isinstance(value, Fix):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            found += [v for v in value if isinstance(v, Fix)]
+    return found
+
+
+def _everything_on() -> argparse.Namespace:
+    """Arguments under which every plugin-scoped fix applies."""
+    return argparse.Namespace(
+        plugins=["mla", "moe", "fp8"], num_experts=4, recompute_granularity="selective",
+        recompute_modules=["layernorm", "mla_up_proj"], exp_avg_dtype="bf16",
+        exp_avg_sq_dtype="bf16", use_precision_aware_optimizer=False)
+
+
+def test_all_fixes_lists_every_fix_defined_in_the_project():
+    listed = {f.name for f in ALL}
+    defined = {}
+    for info in pkgutil.iter_modules(upstream.__path__, "upstream."):
+        for fix in _module_level_fixes(importlib.import_module(info.name)):
+            defined[fix.name] = info.name
+    from plugins import builtin_plugins
+
+    for plugin in builtin_plugins():
+        if plugin.fixes is not None:
+            fixes = list(plugin.fixes(_everything_on()))
+            assert fixes, f"plugin {plugin.name}: its fixes hook returns nothing"
+            defined.update({fix.name: f"plugin {plugin.name}" for fix in fixes})
+    missing = {name: where for name, where in defined.items() if name not in listed}
+    assert not missing, f"defined but not in upstream.registry.all_fixes(): {missing}"
+
+
+def test_megaseek_fixes_prints_every_fix_with_scope_place_and_state(capsys):
+    from integration.cli import main
+
+    main(["fixes"])
+    out = capsys.readouterr().out
+    for fix in ALL:
+        line = next((line for line in out.splitlines() if line.startswith(fix.name + " ")), None)
+        assert line is not None, f"{fix.name} not listed"
+        assert line.split()[-1] == "needed", line
+        assert fix.upstream in out
+    for scope in {f.scope.label for f in ALL}:
+        assert f"# {scope}\n" in out
+    assert f"{len(ALL)} upstream changes; {len(ALL)} still needed" in out
+
+
+# --- scopes: each conditional fix applies only where its condition holds --------------------
+
+def test_machine_scopes_hold_before_arguments_are_parsed():
+    assert EVERY_MACHINE.holds(None)
+    assert all(f.applies(None) for f in compat.FIXES)
+    assert all(f.applies(None) for f in cpu.FIXES)  # this machine has no CUDA
+    assert not any(f.applies(None) for f in transformer.FIXES)  # those read flags
+
+
+def _args(**overrides) -> argparse.Namespace:
+    args = dict(plugins=[], num_experts=None, recompute_granularity=None,
+                recompute_modules=None, exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32",
+                use_precision_aware_optimizer=False)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def _names(fixes) -> list[str]:
+    return [fix.name for fix in fixes]
+
+
+LAYERNORM = dict(recompute_granularity="selective", recompute_modules=["layernorm"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (_args(), []),
+    (_args(num_experts=4, **LAYERNORM), []),  # the flags without --plugins fp8 / mla
+    (_args(plugins=["fp8"]), []),
+    (_args(plugins=["fp8"], num_experts=4), ["fp8-moe-without-te"]),
+    (_args(plugins=["fp8"], **LAYERNORM), ["fp8-norm-recompute-without-te"]),
+    (_args(plugins=["fp8"], recompute_granularity="full", recompute_modules=["layernorm"]), []),
+    (_args(plugins=["fp8"], recompute_granularity="selective", recompute_modules=["moe_act"]),
+     ["fp8-norm-recompute-without-te"]),
+    (_args(plugins=["mla"], **LAYERNORM), ["mla-own-layernorm-recompute"]),
+    (_args(plugins=["mla", "fp8"], num_experts=4, **LAYERNORM),
+     ["fp8-moe-without-te", "fp8-norm-recompute-without-te", "mla-own-layernorm-recompute"]),
+    (_args(exp_avg_dtype="bf16"), ["bf16-moments-adam-class", "bf16-moments-config-check"]),
+    (_args(exp_avg_sq_dtype=torch.bfloat16),
+     ["bf16-moments-adam-class", "bf16-moments-config-check"]),
+    (_args(exp_avg_dtype="bf16", use_precision_aware_optimizer=True), []),  # TE's own
+], ids=["nothing", "flags-without-plugins", "fp8-dense", "fp8-moe", "fp8-layernorm",
+        "fp8-full-recompute", "fp8-moe-act", "mla-layernorm", "mla-fp8-moe-layernorm",
+        "bf16-exp-avg", "bf16-exp-avg-sq", "precision-aware"])
+def test_conditional_fixes_apply_only_where_their_scope_holds(args, expected):
+    conditional = [f for f in ALL if f.scope.label not in (
+        EVERY_MACHINE.label, cpu.CPU_ONLY.label, compat.PYTHON_BEFORE_3_12.label)
+        and not f.name.startswith(("seam:", "cpu-launch"))]
+    assert _names(applicable(conditional, args)) == expected
+
+
+def _post_init():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return vars(TransformerConfig)["__post_init__"]
+
+
+def _fp8_config(**kwargs):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=2, hidden_size=128, num_attention_heads=4, fp8="e4m3",
+                             fp8_recipe="blockwise", **kwargs)
+
+
+@pytest.mark.parametrize("plugins", [[], ["fp8"]], ids=["without-fp8", "with-fp8"])
+def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkeypatch):
+    """As the launch path does: each enabled plugin's fixes, applied where still needed.
+    Without --plugins fp8 Megatron keeps its checks; with it, both TE checks are lifted
+    (two rewrites of one function, composed) and Megatron's config builds."""
+    from tests.plugin_args import enabled
+
+    argv = ["--num-layers", "2", "--hidden-size", "256", "--num-attention-heads", "4",
+            "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
+            "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
+            "--num-experts", "4", "--recompute-granularity", "selective",
+            "--recompute-modules", "layernorm"]
+    if plugins:
+        argv += ["--plugins", *plugins, "--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
+    args, enabled_plugins = enabled(argv, monkeypatch)
+    assert [p.name for p in enabled_plugins] == plugins
+    upstream_post_init = _post_init()
+    patcher = Patcher()
+    try:
+        for plugin in enabled_plugins:
+            if plugin.fixes is not None:
+                apply_fixes(plugin.fixes(args), patcher)
+        if "fp8" in plugins:
+            assert patcher.changes == 2
+            _fp8_config(num_moe_experts=4, **LAYERNORM)  # builds
+            assert not any(fix.still_needed() for fix in transformer.FP8_FIXES)
+        else:
+            assert patcher.changes == 0 and _post_init() is upstream_post_init
+            with pytest.raises(ValueError, match="transformer-engine"):
+                _fp8_config(num_moe_experts=4, **LAYERNORM)
+    finally:
+        patcher.undo()
+    assert _post_init() is upstream_post_init
+
+
+def test_megatron_refuses_fp8_moe_and_norm_recompute_without_te():
+    """What the two fp8 fixes lift, each on its own."""
+    _assert_nothing_installed()
+    with pytest.raises(ValueError, match="supports MoE FP8 training"):
+        _fp8_config(num_moe_experts=4)
+    with pytest.raises(ValueError, match="layernorm recompute for fp8 needs"):
+        _fp8_config(**LAYERNORM)
+
+
+def test_megatron_layernorm_recompute_needs_te_on_cpu():
+    """What the mla plugin works around (and patches nothing for): Megatron's own
+    'layernorm' recompute reaches for Transformer Engine even without FP8."""
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    patcher = cpu.install()
+    try:
+        with pytest.raises(NameError, match="FP8GlobalStateManager"):
+            random.CheckpointWithoutOutput().checkpoint(torch.nn.functional.relu,
+                                                        torch.ones(2, requires_grad=True))
+        recorded = Patcher()
+        transformer.MLA_LAYERNORM_RECOMPUTE.apply(recorded)
+        assert recorded.changes == 0
+    finally:
+        if patcher is not None:
+            patcher.undo()
+
+
+def test_typing_override_is_applied_once_at_import():
+    import typing
+
+    import typing_extensions
+
+    assert typing.override is typing_extensions.override
+    assert apply_fixes([compat.TYPING_OVERRIDE], Patcher()).changes == 0

@@ -1,0 +1,31 @@
+"""Every change megaseek makes to upstream code, in one list (`megaseek fixes` prints it).
+
+Where each is defined (its scope), and who applies it:
+- `compat.TYPING_OVERRIDE` (Python < 3.12): `import integration`;
+- `compat.FIXES` (every machine), `cpu.FIXES` (CPU only): `compat.install()`,
+  `cpu.install()` at the start of a run; `cpu.LAUNCH_SCRIPT_FIXES`: the launcher;
+- `transformer.FIXES` (plugin fp8 or mla, with the flags that need them) and
+  `optimizer.bf16_moments_fixes` (`--exp-avg-dtype`/`--exp-avg-sq-dtype bf16`): the
+  enabled plugins' `fixes` hooks, applied by the launch path;
+- `seams` (an enabled plugin provides the hook): the launch path.
+
+Fixes built by a factory from what a plugin provides (an optimizer class, a callback)
+are listed here as built with placeholders: for listing and probing, not for applying.
+"""
+
+from __future__ import annotations
+
+from upstream import compat, cpu, optimizer, seams, transformer
+from upstream.patching import Fix
+
+
+def all_fixes() -> tuple[Fix, ...]:
+    return (
+        compat.TYPING_OVERRIDE,
+        *compat.FIXES,
+        *cpu.FIXES,
+        *cpu.LAUNCH_SCRIPT_FIXES,
+        *transformer.FIXES,
+        *optimizer.bf16_moments_fixes(adam_class=None),
+        *seams.all_seams(),
+    )

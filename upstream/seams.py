@@ -1,0 +1,615 @@
+"""Where plugins attach to Megatron's training loop (megatron-core 0.19.2).
+
+Megatron offers no hook for most of what plugins need, so each attachment replaces one
+name that Megatron looks up at call time. Each is a `Fix` (file:line, reason, a probe
+that fails once upstream changes the place it attaches to), built for one run by a
+factory that takes what the plugins provide, and applied through a `Patcher`, so that
+every change is undone when the run ends:
+
+- `plugin_arguments`: every parse of Megatron's arguments knows the plugin flags; the
+  script's own parse also enables the plugins (the launcher's way in);
+- `checks_before_argument_dump`: the plugins' start-up checks run before Megatron prints
+  its arguments;
+- `model_specs`: every `GPTModel` built gets its layer spec (a layer's, or a block's, one
+  per layer) and its MTP block spec through the plugins' transforms, whichever way the
+  model is built (a script's model provider, or `pretrain` without one);
+- `schedule`: Megatron's `get_forward_backward_func` answers with a plugin's schedule;
+- `after_optimizer_step`: callbacks run after each successful step, with the iteration;
+- `pipeline_placement`: which stages each rank's pipeline chunks build;
+- `checkpoint_state`: plugin state saved and loaded with Megatron's checkpoint;
+- `evaluation_passes`: extra passes of Megatron's evaluation, on the same batches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, Callable, Iterable
+
+from upstream.patching import Fix, Patcher, Scope, source_has
+
+VERSION = "megatron-core 0.19.2"
+# A seam is attached for a run when an enabled plugin provides its hook.
+SEAM = Scope("seam, when an enabled plugin provides the hook", lambda args: True)
+
+
+def _module(name: str):
+    return importlib.import_module(name)
+
+
+def _training():
+    return _module("megatron.training.training")
+
+
+def _checkpointing():
+    return _module("megatron.training.checkpointing")
+
+
+# --- arguments ---------------------------------------------------------------------------
+
+def plugin_arguments(add_arguments: Callable, on_parsed: Callable[[Any], None]) -> Fix:
+    """`add_arguments(parser)` runs in every parse of Megatron's arguments (megatron.training
+    parses again for its own probes, e.g. ft_integration.py:78); `on_parsed(args)` after
+    the parse that `parse_and_validate_args` makes (the script's)."""
+
+    def apply(patcher: Patcher) -> None:
+        arguments = _module("megatron.training.arguments")
+        parse_args, parse_and_validate_args = arguments.parse_args, arguments.parse_and_validate_args
+
+        @wraps(parse_args)
+        def parse_args_with_plugin_flags(extra_args_provider=None, ignore_unknown_args=False):
+            def provide(parser):
+                parser = add_arguments(parser)
+                return extra_args_provider(parser) if extra_args_provider else parser
+
+            return parse_args(provide, ignore_unknown_args)
+
+        @wraps(parse_and_validate_args)
+        def parse_validate_and_enable(*args, **kwargs):
+            parsed = parse_and_validate_args(*args, **kwargs)
+            on_parsed(parsed)
+            return parsed
+
+        patcher.setattr(arguments, "parse_args", parse_args_with_plugin_flags)
+        patcher.setattr(arguments, "parse_and_validate_args", parse_validate_and_enable)
+
+    return Fix(
+        "seam:plugin-arguments",
+        f"megatron/training/arguments.py parse_args, parse_and_validate_args ({VERSION})",
+        "a launch script passes only its own extra_args_provider; the plugin flags join "
+        "every parse, and the plugins are enabled right after the script's",
+        lambda: source_has(_module("megatron.training.arguments").parse_and_validate_args,
+                           "parse_args("),
+        apply, SEAM)
+
+
+def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
+    """`check(args)` runs at the end of Megatron's `validate_args`, before it prints the
+    argument dump, so that a configuration error is the first thing the user reads."""
+
+    def apply(patcher: Patcher) -> None:
+        arguments = _module("megatron.training.arguments")
+        print_args = arguments._print_args
+
+        @wraps(print_args)
+        def check_then_print(title, args):
+            if title == "arguments":
+                check(args)
+            print_args(title, args)
+
+        patcher.setattr(arguments, "_print_args", check_then_print)
+
+    return Fix(
+        "seam:checks-before-argument-dump",
+        f"megatron/training/arguments.py:1904 (validate_args ends with "
+        f"_print_args('arguments', args)) ({VERSION})",
+        "Megatron prints some 800 argument lines before returning; plugin checks run "
+        "before them",
+        lambda: source_has(_module("megatron.training.arguments").validate_args,
+                           '_print_args("arguments", args)'),
+        apply, SEAM)
+
+
+# --- model specs -------------------------------------------------------------------------
+
+def model_specs(transform: Callable[[Any], Any]) -> Fix:
+    """`transform(spec) -> spec` for GPTModel's `transformer_layer_spec` and
+    `mtp_block_spec`."""
+
+    def apply(patcher: Patcher) -> None:
+        from megatron.core.models.gpt import GPTModel
+
+        init = GPTModel.__init__
+
+        @wraps(init)
+        def init_with_plugin_specs(self, config, transformer_layer_spec, *rest, **kwargs):
+            if kwargs.get("mtp_block_spec") is not None:
+                kwargs["mtp_block_spec"] = transform(kwargs["mtp_block_spec"])
+            init(self, config, transform(transformer_layer_spec), *rest, **kwargs)
+
+        patcher.setattr(GPTModel, "__init__", init_with_plugin_specs)
+
+    return Fix(
+        "seam:model-specs",
+        f"megatron/core/models/gpt/gpt_model.py GPTModel.__init__ ({VERSION}); built from "
+        "a script's model provider (training.py:1706 get_model) or without one "
+        "(training/models/gpt.py:307 GPTModelBuilder.build_model)",
+        "both of Megatron's model-building paths end in GPTModel(config, "
+        "transformer_layer_spec, ..., mtp_block_spec=...): the one place to rewrite specs",
+        lambda: source_has(_module("megatron.core.models.gpt.gpt_model").GPTModel.__init__,
+                           "transformer_layer_spec", "mtp_block_spec"),
+        apply, SEAM)
+
+
+# --- schedule ------------------------------------------------------------------------------
+
+def schedule(forward_backward: Callable[..., Any]) -> Fix:
+    def apply(patcher: Patcher) -> None:
+        training = _training()
+
+        @wraps(training.get_forward_backward_func)
+        def get_forward_backward_func(*unused, **unused_kw):
+            return forward_backward
+
+        patcher.setattr(training, "get_forward_backward_func", get_forward_backward_func)
+
+    return Fix(
+        "seam:schedule",
+        f"megatron/training/training.py:98 (import), :3614 train, :4198 evaluate ({VERSION})",
+        "get_forward_backward_func (schedules.py:48) is a plain if/else with no registry; "
+        "training looks the name up in its module at each call",
+        lambda: source_has(_training().train_step, "get_forward_backward_func(")
+        or source_has(_training().train, "get_forward_backward_func("),
+        apply, SEAM)
+
+
+# --- optimizer step --------------------------------------------------------------------------
+
+def after_optimizer_step(callbacks_for: Callable[[list, Any], list[Callable[[int], None]]]) -> Fix:
+    """`callbacks_for(model_chunks, optimizer)` when Megatron builds the optimizer; each
+    callback then runs after every successful step with the iteration that step completes
+    (Megatron's count: `args.curr_iteration` + 1, training.py:3811, so it continues
+    across a resume)."""
+
+    def apply(patcher: Patcher) -> None:
+        training = _training()
+        build_optimizer = training.get_megatron_optimizer
+
+        @wraps(build_optimizer)
+        def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
+            optimizer = build_optimizer(config, model_chunks, *args, **kwargs)
+            _run_after_step(optimizer, callbacks_for(model_chunks, optimizer))
+            return optimizer
+
+        patcher.setattr(training, "get_megatron_optimizer", get_megatron_optimizer)
+
+    return Fix(
+        "seam:after-optimizer-step",
+        f"megatron/training/training.py:71 (import of get_megatron_optimizer), "
+        f":2474 optimizer.step() in train_step ({VERSION})",
+        "Megatron has no step callback; the optimizer it builds gets one wrapped around "
+        "its step",
+        lambda: source_has(_training().train_step, "optimizer.step()"),
+        apply, SEAM)
+
+
+def _run_after_step(optimizer, callbacks: list[Callable[[int], None]]) -> None:
+    if not callbacks:
+        return
+    step = optimizer.step
+
+    @wraps(step)
+    def step_then_callbacks(*args, **kwargs):
+        result = step(*args, **kwargs)
+        update_successful = result[0] if isinstance(result, tuple) else bool(result)
+        if update_successful:
+            from megatron.training import get_args
+
+            iteration = get_args().curr_iteration + 1
+            for callback in callbacks:
+                callback(iteration)
+        return result
+
+    optimizer.step = step_then_callbacks
+
+
+# --- pipeline placement -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Placement:
+    """Which pipeline stage each model chunk of each rank builds.
+
+    The model is cut into `pipeline_size x chunks_per_rank` stages, layers split over them
+    as Megatron splits interleaved stages. `stage(rank, chunk)` names the stage that chunk
+    `chunk` of pipeline rank `rank` builds. Stage 0 holds the embedding, the last stage the
+    output head, the loss and MTP. Megatron's own placement is
+    `stage = chunk * pipeline_size + rank`; DualPipeV's is `rank` for chunk 0 and
+    `2 * pipeline_size - 1 - rank` for chunk 1.
+    """
+
+    pipeline_size: int
+    chunks_per_rank: int
+    stage: Callable[[int, int], int]
+
+    @property
+    def stages(self) -> int:
+        return self.pipeline_size * self.chunks_per_rank
+
+    def megatron_coordinates(self, rank: int, chunk: int) -> tuple[int, int]:
+        """The (pipeline rank, virtual stage) whose layers Megatron's interleaved split
+        gives to this chunk's stage."""
+        stage = self.stage(rank, chunk)
+        return stage % self.pipeline_size, stage // self.pipeline_size
+
+    def is_first(self, rank: int, chunk: int) -> bool:
+        return self.stage(rank, chunk) == 0
+
+    def is_last(self, rank: int, chunk: int) -> bool:
+        return self.stage(rank, chunk) == self.stages - 1
+
+    def check(self) -> None:
+        built = sorted(self.stage(r, c) for r in range(self.pipeline_size)
+                       for c in range(self.chunks_per_rank))
+        if built != list(range(self.stages)):
+            raise ValueError(f"a placement must build every stage once; it builds {built}")
+
+
+_LAYER_SPLIT_USERS = (  # modules that imported Megatron's layer split functions by name
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.attention",
+    "megatron.core.models.gpt.gpt_layer_specs",
+)
+
+
+def pipeline_placement(placement: Placement) -> Fix:
+    """Megatron's layer split answers for the placement's stages, and each chunk it builds
+    gets pre_process (embedding) / post_process (head, loss) and MTP by its stage."""
+
+    def apply(patcher: Patcher) -> None:
+        from megatron.core import parallel_state
+
+        layer = _module("megatron.core.transformer.transformer_layer")
+        block = _module("megatron.core.transformer.transformer_block")
+        offset, count = layer.get_transformer_layer_offset, block.get_num_layers_to_build
+
+        def placed(function):
+            @wraps(function)
+            def at_placed_stage(config, vp_stage=None, pp_rank=None):
+                rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+                pp, vp = placement.megatron_coordinates(rank, vp_stage or 0)
+                return function(config, vp_stage=vp, pp_rank=pp)
+
+            return at_placed_stage
+
+        for name in _LAYER_SPLIT_USERS:
+            module = _module(name)
+            for attribute, original in (("get_transformer_layer_offset", offset),
+                                        ("get_num_layers_to_build", count)):
+                if getattr(module, attribute, None) is original:
+                    patcher.setattr(module, attribute, placed(original))
+
+        gpt_model = _module("megatron.core.models.gpt.gpt_model")
+        patcher.setattr(gpt_model, "mtp_on_this_rank", lambda *a, vp_stage=None, **k: placement.is_last(
+            parallel_state.get_pipeline_model_parallel_rank(), vp_stage or 0))
+
+        from megatron.core.models.gpt import GPTModel
+
+        init = GPTModel.__init__
+        signature = inspect.signature(init)
+
+        @wraps(init)
+        def init_at_stage(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            rank = parallel_state.get_pipeline_model_parallel_rank()
+            chunk = bound.arguments.get("vp_stage") or 0
+            bound.arguments["pre_process"] = placement.is_first(rank, chunk)
+            bound.arguments["post_process"] = placement.is_last(rank, chunk)
+            init(*bound.args, **bound.kwargs)
+
+        patcher.setattr(GPTModel, "__init__", init_at_stage)
+
+    return Fix(
+        "seam:pipeline-placement",
+        f"megatron/core/transformer/transformer_layer.py:59 get_transformer_layer_offset, "
+        f"transformer_block.py:70 get_num_layers_to_build, models/gpt/gpt_model.py "
+        f"GPTModel.__init__ (pre_process, post_process; built by training.py:1730-1760 "
+        f"get_model or training/models/gpt.py:307), :160 mtp_on_this_rank ({VERSION})",
+        "Megatron places stages interleaved only (stage = chunk x PP + rank) and decides "
+        "embedding, head and MTP by the first/last pipeline rank",
+        lambda: source_has(_training().get_model, "is_pp_first_stage(", "is_vp_first_stage(")
+        and source_has(_module("megatron.core.models.gpt.gpt_model").GPTModel.__init__,
+                       "mtp_on_this_rank("),
+        apply, SEAM)
+
+
+# --- checkpoint state ---------------------------------------------------------------------------
+
+def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
+    """`states()[name]` (asked for when a checkpoint is saved or loaded, once the model
+    exists) has `sharded_state_dict()` (saved under 'megaseek:' + name with
+    Megatron's torch_dist checkpoint) and `load_state_dict(state)` (given what was loaded,
+    or None when the checkpoint holds nothing for it)."""
+
+    def apply(patcher: Patcher) -> None:
+        checkpointing = _checkpointing()
+        generate_state_dict, load_checkpoint = (checkpointing.generate_state_dict,
+                                                checkpointing.load_checkpoint)
+        loading: dict[str, Any] = {}  # while load_checkpoint runs: checkpoint keys present
+
+        @wraps(generate_state_dict)
+        def with_plugin_state(args, *rest, **kwargs):
+            state_dict = generate_state_dict(args, *rest, **kwargs)
+            for name, state in states().items():
+                sharded = state.sharded_state_dict()
+                if "present" in loading and not _keys(sharded) <= loading["present"]:
+                    continue  # not in the checkpoint being loaded: the plugin is told so
+                state_dict[_KEY + name] = sharded
+            return state_dict
+
+        @wraps(load_checkpoint)
+        def load_with_plugin_state(model, *args, **kwargs):
+            from megatron.training import get_args
+
+            loading["present"] = _checkpoint_keys(get_args())
+            base_load = checkpointing._load_base_checkpoint
+            loaded: dict[str, Any] = {}
+
+            @wraps(base_load)
+            def keep_plugin_state(*a, **kw):
+                result = base_load(*a, **kw)
+                state_dict = result[0]
+                if isinstance(state_dict, dict):
+                    loaded.update({k: v for k, v in state_dict.items() if k.startswith(_KEY)})
+                return result
+
+            try:
+                with patcher.scoped(checkpointing, "_load_base_checkpoint", keep_plugin_state):
+                    result = load_checkpoint(model, *args, **kwargs)
+            finally:
+                loading.clear()
+            for name, state in states().items():
+                state.load_state_dict(loaded.get(_KEY + name))
+            return result
+
+        patcher.setattr(checkpointing, "generate_state_dict", with_plugin_state)
+        patcher.setattr(checkpointing, "load_checkpoint", load_with_plugin_state)
+        # training.py imports both by name.
+        training = _training()
+        for attribute, replacement in (("load_checkpoint", load_with_plugin_state),):
+            if hasattr(training, attribute):
+                patcher.setattr(training, attribute, replacement)
+
+    return Fix(
+        "seam:checkpoint-state",
+        f"megatron/training/checkpointing.py:1296 generate_state_dict (save :752, load "
+        f":2311/:2408), :2066 load_checkpoint, :1633 _load_base_checkpoint ({VERSION})",
+        "save and load both build their sharded state dict in generate_state_dict; plugin "
+        "state joins it under its own key and is handed back after the load",
+        lambda: source_has(_checkpointing().load_checkpoint, "generate_state_dict(",
+                           "_load_base_checkpoint("),
+        apply, SEAM)
+
+
+_KEY = "megaseek:"
+
+
+def _keys(sharded: Any) -> set[str]:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return {getattr(v, "key") for v in nested_values(sharded) if hasattr(v, "key")}
+
+
+def _checkpoint_keys(args) -> set[str]:
+    """The sharded keys of the checkpoint `load_checkpoint` is about to read (empty when
+    there is none, or it is not a torch_dist checkpoint)."""
+    import os
+
+    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    checkpointing = _checkpointing()
+    load_dir = getattr(args, "load", None)
+    if not load_dir:
+        return set()
+    tracker = checkpointing.get_checkpoint_tracker_filename(load_dir)
+    if not os.path.isfile(tracker):
+        return set()
+    iteration, release = checkpointing.read_metadata(tracker)
+    if getattr(args, "ckpt_step", None) is not None:
+        iteration, release = args.ckpt_step, False
+    directory = checkpointing.get_checkpoint_name(load_dir, iteration, release,
+                                                  return_base_dir=True)
+    if not check_is_distributed_checkpoint(directory):
+        return set()
+    metadata = load_sharded_metadata(directory)
+    return set(metadata) | {v.key for v in metadata.values() if hasattr(v, "key")}
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in --load does not hold what this run's model needs."""
+
+
+# Flags that shape the model, compared with the ones a checkpoint was saved with.
+_MODEL_FLAGS = ("plugins", "num_layers", "hidden_size", "ffn_hidden_size",
+                "num_attention_heads", "num_query_groups", "kv_channels",
+                "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                "qk_pos_emb_head_dim", "v_head_dim", "num_experts", "moe_layer_freq",
+                "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                "normalization", "swiglu", "add_bias_linear", "qk_layernorm",
+                "untie_embeddings_and_output_weights", "position_embedding_type",
+                "mtp_num_layers", "transformer_impl")
+
+
+def checkpoint_mismatch_named() -> Fix:
+    """A load that finds keys missing from the checkpoint fails naming the first missing key
+    and the model flags (`--plugins` included) that differ from the checkpoint's, instead
+    of torch's KeyError listing every key the checkpoint has."""
+
+    def apply(patcher: Patcher) -> None:
+        checkpointing = _checkpointing()
+        load_checkpoint = checkpointing.load_checkpoint
+
+        @wraps(load_checkpoint)
+        def load_or_name_the_mismatch(*args, **kwargs):
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                return load_checkpoint(*args, **kwargs)
+            except (KeyError, CheckpointException) as error:
+                key_error = _key_error_in(error)
+                if key_error is None:
+                    raise
+                from megatron.training import get_args
+
+                raise CheckpointMismatch(_mismatch_message(get_args(), key_error)) from error
+
+        patcher.setattr(checkpointing, "load_checkpoint", load_or_name_the_mismatch)
+        training = _training()
+        if getattr(training, "load_checkpoint", None) is load_checkpoint:
+            patcher.setattr(training, "load_checkpoint", load_or_name_the_mismatch)
+
+    return Fix(
+        "seam:checkpoint-mismatch-named",
+        "megatron/core/dist_checkpointing/strategies/torch.py:522 (MCoreLoadPlanner."
+        "_validate_global_shapes "
+        f"raises KeyError with every checkpoint key), training/checkpointing.py:2066 "
+        f"load_checkpoint ({VERSION})",
+        "a checkpoint saved with another model configuration fails deep in the load with "
+        "a list of the checkpoint's keys; the error names the missing key and the flags",
+        lambda: source_has(_module("megatron.core.dist_checkpointing.strategies.torch")
+                           .MCoreLoadPlanner._validate_global_shapes, "raise KeyError("),
+        apply, SEAM)
+
+
+def _key_error_in(error: Exception) -> KeyError | None:
+    """The KeyError itself, or the one torch's CheckpointException collected from a rank."""
+    if isinstance(error, KeyError):
+        return error
+    for failure in getattr(error, "failures", {}).values():  # rank -> (exception, stack)
+        found = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(found, KeyError):
+            return found
+    return None
+
+
+def _mismatch_message(args, error: KeyError) -> str:
+    text = str(error.args[0]) if error.args else str(error)
+    missing = text.split(" from model not in state dict")[0].strip("\"' ")
+    saved = _saved_args(args)
+    differ = []
+    for name in _MODEL_FLAGS:
+        if saved is not None and getattr(saved, name, None) != getattr(args, name, None):
+            flag = "--" + name.replace("_", "-")
+            differ.append(f"{flag} (checkpoint: {_shown(getattr(saved, name, None))}, "
+                          f"this run: {_shown(getattr(args, name, None))})")
+    return (f"--load {args.load}: the checkpoint has no '{missing}', which this run's model "
+            "needs: it was saved with another model configuration. "
+            + ("Flags that differ: " + "; ".join(differ) + "." if differ else
+               "Its saved arguments could not be compared.")
+            + " Load it with the configuration it was saved with.")
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "(none)"
+    return str(value)
+
+
+def _saved_args(args):
+    """The arguments stored in the checkpoint `args.load` names, or None."""
+    try:
+        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+        checkpointing = _checkpointing()
+        iteration, release = checkpointing.read_metadata(
+            checkpointing.get_checkpoint_tracker_filename(args.load))
+        directory = checkpointing.get_checkpoint_name(args.load, iteration, release,
+                                                      return_base_dir=True)
+        return load_common_state_dict(directory).get("args")
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return None
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]]]]) -> Fix:
+    """After each of Megatron's evaluations, every `(name, context)` of `passes()` evaluates again
+    inside `context()`, on the same batches, its results printed with the name appended to
+    Megatron's prefix."""
+    def apply(patcher: Patcher) -> None:
+        training = _training()
+        evaluate_and_print = training.evaluate_and_print_results
+
+        @wraps(evaluate_and_print)
+        def with_extra_passes(prefix, forward_step_func, data_iterator, *args, **kwargs):
+            recorded = _Recorded.wrap(data_iterator)
+            result = evaluate_and_print(prefix, forward_step_func, recorded, *args, **kwargs)
+            for name, context in passes():
+                with context():
+                    evaluate_and_print(f"{prefix} [{name}]", forward_step_func,
+                                       _Recorded.replay(recorded), *args, **kwargs)
+            return result
+
+        patcher.setattr(training, "evaluate_and_print_results", with_extra_passes)
+
+    return Fix(
+        "seam:evaluation-passes",
+        f"megatron/training/training.py:4342 evaluate_and_print_results, called at :4040, "
+        f":1483, :1494 ({VERSION})",
+        "Megatron evaluates one set of weights; a plugin's pass runs the same evaluation "
+        "again on the batches the first one read",
+        lambda: source_has(_training().evaluate_and_print_results, "evaluate("),
+        apply, SEAM)
+
+
+class _Recorded:
+    """An iterator that keeps what it yields, so that a second pass reads the same items."""
+
+    def __init__(self, iterator) -> None:
+        self.iterator, self.items = iterator, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.iterator)
+        self.items.append(item)
+        return item
+
+    @classmethod
+    def wrap(cls, data_iterator):
+        if data_iterator is None:
+            return None
+        if isinstance(data_iterator, list):
+            return [cls.wrap(d) for d in data_iterator]
+        return cls(data_iterator)
+
+    @staticmethod
+    def replay(recorded):
+        if recorded is None:
+            return None
+        if isinstance(recorded, list):
+            return [_Recorded.replay(r) for r in recorded]
+        return iter(list(recorded.items))
+
+
+# --- the whole list, for `megaseek fixes` --------------------------------------------------------
+
+def all_seams() -> tuple[Fix, ...]:
+    """Every seam, built with placeholders (for listing and probing, not for applying)."""
+    nothing = lambda *a, **k: None  # noqa: E731
+    return (
+        plugin_arguments(nothing, nothing),
+        checks_before_argument_dump(nothing),
+        model_specs(nothing),
+        schedule(nothing),
+        after_optimizer_step(nothing),
+        pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)),
+        checkpoint_state(dict),
+        checkpoint_mismatch_named(),
+        evaluation_passes(tuple),
+    )
+
