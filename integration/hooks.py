@@ -26,7 +26,8 @@ def megatron_run(registry: PluginRegistry):
       CUDA), and the yielded Patcher takes the run's own changes; all are undone at its end;
     - the plugins' start-up checks run before Megatron prints its argument dump;
     - a checkpoint that does not fit the model fails naming the key and the flags;
-    - a configuration the plugins refuse ends the run as argparse does: one line,
+    - a configuration the plugins (or Megatron's own checks) refuse ends the run as
+      argparse does: one line,
       `megaseek: error: ...`, on rank 0 only, and exit status 2 on every rank."""
     installed = [compat.install(), cpu.install()]
     patcher = Patcher()
@@ -34,7 +35,7 @@ def megatron_run(registry: PluginRegistry):
         seams.checks_before_argument_dump(registry.enabled).apply(patcher)
         seams.checkpoint_mismatch_named().apply(patcher)
         yield patcher
-    except (PluginError, seams.CheckpointMismatch) as error:
+    except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -20,6 +20,14 @@ def run(args: list[str], cwd) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=300)
 
 
+def one_rank(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in ENV.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-m", "integration.pretrain", *TINY_GPT, *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=dict(env, MEGASEEK_DATA_CACHE=str(tmp_path / "data")))
+
+
 def test_unknown_command_is_named(tmp_path):
     done = run(["-m", "integration.cli", "frobnicate"], tmp_path)
     assert done.returncode == 2
@@ -46,14 +54,6 @@ def test_pretrain_without_torchrun_runs_one_rank(tmp_path):
     assert sorted(losses(done.stdout + done.stderr)) == [1, 2, 3]
 
 
-def one_rank(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in ENV.items()
-           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-m", "integration.pretrain", *TINY_GPT, *args],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env=dict(env, MEGASEEK_DATA_CACHE=str(tmp_path / "data")))
-
-
 @pytest.mark.slow
 def test_checkpoint_of_another_model_names_the_key_and_the_flags(tmp_path):
     saved = one_rank(["--train-iters", "3", "--save", "ckpt", "--save-interval", "3"], tmp_path)
@@ -68,3 +68,26 @@ def test_checkpoint_of_another_model_names_the_key_and_the_flags(tmp_path):
     assert "the checkpoint has no 'decoder.layers." in error[0]
     assert "--plugins (checkpoint: (none), this run: mla)" in error[0]
     assert "--multi-latent-attention (checkpoint: False, this run: True)" in error[0]
+
+
+def test_megatron_argument_assertion_is_quoted_as_one_line(tmp_path):
+    done = one_rank(["--train-iters", "3", "--num-layers-per-virtual-pipeline-stage", "1"],
+                    tmp_path)
+    assert done.returncode == 2
+    error = [line for line in done.stderr.splitlines() if line.startswith("megaseek: error")]
+    assert error == ["megaseek: error: Megatron's argument check failed: When interleaved "
+                     "schedule is used, pipeline-model-parallel size should be greater than 1 "
+                     "(megatron/training/arguments.py:968)"]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_fp16_trains_on_cpu(tmp_path):
+    # --fp16 is honoured on a CUDA-less machine (Megatron's loss scaler allocates on
+    # 'cuda': upstream.cpu gives its module the CPU as device), not refused or dropped.
+    done = one_rank(["--train-iters", "6", "--fp16", "--initial-loss-scale", "256"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = losses(done.stdout + done.stderr)
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert logged[6] < logged[1]
+    assert "loss scale: 256.0" in done.stdout + done.stderr

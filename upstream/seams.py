@@ -85,13 +85,28 @@ def plugin_arguments(add_arguments: Callable, on_parsed: Callable[[Any], None]) 
         apply, SEAM)
 
 
+class MegatronRefused(ValueError):
+    """Megatron's own argument validation failed (an `assert` in `validate_args`)."""
+
+
 def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
     """`check(args)` runs at the end of Megatron's `validate_args`, before it prints the
-    argument dump, so that a configuration error is the first thing the user reads."""
+    argument dump, so that a configuration error is the first thing the user reads; and an
+    assertion of Megatron's own validation becomes a `MegatronRefused` that quotes it (the
+    message, or the asserted condition where it has none) with its place."""
 
     def apply(patcher: Patcher) -> None:
         arguments = _module("megatron.training.arguments")
-        print_args = arguments._print_args
+        print_args, validate_args = arguments._print_args, arguments.validate_args
+
+        @wraps(validate_args)
+        def validate_or_refuse(*args, **kwargs):
+            try:
+                return validate_args(*args, **kwargs)
+            except AssertionError as error:
+                raise MegatronRefused(_quoted(error)) from error
+
+        patcher.setattr(arguments, "validate_args", validate_or_refuse)
 
         @wraps(print_args)
         def check_then_print(title, args):
@@ -106,10 +121,21 @@ def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
         f"megatron/training/arguments.py:1904 (validate_args ends with "
         f"_print_args('arguments', args)) ({VERSION})",
         "Megatron prints some 800 argument lines before returning; plugin checks run "
-        "before them",
+        "before them, and its own failed checks are quoted instead of raised as "
+        "AssertionError tracebacks",
         lambda: source_has(_module("megatron.training.arguments").validate_args,
                            '_print_args("arguments", args)'),
         apply, SEAM)
+
+
+def _quoted(error: AssertionError) -> str:
+    import os
+    import traceback
+
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+    said = str(error).strip() or f"`{(frame.line or '').strip()}`"
+    return f"Megatron's argument check failed: {said} (megatron/training/{where})"
 
 
 # --- model specs -------------------------------------------------------------------------
