@@ -42,6 +42,8 @@ BENCHMARKS = {b.name: b for b in (
               "MoE dispatch bytes per token on 4 gloo ranks: FP8 vs BF16, two-hop vs flat"),
     Benchmark("moe_layer_cpu_time", "bench.moe:run_layer_cpu_time", "cpu",
               "MoE layer forward + backward on CPU: DeepSeekMoE vs Megatron-Core's MoELayer"),
+    Benchmark("ema_cpu_step", "bench.ema:run", "cpu",
+              "dense GPT training step on CPU with and without the host EMA of the weights"),
     Benchmark("gpu_fp8", "bench.gpu_fp8:run", "gpu",
               "FP8 GEMMs, linears and quantization vs BF16 at DeepSeek-V3's shapes"),
     Benchmark("gpu_moe", "bench.gpu_moe:run", "gpu",

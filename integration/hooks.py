@@ -109,11 +109,13 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher)
 
     evaluating = [p for p in plugins if p.evaluation is not None]
     if evaluating:
-        passes: list = []
+        passes: list | None = None
 
         def evaluation_passes() -> list:
-            if not passes:
-                passes.extend(p.evaluation(args, chunks.get()) for p in evaluating)
+            nonlocal passes
+            if passes is None:  # a hook answers None when the run asks for no extra pass
+                passes = [found for found in (p.evaluation(args, chunks.get())
+                                              for p in evaluating) if found is not None]
             return passes
 
         apply(seams.evaluation_passes(evaluation_passes))

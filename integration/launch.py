@@ -22,7 +22,7 @@ import sys
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import hooks
 from plugins import PluginRegistry, default_registry
-from upstream import cpu, seams
+from upstream import cpu, seams, shutdown
 
 
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
         sys.argv = [script, *script_args]
         sys.path.insert(0, os.path.dirname(script))
         runpy.run_path(script, run_name="__main__")
-    from integration.shutdown import end_run
-
-    end_run()  # only where the script left a process group initialised: see integration/shutdown.py
+    shutdown.end_run()  # only where the script left a process group initialised: see upstream/shutdown.py
 
 
 if __name__ == "__main__":

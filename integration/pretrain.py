@@ -18,7 +18,7 @@ import integration  # noqa: F401  (makes megatron.training importable on Python 
 from integration import hooks
 from integration.corpus import BYTE_VOCAB_SIZE, build_byte_corpus
 from plugins import PluginRegistry, default_registry
-from upstream import cpu
+from upstream import cpu, shutdown
 from upstream.cpu import given
 
 
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
         hooks.enable(registry, args, patcher)
         pretrain(pretrain_cfg_container_from_args(args), gpt.datasets_provider,
                  ModelType.encoder_or_decoder, gpt.forward_step, model_provider=gpt.model_provider)
-    from integration.shutdown import end_run
-
-    end_run()  # pretrain() leaves the process groups up: every rank ends them together
+    shutdown.end_run()  # pretrain() leaves the process groups up: every rank ends them together
 
 
 if __name__ == "__main__":

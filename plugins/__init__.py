@@ -62,8 +62,9 @@ class Plugin:
     # dist-checkpointing objects, saved under the plugin's name) and
     # `load_state_dict(state)` (what was loaded; None when the checkpoint has none).
     checkpoint_state: Callable[[argparse.Namespace, list], Any] | None = None
-    # (args, model_chunks) -> (name, context manager factory): after each of Megatron's
-    # evaluations, it runs again inside the context, its results printed under the name.
+    # (args, model_chunks) -> (name, context manager factory), or None for no extra pass
+    # this run: after each of Megatron's evaluations, it runs again inside the context,
+    # its results printed under the name.
     evaluation: Callable[[argparse.Namespace, list], tuple[str, Callable[[], Any]]] | None = None
     # args -> the upstream fixes this run needs (each applied only if still needed).
     fixes: Callable[[argparse.Namespace], Iterable[Any]] | None = None
@@ -239,11 +240,12 @@ def builtin_plugins() -> list[Plugin]:
     into the spec first, fp8 (which maps the finished spec's linears) last. Each plugin
     package adds itself here once it works."""
     from plugins.bf16_moments.plugin import BF16_MOMENTS
+    from plugins.ema.plugin import EMA
     from plugins.fp8.plugin import FP8
     from plugins.mla.plugin import MLA
     from plugins.moe.plugin import MOE
 
-    return [MLA, MOE, BF16_MOMENTS, FP8]
+    return [MLA, MOE, BF16_MOMENTS, EMA, FP8]
 
 
 def default_registry() -> PluginRegistry:

@@ -1,4 +1,5 @@
-"""Parse a Megatron command line with megaseek's plugins, as the launch path does."""
+"""Parse a Megatron command line with megaseek's plugins, and build the GPT model from it,
+as the launch path does."""
 
 from __future__ import annotations
 
@@ -16,3 +17,44 @@ def enabled(argv: list[str], monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pretrain", *argv])
     args = parse_args(extra_args_provider=registry.add_arguments)
     return args, registry.enabled(args)
+
+
+def validated(argv: list[str]):
+    """(args, enabled plugins) for `argv` after Megatron's own validation as well (its
+    argument dump silenced), as the launch path has them when it builds the model."""
+    import contextlib
+    import io
+
+    from megatron.training.arguments import parse_args, validate_args
+
+    registry = default_registry()
+    saved, sys.argv = sys.argv, ["pretrain", *argv]
+    try:
+        args = parse_args(extra_args_provider=registry.add_arguments)
+    finally:
+        sys.argv = saved
+    plugins = registry.enabled(args)
+    with contextlib.redirect_stdout(io.StringIO()):
+        validate_args(args, {})
+    return args, plugins
+
+
+def gpt_model(args, plugins, vocab_size: int):
+    """Megatron's GPTModel from its (local, block) spec as the plugins transform it,
+    initialized from seed 0."""
+    import torch
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from plugins import transform_spec
+
+    config = core_transformer_config_from_args(args)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                      normalization=args.normalization)
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    return GPTModel(config=config, transformer_layer_spec=transform_spec(plugins, spec, args),
+                    vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
+                    position_embedding_type=args.position_embedding_type)

@@ -65,7 +65,7 @@ def test_release_script_dense_tp2_with_every_seam(tmp_path):
         assert seen[f"{rank} state {40 + int(rank)}"] == 1  # saved once, at iteration 4
         assert seen[f"{rank} evaluation pass"] >= 2  # at iterations 2 and 4 (and the end)
     # The extra pass ran the same evaluation with the output layer zeroed: uniform logits.
-    zeroed = re.findall(r"validation loss at iteration \d+ \[probe\] .*?lm loss value: "
+    zeroed = re.findall(r"validation loss \(probe\) at iteration \d+ .*?lm loss value: "
                         r"([0-9.E+-]+)", probed)
     assert zeroed and all(math.isclose(float(v), math.log(PADDED_VOCAB_AT_TP2), rel_tol=1e-5) for v in zeroed)
 

@@ -1,5 +1,5 @@
 """plugins.mla: parity with Hugging Face's DeepseekV3 attention, TP=2 (and sequence
-parallel) against TP=1, and selective recomputation."""
+parallel) and context parallelism against one rank, and selective recomputation."""
 
 from __future__ import annotations
 
@@ -100,6 +100,64 @@ def test_tensor_parallel_equals_single_rank(sequence_parallel):
     for name, ref in ref_grads.items():
         got = gather([r[2][name] for r in ranks], name, 2)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def cp_rows(cp_rank: int, cp: int, seq: int) -> torch.Tensor:
+    """The sequence positions a CP rank holds: chunks r and 2cp-1-r of 2cp (Megatron's
+    get_batch_on_this_cp_rank)."""
+    chunks = torch.arange(seq).chunk(2 * cp)
+    return torch.cat([chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]])
+
+
+def cp_run(rank: int, world_size: int, tp: int, with_mask: bool):
+    """Output, input gradient (this rank's rows) and weight gradients (summed over the CP
+    ranks, as Megatron's data-parallel reduction over DP x CP does, and gathered over TP)
+    with context parallelism world_size / tp; sequence parallelism when tp > 1."""
+    from megatron.core import parallel_state
+
+    shape = CASES["yarn"]
+    full = random_weights(shape, seed=11)
+    x = torch.randn(SEQ, BATCH, shape.hidden, generator=torch.Generator().manual_seed(5))
+    grad_out = torch.randn(SEQ, BATCH, shape.hidden, generator=torch.Generator().manual_seed(6))
+    cp = world_size // tp
+    with megatron_ranks(tp=tp, cp=cp):
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        cp_rank = parallel_state.get_context_parallel_rank()
+        module = build_attention(shape, tensor_model_parallel_size=tp,
+                                 context_parallel_size=cp, sequence_parallel=tp > 1)
+        module.load_state_dict({k: shard(k, v, tp_rank, tp) for k, v in full.items()})
+        held = cp_rows(cp_rank, cp, SEQ)               # this CP rank's positions
+        rows = held.chunk(tp)[tp_rank]                 # and this TP rank's part of them
+        mask = None
+        if with_mask:  # Megatron's: True where masked; query rows cut for CP, keys whole
+            causal = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)
+            mask = causal[held].expand(BATCH, 1, -1, -1)
+        local = x[rows].clone().requires_grad_()
+        out, _ = module(local, attention_mask=mask)
+        out.backward(grad_out[rows])
+        grads = {n: p.grad for n, p in module.named_parameters()}
+        for n, p in module.named_parameters():
+            torch.distributed.all_reduce(grads[n], group=parallel_state.get_context_parallel_group())
+            if getattr(p, "sequence_parallel", False):
+                torch.distributed.all_reduce(
+                    grads[n], group=parallel_state.get_tensor_model_parallel_group())
+        return rows, out.detach(), local.grad, grads, tp_rank
+
+
+@pytest.mark.parametrize("world_size,tp,with_mask", [(2, 1, False), (2, 1, True), (4, 2, False)],
+                         ids=["cp2", "cp2-mask", "cp2-tp2-sp"])
+def test_context_parallel_equals_single_rank(world_size, tp, with_mask):
+    (_, ref_out, ref_dx, ref_grads, _), = run_ranks(cp_run, 1, 1, with_mask)
+    ranks = run_ranks(cp_run, world_size, tp, with_mask, timeout=240)
+    # fp32: CP changes which rank adds which tokens' contributions (order of additions),
+    # as TP does above; the same bounds.
+    for rows, out, dx, grads, tp_rank in ranks:
+        torch.testing.assert_close(out, ref_out[rows], rtol=0, atol=1e-5)
+        torch.testing.assert_close(dx, ref_dx[rows], rtol=0, atol=1e-5)
+    for name, ref in ref_grads.items():
+        parts = [grads[name] for _, _, _, grads, tp_rank in sorted(ranks, key=lambda r: r[4])
+                 ][::world_size // tp]  # one per TP rank, in TP order
+        torch.testing.assert_close(gather(parts, name, tp), ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
 DEEPSEEK_LIKE = MLAShape(hidden=448, heads=8, q_lora_rank=96, kv_lora_rank=32, qk_head_dim=8,

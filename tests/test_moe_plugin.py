@@ -4,6 +4,7 @@ expert-parallel dispatch, through Megatron's training loop."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 import integration  # noqa: F401
 from plugins import PluginError
 from tests.plugin_args import enabled as parse_enabled
-from tests.training_runs import losses, pretrain
+from tests.training_runs import TINY_GPT, losses, pretrain, torchrun
 
 MOE = ["--plugins", "moe", "--num-experts", "8", "--moe-router-topk", "2",
        "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
@@ -191,3 +192,51 @@ def test_trains_with_fp8_experts(tmp_path):
                           "--train-iters", "20", "--log-interval", "5"], tmp_path)
     curve = losses(out)
     assert curve[20] < curve[5] - 0.5
+
+
+PROBE = str(Path(__file__).parent / "launch_scripts" / "moe_loss_probe.py")
+_LOGGED = re.compile(r"iteration\s+(\d+)/.*?seq_load_balancing_loss: ([0-9.E+-]+) \| "
+                     r"z_loss: ([0-9.E+-]+)")
+_STEP = re.compile(r"iteration\s+\d+/.*?number of nan iterations:\s+\d+ \||"
+                   r"moe layer \d+: load .*?tokens per node [0-9./]+")
+_TIMING = re.compile(r"elapsed time per iteration \(ms\): [0-9.]+ \| ")
+
+
+def _step_numbers(output: str) -> list[str]:
+    """Each logged iteration's numbers (losses, grad norm) and the expert-load lines (loads,
+    bias), less timings. Matched inside lines: the ranks' output may run together."""
+    return [_TIMING.sub("", found) for found in _STEP.findall(output)]
+
+
+@pytest.mark.slow
+def test_logs_the_auxiliary_losses_it_takes_and_recomputes_them_alike(tmp_path):
+    """Megatron's log line shows the sequence-wise balance loss and the z-loss the MoE layer
+    computed (divided by their coefficients, as for Megatron's router): per iteration, the
+    mean over micro-batches and data-parallel ranks of what the layer recorded, not 0. With
+    every MoE recomputation (moe, shared_experts, moe_act), and with the full one, the run
+    logs the same steps: losses, gradient norm, expert loads and bias."""
+
+    argv = TINY_GPT + MOE + ["--expert-model-parallel-size", "2", "--moe-layer-freq",
+                             "([0]+[1]*1)", "--moe-router-load-balancing-type", "seq_aux_loss",
+                             "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3",
+                             "--train-iters", "3"]
+    out = torchrun([PROBE], argv, tmp_path)
+    recorded: dict[tuple[int, str], list[float]] = {}
+    # (the ranks' lines may run together: no anchors)
+    for iteration, _, name, value in re.findall(r"aux (\d+) (\d+) (\w+) ([-+.e\d]+)", out):
+        recorded.setdefault((int(iteration), name), []).append(float(value))
+    logged = {int(i): (float(seq), float(z)) for i, seq, z in _LOGGED.findall(out)}
+    assert sorted(logged) == [1, 2, 3]
+    for iteration in (1, 3):  # (iteration 2's line also averages iteration 1, training.py:2594)
+        for name, value in zip(("seq_load_balancing_loss", "z_loss"), logged[iteration]):
+            values = recorded[(iteration, name)]
+            assert len(values) == 4  # 2 ranks x 2 micro-batches, one MoE layer
+            assert value > 0 and value == pytest.approx(sum(values) / 4, rel=1e-6)
+
+    steps = _step_numbers(out)
+    assert len(steps) == 6, steps
+    for recompute in (["--recompute-granularity", "selective", "--recompute-modules", "moe",
+                       "shared_experts", "moe_act"],
+                      ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                       "--recompute-num-layers", "1"]):
+        assert _step_numbers(torchrun([PROBE], argv + recompute, tmp_path)) == steps, recompute

@@ -14,10 +14,7 @@ per layer, other losses.)
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
-import sys
 
 from tests.multirank import run_ranks
 
@@ -43,44 +40,21 @@ VOCAB, STEPS = 256, 3
 
 def _parsed(order):
     """(args, enabled plugins) for `--plugins ORDER`, as the launch path parses them."""
-    from megatron.training.arguments import parse_args, validate_args
+    from tests.plugin_args import validated
 
-    from plugins import default_registry
-
-    registry = default_registry()
-    argv, sys.argv = sys.argv, ["pretrain", *MODEL, *MLA, *MOE, *FP8, "--plugins", *order]
-    try:
-        args = parse_args(extra_args_provider=registry.add_arguments)
-    finally:
-        sys.argv = argv
-    plugins = registry.enabled(args)
-    with contextlib.redirect_stdout(io.StringIO()):  # Megatron prints every argument
-        validate_args(args, {})
-    return args, plugins
+    return validated([*MODEL, *MLA, *MOE, *FP8, "--plugins", *order])
 
 
 def _train(args, plugins) -> dict:
     """Builds the model from Megatron's block spec as transformed by `plugins`, and runs
     STEPS optimizer steps (with the plugins' after-step callbacks) on one batch."""
-    from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.training.argument_utils import core_transformer_config_from_args
-
     import torch
 
-    from plugins import transform_spec
     from plugins.fp8.spec import FP8_MODULES
     from plugins.fp8.swiglu import FP8SwiGLU
+    from tests.plugin_args import gpt_model
 
-    config = core_transformer_config_from_args(args)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
-                                      normalization=args.normalization)
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    model = GPTModel(config=config, transformer_layer_spec=transform_spec(plugins, spec, args),
-                     vocab_size=VOCAB, max_sequence_length=args.max_position_embeddings,
-                     position_embedding_type=args.position_embedding_type)
+    model = gpt_model(args, plugins, VOCAB)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     after_step = [p.on_optimizer_step(args, [model], optimizer) for p in plugins
                   if p.on_optimizer_step is not None]

@@ -1,4 +1,4 @@
-"""Both entry points end a 2-rank gloo run cleanly (`integration.shutdown`): every rank
+"""Both entry points end a 2-rank gloo run cleanly (`upstream.shutdown`): every rank
 exits 0, and once the training has returned no process group is left, nor a gloo
 thread that could still take the GIL while the interpreter finalises (which aborted the
 demo's rank 1 with "terminate called without an active exception"), nor a non-daemon

@@ -145,8 +145,8 @@ def _everything_on() -> argparse.Namespace:
     """Arguments under which every plugin-scoped fix applies."""
     return argparse.Namespace(
         plugins=["mla", "moe", "fp8"], num_experts=4, recompute_granularity="selective",
-        recompute_modules=["layernorm", "mla_up_proj"], exp_avg_dtype="bf16",
-        exp_avg_sq_dtype="bf16", use_precision_aware_optimizer=False)
+        recompute_modules=["layernorm", "mla_up_proj", "moe_act", "mlp"],
+        exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16", use_precision_aware_optimizer=False)
 
 
 def test_all_fixes_lists_every_fix_defined_in_the_project():
@@ -211,7 +211,10 @@ LAYERNORM = dict(recompute_granularity="selective", recompute_modules=["layernor
     (_args(plugins=["fp8"]), []),
     (_args(plugins=["fp8"], num_experts=4), ["fp8-moe-without-te"]),
     (_args(plugins=["fp8"], **LAYERNORM), ["fp8-norm-recompute-without-te"]),
-    (_args(plugins=["fp8"], recompute_granularity="full", recompute_modules=["layernorm"]), []),
+    (_args(plugins=["fp8"], recompute_granularity="full", recompute_modules=["layernorm"]),
+     ["fp8-recompute-without-te"]),
+    (_args(plugins=["fp8"], recompute_granularity="selective", recompute_modules=["mlp"]),
+     ["fp8-recompute-without-te"]),
     (_args(plugins=["fp8"], recompute_granularity="selective", recompute_modules=["moe_act"]),
      ["fp8-norm-recompute-without-te"]),
     (_args(plugins=["mla"], **LAYERNORM), ["mla-own-layernorm-recompute"]),
@@ -222,7 +225,7 @@ LAYERNORM = dict(recompute_granularity="selective", recompute_modules=["layernor
      ["bf16-moments-adam-class", "bf16-moments-config-check"]),
     (_args(exp_avg_dtype="bf16", use_precision_aware_optimizer=True), []),  # TE's own
 ], ids=["nothing", "flags-without-plugins", "fp8-dense", "fp8-moe", "fp8-layernorm",
-        "fp8-full-recompute", "fp8-moe-act", "mla-layernorm", "mla-fp8-moe-layernorm",
+        "fp8-full-recompute", "fp8-mlp-recompute", "fp8-moe-act", "mla-layernorm", "mla-fp8-moe-layernorm",
         "bf16-exp-avg", "bf16-exp-avg-sq", "precision-aware"])
 def test_conditional_fixes_apply_only_where_their_scope_holds(args, expected):
     conditional = [f for f in ALL if f.scope.label not in (
@@ -255,7 +258,7 @@ def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkey
             "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
             "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
             "--num-experts", "4", "--recompute-granularity", "selective",
-            "--recompute-modules", "layernorm"]
+            "--recompute-modules", "moe_act"]  # (layernorm alone needs --plugins mla)
     if plugins:
         argv += ["--plugins", *plugins, "--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
     args, enabled_plugins = enabled(argv, monkeypatch)
@@ -269,7 +272,7 @@ def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkey
         if "fp8" in plugins:
             assert patcher.changes == 2
             _fp8_config(num_moe_experts=4, **LAYERNORM)  # builds
-            assert not any(fix.still_needed() for fix in transformer.FP8_FIXES)
+            assert not any(fix.still_needed() for fix in enabled_plugins[0].fixes(args))
         else:
             assert patcher.changes == 0 and _post_init() is upstream_post_init
             with pytest.raises(ValueError, match="transformer-engine"):

@@ -4,10 +4,12 @@ Where each is defined (its scope), and who applies it:
 - `compat.TYPING_OVERRIDE` (Python < 3.12): `import integration`;
 - `compat.FIXES` (every machine), `cpu.FIXES` (CPU only): `compat.install()`,
   `cpu.install()` at the start of a run; `cpu.LAUNCH_SCRIPT_FIXES`: the launcher;
-- `transformer.FIXES` (plugin fp8 or mla, with the flags that need them) and
+- `transformer.FIXES` (plugin fp8 or mla, with the flags that need them), `moe.FIXES`
+  (plugin moe, with the recomputation flags that need them) and
   `optimizer.bf16_moments_fixes` (`--exp-avg-dtype`/`--exp-avg-sq-dtype bf16`): the
   enabled plugins' `fixes` hooks, applied by the launch path;
-- `seams` (an enabled plugin provides the hook): the launch path.
+- `seams` (an enabled plugin provides the hook): the launch path;
+- `shutdown.PROCESS_GROUPS_LEFT_ALIVE`: recorded only; both entry points call `end_run`.
 
 Fixes built by a factory from what a plugin provides (an optimizer class, a callback)
 are listed here as built with placeholders: for listing and probing, not for applying.
@@ -15,7 +17,7 @@ are listed here as built with placeholders: for listing and probing, not for app
 
 from __future__ import annotations
 
-from upstream import compat, cpu, optimizer, seams, transformer
+from upstream import compat, cpu, moe, optimizer, seams, shutdown, transformer
 from upstream.patching import Fix
 
 
@@ -26,6 +28,8 @@ def all_fixes() -> tuple[Fix, ...]:
         *cpu.FIXES,
         *cpu.LAUNCH_SCRIPT_FIXES,
         *transformer.FIXES,
+        *moe.FIXES,
         *optimizer.bf16_moments_fixes(adam_class=None),
         *seams.all_seams(),
+        shutdown.PROCESS_GROUPS_LEFT_ALIVE,
     )

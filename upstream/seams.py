@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, Callable, Iterable
@@ -86,7 +87,8 @@ def plugin_arguments(add_arguments: Callable, on_parsed: Callable[[Any], None]) 
 
 
 class MegatronRefused(ValueError):
-    """Megatron's own argument validation failed (an `assert` in `validate_args`)."""
+    """Megatron's own argument validation failed (an `assert` or a ValueError raised in
+    `validate_args`)."""
 
 
 def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
@@ -103,7 +105,9 @@ def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
         def validate_or_refuse(*args, **kwargs):
             try:
                 return validate_args(*args, **kwargs)
-            except AssertionError as error:
+            except (AssertionError, ValueError) as error:
+                if not _raised_by_megatron(error):
+                    raise  # e.g. a plugin's PluginError from the check above
                 raise MegatronRefused(_quoted(error)) from error
 
         patcher.setattr(arguments, "validate_args", validate_or_refuse)
@@ -128,8 +132,14 @@ def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
         apply, SEAM)
 
 
-def _quoted(error: AssertionError) -> str:
-    import os
+def _raised_by_megatron(error: Exception) -> bool:
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}megatron{os.sep}" in frames[-1].filename
+
+
+def _quoted(error: Exception) -> str:
     import traceback
 
     frame = traceback.extract_tb(error.__traceback__)[-1]
@@ -431,8 +441,6 @@ def _keys(sharded: Any) -> set[str]:
 def _checkpoint_keys(args) -> set[str]:
     """The sharded keys of the checkpoint `load_checkpoint` is about to read (empty when
     there is none, or it is not a torch_dist checkpoint)."""
-    import os
-
     from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
@@ -563,31 +571,39 @@ def _saved_args(args):
 
 def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]]]]) -> Fix:
     """After each of Megatron's evaluations, every `(name, context)` of `passes()` evaluates again
-    inside `context()`, on the same batches, its results printed with the name appended to
-    Megatron's prefix."""
+    inside `context()`, on the same batches, its results printed on Megatron's line with the
+    name after the loss: `validation loss (NAME) at iteration N | ...`."""
     def apply(patcher: Patcher) -> None:
         training = _training()
         evaluate_and_print = training.evaluate_and_print_results
+        print_rank_last = training.print_rank_last
+
+        def labelled(name):
+            def print_labelled(message):
+                print_rank_last(message.replace(" loss at ", f" loss ({name}) at ", 1))
+
+            return print_labelled
 
         @wraps(evaluate_and_print)
         def with_extra_passes(prefix, forward_step_func, data_iterator, *args, **kwargs):
             recorded = _Recorded.wrap(data_iterator)
             result = evaluate_and_print(prefix, forward_step_func, recorded, *args, **kwargs)
             for name, context in passes():
-                with context():
-                    evaluate_and_print(f"{prefix} [{name}]", forward_step_func,
-                                       _Recorded.replay(recorded), *args, **kwargs)
+                with context(), patcher.scoped(training, "print_rank_last", labelled(name)):
+                    evaluate_and_print(prefix, forward_step_func, _Recorded.replay(recorded),
+                                       *args, **kwargs)
             return result
 
         patcher.setattr(training, "evaluate_and_print_results", with_extra_passes)
 
     return Fix(
         "seam:evaluation-passes",
-        f"megatron/training/training.py:4342 evaluate_and_print_results, called at :4040, "
-        f":1483, :1494 ({VERSION})",
+        f"megatron/training/training.py:4342 evaluate_and_print_results (prints with "
+        f"print_rank_last), called at :4040, :1483, :1494 ({VERSION})",
         "Megatron evaluates one set of weights; a plugin's pass runs the same evaluation "
         "again on the batches the first one read",
-        lambda: source_has(_training().evaluate_and_print_results, "evaluate("),
+        lambda: source_has(_training().evaluate_and_print_results, "evaluate(",
+                           "print_rank_last("),
         apply, SEAM)
 
 

@@ -3,6 +3,8 @@
 - `FP8_FIXES`: two of `TransformerConfig.__post_init__`'s FP8 checks are about Transformer
   Engine's FP8, which the fp8 plugin replaces; they are lifted for a run with
   `--plugins fp8` (Megatron's other FP8 checks stay);
+- `FP8_RECOMPUTE`: under FP8, Megatron's full recomputation and its 'mlp' recomputation
+  checkpoint through TE's `te_checkpoint`; with the fp8 plugin they checkpoint as in BF16;
 - `MLA_LAYERNORM_RECOMPUTE`: Megatron's 'layernorm' selective recompute needs TE; the mla
   plugin does that recompute itself. Nothing of Megatron is patched for it: the record is
   there so that `megaseek fixes` shows it and its probe tells when it can go.
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 
 from upstream.patching import Fix, Patcher, patches_nothing, plugin_scope, rewrite_function, source_has
@@ -47,6 +50,58 @@ def _lift(check: str, why: str):
     return apply
 
 
+# --- recomputation under FP8 goes through TE (plugin fp8) --------------------------------------
+
+# Where Megatron reads te_checkpoint: bound at import (None without TE) in the first two; the
+# layer (its MLP), MTP and the MoE layer's callers import it from the extension at each call.
+TE_CHECKPOINT_HOLDERS = ("megatron.core.recompute", "megatron.core.transformer.moe.moe_layer",
+                         "megatron.core.extensions.transformer_engine")
+
+
+def _recompute_goes_through_te() -> bool:
+    sites = (_module("megatron.core.recompute").checkpointed_forward,                 # full
+             _module("megatron.core.transformer.transformer_layer").TransformerLayer._forward_mlp)
+    return (all(source_has(site, "if self.config.fp8 or self.config.fp4:", "te_checkpoint(")
+                for site in sites)
+            and any(_module(m).te_checkpoint is not _checkpoint_as_bf16
+                    for m in TE_CHECKPOINT_HOLDERS))
+
+
+def _checkpoint_as_bf16(forward_func, distribute_saved_activations, get_rng_state_tracker,
+                        tp_group, *args, **kwargs):
+    """`te_checkpoint`'s signature, Megatron's own checkpoint (what BF16 runs use: the
+    forward is rerun in backward with the RNG states of the first run)."""
+    from megatron.core import tensor_parallel
+
+    function = functools.partial(forward_func, **kwargs) if kwargs else forward_func
+    return tensor_parallel.checkpoint(function, distribute_saved_activations, *args)
+
+
+def _recompute_as_bf16(p: Patcher) -> None:
+    for holder in TE_CHECKPOINT_HOLDERS:
+        p.setattr(_module(holder), "te_checkpoint", _checkpoint_as_bf16)
+
+
+def _recomputes_fp8_blocks(args: argparse.Namespace) -> bool:
+    return (args.recompute_granularity == "full"
+            or _recomputes(args, "mlp", "moe", "shared_experts"))
+
+
+FP8_RECOMPUTE = Fix(
+    "fp8-recompute-without-te",
+    f"megatron/core/recompute.py:15-18,132-139; megatron/core/transformer/"
+    f"transformer_layer.py:882-894; megatron/core/transformer/moe/moe_layer.py:62-64,512,696; "
+    f"megatron/core/transformer/multi_token_prediction.py:1376-1378 ({VERSION})",
+    "with FP8 on, --recompute-granularity full and --recompute-modules mlp (moe, "
+    "shared_experts of Megatron's MoE layer) checkpoint through TE's te_checkpoint (None "
+    "without TE: TypeError; through the extension: ImportError) at the first forward; the "
+    "fp8 plugin's FP8 is not TE's and needs no FP8 state restored, so they checkpoint with "
+    "Megatron's tensor_parallel.checkpoint, as in BF16",
+    _recompute_goes_through_te, _recompute_as_bf16,
+    plugin_scope("fp8", "--recompute-granularity full or --recompute-modules mlp, moe or "
+                 "shared_experts", _recomputes_fp8_blocks))
+
+
 FP8_FIXES: tuple[Fix, ...] = (
     Fix("fp8-moe-without-te",
         f"megatron/core/transformer/transformer_config.py:2294-2300 ({VERSION})",
@@ -64,6 +119,7 @@ FP8_FIXES: tuple[Fix, ...] = (
         _lift(RECOMPUTE_FP8_NEEDS_TE, "norms are not FP8 (plugins.fp8)"),
         plugin_scope("fp8", "--recompute-modules layernorm or moe_act",
                      lambda args: _recomputes(args, "layernorm", "moe_act"))),
+    FP8_RECOMPUTE,
 )
 
 

@@ -7,7 +7,9 @@
   (MLA's down-projections);
 - `experts.LocalExperts`: a rank's routed experts as stacked SwiGLU weights, the `experts`
   slot of the moe plugin's layer spec;
-- `groups.process_groups`: Megatron's `pg_collection`, or parallel_state's groups without one.
+- `groups.process_groups`: Megatron's `pg_collection`, or parallel_state's groups without one;
+- `flags.first_refused`: the start-up error for a Megatron flag a plugin's modules do not
+  read, given a value of its own.
 
 A plugin that changes how these compute does it by spec: the fp8 plugin maps
 `ReplicatedLinear` and `LocalExperts` to FP8 subclasses of its own.

@@ -5,9 +5,17 @@ grouped GEMM (`torch._grouped_mm`: BF16 on CUDA, any float dtype on the CPU) all
 run as one grouped GEMM per projection; elsewhere a loop over experts computes the same
 products. Tokens that also arrived in FP8 (`tokens_fp8`, from an FP8 dispatch) are taken
 from their training-dtype copy here; a subclass that runs its GEMMs in FP8 takes the bytes.
+
+With `--recompute-modules moe_act` the SwiGLU output (fc2's input) is not kept for
+backward: fc2 saves a recipe instead, and backward computes the activation again from fc1's
+output, the one tensor the activation keeps (its own backward needs nothing else). That is
+what Megatron's `moe_act` keeps too, through CheckpointWithoutOutput, which needs
+Transformer Engine.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,61 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] ([n, 2f] -> [n, f])."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _SwiGLUKeepingInput(torch.autograd.Function):
+    """`swiglu` that keeps only its input for backward (autograd would keep silu(gate) and
+    up as well); the same ops backward as autograd's, so the same gradient bits."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return swiglu(h)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        d_gate = torch.ops.aten.silu_backward(dy * up, gate)
+        return torch.cat([d_gate, dy * F.silu(gate)], dim=-1)
+
+
+class _Recomputed:
+    """A tensor backward computes again (once, however many views of it were saved)."""
+
+    def __init__(self, compute) -> None:
+        self.compute, self.value = compute, None
+
+    def view(self, size, stride, offset) -> torch.Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.compute()
+        return self.value.as_strided(size, stride, offset)
+
+
+@contextlib.contextmanager
+def _saved_as_recipe(output: torch.Tensor, compute):
+    """Inside, autograd saving `output` (or a view of it) for backward keeps `compute`
+    instead, which backward calls to get the same values again."""
+    storage = output.untyped_storage().data_ptr()
+    recomputed = _Recomputed(compute)
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() != storage:
+            return t
+        return recomputed, t.size(), t.stride(), t.storage_offset()
+
+    def unpack(saved):
+        return saved if isinstance(saved, torch.Tensor) else saved[0].view(*saved[1:])
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 class LocalExperts(MegatronModule):
     """The `experts` slot of the moe plugin's layer: built as
     `experts(config, num_local_experts, hidden, ffn, pg_collection=...)`."""
@@ -62,29 +125,32 @@ class LocalExperts(MegatronModule):
                     config.output_layer_init_method(self.weight2[e])
         for w in (self.weight1, self.weight2):
             w.allreduce = False  # expert parameter: Megatron reduces it over expert-DP only
+        self.recompute_activation = (config.recompute_granularity == "selective"
+                                     and "moe_act" in (config.recompute_modules or ()))
 
     def forward(self, tokens: torch.Tensor, counts: list[int],
                 tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [n, hidden] grouped by expert -> [n, hidden]. `tokens_fp8`: the same
         tokens as (E4M3 [n, hidden], 1x128 scales [n, hidden/128]) when they were
         dispatched so; unused here (`tokens` holds their values)."""
-        if _grouped_mm_available(tokens):
-            return self._grouped_forward(tokens, counts)
-        outputs = []
+        h = self._expert_linear(tokens, counts, self.weight1)              # [n, 2f]
+        if not (self.recompute_activation and torch.is_grad_enabled()):
+            return self._expert_linear(swiglu(h), counts, self.weight2)    # [n, hidden]
+        act = _SwiGLUKeepingInput.apply(h)                                 # [n, f]
+        with _saved_as_recipe(act, lambda: swiglu(h)):
+            return self._expert_linear(act, counts, self.weight2)
+
+    def _expert_linear(self, x: torch.Tensor, counts: list[int],
+                       weight: torch.Tensor) -> torch.Tensor:
+        """Each expert's rows of x [n, k] times its weight [out, k]: [n, out]."""
+        if _grouped_mm_available(x):
+            ends = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # [e]
+            out = torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)
+            return _ContiguousGrad.apply(out)
         # unbind, not weight[e]: indexing's backward would zero-fill a gradient the size of
         # the whole stack once per expert.
-        for chunk, w1, w2 in zip(tokens.split(counts), self.weight1.unbind(0),
-                                 self.weight2.unbind(0)):
-            gate, up = F.linear(chunk, w1).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, w2))
-        return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
-
-    def _grouped_forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        ends = torch.tensor(counts, device=tokens.device).cumsum(0).to(torch.int32)  # [e]
-        h = torch._grouped_mm(tokens, self.weight1.transpose(1, 2), offs=ends)  # [n, 2f]
-        gate, up = _ContiguousGrad.apply(h).chunk(2, dim=-1)
-        out = torch._grouped_mm(F.silu(gate) * up, self.weight2.transpose(1, 2), offs=ends)
-        return _ContiguousGrad.apply(out)                                        # [n, h]
+        return torch.cat([F.linear(chunk, w) for chunk, w in zip(x.split(counts),
+                                                                 weight.unbind(0))])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Experts are split over EP ranks along dim 0 and replicated over expert-DP."""

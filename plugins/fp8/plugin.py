@@ -1,12 +1,67 @@
-"""The `fp8` plugin: `--plugins fp8 --fp8-format e4m3 --fp8-recipe blockwise`."""
+"""The `fp8` plugin: `--plugins fp8 --fp8-format e4m3 --fp8-recipe blockwise`.
+
+With `--transformer-impl local` no Megatron module reads its FP8 flags: only this plugin
+gives them a meaning, so `--fp8-format` without it is refused (`needed_by`), and so are the
+FP8 flags of Transformer Engine's recipes that have no meaning for DeepSeek-V3's block
+scales, with or without the plugin (`NOT_HONOURED`).
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from plugins import Plugin, PluginError
+from plugins.common.flags import Refusal, first_refused
 
 BLOCK = 128
+
+_NO_TE = "Transformer Engine's; Megatron's local modules ignore it, and the fp8 plugin "
+# Megatron's FP8 flags that only Transformer Engine's modules read: refused when set to
+# anything but Megatron's default (`plugins.common.flags`).
+NOT_HONOURED: tuple[Refusal, ...] = (
+    ("fp8_margin", "--fp8-margin", (0,),
+     "a margin of Transformer Engine's delayed scaling; the fp8 plugin scales every 1x128 "
+     "tile and 128x128 block by its own current amax, as DeepSeek-V3 does, with no margin"),
+    ("fp8_interval", "--fp8-interval", (1,),
+     "how often Transformer Engine's delayed scaling updated its scales (ignored since TE "
+     "1.8); the fp8 plugin's block scales are computed for every tensor"),
+    ("fp8_amax_history_len", "--fp8-amax-history-len", (1,),
+     "the amax history of Transformer Engine's delayed scaling; the fp8 plugin's block "
+     "scales come from the tile's current amax, with no history"),
+    ("fp8_amax_compute_algo", "--fp8-amax-compute-algo", ("most_recent",),
+     "how Transformer Engine's delayed scaling reads its amax history; the fp8 plugin's block "
+     "scales come from the tile's current amax, with no history"),
+    ("fp8_quantizer_factory", "--fp8-quantizer-factory", (None,),
+     "Transformer Engine's custom recipe; Megatron's local modules ignore it, and the fp8 "
+     "plugin has its own (1x128 / 128x128 block scales)"),
+    ("fp8_wgrad", "--no-fp8-wgrad", (True,),
+     "the fp8 plugin runs Wgrad in FP8, as DeepSeek-V3 does, and keeps the layer input for "
+     "backward in FP8 only"),
+    ("fp8_output_proj", "--fp8-output-proj", (False,),
+     _NO_TE + "keeps the output head in the training dtype, as DeepSeek-V3 does"),
+    ("fp8_param_gather", "--fp8-param-gather", (False,),
+     _NO_TE + "keeps weights in the training dtype and quantizes them where they are used "
+     "(--fp8-cache-weights holds the FP8 copies through a step)"),
+    ("keep_fp8_transpose_cache", "--keep-fp8-transpose-cache", (False,),
+     _NO_TE + "keeps no FP8 parameters"),
+    ("reuse_grad_buf_for_mxfp8_param_ag", "--reuse-grad-buf-for-mxfp8-param-ag", (False,),
+     _NO_TE + "has no MXFP8 parameters"),
+    ("first_last_layers_bf16", "--first-last-layers-bf16", (False,),
+     "not implemented by the fp8 plugin: every transformer layer's linears run in FP8, as in "
+     "DeepSeek-V3"),
+    ("num_layers_at_start_in_bf16", "--num-layers-at-start-in-bf16", (1,),
+     "it sizes --first-last-layers-bf16, which the fp8 plugin does not implement"),
+    ("num_layers_at_end_in_bf16", "--num-layers-at-end-in-bf16", (1,),
+     "it sizes --first-last-layers-bf16, which the fp8 plugin does not implement"),
+    ("te_precision_config_file", "--te-precision-config-file", (None,),
+     _NO_TE + "sets the precision of every linear of the layer itself"),
+)
+
+
+def _refused_flag(args: argparse.Namespace) -> str | None:
+    if args.transformer_impl != "local":
+        return None  # Transformer Engine's modules read them
+    return first_refused(args, NOT_HONOURED)
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -26,6 +81,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 def validate(args: argparse.Namespace) -> None:
     from plugins.fp8 import backends
 
+    refused = _refused_flag(args)
+    if refused:
+        raise PluginError(refused)
     if args.fp8 != "e4m3":
         raise PluginError("--plugins fp8 needs --fp8-format e4m3 (DeepSeek-V3 uses E4M3 for "
                           f"every tensor); got --fp8-format {args.fp8}")
@@ -54,6 +112,24 @@ def validate(args: argparse.Namespace) -> None:
         args.fp8_backend = backends.resolve(args.fp8_backend)
     except ValueError as error:
         raise PluginError(str(error)) from error
+
+
+def needed_by(args: argparse.Namespace) -> str | None:
+    """Without the plugin, Megatron's local modules ignore every FP8 flag: the run would
+    train in full precision."""
+    if getattr(args, "transformer_impl", None) != "local":
+        return None
+    refused = _refused_flag(args)
+    if refused:
+        return refused
+    if args.fp8 is not None:
+        return (f"--fp8-format {args.fp8} with --transformer-impl local needs --plugins fp8 "
+                "(Megatron's local modules ignore FP8: the run would train in full precision); "
+                "the plugin takes --fp8-format e4m3 --fp8-recipe blockwise")
+    if args.fp8_recipe != "delayed":  # Megatron's default
+        return (f"--fp8-recipe {args.fp8_recipe} does nothing without --fp8-format e4m3 "
+                "and --plugins fp8")
+    return None
 
 
 def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -86,8 +162,10 @@ def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
 
 
 def fixes(args: argparse.Namespace):
-    """Two of TransformerConfig's FP8 checks are about Transformer Engine's FP8, which this
-    plugin replaces: lifted for the run where they apply (`upstream.transformer`)."""
+    """Where Megatron hands FP8 to Transformer Engine, which this plugin replaces: two of
+    TransformerConfig's FP8 checks, lifted, and the recomputation of full layers and MLPs,
+    which checkpoint as in BF16 (`upstream.transformer`), each for the run where it
+    applies."""
     from upstream.patching import applicable
     from upstream.transformer import FP8_FIXES
 
@@ -117,6 +195,7 @@ FP8 = Plugin(
     summary="DeepSeek-V3 fine-grained FP8 GEMMs (1x128 / 128x128 scales) without TE",
     add_arguments=add_arguments,
     validate=validate,
+    needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     fixes=fixes,
     on_optimizer_step=on_optimizer_step,

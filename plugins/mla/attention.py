@@ -16,6 +16,12 @@ Tensor parallelism: heads are split across TP ranks (column-parallel up-projecti
 row-parallel output); the down-projections are replicated. With sequence parallelism the
 down-projections and latent norms see this rank's sequence shard, and the up-projections
 all-gather the (small) latents.
+
+Context parallelism: a rank holds chunks r and 2cp-1-r of each sequence, cut in 2cp
+(Megatron's layout, `get_batch_on_this_cp_rank`). Its queries attend to the whole
+sequence: the key/value latents and k_rope (kv_lora_rank + rope numbers per token) are
+all-gathered over the CP group (backward: reduce-scatter), up-projected, and put in
+sequence order; RoPE and the causal mask use each token's position in its sequence.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from plugins.common.groups import process_groups
 from plugins.mla.rope import Yarn, apply_rotary, rotary_table, yarn_mscale
 
 
@@ -86,9 +93,9 @@ class MLASelfAttention(MegatronModule):
                  attn_mask_type=None, pg_collection=None, **unused: Any):
         super().__init__(config)
         self.layer_number = layer_number
-        tp_size = (pg_collection.tp.size() if pg_collection is not None
-                   else parallel_state.get_tensor_model_parallel_world_size())
-        self.heads = config.num_attention_heads // tp_size  # this rank's heads
+        groups = process_groups(pg_collection, ("tp", "cp"))
+        self.tp_size, self.cp_group = groups.tp.size(), groups.cp
+        self.heads = config.num_attention_heads // self.tp_size  # this rank's heads
         self.nope_dim, self.rope_dim = config.qk_head_dim, config.qk_pos_emb_head_dim
         self.v_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
         self.yarn = None if config.rope_type != "yarn" else Yarn(
@@ -141,6 +148,9 @@ class MLASelfAttention(MegatronModule):
             [self.kv_lora_rank, self.rope_dim], dim=-1)               # [s, b, kv_lora], [s, b, rope]
         # k_rope serves every head, so its gradient sums over the TP ranks' heads: the
         # sequence all-gather's backward (reduce-scatter) or an all-reduce does that.
+        if self.cp_group.size() > 1:  # every CP rank's part of the keys and values
+            kv_latent, k_rope = (tensor_parallel.gather_from_sequence_parallel_region(
+                t, group=self.cp_group) for t in (kv_latent, k_rope))
         if self.config.sequence_parallel:
             k_rope = tensor_parallel.gather_from_sequence_parallel_region(k_rope)
         else:
@@ -149,13 +159,17 @@ class MLASelfAttention(MegatronModule):
         up = self._up_project
         if self.up_projection_recompute is not None:
             up = lambda *a: self.up_projection_recompute.run(self._up_project, *a)  # noqa: E731
-        query, key, value = up(q_latent, kv_latent, k_rope)            # [b, n, s, d] each
+        query, key, value = up(q_latent, kv_latent, k_rope)    # [b, n, s, d]; k, v: [b, n, S, d]
 
         # Core attention over this rank's heads; dropout draws per TP rank.
         mask = None if attention_mask is None else ~attention_mask
+        if mask is None and self.cp_group.size() > 1:  # causal, by position in the sequence
+            query_positions, _ = self._positions(query.shape[2], query.device)
+            mask = (torch.arange(key.shape[2], device=query.device)[None, :]
+                    <= query_positions[:, None])                      # [s, S]
         with tensor_parallel.get_cuda_rng_tracker().fork():
             context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, is_causal=attention_mask is None,
+                query, key, value, attn_mask=mask, is_causal=mask is None,
                 dropout_p=self.config.attention_dropout if self.training else 0.0,
                 scale=self.softmax_scale)[..., :self.v_dim]            # [b, n, s, v]
         context = context.permute(2, 0, 1, 3).flatten(2)              # [s, b, n * v]
@@ -168,16 +182,20 @@ class MLASelfAttention(MegatronModule):
         else:
             q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))
         kv, _ = self.linear_kv_up_proj(self.kv_layernorm(kv_latent))
-        s, b = q.shape[:2]
+        (s, b), keys = q.shape[:2], kv.shape[0]                       # keys = s but under CP
         q = q.view(s, b, self.heads, self.nope_dim + self.rope_dim)
-        kv = kv.view(s, b, self.heads, self.nope_dim + self.v_dim)
+        kv = kv.view(keys, b, self.heads, self.nope_dim + self.v_dim)
+        query_positions, key_order = self._positions(s, q.device)
+        if key_order is not None:  # gathered over CP ranks: into sequence order
+            kv, k_rope = kv.index_select(0, key_order), k_rope.index_select(0, key_order)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
 
-        cos, sin = rotary_table(torch.arange(s, device=q.device), self.rope_dim,
-                                self.config.rotary_base, self.yarn, q.dtype)
-        q_rope = apply_rotary(q_rope, cos, sin)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)          # [s, b, 1, rope]
+        rotary = lambda positions: rotary_table(  # noqa: E731
+            positions, self.rope_dim, self.config.rotary_base, self.yarn, q.dtype)
+        q_rope = apply_rotary(q_rope, *rotary(query_positions))
+        k_rope = apply_rotary(k_rope.unsqueeze(2),
+                              *rotary(torch.arange(keys, device=q.device)))  # [S, b, 1, rope]
         query = torch.cat([q_nope, q_rope], dim=-1)
         key = torch.cat([k_nope, k_rope.expand(-1, -1, self.heads, -1)], dim=-1)
         if value.shape[-1] != query.shape[-1] and value.device.type == "cpu":
@@ -191,3 +209,21 @@ class MLASelfAttention(MegatronModule):
         # Contiguous [b, n, s, d]: what attention keeps for backward is then exactly these
         # tensors, which mla_up_proj recomputation replaces by recipes.
         return tuple(t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
+
+    def _positions(self, s: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions in their sequences of this rank's s query rows, and the order that
+        sorts the key rows gathered over the CP group into sequence order (None without
+        context parallelism: the rows are the sequence)."""
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        if cp == 1:
+            return torch.arange(s, device=device), None
+        chunk = s // 2
+        held = [torch.cat([torch.arange(r * chunk, (r + 1) * chunk),             # chunk r
+                           torch.arange((2 * cp - 1 - r) * chunk, (2 * cp - r) * chunk)])
+                for r in range(cp)]                                   # [s] per CP rank
+        # Gathered rows: over CP, then over TP inside the up-projection under sequence
+        # parallelism, each TP rank holding a contiguous 1/tp of its CP rank's rows.
+        sp = self.tp_size if self.config.sequence_parallel else 1
+        gathered = torch.cat([part for t in range(sp)
+                              for part in (h.chunk(sp)[t] for h in held)])  # [cp * s]
+        return held[rank].to(device), torch.argsort(gathered).to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from plugins import Plugin, PluginError
+from plugins.common.flags import Refusal, first_refused
 
 # Selective-recompute names the MLA layer handles, and the ones Megatron handles outside
 # attention (MLP, MoE); 'core_attn' would need Megatron's attention and is refused.
@@ -28,13 +29,11 @@ def validate(args: argparse.Namespace) -> None:
     if args.qk_pos_emb_head_dim <= 0 or args.qk_pos_emb_head_dim % 2:
         raise PluginError(f"--plugins mla: --qk-pos-emb-head-dim {args.qk_pos_emb_head_dim} "
                           "must be even and positive (RoPE rotates pairs)")
-    if args.rope_type is None:
-        args.rope_type = "yarn"  # Megatron's default for MLA (see --rope-type's help)
-    if args.rope_type == "yarn" and args.rotary_scaling_factor > 1:
-        if args.yarn_original_max_position_embeddings is None:
-            raise PluginError("--plugins mla: --rope-type yarn with --rotary-scaling-factor "
-                              f"{args.rotary_scaling_factor} needs "
-                              "--yarn-original-max-position-embeddings")
+    for flag, size in (("--qk-head-dim", args.qk_head_dim), ("--v-head-dim", args.v_head_dim)):
+        if size <= 0:
+            raise PluginError(f"--plugins mla: {flag} {size} must be positive")
+    _validate_rope(args)
+    _validate_context_parallel(args)
     # Megatron maps config fields from args by name; MLATransformerConfig's YaRN fields
     # have no flag of that name, so the yarn_* flags are passed on under the field names.
     for field, flag in (("original_max_position_embeddings", "yarn_original_max_position_embeddings"),
@@ -50,11 +49,100 @@ def validate(args: argparse.Namespace) -> None:
                               f"(or {' '.join(MEGATRON_RECOMPUTE)} outside attention)")
 
 
+# Megatron's RoPE flags that the plugin's RoPE does not read (`plugins.common.flags`).
+IGNORED_ROPE_FLAGS: tuple[Refusal, ...] = (
+    ("rotary_interleaved", "--rotary-interleaved", (False,),
+     "the mla plugin rotates Megatron's half-split pairs; DeepSeek's interleaved checkpoints "
+     "convert exactly with plugins.mla.convert.from_interleaved_rope"),
+    ("rotary_percent", "--rotary-percent", (1.0,),
+     "MLA rotates exactly --qk-pos-emb-head-dim dimensions of each head"),
+    ("rotary_seq_len_interpolation_factor", "--rotary-seq-len-interpolation-factor", (None,),
+     "MLA extends its context with YaRN (--rope-type yarn --rotary-scaling-factor)"),
+    ("use_rope_scaling", "--use-rope-scaling", (False,),
+     "Llama 3.1's RoPE scaling; MLA extends its context with YaRN (--rope-type yarn)"),
+    ("rope_scaling_factor", "--rope-scaling-factor", (8.0,),
+     "the factor of Llama 3.1's RoPE scaling; MLA extends its context with YaRN "
+     "(--rotary-scaling-factor)"),
+    ("no_rope_freq", "--no-rope-freq", (None,), "every MLA layer applies RoPE"),
+    ("yarn_correction_range_round_to_int", "--no-yarn-correction-range-round-to-int",
+     (None, True),  # None: Megatron's default, which rounds
+     "the mla plugin rounds YaRN's correction range to whole dimensions, as DeepSeek-V3 "
+     "does"),
+)
+# The YaRN flags, with Megatron's defaults: with --rope-type rope nothing reads them.
+YARN_FLAGS = (("rotary_scaling_factor", "--rotary-scaling-factor", 1.0),
+              ("yarn_original_max_position_embeddings",
+               "--yarn-original-max-position-embeddings", None),
+              ("yarn_beta_fast", "--yarn-beta-fast", None),
+              ("yarn_beta_slow", "--yarn-beta-slow", None),
+              ("mscale", "--mscale", 1.0), ("mscale_all_dim", "--mscale-all-dim", 0.0))
+
+
+def _validate_rope(args: argparse.Namespace) -> None:
+    from plugins.mla.rope import Yarn
+
+    refused = first_refused(args, IGNORED_ROPE_FLAGS)
+    if refused:
+        raise PluginError(f"--plugins mla: {refused}")
+    if args.rope_type is None:
+        args.rope_type = "yarn"  # Megatron's default for MLA (see --rope-type's help)
+    if args.rope_type == "rope":
+        given = [f"{flag} {getattr(args, dest)}" for dest, flag, default in YARN_FLAGS
+                 if getattr(args, dest) != default]
+        if given:
+            raise PluginError(f"--plugins mla: --rope-type rope reads no YaRN flag; drop "
+                              f"{', '.join(given)} or use --rope-type yarn")
+        if args.apply_rope_fusion:
+            raise PluginError("--plugins mla: --rope-type rope needs --no-rope-fusion "
+                              "(Megatron's MLA config refuses RoPE fusion without YaRN)")
+        return
+    factor = args.rotary_scaling_factor
+    if factor <= 0:
+        raise PluginError(f"--plugins mla: --rotary-scaling-factor {factor} must be positive "
+                          "(YaRN divides the low RoPE frequencies by it)")
+    if factor != 1 and args.yarn_original_max_position_embeddings is None:
+        raise PluginError(f"--plugins mla: --rope-type yarn with --rotary-scaling-factor "
+                          f"{factor} needs --yarn-original-max-position-embeddings")
+    original = args.yarn_original_max_position_embeddings
+    if original is not None and original <= 0:
+        raise PluginError(f"--plugins mla: --yarn-original-max-position-embeddings {original} "
+                          "must be positive")
+    fast, slow = args.yarn_beta_fast, args.yarn_beta_slow
+    fast = Yarn.beta_fast if fast is None else fast
+    slow = Yarn.beta_slow if slow is None else slow
+    if slow <= 0 or fast < slow:
+        raise PluginError(f"--plugins mla: --yarn-beta-fast {fast} and --yarn-beta-slow {slow} "
+                          "must satisfy 0 < beta-slow <= beta-fast (YaRN keeps the dimensions "
+                          "turning more than beta-fast times over the original context and "
+                          "interpolates those turning fewer than beta-slow times)")
+
+
+def _validate_context_parallel(args: argparse.Namespace) -> None:
+    """MLA under context parallelism all-gathers the K/V latents over the CP group."""
+    if args.context_parallel_size == 1:
+        return
+    other = sorted(set(args.cp_comm_type) - {"p2p", "allgather"})
+    if other:
+        raise PluginError(f"--plugins mla: --cp-comm-type {' '.join(other)} is not supported; "
+                          "MLA all-gathers the key/value latents over the context-parallel "
+                          "ranks (use allgather)")
+    if args.hybrid_context_parallel:
+        raise PluginError("--plugins mla: --hybrid-context-parallel is not supported (it "
+                          "needs packed sequences, which MLA does not take)")
+
+
 def needed_by(args: argparse.Namespace) -> str | None:
-    if getattr(args, "multi_latent_attention", False) and args.transformer_impl == "local":
+    if getattr(args, "transformer_impl", None) != "local":
+        return None
+    if getattr(args, "multi_latent_attention", False):
         return ("--multi-latent-attention with --transformer-impl local needs --plugins mla "
                 "(Megatron's own MLA does not build with the local spec: its core attention "
                 "rejects k_channels/v_channels)")
+    if args.recompute_granularity == "selective" and "layernorm" in (args.recompute_modules or ()):
+        return ("--recompute-modules layernorm with --transformer-impl local needs --plugins "
+                "mla (Megatron 0.19.2's own layernorm recomputation calls Transformer Engine "
+                "and fails at the first forward without it; the mla plugin's layers recompute "
+                "their norms themselves); otherwise leave layernorm out of --recompute-modules")
     return None
 
 

@@ -9,5 +9,6 @@ node-aware two-hop options (`dispatch`), SwiGLU routed experts (`plugins.common.
 the layer spec's `experts` slot, which other plugins may map) and Megatron's
 shared experts. Turn it on with `--plugins moe` and Megatron's MoE flags
 (`--num-experts`, `--moe-router-score-function sigmoid`, `--moe-router-enable-expert-bias`,
-`--moe-router-num-groups`, `--moe-router-group-topk`, ...).
+`--moe-router-num-groups`, `--moe-router-group-topk`, ...). Megatron's MoE flags the layer
+does not implement are refused at start-up, by name (`plugin.REFUSED`).
 """

@@ -131,7 +131,8 @@ class DeepSeekRouter(torch.nn.Module):
     """Gate of one MoE layer: hidden [T, H] -> (indices [T, K], gates [T, K], scores [T, E]).
 
     `scores` are the fp32 sigmoid affinities of all experts, for the sequence-wise balance
-    loss. Leading dims of `hidden` other than the last are flattened into T.
+    loss. Leading dims of `hidden` other than the last are flattened into T. The two steps
+    are also callable apart (`logits`, then `choose`), for losses on the logits (z-loss).
     """
 
     def __init__(self, hidden_size: int, config: RouterConfig, *, init_std: float = 0.02,
@@ -158,12 +159,17 @@ class DeepSeekRouter(torch.nn.Module):
         torch.nn.init.normal_(self.weight, std=self.init_std)
         self.e_score_correction_bias.zero_()
 
-    def forward(self, hidden: torch.Tensor):
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
-        logits = F.linear(hidden.float(), self.weight.float())  # [T, E], fp32 like HF
+        return F.linear(hidden.float(), self.weight.float())  # [T, E], fp32 like HF
+
+    def choose(self, logits: torch.Tensor):
         scores = logits.sigmoid()  # [T, E]
         indices, gates = _select(scores, self.e_score_correction_bias, self.config)
         return indices, gates, scores
+
+    def forward(self, hidden: torch.Tensor):
+        return self.choose(self.logits(hidden))
 
     def extra_repr(self) -> str:
         c = self.config

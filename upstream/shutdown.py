@@ -27,6 +27,31 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib
+
+from upstream.patching import EVERY_MACHINE, Fix, patches_nothing, source_has
+
+VERSION = "megatron-core 0.19.2"
+
+
+def _leaves_groups_behind() -> bool:
+    parallel_state = importlib.import_module("megatron.core.parallel_state")
+    rotary = importlib.import_module("megatron.core.models.common.embeddings.rotary_pos_embedding")
+    return (not source_has(parallel_state.destroy_model_parallel,
+                           "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP = None")
+            or source_has(rotary.RotaryEmbedding, "@lru_cache"))
+
+
+# Recorded for `megaseek fixes`; the workaround is `end_run` below.
+PROCESS_GROUPS_LEFT_ALIVE = Fix(
+    "end-run-destroys-every-group",
+    f"megatron/training/training.py pretrain (returns with the groups up); "
+    f"megatron/core/parallel_state.py:2506 destroy_model_parallel (leaves "
+    f"_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP set); models/common/embeddings/"
+    f"rotary_pos_embedding.py:177 (@lru_cache on forward holds the cp group) ({VERSION})",
+    "gloo worker threads alive at interpreter exit abort the process (SIGABRT after "
+    "training); end_run destroys every group while the interpreter is fully alive",
+    _leaves_groups_behind, patches_nothing, EVERY_MACHINE)
 
 
 def end_run() -> None:

@@ -1,0 +1,20 @@
+"""Megatron flags that a plugin's modules do not read, refused by name at start-up."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Iterable
+
+# (argparse dest, flag, the values the plugin honours (Megatron's default first), why any
+# other value is refused)
+Refusal = tuple[str, str, tuple[Any, ...], str]
+
+
+def first_refused(args: argparse.Namespace, refusals: Iterable[Refusal]) -> str | None:
+    """The error message for the first flag given a value the plugin does not honour."""
+    for dest, flag, honoured, why in refusals:
+        value = getattr(args, dest)
+        if value not in honoured:
+            given = flag if isinstance(value, bool) else f"{flag} {value}"
+            return f"{given} is not supported: {why}"
+    return None

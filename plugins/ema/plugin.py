@@ -1,0 +1,199 @@
+"""The `ema` plugin: `--plugins ema --ema-decay D [--ema-interval N] [--ema-start-iter K]
+[--ema-eval]`. Attaches through the registry's hooks only: the optimizer-step callback
+(the update), the checkpoint state (saved under 'megaseek:ema') and an evaluation pass."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from plugins import Plugin, PluginError
+from plugins.ema.ema import EMAConfig, HostEMA, owned_shards
+
+_ATTRIBUTE = "megaseek_ema"  # where the run's HostEMA hangs on the first model chunk
+CHECKPOINT_PREFIX = "megaseek:ema"  # the EMA's sharded keys: PREFIX.<the weight's key>
+EVALUATION_NAME = "EMA weights"
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                       help="EMA of the weights: ema = D * ema + (1 - D) * weights, in host "
+                            "memory, after each update step (DeepSeek-V3)")
+    group.add_argument("--ema-interval", type=int, default=1, metavar="N",
+                       help="update the EMA every N iterations")
+    group.add_argument("--ema-start-iter", type=int, default=0, metavar="K",
+                       help="before iteration K the EMA is a copy of the weights")
+    group.add_argument("--ema-eval", action="store_true", default=False,
+                       help="every evaluation also runs with the EMA weights")
+
+
+def validate(args: argparse.Namespace) -> None:
+    decay = args.ema_decay
+    if decay is None:
+        raise PluginError("--plugins ema needs --ema-decay D (0 < D < 1, e.g. 0.999)")
+    if not 0.0 < decay < 1.0:
+        raise PluginError(f"--ema-decay must be in (0, 1); got {decay}")
+    if args.ema_interval < 1:
+        raise PluginError(f"--ema-interval must be at least 1; got {args.ema_interval}")
+    if args.ema_start_iter < 0:
+        raise PluginError(f"--ema-start-iter must be at least 0; got {args.ema_start_iter}")
+    if args.ema_eval and not (getattr(args, "eval_iters", 0) or 0) > 0:
+        raise PluginError(f"--ema-eval needs evaluation: give --eval-iters > 0 (got "
+                          f"--eval-iters {getattr(args, 'eval_iters', None)})")
+
+
+def config_of(args: argparse.Namespace) -> EMAConfig:
+    return EMAConfig(args.ema_decay, args.ema_interval, args.ema_start_iter)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of this machine (Linux), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_host_memory(owned_numel: int, ranks_on_host: int, available: int) -> None:
+    """The EMA and its staging buffer, FP32, on every rank of this machine, must fit."""
+    needed = owned_numel * 4 * 2 * ranks_on_host
+    if needed > available:
+        gib = 2 ** 30
+        raise PluginError(
+            f"--plugins ema: the EMA needs {needed / gib:.2f} GiB of host memory "
+            f"({owned_numel} parameters owned per rank, FP32 EMA and staging buffer, "
+            f"{ranks_on_host} ranks on this machine) but {available / gib:.2f} GiB is "
+            "available; use more data-parallel ranks with --use-distributed-optimizer, more "
+            "machines, or drop --plugins ema")
+
+
+def create(args: argparse.Namespace, model_chunks: list, optimizer) -> HostEMA:
+    shards = owned_shards(model_chunks, optimizer)
+    check_host_memory(sum(s.numel for s in shards),
+                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")), available_host_bytes())
+
+    def wait_timer():
+        from megatron.training import get_timers
+
+        return get_timers()("ema-wait", log_level=0)
+
+    ema = HostEMA(shards, config_of(args), wait_timer)
+    if ema.copies_from_gpu:  # GPU: the next step's update waits for the staging copy
+        for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+            inner = getattr(opt, "optimizer", None)
+            if isinstance(inner, torch.optim.Optimizer):
+                inner.register_step_pre_hook(lambda *unused: ema.hold_weight_writes())
+    object.__setattr__(model_chunks[0], _ATTRIBUTE, ema)
+    return ema
+
+
+def ema_of(model_chunks: list) -> HostEMA:
+    ema = getattr(model_chunks[0], _ATTRIBUTE, None)
+    if ema is None:
+        raise RuntimeError("the EMA is made when Megatron builds the optimizer; it was asked "
+                           "for before")
+    return ema
+
+
+def _log_wait(args, iteration: int) -> None:
+    from megatron.training import get_tensorboard_writer, get_timers
+
+    timers = get_timers()
+    if timers is None or iteration % max(1, args.log_interval) != 0:
+        return
+    waited = timers("ema-wait", log_level=0).elapsed(reset=True)
+    if waited == 0.0 or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return  # the steps did not wait (or another rank reports)
+    print(f" ema: iteration {iteration}: waited {waited * 1e3:.3f} ms for the previous "
+          f"EMA update over the last {args.log_interval} iterations", flush=True)
+    writer = get_tensorboard_writer()
+    if writer is not None:
+        writer.add_scalar("ema-wait-ms", waited * 1e3, iteration)
+
+
+def on_optimizer_step(args, model_chunks, optimizer):
+    ema = create(args, model_chunks, optimizer)
+
+    def after_step(iteration: int) -> None:
+        ema.step(iteration)
+        _log_wait(args, iteration)
+
+    return after_step
+
+
+class EMACheckpointState:
+    """The EMA as Megatron dist-checkpointing tensors: each weight's EMA is sharded like
+    the weight (its model ShardedTensor with another key and data), so it reshards as the
+    weights do. Saving and loading assemble whole parameters over data parallelism."""
+
+    def __init__(self, ema: HostEMA, model_chunks: list) -> None:
+        self.ema, self.model_chunks = ema, model_chunks
+
+    def _model_tensors(self) -> list:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+        from megatron.core import parallel_state
+        from megatron.core.utils import unwrap_model
+
+        kwargs = {}  # as Megatron's generate_state_dict asks (training/checkpointing.py:1322)
+        if parallel_state.model_parallel_is_initialized():
+            kwargs["metadata"] = {
+                "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+        by_param = {}
+        for chunk in unwrap_model(list(self.model_chunks)):  # the keys Megatron saves
+            for value in nested_values(chunk.sharded_state_dict(**kwargs)):
+                if isinstance(value, ShardedBase) and isinstance(getattr(value, "data", None),
+                                                                 torch.Tensor):
+                    by_param.setdefault(id(value.data), value)
+        missing = [i for i, s in enumerate(self.ema.shards) if id(s.param) not in by_param]
+        if missing:
+            raise RuntimeError(f"{len(missing)} parameters have no sharded tensor in the "
+                               "model's sharded_state_dict")
+        return [by_param[id(s.param)] for s in self.ema.shards]
+
+    def sharded_state_dict(self) -> dict:
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        fulls = self.ema.full()  # waits for the update in flight
+        # Keyed by the shard's place on this rank (several layers share one checkpoint key,
+        # at different offsets); what is saved is named by the tensors' own keys.
+        return {str(i): make_sharded_optimizer_tensor(model, full, CHECKPOINT_PREFIX)
+                for i, (model, full) in enumerate(zip(self._model_tensors(), fulls))}
+
+    def load_state_dict(self, state) -> None:
+        if state is None:
+            self.ema.reset_to_weights()
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                print(" ema: the checkpoint holds no EMA; it starts from the loaded weights",
+                      flush=True)
+            return
+        self.ema.load_full([state[str(i)] for i in range(len(self.ema.shards))])
+
+
+def checkpoint_state(args, model_chunks) -> EMACheckpointState:
+    return EMACheckpointState(ema_of(model_chunks), model_chunks)
+
+
+def evaluation(args, model_chunks):
+    if not args.ema_eval:
+        return None  # no EMA evaluation asked for: Megatron evaluates the raw weights only
+    return EVALUATION_NAME, ema_of(model_chunks).swapped_in
+
+
+EMA = Plugin(
+    name="ema",
+    summary="DeepSeek-V3's EMA of the weights in host memory, updated in the background "
+            "after each step, checkpointed and optionally evaluated (--ema-decay)",
+    add_arguments=add_arguments,
+    validate=validate,
+    on_optimizer_step=on_optimizer_step,
+    checkpoint_state=checkpoint_state,
+    evaluation=evaluation,
+)

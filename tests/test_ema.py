@@ -1,0 +1,338 @@
+"""The `ema` plugin: the host EMA against a synchronous EMA of the weights recorded at each
+step (oracle), through Megatron's training loop on 1 and 2 gloo ranks (TP=2; the
+distributed optimizer at DP=2); save/resume; a worker failure; the EMA evaluation pass;
+the start-up checks.
+
+Run as a script (under torchrun) this file is `integration.pretrain` with one more test
+plugin, `ema_oracle`, which records the owned weights after every step, applies the EMA
+formula synchronously, and at the last iteration compares it with the plugin's EMA.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- the oracle plugin (used when this file runs under torchrun) -------------------------
+
+def _oracle_arguments(group):
+    group.add_argument("--oracle-trace", type=str, default=None, help="file for the result")
+
+
+def _oracle_step(args, model_chunks, optimizer):
+    from plugins.ema.ema import owned_shards
+    from plugins.ema.plugin import ema_of
+
+    shards = owned_shards(model_chunks, optimizer)
+
+    def weights():  # the owned weights, flat, FP32: the layout of HostEMA.ema
+        return torch.cat([s.source.detach().float().cpu().reshape(-1) for s in shards])
+
+    oracle = [weights()]  # the EMA starts at the weights the optimizer was built with
+    # ... or at the weights loaded from a checkpoint without EMA (_OracleState).
+    object.__setattr__(model_chunks[0], "ema_oracle_restart", lambda: oracle.__setitem__(0, weights()))
+    decay, interval, start = args.ema_decay, args.ema_interval, args.ema_start_iter
+
+    def after_step(iteration: int) -> None:
+        w = weights()
+        if iteration < start:
+            oracle[0] = w.clone()
+        elif iteration % interval == 0:
+            oracle[0].mul_(decay).add_(w, alpha=1.0 - decay)
+        if iteration == args.train_iters:
+            ema = ema_of(model_chunks)
+            ema.wait()
+            # Same formula, same FP32 operations in the same order on the same layout:
+            # the background update is expected bit for bit.
+            error = (ema.ema - oracle[0]).abs().max().item() if oracle[0].numel() else 0.0
+            moved = (ema.ema - w).abs().max().item() if w.numel() else 0.0
+            rank = torch.distributed.get_rank()
+            with open(args.oracle_trace, "a") as f:
+                f.write(f"{rank} owned {w.numel()} error {error!r} moved {moved!r}\n")
+
+    return after_step
+
+
+class _OracleState:
+    """Told when a checkpoint is loaded: the oracle then starts from the loaded weights."""
+
+    def __init__(self, model_chunks) -> None:
+        self.model_chunks = model_chunks
+
+    def sharded_state_dict(self):
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        self.model_chunks[0].ema_oracle_restart()
+
+
+def _main(argv):
+    sys.path.insert(0, str(REPO))
+    from integration import pretrain
+    from plugins import Plugin, PluginRegistry, builtin_plugins
+
+    oracle = Plugin("ema_oracle", "test: a synchronous EMA of the recorded weights",
+                    add_arguments=_oracle_arguments, on_optimizer_step=_oracle_step,
+                    checkpoint_state=lambda args, chunks: _OracleState(chunks))
+    pretrain.main(argv, registry=PluginRegistry([*builtin_plugins(), oracle]))
+
+
+# --- through Megatron's training loop ---------------------------------------------------
+
+def _train(args, tmp_path, ranks=2):
+    from tests.training_runs import TINY_GPT, torchrun
+
+    return torchrun([str(Path(__file__).resolve())], TINY_GPT + args, tmp_path, ranks=ranks,
+                    env={"PYTHONPATH": str(REPO)})
+
+
+def _oracle_results(trace: Path) -> dict[int, tuple[int, float, float]]:
+    found = re.findall(r"^(\d+) owned (\d+) error (\S+) moved (\S+)$", trace.read_text(), re.M)
+    return {int(r): (int(n), float(e), float(m)) for r, n, e, m in found}
+
+
+MLA_MOE_EP2 = [  # plugins mla and moe, DeepSeek's MoE in the second layer, experts split over 2 ranks
+    "--plugins", "mla", "moe", "--multi-latent-attention", "--q-lora-rank", "32",
+    "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
+    "--v-head-dim", "16", "--rope-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+    "--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "2",
+    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+    "--moe-router-bias-update-rate", "1e-3", "--moe-ffn-hidden-size", "32",
+    "--moe-shared-expert-intermediate-size", "32", "--moe-router-load-balancing-type", "none",
+    "--moe-layer-freq", "([0]+[1]*1)", "--expert-model-parallel-size", "2",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, ema, ranks", [
+    ([], ["--ema-decay", "0.9", "--ema-interval", "3", "--ema-start-iter", "2"], 1),
+    (["--tensor-model-parallel-size", "2"],
+     ["--ema-decay", "0.8", "--ema-interval", "2", "--ema-start-iter", "3"], 2),
+    (["--use-distributed-optimizer"], ["--ema-decay", "0.5"], 2),
+    ([], ["--ema-decay", "0.95", "--ema-interval", "2"], 2),  # DDP: DP=2 split the EMA
+    (MLA_MOE_EP2, ["--ema-decay", "0.9", "--ema-start-iter", "2"], 2),
+], ids=["1rank", "tp2", "distopt-dp2", "ddp-dp2", "mla-moe-ep2"])
+def test_ema_equals_synchronous_oracle(layout, ema, ranks, tmp_path):
+    trace = tmp_path / "oracle.txt"
+    plugins = ["ema", "ema_oracle"]
+    if "--plugins" in layout:  # one --plugins list
+        at = layout.index("--plugins")
+        layout = layout[:at + 1] + plugins + layout[at + 1:]
+        plugins = []
+    _train(layout + (["--plugins", *plugins] if plugins else []) + [*ema, "--train-iters", "7",
+                     "--oracle-trace", str(trace)], tmp_path, ranks=ranks)
+    results = _oracle_results(trace)
+    assert sorted(results) == list(range(ranks))
+    for rank, (owned, error, moved) in results.items():
+        assert owned > 0
+        assert error == 0.0, f"rank {rank}: EMA differs from the oracle by {error}"
+        assert moved > 0.0, f"rank {rank}: the EMA equals the weights (no averaging?)"
+    if not {"--tensor-model-parallel-size", "--expert-model-parallel-size"} & set(layout) \
+            and ranks == 2:
+        # Data parallelism splits the EMA: the two ranks own about half each.
+        total = sum(owned for owned, _, _ in results.values())
+        assert all(abs(owned - total / 2) <= total * 0.05 for owned, _, _ in results.values())
+
+
+def _checkpoint(directory: Path, iteration: int) -> dict[str, torch.Tensor]:
+    from tests.training_runs import checkpoint_tensors
+
+    return checkpoint_tensors(directory, iteration)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_ema_and_evaluates_it(tmp_path):
+    """6 iterations straight vs 3 + resume from the iteration-3 checkpoint (distributed
+    optimizer, DP=2): the saved EMA is identical. With --ema-eval each evaluation prints a
+    second line for the EMA weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ema = ["--plugins", "ema", "--ema-decay", "0.7", "--use-distributed-optimizer",
+           "--train-iters", "6", "--save-interval", "3", "--eval-interval", "2",
+           "--eval-iters", "1"]
+    out_a = _train(ema + ["--ema-eval", "--save", str(straight)], tmp_path)
+    out_b = _train(ema + ["--save", str(resumed), "--load", str(straight), "--ckpt-step", "3"],
+                   tmp_path)
+
+    a, b = _checkpoint(straight, 6), _checkpoint(resumed, 6)
+    assert a.keys() == b.keys()
+    weights = {k for k in a if not k.startswith(("optimizer.", "megaseek:"))}
+    assert "embedding.word_embeddings.weight" in weights
+    # One EMA per weight, sharded like it (the model's key, prefixed).
+    assert {k for k in a if k.startswith("megaseek:")} == {"megaseek:ema." + k for k in weights}
+    assert all(a["megaseek:ema." + k].shape == a[k].shape for k in weights)
+    # The whole checkpoint is identical: the EMA continued exactly, and the run with
+    # --ema-eval trained the same weights (each EMA evaluation restored them bit for bit).
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"resumed run differs in {differing[:5]}"
+
+    ema_lines = re.findall(r"validation loss \(EMA weights\) at iteration (\d+) \| "
+                           r"lm loss value: ([0-9.E+-]+)", out_a)
+    raw_lines = re.findall(r"validation loss at iteration (\d+) on validation set \| "
+                           r"lm loss value: ([0-9.E+-]+)", out_a)
+    assert {i for i, _ in ema_lines} >= {"2", "4", "6"}
+    assert raw_lines
+
+
+def _final_ema_validation_loss(output: str) -> float:
+    found = re.findall(r"validation loss \(EMA weights\) at iteration \d+ on validation set \| "
+                       r"lm loss value: ([0-9.E+-]+)", output)
+    assert found, "no final EMA validation loss in the output"
+    return float(found[-1])
+
+
+@pytest.mark.slow
+def test_ema_saved_at_tp2_loads_at_tp1(tmp_path):
+    """The EMA reshards as the weights do: saved at TP=2, loaded at TP=1 (DP=2, each rank
+    keeping half of it), the EMA weights evaluate to the same loss."""
+    common = ["--plugins", "ema", "--ema-decay", "0.6", "--ema-eval", "--train-iters", "4",
+              "--make-vocab-size-divisible-by", "256"]  # the same padded vocabulary
+    saved = _train(common + ["--tensor-model-parallel-size", "2", "--save", str(tmp_path / "ck"),
+                             "--save-interval", "4"], tmp_path)
+    loaded = _train(common + ["--load", str(tmp_path / "ck"), "--no-load-optim",
+                              "--no-load-rng"], tmp_path)
+    assert "the checkpoint holds no EMA" not in loaded
+    # fp32 on CPU; TP changes only the summation order.
+    assert _final_ema_validation_loss(loaded) == pytest.approx(
+        _final_ema_validation_loss(saved), abs=1e-5)
+    # and the EMA is not the weights (whose loss Megatron prints on its own line)
+    from tests.training_runs import final_validation_loss
+    assert abs(final_validation_loss(loaded) - _final_ema_validation_loss(loaded)) > 1e-4
+
+
+@pytest.mark.slow
+def test_checkpoint_without_ema_starts_from_the_loaded_weights(tmp_path):
+    ckpt, trace = tmp_path / "plain", tmp_path / "oracle.txt"
+    _train(["--train-iters", "3", "--save-interval", "3", "--save", str(ckpt)], tmp_path,
+           ranks=1)
+    out = _train(["--plugins", "ema", "ema_oracle", "--ema-decay", "0.9", "--train-iters", "5",
+                  "--load", str(ckpt), "--override-opt_param-scheduler",
+                  "--oracle-trace", str(trace)], tmp_path, ranks=1)
+    assert "the checkpoint holds no EMA; it starts from the loaded weights" in out
+    assert "validation loss at iteration" in out
+    assert "EMA weights" not in out  # without --ema-eval only the raw weights are evaluated
+    (owned, error, moved), = _oracle_results(trace).values()
+    assert error == 0.0 and moved > 0.0
+
+
+# --- the EMA object on its own -------------------------------------------------------------
+
+def _single_rank_ema(decay=0.9, interval=1, start=0):
+    from plugins.ema.ema import EMAConfig, HostEMA, owned_shards
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    return model, HostEMA(owned_shards([model]), EMAConfig(decay, interval, start))
+
+
+def test_worker_failure_surfaces_at_the_next_step():
+    from plugins.ema import EMAWorkerFailed
+
+    model, ema = _single_rank_ema()
+
+    def broken(*unused):
+        raise ValueError("disk on fire")
+
+    ema.apply = broken
+    ema.step(1)
+    with pytest.raises(EMAWorkerFailed, match=r"(?s)Traceback.*ValueError: disk on fire"):
+        ema.step(2)
+    ema.close()  # the failure was reported once; nothing is left running
+    assert ema._thread is None
+
+
+def test_swap_puts_the_ema_in_and_restores_the_weights_bit_for_bit():
+    model, ema = _single_rank_ema(decay=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.step(1)  # ema = (w + w + 1) / 2
+    trained = [p.detach().clone() for p in model.parameters()]
+    with ema.swapped_in():
+        for p, w in zip(model.parameters(), before):
+            torch.testing.assert_close(p, w + 0.5, rtol=0, atol=1e-6)  # fp32 rounding of 0.5
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    ema.close()
+
+
+def test_no_thread_outlives_its_update():
+    import threading
+
+    model, ema = _single_rank_ema()
+    for i in range(1, 4):
+        ema.step(i)
+    ema.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("megaseek-ema")]
+
+
+@pytest.mark.gpu
+def test_gpu_snapshot_on_a_side_stream_into_pinned_memory():
+    from plugins.ema.ema import EMAConfig, HostEMA, owned_shards
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = HostEMA(owned_shards([model]), EMAConfig(0.9))
+    optimizer.register_step_pre_hook(lambda *unused: ema.hold_weight_writes())
+    assert ema.ema.is_pinned() and ema.copies_from_gpu
+    oracle = torch.cat([p.detach().float().cpu().reshape(-1) for p in model.parameters()])
+    for iteration in range(1, 6):
+        model(torch.randn(8, 256, device="cuda")).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(iteration)
+        w = torch.cat([p.detach().float().cpu().reshape(-1) for p in model.parameters()])
+        oracle.mul_(0.9).add_(w, alpha=0.1)
+    ema.close()
+    assert torch.equal(ema.ema, oracle)
+
+
+# --- start-up checks -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ema-decay", "1.0"], r"--ema-decay must be in \(0, 1\); got 1.0"),
+    (["--ema-decay", "0"], r"--ema-decay must be in \(0, 1\); got 0.0"),
+    ([], r"--plugins ema needs --ema-decay"),
+    (["--ema-decay", "0.9", "--ema-interval", "0"], r"--ema-interval must be at least 1; got 0"),
+    (["--ema-decay", "0.9", "--ema-start-iter", "-1"], r"--ema-start-iter .* got -1"),
+    (["--ema-decay", "0.9", "--ema-eval", "--eval-iters", "0"],
+     r"--ema-eval needs evaluation: give --eval-iters > 0 \(got --eval-iters 0\)"),
+])
+def test_bad_flags_fail_naming_the_flag(flags, message, monkeypatch):
+    from plugins import PluginError
+    from tests.plugin_args import enabled
+
+    with pytest.raises(PluginError, match=message):
+        enabled(["--plugins", "ema", *flags], monkeypatch)
+
+
+def test_good_flags_enable_the_plugin(monkeypatch):
+    from tests.plugin_args import enabled
+
+    args, plugins = enabled(["--plugins", "ema", "--ema-decay", "0.999", "--ema-eval",
+                             "--eval-iters", "2"], monkeypatch)
+    assert [p.name for p in plugins] == ["ema"]
+    assert (args.ema_interval, args.ema_start_iter) == (1, 0)
+
+
+def test_too_little_host_memory_names_the_figure():
+    from plugins import PluginError
+    from plugins.ema.plugin import check_host_memory
+
+    check_host_memory(1000, 2, available=16000)
+    with pytest.raises(PluginError, match=r"--plugins ema: the EMA needs 0.50 GiB .*"
+                                          r"67108864 parameters owned per rank.*0.25 GiB"):
+        check_host_memory(2 ** 26, 1, available=2 ** 28)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    _main(sys.argv[1:])
