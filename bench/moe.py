@@ -308,9 +308,9 @@ def run_layer_cpu_time(smoke: bool = False) -> Result:
         *checks,
         fixes_note,
         *(f"{dispatchers[k]} dropped: {why}" for k, why in dropped.items()),
-        "At EP = 1 neither Megatron dispatcher communicates (its all-to-all and all-gather "
-        "return their input on a 1-rank group); DeepSeekMoE still calls all_to_all_single "
-        "on its 1-rank gloo group (counts, then payload; and back in combine and backward).",
+        "At EP = 1 no layer communicates: Megatron's all-to-all and all-gather return their "
+        "input on a 1-rank group, and DeepSeekMoE skips its collectives on a 1-rank EP "
+        "group.",
         "Most self CPU time per step (torch.profiler, 3 steps, after the timing): "
         + " | ".join(profiles) + ".",
     ])
