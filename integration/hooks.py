@@ -16,7 +16,7 @@ import sys
 
 from plugins import Plugin, PluginError, PluginRegistry, transform_spec
 from upstream import compat, cpu, seams
-from upstream.patching import Patcher
+from upstream.patching import Patcher, apply_fixes
 
 
 @contextlib.contextmanager
@@ -62,9 +62,8 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher)
     """Enables and attaches the plugins `args` names; returns them in registry order."""
     plugins = registry.enabled(args)
     for plugin in plugins:
-        for fix in (plugin.fixes(args) if plugin.fixes is not None else ()):
-            if fix.still_needed():
-                fix.apply(patcher)
+        if plugin.fixes is not None:
+            apply_fixes(plugin.fixes(args), patcher)
 
     def apply(seam) -> None:
         seam.apply(patcher)

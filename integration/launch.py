@@ -23,6 +23,7 @@ import integration  # noqa: F401  (makes megatron.training importable on Python 
 from integration import hooks
 from plugins import PluginRegistry, default_registry
 from upstream import cpu, seams, shutdown
+from upstream.patching import apply_fixes
 
 
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
@@ -37,9 +38,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     with hooks.megatron_run(registry) as patcher:
         if cpu.cuda_is_absent():
-            for fix in cpu.LAUNCH_SCRIPT_FIXES:
-                if fix.still_needed():
-                    fix.apply(patcher)
+            apply_fixes(cpu.LAUNCH_SCRIPT_FIXES, patcher)
         seams.plugin_arguments(registry.add_arguments,
                                lambda args: hooks.enable(registry, args, patcher)).apply(patcher)
         sys.argv = [script, *script_args]
