@@ -44,6 +44,11 @@ BENCHMARKS = {b.name: b for b in (
               "MoE layer forward + backward on CPU: DeepSeekMoE vs Megatron-Core's MoELayer"),
     Benchmark("ema_cpu_step", "bench.ema:run", "cpu",
               "dense GPT training step on CPU with and without the host EMA of the weights"),
+    Benchmark("dualpipe_bubble", "bench.dualpipe:run_bubble", "cpu",
+              "pipeline bubble of 1F1B, interleaved 1F1B, DualPipeV and DualPipe in real "
+              "Megatron runs on 2 gloo ranks, and DualPipeV's recorded timeline"),
+    Benchmark("dualpipe_chunks", "bench.dualpipe:run_chunks", "cpu",
+              "F, B, W and F&B times of a DualPipeV MLA+MoE chunk with EP=2 (4 gloo ranks)"),
     Benchmark("gpu_fp8", "bench.gpu_fp8:run", "gpu",
               "FP8 GEMMs, linears and quantization vs BF16 at DeepSeek-V3's shapes"),
     Benchmark("gpu_moe", "bench.gpu_moe:run", "gpu",

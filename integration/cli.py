@@ -6,6 +6,11 @@
     megaseek demo                                       the README's demo (2 ranks on CPU)
     megaseek fixes                                      the upstream fixes and whether the
                                                         installed megatron-core needs them
+    megaseek ema-export --load CKPT --save OUT          the EMA weights of a checkpoint (saved
+                                                        with --plugins ema) as an ordinary
+                                                        checkpoint, for --load or --finetune
+    megaseek schedule --schedule S --pp P ...           a pipeline schedule simulated (or a
+                                                        run's --from-run DIR): bubble, picture
 """
 
 from __future__ import annotations
@@ -50,12 +55,20 @@ def main(argv: list[str] | None = None) -> None:
         from integration.demo import main as run
     elif command == "fixes":
         run = list_fixes
+    elif command == "ema-export":
+        from integration import checkpoint_tool
+        from plugins.ema import export
+
+        def run(rest: list[str]) -> None:
+            checkpoint_tool.main(rest, command, export)
+    elif command == "schedule":
+        from integration.schedule import main as run
     elif command in ("", "-h", "--help", "help"):
         print(__doc__)
         return
     else:
         print(f"megaseek: error: unknown command {command!r}; the commands are pretrain, "
-              f"launch, demo, fixes\n{__doc__}", file=sys.stderr)
+              f"launch, demo, fixes, ema-export, schedule\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)
     run(rest)
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 from plugins import Plugin, PluginError, PluginRegistry, transform_spec
-from upstream import compat, cpu, seams
+from upstream import compat, cpu, seams, wgrad
 from upstream.patching import Patcher, apply_fixes
 
 
@@ -29,7 +29,10 @@ def megatron_run(registry: PluginRegistry):
     - a configuration the plugins (or Megatron's own checks) refuse ends the run as
       argparse does: one line,
       `megaseek: error: ...`, on rank 0 only, and exit status 2 on every rank."""
-    installed = [compat.install(), cpu.install()]
+    # Megatron checks --delay-wgrad-compute before any plugin is enabled: its narrowed
+    # check goes in first (upstream.wgrad).
+    installed = [compat.install(), cpu.install(),
+                 apply_fixes([wgrad.DELAY_WGRAD_ARGUMENTS], Patcher())]
     patcher = Patcher()
     try:
         seams.checks_before_argument_dump(registry.enabled).apply(patcher)
@@ -58,8 +61,12 @@ class _ModelChunks:
         return self.chunks
 
 
-def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher) -> list[Plugin]:
-    """Enables and attaches the plugins `args` names; returns them in registry order."""
+def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
+           model_only: bool = False) -> list[Plugin]:
+    """Enables and attaches the plugins `args` names; returns them in registry order. With
+    `model_only` (a tool that builds a checkpoint's model without training it) only what
+    shapes the model attaches: fixes, specs, schedule and placement; no step, end of
+    training, checkpoint state or evaluation hooks."""
     plugins = registry.enabled(args)
     for plugin in plugins:
         if plugin.fixes is not None:
@@ -85,6 +92,8 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher)
         placement = placements[0].placement(args)
         placement.check()
         apply(seams.pipeline_placement(placement))
+    if model_only:
+        return plugins
 
     chunks = _ModelChunks()
     step_hooks = [p for p in plugins if p.on_optimizer_step is not None]
@@ -94,6 +103,14 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher)
         return [p.on_optimizer_step(args, model_chunks, optimizer) for p in step_hooks]
 
     apply(seams.after_optimizer_step(callbacks_for))
+
+    ending = [p for p in plugins if p.on_training_end is not None]
+    if ending:
+        def training_ended() -> None:
+            for plugin in ending:
+                plugin.on_training_end(args, chunks.get())
+
+        apply(seams.after_training(training_ended))
 
     stateful = [p for p in plugins if p.checkpoint_state is not None]
     if stateful:

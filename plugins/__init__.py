@@ -9,6 +9,8 @@ validates the parsed arguments, and offers hooks, each optional:
   rank builds;
 - `on_optimizer_step`: a callback run after every successful optimizer step, with
   Megatron's iteration number;
+- `on_training_end`: run once Megatron's training loop has ended (before its final
+  checkpoint and evaluation), e.g. to finish background work and raise its failure;
 - `checkpoint_state`: the plugin's own sharded state, saved and loaded with Megatron's
   checkpoint;
 - `evaluation`: an extra pass of Megatron's evaluation (e.g. with other weights);
@@ -35,11 +37,9 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from plugins.common.errors import PluginError  # noqa: F401  (part of this API)
+
 PLUGINS_FLAG = "--plugins"
-
-
-class PluginError(ValueError):
-    """A plugin configuration that cannot work; the message names the flags to change."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class Plugin:
     # optimizer step with the iteration that step completed (Megatron's count, so it
     # continues across a resume).
     on_optimizer_step: Callable[[argparse.Namespace, list, Any], Callable[[int], None]] | None = None
+    # (args, model_chunks) -> None, once Megatron's training loop has returned or exited
+    # (--exit-interval and the like), before pretrain's final checkpoint and evaluation.
+    on_training_end: Callable[[argparse.Namespace, list], None] | None = None
     # (args, model_chunks) -> an object with `sharded_state_dict()` (Megatron
     # dist-checkpointing objects, saved under the plugin's name) and
     # `load_state_dict(state)` (what was loaded; None when the checkpoint has none).
@@ -76,6 +79,9 @@ class Plugin:
     # them or fail late).
     needed_by: Callable[[argparse.Namespace], str | None] | None = None
     slots: frozenset[str] = frozenset()
+    # Megatron flags (argparse dests) this plugin implements itself: another enabled
+    # plugin's refusal of them (plugins.common.flags) does not apply while it is on.
+    honours: frozenset[str] = frozenset()
 
 
 class _Unset:
@@ -183,6 +189,7 @@ class PluginRegistry:
                         f"replace {slot!r}; enable only one of them")
                 claimed[slot] = plugin.name
 
+        args.megaseek_flags_honoured = sorted(set().union(*(p.honours for p in chosen)))
         for plugin in chosen:
             if plugin.validate is not None:
                 plugin.validate(args)
@@ -240,12 +247,13 @@ def builtin_plugins() -> list[Plugin]:
     into the spec first, fp8 (which maps the finished spec's linears) last. Each plugin
     package adds itself here once it works."""
     from plugins.bf16_moments.plugin import BF16_MOMENTS
+    from plugins.dualpipe.plugin import DUALPIPE
     from plugins.ema.plugin import EMA
     from plugins.fp8.plugin import FP8
     from plugins.mla.plugin import MLA
     from plugins.moe.plugin import MOE
 
-    return [MLA, MOE, BF16_MOMENTS, EMA, FP8]
+    return [MLA, MOE, BF16_MOMENTS, EMA, FP8, DUALPIPE]
 
 
 def default_registry() -> PluginRegistry:

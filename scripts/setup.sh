@@ -8,7 +8,7 @@ VENV=${MEGASEEK_VENV:-.venv}
 PY=${PYTHON:-python3}
 TORCH_PIN="torch==2.13.0"          # the CPU wheel; never an unpinned torch (it pulls CUDA)
 MCORE_PIN="megatron-core==0.19.2"
-DEPS=(numpy "packaging>=24.2" psutil triton pytest pytest-xdist pytest-timeout)
+DEPS=(numpy "packaging>=24.2" psutil triton pytest pytest-xdist pytest-timeout "matplotlib==3.11.2")  # matplotlib: `megaseek schedule --png`
 TEST_DEPS=("transformers==4.57.1")  # Hugging Face DeepseekV3: the test oracle for MLA and MoE
 
 recipe="typing-override-pth $TORCH_PIN $MCORE_PIN ${DEPS[*]} ${TEST_DEPS[*]-} $(sha1sum pyproject.toml | cut -c1-12)"

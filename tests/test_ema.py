@@ -25,12 +25,37 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _oracle_arguments(group):
     group.add_argument("--oracle-trace", type=str, default=None, help="file for the result")
+    group.add_argument("--oracle-tensorboard", type=str, default=None,
+                       help="record Megatron's TensorBoard scalars (last rank) in this file")
+    group.add_argument("--oracle-fail-last-update", action="store_true", default=False,
+                       help="the EMA update of the last iteration raises")
+
+
+class _RecordingWriter:
+    """Megatron's TensorBoard writer as its callers use it (SummaryWriter's `add_scalar`;
+    other methods do nothing), each scalar a line `tag<TAB>step<TAB>value`: tensorboard is
+    not installed here, so Megatron would make no writer of its own."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def add_scalar(self, tag, value, step, *unused, **unused_kw) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{tag}\t{step}\t{float(value)!r}\n")
+
+    def __getattr__(self, name):
+        return lambda *unused, **unused_kw: None
 
 
 def _oracle_step(args, model_chunks, optimizer):
     from plugins.ema.ema import owned_shards
     from plugins.ema.plugin import ema_of
 
+    last_rank = torch.distributed.get_world_size() - 1
+    if args.oracle_tensorboard and torch.distributed.get_rank() == last_rank:
+        from megatron.training import global_vars
+
+        global_vars._GLOBAL_TENSORBOARD_WRITER = _RecordingWriter(args.oracle_tensorboard)
     shards = owned_shards(model_chunks, optimizer)
 
     def weights():  # the owned weights, flat, FP32: the layout of HostEMA.ema
@@ -42,6 +67,10 @@ def _oracle_step(args, model_chunks, optimizer):
     decay, interval, start = args.ema_decay, args.ema_interval, args.ema_start_iter
 
     def after_step(iteration: int) -> None:
+        if args.oracle_fail_last_update:
+            if iteration == args.train_iters - 1:  # the EMA's update for it has started
+                ema_of(model_chunks).apply = _broken_update
+            return
         w = weights()
         if iteration < start:
             oracle[0] = w.clone()
@@ -59,6 +88,10 @@ def _oracle_step(args, model_chunks, optimizer):
                 f.write(f"{rank} owned {w.numel()} error {error!r} moved {moved!r}\n")
 
     return after_step
+
+
+def _broken_update(*unused):
+    raise ValueError("disk on fire")
 
 
 class _OracleState:
@@ -82,7 +115,14 @@ def _main(argv):
     oracle = Plugin("ema_oracle", "test: a synchronous EMA of the recorded weights",
                     add_arguments=_oracle_arguments, on_optimizer_step=_oracle_step,
                     checkpoint_state=lambda args, chunks: _OracleState(chunks))
-    pretrain.main(argv, registry=PluginRegistry([*builtin_plugins(), oracle]))
+    registry = PluginRegistry([*builtin_plugins(), oracle])
+    if argv[:1] == ["ema-export"]:  # `megaseek ema-export` of a run that had the oracle
+        from integration import checkpoint_tool
+        from plugins.ema import export
+
+        checkpoint_tool.main(argv[1:], "ema-export", export, registry)
+    else:
+        pretrain.main(argv, registry=registry)
 
 
 # --- through Megatron's training loop ---------------------------------------------------
@@ -111,33 +151,37 @@ MLA_MOE_EP2 = [  # plugins mla and moe, DeepSeek's MoE in the second layer, expe
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout, ema, ranks", [
-    ([], ["--ema-decay", "0.9", "--ema-interval", "3", "--ema-start-iter", "2"], 1),
-    (["--tensor-model-parallel-size", "2"],
-     ["--ema-decay", "0.8", "--ema-interval", "2", "--ema-start-iter", "3"], 2),
-    (["--use-distributed-optimizer"], ["--ema-decay", "0.5"], 2),
-    ([], ["--ema-decay", "0.95", "--ema-interval", "2"], 2),  # DDP: DP=2 split the EMA
-    (MLA_MOE_EP2, ["--ema-decay", "0.9", "--ema-start-iter", "2"], 2),
-], ids=["1rank", "tp2", "distopt-dp2", "ddp-dp2", "mla-moe-ep2"])
-def test_ema_equals_synchronous_oracle(layout, ema, ranks, tmp_path):
-    trace = tmp_path / "oracle.txt"
-    plugins = ["ema", "ema_oracle"]
-    if "--plugins" in layout:  # one --plugins list
-        at = layout.index("--plugins")
-        layout = layout[:at + 1] + plugins + layout[at + 1:]
-        plugins = []
-    _train(layout + (["--plugins", *plugins] if plugins else []) + [*ema, "--train-iters", "7",
-                     "--oracle-trace", str(trace)], tmp_path, ranks=ranks)
+def _with_plugins(args: list[str], *plugins: str) -> list[str]:
+    """`args` with `plugins` added to its --plugins list (one list: Megatron keeps the last)."""
+    if "--plugins" not in args:
+        return ["--plugins", *plugins, *args]
+    at = args.index("--plugins")
+    return args[:at + 1] + list(plugins) + args[at + 1:]
+
+
+def _assert_oracle(trace: Path, ranks: int) -> dict[int, tuple[int, float, float]]:
     results = _oracle_results(trace)
     assert sorted(results) == list(range(ranks))
     for rank, (owned, error, moved) in results.items():
         assert owned > 0
         assert error == 0.0, f"rank {rank}: EMA differs from the oracle by {error}"
         assert moved > 0.0, f"rank {rank}: the EMA equals the weights (no averaging?)"
-    if not {"--tensor-model-parallel-size", "--expert-model-parallel-size"} & set(layout) \
-            and ranks == 2:
-        # Data parallelism splits the EMA: the two ranks own about half each.
+    return results
+
+
+# The oracle at TP=2, PP=2, EP=2 (MLA + MoE) and with the distributed optimizer runs in
+# the checkpoint tests below, whose saving runs carry it.
+@pytest.mark.slow
+@pytest.mark.parametrize("ema, ranks", [
+    (["--ema-decay", "0.9", "--ema-interval", "3", "--ema-start-iter", "2"], 1),
+    (["--ema-decay", "0.95", "--ema-interval", "2"], 2),  # DDP: DP=2 split the EMA
+], ids=["1rank", "ddp-dp2"])
+def test_ema_equals_synchronous_oracle(ema, ranks, tmp_path):
+    trace = tmp_path / "oracle.txt"
+    _train(["--plugins", "ema", "ema_oracle", *ema, "--train-iters", "7",
+            "--oracle-trace", str(trace)], tmp_path, ranks=ranks)
+    results = _assert_oracle(trace, ranks)
+    if ranks == 2:  # data parallelism splits the EMA: the two ranks own about half each
         total = sum(owned for owned, _, _ in results.values())
         assert all(abs(owned - total / 2) <= total * 0.05 for owned, _, _ in results.values())
 
@@ -152,14 +196,16 @@ def _checkpoint(directory: Path, iteration: int) -> dict[str, torch.Tensor]:
 def test_resume_continues_the_ema_and_evaluates_it(tmp_path):
     """6 iterations straight vs 3 + resume from the iteration-3 checkpoint (distributed
     optimizer, DP=2): the saved EMA is identical. With --ema-eval each evaluation prints a
-    second line for the EMA weights."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ema = ["--plugins", "ema", "--ema-decay", "0.7", "--use-distributed-optimizer",
+    second line for the EMA weights. The straight run also checks the oracle."""
+    straight, resumed, trace = tmp_path / "straight", tmp_path / "resumed", tmp_path / "oracle.txt"
+    ema = ["--ema-decay", "0.7", "--use-distributed-optimizer",
            "--train-iters", "6", "--save-interval", "3", "--eval-interval", "2",
            "--eval-iters", "1"]
-    out_a = _train(ema + ["--ema-eval", "--save", str(straight)], tmp_path)
-    out_b = _train(ema + ["--save", str(resumed), "--load", str(straight), "--ckpt-step", "3"],
-                   tmp_path)
+    out_a = _train(["--plugins", "ema", "ema_oracle", *ema, "--ema-eval", "--save", str(straight),
+                    "--oracle-trace", str(trace)], tmp_path)
+    out_b = _train(["--plugins", "ema", *ema, "--save", str(resumed), "--load", str(straight),
+                    "--ckpt-step", "3"], tmp_path)
+    _assert_oracle(trace, 2)
 
     a, b = _checkpoint(straight, 6), _checkpoint(resumed, 6)
     assert a.keys() == b.keys()
@@ -188,38 +234,146 @@ def _final_ema_validation_loss(output: str) -> float:
     return float(found[-1])
 
 
-@pytest.mark.slow
-def test_ema_saved_at_tp2_loads_at_tp1(tmp_path):
-    """The EMA reshards as the weights do: saved at TP=2, loaded at TP=1 (DP=2, each rank
-    keeping half of it), the EMA weights evaluate to the same loss."""
-    common = ["--plugins", "ema", "--ema-decay", "0.6", "--ema-eval", "--train-iters", "4",
-              "--make-vocab-size-divisible-by", "256"]  # the same padded vocabulary
-    saved = _train(common + ["--tensor-model-parallel-size", "2", "--save", str(tmp_path / "ck"),
-                             "--save-interval", "4"], tmp_path)
-    loaded = _train(common + ["--load", str(tmp_path / "ck"), "--no-load-optim",
-                              "--no-load-rng"], tmp_path)
+def _save_then_load(tmp_path, common: list[str], saved_at: list[str]) -> tuple[str, str]:
+    """Trains 5 iterations on 2 ranks with the oracle and --ema-eval at the layout `saved_at`
+    and saves; loads the checkpoint at TP = PP = EP = 1 without its optimizer (DP=2 then,
+    each rank keeping half of the EMA). Returns both outputs; the saving run's EMA equalled
+    the oracle's."""
+    trace, ckpt = tmp_path / "oracle.txt", tmp_path / "ckpt"
+    common = common + ["--ema-eval", "--train-iters", "5"]
+    saved = _train(_with_plugins(common + saved_at, "ema", "ema_oracle")
+                   + ["--save", str(ckpt), "--save-interval", "5", "--oracle-trace", str(trace)],
+                   tmp_path)
+    _assert_oracle(trace, 2)
+    loaded = _train(_with_plugins(common, "ema")
+                    + ["--load", str(ckpt), "--no-load-optim", "--no-load-rng"], tmp_path)
     assert "the checkpoint holds no EMA" not in loaded
-    # fp32 on CPU; TP changes only the summation order.
-    assert _final_ema_validation_loss(loaded) == pytest.approx(
-        _final_ema_validation_loss(saved), abs=1e-5)
-    # and the EMA is not the weights (whose loss Megatron prints on its own line)
+    return saved, loaded
+
+
+def _same_ema_loss(saved: str, loaded: str, tolerance: float) -> None:
     from tests.training_runs import final_validation_loss
+
+    assert _final_ema_validation_loss(loaded) == pytest.approx(
+        _final_ema_validation_loss(saved), abs=tolerance)
+    # and the EMA is not the weights (whose loss Megatron prints on its own line)
     assert abs(final_validation_loss(loaded) - _final_ema_validation_loss(loaded)) > 1e-4
 
 
 @pytest.mark.slow
-def test_checkpoint_without_ema_starts_from_the_loaded_weights(tmp_path):
-    ckpt, trace = tmp_path / "plain", tmp_path / "oracle.txt"
-    _train(["--train-iters", "3", "--save-interval", "3", "--save", str(ckpt)], tmp_path,
-           ranks=1)
-    out = _train(["--plugins", "ema", "ema_oracle", "--ema-decay", "0.9", "--train-iters", "5",
-                  "--load", str(ckpt), "--override-opt_param-scheduler",
-                  "--oracle-trace", str(trace)], tmp_path, ranks=1)
-    assert "the checkpoint holds no EMA; it starts from the loaded weights" in out
-    assert "validation loss at iteration" in out
-    assert "EMA weights" not in out  # without --ema-eval only the raw weights are evaluated
-    (owned, error, moved), = _oracle_results(trace).values()
-    assert error == 0.0 and moved > 0.0
+def test_ema_saved_at_pp2_loads_at_pp1(tmp_path):
+    """The EMA reshards as the weights do: saved at PP=2 (a layer a stage; the last stage's
+    copy of the tied embedding is not saved twice), loaded at PP=1."""
+    saved, loaded = _save_then_load(tmp_path, ["--ema-decay", "0.7"],
+                                    ["--pipeline-model-parallel-size", "2"])
+    _same_ema_loss(saved, loaded, 1e-5)  # fp32 on CPU; PP=2 vs DP=2 sum in other orders
+
+
+@pytest.mark.slow
+def test_mla_moe_ema_saved_at_ep2_loads_at_ep1(tmp_path):
+    """The experts' EMA reshards with the experts: saved at EP=2 (two experts a rank),
+    loaded at EP=1 (DP=2 over the experts: each rank keeps half of every expert's EMA)."""
+    at = MLA_MOE_EP2.index("--expert-model-parallel-size")
+    model = MLA_MOE_EP2[:at] + MLA_MOE_EP2[at + 2:]
+    ema = ["--ema-decay", "0.9", "--ema-start-iter", "2"]
+    saved, loaded = _save_then_load(tmp_path, model + ema, ["--expert-model-parallel-size", "2"])
+    # fp32 on CPU; EP changes only the order in which expert outputs are summed.
+    _same_ema_loss(saved, loaded, 1e-5)
+
+
+def _tensorboard(path: Path) -> dict[str, dict[int, list[float]]]:
+    """tag -> step -> the values written, in order."""
+    scalars: dict[str, dict[int, list[float]]] = {}
+    for line in path.read_text().splitlines():
+        tag, step, value = line.split("\t")
+        scalars.setdefault(tag, {}).setdefault(int(step), []).append(float(value))
+    return scalars
+
+
+@pytest.mark.slow
+def test_ema_at_tp2_reshards_exports_and_logs(tmp_path):
+    """One checkpoint saved at TP=2 (with the oracle), and what reads it:
+    - the EMA loads at TP=1 and evaluates to the same loss (it reshards as the weights do);
+    - `megaseek ema-export` (no torchrun: it starts its 2 ranks itself) writes the EMA as the
+      weights of an ordinary checkpoint, no optimizer or EMA state, which plain Megatron
+      loads at TP=1 on 1 rank and evaluates to the EMA's loss;
+    - that checkpoint, loaded with --plugins ema, holds no EMA: the EMA starts from the
+      loaded weights (and matches the oracle from there).
+    The saving run's TensorBoard scalars keep the EMA's validation loss apart from the raw
+    one, and log the EMA wait."""
+    from tests.training_runs import final_validation_loss, pretrain, run
+
+    ckpt, out, board = tmp_path / "ckpt", tmp_path / "exported", tmp_path / "board.tsv"
+    vocab = ["--make-vocab-size-divisible-by", "256"]  # the same padded vocabulary at TP=1
+    ema = ["--ema-decay", "0.8", "--ema-interval", "2", "--ema-start-iter", "3"]
+    at_tp2 = ["--tensor-model-parallel-size", "2", "--oracle-tensorboard", str(board)]
+    saved, loaded = _save_then_load(tmp_path, ema + vocab, at_tp2)
+    _same_ema_loss(saved, loaded, 1e-5)  # fp32 on CPU; TP changes only the summation order
+
+    # TensorBoard: Megatron's tags for the raw weights, the same with " (EMA weights)". The
+    # validation set's value comes first; Megatron writes the test set's under the same tag.
+    scalars = _tensorboard(board)
+    raw = scalars["lm loss validation"][5][0]
+    ema_loss = scalars["lm loss validation (EMA weights)"][5][0]
+    assert raw == pytest.approx(final_validation_loss(saved), rel=1e-6)  # printed: 7 digits
+    assert ema_loss == pytest.approx(_final_ema_validation_loss(saved), rel=1e-6)
+    assert abs(raw - ema_loss) > 1e-4
+    assert "lm loss validation vs samples (EMA weights)" in scalars
+    assert sorted(scalars["ema-wait-ms"]) == [1, 2, 3, 4, 5]  # every --log-interval
+    assert all(len(ms) == 1 and ms[0] >= 0.0 for ms in scalars["ema-wait-ms"].values())
+
+    # ema-export: the EMA, exactly, as the weights; nothing else of the training state.
+    # (`megaseek ema-export` with this file's registry, which knows the oracle plugin.)
+    exported = run([sys.executable, str(Path(__file__).resolve()), "ema-export", "--load",
+                    str(ckpt), "--save", str(out)], tmp_path, {"PYTHONPATH": str(REPO)})
+    assert "the EMA weights of iteration 5 are saved" in exported
+    source, written = _checkpoint(ckpt, 5), _checkpoint(out, 5)
+    weights = {k for k in source if not k.startswith(("optimizer.", "megaseek:"))}
+    assert set(written) == weights
+    assert all(torch.equal(written[k], source["megaseek:ema." + k]) for k in weights)
+
+    plain = pretrain(["--train-iters", "5", "--load", str(out), "--no-load-optim",
+                      "--no-load-rng", *vocab], tmp_path, ranks=1)
+    assert "(EMA weights)" not in plain
+    assert final_validation_loss(plain) == pytest.approx(_final_ema_validation_loss(saved),
+                                                         abs=1e-5)  # TP=2 vs 1: summation order
+
+    trace = tmp_path / "restart.txt"
+    restarted = _train(["--plugins", "ema", "ema_oracle", "--ema-decay", "0.9", "--train-iters",
+                        "7", "--load", str(out), "--no-load-optim", "--no-load-rng", *vocab,
+                        "--oracle-trace", str(trace)], tmp_path, ranks=1)
+    assert "the checkpoint holds no EMA; it starts from the loaded weights" in restarted
+    assert "EMA weights" not in restarted  # without --ema-eval only the raw weights evaluate
+    _assert_oracle(trace, 1)
+
+
+def test_megaseek_has_the_ema_export_command(capsys):
+    from integration.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["ema-export", "--help"])
+    assert done.value.code == 0
+    assert "usage: megaseek ema-export [-h] --load CKPT --save OUT" in capsys.readouterr().out
+
+
+def test_ema_export_refuses_a_checkpoint_without_ema(tmp_path):
+    from plugins import PluginError
+    from plugins.ema import export
+
+    options = export.parse(["--load", "CKPT", "--save", "OUT"])
+    with pytest.raises(PluginError, match=r"--load CKPT: the checkpoint holds no EMA"):
+        export.check_checkpoint(options, {"embedding.word_embeddings.weight"})
+    export.check_checkpoint(options, {"megaseek:ema.embedding.word_embeddings.weight"})
+
+
+@pytest.mark.slow
+def test_worker_failure_in_the_last_update_fails_the_run(tmp_path):
+    """The last update has no next step to report it: the end of training waits for it."""
+    with pytest.raises(AssertionError) as failed:
+        _train(["--plugins", "ema", "ema_oracle", "--ema-decay", "0.9", "--train-iters", "3",
+                "--oracle-fail-last-update"], tmp_path, ranks=1)
+    assert re.search(r"(?s)on_training_end.*EMAWorkerFailed: the background EMA update failed"
+                     r".*ValueError: disk on fire", str(failed.value))
 
 
 # --- the EMA object on its own -------------------------------------------------------------

@@ -144,9 +144,11 @@ def _module_level_fixes(module) -> list[Fix]:
 def _everything_on() -> argparse.Namespace:
     """Arguments under which every plugin-scoped fix applies."""
     return argparse.Namespace(
-        plugins=["mla", "moe", "fp8"], num_experts=4, recompute_granularity="selective",
+        plugins=["mla", "moe", "fp8", "dualpipe"], num_experts=4,
+        recompute_granularity="selective",
         recompute_modules=["layernorm", "mla_up_proj", "moe_act", "mlp"],
-        exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16", use_precision_aware_optimizer=False)
+        exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16", use_precision_aware_optimizer=False,
+        delay_wgrad_compute=True, transformer_impl="local")
 
 
 def test_all_fixes_lists_every_fix_defined_in_the_project():
@@ -193,7 +195,8 @@ def test_machine_scopes_hold_before_arguments_are_parsed():
 def _args(**overrides) -> argparse.Namespace:
     args = dict(plugins=[], num_experts=None, recompute_granularity=None,
                 recompute_modules=None, exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32",
-                use_precision_aware_optimizer=False)
+                use_precision_aware_optimizer=False, delay_wgrad_compute=False,
+                transformer_impl="local")
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -224,9 +227,15 @@ LAYERNORM = dict(recompute_granularity="selective", recompute_modules=["layernor
     (_args(exp_avg_sq_dtype=torch.bfloat16),
      ["bf16-moments-adam-class", "bf16-moments-config-check"]),
     (_args(exp_avg_dtype="bf16", use_precision_aware_optimizer=True), []),  # TE's own
+    (_args(plugins=["dualpipe"], delay_wgrad_compute=True),
+     ["delay-wgrad-without-combined-1f1b"]),
+    (_args(delay_wgrad_compute=True), []),  # without the plugin: refused at start-up
+    (_args(plugins=["dualpipe"], delay_wgrad_compute=True,
+           transformer_impl="transformer_engine"), []),  # TE's own deferral
 ], ids=["nothing", "flags-without-plugins", "fp8-dense", "fp8-moe", "fp8-layernorm",
         "fp8-full-recompute", "fp8-mlp-recompute", "fp8-moe-act", "mla-layernorm", "mla-fp8-moe-layernorm",
-        "bf16-exp-avg", "bf16-exp-avg-sq", "precision-aware"])
+        "bf16-exp-avg", "bf16-exp-avg-sq", "precision-aware", "dualpipe-wgrad",
+        "wgrad-without-dualpipe", "wgrad-with-te"])
 def test_conditional_fixes_apply_only_where_their_scope_holds(args, expected):
     conditional = [f for f in ALL if f.scope.label not in (
         EVERY_MACHINE.label, cpu.CPU_ONLY.label, compat.PYTHON_BEFORE_3_12.label)

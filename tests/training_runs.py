@@ -30,8 +30,14 @@ def torchrun(module_or_script: list[str], args: list[str], tmp_path: Path, ranks
              env: dict[str, str] | None = None, timeout: float = 300) -> str:
     """Runs `torchrun --nproc-per-node ranks` and returns its combined output; raises
     with the output's tail if the run fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(ranks), *module_or_script, *args]
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(ranks), *module_or_script, *args], tmp_path, env, timeout)
+
+
+def run(cmd: list[str], tmp_path: Path, env: dict[str, str] | None = None,
+        timeout: float = 300) -> str:
+    """Runs `cmd` in `tmp_path` with the tests' environment and returns its combined output;
+    raises with the output's tail if it fails."""
     run_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
                    PYTHONWARNINGS="ignore", MEGASEEK_DATA_CACHE=str(tmp_path.parent / "data"),
                    **(env or {}))
@@ -39,7 +45,7 @@ def torchrun(module_or_script: list[str], args: list[str], tmp_path: Path, ranks
                           cwd=tmp_path)
     output = done.stdout + done.stderr
     if done.returncode != 0:
-        raise AssertionError(f"torchrun exited {done.returncode}:\n{output[-6000:]}")
+        raise AssertionError(f"{cmd[2]} exited {done.returncode}:\n{output[-6000:]}")
     return output
 
 

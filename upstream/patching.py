@@ -147,9 +147,13 @@ def rewrite_function(owner: Any, name: str, replacements: dict[str, str]) -> Any
     nested = text[:1].isspace()
     if nested:
         text = f"def _factory(__class__):\n{text}\n    return {func.__name__}\n"
+    # Compiled under the upstream file's name and line numbers, so that a traceback through
+    # the rewrite points into upstream's source (a replacement of other length shifts the
+    # lines after it).
+    code = func.__code__
+    text = "\n" * (code.co_firstlineno - 1 - int(nested)) + text
     namespace: dict[str, Any] = {}
-    exec(compile(text, f"<megaseek fix of {func.__module__}.{func.__qualname__}>", "exec"),
-         func.__globals__, namespace)
+    exec(compile(text, code.co_filename, "exec"), func.__globals__, namespace)
     new = (namespace["_factory"](owner if isinstance(owner, type) else None) if nested
            else namespace[func.__name__])
     if isinstance(original, (staticmethod, classmethod)) and not isinstance(new, type(original)):

@@ -6,8 +6,11 @@ Where each is defined (its scope), and who applies it:
   `cpu.install()` at the start of a run; `cpu.LAUNCH_SCRIPT_FIXES`: the launcher;
 - `transformer.FIXES` (plugin fp8 or mla, with the flags that need them), `moe.FIXES`
   (plugin moe, with the recomputation flags that need them) and
-  `optimizer.bf16_moments_fixes` (`--exp-avg-dtype`/`--exp-avg-sq-dtype bf16`): the
+  `optimizer.bf16_moments_fixes` (`--exp-avg-dtype`/`--exp-avg-sq-dtype bf16`) and
+  `wgrad.delay_wgrad_fixes` (plugin dualpipe, `--delay-wgrad-compute` without TE) and
+  `overlap.overlap_fixes` (plugin dualpipe, `--overlap-moe-expert-parallel-comm`): the
   enabled plugins' `fixes` hooks, applied by the launch path;
+- `wgrad.DELAY_WGRAD_ARGUMENTS` (every run): the launch path, before Megatron parses;
 - `seams` (an enabled plugin provides the hook): the launch path;
 - `shutdown.PROCESS_GROUPS_LEFT_ALIVE`: recorded only; both entry points call `end_run`.
 
@@ -17,7 +20,7 @@ are listed here as built with placeholders: for listing and probing, not for app
 
 from __future__ import annotations
 
-from upstream import compat, cpu, moe, optimizer, seams, shutdown, transformer
+from upstream import compat, cpu, moe, optimizer, overlap, seams, shutdown, transformer, wgrad
 from upstream.patching import Fix
 
 
@@ -30,6 +33,9 @@ def all_fixes() -> tuple[Fix, ...]:
         *transformer.FIXES,
         *moe.FIXES,
         *optimizer.bf16_moments_fixes(adam_class=None),
+        wgrad.DELAY_WGRAD_ARGUMENTS,
+        *wgrad.delay_wgrad_fixes(),
+        *overlap.overlap_fixes(),
         *seams.all_seams(),
         shutdown.PROCESS_GROUPS_LEFT_ALIVE,
     )

@@ -15,7 +15,9 @@ every change is undone when the run ends:
   model is built (a script's model provider, or `pretrain` without one);
 - `schedule`: Megatron's `get_forward_backward_func` answers with a plugin's schedule;
 - `after_optimizer_step`: callbacks run after each successful step, with the iteration;
-- `pipeline_placement`: which stages each rank's pipeline chunks build;
+- `after_training`: callbacks run when Megatron's training loop ends;
+- `pipeline_placement`: which stages each rank's pipeline chunks build (and, where the
+  plugin says, with which process groups);
 - `checkpoint_state`: plugin state saved and loaded with Megatron's checkpoint;
 - `evaluation_passes`: extra passes of Megatron's evaluation, on the same batches.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, Callable, Iterable
@@ -251,32 +254,74 @@ def _run_after_step(optimizer, callbacks: list[Callable[[int], None]]) -> None:
     optimizer.step = step_then_callbacks
 
 
+def after_training(callback: Callable[[], None]) -> Fix:
+    """`callback()` once Megatron's `train()` has returned, or is leaving through its
+    early-exit `sys.exit` (--exit-interval, --exit-duration-in-mins, the signal handler);
+    not when it raised (its error is the one to see)."""
+
+    def apply(patcher: Patcher) -> None:
+        training = _training()
+        train = training.train
+
+        @wraps(train)
+        def train_then_callback(*args, **kwargs):
+            try:
+                result = train(*args, **kwargs)
+            except SystemExit:
+                callback()
+                raise
+            callback()
+            return result
+
+        patcher.setattr(training, "train", train_then_callback)
+
+    return Fix(
+        "seam:after-training",
+        f"megatron/training/training.py:1423 pretrain calls train(), which returns at "
+        f":4157 or leaves through sys.exit at :4155 ({VERSION})",
+        "Megatron has no end-of-training callback; pretrain looks train up in its module "
+        "at the call",
+        lambda: source_has(_training().pretrain, "= train("),
+        apply, SEAM)
+
+
 # --- pipeline placement -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Placement:
     """Which pipeline stage each model chunk of each rank builds.
 
-    The model is cut into `pipeline_size x chunks_per_rank` stages, layers split over them
-    as Megatron splits interleaved stages. `stage(rank, chunk)` names the stage that chunk
-    `chunk` of pipeline rank `rank` builds. Stage 0 holds the embedding, the last stage the
-    output head, the loss and MTP. Megatron's own placement is
+    `stage(rank, chunk)` names the stage that chunk `chunk` of pipeline rank `rank`
+    builds. Stage 0 holds the embedding, the last stage the output head, the loss and
+    MTP. With `copies` = 1 the model is cut into `pipeline_size x chunks_per_rank` stages
+    whose layers Megatron's interleaved split gives out (Megatron's own placement is
     `stage = chunk * pipeline_size + rank`; DualPipeV's is `rank` for chunk 0 and
-    `2 * pipeline_size - 1 - rank` for chunk 1.
+    `2 * pipeline_size - 1 - rank` for chunk 1). With `copies` = 2 every stage is built by
+    two ranks (DualPipe: `pipeline_size` stages, as Megatron splits them without virtual
+    stages); the copy on the lower rank is the one checkpoints hold, the other starts
+    from its weights.
+
+    `process_groups(chunk, given)`, where given, answers the process groups chunk `chunk`
+    is built with instead of `given` (Megatron's `pg_collection`, None for parallel_state's).
+    Every rank asks it for every chunk in the same order, so it may create groups.
     """
 
     pipeline_size: int
     chunks_per_rank: int
     stage: Callable[[int, int], int]
+    copies: int = 1
+    process_groups: Callable[[int, Any], Any] | None = None
 
     @property
     def stages(self) -> int:
-        return self.pipeline_size * self.chunks_per_rank
+        return self.pipeline_size * self.chunks_per_rank // self.copies
 
-    def megatron_coordinates(self, rank: int, chunk: int) -> tuple[int, int]:
-        """The (pipeline rank, virtual stage) whose layers Megatron's interleaved split
-        gives to this chunk's stage."""
+    def megatron_coordinates(self, rank: int, chunk: int) -> tuple[int, int | None]:
+        """The (pipeline rank, virtual stage) whose layers Megatron's split gives to this
+        chunk's stage; virtual stage None: the split without virtual stages."""
         stage = self.stage(rank, chunk)
+        if self.stages == self.pipeline_size:
+            return stage, None
         return stage % self.pipeline_size, stage // self.pipeline_size
 
     def is_first(self, rank: int, chunk: int) -> bool:
@@ -285,11 +330,17 @@ class Placement:
     def is_last(self, rank: int, chunk: int) -> bool:
         return self.stage(rank, chunk) == self.stages - 1
 
+    def holders(self, stage: int) -> list[tuple[int, int]]:
+        """(rank, chunk) of every copy of a stage, the checkpointed copy first."""
+        return [(r, c) for r in range(self.pipeline_size) for c in range(self.chunks_per_rank)
+                if self.stage(r, c) == stage]
+
     def check(self) -> None:
         built = sorted(self.stage(r, c) for r in range(self.pipeline_size)
                        for c in range(self.chunks_per_rank))
-        if built != list(range(self.stages)):
-            raise ValueError(f"a placement must build every stage once; it builds {built}")
+        if built != sorted(list(range(self.stages)) * self.copies):
+            raise ValueError(f"a placement must build every stage {self.copies} time(s); it "
+                             f"builds {built}")
 
 
 _LAYER_SPLIT_USERS = (  # modules that imported Megatron's layer split functions by name
@@ -316,7 +367,16 @@ def pipeline_placement(placement: Placement) -> Fix:
             def at_placed_stage(config, vp_stage=None, pp_rank=None):
                 rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
                 pp, vp = placement.megatron_coordinates(rank, vp_stage or 0)
-                return function(config, vp_stage=vp, pp_rank=pp)
+                if vp is not None:
+                    return function(config, vp_stage=vp, pp_rank=pp)
+                # Stages split as without virtual stages, though the rank builds two chunks
+                # (config's virtual size asks for them): the split reads it only here.
+                virtual = config.virtual_pipeline_model_parallel_size
+                config.virtual_pipeline_model_parallel_size = None
+                try:
+                    return function(config, vp_stage=None, pp_rank=pp)
+                finally:
+                    config.virtual_pipeline_model_parallel_size = virtual
 
             return at_placed_stage
 
@@ -326,6 +386,50 @@ def pipeline_placement(placement: Placement) -> Fix:
                                         ("get_num_layers_to_build", count)):
                 if getattr(module, attribute, None) is original:
                     patcher.setattr(module, attribute, placed(original))
+
+        # Asked per chunk (ignore_virtual=False), "first/last stage" means the placement's;
+        # asked per rank, it keeps meaning the first/last pipeline rank.
+        first_stage = parallel_state.is_pipeline_first_stage
+        last_stage = parallel_state.is_pipeline_last_stage
+
+        def chunk_or_rank(per_rank, per_chunk):
+            @wraps(per_rank)
+            def stage_predicate(ignore_virtual=True, vp_stage=None):
+                if ignore_virtual or vp_stage is None:
+                    return per_rank(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
+                return per_chunk(parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
+
+            return stage_predicate
+
+        patcher.setattr(parallel_state, "is_pipeline_first_stage",
+                        chunk_or_rank(first_stage, placement.is_first))
+        patcher.setattr(parallel_state, "is_pipeline_last_stage",
+                        chunk_or_rank(last_stage, placement.is_last))
+
+        # Which batch fields a rank reads: a rank that holds the first stage in one chunk
+        # and the last in another (DualPipeV's rank 0) reads them all, as without a pipeline.
+        utils = _module("megatron.core.utils")
+        batch_broadcast = utils.get_batch_on_this_tp_rank
+        broadcast_signature = inspect.signature(batch_broadcast)
+
+        @wraps(batch_broadcast)
+        def batch_for_this_ranks_stages(*args, **kwargs):
+            bound = broadcast_signature.bind(*args, **kwargs)
+            rank = parallel_state.get_pipeline_model_parallel_rank()
+            chunks = range(placement.chunks_per_rank)
+            first = any(placement.is_first(rank, c) for c in chunks)
+            last = any(placement.is_last(rank, c) for c in chunks)
+            bound.arguments["is_pipeline_first_stage"] = first
+            bound.arguments["is_pipeline_last_stage"] = last
+            if first and last:
+                bound.arguments["pipeline_model_parallel_size"] = 1
+            return batch_broadcast(*bound.args, **bound.kwargs)
+
+        # Launch scripts import it by name (Megatron-LM's pretrain_gpt.py runs as __main__).
+        for module in [utils, *[m for name, m in list(sys.modules.items())
+                                if name == "__main__" or name.startswith("megatron.")]]:
+            if getattr(module, "get_batch_on_this_tp_rank", None) is batch_broadcast:
+                patcher.setattr(module, "get_batch_on_this_tp_rank", batch_for_this_ranks_stages)
 
         gpt_model = _module("megatron.core.models.gpt.gpt_model")
         patcher.setattr(gpt_model, "mtp_on_this_rank", lambda *a, vp_stage=None, **k: placement.is_last(
@@ -343,7 +447,13 @@ def pipeline_placement(placement: Placement) -> Fix:
             chunk = bound.arguments.get("vp_stage") or 0
             bound.arguments["pre_process"] = placement.is_first(rank, chunk)
             bound.arguments["post_process"] = placement.is_last(rank, chunk)
+            if placement.process_groups is not None:
+                bound.arguments["pg_collection"] = placement.process_groups(
+                    chunk, bound.arguments.get("pg_collection"))
             init(*bound.args, **bound.kwargs)
+            holders = placement.holders(placement.stage(rank, chunk))
+            if len(holders) > 1:
+                _same_weights_as_first_copy(self, holders, rank)
 
         patcher.setattr(GPTModel, "__init__", init_at_stage)
 
@@ -351,14 +461,67 @@ def pipeline_placement(placement: Placement) -> Fix:
         "seam:pipeline-placement",
         f"megatron/core/transformer/transformer_layer.py:59 get_transformer_layer_offset, "
         f"transformer_block.py:70 get_num_layers_to_build, models/gpt/gpt_model.py "
-        f"GPTModel.__init__ (pre_process, post_process; built by training.py:1730-1760 "
-        f"get_model or training/models/gpt.py:307), :160 mtp_on_this_rank ({VERSION})",
+        f"GPTModel.__init__ (pre_process, post_process, pg_collection; built by "
+        f"training.py:1730-1760 get_model or training/models/gpt.py:307), :160 "
+        f"mtp_on_this_rank, "
+        f"core/parallel_state.py:1994 is_pipeline_first_stage, :2004 is_pipeline_last_stage, "
+        f"core/utils.py:2119 get_batch_on_this_tp_rank (launch scripts' get_batch passes "
+        f"the rank's first/last flags) ({VERSION})",
         "Megatron places stages interleaved only (stage = chunk x PP + rank) and decides "
-        "embedding, head and MTP by the first/last pipeline rank",
+        "embedding, head and MTP by the first/last pipeline rank; a chunk's first/last "
+        "stage (e.g. which batch fields get_batch reads) is asked of parallel_state",
         lambda: source_has(_training().get_model, "is_pp_first_stage(", "is_vp_first_stage(")
         and source_has(_module("megatron.core.models.gpt.gpt_model").GPTModel.__init__,
                        "mtp_on_this_rank("),
         apply, SEAM)
+
+
+def _same_weights_as_first_copy(model, holders: list[tuple[int, int]], rank: int) -> None:
+    """A stage built by several ranks: every copy starts from the first copy's weights
+    (Megatron seeds each pipeline rank's initialisation differently); only the first
+    copy's tensors are the checkpoint's (the others are marked replicas, as Megatron marks
+    data-parallel ones) and count in the gradient norm."""
+    import torch
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    peers = torch.distributed.get_process_group_ranks(group)
+    first = holders[0][0]
+    for tensor in [*model.parameters(), *model.buffers()]:
+        staged = tensor.data if tensor.device.type != "cpu" or not torch.cuda.is_available() \
+            else tensor.data.cuda()
+        if rank == first:
+            for other, _ in holders[1:]:
+                torch.distributed.send(staged, peers[other], group=group)
+        else:
+            torch.distributed.recv(staged, peers[first], group=group)
+            tensor.data.copy_(staged)
+    if rank != first:
+        # Megatron counts a parameter marked shared once (its gradient norm skips it,
+        # optimizer/clip_grads.py param_is_not_shared), as for tied embeddings.
+        for parameter in model.parameters():
+            parameter.shared = True
+        sharded_state_dict = model.sharded_state_dict
+
+        @wraps(sharded_state_dict)
+        def as_replica(*args, **kwargs):
+            return _marked_replica(sharded_state_dict(*args, **kwargs))
+
+        model.sharded_state_dict = as_replica
+
+
+def _marked_replica(state):
+    """The same sharded state with every tensor and object marked as not the main replica
+    (Megatron saves a shard from its main replica only)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    for value in nested_values(state):
+        if isinstance(value, ShardedBase) and hasattr(value, "replica_id"):
+            replica = value.replica_id
+            value.replica_id = ((1, *replica[1:]) if isinstance(replica, tuple) and replica
+                                else 1)
+    return state
 
 
 # --- checkpoint state ---------------------------------------------------------------------------
@@ -572,11 +735,15 @@ def _saved_args(args):
 def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]]]]) -> Fix:
     """After each of Megatron's evaluations, every `(name, context)` of `passes()` evaluates again
     inside `context()`, on the same batches, its results printed on Megatron's line with the
-    name after the loss: `validation loss (NAME) at iteration N | ...`."""
+    name after the loss: `validation loss (NAME) at iteration N | ...`, and written to
+    TensorBoard and W&B under Megatron's tags with ` (NAME)` added (`lm loss validation
+    (NAME)`), beside the raw weights' values rather than over them."""
     def apply(patcher: Patcher) -> None:
         training = _training()
         evaluate_and_print = training.evaluate_and_print_results
         print_rank_last = training.print_rank_last
+        tensorboard_writer = training.get_tensorboard_writer
+        wandb_writer = training.get_wandb_writer
 
         def labelled(name):
             def print_labelled(message):
@@ -584,12 +751,20 @@ def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]
 
             return print_labelled
 
+        def labelled_writer(get_writer, name):
+            return lambda: _LabelledWriter.around(get_writer(), name)
+
         @wraps(evaluate_and_print)
         def with_extra_passes(prefix, forward_step_func, data_iterator, *args, **kwargs):
             recorded = _Recorded.wrap(data_iterator)
             result = evaluate_and_print(prefix, forward_step_func, recorded, *args, **kwargs)
             for name, context in passes():
-                with context(), patcher.scoped(training, "print_rank_last", labelled(name)):
+                with context(), \
+                        patcher.scoped(training, "print_rank_last", labelled(name)), \
+                        patcher.scoped(training, "get_tensorboard_writer",
+                                       labelled_writer(tensorboard_writer, name)), \
+                        patcher.scoped(training, "get_wandb_writer",
+                                       labelled_writer(wandb_writer, name)):
                     evaluate_and_print(prefix, forward_step_func, _Recorded.replay(recorded),
                                        *args, **kwargs)
             return result
@@ -599,12 +774,34 @@ def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]
     return Fix(
         "seam:evaluation-passes",
         f"megatron/training/training.py:4342 evaluate_and_print_results (prints with "
-        f"print_rank_last), called at :4040, :1483, :1494 ({VERSION})",
+        f"print_rank_last, writes with get_tensorboard_writer and get_wandb_writer at "
+        f":4359-4363), called at :4040, :1483, :1494 ({VERSION})",
         "Megatron evaluates one set of weights; a plugin's pass runs the same evaluation "
         "again on the batches the first one read",
         lambda: source_has(_training().evaluate_and_print_results, "evaluate(",
-                           "print_rank_last("),
+                           "print_rank_last(", "get_tensorboard_writer()", "get_wandb_writer()"),
         apply, SEAM)
+
+
+class _LabelledWriter:
+    """A TensorBoard writer (`add_scalar`) or W&B run (`log`) whose values go under their tag
+    with ` (NAME)` added; everything else passes through."""
+
+    def __init__(self, writer, name: str) -> None:
+        self._writer, self._suffix = writer, f" ({name})"
+
+    @classmethod
+    def around(cls, writer, name: str):
+        return None if writer is None else cls(writer, name)
+
+    def add_scalar(self, tag, *args, **kwargs):
+        return self._writer.add_scalar(tag + self._suffix, *args, **kwargs)
+
+    def log(self, values: dict, *args, **kwargs):
+        return self._writer.log({k + self._suffix: v for k, v in values.items()}, *args, **kwargs)
+
+    def __getattr__(self, attribute):
+        return getattr(self._writer, attribute)
 
 
 class _Recorded:
@@ -649,6 +846,7 @@ def all_seams() -> tuple[Fix, ...]:
         model_specs(nothing),
         schedule(nothing),
         after_optimizer_step(nothing),
+        after_training(nothing),
         pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)),
         checkpoint_state(dict),
         checkpoint_mismatch_named(),

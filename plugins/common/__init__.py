@@ -9,7 +9,10 @@
   slot of the moe plugin's layer spec;
 - `groups.process_groups`: Megatron's `pg_collection`, or parallel_state's groups without one;
 - `flags.first_refused`: the start-up error for a Megatron flag a plugin's modules do not
-  read, given a value of its own.
+  read, given a value of its own;
+- `wgrad` (with `wgrad_autograd`, `wgrad_checks`, `parallel_linear`): Megatron's
+  `--delay-wgrad-compute` without TE: the linears' weight-gradient GEMMs deferred to a
+  schedule's W cell, `take_deferred_weight_gradients(model_chunk)`.
 
 A plugin that changes how these compute does it by spec: the fp8 plugin maps
 `ReplicatedLinear` and `LocalExperts` to FP8 subclasses of its own.

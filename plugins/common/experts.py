@@ -11,6 +11,9 @@ backward: fc2 saves a recipe instead, and backward computes the activation again
 output, the one tensor the activation keeps (its own backward needs nothing else). That is
 what Megatron's `moe_act` keeps too, through CheckpointWithoutOutput, which needs
 Transformer Engine.
+
+With `config.delay_wgrad_compute` both projections' weight gradients are left to the W
+(`plugins.common.wgrad`), computed by the same grouped GEMM (or loop) backward.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from plugins.common.groups import process_groups
+from plugins.common.wgrad import sink_for, wgrad_store
+from plugins.common.wgrad_autograd import split_backward
 
 
 def _grouped_mm_available(x: torch.Tensor) -> bool:
@@ -127,6 +132,7 @@ class LocalExperts(MegatronModule):
             w.allreduce = False  # expert parameter: Megatron reduces it over expert-DP only
         self.recompute_activation = (config.recompute_granularity == "selective"
                                      and "moe_act" in (config.recompute_modules or ()))
+        self.deferred_wgrads = wgrad_store(config)
 
     def forward(self, tokens: torch.Tensor, counts: list[int],
                 tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -143,6 +149,13 @@ class LocalExperts(MegatronModule):
     def _expert_linear(self, x: torch.Tensor, counts: list[int],
                        weight: torch.Tensor) -> torch.Tensor:
         """Each expert's rows of x [n, k] times its weight [out, k]: [n, out]."""
+        sink = sink_for(self, weight)
+        if sink is None:
+            return self._expert_product(x, counts, weight)
+        return split_backward(sink, lambda x, w: self._expert_product(x, counts, w), x, weight)
+
+    @staticmethod
+    def _expert_product(x: torch.Tensor, counts: list[int], weight: torch.Tensor) -> torch.Tensor:
         if _grouped_mm_available(x):
             ends = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # [e]
             out = torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)

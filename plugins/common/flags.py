@@ -11,8 +11,12 @@ Refusal = tuple[str, str, tuple[Any, ...], str]
 
 
 def first_refused(args: argparse.Namespace, refusals: Iterable[Refusal]) -> str | None:
-    """The error message for the first flag given a value the plugin does not honour."""
+    """The error message for the first flag given a value the plugin does not honour
+    (flags another enabled plugin implements, `Plugin.honours`, are that plugin's)."""
+    elsewhere = set(getattr(args, "megaseek_flags_honoured", ()))
     for dest, flag, honoured, why in refusals:
+        if dest in elsewhere:
+            continue
         value = getattr(args, dest)
         if value not in honoured:
             given = flag if isinstance(value, bool) else f"{flag} {value}"

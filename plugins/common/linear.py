@@ -9,6 +9,9 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from plugins.common.wgrad import sink_for, wgrad_store
+from plugins.common.wgrad_autograd import split_backward
+
 
 class ReplicatedLinear(MegatronModule):
     """y = x W^T with W whole on every TP rank (MLA's down-projections).
@@ -27,9 +30,13 @@ class ReplicatedLinear(MegatronModule):
                     tensor_parallel.random.get_data_parallel_rng_tracker_name()):
                 init_method(self.weight)
         self.weight.sequence_parallel = config.sequence_parallel
+        self.deferred_wgrads = wgrad_store(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        sink = sink_for(self, self.weight)
+        if sink is None:
+            return F.linear(x, self.weight)
+        return split_backward(sink, F.linear, x, self.weight)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True),

@@ -1,7 +1,11 @@
-"""The DualPipe and DualPipeV pipeline schedules as Megatron schedules, not implemented yet.
+"""DeepSeek-V3's DualPipe and DualPipeV pipeline schedules as Megatron schedules.
 
-Will replace the forward-backward function Megatron picks in
-`get_forward_backward_func` (1F1B or interleaved) with DualPipe's bidirectional
-schedule, which overlaps the forward and backward chunks of two micro-batch streams, or
-its single-direction V variant. Nothing here is registered until it works.
+`--plugins dualpipe --pipeline-schedule dualpipev|dualpipe` (plugin.py): Megatron builds
+two model chunks per rank, placed by the registry's placement seam (DualPipeV: stages r
+and 2P-1-r of 2P; DualPipe: stages r and P-1-r of P, each stage on two ranks), and its
+training loop calls the schedule (schedule.py) for training and evaluation. The cells
+each rank runs come from program.py, which the simulator (simulator.py, timeline.py,
+`megaseek schedule`) times as well. `--delay-wgrad-compute` splits backwards into input
+and weight gradients (plugins/common/wgrad.py); `--pipeline-timeline DIR` records a
+run's cells (runlog.py).
 """

@@ -1,6 +1,7 @@
 """The `ema` plugin: `--plugins ema --ema-decay D [--ema-interval N] [--ema-start-iter K]
 [--ema-eval]`. Attaches through the registry's hooks only: the optimizer-step callback
-(the update), the checkpoint state (saved under 'megaseek:ema') and an evaluation pass."""
+(the update), the end of training (waits for the last update), the checkpoint state
+(saved under 'megaseek:ema') and an evaluation pass."""
 
 from __future__ import annotations
 
@@ -102,19 +103,23 @@ def ema_of(model_chunks: list) -> HostEMA:
 
 
 def _log_wait(args, iteration: int) -> None:
+    """Every --log-interval: the time this rank's steps waited for the previous update, to
+    TensorBoard as `ema-wait-ms` (zeros included, so the curve is whole) and printed when
+    not zero; from the last rank, where Megatron keeps its writer and prints its log."""
     from megatron.training import get_tensorboard_writer, get_timers
 
     timers = get_timers()
     if timers is None or iteration % max(1, args.log_interval) != 0:
         return
-    waited = timers("ema-wait", log_level=0).elapsed(reset=True)
-    if waited == 0.0 or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
-        return  # the steps did not wait (or another rank reports)
-    print(f" ema: iteration {iteration}: waited {waited * 1e3:.3f} ms for the previous "
-          f"EMA update over the last {args.log_interval} iterations", flush=True)
+    waited_ms = timers("ema-wait", log_level=0).elapsed(reset=True) * 1e3
     writer = get_tensorboard_writer()
     if writer is not None:
-        writer.add_scalar("ema-wait-ms", waited * 1e3, iteration)
+        writer.add_scalar("ema-wait-ms", waited_ms, iteration)
+    last = (not torch.distributed.is_initialized()
+            or torch.distributed.get_rank() == torch.distributed.get_world_size() - 1)
+    if waited_ms > 0.0 and last:
+        print(f" ema: iteration {iteration}: waited {waited_ms:.3f} ms for the previous "
+              f"EMA update over the last {args.log_interval} iterations", flush=True)
 
 
 def on_optimizer_step(args, model_chunks, optimizer):
@@ -125,6 +130,11 @@ def on_optimizer_step(args, model_chunks, optimizer):
         _log_wait(args, iteration)
 
     return after_step
+
+
+def on_training_end(args, model_chunks) -> None:
+    """The last update of the run has no next step to report its failure: wait for it."""
+    ema_of(model_chunks).close()
 
 
 class EMACheckpointState:
@@ -194,6 +204,7 @@ EMA = Plugin(
     add_arguments=add_arguments,
     validate=validate,
     on_optimizer_step=on_optimizer_step,
+    on_training_end=on_training_end,
     checkpoint_state=checkpoint_state,
     evaluation=evaluation,
 )

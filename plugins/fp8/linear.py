@@ -24,6 +24,7 @@ from plugins.common.quantize import (
     raise_if_non_finite,
     requantize_transposed,
 )
+from plugins.common.wgrad import WgradSink
 from plugins.fp8 import backends
 from plugins.fp8.weight_cache import WEIGHT, quantize_weight
 
@@ -65,7 +66,8 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str,
                 x_q: torch.Tensor | None = None, x_scales: torch.Tensor | None = None,
-                w_q: torch.Tensor | None = None, w_scales: torch.Tensor | None = None):
+                w_q: torch.Tensor | None = None, w_scales: torch.Tensor | None = None,
+                wgrad: WgradSink | None = None):
         gemm = backends.BACKENDS[backend]
         shape, out = x.shape, weight.shape[0]
         checks = []  # what was quantized here; given operands were checked by their makers
@@ -85,7 +87,7 @@ class FP8Linear(torch.autograd.Function):
         _check_operands(*checks)
         # The FP8 input (and a given FP8 weight, held anyway) for backward.
         ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
-        ctx.backend, ctx.shape = backend, shape
+        ctx.backend, ctx.shape, ctx.wgrad = backend, shape, wgrad
         return y.to(x.dtype).view(*shape[:-1], out)
 
     @staticmethod
@@ -102,23 +104,33 @@ class FP8Linear(torch.autograd.Function):
               else quantize_weight(weight, check_finite=False))              # [out_p, in]
         wtq = backends.Operand(wq.q.t().contiguous(), wq.scales.t().contiguous(), WEIGHT)
         dx = gemm(dyq, wtq).to(dy.dtype).view(ctx.shape)
-        # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
-        # token count zero-padded to whole tiles; x straight from the FP8 cache.
-        dy_t = backends.Operand(*quantize_transposed(dy2d, check_finite=False, pad_rows=True),
-                                ACTIVATION)                                  # [out, tokens_p]
-        x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
-                               ACTIVATION)                                   # [in, tokens_p]
-        dw = gemm(dy_t, x_t).to(weight.dtype)                                # [out, in]
+
+        def wgrad() -> torch.Tensor:
+            # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
+            # token count zero-padded to whole tiles; x straight from the FP8 cache.
+            dy_t = backends.Operand(*quantize_transposed(dy2d, check_finite=False,
+                                                         pad_rows=True), ACTIVATION)  # [out, tokens_p]
+            x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
+                                   ACTIVATION)                               # [in, tokens_p]
+            return gemm(dy_t, x_t).to(weight.dtype)                          # [out, in]
+
+        dw = None
+        if ctx.wgrad is None:
+            dw = wgrad()
+        else:  # --delay-wgrad-compute: the W runs it; dy is checked now, through dyq
+            ctx.wgrad.defer(wgrad)
         _check_operands(("output gradient dy", dyq))
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-               weight_fp8: backends.Operand | None = None) -> torch.Tensor:
+               weight_fp8: backends.Operand | None = None,
+               wgrad: WgradSink | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
     x [tokens, in] in 1x128 tiles, when the caller already has x in FP8; `weight_fp8`: the
-    weight as `quantize_weight` gives it (from an `FP8WeightCache`)."""
+    weight as `quantize_weight` gives it (from an `FP8WeightCache`); `wgrad`: where to
+    defer the Wgrad GEMM (`plugins.common.wgrad`), None to run it in backward."""
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
     w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
-    return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales)
+    return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales, wgrad)

@@ -9,7 +9,8 @@ changes only its GEMMs, which run through `plugins.fp8.linear.fp8_linear`:
   in FP8 and the SwiGLU input cached in FP8; tokens that came by FP8 dispatch enter fc1 as
   the bytes that were sent.
 Each takes `fp8_backend` (a `plugins.fp8.backends` name) and `fp8_cache_weights` (keep its
-FP8 weights through the step: `plugins.fp8.weight_cache`).
+FP8 weights through the step: `plugins.fp8.weight_cache`). With `config.delay_wgrad_compute`
+each defers its FP8 Wgrad GEMMs to the W (`plugins.common.wgrad`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from megatron.core.tensor_parallel.mappings import (
 from plugins.common.experts import LocalExperts
 from plugins.common.linear import ReplicatedLinear
 from plugins.common.quantize import quantize, raise_if_non_finite
+from plugins.common.wgrad import sink_for, wgrad_store
 from plugins.fp8.linear import ACTIVATION, fp8_linear
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 from plugins.fp8.weight_cache import FP8WeightCache
@@ -39,6 +41,7 @@ class _FP8Module:
     def _set_fp8(self, backend: str, cache_weights: bool) -> None:
         self.fp8_backend = backend
         self.fp8_weight_cache = FP8WeightCache() if cache_weights else None
+        self.deferred_wgrads = wgrad_store(self.config)
 
     def _held(self, weight: torch.Tensor, slot=0):
         """The held FP8 copy of `weight` (None: quantize it where it is used)."""
@@ -59,7 +62,8 @@ def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allredu
                                                      group=tp_group)
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight))
+    output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight),
+                        wgrad=sink_for(module, weight))
     return output if bias is None else output + bias
 
 
@@ -86,7 +90,8 @@ class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
         self._set_fp8(fp8_backend, fp8_cache_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.fp8_backend, weight_fp8=self._held(self.weight))
+        return fp8_linear(x, self.weight, self.fp8_backend, weight_fp8=self._held(self.weight),
+                          wgrad=sink_for(self, self.weight))
 
 
 def _checked_fp8(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +123,8 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
 
     def _project(self, x, x_fp8, counts, weights, name: str) -> list[torch.Tensor]:
         """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
-        return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)))
+        return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)),
+                           sink_for(self, weights, e))
                 for e, (chunk, q, scales, w) in enumerate(zip(
                     x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
                     weights.unbind(0)))]

@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from plugins.common.experts import LocalExperts
 from plugins.common.linear import ReplicatedLinear
+from plugins.common.parallel_linear import DEFERRING_VERSION
 from plugins.fp8.modules import (
     FP8ColumnParallelLinear,
     FP8LocalExperts,
@@ -30,6 +31,10 @@ FP8_VERSION = {
     RowParallelLinear: FP8RowParallelLinear,
     ReplicatedLinear: FP8ReplicatedLinear,          # MLA's down-projections
     LocalExperts: FP8LocalExperts,                  # the moe plugin's routed experts
+    # Megatron's linears as `--delay-wgrad-compute` maps them (whichever transform runs
+    # first): the FP8 versions defer by themselves.
+    DEFERRING_VERSION[ColumnParallelLinear]: FP8ColumnParallelLinear,
+    DEFERRING_VERSION[RowParallelLinear]: FP8RowParallelLinear,
 }
 
 

@@ -55,6 +55,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from plugins.common.experts import LocalExperts
 from plugins.common.groups import process_groups
+from plugins.common.statistics import declare_step_statistic
 from plugins.moe import dispatch as ep
 from plugins.moe.balance import expert_load, sequence_balance_loss
 from plugins.moe.router import DeepSeekRouter, RouterConfig
@@ -159,6 +160,7 @@ class DeepSeekMoE(MegatronModule):
         self.register_buffer("tokens_per_expert",
                              torch.zeros(config.num_moe_experts, dtype=torch.float32),
                              persistent=False)
+        declare_step_statistic(self, "tokens_per_expert")
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number

@@ -135,6 +135,10 @@ class DeepSeekRouter(torch.nn.Module):
     are also callable apart (`logits`, then `choose`), for losses on the logits (z-loss).
     """
 
+    # Its small [T, E] weight GEMM stays in backward under --delay-wgrad-compute, as
+    # Megatron's router does with TE (plugins.common.wgrad_checks).
+    wgrad_in_backward = True
+
     def __init__(self, hidden_size: int, config: RouterConfig, *, init_std: float = 0.02,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()

@@ -7,6 +7,8 @@ seam and leave a trace (one line per event, `RANK EVENT`, in the `--probe-trace`
   checkpoint state (saved, loaded, reported); and adds an evaluation pass with the output
   layer zeroed (whose loss is then exactly ln(vocab size)).
 - `vplace`: DualPipeV's placement, rank r building stages r and 2P-1-r.
+- `crash`: `--crash-rank R --crash-at-layer-call K` ends rank R's process (exit 17, no
+  cleanup, as a killed rank) in the middle of a step, at its K-th transformer-layer call.
 """
 
 import os
@@ -124,5 +126,30 @@ def v_placement(args):
 VPLACE = Plugin("vplace", "test plugin: DualPipeV's placement", placement=v_placement,
                 slots=frozenset({"placement"}))
 
+def add_crash_arguments(group):
+    group.add_argument("--crash-rank", type=int, default=None)
+    group.add_argument("--crash-at-layer-call", type=int, default=None)
+
+
+def crashing_layer(spec, args):
+    """The layer's class, subclassed so that its K-th call on rank R ends the process."""
+    if int(os.environ["RANK"]) != args.crash_rank:
+        return spec
+    calls = [0]
+
+    class CrashingLayer(spec.module):
+        def forward(self, *a, **k):
+            calls[0] += 1
+            if calls[0] == args.crash_at_layer_call:
+                os._exit(17)
+            return super().forward(*a, **k)
+
+    spec.module = CrashingLayer
+    return spec
+
+
+CRASH = Plugin("crash", "test plugin: a rank dies mid-step", add_arguments=add_crash_arguments,
+               transform_layer_spec=crashing_layer)
+
 if __name__ == "__main__":
-    launch.main(sys.argv[1:], registry=PluginRegistry([*builtin_plugins(), PROBE, VPLACE]))
+    launch.main(sys.argv[1:], registry=PluginRegistry([*builtin_plugins(), PROBE, VPLACE, CRASH]))

@@ -1,0 +1,207 @@
+"""dualpipe_bubble and dualpipe_chunks: pipeline schedules in real Megatron runs on gloo.
+
+dualpipe_bubble: the same dense GPT, data and micro-batches through Megatron's `pretrain`
+on 2 pipeline ranks (a core each) under Megatron's 1F1B, Megatron's interleaved 1F1B
+(2 virtual stages per rank), DualPipeV (with and without the W split) and DualPipe.
+Each rank's bubble fraction is 1 - (forward-compute + backward-compute) /
+forward-backward, from Megatron's own timers (`--timing-log-level 2 --timing-log-option
+all`, averaged over the last logging interval); the same timers time the cells of the
+megaseek schedules (their forwards and backwards are Megatron's `forward_step` and
+`backward_step`; W cells count as backward compute). DualPipeV's last step is also read
+from its recorded timeline (`--pipeline-timeline`): measured bubble per rank against the
+formula with the measured cell durations; its picture goes to bench/figures.
+
+dualpipe_chunks: F, B (input gradient only, split), W and F&B of a DualPipeV chunk of the
+MLA+MoE model with EP=2 (PP=2 x DP=2, 4 ranks), from the recorded timeline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.result import Config, Result, Table
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "bench" / "figures"
+
+MODEL = ["--num-layers", "8", "--hidden-size", "256", "--num-attention-heads", "8",
+         "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "2",
+         "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
+         "--attention-dropout", "0", "--lr", "1e-4", "--lr-warmup-iters", "1",
+         "--eval-iters", "0", "--eval-interval", "1000", "--seed", "1234",
+         "--timing-log-level", "2", "--timing-log-option", "all"]
+SCHEDULES = {  # name -> extra flags
+    "1F1B (Megatron)": [],
+    "interleaved 1F1B, 2 virtual stages (Megatron)": [
+        "--num-virtual-stages-per-pipeline-rank", "2", "--overlap-p2p-communication"],
+    "DualPipeV": ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipev"],
+    "DualPipeV, W split": ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipev",
+                           "--delay-wgrad-compute"],
+    "DualPipe": ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe"],
+}
+MLA_MOE_EP2 = [
+    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
+    "--seq-length", "128", "--max-position-embeddings", "128", "--micro-batch-size", "1",
+    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout",
+    "0", "--lr", "1e-4", "--lr-warmup-iters", "1", "--eval-iters", "0", "--eval-interval",
+    "1000", "--seed", "1234", "--pipeline-model-parallel-size", "2",
+    "--plugins", "mla", "moe", "dualpipe", "--pipeline-schedule", "dualpipev",
+    "--delay-wgrad-compute", "--multi-latent-attention", "--q-lora-rank", "64",
+    "--kv-lora-rank", "32", "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16",
+    "--v-head-dim", "32", "--rope-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+    "--disable-bias-linear", "--num-experts", "8", "--moe-router-topk", "2",
+    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+    "--moe-router-bias-update-rate", "1e-3", "--moe-ffn-hidden-size", "128",
+    "--moe-shared-expert-intermediate-size", "128", "--moe-router-load-balancing-type", "none",
+    "--moe-layer-freq", "([0]+[1]*3)", "--expert-model-parallel-size", "2",
+]
+
+
+def _pretrain(args: list[str], ranks: int, workdir: Path) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(ranks), "-m", "integration.pretrain", *args]
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    output = done.stdout + done.stderr
+    if done.returncode:
+        raise RuntimeError(f"pretrain exited {done.returncode}: {output[-3000:]}")
+    return output
+
+
+def _per_rank_timers(output: str) -> dict[str, dict[int, float]]:
+    """The last 'times across ranks (ms)' block Megatron logged: timer -> rank -> ms."""
+    blocks = output.split("times across ranks (ms):")
+    if len(blocks) < 2:
+        raise RuntimeError("Megatron logged no per-rank timers")
+    timers: dict[str, dict[int, float]] = {}
+    name = None
+    for line in blocks[-1].splitlines()[1:]:
+        header = re.match(r"^  (\S[^:]*):\s*$", line)
+        value = re.match(r"^\s+rank\s+(\d+): ([0-9.]+)", line)
+        if header:
+            name = header[1]
+            timers[name] = {}
+        elif value and name:
+            timers[name][int(value[1])] = float(value[2])
+        elif line.strip() and not value:
+            break
+    return timers
+
+
+def _step_ms(output: str) -> list[float]:
+    return [float(ms) for ms in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", output)]
+
+
+def _bubbles(timers: dict[str, dict[int, float]]) -> list[float]:
+    whole = timers["forward-backward"]
+    compute = {rank: timers.get("forward-compute", {}).get(rank, 0.0)
+               + timers.get("backward-compute", {}).get(rank, 0.0) for rank in whole}
+    return [1.0 - compute[rank] / whole[rank] for rank in sorted(whole)]
+
+
+def _timeline(directory: Path):
+    from plugins.dualpipe.runlog import read_run
+
+    timeline, _ = read_run(directory)
+    return timeline
+
+
+def _measured(timeline):
+    """(bubble per rank, the formula's bubble, mean cell durations), in seconds."""
+    from plugins.dualpipe.simulator import mean_durations, published_bubble
+
+    durations = mean_durations(timeline)
+    formula = float(published_bubble(timeline.pipeline.schedule, timeline.pipeline.stages,
+                                     durations))
+    means = {"F": float(durations.F), "B": float(durations.B), "W": float(durations.W),
+             "F&B": float(durations.fb)}
+    return [float(b) for b in timeline.bubbles()], formula, means, durations
+
+
+def run_bubble(smoke: bool = False) -> Result:
+    iterations, interval = (2, 1) if smoke else (7, 3)
+    microbatches = 4 if smoke else 8
+    model = MODEL + ["--global-batch-size", str(2 * microbatches), "--train-iters",
+                     str(iterations), "--log-interval", str(interval),
+                     "--pipeline-model-parallel-size", "2"]
+    if smoke:
+        model = [("64" if a in ("256",) else a) for a in model]
+    configs, rows, raw = [], [], {}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        timeline_dir = work / "timeline"
+        for name, extra in SCHEDULES.items():
+            flags = model + extra
+            if name == "DualPipeV":
+                flags += ["--pipeline-timeline", str(timeline_dir)]
+            try:
+                output = _pretrain(flags, 2, work)
+            except RuntimeError as error:
+                configs.append(Config(name, name, str(error)[:300]))
+                continue
+            steps = [ms / 1e3 for ms in _step_ms(output)[1:]]  # iteration 1 warms up
+            bubbles = _bubbles(_per_rank_timers(output))
+            configs.append(Config(name, name, steps))
+            rows.append([name, f"{statistics.median(steps) * 1e3:.1f}"]
+                        + [f"{b:.3f}" for b in bubbles])
+            raw[name] = {"step_ms": [s * 1e3 for s in steps], "bubble_fraction": bubbles}
+        timeline = _timeline(timeline_dir)
+        measured, formula, durations, exact = _measured(timeline)
+        raw["DualPipeV timeline"] = {"bubble_s": measured, "formula_s": formula,
+                                     "mean_durations_s": durations}
+        if not smoke:
+            from plugins.dualpipe.timeline import draw
+
+            FIGURES.mkdir(parents=True, exist_ok=True)
+            draw(timeline, FIGURES / "dualpipev-pp2-run.png", exact,
+                 title=f"DualPipeV, 2 gloo ranks, {microbatches} micro-batches (measured)")
+    table = Table("bubble fraction per rank from Megatron's timers (last logging interval)",
+                  ["schedule", "step ms (median)", "rank 0", "rank 1"], rows,
+                  right=frozenset({1, 2, 3}))
+    span = max(s.end for row in timeline.rows for s in row) if timeline.rows else 0.0
+    notes = [
+        f"Dense GPT (8 layers, hidden 256, sequence 256, micro-batch 2), fp32, "
+        f"{microbatches} micro-batches per step, PP=2 on 2 gloo ranks (one core each); "
+        f"{iterations} iterations, the first dropped from the step times.",
+        "Bubble fraction = 1 - (forward-compute + backward-compute) / forward-backward, "
+        "per rank, from Megatron's timers; communication waits count as bubble.",
+        "DualPipeV's recorded last step: measured bubble per rank "
+        + ", ".join(f"{b * 1e3:.1f} ms" for b in measured)
+        + f" of a {span * 1e3:.1f} ms step; DeepSeek's formula (PP/2-1)(F&B+B-3W) with the "
+        f"measured mean durations gives {formula * 1e3:.1f} ms"
+        + " (mean F, B, W, F&B: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in durations.items())
+        + "). F&B runs its forward then its backward (no overlap yet), so F&B = F + B.",
+    ]
+    return Result("dualpipe_bubble", configs, notes, [table], raw)
+
+
+def run_chunks(smoke: bool = False) -> Result:
+    iterations = 2 if smoke else 4
+    flags = MLA_MOE_EP2 + ["--global-batch-size", "8", "--train-iters", str(iterations),
+                           "--log-interval", "1"]
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        _pretrain(flags + ["--pipeline-timeline", str(work / "timeline")], 4, work)
+        timeline = _timeline(work / "timeline")
+    _, _, durations, _ = _measured(timeline)
+    rows = [[cell, f"{seconds * 1e3:.2f}"] for cell, seconds in durations.items()]
+    f, b, fb = durations["F"], durations["B"], durations["F&B"]
+    notes = [
+        "MLA + DeepSeekMoE (8 experts, top-2, shared expert), 4 layers, hidden 128, sequence "
+        "128, micro-batch 1, fp32; DualPipeV on PP=2 x DP=2 with EP=2 (4 gloo ranks on 2 "
+        "cores: ranks share cores, so times include waiting for a core); W split on. Mean "
+        "cell times of the last step over all ranks and chunks.",
+        f"B is a whole backward (a split one's input-gradient part plus the mean W). F&B {fb * 1e3:.2f} ms against F + B "
+        f"{(f + b) * 1e3:.2f} ms: no overlap of one chunk's all-to-all with the other's "
+        "compute is implemented yet (--overlap-moe-expert-parallel-comm is refused).",
+    ]
+    return Result("dualpipe_chunks", [], notes,
+                  [Table("mean cell time (ms)", ["cell", "ms"], rows, right=frozenset({1}))],
+                  {"mean_durations_s": durations})

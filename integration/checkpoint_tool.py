@@ -1,0 +1,121 @@
+"""Run a tool on a checkpoint's model: Megatron started with the arguments the checkpoint
+was saved with, on the layout it was saved at, its model built (with its plugins' specs)
+but no optimizer and no data. `megaseek ema-export` is such a tool (`plugins.ema.export`).
+
+A tool is a module with `parse(argv)` (options with `load` and `ckpt_step`),
+`check_checkpoint(options, keys)` (the checkpoint's sharded keys), `run_arguments(saved,
+options)` (the saved arguments as the tool's run wants them) and `run(model_chunks)`.
+
+The saved arguments are Megatron's validated ones, so they are used as they are rather
+than parsed again; hence the tool runs on as many ranks as the run that saved the
+checkpoint. Started without torchrun, it starts itself under torchrun with that many
+ranks on this machine (as the demo does); started under torchrun, the world size must
+match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from types import ModuleType
+from typing import Callable
+
+import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
+from integration import hooks
+from plugins import PluginError, PluginRegistry, default_registry
+from upstream import shutdown
+
+
+def checkpoint_directory(load: str, step: int | None) -> str:
+    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it."""
+    from megatron.training import checkpointing
+
+    tracker = checkpointing.get_checkpoint_tracker_filename(load)
+    if step is None and not os.path.isfile(tracker):
+        raise PluginError(f"--load {load}: no checkpoint there (no {os.path.basename(tracker)})")
+    if step is None:
+        iteration, release = checkpointing.read_metadata(tracker)
+    else:
+        iteration, release = step, False
+    directory = checkpointing.get_checkpoint_name(load, iteration, release, return_base_dir=True)
+    if not os.path.isdir(directory):
+        raise PluginError(f"--load {load}: no checkpoint of iteration {iteration} there")
+    return directory
+
+
+def saved_arguments(directory: str) -> argparse.Namespace:
+    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    if not check_is_distributed_checkpoint(directory):
+        raise PluginError(f"{directory}: not a torch_dist checkpoint (--ckpt-format torch_dist)")
+    saved = load_common_state_dict(directory).get("args")
+    if saved is None:
+        raise PluginError(f"{directory}: the checkpoint holds no saved arguments")
+    return saved
+
+
+def checkpoint_keys(directory: str) -> set[str]:
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return set(load_sharded_metadata(directory))
+
+
+def relaunched(world_size: int, command: list[str]) -> bool:
+    """Under torchrun: checks the world size and returns False (go on). Otherwise runs this
+    program again (`-m integration.cli`, the `megaseek` script, or a script that passes its
+    own registry) with `command` under torchrun on `world_size` ranks, and returns True
+    once it has succeeded."""
+    if "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != world_size:
+            raise PluginError(f"the checkpoint was saved by {world_size} ranks; start "
+                              f"`megaseek {command[0]}` on {world_size} ranks (or without "
+                              f"torchrun), not {os.environ['WORLD_SIZE']}")
+        return False
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", str(world_size), *program, *command])
+    if done.returncode != 0:
+        raise SystemExit(done.returncode)
+    return True
+
+
+def on_checkpoint_model(args: argparse.Namespace, tool: Callable[[list], None],
+                        registry: PluginRegistry | None = None) -> None:
+    """On this rank: Megatron initialised with `args` (a checkpoint's saved arguments, as
+    the tool wants them), the model built, `tool(model_chunks)`, the run ended."""
+    registry = registry or default_registry()
+    with hooks.megatron_run(registry) as patcher:
+        from megatron.core.enums import ModelType
+        from megatron.training.global_vars import set_global_variables
+        from megatron.training.initialize import initialize_megatron
+        from megatron.training.training import get_model
+
+        from integration import gpt
+
+        args.rank, args.local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        set_global_variables(args, build_tokenizer=False)
+        hooks.enable(registry, args, patcher, model_only=True)  # the checkpoint's model only
+        initialize_megatron(allow_no_cuda=True)  # on GPU this only skips an assertion
+        tool(get_model(gpt.model_provider, ModelType.encoder_or_decoder, wrap_with_ddp=False))
+    shutdown.end_run()
+
+
+def main(argv: list[str], command: str, tool: ModuleType,
+         registry: PluginRegistry | None = None) -> None:
+    """`megaseek COMMAND ARGV`."""
+    options = tool.parse(argv)
+    try:
+        directory = checkpoint_directory(options.load, options.ckpt_step)
+        saved = saved_arguments(directory)
+        tool.check_checkpoint(options, checkpoint_keys(directory))
+        if relaunched(saved.world_size, [command, *argv]):
+            return
+    except PluginError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    on_checkpoint_model(tool.run_arguments(saved, options), tool.run, registry)

@@ -1,0 +1,223 @@
+"""The `dualpipe` plugin: `--plugins dualpipe --pipeline-schedule dualpipev|dualpipe`.
+
+Attaches through the registry's hooks only: `placement` (which stages each rank's two
+model chunks build), `schedule` (the forward-backward function Megatron's loop calls for
+training and evaluation). Megatron builds the two chunks through its own model-chunk
+mechanism: the plugin asks for two virtual stages per rank, which Megatron's placement
+seam then puts where the schedule needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from plugins import Plugin, PluginError
+from plugins.common.wgrad_checks import delay_wgrad_refusal
+from plugins.dualpipe.program import Pipeline
+from upstream.seams import Placement
+
+SCHEDULES = ("dualpipev", "dualpipe")
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--pipeline-schedule", choices=SCHEDULES, default=None,
+                       help="DeepSeek-V3's pipeline schedule: dualpipev (2 stages per rank in "
+                            "a V, loss on rank 0) or dualpipe (micro-batches from both ends, "
+                            "each stage held by two ranks)")
+    group.add_argument("--pipeline-timeline", default=None, metavar="DIR",
+                       help="record when each pipeline cell ran, per rank, in "
+                            "DIR/timeline-rank{R}.jsonl (`megaseek schedule --from-run DIR`)")
+
+
+def _flag(args, dest: str):
+    return getattr(args, dest, None)
+
+
+def validate(args: argparse.Namespace) -> None:
+    schedule = args.pipeline_schedule
+    if schedule is None:
+        raise PluginError("--plugins dualpipe needs --pipeline-schedule dualpipev (or dualpipe)")
+    p = args.pipeline_model_parallel_size
+    if p < 2:
+        raise PluginError(f"--pipeline-schedule {schedule} needs "
+                          f"--pipeline-model-parallel-size 2 or more (got {p})")
+    if schedule == "dualpipe" and p % 2:
+        raise PluginError(f"--pipeline-schedule dualpipe needs an even "
+                          f"--pipeline-model-parallel-size (got {p}; use {p + 1})")
+    for dest, flag in (("num_layers_per_virtual_pipeline_stage",
+                        "--num-layers-per-virtual-pipeline-stage"),
+                       ("num_virtual_stages_per_pipeline_rank",
+                        "--num-virtual-stages-per-pipeline-rank"),
+                       ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout"),
+                       ("decoder_first_pipeline_num_layers",
+                        "--decoder-first-pipeline-num-layers"),
+                       ("decoder_last_pipeline_num_layers",
+                        "--decoder-last-pipeline-num-layers")):
+        if _flag(args, dest) is not None:
+            raise PluginError(f"{flag} cannot be combined with --pipeline-schedule {schedule}, "
+                              f"which places its own stages: drop {flag}")
+    if not args.untie_embeddings_and_output_weights:
+        raise PluginError(f"--pipeline-schedule {schedule} needs "
+                          "--untie-embeddings-and-output-weights (as DeepSeek-V3): a tied "
+                          "output layer would live on the same rank as its embedding in "
+                          "another chunk, which Megatron's embedding group cannot tie")
+    if _flag(args, "mtp_num_layers"):
+        raise PluginError(f"--mtp-num-layers cannot be combined with --pipeline-schedule "
+                          f"{schedule} yet: drop --mtp-num-layers")
+    if _flag(args, "rampup_batch_size") is not None:
+        raise PluginError(f"--rampup-batch-size cannot be combined with --pipeline-schedule "
+                          f"{schedule}, which needs a fixed number of micro-batches")
+    if _flag(args, "overlap_moe_expert_parallel_comm"):
+        _check_overlap(args)
+    refused = delay_wgrad_refusal(args)
+    if refused:
+        raise PluginError(refused)
+    _check_layers(args, schedule)
+    _check_microbatches(args, schedule)
+    # Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each);
+    # the placement seam decides which stages they are.
+    args.virtual_pipeline_model_parallel_size = 2
+
+
+OVERLAP = "--overlap-moe-expert-parallel-comm"
+
+
+def _check_overlap(args) -> None:
+    """What the F&B overlap (plugins.dualpipe.overlap) cannot make correct, or pointless."""
+    ep = args.expert_model_parallel_size
+    if ep < 2:
+        raise PluginError(f"{OVERLAP} needs --expert-model-parallel-size 2 or more (got {ep}): "
+                          "without expert parallelism there is no all-to-all to overlap")
+    # Both chunks' layers would communicate on these groups at once; only the
+    # expert-parallel ones get a copy per chunk.
+    etp = _flag(args, "expert_tensor_parallel_size") or args.tensor_model_parallel_size
+    for flag, size in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+                       ("--context-parallel-size", args.context_parallel_size),
+                       ("--expert-tensor-parallel-size", etp)):
+        if size > 1:
+            raise PluginError(f"{OVERLAP} with --pipeline-schedule needs {flag} 1 (got {size}): "
+                              "the two overlapped chunks would interleave their collectives "
+                              "on its group")
+    # Recomputation saves and restores the random generator in backward, racing the
+    # other chunk's dropout in forward.
+    if _flag(args, "recompute_granularity") is not None:
+        raise PluginError(f"{OVERLAP} with --pipeline-schedule cannot be combined with "
+                          "--recompute-granularity: drop it")
+    if _flag(args, "overlap_param_gather"):
+        raise PluginError(f"{OVERLAP} with --pipeline-schedule cannot be combined with "
+                          "--overlap-param-gather (its forward hooks gather parameters on the "
+                          "data-parallel group, shared by both chunks): drop it")
+    import torch
+
+    if torch.cuda.is_available():
+        # Two threads issuing NCCL work on two communicators in different orders on
+        # different ranks can deadlock (NCCL's rule: one order on every rank).
+        raise PluginError(f"{OVERLAP} with --pipeline-schedule runs on gloo (CPU) only so "
+                          "far: drop it on GPU")
+
+
+def _stages(args, schedule: str) -> int:
+    p = args.pipeline_model_parallel_size
+    return 2 * p if schedule == "dualpipev" else p
+
+
+def _check_layers(args, schedule: str) -> None:
+    stages = _stages(args, schedule)
+    layers = args.num_layers
+    extra = int(bool(_flag(args, "account_for_embedding_in_pipeline_split"))) \
+        + int(bool(_flag(args, "account_for_loss_in_pipeline_split")))
+    if (layers + extra) % stages:
+        smallest = stages * max(1, -(-(layers + extra) // stages)) - extra
+        raise PluginError(f"--num-layers {layers} cannot be cut into the {stages} equal stages "
+                          f"of --pipeline-schedule {schedule} on "
+                          f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: "
+                          f"use a multiple of {stages} (e.g. --num-layers {smallest})")
+
+
+def _check_microbatches(args, schedule: str) -> None:
+    p = args.pipeline_model_parallel_size
+    data_parallel = getattr(args, "data_parallel_size", None) or max(1, args.world_size // (
+        args.tensor_model_parallel_size * p * args.context_parallel_size))
+    per_microbatch = args.micro_batch_size * data_parallel
+    microbatches = args.global_batch_size // per_microbatch
+    pipeline = Pipeline(schedule, p, microbatches)
+    try:
+        pipeline.check()
+    except ValueError as why:
+        smallest = Pipeline.smallest_microbatches(schedule, p)
+        raise PluginError(f"--global-batch-size {args.global_batch_size} gives {microbatches} "
+                          f"micro-batches per step (--micro-batch-size {args.micro_batch_size} "
+                          f"x {data_parallel} data-parallel ranks); {why}: use "
+                          f"--global-batch-size {smallest * per_microbatch} or more") from None
+
+
+def needed_by(args: argparse.Namespace) -> str | None:
+    """Megatron's --delay-wgrad-compute without Transformer Engine: megaseek's linears
+    defer their weight gradients, and only this plugin's schedules run them."""
+    if _flag(args, "delay_wgrad_compute") and args.transformer_impl == "local":
+        return ("--delay-wgrad-compute without Transformer Engine needs --plugins dualpipe "
+                "--pipeline-schedule dualpipev (or dualpipe), whose schedules run the "
+                "deferred weight gradients")
+    return None
+
+
+def transform_layer_spec(layer_spec, args: argparse.Namespace):
+    """With --delay-wgrad-compute, Megatron's parallel linears become their deferring
+    drop-ins (megaseek's own linears defer by their config)."""
+    if not _flag(args, "delay_wgrad_compute"):
+        return layer_spec
+    from plugins.common.parallel_linear import with_deferring_linears
+
+    return with_deferring_linears(layer_spec)
+
+
+def fixes(args: argparse.Namespace):
+    from upstream.overlap import overlap_fixes
+    from upstream.wgrad import delay_wgrad_fixes
+
+    return ((delay_wgrad_fixes() if _flag(args, "delay_wgrad_compute") else ())
+            + (overlap_fixes() if _flag(args, "overlap_moe_expert_parallel_comm") else ()))
+
+
+def placement(args: argparse.Namespace) -> Placement:
+    pipeline = Pipeline(args.pipeline_schedule, args.pipeline_model_parallel_size,
+                        microbatches=0)
+    process_groups = None
+    if _flag(args, "overlap_moe_expert_parallel_comm"):  # chunk 1 on its own communicators
+        from datetime import timedelta
+
+        from plugins.dualpipe.overlap import chunk_process_groups
+
+        minutes = _flag(args, "distributed_timeout_minutes")
+        process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
+    return Placement(pipeline.ranks, pipeline.chunks,
+                     lambda rank, chunk: pipeline.place(rank, chunk)[1],
+                     copies=pipeline.directions, process_groups=process_groups)
+
+
+def schedule(args: argparse.Namespace):
+    from plugins.common.wgrad import take_deferred_weight_gradients
+    from plugins.dualpipe.schedule import forward_backward
+
+    return forward_backward(args.pipeline_schedule, timeline_dir=args.pipeline_timeline,
+                            weight_gradients=take_deferred_weight_gradients
+                            if _flag(args, "delay_wgrad_compute") else None,
+                            overlap=bool(_flag(args, "overlap_moe_expert_parallel_comm")))
+
+
+DUALPIPE = Plugin(
+    name="dualpipe",
+    summary="DeepSeek-V3's DualPipe and DualPipeV pipeline schedules as Megatron schedules "
+            "(--pipeline-schedule)",
+    add_arguments=add_arguments,
+    validate=validate,
+    needed_by=needed_by,
+    transform_layer_spec=transform_layer_spec,
+    fixes=fixes,
+    placement=placement,
+    schedule=schedule,
+    slots=frozenset({"schedule", "placement"}),
+    # Its schedules overlap whole chunks' all-to-alls (overlap.py), not Megatron's split
+    # of a MoE layer, so a MoE plugin's refusal of the flag does not apply.
+    honours=frozenset({"overlap_moe_expert_parallel_comm"}),
+)

@@ -1,0 +1,193 @@
+"""DualPipeV and DualPipe through Megatron's own training loop, against Megatron's 1F1B
+and against one process without a pipeline, on the same weights and data.
+
+Every run starts from one checkpoint saved by 1F1B (Megatron draws initial weights per
+pipeline rank, so two placements would otherwise start apart). Dropout is off: its masks
+come from per-rank generators, which differ between placements. The distributed
+optimizer saves fully reshardable state, so a checkpoint moves between placements.
+
+Tolerances: under DualPipeV every stage adds the same micro-batches' gradients in the
+same order as one process does, so gradients are bit-equal; DualPipe adds each
+direction's half, then the two halves (another order of the same fp32 sum). Losses after
+a step differ by a few fp32 ulps: Megatron sums the squared gradient norm per rank, then
+over ranks, and that rounding reaches the weights through gradient clipping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from plugins.dualpipe.program import Pipeline
+from tests.training_runs import (TINY_GPT, checkpoint_tensors, final_validation_loss, losses,
+                                 pretrain, torchrun)
+
+pytestmark = pytest.mark.slow
+
+PIPELINE = ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+            "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
+            "--attention-dropout", "0", "--use-distributed-optimizer",
+            "--dist-ckpt-optim-fully-reshardable"]
+DUALPIPEV = ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipev"]
+DUALPIPE = ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe"]
+SCRIPTS = Path(__file__).parent / "launch_scripts"
+RELEASE = str(SCRIPTS / "release" / "pretrain_gpt.py")
+PROBED = str(SCRIPTS / "launch_with_probe_plugin.py")
+DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128"]
+CLOSE = dict(rel=2e-6, abs=0)  # a few fp32 ulps (see the module docstring)
+
+
+def _gradients(save_dir, pipeline: Pipeline | None) -> dict[str, torch.Tensor]:
+    """Iteration 3's gradients that Megatron saved (--save-wgrads-interval; one file per
+    pipeline rank, one entry per model chunk, layers numbered within the chunk) under
+    global layer numbers. Copies of a stage (DualPipe) must agree bit for bit."""
+    layers_per_stage = 4 // (pipeline.stages if pipeline else 1)
+    merged: dict[str, torch.Tensor] = {}
+    for path in sorted((save_dir / "wgrads" / "iter_0000003").glob("*.pth")):
+        rank = int(path.stem.split("_")[3]) if pipeline else 0
+        for chunk_name, grads in torch.load(path).items():
+            chunk = int(chunk_name.removeprefix("model_chunk"))
+            first = pipeline.place(rank, chunk)[1] * layers_per_stage if pipeline else 0
+            for name, grad in grads.items():
+                name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{first + int(m[1])}.", name)
+                assert name not in merged or torch.equal(merged[name], grad), name
+                merged[name] = grad
+    assert merged, f"no gradients saved under {save_dir}"
+    return merged
+
+
+def _resumed(load, step: int, until: int, extra: list[str], tmp_path, **kwargs) -> str:
+    return pretrain(PIPELINE + extra + ["--load", str(load), "--ckpt-step", str(step),
+                                        "--train-iters", str(until)], tmp_path, **kwargs)
+
+
+def test_dualpipev_and_dualpipe_train_as_1f1b_resume_exactly_and_checkpoints_load_anywhere(
+        tmp_path):
+    start, v_ckpt, v_again, dual_ckpt = (tmp_path / name for name in
+                                         ("start", "v", "v-again", "dual"))
+    pretrain(PIPELINE + ["--train-iters", "6", "--exit-interval", "2", "--save", str(start),
+                         "--save-interval", "2"], tmp_path)
+
+    one_f_one_b = _resumed(start, 2, 6, [], tmp_path)
+    grads = ["--save-wgrads-interval", "3"]  # iteration 3's reduced gradients, per rank
+    # DualPipeV with the W split (--delay-wgrad-compute): weight gradients deferred to
+    # the schedule's W cells.
+    v = _resumed(start, 2, 6, DUALPIPEV + grads + [
+        "--delay-wgrad-compute", "--save", str(v_ckpt), "--save-interval", "2",
+        "--pipeline-timeline", str(tmp_path / "timeline")], tmp_path)
+    dual = _resumed(start, 2, 6, DUALPIPE + grads + ["--save", str(dual_ckpt),
+                                                     "--save-interval", "6"], tmp_path)
+    oracle = tmp_path / "one-process"
+    _resumed(start, 2, 6, grads + ["--pipeline-model-parallel-size", "1", "--save", str(oracle),
+                                   "--save-interval", "3", "--exit-interval", "3"],
+             tmp_path, ranks=1)
+
+    # Every parameter's gradient of iteration 3 against one process without a pipeline.
+    expected = _gradients(oracle, None)
+    v_grads = _gradients(v_ckpt, Pipeline("dualpipev", 2, 4))
+    assert v_grads.keys() == expected.keys()
+    assert [name for name in expected if not torch.equal(v_grads[name], expected[name])] == []
+    dual_grads = _gradients(dual_ckpt, Pipeline("dualpipe", 2, 4))
+    assert dual_grads.keys() == expected.keys()
+    for name in expected:  # the two halves summed: another rounding of the same sum
+        torch.testing.assert_close(dual_grads[name], expected[name], rtol=1e-5, atol=1e-8,
+                                   msg=name)
+    for run in (v, dual):
+        assert sorted(losses(run)) == [3, 4, 5, 6]
+        for iteration, loss in losses(one_f_one_b).items():
+            assert losses(run)[iteration] == pytest.approx(loss, **CLOSE), iteration
+        assert final_validation_loss(run) == pytest.approx(final_validation_loss(one_f_one_b),
+                                                           **CLOSE)
+
+    # Save at 4, resume under DualPipeV without the W split: the same weights and
+    # optimizer state at 6, bit for bit.
+    _resumed(v_ckpt, 4, 6, DUALPIPEV + ["--save", str(v_again), "--save-interval", "2"], tmp_path)
+    saved, resumed = checkpoint_tensors(v_ckpt, 6), checkpoint_tensors(v_again, 6)
+    assert saved.keys() == resumed.keys()
+    assert [k for k in saved if not torch.equal(saved[k], resumed[k])] == []
+
+    # DualPipe holds each stage on two ranks and its checkpoint once, every layer under
+    # its global number: without a pipeline (PP=1, DP=2) it evaluates to the same loss.
+    evaluated = pretrain(PIPELINE + ["--pipeline-model-parallel-size", "1", "--load",
+                                     str(dual_ckpt), "--ckpt-step", "6", "--train-iters", "6",
+                                     "--skip-train"], tmp_path)
+    assert final_validation_loss(evaluated) == pytest.approx(final_validation_loss(dual), **CLOSE)
+
+    # The recorded cells are the program's (the reader checks them cell by cell) and
+    # the measured bubble is printed beside the formula's.
+    report = subprocess.run([sys.executable, "-m", "integration.cli", "schedule", "--from-run",
+                             str(tmp_path / "timeline"), "--json"], capture_output=True,
+                            text=True, check=True).stdout
+    measured = json.loads(report)
+    assert (measured["schedule"], measured["pp"], measured["microbatches"]) == ("dualpipev", 2, 4)
+    recorded = (tmp_path / "timeline" / "timeline-rank0.jsonl").read_text()
+    assert '"op": "W"' in recorded and '"split": true' in recorded
+    assert len(measured["bubble"]) == 2 and all(b >= 0 for b in measured["bubble"])
+
+
+MLA_MOE_EP2 = [  # DeepSeek's MoE in layers 2-4, experts over 2 data-parallel ranks
+    "--plugins", "mla", "moe", "--multi-latent-attention", "--q-lora-rank", "32",
+    "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
+    "--v-head-dim", "16", "--rope-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+    "--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "2",
+    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+    "--moe-router-bias-update-rate", "1e-3", "--moe-ffn-hidden-size", "32",
+    "--moe-shared-expert-intermediate-size", "32", "--moe-router-load-balancing-type", "none",
+    "--moe-layer-freq", "([0]+[1]*3)", "--expert-model-parallel-size", "2",
+    "--micro-batch-size", "1", "--global-batch-size", "8",
+]
+
+
+def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):
+    """PP=2 x DP=2 with EP=2: 4 stages in a V (DualPipeV) or 2 stages from both ends
+    (DualPipe, whose two copies of a stage also sum their expert loads for the bias
+    update; with the W split, MLA's and the experts' weight gradients deferred), 4
+    micro-batches per step (the fewest either allows on 2 pipeline ranks)."""
+    start = tmp_path / "start"
+    pretrain(PIPELINE + MLA_MOE_EP2 + ["--train-iters", "3", "--exit-interval", "1",
+                                       "--save", str(start), "--save-interval", "1"], tmp_path,
+             ranks=4)
+    one_f_one_b = _resumed(start, 1, 3, MLA_MOE_EP2, tmp_path, ranks=4)
+    for schedule, w_split in (("dualpipev", []), ("dualpipe", ["--delay-wgrad-compute"])):
+        dual = _resumed(start, 1, 3, MLA_MOE_EP2 + w_split + [
+            "--plugins", "mla", "moe", "dualpipe", "--pipeline-schedule", schedule],
+            tmp_path, ranks=4)
+        assert sorted(losses(dual)) == [2, 3]
+        for iteration, loss in losses(one_f_one_b).items():
+            assert losses(dual)[iteration] == pytest.approx(loss, **CLOSE), (schedule, iteration)
+        assert final_validation_loss(dual) == pytest.approx(
+            final_validation_loss(one_f_one_b), **CLOSE), schedule
+
+
+def test_a_rank_that_dies_mid_step_ends_the_run_with_an_error_naming_the_wait(tmp_path):
+    """Through Megatron-LM's release pretrain_gpt.py (the launcher), rank 1 dies in the middle of a step (at its 9th transformer-layer call); rank 0,
+    waiting for its messages, fails at once naming what it waited for, and torchrun ends
+    the run; nothing hangs (`--distributed-timeout-minutes 1`, and the run is given 120 s
+    in all)."""
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as failed:
+        torchrun([PROBED, RELEASE], TINY_GPT + DATA + PIPELINE + DUALPIPEV[:1] + [
+            "dualpipe", "crash", "--pipeline-schedule", "dualpipev", "--crash-rank", "1",
+            "--crash-at-layer-call", "9", "--train-iters", "4",
+            "--distributed-timeout-minutes", "1"], tmp_path, timeout=120)
+    assert time.monotonic() - started < 120
+    output = str(failed.value)
+    assert re.search(r"dualpipev: pipeline rank 0 waited for the (activation|input gradient) "
+                     r"of stage \d+ .*from pipeline rank 1", output), output[-3000:]
+    assert "exitcode  : 17" in output
+
+
+def test_megatron_lm_release_script_trains_under_dualpipev(tmp_path):
+    """Its get_batch asks for the rank's first/last-stage batch fields; DualPipeV's rank 0
+    holds both ends (the placement seam answers for it)."""
+    output = torchrun([PROBED, RELEASE], TINY_GPT + DATA + PIPELINE + DUALPIPEV + [
+        "--train-iters", "3"], tmp_path)
+    assert sorted(losses(output)) == [1, 2, 3]
+    assert final_validation_loss(output) > 0

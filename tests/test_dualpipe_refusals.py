@@ -1,0 +1,56 @@
+"""Configurations DualPipe cannot run fail at start-up, naming the flag to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from plugins import PluginError
+from tests.plugin_args import enabled
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
+        "--global-batch-size", "8", "--untie-embeddings-and-output-weights",
+        "--pipeline-model-parallel-size", "2"]
+V = ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipev"]
+
+
+@pytest.fixture(autouse=True)
+def two_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+
+def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
+    args, plugins = enabled(BASE + V, monkeypatch)
+    assert [p.name for p in plugins] == ["dualpipe"]
+    assert args.virtual_pipeline_model_parallel_size == 2
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--plugins", "dualpipe"], r"needs --pipeline-schedule dualpipev"),
+    (["--pipeline-schedule", "dualpipev"], r"--pipeline-schedule needs '--plugins dualpipe'"),
+    (V + ["--pipeline-model-parallel-size", "1"], r"--pipeline-model-parallel-size 2 or more \(got 1\)"),
+    (V + ["--global-batch-size", "3"], r"gives 3 micro-batches.*at least 4.*--global-batch-size 4 or more"),
+    (V + ["--num-virtual-stages-per-pipeline-rank", "2"], r"drop --num-virtual-stages-per-pipeline-rank"),
+    (V + ["--pipeline-model-parallel-layout", "Et|tL"], r"drop --pipeline-model-parallel-layout"),
+    (V + ["--decoder-first-pipeline-num-layers", "1"], r"drop --decoder-first-pipeline-num-layers"),
+    (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8"),
+    (V + ["--mtp-num-layers", "1"], r"drop --mtp-num-layers"),
+    (V + ["--rampup-batch-size", "4", "4", "100"], r"--rampup-batch-size"),
+    (["--delay-wgrad-compute", "--transformer-impl", "local"],
+     r"--delay-wgrad-compute without Transformer Engine needs --plugins dualpipe"),
+    (V + ["--delay-wgrad-compute", "--transformer-impl", "local", "--overlap-grad-reduce"],
+     r"--overlap-grad-reduce is not supported"),
+    (V + ["--overlap-moe-expert-parallel-comm"],
+     r"--overlap-moe-expert-parallel-comm needs --expert-model-parallel-size 2 or more"),
+], ids=["no-schedule", "schedule-without-plugin", "pp1", "too-few-microbatches", "vp-flag",
+        "layout", "uneven", "layers", "mtp", "rampup", "wgrad-without-dualpipe",
+        "wgrad-overlap-grad-reduce", "a2a-overlap"])
+def test_refused_at_start_up_naming_the_flag(extra, named, monkeypatch):
+    with pytest.raises(PluginError, match=named):
+        enabled(BASE + extra, monkeypatch)
+
+
+def test_tied_embeddings_are_refused(monkeypatch):
+    argv = [a for a in BASE if a != "--untie-embeddings-and-output-weights"] + V
+    with pytest.raises(PluginError, match=r"needs --untie-embeddings-and-output-weights"):
+        enabled(argv, monkeypatch)

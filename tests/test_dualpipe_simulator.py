@@ -1,0 +1,163 @@
+"""The schedule simulator against DeepSeek's table, the programs' completeness, the
+`megaseek schedule` command and the run-timeline round trip. Pure Python, exact
+(fractions): every equality here is exact, no tolerance."""
+
+import json
+from collections import Counter
+from fractions import Fraction as Fr
+
+import pytest
+
+from integration.schedule import main as schedule_main
+from plugins.dualpipe.program import SCHEDULES, Pipeline
+from plugins.dualpipe.runlog import read_run, write_run
+from plugins.dualpipe.simulator import (Durations, mean_durations, params_per_device,
+                                        peak_activations, published_bubble, simulate)
+
+# (F, B, W, F&B) with B-W = F, W <= F, F&B = F+B: the report's figures' proportions, where
+# the DualPipe row is exact (and the ZB1P row needs W <= F and W <= B-W).
+FIGURE_LIKE = [Durations(Fr(1), Fr(2), Fr(1)), Durations(Fr(2), Fr(3), Fr(1)),
+               Durations(Fr(1), Fr(3, 2), Fr(1, 2))]
+ANY = FIGURE_LIKE + [Durations(Fr(1), Fr(3), Fr(1, 2)), Durations(Fr(3), Fr(2), Fr(1, 4))]
+
+
+def _sizes(schedule):
+    ranks = (2, 4, 6, 8) if schedule == "dualpipe" else (2, 3, 4, 5)
+    for p in ranks:
+        smallest = max(p, Pipeline.smallest_microbatches(schedule, p))
+        for n in (smallest, smallest + 2, smallest + 6):
+            yield p, n
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
+def test_one_direction_bubbles_are_the_table(schedule):
+    for p, n in _sizes(schedule):
+        for d in ANY if schedule == "1f1b" else [d for d in ANY if d.W <= min(d.F, d.B - d.W)]:
+            pipeline = Pipeline(schedule, p, n)
+            expected = published_bubble(schedule, p, d)
+            assert simulate(pipeline, d).bubbles() == [expected] * p, (p, n, d)
+            assert params_per_device(pipeline) == [1] * p
+            # rank r keeps p - r forwards for their backward: PP on the first
+            assert [peak_activations(pipeline.program(r)) for r in range(p)] == \
+                [p - r for r in range(p)]
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_dualpipe_table_holds_at_the_figures_durations(schedule):
+    for p, n in _sizes(schedule):
+        pipeline = Pipeline(schedule, p, n)
+        stages = pipeline.stages  # the table's PP: p for DualPipe, 2p for DualPipeV
+        for d in FIGURE_LIKE:
+            bubble = (Fr(stages, 2) - 1) * (d.fb + d.B - 3 * d.W)
+            assert simulate(pipeline, d).bubbles() == [bubble] * p, (p, n, d)
+        assert params_per_device(pipeline) == [2] * p
+        assert [peak_activations(pipeline.program(r)) for r in range(p)] == [stages + 1] * p
+
+
+def test_dualpipe_with_an_overlap_gain_idles_less_than_the_formula():
+    # F&B < F + B and B - W > F: the formula counts (PP/2-1)(B-W-F) more than the cells idle.
+    d = Durations(Fr(1), Fr(2), Fr(1, 2), Fr(13, 5))
+    pipeline = Pipeline("dualpipe", 4, 12)
+    assert published_bubble("dualpipe", 4, d) == Fr(31, 10)
+    assert simulate(pipeline, d).bubbles() == [Fr(13, 5)] * 4
+    assert Fr(31, 10) - Fr(13, 5) == (Fr(4, 2) - 1) * (d.B - d.W - d.F)
+    # DualPipeV on 4 ranks (8 stages): devices idle differently, all below the formula's 9.3.
+    v = simulate(Pipeline("dualpipev", 4, 12), d).bubbles()
+    assert v == [Fr(15, 2), Fr(79, 10), Fr(83, 10), Fr(83, 10)]
+    assert published_bubble("dualpipev", 8, d) == Fr(93, 10)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("split", [True, False])
+def test_every_program_finishes_and_runs_each_cell_once(schedule, split):
+    d = Durations(Fr(1), Fr(2), Fr(1, 2), Fr(5, 2))
+    for p in range(2, 9):
+        if schedule == "dualpipe" and p % 2:
+            continue
+        smallest = Pipeline.smallest_microbatches(schedule, p)
+        for n in range(smallest, smallest + 6):
+            if schedule == "dualpipe" and n % 2:
+                continue
+            pipeline = Pipeline(schedule, p, n, split_backward=split)
+            simulate(pipeline, d)  # raises on a deadlock
+            runs, splits = Counter(), Counter()
+            for rank in range(p):
+                for cell in pipeline.program(rank):
+                    for part in cell.parts():
+                        direction, stage = pipeline.place(rank, part.chunk)
+                        runs[part.op, direction, stage, part.microbatch] += 1
+                        if part.op == "B" and part.split:
+                            splits[direction, stage, part.microbatch] += 1
+            every = [(dr, s, i) for dr in range(pipeline.directions)
+                     for s in range(pipeline.stages)
+                     for i in range(pipeline.microbatches_per_direction)]
+            assert {k: runs["F", *k] for k in every} == dict.fromkeys(every, 1), (p, n)
+            assert {k: runs["B", *k] for k in every} == dict.fromkeys(every, 1), (p, n)
+            assert {k: runs["W", *k] for k in every} == {k: splits[k] for k in every}, (p, n)
+            assert split or not splits
+
+
+def _cli(capsys, *argv):
+    schedule_main(list(argv))
+    return capsys.readouterr().out
+
+
+def test_cli_json_has_the_keys_and_nothing_else(capsys):
+    out = _cli(capsys, "--schedule", "dualpipev", "--pp", "4", "--microbatches", "10", "--json")
+    assert json.loads(out) == {"schedule": "dualpipev", "pp": 4, "devices": 4,
+                               "microbatches": 10, "bubble": [6, 6, 6, 6],
+                               "params_per_device": [2, 2, 2, 2],
+                               "peak_activations": [9, 9, 9, 9]}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--schedule", "dualpipe", "--pp", "3", "--microbatches", "12"], "--pp must be even"),
+    (["--schedule", "dualpipev", "--pp", "4", "--microbatches", "7"],
+     "--microbatches must be at least 8"),
+    (["--schedule", "1f1b", "--pp", "1", "--microbatches", "4"], "--pp must be at least 2"),
+    (["--schedule", "dualpipe", "--pp", "2", "--microbatches", "5"], "use 6"),
+])
+def test_cli_bad_input_is_one_error_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_:
+        schedule_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("megaseek: error: ") and needle in err
+
+
+def test_run_files_round_trip_and_draw(tmp_path, capsys):
+    pipeline = Pipeline("dualpipev", 2, 5)
+    first = simulate(pipeline, Durations(Fr(1), Fr(2), Fr(1)))
+    second = simulate(pipeline, Durations(Fr(1, 2), Fr(3, 2), Fr(1, 4), Fr(7, 4)))
+    write_run(tmp_path, [first, second])
+    with open(tmp_path / "timeline-rank1.jsonl", "a") as log:  # step 2 cut short on rank 1
+        log.write(json.dumps({"step": 2, "op": "F", "chunk": 0, "microbatch": 0,
+                              "split": False, "start": 0.0, "end": 1.0}) + "\n")
+    for step, expected in ((None, second), (0, first)):
+        timeline, read_step = read_run(tmp_path, step)
+        assert read_step == (1 if step is None else 0)
+        assert timeline.rows == tuple(tuple(row) for row in expected.rows)
+        assert timeline.bubbles() == [float(b) for b in expected.bubbles()]
+    assert mean_durations(read_run(tmp_path)[0]) == Durations(0.5, 1.5, 0.25, 1.75)
+
+    png = tmp_path / "run.png"
+    out = _cli(capsys, "--from-run", str(tmp_path), "--png", str(png))
+    formula = float(published_bubble("dualpipev", 4, Durations(0.5, 1.5, 0.25, 1.75)))
+    assert "measured" in out and f"{formula:g}" in out
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
+
+
+def test_reader_refuses_cells_the_program_does_not_run(tmp_path):
+    write_run(tmp_path, [simulate(Pipeline("1f1b", 2, 3))])
+    path = tmp_path / "timeline-rank0.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1], lines[2] = lines[2], lines[1]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="rank 0, step 0, cell 0"):
+        read_run(tmp_path)
+
+
+def test_simulated_picture_is_small(tmp_path, capsys):
+    png = tmp_path / "v.png"
+    _cli(capsys, "--schedule", "dualpipev", "--pp", "4", "--microbatches", "10", "--png", str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
