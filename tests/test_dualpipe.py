@@ -1,7 +1,7 @@
-"""DualPipeV and DualPipe through Megatron's own training loop, against Megatron's 1F1B
-and against one process without a pipeline, on the same weights and data.
+"""DualPipeV and DualPipe through Megatron's own training loop, against one process
+without a pipeline and against Megatron's 1F1B, on the same weights and data.
 
-Every run starts from one checkpoint saved by 1F1B (Megatron draws initial weights per
+Every comparison starts from one checkpoint saved by 1F1B (Megatron draws initial weights per
 pipeline rank, so two placements would otherwise start apart). Dropout is off: its masks
 come from per-rank generators, which differ between placements. The distributed
 optimizer saves fully reshardable state, so a checkpoint moves between placements.
@@ -68,14 +68,17 @@ def _resumed(load, step: int, until: int, extra: list[str], tmp_path, **kwargs) 
                                         "--train-iters", str(until)], tmp_path, **kwargs)
 
 
-def test_dualpipev_and_dualpipe_train_as_1f1b_resume_exactly_and_checkpoints_load_anywhere(
+def test_dualpipev_and_dualpipe_train_as_one_process_resume_exactly_and_load_anywhere(
         tmp_path):
+    """From a checkpoint Megatron's 1F1B saved at PP=2: DualPipeV (with the W split) and
+    DualPipe train as one process without a pipeline does; their gradients equal its;
+    DualPipeV resumes bit-exactly (without the W split); DualPipe's checkpoint evaluates at
+    PP=1; DualPipeV's recorded timeline is its program's."""
     start, v_ckpt, v_again, dual_ckpt = (tmp_path / name for name in
                                          ("start", "v", "v-again", "dual"))
     pretrain(PIPELINE + ["--train-iters", "6", "--exit-interval", "2", "--save", str(start),
                          "--save-interval", "2"], tmp_path)
 
-    one_f_one_b = _resumed(start, 2, 6, [], tmp_path)
     grads = ["--save-wgrads-interval", "3"]  # iteration 3's reduced gradients, per rank
     # DualPipeV with the W split (--delay-wgrad-compute): weight gradients deferred to
     # the schedule's W cells.
@@ -84,10 +87,11 @@ def test_dualpipev_and_dualpipe_train_as_1f1b_resume_exactly_and_checkpoints_loa
         "--pipeline-timeline", str(tmp_path / "timeline")], tmp_path)
     dual = _resumed(start, 2, 6, DUALPIPE + grads + ["--save", str(dual_ckpt),
                                                      "--save-interval", "6"], tmp_path)
+    # The oracle: the same steps in one process, without a pipeline.
     oracle = tmp_path / "one-process"
-    _resumed(start, 2, 6, grads + ["--pipeline-model-parallel-size", "1", "--save", str(oracle),
-                                   "--save-interval", "3", "--exit-interval", "3"],
-             tmp_path, ranks=1)
+    one_process = _resumed(start, 2, 6, grads + ["--pipeline-model-parallel-size", "1",
+                                                 "--save", str(oracle), "--save-interval", "6"],
+                           tmp_path, ranks=1)
 
     # Every parameter's gradient of iteration 3 against one process without a pipeline.
     expected = _gradients(oracle, None)
@@ -101,9 +105,9 @@ def test_dualpipev_and_dualpipe_train_as_1f1b_resume_exactly_and_checkpoints_loa
                                    msg=name)
     for run in (v, dual):
         assert sorted(losses(run)) == [3, 4, 5, 6]
-        for iteration, loss in losses(one_f_one_b).items():
+        for iteration, loss in losses(one_process).items():
             assert losses(run)[iteration] == pytest.approx(loss, **CLOSE), iteration
-        assert final_validation_loss(run) == pytest.approx(final_validation_loss(one_f_one_b),
+        assert final_validation_loss(run) == pytest.approx(final_validation_loss(one_process),
                                                            **CLOSE)
 
     # Save at 4, resume under DualPipeV without the W split: the same weights and
@@ -146,17 +150,20 @@ MLA_MOE_EP2 = [  # DeepSeek's MoE in layers 2-4, experts over 2 data-parallel ra
 
 
 def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):
-    """PP=2 x DP=2 with EP=2: 4 stages in a V (DualPipeV) or 2 stages from both ends
-    (DualPipe, whose two copies of a stage also sum their expert loads for the bias
-    update; with the W split, MLA's and the experts' weight gradients deferred), 4
-    micro-batches per step (the fewest either allows on 2 pipeline ranks)."""
+    """PP=2 x DP=2 with EP=2: 4 stages in a V (DualPipeV; also with the F&B overlap of
+    the MoE all-to-all) or 2 stages from both ends (DualPipe, whose two copies of a stage
+    also sum their expert loads for the bias update; with the W split, MLA's and the
+    experts' weight gradients deferred), 4 micro-batches per step (the fewest either
+    allows on 2 pipeline ranks)."""
     start = tmp_path / "start"
     pretrain(PIPELINE + MLA_MOE_EP2 + ["--train-iters", "3", "--exit-interval", "1",
                                        "--save", str(start), "--save-interval", "1"], tmp_path,
              ranks=4)
     one_f_one_b = _resumed(start, 1, 3, MLA_MOE_EP2, tmp_path, ranks=4)
-    for schedule, w_split in (("dualpipev", []), ("dualpipe", ["--delay-wgrad-compute"])):
-        dual = _resumed(start, 1, 3, MLA_MOE_EP2 + w_split + [
+    runs = {}
+    for schedule, extra in (("dualpipev", []), ("dualpipe", ["--delay-wgrad-compute"]),
+                            ("dualpipev", ["--overlap-moe-expert-parallel-comm"])):
+        dual = runs[(schedule, *extra)] = _resumed(start, 1, 3, MLA_MOE_EP2 + extra + [
             "--plugins", "mla", "moe", "dualpipe", "--pipeline-schedule", schedule],
             tmp_path, ranks=4)
         assert sorted(losses(dual)) == [2, 3]
@@ -164,6 +171,12 @@ def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):
             assert losses(dual)[iteration] == pytest.approx(loss, **CLOSE), (schedule, iteration)
         assert final_validation_loss(dual) == pytest.approx(
             final_validation_loss(one_f_one_b), **CLOSE), schedule
+    # The F&B overlap runs each cell's forward and backward at once (two threads, chunk 1
+    # on its own expert-parallel communicators): the same computations, so the same bits.
+    sequential, overlapped = runs[("dualpipev",)], runs[("dualpipev",
+                                                         "--overlap-moe-expert-parallel-comm")]
+    assert losses(overlapped) == losses(sequential)
+    assert final_validation_loss(overlapped) == final_validation_loss(sequential)
 
 
 def test_a_rank_that_dies_mid_step_ends_the_run_with_an_error_naming_the_wait(tmp_path):

@@ -76,7 +76,7 @@ def draw(timeline: Timeline, path: Path, durations: Durations, title: str = "") 
     ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.35 if ranks < 4 else -0.2),
               ncol=len(legend), fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", bbox_inches="tight")  # the legend may be wider than the axes
     plt.close(fig)
 
 
