@@ -27,7 +27,7 @@ import torch
 
 from plugins.dualpipe.program import Pipeline
 from tests.training_runs import (TINY_GPT, checkpoint_tensors, final_validation_loss, losses,
-                                 pretrain, torchrun)
+                                 mla_moe_ep2, pretrain, torchrun)
 
 pytestmark = pytest.mark.slow
 
@@ -136,17 +136,8 @@ def test_dualpipev_and_dualpipe_train_as_one_process_resume_exactly_and_load_any
     assert len(measured["bubble"]) == 2 and all(b >= 0 for b in measured["bubble"])
 
 
-MLA_MOE_EP2 = [  # DeepSeek's MoE in layers 2-4, experts over 2 data-parallel ranks
-    "--plugins", "mla", "moe", "--multi-latent-attention", "--q-lora-rank", "32",
-    "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
-    "--v-head-dim", "16", "--rope-type", "rope", "--normalization", "RMSNorm", "--swiglu",
-    "--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "2",
-    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-    "--moe-router-bias-update-rate", "1e-3", "--moe-ffn-hidden-size", "32",
-    "--moe-shared-expert-intermediate-size", "32", "--moe-router-load-balancing-type", "none",
-    "--moe-layer-freq", "([0]+[1]*3)", "--expert-model-parallel-size", "2",
-    "--micro-batch-size", "1", "--global-batch-size", "8",
-]
+# DeepSeek's MoE in layers 2-4, experts over 2 data-parallel ranks.
+MLA_MOE_EP2 = mla_moe_ep2("([0]+[1]*3)") + ["--micro-batch-size", "1", "--global-batch-size", "8"]
 
 
 def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):

@@ -139,16 +139,12 @@ def _oracle_results(trace: Path) -> dict[int, tuple[int, float, float]]:
     return {int(r): (int(n), float(e), float(m)) for r, n, e, m in found}
 
 
-MLA_MOE_EP2 = [  # plugins mla and moe, DeepSeek's MoE in the second layer, experts split over 2 ranks
-    "--plugins", "mla", "moe", "--multi-latent-attention", "--q-lora-rank", "32",
-    "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
-    "--v-head-dim", "16", "--rope-type", "rope", "--normalization", "RMSNorm", "--swiglu",
-    "--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "2",
-    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-    "--moe-router-bias-update-rate", "1e-3", "--moe-ffn-hidden-size", "32",
-    "--moe-shared-expert-intermediate-size", "32", "--moe-router-load-balancing-type", "none",
-    "--moe-layer-freq", "([0]+[1]*1)", "--expert-model-parallel-size", "2",
-]
+def _mla_moe_ep2() -> list[str]:
+    """DeepSeek's MoE in the second layer, experts split over 2 ranks (imported when
+    called: this file also runs as each rank's script, where `tests` is not importable)."""
+    from tests.training_runs import mla_moe_ep2
+
+    return mla_moe_ep2("([0]+[1]*1)")
 
 
 def _with_plugins(args: list[str], *plugins: str) -> list[str]:
@@ -273,8 +269,9 @@ def test_ema_saved_at_pp2_loads_at_pp1(tmp_path):
 def test_mla_moe_ema_saved_at_ep2_loads_at_ep1(tmp_path):
     """The experts' EMA reshards with the experts: saved at EP=2 (two experts a rank),
     loaded at EP=1 (DP=2 over the experts: each rank keeps half of every expert's EMA)."""
-    at = MLA_MOE_EP2.index("--expert-model-parallel-size")
-    model = MLA_MOE_EP2[:at] + MLA_MOE_EP2[at + 2:]
+    mla_moe_ep2 = _mla_moe_ep2()
+    at = mla_moe_ep2.index("--expert-model-parallel-size")
+    model = mla_moe_ep2[:at] + mla_moe_ep2[at + 2:]
     ema = ["--ema-decay", "0.9", "--ema-start-iter", "2"]
     saved, loaded = _save_then_load(tmp_path, model + ema, ["--expert-model-parallel-size", "2"])
     # fp32 on CPU; EP changes only the order in which expert outputs are summed.

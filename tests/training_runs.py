@@ -22,6 +22,23 @@ TINY_GPT = [
     "--seed", "1234", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "2",
 ]
 
+
+
+def mla_moe_ep2(moe_layer_freq: str) -> list[str]:
+    """The tiny MLA + DeepSeekMoE model (plugins mla and moe), 4 experts split over 2
+    expert-parallel ranks, MoE where `moe_layer_freq` (Megatron's pattern) puts it."""
+    return [
+        "--plugins", "mla", "moe", "--multi-latent-attention", "--q-lora-rank", "32",
+        "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
+        "--v-head-dim", "16", "--rope-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+        "--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "2",
+        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+        "--moe-router-bias-update-rate", "1e-3", "--moe-ffn-hidden-size", "32",
+        "--moe-shared-expert-intermediate-size", "32", "--moe-router-load-balancing-type",
+        "none", "--moe-layer-freq", moe_layer_freq, "--expert-model-parallel-size", "2",
+    ]
+
+
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
 _VALIDATION = re.compile(r"validation loss at iteration (\d+) on validation set \| lm loss value: ([0-9.E+-]+)")
 
