@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export TORCHDYNAMO_DISABLE ?= 1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-gpu bench
 setup:
 	@bash scripts/setup.sh
 
@@ -11,6 +11,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -n 2 --timeout=600 tests
+
+# The multi-rank tests (marked `multirank` by tests/conftest.py) on NCCL, one GPU per rank;
+# serial, since each test takes several GPUs. Tests needing more GPUs than visible are skipped.
+test-gpu: setup
+	MEGASEEK_TEST_BACKEND=nccl $(PY) -m pytest -m multirank --timeout=900 -rs tests $(ARGS)
 
 bench: setup
 	$(PY) -m bench $(ARGS)

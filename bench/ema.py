@@ -49,15 +49,16 @@ class _WaitTimer:
 
 
 def _demo_argv() -> list[str]:
-    """The demo's `--mla --moe` flags on one rank: TP = EP = 1, no FP8 dispatch (one rank
-    dispatches nothing), and the CPU flags a CPU launch adds."""
-    from integration import demo
+    """The demo's model (`--preset tiny`) with MLA and MoE only, on one rank: TP = EP = 1,
+    no MTP, no FP8 dispatch (one rank dispatches nothing), and the CPU flags a CPU launch
+    adds."""
+    from integration import demo, presets
     from upstream import cpu
 
-    argv = demo.command(["--mla", "--moe"])
-    argv = argv[argv.index("integration.pretrain") + 1:]
+    argv = presets.expand(["--preset", "tiny", *demo.TRAINING, "--plugins", "mla", "moe",
+                           "--mtp-num-layers", "0", "--expert-model-parallel-size", "1",
+                           "--tensor-model-parallel-size", "1"], announce=False)
     argv = [a for a in argv if a != "--moe-fp8-dispatch"]
-    argv += ["--expert-model-parallel-size", "1", "--tensor-model-parallel-size", "1"]
     return cpu.with_cpu_arguments(argv)
 
 

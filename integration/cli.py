@@ -11,6 +11,10 @@
                                                         checkpoint, for --load or --finetune
     megaseek schedule --schedule S --pp P ...           a pipeline schedule simulated (or a
                                                         run's --from-run DIR): bubble, picture
+    megaseek describe --preset NAME [LAYOUT ...]        a model's parameters, per-rank memory
+                                                        and FLOPs per token, by arithmetic
+    megaseek convert hf-to-megatron HF_DIR OUT          a Hugging Face DeepSeek-V3 folder as a
+    megaseek convert megatron-to-hf CKPT OUT            Megatron checkpoint, and back
 """
 
 from __future__ import annotations
@@ -63,12 +67,16 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint_tool.main(rest, command, export)
     elif command == "schedule":
         from integration.schedule import main as run
+    elif command == "convert":
+        from integration.hf.cli import main as run
+    elif command == "describe":
+        from integration.describe import main as run
     elif command in ("", "-h", "--help", "help"):
         print(__doc__)
         return
     else:
         print(f"megaseek: error: unknown command {command!r}; the commands are pretrain, "
-              f"launch, demo, fixes, ema-export, schedule\n{__doc__}", file=sys.stderr)
+              f"launch, demo, fixes, ema-export, schedule, describe, convert\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)
     run(rest)
 

@@ -1,95 +1,158 @@
-"""The README's demo: pretrain a tiny dense GPT on CPU through Megatron's own training
-loop, on 2 gloo ranks with tensor parallelism, on the built-in byte-level corpus.
+"""The README's demo: DeepSeek-V3's whole training recipe on a tiny GPT (`--preset tiny`),
+on CPU, through Megatron's own training loop, on 4 gloo ranks and the built-in byte-level
+corpus.
 
-It runs `integration.pretrain` under torchrun; extra arguments go to Megatron (e.g.
-`--pipeline-model-parallel-size 2 --tensor-model-parallel-size 1`, or `--plugins ...`).
-`--mla` switches the attention to the MLA plugin (DeepSeek-V3's ratios, scaled down) with
-selective recomputation of the RMSNorms and up-projections; `--moe` makes every layer but
-the first a DeepSeek-V3 MoE layer (16 experts in 4 groups, top-4 from 2 groups, a shared
-expert) with expert parallelism over the 2 ranks and FP8 dispatch; `--fp8` runs every
-linear's GEMMs (experts' and MLA's down-projections included) in block-scaled FP8 on the
-emulated backend, each weight quantized once per step, with 128-wide dimensions and no TP. `--mla --moe --fp8` is the whole
-DeepSeek-V3 recipe at toy size.
+Every plugin is on by default: `mla` (Multi-head Latent Attention, with recomputation of
+the RMSNorms and up-projections), `moe` (DeepSeek-V3 MoE layers, the experts split over 2
+expert-parallel ranks, FP8 dispatch), `fp8` (every linear's GEMMs in block-scaled FP8 on
+the emulated backend), `dualpipe` (DualPipeV over 2 pipeline ranks), `ema` (an EMA of the
+weights, evaluated beside them), and the preset's multi-token prediction layer (`mtp`).
+`--no-<name>` (or `--without <name>`) switches one off with the flags only it needs; the
+rest keeps running. Every other argument goes to Megatron, after the demo's (so it wins).
+
+The whole log goes to `<out>/train.log` (`--out DIR`, default `runs/demo`), TensorBoard's
+events to `<out>/tensorboard`; the screen shows the progress lines, then
+`integration.demo_report` plots the losses to `<out>/losses.png` and prints the summary.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-RANKS = 2
-MODEL = [
-    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
-    "--seq-length", "128", "--max-position-embeddings", "128",
-    "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
-    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
-]
+# 4 ranks: 2 pipeline ranks (DualPipeV's V: 4 stages of one layer) x 2 data-parallel ranks,
+# which are also the 2 expert-parallel ranks. FP8 needs whole 128-tiles per rank: no TP.
+RANKS = 4
+MODEL = ["--preset", "tiny"]  # integration/presets.py: the model and its plugins' shapes
+LAYOUT = ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "1"]
 TRAINING = [
-    "--tensor-model-parallel-size", "2",
-    "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", "300",
-    "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
+    # 4 micro-batches of 4 per data-parallel rank: the fewest DualPipeV on 2 ranks runs.
+    "--micro-batch-size", "4", "--global-batch-size", "32", "--train-iters", "70",
+    "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
     "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "1234",
-    "--log-interval", "25", "--eval-interval", "100", "--eval-iters", "4",
+    "--log-interval", "5", "--eval-interval", "20", "--eval-iters", "2",
 ]
 
-
-MLA = [
-    "--plugins", "mla", "--multi-latent-attention", "--q-lora-rank", "48",
-    "--kv-lora-rank", "16", "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16",
-    "--v-head-dim", "32", "--rope-type", "yarn", "--rotary-scaling-factor", "4",
-    "--yarn-original-max-position-embeddings", "32", "--mscale", "1.0", "--mscale-all-dim", "1.0",
-    "--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mla_up_proj",
-]
-
-
-MOE = [
-    "--plugins", "moe", "--num-experts", "16", "--moe-router-topk", "4",
-    "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
-    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-    "--moe-router-bias-update-rate", "1e-2", "--moe-router-topk-scaling-factor", "2.5",
-    "--moe-ffn-hidden-size", "128", "--moe-shared-expert-intermediate-size", "128",
-    "--moe-router-load-balancing-type", "none", "--moe-layer-freq", "([0]+[1]*3)",
-    "--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "1",
-    "--moe-fp8-dispatch",
-]
+# What each switch removes besides the preset's flags of that plugin (`--plugins` drops
+# those): the run's settings that only that plugin reads.
+PLUGINS: dict[str, list[str]] = {
+    "mla": ["--recompute-granularity", "selective", "--recompute-modules", "layernorm",
+            "mla_up_proj"],
+    "moe": ["--expert-model-parallel-size", "2"],
+    "fp8": ["--fp8-backend", "emulated"],
+    "dualpipe": ["--pipeline-schedule", "dualpipev"],  # without it: Megatron's 1F1B, PP=2
+    "ema": ["--ema-decay", "0.95", "--ema-eval"],
+}
+SWITCHES = (*PLUGINS, "mtp")  # mtp is a model flag of the preset, not a plugin
+NO_MTP = ["--mtp-num-layers", "0"]
+DEFAULT_OUT = Path("runs/demo")
 
 
-FP8 = [
-    "--plugins", "fp8", "--fp8-format", "e4m3", "--fp8-recipe", "blockwise",
-    "--fp8-backend", "emulated", "--tensor-model-parallel-size", "1",
-    "--fp8-cache-weights",  # each weight quantized once per step, not per micro-batch
-    # Every FP8 GEMM reduces over whole 128-wide tiles: 128-multiples where the presets
-    # above are smaller (the kv down-projection's 128 + 16 output rows may stay ragged).
-    "--ffn-hidden-size", "256",
-]
-FP8_WITH_MLA = ["--q-lora-rank", "128", "--kv-lora-rank", "128"]
+def switched_off(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(the names `--no-<name>` / `--without <name>` switch off, the other arguments)."""
+    off, rest, i = [], [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg == "--without" and i + 1 < len(extra):
+            name, i = extra[i + 1], i + 2
+        elif re.fullmatch(r"--no-\w+", arg) and arg[5:] in SWITCHES:
+            name, i = arg[5:], i + 1
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        if name not in SWITCHES:
+            raise SystemExit(f"demo: nothing called {name!r} to switch off "
+                             f"(switches: {', '.join(SWITCHES)})")
+        off.append(name)
+    return off, rest
 
 
-def command(extra: list[str]) -> list[str]:
-    presets = {"--mla": MLA, "--moe": MOE, "--fp8": FP8}
-    chosen = [a for a in extra if a in presets]
-    extra = [a for a in extra if a not in presets]
-    for name in chosen:
-        extra += presets[name]
-    if "--fp8" in chosen and "--mla" in chosen:
-        extra += FP8_WITH_MLA
-    if extra.count("--plugins") > 1:  # one --plugins flag naming all
-        names = [a for i, a in enumerate(extra) if i and extra[i - 1] == "--plugins"]
-        extra = [a for i, a in enumerate(extra)
-                 if a != "--plugins" and (i == 0 or extra[i - 1] != "--plugins")]
-        extra += ["--plugins", *names]
+def _merged_plugins(argv: list[str]) -> list[str]:
+    """argv with one `--plugins` flag, last, naming the demo's plugins and any the user added."""
+    names, rest, taking = [], [], False
+    for arg in argv:
+        if arg == "--plugins":
+            taking = True
+        elif taking and not arg.startswith("--"):
+            names.append(arg)
+        else:
+            taking = False
+            rest.append(arg)
+    return rest + ["--plugins", *dict.fromkeys(names)]
+
+
+def megatron_arguments(extra: list[str], out: Path = DEFAULT_OUT) -> list[str]:
+    """`integration.pretrain`'s arguments for the demo with `extra` (switches and Megatron
+    flags, which come last and so win)."""
+    off, extra = switched_off(extra)
+    on = [name for name in PLUGINS if name not in off]
+    logging = ["--tensorboard-dir", str(out / "tensorboard"), "--log-validation-ppl-to-tensorboard"]
+    return _merged_plugins([*MODEL, *LAYOUT, *TRAINING, *logging, "--plugins", *on,
+                            *(flag for name in on for flag in PLUGINS[name]),
+                            *(NO_MTP if "mtp" in off else []), *extra])
+
+
+def command(extra: list[str], out: Path = DEFAULT_OUT) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(RANKS), "-m", "integration.pretrain",
-            *MODEL, *TRAINING, *extra]
+            *megatron_arguments(extra, out)]
+
+
+# The lines of Megatron's log the screen shows (train.log has all), less what says nothing
+# in this run (the time stamp, loss scale, skipped and NaN iterations, one node's share).
+PROGRESS = re.compile(r"\biteration\s+\d+/|validation loss|^megaseek:|^moe layer|^ ema:")
+QUIET = re.compile(r"^\s*\[[^]]*\]\s*|\s*(consumed samples|loss scale|number of skipped iterations"
+                   r"|number of nan iterations):\s*[^|]*\|| tokens per node [0-9.]+")
+
+
+def shown(line: str) -> str:
+    return QUIET.sub("", line.rstrip())
+
+
+def _out_dir(argv: list[str]) -> tuple[Path, list[str]]:
+    if "--out" in argv:
+        i = argv.index("--out")
+        return Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    return DEFAULT_OUT, argv
+
+
+def train(cmd: list[str], log_path: Path) -> int:
+    """Runs `cmd`, all of its output to `log_path`, the progress lines to the screen."""
+    env = dict(os.environ, TORCHDYNAMO_DISABLE=os.environ.get("TORCHDYNAMO_DISABLE", "1"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"), PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        log.write(f"demo: {' '.join(cmd)}\n")
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log.write(line)
+            if PROGRESS.search(line):
+                print(shown(line), flush=True)
+        return process.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
-    extra = list(sys.argv[1:] if argv is None else argv)
-    env = dict(os.environ, TORCHDYNAMO_DISABLE=os.environ.get("TORCHDYNAMO_DISABLE", "1"),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
-    raise SystemExit(subprocess.run(command(extra), env=env).returncode)
+    out, extra = _out_dir(list(sys.argv[1:] if argv is None else argv))
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train.log"
+    cmd = command(extra, out)
+    print(f"demo: training on {RANKS} gloo ranks; the whole log goes to {log_path}", flush=True)
+    start = time.monotonic()
+    code = train(cmd, log_path)
+    wall = time.monotonic() - start
+    if code != 0:
+        print("\n".join(log_path.read_text().splitlines()[-40:]), file=sys.stderr)
+        raise SystemExit(f"demo: the training exited with {code}; the whole log is {log_path}")
+    from integration import demo_report
+
+    demo_report.main([str(log_path), "--png", str(out / "losses.png"),
+                      "--tensorboard", str(out / "tensorboard"), "--wall-seconds", f"{wall:.0f}"])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ plugins rewrite that spec as the model is built (`upstream.seams.model_specs`).
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any
 
@@ -18,8 +19,12 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
+    get_gpt_decoder_layer_specs,
     get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
 )
+from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
+from megatron.core.transformer.spec_utils import import_module
 from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.core.utils import (
     get_attr_wrapped_model,
@@ -37,7 +42,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     them as GPTModel is built: `upstream.seams.model_specs`)."""
     args = get_args()
     config = config or core_transformer_config_from_args(args)
-    if args.num_experts:
+    if args.spec is not None:  # Megatron's --spec MODULE FUNCTION, as its GPT builder reads it
+        layer_spec = _spec_from_flag(args.spec, config, vp_stage)
+    elif args.num_experts:
         # Megatron's block spec: one spec per layer (dense first layers, --moe-layer-freq).
         layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                                 normalization=args.normalization,
@@ -48,9 +55,11 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
             multi_latent_attention=args.multi_latent_attention,
             normalization=args.normalization,
         )
+    mtp_spec = _mtp_block_spec(config, vp_stage) if config.mtp_num_layers else None
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
+        mtp_block_spec=mtp_spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -67,6 +76,33 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     )
 
 
+def _mtp_block_spec(config, vp_stage: int | None):
+    """MTP layers built like the decoder's last layer (whichever stage holds them), as
+    Megatron's GPT builder does without a model provider (training/models/gpt.py:387), so
+    both launch paths build the same MTP."""
+    last_layer = get_gpt_decoder_layer_specs(config, use_transformer_engine=False,
+                                             normalization=config.normalization,
+                                             qk_l2_norm=config.qk_l2_norm,
+                                             vp_stage=vp_stage)[-1]
+    return get_gpt_mtp_block_spec(config, last_layer, use_transformer_engine=False,
+                                  vp_stage=vp_stage)
+
+
+def _spec_from_flag(spec: list[str], config, vp_stage: int | None):
+    """`--spec MODULE FUNCTION`: a spec object, or a function of the config (and
+    `vp_stage`) that returns one, as Megatron's own GPT builder calls it."""
+    if len(spec) != 2:
+        raise ValueError(f"--spec takes MODULE FUNCTION; got {' '.join(spec)!r}")
+    found = import_module(tuple(spec))
+    if found is None:
+        raise ValueError(f"--spec {' '.join(spec)}: cannot import {spec[0]}")
+    if not callable(found):
+        return found
+    if "vp_stage" in inspect.signature(found).parameters:
+        return found(config, vp_stage=vp_stage)
+    return found(config)
+
+
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Sum of token losses, token count, and the report Megatron averages across DP."""
     losses = output_tensor.view(-1).float()
@@ -80,8 +116,15 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def get_batch(data_iterator, vp_stage: int | None) -> dict[str, Any]:
-    """TP rank 0 reads the next micro-batch and broadcasts it to the rest of its TP group."""
+def _mtp_on_this_stage(config, vp_stage: int | None) -> bool:
+    return mtp_on_this_rank(layout=config.pipeline_model_parallel_layout,
+                            mtp_num_layers=config.mtp_num_layers, ignore_virtual=False,
+                            vp_stage=vp_stage)
+
+
+def get_batch(data_iterator, vp_stage: int | None, mtp_here: bool) -> dict[str, Any]:
+    """TP rank 0 reads the next micro-batch and broadcasts it to the rest of its TP group
+    (tokens and positions too where MTP runs: it embeds the shifted tokens)."""
     args = get_args()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     batch = {}
@@ -99,7 +142,7 @@ def get_batch(data_iterator, vp_stage: int | None) -> dict[str, Any]:
         tp_rank=tp_rank,
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
-        mtp_on_this_rank=False,
+        mtp_on_this_rank=mtp_here,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         is_pipeline_first_stage=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         is_pipeline_last_stage=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -111,7 +154,9 @@ def get_batch(data_iterator, vp_stage: int | None) -> dict[str, Any]:
 
 def forward_step(data_iterator, model: GPTModel):
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
-    batch = get_batch(data_iterator, vp_stage) if is_first_or_last_pipeline_stage(vp_stage) else {}
+    mtp_here = _mtp_on_this_stage(get_attr_wrapped_model(model, "config"), vp_stage)
+    needs_batch = is_first_or_last_pipeline_stage(vp_stage) or mtp_here
+    batch = get_batch(data_iterator, vp_stage, mtp_here) if needs_batch else {}
     loss_mask = batch.get("loss_mask")
     output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"),
                    labels=batch.get("labels"), loss_mask=loss_mask)

@@ -35,7 +35,7 @@ def megatron_run(registry: PluginRegistry):
                  apply_fixes([wgrad.DELAY_WGRAD_ARGUMENTS], Patcher())]
     patcher = Patcher()
     try:
-        seams.checks_before_argument_dump(registry.enabled).apply(patcher)
+        seams.checks_before_argument_dump(lambda args: _start_up_checks(registry, args)).apply(patcher)
         seams.checkpoint_mismatch_named().apply(patcher)
         yield patcher
     except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch) as error:
@@ -47,6 +47,14 @@ def megatron_run(registry: PluginRegistry):
         for fixes in reversed(installed):
             if fixes is not None:
                 fixes.undo()
+
+
+def _start_up_checks(registry: PluginRegistry, args: argparse.Namespace) -> None:
+    """The plugins' checks, then those of what megaseek builds itself (MTP's placement)."""
+    from integration import mtp
+
+    registry.enabled(args)
+    mtp.check_placement(args)
 
 
 class _ModelChunks:

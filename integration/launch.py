@@ -20,7 +20,7 @@ import runpy
 import sys
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
-from integration import hooks
+from integration import hooks, presets
 from plugins import PluginRegistry, default_registry
 from upstream import cpu, seams, shutdown
 from upstream.patching import apply_fixes
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         raise SystemExit("usage: megaseek launch SCRIPT [MEGATRON AND PLUGIN ARGUMENTS]")
-    script, script_args = os.path.abspath(argv[0]), cpu.with_cpu_arguments(argv[1:])
+    script = os.path.abspath(argv[0])
+    script_args = cpu.with_cpu_arguments(presets.expand(argv[1:]))
     if not os.path.isfile(script):
         raise SystemExit(f"megaseek launch: no such script: {argv[0]}")
     registry = registry or default_registry()

@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
-from integration import hooks
+from integration import hooks, presets
 from integration.corpus import BYTE_VOCAB_SIZE, build_byte_corpus
 from plugins import PluginRegistry, default_registry
 from upstream import cpu, shutdown
@@ -52,7 +52,7 @@ def one_rank_without_torchrun() -> None:
 
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
     one_rank_without_torchrun()
-    argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
+    argv = with_defaults(presets.expand(list(sys.argv[1:] if argv is None else argv)))
     registry = registry or default_registry()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 

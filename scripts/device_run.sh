@@ -7,16 +7,18 @@
 #      PYTHON=.venv/bin/python bash scripts/device_run.sh --fetch
 # 2. The device tool's call (copy as is):
 #      run(command="bash scripts/device_run.sh", carry=[".whl"], timeout_s=600)
-# 3. What comes back in $OUT (6 files): run.log (all output), env.txt (GPU, driver,
+# 3. What comes back in $OUT (7 files): run.log (all output), env.txt (GPU, driver,
 #    versions), pytest_gpu.xml (tests/test_fp8_gpu.py and the benchmarks' smoke test on the
-#    GPU; max relative errors as properties), bench/results/gpu_fp8.json and gpu_moe.json
+#    GPU; max relative errors as properties), pytest_multirank.xml (`make test-gpu`: the
+#    multi-rank tests on NCCL; on one GPU those of more than one rank are skipped, saying
+#    so), bench/results/gpu_fp8.json and gpu_moe.json
 #    (each benchmark's tables, every timing, the machine and versions) and bench/results.md.
 #    Here: copy the two JSON files into bench/results/, then `python -m bench --report-only`
 #    regenerates bench/results.md with them.
 #
 # Steps run in order, each under a share of the time left, and a failing step does not stop
 # the next: tests first (short), then gpu_fp8 (about 2 minutes expected), gpu_moe (about 1),
-# then, if time is left, every other test marked `gpu`.
+# then, if time is left, every other test marked `gpu`, then `make test-gpu`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,4 +78,14 @@ step "gpu_moe" 150 python3 -m bench gpu_moe --out "$OUT/bench"
 step "other gpu tests" 90 python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
   --continue-on-collection-errors --timeout=60 tests --ignore=tests/test_fp8_gpu.py \
   --ignore=tests/test_bench_gpu_smoke.py
+# The multi-rank tests on NCCL, one GPU per rank (README "Parallel tests on a multi-GPU
+# CI"); `-o setup`: the packages are installed above, there is no .venv here.
+if command -v make >/dev/null; then
+  step "make test-gpu" 150 make -o setup test-gpu PY=python3 \
+    ARGS="-p no:cacheprovider --junitxml=$OUT/pytest_multirank.xml"
+else  # the same command as the Makefile's test-gpu
+  step "make test-gpu (no make here)" 150 env MEGASEEK_TEST_BACKEND=nccl python3 -m pytest \
+    -m multirank --timeout=900 -rs tests -p no:cacheprovider \
+    --junitxml="$OUT/pytest_multirank.xml"
+fi
 echo "=== done at $((SECONDS - START)) s"

@@ -8,7 +8,8 @@ VENV=${MEGASEEK_VENV:-.venv}
 PY=${PYTHON:-python3}
 TORCH_PIN="torch==2.13.0"          # the CPU wheel; never an unpinned torch (it pulls CUDA)
 MCORE_PIN="megatron-core==0.19.2"
-DEPS=(numpy "packaging>=24.2" psutil triton pytest pytest-xdist pytest-timeout "matplotlib==3.11.2")  # matplotlib: `megaseek schedule --png`
+DEPS=(numpy "packaging>=24.2" psutil triton pytest pytest-xdist pytest-timeout "matplotlib==3.11.2"
+      "tensorboard==2.21.0")  # matplotlib: `megaseek schedule --png`, the demo plot; tensorboard: Megatron's --tensorboard-dir
 TEST_DEPS=("transformers==4.57.1")  # Hugging Face DeepseekV3: the test oracle for MLA and MoE
 
 recipe="typing-override-pth $TORCH_PIN $MCORE_PIN ${DEPS[*]} ${TEST_DEPS[*]-} $(sha1sum pyproject.toml | cut -c1-12)"

@@ -1,9 +1,48 @@
-"""Shared pytest hooks: tests marked ``gpu`` are skipped when CUDA is unavailable."""
+"""Shared pytest hooks.
+
+- Tests marked ``gpu`` are skipped when CUDA is unavailable.
+- Tests that start several ranks (through ``tests.multirank.run_ranks`` or a torchrun launch
+  of ``tests.training_runs``) are marked ``multirank``: ``make test-gpu`` runs them with
+  MEGASEEK_TEST_BACKEND=nccl (tests/backend.py), whose value is checked here at start-up.
+"""
+
+import functools
+import inspect
 
 import pytest
 
+from tests import backend
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "multirank: starts several ranks through the harness (tests/backend.py); "
+                   "marked by conftest, run on NCCL by `make test-gpu`")
+    try:
+        backend.selected()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _rank_starting_tests(path: str) -> frozenset:
+    with open(path, encoding="utf-8") as f:
+        return frozenset(backend.rank_starting_tests(f.read()))
+
+
+def _qualname(item) -> str:
+    name = item.function.__name__
+    return f"{item.cls.__name__}.{name}" if item.cls is not None else name
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        path = inspect.getsourcefile(item.module) or str(item.path)
+        if _qualname(item) in _rank_starting_tests(path):
+            item.add_marker(pytest.mark.multirank)
+
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -12,14 +12,19 @@ from tests.mla_oracle import MLAShape
 
 @contextlib.contextmanager
 def megatron_ranks(tp: int = 1, seed: int = 1234, ep: int = 1, cp: int = 1):
-    """Megatron's model-parallel state over the current process group, with CPU support.
-    Experts are never tensor-parallel in megaseek (expert TP = 1)."""
+    """Megatron's model-parallel state over the current process group, with CPU support
+    where the group is gloo (`tests.backend.device()` is then the CPU; on NCCL it is this
+    rank's GPU and Megatron runs unpatched). Experts are never tensor-parallel in megaseek
+    (expert TP = 1)."""
     import integration  # noqa: F401
     from upstream import cpu
 
     from megatron.core import parallel_state, tensor_parallel
 
-    patcher = cpu.install(force=True)  # CPU semantics on any machine (tensors are on CPU)
+    from tests import backend
+
+    # CPU semantics on any machine when the tensors are on the CPU.
+    patcher = cpu.install(force=True) if backend.device().type == "cpu" else None
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              context_parallel_size=cp,
                                              expert_model_parallel_size=ep,

@@ -1,10 +1,12 @@
 """Build the moe plugin's layer from Megatron's config, with the same weights for every
 configuration and expert-parallel size, on the ranks of an initialized process group
-(inside `tests.mla_build.megatron_ranks`)."""
+(inside `tests.mla_build.megatron_ranks`), on the rank's device (`tests.backend.device`)."""
 
 from __future__ import annotations
 
 import torch
+
+from tests.backend import device
 
 EXPERTS, HIDDEN, FFN = 8, 64, 32
 
@@ -41,10 +43,10 @@ def moe_layer(ep_rank: int = 0, ep_size: int = 1, **overrides):
                 whole = torch.randn((weight.shape[0] * ep_size, *weight.shape[1:]), generator=g)
                 weight.copy_(whole.chunk(ep_size)[ep_rank] * 0.1)
     layer.set_layer_number(2)
-    return layer.train()
+    return layer.to(device()).train()
 
 
 def tokens(seq: int = 16, batch: int = 2, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
     """Hidden states [seq, batch, H] that require grad, as a layer's input does in a model."""
     x = torch.randn(seq, batch, HIDDEN, generator=torch.Generator().manual_seed(seed))
-    return x.to(dtype).requires_grad_()
+    return x.to(device(), dtype).requires_grad_()

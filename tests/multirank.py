@@ -13,8 +13,10 @@ Each rank is a fresh process started with the 'spawn' method, so ``fn`` (and
 its arguments and return value) must be picklable: define ``fn`` at module
 level of an importable module, not as a lambda or a nested function. The ranks
 rendezvous through a FileStore in a temporary directory (no TCP ports, so
-``pytest -n`` is safe). The backend defaults to "gloo" (the tests build CPU tensors);
-GPU tests pass backend="nccl", and each rank then uses GPU `rank`.
+``pytest -n`` is safe). Without ``backend=``, the backend is the one MEGASEEK_TEST_BACKEND
+selects (see tests/backend.py): gloo by default; with "nccl" each rank uses GPU `rank`, so
+``fn`` puts its tensors on ``tests.backend.device()``, and the test is skipped when fewer
+than ``world_size`` GPUs are visible. Tensors in the return value come back on the CPU.
 
 ``run_ranks`` never hangs: a rank that raises, or dies without reporting (for
 instance through ``os._exit`` or a segfault), makes it raise ``RankFailed``
@@ -22,6 +24,7 @@ with that rank's traceback or exit code; ranks still running shortly after a
 failure, or when ``timeout`` expires, are terminated and named in the error.
 """
 
+import copy
 import os
 import pickle
 import queue as queue_module
@@ -32,6 +35,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests import backend as test_backend
 
 __all__ = ["RankFailed", "run_ranks"]
 
@@ -53,13 +58,29 @@ def _worker(fn, rank, world_size, backend, store_path, results, args, kwargs):
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         try:
-            value = fn(rank, world_size, *args, **kwargs)
+            value = _on_cpu(fn(rank, world_size, *args, **kwargs))
         finally:
             dist.destroy_process_group()
         # Pickle here so that an unpicklable result is reported, not lost.
         results.put((rank, True, pickle.dumps(value)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
+
+
+def _on_cpu(value):
+    """`value` with every tensor in it (in tuples, lists, dicts) moved to the CPU, so the
+    test process never unpickles a GPU tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu() if value.device.type != "cpu" else value
+    if isinstance(value, dict):
+        moved = copy.copy(value)  # keeps the dict's type (OrderedDict, defaultdict)
+        moved.update((k, _on_cpu(v)) for k, v in value.items())
+        return moved
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_on_cpu(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _stop(procs):
@@ -81,7 +102,7 @@ def run_ranks(fn, world_size, *args, backend=None, timeout=120.0, **kwargs):
     within ``timeout`` seconds (wall clock, process start-up included).
     """
     if backend is None:
-        backend = "gloo"  # tests build CPU tensors; GPU tests ask for "nccl"
+        backend = test_backend.for_ranks(world_size)  # may skip: fewer GPUs than ranks
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     saved_env = {k: os.environ.get(k) for k in _CHILD_ENV}

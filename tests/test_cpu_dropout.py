@@ -1,5 +1,7 @@
 """Dropout under tensor parallelism on CPU draws as on GPU: inside the model-parallel RNG
-fork each TP rank has its own stream; outside it, the ranks of a TP group agree."""
+fork each TP rank has its own stream; outside it, the ranks of a TP group agree. On NCCL
+ranks (MEGASEEK_TEST_BACKEND=nccl) the same test checks Megatron's own CUDA tracker, the
+behaviour the CPU fix copies."""
 
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ def dropout_masks(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tenso
 
     from megatron.core import parallel_state, tensor_parallel
 
-    patcher = cpu.install(force=True)  # CPU semantics on any machine (tensors are on CPU)
+    from tests.backend import device
+
+    # CPU semantics on any machine when the tensors are on the CPU; Megatron's own on a GPU.
+    patcher = cpu.install(force=True) if device().type == "cpu" else None
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
         torch.manual_seed(1234)  # what Megatron's _set_random_seed does first
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        ones = torch.ones(4096)
+        ones = torch.ones(4096, device=device())
         with tensor_parallel.get_cuda_rng_tracker().fork():
             inside = torch.nn.functional.dropout(ones, p=0.5) > 0
         outside = torch.nn.functional.dropout(ones, p=0.5) > 0

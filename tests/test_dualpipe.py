@@ -1,8 +1,9 @@
 """DualPipeV and DualPipe through Megatron's own training loop, against one process
 without a pipeline and against Megatron's 1F1B, on the same weights and data.
 
-Every comparison starts from one checkpoint saved by 1F1B (Megatron draws initial weights per
-pipeline rank, so two placements would otherwise start apart). Dropout is off: its masks
+Every comparison starts from one checkpoint (Megatron draws initial weights per pipeline rank,
+so two placements would otherwise start apart): in the dense test the one-process oracle saves
+it on its way, in the MLA+MoE test Megatron's 1F1B at PP=2. Dropout is off: its masks
 come from per-rank generators, which differ between placements. The distributed
 optimizer saves fully reshardable state, so a checkpoint moves between placements.
 
@@ -35,6 +36,19 @@ PIPELINE = ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
             "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
             "--attention-dropout", "0", "--use-distributed-optimizer",
             "--dist-ckpt-optim-fully-reshardable"]
+# Multi-token prediction (DeepSeek-V3's one MTP layer) with the loss: on the last pipeline
+# rank under 1F1B, on rank 0 under DualPipeV (beside the embedding, in another chunk), on
+# both end ranks under DualPipe; in the MLA + MoE test its loss is compared with 1F1B's. That
+# test keeps Megatron's DDP: with MTP the plugin refuses the distributed optimizer's fully
+# reshardable checkpoints, which save the embedding's optimizer state wrongly when one rank
+# holds two embedding copies (tests/test_dualpipe_refusals.py).
+MTP = ["--position-embedding-type", "rope", "--mtp-num-layers", "1",
+       "--mtp-loss-scaling-factor", "0.3"]
+_MTP_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?mtp_1 loss: ([0-9.E+-]+)")
+
+
+def mtp_losses(output: str) -> dict[int, float]:
+    return {int(i): float(v) for i, v in _MTP_LOSS.findall(output)}
 DUALPIPEV = ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipev"]
 DUALPIPE = ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe"]
 SCRIPTS = Path(__file__).parent / "launch_scripts"
@@ -55,31 +69,55 @@ def _gradients(save_dir, pipeline: Pipeline | None) -> dict[str, torch.Tensor]:
         for chunk_name, grads in torch.load(path).items():
             chunk = int(chunk_name.removeprefix("model_chunk"))
             first = pipeline.place(rank, chunk)[1] * layers_per_stage if pipeline else 0
-            for name, grad in grads.items():
-                name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{first + int(m[1])}.", name)
+            for name, grad in grads.items():  # MTP's layers are numbered by depth
+                name = re.sub(r"(?<!mtp\.)layers\.(\d+)\.",
+                              lambda m: f"layers.{first + int(m[1])}.", name)
                 assert name not in merged or torch.equal(merged[name], grad), name
                 merged[name] = grad
     assert merged, f"no gradients saved under {save_dir}"
     return merged
 
 
-def _resumed(load, step: int, until: int, extra: list[str], tmp_path, **kwargs) -> str:
-    return pretrain(PIPELINE + extra + ["--load", str(load), "--ckpt-step", str(step),
+def _logged_when_resumed(straight: str, start: int, parse=losses) -> dict[int, float]:
+    """The losses a run resumed from iteration `start`'s checkpoint logs, from the output of
+    the straight run that saved it and went on in memory: the same losses, but Megatron does
+    not reset its loss sums after a run's first logged iteration (`training_log`,
+    `is_first_iteration`), so every run's second line is the mean of its first two
+    iterations' losses (the straight run's own line of iteration 2 too: hence `start` >= 2)."""
+    logged = parse(straight)
+    assert start >= 2 and sorted(logged) == list(range(1, max(logged) + 1))
+    expected = {i: loss for i, loss in logged.items() if i > start}
+    expected[start + 2] = (logged[start + 1] + logged[start + 2]) / 2
+    return expected
+
+
+def _resumed(load, step: int, until: int, extra: list[str], tmp_path, pipeline=PIPELINE,
+             **kwargs) -> str:
+    return pretrain(pipeline + extra + ["--load", str(load), "--ckpt-step", str(step),
                                         "--train-iters", str(until)], tmp_path, **kwargs)
 
 
 def test_dualpipev_and_dualpipe_train_as_one_process_resume_exactly_and_load_anywhere(
         tmp_path):
-    """From a checkpoint Megatron's 1F1B saved at PP=2: DualPipeV (with the W split) and
-    DualPipe train as one process without a pipeline does; their gradients equal its;
-    DualPipeV resumes bit-exactly (without the W split); DualPipe's checkpoint evaluates at
-    PP=1; DualPipeV's recorded timeline is its program's."""
-    start, v_ckpt, v_again, dual_ckpt = (tmp_path / name for name in
-                                         ("start", "v", "v-again", "dual"))
-    pretrain(PIPELINE + ["--train-iters", "6", "--exit-interval", "2", "--save", str(start),
-                         "--save-interval", "2"], tmp_path)
-
+    """From the iteration-2 checkpoint of one process without a pipeline (saved at PP=1,
+    loaded at PP=2): DualPipeV (with the W split) and DualPipe train iterations 3-6 as that
+    process does; their gradients equal its; DualPipeV resumes bit-exactly (without the W
+    split); DualPipe's checkpoint evaluates at PP=1; DualPipeV's recorded timeline is its
+    program's. (Loading a checkpoint that 1F1B saved at PP=2 is the MLA+MoE test's start.)"""
+    v_ckpt, v_again, dual_ckpt = (tmp_path / name for name in ("v", "v-again", "dual"))
     grads = ["--save-wgrads-interval", "3"]  # iteration 3's reduced gradients, per rank
+
+    # The oracle: iterations 1-6 in one process, without a pipeline. The checkpoint it saves
+    # at iteration 2 is every pipelined run's start; it goes on from the state it saved (a
+    # run resumed from there computes the same: weights, optimizer, scheduler and data
+    # position are restored, and dropout is off; only Megatron's log differs, see
+    # _logged_when_resumed). One start-up fewer than a separate run saving the start.
+    oracle = start = tmp_path / "one-process"
+    one_process = pretrain(PIPELINE + grads + [
+        "--pipeline-model-parallel-size", "1", "--train-iters", "6", "--save", str(oracle),
+        "--save-interval", "2"], tmp_path, ranks=1)
+    after_start = _logged_when_resumed(one_process, 2)
+
     # DualPipeV with the W split (--delay-wgrad-compute): weight gradients deferred to
     # the schedule's W cells.
     v = _resumed(start, 2, 6, DUALPIPEV + grads + [
@@ -87,11 +125,6 @@ def test_dualpipev_and_dualpipe_train_as_one_process_resume_exactly_and_load_any
         "--pipeline-timeline", str(tmp_path / "timeline")], tmp_path)
     dual = _resumed(start, 2, 6, DUALPIPE + grads + ["--save", str(dual_ckpt),
                                                      "--save-interval", "6"], tmp_path)
-    # The oracle: the same steps in one process, without a pipeline.
-    oracle = tmp_path / "one-process"
-    one_process = _resumed(start, 2, 6, grads + ["--pipeline-model-parallel-size", "1",
-                                                 "--save", str(oracle), "--save-interval", "6"],
-                           tmp_path, ranks=1)
 
     # Every parameter's gradient of iteration 3 against one process without a pipeline.
     expected = _gradients(oracle, None)
@@ -105,7 +138,7 @@ def test_dualpipev_and_dualpipe_train_as_one_process_resume_exactly_and_load_any
                                    msg=name)
     for run in (v, dual):
         assert sorted(losses(run)) == [3, 4, 5, 6]
-        for iteration, loss in losses(one_process).items():
+        for iteration, loss in after_start.items():
             assert losses(run)[iteration] == pytest.approx(loss, **CLOSE), iteration
         assert final_validation_loss(run) == pytest.approx(final_validation_loss(one_process),
                                                            **CLOSE)
@@ -137,7 +170,10 @@ def test_dualpipev_and_dualpipe_train_as_one_process_resume_exactly_and_load_any
 
 
 # DeepSeek's MoE in layers 2-4, experts over 2 data-parallel ranks.
-MLA_MOE_EP2 = mla_moe_ep2("([0]+[1]*3)") + ["--micro-batch-size", "1", "--global-batch-size", "8"]
+PIPELINE_DDP = [flag for flag in PIPELINE if flag not in ("--use-distributed-optimizer",
+                                                          "--dist-ckpt-optim-fully-reshardable")]
+MLA_MOE_EP2 = mla_moe_ep2("([0]+[1]*3)") + MTP + ["--micro-batch-size", "1",
+                                                  "--global-batch-size", "8"]
 
 
 def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):
@@ -147,26 +183,37 @@ def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):
     experts' weight gradients deferred), 4 micro-batches per step (the fewest either
     allows on 2 pipeline ranks)."""
     start = tmp_path / "start"
-    pretrain(PIPELINE + MLA_MOE_EP2 + ["--train-iters", "3", "--exit-interval", "1",
-                                       "--save", str(start), "--save-interval", "1"], tmp_path,
-             ranks=4)
-    one_f_one_b = _resumed(start, 1, 3, MLA_MOE_EP2, tmp_path, ranks=4)
+    # One 1F1B run both saves the iteration-2 checkpoint every schedule starts from and is
+    # the oracle for iterations 3 and 4: it goes on from the state it saved (a run resumed
+    # from that checkpoint computes the same: Megatron restores the weights, optimizer,
+    # scheduler, expert bias and data position, and dropout is off; only Megatron's log
+    # differs, see _logged_when_resumed). One 4-rank start-up fewer than saving and
+    # resuming in two runs.
+    straight = pretrain(PIPELINE_DDP + MLA_MOE_EP2 + ["--train-iters", "4", "--save",
+                                                      str(start), "--save-interval", "2"],
+                        tmp_path, ranks=4)
+    one_f_one_b = _logged_when_resumed(straight, 2)
+    mtp_1f1b = _logged_when_resumed(straight, 2, mtp_losses)
     runs = {}
     for schedule, extra in (("dualpipev", []), ("dualpipe", ["--delay-wgrad-compute"]),
                             ("dualpipev", ["--overlap-moe-expert-parallel-comm"])):
-        dual = runs[(schedule, *extra)] = _resumed(start, 1, 3, MLA_MOE_EP2 + extra + [
+        dual = runs[(schedule, *extra)] = _resumed(start, 2, 4, MLA_MOE_EP2 + extra + [
             "--plugins", "mla", "moe", "dualpipe", "--pipeline-schedule", schedule],
-            tmp_path, ranks=4)
-        assert sorted(losses(dual)) == [2, 3]
-        for iteration, loss in losses(one_f_one_b).items():
+            tmp_path, pipeline=PIPELINE_DDP, ranks=4)
+        assert sorted(losses(dual)) == [3, 4]
+        for iteration, loss in one_f_one_b.items():
             assert losses(dual)[iteration] == pytest.approx(loss, **CLOSE), (schedule, iteration)
+        for iteration, loss in mtp_1f1b.items():  # MTP's layer is an MLA + MoE layer
+            assert mtp_losses(dual)[iteration] == pytest.approx(loss, **CLOSE), (schedule,
+                                                                                 iteration)
         assert final_validation_loss(dual) == pytest.approx(
-            final_validation_loss(one_f_one_b), **CLOSE), schedule
+            final_validation_loss(straight), **CLOSE), schedule
     # The F&B overlap runs each cell's forward and backward at once (two threads, chunk 1
     # on its own expert-parallel communicators): the same computations, so the same bits.
     sequential, overlapped = runs[("dualpipev",)], runs[("dualpipev",
                                                          "--overlap-moe-expert-parallel-comm")]
     assert losses(overlapped) == losses(sequential)
+    assert mtp_losses(overlapped) == mtp_losses(sequential)
     assert final_validation_loss(overlapped) == final_validation_loss(sequential)
 
 

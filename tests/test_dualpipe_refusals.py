@@ -34,8 +34,10 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--pipeline-model-parallel-layout", "Et|tL"], r"drop --pipeline-model-parallel-layout"),
     (V + ["--decoder-first-pipeline-num-layers", "1"], r"drop --decoder-first-pipeline-num-layers"),
     (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8"),
-    (V + ["--mtp-num-layers", "1"], r"drop --mtp-num-layers"),
     (V + ["--rampup-batch-size", "4", "4", "100"], r"--rampup-batch-size"),
+    (V + ["--position-embedding-type", "rope", "--mtp-num-layers", "1",
+          "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"],
+     r"--dist-ckpt-optim-fully-reshardable cannot be combined with --mtp-num-layers"),
     (["--delay-wgrad-compute", "--transformer-impl", "local"],
      r"--delay-wgrad-compute without Transformer Engine needs --plugins dualpipe"),
     (V + ["--delay-wgrad-compute", "--transformer-impl", "local", "--overlap-grad-reduce"],
@@ -43,7 +45,7 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--overlap-moe-expert-parallel-comm"],
      r"--overlap-moe-expert-parallel-comm needs --expert-model-parallel-size 2 or more"),
 ], ids=["no-schedule", "schedule-without-plugin", "pp1", "too-few-microbatches", "vp-flag",
-        "layout", "uneven", "layers", "mtp", "rampup", "wgrad-without-dualpipe",
+        "layout", "uneven", "layers", "rampup", "mtp-fully-reshardable", "wgrad-without-dualpipe",
         "wgrad-overlap-grad-reduce", "a2a-overlap"])
 def test_refused_at_start_up_naming_the_flag(extra, named, monkeypatch):
     with pytest.raises(PluginError, match=named):

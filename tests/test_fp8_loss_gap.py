@@ -1,20 +1,31 @@
 """DeepSeek-V3's headline FP8 claim at small scale: FP8 training stays within 0.25%
 relative loss of higher-precision training.
 
-Two tiny models, each trained for 300 iterations on 2 gloo ranks with the same seed and
-data, with the emulated FP8 backend and without it (FP32); dropout is off so that the
-runs differ only by FP8 quantization. The curves are kept as golden files.
-- a dense GPT: FP8's loss (smoothed over the last 50 iterations) 0.46% *below* FP32's
-  (seed 1234; 0.39% below with seed 4321);
+Two tiny models, each trained for 200 iterations (a whole cosine schedule) on 2 gloo ranks
+with the same seed and data, with the emulated FP8 backend and without it (FP32); dropout
+is off so that the runs differ only by FP8 quantization. The curves are kept as golden
+files. FP8's loss (smoothed over the last 50 iterations) against FP32's, seed 1234:
+- a dense GPT: 0.70% *below* FP32's at 200 iterations (0.46% below at 300; 0.39% below at
+  300 with seed 4321);
 - DeepSeek-V3-style (MLA with q/kv LoRA, first layer dense, then an MoE layer with 8
   experts in 4 groups, top-2 from 2 groups, a shared expert, EP=2): FP8 runs every linear
   (MLA's down-projections, the kv one with a ragged 144-row output, the experts) and
-  dispatches in FP8; FP8 0.38% below FP32 (seed 1234; 0.10% below with seed 4321), at
-  lr 5e-4. At lr 1e-3 the runs were chaotic: with seed 4321 the FP32 run hit a gradient
-  norm of 85 at iteration 43, the two runs separated there and FP8 ended 2.5% lower
-  (0.68% lower with seed 1234), which says nothing about FP8's precision.
+  dispatches in FP8; 0.16% below FP32 at 200 iterations (0.38% below at 300; 0.10% below
+  at 300 with seed 4321), at lr 5e-4. At lr 1e-3 the runs were chaotic: with seed 4321
+  the FP32 run hit a gradient norm of 85 at iteration 43, the two runs separated there and
+  FP8 ended 2.5% lower (0.68% lower with seed 1234), which says nothing about FP8's
+  precision.
 The direction was the same for every model and seed at this scale; the tests bound
 FP8's degradation by 0.25% and the size of any difference by 1%.
+
+Why 200 iterations are enough (the test ran 300 until 2026-11-25; 200 saves a third of
+its four runs' training): the gap is still measured at the end of a full schedule (the
+cosine decay reaches --min-lr at the last iteration) and over the last 50 iterations, by
+which the FP32 loss has fallen from 5.91 to 2.62 (GPT; 2.51 at 300) and from 5.94 to 2.63
+(DeepSeek-V3; 2.33 at 300), so most of what 300 iterations learn. Measured margins at 200:
+GPT -0.70% against the bounds +0.25% and +-1%, DeepSeek-V3 -0.16% (the GPT's gap is
+widest, about -1.2%, around iteration 100, in mid-schedule, which is why the schedule is
+not cut shorter: at 150 iterations it ends at -0.84%).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ GOLDEN = Path(__file__).parent / "golden"
 MODEL = [
     "--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256",
     "--num-attention-heads", "4", "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "300",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "200",
     "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
     "--attention-dropout", "0", "--hidden-dropout", "0", "--seed", "1234",
     "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "8",
@@ -79,7 +90,7 @@ def test_fp8_loss_within_a_quarter_percent_of_fp32(model, tmp_path):
     run = lambda extra: losses(torchrun(["-m", "integration.pretrain"], args + extra, tmp_path))
     fp32, fp8 = run(fp32_plugins), run(fp8_plugins)
     fp32, fp8 = [fp32[i] for i in sorted(fp32)], [fp8[i] for i in sorted(fp8)]
-    assert len(fp32) == len(fp8) == 300
+    assert len(fp32) == len(fp8) == 200
     assert fp8 != fp32, "the FP8 run computed exactly what FP32 did: FP8 was not applied"
     gap = (smoothed_final(fp8) - smoothed_final(fp32)) / smoothed_final(fp32)
     assert gap < 0.0025, f"FP8 loss {gap:.3%} above FP32 (DeepSeek-V3: below 0.25%)"

@@ -13,6 +13,7 @@ import weakref
 import pytest
 import torch
 
+from tests import backend
 from tests.moe_build import moe_layer, tokens
 from tests.multirank import run_ranks
 
@@ -96,6 +97,8 @@ def recomputed_steps(rank: int, world_size: int) -> dict:
 
 @pytest.mark.parametrize("ep", [1, 2])
 def test_recompute_modules_give_the_same_step(ep):
+    tol = backend.tolerance(gpu=(1e-5, 1e-6), why="the backward scatter-adds rows (combine, "
+                            "expert gradients) with atomics on CUDA: order varies run to run")
     for results in run_ranks(recomputed_steps, ep):
         plain = results["none"]
         assert plain["forwards"] == 1 and plain["activations"] == 1
@@ -105,7 +108,8 @@ def test_recompute_modules_give_the_same_step(ep):
             for name, want in plain.items():
                 if not isinstance(want, torch.Tensor):
                     continue
-                assert torch.equal(got[name], want), f"{' '.join(modules)}: {name} differs"
+                backend.assert_close(got[name], want, tol,
+                                     msg=f"{' '.join(modules)}: {name} differs")
             # Each one recomputes what it names, once, in backward.
             assert got["forwards"] == (2 if "moe" in modules else 1)
             assert got["activations"] == 1 + ("moe_act" in modules) + ("moe" in modules)

@@ -204,7 +204,9 @@ def test_bias_updates_balance_a_skewed_router():
 
 
 def _global_load_rank(rank, world_size, num_experts):
-    idx = torch.randint(0, num_experts, (50, 4), generator=_gen(100 + rank))
+    from tests.backend import device
+
+    idx = torch.randint(0, num_experts, (50, 4), generator=_gen(100 + rank)).to(device())
     local = expert_load(idx, num_experts)
     group = torch.distributed.new_group(list(range(world_size)))
     total = global_load(local, group)
@@ -213,7 +215,7 @@ def _global_load_rank(rank, world_size, num_experts):
 
 
 def test_global_load_sums_over_ranks():
-    results = run_ranks(_global_load_rank, 2, 12, backend="gloo")
+    results = run_ranks(_global_load_rank, 2, 12)
     (local0, total0), (local1, total1) = results
     assert torch.equal(total0, local0 + local1) and torch.equal(total1, total0)
     assert int(total0.sum()) == 2 * 50 * 4

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests import backend
 from tests.multirank import RankFailed, run_ranks
 
 
 # Rank functions must be module-level: spawn pickles them by name.
 def _all_reduce(rank, world_size, base, scale=1.0):
     assert dist.get_rank() == rank and dist.get_world_size() == world_size
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.full((3,), float(base + rank), device=device) * scale
+    t = torch.full((3,), float(base + rank), device=backend.device()) * scale
     dist.all_reduce(t)
-    return rank, t.cpu().tolist()
+    return rank, t.device.type, t.tolist()
 
 
 def _raise_on_rank_1(rank, world_size):
@@ -54,11 +54,27 @@ def _live_children():
     ]
 
 
+def _tensors_on_the_device(rank, world_size):
+    t = torch.arange(3.0, device=backend.device()) + rank
+    return {"pair": (t, [t * 2]), "device": t.device.type}
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_all_reduce_sums_and_keeps_rank_order(world_size):
-    out = run_ranks(_all_reduce, world_size, 10, scale=2.0, backend="gloo")
+    # The selected backend (gloo, or NCCL under `make test-gpu`: 4 ranks need 4 GPUs).
+    out = run_ranks(_all_reduce, world_size, 10, scale=2.0)
     expected = _expected_sum(world_size, 10, 2.0)
-    assert out == [(r, [expected] * 3) for r in range(world_size)]
+    device = "cuda" if backend.selected() == "nccl" else "cpu"
+    assert out == [(r, device, [expected] * 3) for r in range(world_size)]
+
+
+def test_returned_tensors_come_back_on_the_cpu():
+    out = run_ranks(_tensors_on_the_device, 2)
+    for rank, r in enumerate(out):
+        (t, [doubled]), where = r["pair"], r["device"]
+        assert where == ("cuda" if backend.selected() == "nccl" else "cpu")
+        assert t.device.type == doubled.device.type == "cpu"
+        assert t.tolist() == [rank, rank + 1.0, rank + 2.0] and doubled.tolist() == (t * 2).tolist()
 
 
 def test_rank_exception_is_reported_with_traceback():
@@ -98,4 +114,4 @@ def test_rank_dying_without_report_gives_exit_code_quickly():
 def test_all_reduce_nccl():
     world_size = min(2, torch.cuda.device_count())
     out = run_ranks(_all_reduce, world_size, 1, backend="nccl")
-    assert out == [(r, [_expected_sum(world_size, 1, 1.0)] * 3) for r in range(world_size)]
+    assert out == [(r, "cuda", [_expected_sum(world_size, 1, 1.0)] * 3) for r in range(world_size)]

@@ -55,6 +55,7 @@ ROPE_KNOBS = {
     "--use-rope-scaling": ["--use-rope-scaling"],
     "--rope-scaling-factor": ["--rope-scaling-factor", "16"],
     "--no-rope-freq": ["--no-rope-freq", "4"],
+    "--reset-position-ids": ["--reset-position-ids"],
     "--no-yarn-correction-range-round-to-int": ["--no-yarn-correction-range-round-to-int"],
 }
 YARN_KNOBS = [["--rotary-scaling-factor", "4"], ["--yarn-original-max-position-embeddings", "16"],

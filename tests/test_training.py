@@ -1,10 +1,12 @@
-"""A tiny dense GPT trained through Megatron's own `pretrain()` on 2 gloo ranks."""
+"""A tiny dense GPT trained through Megatron's own `pretrain()` on 2 ranks: gloo on the
+CPU, or NCCL with a GPU each under MEGASEEK_TEST_BACKEND=nccl (`make test-gpu`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests import backend
 from tests.training_runs import checkpoint_tensors, final_validation_loss, losses, pretrain
 
 pytestmark = pytest.mark.slow
@@ -29,20 +31,27 @@ def test_loss_falls(layout, tmp_path):
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]], ids=["ddp", "distopt"])
 def test_resume_is_bit_exact(optimizer, tmp_path):
     """12 iterations straight vs 6 + resume from the iteration-6 checkpoint: the final
-    weights and optimizer state, and the final validation loss, are identical. Dropout is
-    on (Megatron's default 0.1), so the RNG state must resume exactly too."""
+    weights and optimizer state, and the final validation loss, are identical (on the CPU;
+    on GPUs within the tolerance below). Dropout is on (Megatron's default 0.1), so the
+    RNG state must resume exactly too: a wrong mask moves weights by about the learning
+    rate, far outside either tolerance."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = optimizer + ["--train-iters", "12", "--save-interval", "6"]
     out_a = pretrain(common + ["--save", str(straight)], tmp_path)
     out_b = pretrain(common + ["--save", str(resumed), "--load", str(straight), "--ckpt-step", "6"],
                      tmp_path)
 
+    tol = backend.tolerance(gpu=(1e-4, 1e-9), why="CUDA's embedding backward and NCCL's "
+                            "reductions add in a run-dependent order: two runs of the same "
+                            "steps differ in the last bits, which Adam carries on")
     a, b = checkpoint_tensors(straight, 12), checkpoint_tensors(resumed, 12)
     assert a.keys() == b.keys()
     assert any("exp_avg" in k for k in a) or optimizer == [], "optimizer state not in checkpoint"
-    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    differing = [k for k in a if not (torch.equal(a[k], b[k]) or a[k].is_floating_point()
+                                      and torch.allclose(b[k], a[k], **tol))]
     assert not differing, f"resumed run differs in {differing[:5]}"
-    assert final_validation_loss(out_a) == final_validation_loss(out_b)
+    assert final_validation_loss(out_b) == pytest.approx(final_validation_loss(out_a),
+                                                         rel=tol["rtol"], abs=0)
     # Megatron logs iterations 7..12 in both runs.
     assert set(range(7, 13)) <= losses(out_b).keys()
 
@@ -59,4 +68,7 @@ def test_mla_checkpoint_loads_at_another_tp_size(tmp_path):
     assert "loading distributed checkpoint" in loaded
     assert not losses(loaded), "the loaded run should start at iteration 4 and not train"
     # fp32 on CPU; TP changes only summation order.
-    assert final_validation_loss(loaded) == pytest.approx(final_validation_loss(saved), abs=1e-5)
+    tol = backend.tolerance(cpu=(0, 1e-5), gpu=(0, 1e-4),
+                            why="cuBLAS picks its kernel by shape and TP halves the shapes")
+    assert final_validation_loss(loaded) == pytest.approx(final_validation_loss(saved),
+                                                          abs=tol["atol"])

@@ -1,6 +1,7 @@
 """Run `integration.pretrain` (or a launch script) under torchrun and read its results.
 
-Each run is a real Megatron `pretrain()` on 2 gloo ranks in subprocesses; the helpers
+Each run is a real Megatron `pretrain()` on 2 ranks in subprocesses: gloo on the CPU, or
+NCCL with one GPU a rank when MEGASEEK_TEST_BACKEND=nccl (tests/backend.py); the helpers
 parse Megatron's own log lines and read its checkpoints back.
 """
 
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from tests import backend
 
 TINY_GPT = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -46,9 +49,14 @@ _VALIDATION = re.compile(r"validation loss at iteration (\d+) on validation set 
 def torchrun(module_or_script: list[str], args: list[str], tmp_path: Path, ranks: int = 2,
              env: dict[str, str] | None = None, timeout: float = 300) -> str:
     """Runs `torchrun --nproc-per-node ranks` and returns its combined output; raises
-    with the output's tail if the run fails."""
+    with the output's tail if the run fails. The selected test backend decides whether the
+    ranks see the GPUs (`backend.launch_env`; skips when fewer GPUs than ranks are visible)
+    and which Megatron flags the run adds (`backend.launch_args`); `env` is applied after."""
+    launch = {**backend.launch_env(ranks), **(env or {})}
+    args = [*args, *backend.launch_args(args)]
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", str(ranks), *module_or_script, *args], tmp_path, env, timeout)
+                "--nproc-per-node", str(ranks), *module_or_script, *args], tmp_path, launch,
+               timeout)
 
 
 def run(cmd: list[str], tmp_path: Path, env: dict[str, str] | None = None,

@@ -58,6 +58,8 @@ CUDA_CALLING_MODULES = {  # module -> where it calls CUDA (lines of its file)
     "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "76,122,126",
     "megatron.core.transformer.utils": "39,44 (causal masks on 'cuda')",
     "megatron.core.transformer.moe.router": "184 (current_device)",
+    "megatron.core.transformer.multi_token_prediction": "374-378 (MTP loss tracker on "
+                                                       "current_device)",
     "megatron.core.transformer.moe.token_dispatcher": "469 (Stream), 922-925",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "current_device",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize",

@@ -168,6 +168,7 @@ def model_specs(transform: Callable[[Any], Any]) -> Fix:
                 kwargs["mtp_block_spec"] = transform(kwargs["mtp_block_spec"])
             init(self, config, transform(transformer_layer_spec), *rest, **kwargs)
 
+        init_with_plugin_specs.megaseek_plugin_specs = True  # see plugin_specs_in_place()
         patcher.setattr(GPTModel, "__init__", init_with_plugin_specs)
 
     return Fix(
@@ -180,6 +181,14 @@ def model_specs(transform: Callable[[Any], Any]) -> Fix:
         lambda: source_has(_module("megatron.core.models.gpt.gpt_model").GPTModel.__init__,
                            "transformer_layer_spec", "mtp_block_spec"),
         apply, SEAM)
+
+
+def plugin_specs_in_place() -> bool:
+    """Whether GPTModel is built with the plugins' specs (`model_specs` applied): a spec
+    that relies on the plugins' modules asks before Megatron builds from it."""
+    from megatron.core.models.gpt import GPTModel
+
+    return getattr(GPTModel.__init__, "megaseek_plugin_specs", False)
 
 
 # --- schedule ------------------------------------------------------------------------------
@@ -435,10 +444,25 @@ def pipeline_placement(placement: Placement) -> Fix:
         patcher.setattr(gpt_model, "mtp_on_this_rank", lambda *a, vp_stage=None, **k: placement.is_last(
             parallel_state.get_pipeline_model_parallel_rank(), vp_stage or 0))
 
+        # The embedding's copies (stage 0's and the MTP stage's) may sit on one rank, which
+        # Megatron's embedding group (a group of ranks) cannot tie: its group is made the
+        # first pipeline rank alone (its all-reduces become no-ops), and the copies are tied
+        # here at build and by `sum_embedding_copies` after each backward.
+        initialize = parallel_state.initialize_model_parallel
+
+        @wraps(initialize)
+        def initialize_with_local_embedding_copies(*args, **kwargs):
+            kwargs["get_embedding_ranks"] = _first_pipeline_rank_only
+            return initialize(*args, **kwargs)
+
+        patcher.setattr(parallel_state, "initialize_model_parallel",
+                        initialize_with_local_embedding_copies)
+
         from megatron.core.models.gpt import GPTModel
 
         init = GPTModel.__init__
         signature = inspect.signature(init)
+        built: dict[int, Any] = {}  # this rank's chunks, as they are built
 
         @wraps(init)
         def init_at_stage(self, *args, **kwargs):
@@ -454,6 +478,13 @@ def pipeline_placement(placement: Placement) -> Fix:
             holders = placement.holders(placement.stage(rank, chunk))
             if len(holders) > 1:
                 _same_weights_as_first_copy(self, holders, rank)
+            built[chunk] = self
+            first, mtp = _embedding_copies(list(built.values()))
+            if first is not None and mtp is not None and len(built) == placement.chunks_per_rank:
+                # After every copy of stage 0 holds the same weights (above): the MTP
+                # stage's embedding starts from it, as Megatron's all-reduce would make it.
+                mtp.embedding.word_embeddings.weight.data.copy_(
+                    first.embedding.word_embeddings.weight.data)
 
         patcher.setattr(GPTModel, "__init__", init_at_stage)
 
@@ -466,14 +497,50 @@ def pipeline_placement(placement: Placement) -> Fix:
         f"mtp_on_this_rank, "
         f"core/parallel_state.py:1994 is_pipeline_first_stage, :2004 is_pipeline_last_stage, "
         f"core/utils.py:2119 get_batch_on_this_tp_rank (launch scripts' get_batch passes "
-        f"the rank's first/last flags) ({VERSION})",
+        f"the rank's first/last flags), core/parallel_state.py:618,1269 "
+        f"initialize_model_parallel(get_embedding_ranks), models/common/language_module/"
+        f"language_module.py:247-306 and distributed/finalize_model_grads.py:146-260 (the "
+        f"MTP stage's embedding copy, tied over the embedding group) ({VERSION})",
         "Megatron places stages interleaved only (stage = chunk x PP + rank) and decides "
         "embedding, head and MTP by the first/last pipeline rank; a chunk's first/last "
-        "stage (e.g. which batch fields get_batch reads) is asked of parallel_state",
+        "stage (e.g. which batch fields get_batch reads) is asked of parallel_state; the "
+        "MTP stage's embedding copy is tied to stage 0's by an all-reduce over a group of "
+        "ranks, which cannot tie two copies on one rank",
         lambda: source_has(_training().get_model, "is_pp_first_stage(", "is_vp_first_stage(")
         and source_has(_module("megatron.core.models.gpt.gpt_model").GPTModel.__init__,
                        "mtp_on_this_rank("),
         apply, SEAM)
+
+
+def _first_pipeline_rank_only(pipeline_ranks: list[int], *unused) -> list[int]:
+    return pipeline_ranks[:1]
+
+
+def _embedding_copies(chunks: list) -> tuple[Any, Any]:
+    """This rank's chunk that embeds the input (stage 0) and its chunk that runs MTP on
+    another stage (which keeps its own copy of the embedding), or None for either."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    models = [get_attr_wrapped_model(c, "pre_process", return_model_obj=True) for c in chunks]
+    first = next((m for m in models if m.pre_process), None)
+    mtp = next((m for m in models if getattr(m, "mtp_process", False) and not m.pre_process),
+               None)
+    return first, mtp
+
+
+def sum_embedding_copies(chunks: list) -> None:
+    """Where this rank holds both stage 0 and the MTP stage (DualPipeV's rank 0), both
+    embedding copies take the sum of their gradients (first + MTP, the same bits on every
+    rank), as Megatron's embedding all-reduce gives copies on two ranks. Call it on the
+    gradient buffers before they are reduced across data-parallel ranks."""
+    first, mtp = _embedding_copies(chunks)
+    if first is None or mtp is None:
+        return
+    mine = first.embedding.word_embeddings.weight.main_grad
+    other = mtp.embedding.word_embeddings.weight.main_grad
+    total = mine + other
+    mine.copy_(total)
+    other.copy_(total)
 
 
 def _same_weights_as_first_copy(model, holders: list[tuple[int, int]], rank: int) -> None:

@@ -102,8 +102,8 @@ class Exchange:
         sender's order), in one batch."""
         ops = [torch.distributed.P2POp(torch.distributed.isend, tensor, self.peers[peer],
                                        self.group) for peer, tensor in self._outgoing]
-        sent = [tensor for _, tensor in self._outgoing]
-        self._outgoing = []
+        outgoing, self._outgoing = self._outgoing, []
+        sent = [tensor for _, tensor in outgoing]
         receiving: list[Message] = []
         for source, message in needs:
             if message in self._posted:
@@ -123,7 +123,15 @@ class Exchange:
                     break
         if not ops:
             return
-        works = torch.distributed.batch_isend_irecv(ops)
+        try:
+            works = torch.distributed.batch_isend_irecv(ops)
+        except RuntimeError as error:  # gloo sends at once: a dead peer can fail the post
+            if receiving:
+                raise self._not_received(receiving[0], self._posted[receiving[0]].source,
+                                         error) from error
+            targets = sorted({peer for peer, _ in outgoing})
+            raise RuntimeError(f"{self.pipeline.schedule}: pipeline rank {self.rank} could "
+                               f"not send to pipeline rank(s) {targets}: {error}") from error
         if len(works) != len(ops):
             # A coalescing backend (NCCL) answers for the batch as a whole: waiting on it
             # only orders the device stream after it, so the host still runs on.
@@ -141,14 +149,17 @@ class Exchange:
             for work in posted.work:
                 work.wait()
         except RuntimeError as error:  # a peer died or timed out: say who waited for what
-            kind, direction, stage, microbatch = message
-            what = "activation" if kind == "act" else "input gradient"
-            raise RuntimeError(
-                f"{self.pipeline.schedule}: pipeline rank {self.rank} waited for the {what} "
-                f"of stage {stage} (direction {direction}), micro-batch {microbatch}, from "
-                f"pipeline rank {posted.source} (global rank {self.peers[posted.source]}), "
-                f"which did not send it: {error}") from error
+            raise self._not_received(message, posted.source, error) from error
         return posted.buffer
+
+    def _not_received(self, message: Message, source: int, error: Exception) -> RuntimeError:
+        kind, direction, stage, microbatch = message
+        what = "activation" if kind == "act" else "input gradient"
+        return RuntimeError(
+            f"{self.pipeline.schedule}: pipeline rank {self.rank} waited for the {what} "
+            f"of stage {stage} (direction {direction}), micro-batch {microbatch}, from "
+            f"pipeline rank {source} (global rank {self.peers[source]}), which did not "
+            f"send it: {error}")
 
     def finish(self) -> None:
         """Posts what is still queued and waits for every send."""

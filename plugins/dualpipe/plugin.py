@@ -61,9 +61,17 @@ def validate(args: argparse.Namespace) -> None:
                           "--untie-embeddings-and-output-weights (as DeepSeek-V3): a tied "
                           "output layer would live on the same rank as its embedding in "
                           "another chunk, which Megatron's embedding group cannot tie")
-    if _flag(args, "mtp_num_layers"):
-        raise PluginError(f"--mtp-num-layers cannot be combined with --pipeline-schedule "
-                          f"{schedule} yet: drop --mtp-num-layers")
+    if _flag(args, "mtp_num_layers") and _flag(args, "use_distributed_optimizer") and _flag(
+            args, "dist_ckpt_optim_fully_reshardable"):
+        # Measured: a checkpoint saved this way holds the wrong optimizer state for the
+        # embedding (its fp32 copy 0.13 off the weights) once rank 0 holds two embedding
+        # copies (stage 0's and MTP's); the default format and DDP resume bit-exactly.
+        raise PluginError(f"--dist-ckpt-optim-fully-reshardable cannot be combined with "
+                          f"--mtp-num-layers under --pipeline-schedule {schedule}: Megatron's "
+                          f"fully reshardable optimizer format saves the embedding's state "
+                          f"wrongly when one rank holds two embedding copies; drop "
+                          f"--dist-ckpt-optim-fully-reshardable (the default format resumes "
+                          f"exactly)")
     if _flag(args, "rampup_batch_size") is not None:
         raise PluginError(f"--rampup-batch-size cannot be combined with --pipeline-schedule "
                           f"{schedule}, which needs a fixed number of micro-batches")

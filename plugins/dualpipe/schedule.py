@@ -26,6 +26,7 @@ import torch
 
 from plugins.dualpipe.comm import Exchange, needed_by
 from plugins.dualpipe.program import Cell, Pipeline
+from upstream.seams import sum_embedding_copies
 
 
 def forward_backward(schedule: str, timeline_dir: str | None = None,
@@ -93,10 +94,13 @@ def forward_backward(schedule: str, timeline_dir: str | None = None,
             exchange.finish()
             run.finish_data()
             if not forward_only:
+                sum_embedding_copies(model)
                 if pipeline.directions == 2:
                     _sum_gradients_of_copies(model, ranks - 1 - rank, pp_group)
                 _start_grad_sync(model)
         recorder.close()
+        if not forward_only and config.mtp_num_layers:
+            _mtp_metrics_on_last_rank(config.mtp_num_layers, pp_group, device)
 
         losses, num_tokens = _gathered_on_last_rank(run.losses, run.num_tokens, pp_group, device)
         if config.finalize_model_grads_func is not None and not forward_only:
@@ -286,6 +290,29 @@ def _sum_gradients_of_copies(model: list, mirror: int, pp_group) -> None:
             for work in works:
                 work.wait()
             mine.add_(theirs)
+
+
+def _mtp_metrics_on_last_rank(depth: int, pp_group, device: torch.device) -> None:
+    """MTP runs with the loss, on rank 0 (DualPipeV) or on both end ranks (DualPipe), but
+    Megatron logs its loss from the last pipeline rank's tracker (training.py:2798): the
+    step's MTP records are summed onto that rank and cleared elsewhere."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    keys = ("loss_values", "correct_values", "total_values")
+    records = torch.stack([tracker[k].to(device) if k in tracker
+                           else torch.zeros(depth, device=device) for k in keys])
+    last = torch.distributed.get_process_group_ranks(pp_group)[-1]
+    torch.distributed.reduce(records, dst=last, group=pp_group)
+    if pp_group.rank() == pp_group.size() - 1:
+        for key, summed in zip(keys, records):
+            tracker[key] = summed
+        tracker["avg_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    else:
+        for key in keys:
+            if key in tracker:
+                tracker[key].zero_()
 
 
 def _start_grad_sync(model: list) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core.transformer.enums import AttnMaskType
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
@@ -92,6 +93,8 @@ class MLASelfAttention(MegatronModule):
     def __init__(self, config, submodules: MLASubmodules, layer_number: int = 1,
                  attn_mask_type=None, pg_collection=None, **unused: Any):
         super().__init__(config)
+        if attn_mask_type not in (None, AttnMaskType.causal):
+            raise ValueError(f"MLA's attention is causal; the spec asks for {attn_mask_type}")
         self.layer_number = layer_number
         groups = process_groups(pg_collection, ("tp", "cp"))
         self.tp_size, self.cp_group = groups.tp.size(), groups.cp

@@ -64,6 +64,9 @@ IGNORED_ROPE_FLAGS: tuple[Refusal, ...] = (
      "the factor of Llama 3.1's RoPE scaling; MLA extends its context with YaRN "
      "(--rotary-scaling-factor)"),
     ("no_rope_freq", "--no-rope-freq", (None,), "every MLA layer applies RoPE"),
+    ("reset_position_ids", "--reset-position-ids", (False,),
+     "MLA's RoPE rotates by the position in the sequence; documents packed into one "
+     "sequence keep counting (no per-document restart)"),
     ("yarn_correction_range_round_to_int", "--no-yarn-correction-range-round-to-int",
      (None, True),  # None: Megatron's default, which rounds
      "the mla plugin rounds YaRN's correction range to whole dimensions, as DeepSeek-V3 "

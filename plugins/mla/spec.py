@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from plugins.common.linear import ReplicatedLinear
@@ -13,7 +14,9 @@ from plugins.mla.layer import MLATransformerLayer
 
 
 def mla_attention_spec() -> ModuleSpec:
-    return ModuleSpec(module=MLASelfAttention, submodules=MLASubmodules(
+    # MLA's attention is causal; the param says so to Megatron (MTP checks it).
+    return ModuleSpec(module=MLASelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                      submodules=MLASubmodules(
         linear_q_proj=ColumnParallelLinear,
         linear_q_down_proj=ReplicatedLinear,
         linear_q_up_proj=ColumnParallelLinear,

@@ -1,0 +1,187 @@
+"""`megaseek convert`: Hugging Face DeepSeek-V3 folders <-> Megatron checkpoints, one CPU process.
+
+    megaseek convert hf-to-megatron HF_DIR OUT_DIR [--mtp-num-layers 0] [--dtype D] [--overwrite]
+    megaseek convert megatron-to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB] [--dtype D]
+                                                      [--overwrite]
+    megaseek convert flags HF_DIR
+
+hf-to-megatron writes a Megatron distributed checkpoint (torch_dist, Megatron's
+`dist_checkpointing`, at tensor/pipeline/expert parallel size 1, as a `release`
+checkpoint: OUT_DIR/latest_checkpointed_iteration.txt and OUT_DIR/release/), the source
+`config.json` as OUT_DIR/hf_config.json and the matching Megatron flags, one per line, in
+OUT_DIR/megatron_flags.txt (`megaseek pretrain $(cat megatron_flags.txt) --plugins mla moe
+--load OUT_DIR --finetune` loads it at any TP/EP layout). megatron-to-hf reads such a folder
+back (its hf_config.json gives the architecture), or a checkpoint `megaseek pretrain` saved
+at any layout (its saved arguments do; the vocabulary is Megatron's padded one), and writes
+a Hugging Face folder. `flags` prints the Megatron
+flags of a Hugging Face config. Output folders appear only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megaseek convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_megatron = sub.add_parser("hf-to-megatron")
+    to_megatron.add_argument("source")
+    to_megatron.add_argument("out")
+    to_megatron.add_argument("--mtp-num-layers", type=int, default=None,
+                             help="0 leaves the checkpoint's MTP layers out")
+    to_megatron.add_argument("--dtype", choices=DTYPES, default=None,
+                             help="the Megatron weights' dtype (default: the checkpoint's)")
+    to_megatron.add_argument("--overwrite", action="store_true")
+    to_hf = sub.add_parser("megatron-to-hf")
+    to_hf.add_argument("source")
+    to_hf.add_argument("out")
+    to_hf.add_argument("--max-shard-size", type=_size, default=5 * 2**30)
+    to_hf.add_argument("--dtype", choices=DTYPES, default=None)
+    to_hf.add_argument("--overwrite", action="store_true")
+    flags = sub.add_parser("flags")
+    flags.add_argument("source")
+    return parser
+
+
+def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: str | None,
+                   overwrite: bool) -> None:
+    from megatron.core import dist_checkpointing
+
+    from integration.hf.config import from_hf_config, megatron_flags, read_hf_config
+    from integration.hf.convert import DTYPES as TORCH_DTYPES
+    from integration.hf.convert import import_hf
+    from integration.hf.safetensors_io import staged_folder
+
+    overrides = {}
+    if mtp_num_layers is not None:
+        overrides["mtp_num_layers"] = mtp_num_layers
+    if dtype is not None:
+        overrides["params_dtype"] = TORCH_DTYPES[dtype]
+    if out.exists() and not overwrite:  # before the (long) import
+        raise SystemExit(f"megaseek convert: error: {out} exists; pass --overwrite to replace it")
+    model, config = import_hf(source, **overrides)
+    hf_config = read_hf_config(source)
+    depth = config.mtp_num_layers or 0
+    hf_config["num_nextn_predict_layers"] = depth
+    hf_config.pop("quantization_config", None)  # the Megatron weights are dequantised
+    flags = megatron_flags(from_hf_config(hf_config))
+    with staged_folder(out, overwrite=overwrite) as stage:
+        (stage / "release").mkdir()
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0,
+                                 "iteration": 0}, str(stage / "release"))
+        (stage / TRACKER).write_text("release")
+        (stage / "hf_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (stage / "megatron_flags.txt").write_text("\n".join(flags) + "\n")
+    print(f"megaseek convert: wrote {out} (Megatron torch_dist, release); its flags:")
+    print(" ".join(flags))
+
+
+def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | None,
+                   overwrite: bool) -> None:
+    """A checkpoint written by `hf-to-megatron` (its hf_config.json gives the architecture)
+    or by `megaseek pretrain --plugins mla moe` at any layout (its saved arguments do),
+    read on one rank (Megatron's torch_dist format reshards) and exported."""
+    from megatron.core import dist_checkpointing
+
+    from integration.checkpoint_tool import checkpoint_directory
+    from integration.hf.convert import DTYPES as TORCH_DTYPES
+    from integration.hf.convert import _on_one_rank, build_model, export_hf
+
+    if out.exists() and not overwrite:
+        raise SystemExit(f"megaseek convert: error: {out} exists; pass --overwrite to replace it")
+    directory = checkpoint_directory(str(source), None)
+    _on_one_rank()
+    if (source / "hf_config.json").is_file():
+        config, vocab, positions = _config_from_hf(source / "hf_config.json")
+    else:
+        config, vocab, positions = _config_from_saved_arguments(directory)
+    model = build_model(config, vocab, positions)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
+    model.load_state_dict(loaded["model"], strict=True)
+    export_hf(model, config, out, overwrite=overwrite, max_shard_bytes=max_shard_size,
+              max_position_embeddings=positions, dtype=TORCH_DTYPES[dtype] if dtype else None)
+    print(f"megaseek convert: wrote {out} (Hugging Face DeepSeek-V3)")
+
+
+def _config_from_hf(path: Path):
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from integration.hf.config import from_hf_config, megatron_fields
+    from integration.hf.convert import DTYPES as TORCH_DTYPES
+
+    hf = from_hf_config(json.loads(path.read_text()))
+    fields = megatron_fields(hf)
+    fields.update(use_cpu_initialization=True, perform_initialization=False,
+                  params_dtype=TORCH_DTYPES.get(hf.dtype or "float32", TORCH_DTYPES["float32"]))
+    return MLATransformerConfig(**fields), hf.vocab_size, hf.max_position_embeddings
+
+
+# Settings of the training run that do not change the weights, reset for one CPU rank.
+ONE_RANK = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                virtual_pipeline_model_parallel_size=None, pipeline_model_parallel_layout=None,
+                expert_model_parallel_size=1, expert_tensor_parallel_size=1,
+                context_parallel_size=1, sequence_parallel=False, use_cpu_initialization=True,
+                perform_initialization=False, recompute_granularity=None, recompute_method=None,
+                recompute_num_layers=None, recompute_modules=None, fp8=None, fp8_recipe=None)
+
+
+def _config_from_saved_arguments(directory: str):
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from integration.checkpoint_tool import saved_arguments
+    from integration.hf.config import HFConversionError
+
+    args = saved_arguments(directory)
+    if not args.multi_latent_attention or not args.untie_embeddings_and_output_weights:
+        raise HFConversionError(f"{directory}: export needs a DeepSeek-V3 model: "
+                                "--multi-latent-attention and "
+                                "--untie-embeddings-and-output-weights")
+    config = core_transformer_config_from_args(args, MLATransformerConfig)
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    fields.update({k: v for k, v in ONE_RANK.items() if k in fields})
+    return MLATransformerConfig(**fields), args.padded_vocab_size, args.max_position_embeddings
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`megaseek convert ...` (argv without the `convert` word)."""
+    import integration  # noqa: F401
+    from integration.hf.config import HFConversionError, megatron_flags, read_hf_config
+    from plugins import PluginError
+
+    options = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if options.direction == "flags":
+            print(" ".join(megatron_flags(read_hf_config(options.source))))
+        elif options.direction == "hf-to-megatron":
+            hf_to_megatron(Path(options.source), Path(options.out), options.mtp_num_layers,
+                           options.dtype, options.overwrite)
+        else:
+            megatron_to_hf(Path(options.source), Path(options.out), options.max_shard_size,
+                           options.dtype, options.overwrite)
+    except (HFConversionError, PluginError) as e:
+        print(f"megaseek convert: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
+

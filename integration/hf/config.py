@@ -1,0 +1,408 @@
+"""Hugging Face DeepSeek-V3 `config.json` <-> Megatron's MLA/MoE config and flags.
+
+Both ways go through `HFModel`, the architecture as this converter understands it.
+`from_hf_config` reads `config.json` as DeepSeek publishes it (`rope_scaling`,
+`num_nextn_predict_layers`, `quantization_config`) and as transformers writes it (4.x:
+`rope_scaling`; newer releases: `rope_parameters`, with `rope_theta` inside). Every field is
+either mapped, checked against the only value this converter builds, or named below as
+metadata that does not change the weights' meaning; any other field is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+class HFConversionError(ValueError):
+    """A checkpoint or config this converter does not support, naming the field or tensor."""
+
+
+# Fields that do not change what the weights compute (ids, init, caching, provenance,
+# training-time settings of DeepSeek's own code).
+METADATA = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+    "transformers_version", "auto_map", "torch_dtype", "dtype", "_name_or_path",
+    "aux_loss_alpha", "seq_aux", "ep_size",
+})
+# Fields with one value this converter builds: (field, accepted values, why).
+FIXED = {
+    "architectures": ([["DeepseekV3ForCausalLM"]], "the DeepSeek-V3 causal LM"),
+    "model_type": (["deepseek_v3"], "the DeepSeek-V3 architecture"),
+    "hidden_act": (["silu"], "SwiGLU MLPs"),
+    "attention_bias": ([False], "Megatron's MLA linears have no bias"),
+    "scoring_func": (["sigmoid"], "the moe plugin's sigmoid router"),
+    "topk_method": (["noaux_tc"], "DeepSeek-V3's group-limited router with expert bias"),
+    "norm_topk_prob": ([True], "the moe plugin always normalises the top-k gates"),
+    "pretraining_tp": ([1], "no TP-sliced MLP in the reference forward"),
+    "moe_layer_freq": ([1], "every layer after first_k_dense_replace is MoE"),
+    "tie_word_embeddings": ([False], "DeepSeek-V3's head is separate from its embedding"),
+}
+MAPPED = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_shared_experts",
+    "n_routed_experts", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank",
+    "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "qk_head_dim", "head_dim", "n_group",
+    "topk_group", "num_experts_per_tok", "first_k_dense_replace", "max_position_embeddings",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "rope_interleave",
+    "attention_dropout", "num_nextn_predict_layers", "quantization_config",
+})
+YARN_KEYS = frozenset({"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                       "mscale", "mscale_all_dim"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Yarn:
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+    """A DeepSeek-V3 architecture (HF's names, one line per field)."""
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int            # dense layers' FFN
+    q_lora_rank: int | None           # None: one query projection (q_proj)
+    kv_lora_rank: int
+    qk_nope_head_dim: int             # Megatron qk_head_dim
+    qk_rope_head_dim: int             # Megatron qk_pos_emb_head_dim
+    v_head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    yarn: Yarn | None = None          # None: plain RoPE
+    rope_interleave: bool = True      # checkpoint rotates neighbouring pairs (DeepSeek)
+    n_routed_experts: int | None = None   # None: every layer dense
+    moe_intermediate_size: int | None = None
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    num_nextn_predict_layers: int = 0     # MTP depth
+    attention_dropout: float = 0.0
+    fp8_block: tuple[int, int] | None = None  # quantization_config's weight_block_size
+    dtype: str | None = None              # torch_dtype / dtype as written
+
+    def moe_layer(self, i: int) -> bool:
+        """Whether decoder layer i (0-based; MTP layers are i >= num_hidden_layers, built
+        like the last one) has routed experts."""
+        if not self.n_routed_experts:
+            return False
+        return min(i, self.num_hidden_layers - 1) >= self.first_k_dense_replace
+
+
+def _fail(field: str, why: str):
+    raise HFConversionError(f"config.json: {field}: {why}")
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise HFConversionError(f"{path}: no config.json")
+    return json.loads(path.read_text())
+
+
+def _int(cfg: dict, key: str, minimum: int = 1) -> int:
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(key, f"needs an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _rope(cfg: dict) -> tuple[float, Yarn | None]:
+    """(rope_theta, YaRN or None) from `rope_scaling` + `rope_theta` (DeepSeek, transformers
+    4.x) or `rope_parameters` (newer transformers)."""
+    if "rope_parameters" in cfg and cfg.get("rope_scaling") is not None:
+        _fail("rope_parameters", "given together with rope_scaling")
+    if "rope_parameters" in cfg:
+        where = "rope_parameters"
+        params = dict(cfg["rope_parameters"] or {})
+        if params.get("rope_theta", cfg.get("rope_theta")) != cfg.get("rope_theta",
+                                                                     params.get("rope_theta")):
+            _fail("rope_parameters.rope_theta", f"{params['rope_theta']} differs from rope_theta "
+                  f"{cfg['rope_theta']}")
+        theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    else:
+        where = "rope_scaling"
+        params = dict(cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta", 10000.0)
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        _fail("rope_theta", f"needs a positive number, got {theta!r}")
+    kinds = {params.pop(k) for k in ("type", "rope_type") if k in params}
+    if len(kinds) > 1:
+        _fail(f"{where}.rope_type", f"type and rope_type disagree: {sorted(kinds)}")
+    kind = kinds.pop() if kinds else ("default" if not params else None)
+    if kind == "default":
+        if params:
+            _fail(f"{where}.{sorted(params)[0]}", "not understood with plain RoPE")
+        return float(theta), None
+    if kind != "yarn":
+        _fail(f"{where}.rope_type", f"{kind!r} not supported (plain RoPE or yarn)")
+    unknown = sorted(set(params) - YARN_KEYS)
+    if unknown:
+        _fail(f"{where}.{unknown[0]}", "not understood (YaRN takes "
+              + ", ".join(sorted(YARN_KEYS)) + ")")
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in params:
+            _fail(f"{where}.{key}", "YaRN needs it")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    # transformers takes mscale / mscale_all_dim only when both are non-zero; otherwise it
+    # uses 0.1*ln(factor)+1 for cos/sin, which Megatron's (DeepSeek's) formula gives only
+    # with mscale 1 and mscale_all_dim 0.
+    if not (mscale and mscale_all_dim) and (mscale not in (None, 1, 1.0) or mscale_all_dim):
+        _fail(f"{where}.mscale", f"mscale {mscale!r} with mscale_all_dim {mscale_all_dim!r}: "
+              "transformers and DeepSeek's formula disagree unless both are set (or neither)")
+    yarn = Yarn(factor=float(params["factor"]),
+                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+                beta_fast=float(params.get("beta_fast") or 32.0),
+                beta_slow=float(params.get("beta_slow") or 1.0),
+                mscale=float(mscale) if mscale and mscale_all_dim else 1.0,
+                mscale_all_dim=float(mscale_all_dim or 0.0))
+    if yarn.factor < 1:
+        _fail(f"{where}.factor", f"must be >= 1, got {yarn.factor}")
+    return float(theta), yarn
+
+
+def _fp8_block(cfg: dict) -> tuple[int, int] | None:
+    q = cfg.get("quantization_config")
+    if q is None:
+        return None
+    known = {"quant_method", "fmt", "activation_scheme", "weight_block_size"}
+    unknown = sorted(set(q) - known)
+    if unknown:
+        _fail(f"quantization_config.{unknown[0]}", "not understood")
+    if q.get("quant_method") != "fp8":
+        _fail("quantization_config.quant_method", f"{q.get('quant_method')!r} not supported (fp8)")
+    if q.get("fmt", "e4m3") != "e4m3":
+        _fail("quantization_config.fmt", f"{q['fmt']!r} not supported (e4m3)")
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        _fail("quantization_config.activation_scheme",
+              f"{q['activation_scheme']!r} not supported (dynamic)")
+    block = q.get("weight_block_size")
+    if list(block or []) != [128, 128]:
+        _fail("quantization_config.weight_block_size", f"{block!r} not supported ([128, 128], "
+              "the fp8 plugin's weight blocks)")
+    return 128, 128
+
+
+def from_hf_config(cfg: dict[str, Any]) -> HFModel:
+    """The architecture of a DeepSeek-V3 `config.json` (as a dict); HFConversionError names
+    the first field this converter does not support."""
+    for key in sorted(cfg):
+        if key not in METADATA and key not in FIXED and key not in MAPPED:
+            _fail(key, "not understood by this converter")
+    for key, (accepted, why) in FIXED.items():
+        if key in cfg and cfg[key] not in accepted:
+            _fail(key, f"{cfg[key]!r} not supported: {why}")
+    if "architectures" not in cfg and "model_type" not in cfg:
+        _fail("model_type", "missing (expected deepseek_v3)")
+    heads = _int(cfg, "num_attention_heads")
+    if cfg.get("num_key_value_heads", heads) != heads:
+        _fail("num_key_value_heads", f"{cfg['num_key_value_heads']} != num_attention_heads "
+              f"{heads} (MLA's keys and values have every head)")
+    nope, rope = _int(cfg, "qk_nope_head_dim"), _int(cfg, "qk_rope_head_dim")
+    if rope % 2:
+        _fail("qk_rope_head_dim", f"must be even, got {rope}")
+    if cfg.get("head_dim", rope) != rope:
+        _fail("head_dim", f"{cfg['head_dim']} != qk_rope_head_dim {rope}")
+    if cfg.get("qk_head_dim", nope + rope) != nope + rope:
+        _fail("qk_head_dim", f"{cfg['qk_head_dim']} != qk_nope_head_dim + qk_rope_head_dim")
+    theta, yarn = _rope(cfg)
+    layers = _int(cfg, "num_hidden_layers")
+    experts = cfg.get("n_routed_experts")
+    moe = {}
+    if experts is not None:
+        experts = _int(cfg, "n_routed_experts")
+        moe = dict(n_routed_experts=experts,
+                   moe_intermediate_size=_int(cfg, "moe_intermediate_size"),
+                   n_shared_experts=_int(cfg, "n_shared_experts", 0),
+                   num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
+                   n_group=_int(cfg, "n_group") if cfg.get("n_group") is not None else 1,
+                   topk_group=_int(cfg, "topk_group") if cfg.get("topk_group") is not None else 1,
+                   routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+                   first_k_dense_replace=_int(cfg, "first_k_dense_replace", 0)
+                   if "first_k_dense_replace" in cfg else 0)
+        if moe["first_k_dense_replace"] >= layers:
+            _fail("first_k_dense_replace", f"{moe['first_k_dense_replace']} leaves no MoE layer "
+                  f"of {layers}; set n_routed_experts null for a dense model")
+    q_lora = cfg.get("q_lora_rank")
+    return HFModel(
+        vocab_size=_int(cfg, "vocab_size"), hidden_size=_int(cfg, "hidden_size"),
+        num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=_int(cfg, "intermediate_size"),
+        q_lora_rank=None if q_lora is None else _int(cfg, "q_lora_rank"),
+        kv_lora_rank=_int(cfg, "kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+        v_head_dim=_int(cfg, "v_head_dim"), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta, max_position_embeddings=_int(cfg, "max_position_embeddings"),
+        yarn=yarn, rope_interleave=bool(cfg.get("rope_interleave", True)),
+        num_nextn_predict_layers=_int(cfg, "num_nextn_predict_layers", 0)
+        if "num_nextn_predict_layers" in cfg else 0,
+        attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        fp8_block=_fp8_block(cfg), dtype=cfg.get("torch_dtype", cfg.get("dtype")), **moe)
+
+
+# --- Megatron ------------------------------------------------------------------------------
+
+def megatron_fields(model: HFModel) -> dict[str, Any]:
+    """Keyword arguments of Megatron's `MLATransformerConfig` for this architecture (model
+    fields only: the caller adds dtype, parallel sizes and overrides)."""
+    import torch.nn.functional as F
+
+    fields = dict(
+        num_layers=model.num_hidden_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, ffn_hidden_size=model.intermediate_size,
+        multi_latent_attention=True,
+        q_lora_rank=model.q_lora_rank, kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_nope_head_dim, qk_pos_emb_head_dim=model.qk_rope_head_dim,
+        v_head_dim=model.v_head_dim, normalization="RMSNorm", layernorm_epsilon=model.rms_norm_eps,
+        rotary_base=model.rope_theta, rope_type="yarn" if model.yarn else "rope",
+        apply_rope_fusion=False, add_bias_linear=False, gated_linear_unit=True,
+        activation_func=F.silu, attention_dropout=model.attention_dropout, hidden_dropout=0.0,
+        mtp_num_layers=model.num_nextn_predict_layers or None,
+    )
+    if model.yarn:
+        y = model.yarn
+        fields.update(rotary_scaling_factor=y.factor,
+                      original_max_position_embeddings=y.original_max_position_embeddings,
+                      beta_fast=y.beta_fast, beta_slow=y.beta_slow, mscale=y.mscale,
+                      mscale_all_dim=y.mscale_all_dim)
+    if model.n_routed_experts:
+        k, n = model.first_k_dense_replace, model.num_hidden_layers
+        fields.update(
+            num_moe_experts=model.n_routed_experts, moe_ffn_hidden_size=model.moe_intermediate_size,
+            moe_shared_expert_intermediate_size=(
+                model.n_shared_experts * model.moe_intermediate_size or None),
+            moe_layer_freq=[0] * k + [1] * (n - k), moe_router_topk=model.num_experts_per_tok,
+            moe_router_num_groups=model.n_group if model.n_group > 1 else None,
+            moe_router_group_topk=model.topk_group if model.n_group > 1 else None,
+            moe_router_topk_scaling_factor=model.routed_scaling_factor,
+            moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+            moe_router_load_balancing_type="none")
+    return fields
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def megatron_flags(hf_config: dict[str, Any] | HFModel) -> list[str]:
+    """Megatron command-line flags (with `--plugins mla moe` semantics) that build this
+    checkpoint's architecture; sequence length, parallel layout and training settings are
+    the caller's."""
+    model = hf_config if isinstance(hf_config, HFModel) else from_hf_config(hf_config)
+    if not float(model.rope_theta).is_integer():
+        _fail("rope_theta", f"{model.rope_theta}: Megatron's --rotary-base takes an integer")
+    flags = [
+        "--num-layers", str(model.num_hidden_layers), "--hidden-size", str(model.hidden_size),
+        "--ffn-hidden-size", str(model.intermediate_size),
+        "--num-attention-heads", str(model.num_attention_heads),
+        "--max-position-embeddings", str(model.max_position_embeddings),
+        "--vocab-size", str(model.vocab_size), "--make-vocab-size-divisible-by", "1",
+        "--swiglu", "--normalization", "RMSNorm", "--norm-epsilon", repr(model.rms_norm_eps),
+        "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--untie-embeddings-and-output-weights", "--rotary-base", _number(model.rope_theta),
+        "--attention-dropout", repr(model.attention_dropout), "--hidden-dropout", "0.0",
+        "--multi-latent-attention", "--kv-lora-rank", str(model.kv_lora_rank),
+        "--qk-head-dim", str(model.qk_nope_head_dim),
+        "--qk-pos-emb-head-dim", str(model.qk_rope_head_dim),
+        "--v-head-dim", str(model.v_head_dim),
+    ]
+    if model.q_lora_rank is not None:
+        flags += ["--q-lora-rank", str(model.q_lora_rank)]
+    if model.yarn:
+        y = model.yarn
+        flags += ["--rope-type", "yarn", "--rotary-scaling-factor", _number(y.factor),
+                  "--yarn-original-max-position-embeddings",
+                  str(y.original_max_position_embeddings),
+                  "--yarn-beta-fast", _number(y.beta_fast),
+                  "--yarn-beta-slow", _number(y.beta_slow),
+                  "--mscale", repr(y.mscale), "--mscale-all-dim", repr(y.mscale_all_dim)]
+    else:
+        flags += ["--rope-type", "rope", "--no-rope-fusion"]
+    if model.n_routed_experts:
+        k, n = model.first_k_dense_replace, model.num_hidden_layers
+        flags += ["--num-experts", str(model.n_routed_experts),
+                  "--moe-ffn-hidden-size", str(model.moe_intermediate_size),
+                  "--moe-layer-freq", f"([0]*{k}+[1]*{n - k})",
+                  "--moe-router-topk", str(model.num_experts_per_tok),
+                  "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                  "--moe-router-topk-scaling-factor", repr(model.routed_scaling_factor),
+                  "--moe-router-load-balancing-type", "none"]
+        if model.n_shared_experts:
+            flags += ["--moe-shared-expert-intermediate-size",
+                      str(model.n_shared_experts * model.moe_intermediate_size)]
+        if model.n_group > 1:
+            flags += ["--moe-router-num-groups", str(model.n_group),
+                      "--moe-router-group-topk", str(model.topk_group)]
+    if model.num_nextn_predict_layers:
+        flags += ["--mtp-num-layers", str(model.num_nextn_predict_layers)]
+    return flags
+
+
+def to_hf_config(config, vocab_size: int, max_position_embeddings: int,
+                 dtype: str = "float32") -> dict[str, Any]:
+    """DeepSeek's `config.json` (rope_scaling, num_nextn_predict_layers) for a Megatron
+    MLA/MoE config built by this converter's mapping."""
+    c = config
+    if not getattr(c, "multi_latent_attention", False):
+        _fail("multi_latent_attention", "the Megatron model has no MLA")
+    if c.normalization != "RMSNorm" or not c.gated_linear_unit or c.add_bias_linear:
+        _fail("normalization", "export needs RMSNorm, SwiGLU and no linear biases")
+    heads = c.num_attention_heads
+    out: dict[str, Any] = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.ffn_hidden_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": heads, "num_key_value_heads": heads,
+        "q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
+        "qk_nope_head_dim": c.qk_head_dim, "qk_rope_head_dim": c.qk_pos_emb_head_dim,
+        "v_head_dim": c.v_head_dim, "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": c.attention_dropout, "rms_norm_eps": c.layernorm_epsilon,
+        "rope_theta": float(c.rotary_base), "rope_interleave": True,
+        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": False,
+        "num_nextn_predict_layers": c.mtp_num_layers or 0, "torch_dtype": dtype,
+        "rope_scaling": None,
+    }
+    if c.rope_type == "yarn":
+        out["rope_scaling"] = {
+            "type": "yarn", "factor": c.rotary_scaling_factor,
+            "original_max_position_embeddings": c.original_max_position_embeddings,
+            "beta_fast": c.beta_fast, "beta_slow": c.beta_slow,
+            "mscale": c.mscale, "mscale_all_dim": c.mscale_all_dim}
+        if not c.mscale_all_dim:  # see _rope: only DeepSeek's default is unambiguous
+            if c.mscale != 1:
+                _fail("mscale", f"{c.mscale} without mscale_all_dim: transformers would ignore it")
+            del out["rope_scaling"]["mscale"], out["rope_scaling"]["mscale_all_dim"]
+    if c.num_moe_experts:
+        freq = c.moe_layer_freq
+        pattern = ([1 if i % freq == 0 else 0 for i in range(c.num_layers)]
+                   if isinstance(freq, int) else list(freq))
+        k = pattern.index(1) if 1 in pattern else c.num_layers
+        if pattern != [0] * k + [1] * (c.num_layers - k):
+            _fail("moe_layer_freq", f"{freq}: HF DeepSeek-V3 has dense layers first, then MoE")
+        ffn = c.moe_ffn_hidden_size
+        shared = c.moe_shared_expert_intermediate_size or 0
+        if shared % ffn:
+            _fail("moe_shared_expert_intermediate_size",
+                  f"{shared} is not a multiple of moe_ffn_hidden_size {ffn}")
+        out.update({
+            "n_routed_experts": c.num_moe_experts, "moe_intermediate_size": ffn,
+            "n_shared_experts": shared // ffn, "num_experts_per_tok": c.moe_router_topk,
+            "n_group": c.moe_router_num_groups or 1, "topk_group": c.moe_router_group_topk or 1,
+            "routed_scaling_factor": c.moe_router_topk_scaling_factor or 1.0,
+            "first_k_dense_replace": k, "norm_topk_prob": True, "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc"})
+    else:  # transformers makes layers from first_k_dense_replace on MoE: none here
+        out.update({"n_routed_experts": None, "first_k_dense_replace": c.num_layers})
+    return out

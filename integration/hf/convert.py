@@ -1,0 +1,313 @@
+"""`import_hf` / `export_hf`: Hugging Face DeepSeek-V3 folders <-> megaseek's Megatron model.
+
+Import reads `config.json` and the shards' headers first and stops at the first field or
+tensor it does not support (naming it) before any weight is read; then it copies the
+tensors shard by shard into a model built on the CPU (Megatron's GPTModel from its local
+block spec, rewritten by the mla and moe plugins' spec transforms, as `megaseek pretrain`
+builds it). Export writes the model's tensors as they are converted, into shards of
+bounded size, in a staged folder that appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from integration.hf import keys
+from integration.hf.config import (HFConversionError, HFModel, from_hf_config,
+                                   megatron_fields, read_hf_config, to_hf_config)
+from integration.hf.fp8 import (BLOCK, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight,
+                                quantize_weight, scale_shape, stored_in_fp8)
+from integration.hf.safetensors_io import Reader, ShardWriter, staged_folder
+
+log = logging.getLogger("megaseek.hf")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors' dtype strings of the tensors a checkpoint may hold
+_FLOAT = {"F32", "BF16", "F16"}
+_FP8 = "F8_E4M3"
+
+
+def _on_one_rank(seed: int = 1234) -> None:
+    """Megatron's parallel state on this process alone (gloo, CPU fixes), unless a caller
+    already set one up."""
+    import integration  # noqa: F401  (Megatron importable on Python 3.11)
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from upstream import cpu
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        cpu.install(force=True)  # the model is on the CPU, whatever the machine has
+        parallel_state.initialize_model_parallel(expert_tensor_parallel_size=1)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def build_model(config, vocab_size: int, max_position_embeddings: int):
+    """Megatron's GPTModel as megaseek builds it with `--plugins mla moe`: local block
+    spec (dense first layers), MTP layers built like the last decoder layer, the plugins'
+    spec transforms on both."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec,
+                                                          get_gpt_decoder_layer_specs,
+                                                          get_gpt_mtp_block_spec)
+
+    import plugins
+    from plugins.mla.plugin import MLA
+    from plugins.moe.plugin import MOE
+
+    enabled = [MLA, MOE] if config.num_moe_experts else [MLA]
+    args = argparse.Namespace(moe_fp8_dispatch=False, moe_dispatch_ranks_per_node=None)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                       normalization="RMSNorm")
+    mtp = None
+    if config.mtp_num_layers:
+        last = get_gpt_decoder_layer_specs(config, use_transformer_engine=False,
+                                           normalization="RMSNorm")[-1]
+        mtp = plugins.transform_spec(enabled, get_gpt_mtp_block_spec(
+            config, last, use_transformer_engine=False), args)
+    return GPTModel(config=config,
+                    transformer_layer_spec=plugins.transform_spec(enabled, block, args),
+                    vocab_size=vocab_size, max_sequence_length=max_position_embeddings,
+                    position_embedding_type="rope", rotary_base=int(config.rotary_base),
+                    share_embeddings_and_output_weights=False, mtp_block_spec=mtp)
+
+
+def _mtp_layer(name: str, hf: HFModel) -> int | None:
+    """The MTP depth an HF tensor belongs to, or None for the main model."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        depth = int(parts[2]) - hf.num_hidden_layers
+        return depth if depth >= 0 else None
+    return None
+
+
+def import_hf(path: str | Path, **megatron_overrides: Any):
+    """A Megatron model (this project's MLA and MoE modules, on the CPU, one process) and its
+    `MLATransformerConfig`, from a Hugging Face DeepSeek-V3 folder.
+
+    `megatron_overrides` are config fields set over the mapped ones (`params_dtype`
+    defaults to the checkpoint's dtype; `mtp_num_layers=0` leaves its MTP layers out).
+    FP8 weights are dequantised with their 128x128 blocks' `weight_scale_inv`.
+
+    Unless the caller has set them up, this process gets a one-rank gloo group, Megatron's
+    parallel state (all sizes 1) and megaseek's CPU fixes (`upstream.cpu`), which the
+    returned model needs to run; they stay in place.
+    """
+    path = Path(path)
+    hf = from_hf_config(read_hf_config(path))
+    reader = Reader(path)
+    try:
+        plan = _plan(reader, hf, megatron_overrides)
+        _on_one_rank()
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        fields = megatron_fields(hf)
+        fields.update(use_cpu_initialization=True, perform_initialization=False,
+                      params_dtype=DTYPES.get(hf.dtype or "float32", torch.float32),
+                      mtp_num_layers=plan["mtp_layers"] or None)
+        fields.update({k: v for k, v in megatron_overrides.items() if k != "mtp_num_layers"})
+        fields["bf16"] = fields["params_dtype"] == torch.bfloat16
+        fields["fp16"] = fields["params_dtype"] == torch.float16
+        config = MLATransformerConfig(**fields)
+        model = build_model(config, hf.vocab_size, hf.max_position_embeddings)
+        _load(reader, hf, model, plan)
+    finally:
+        reader.close()
+    return model, config
+
+
+def _plan(reader: Reader, hf: HFModel, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Checks the checkpoint's tensor names, dtypes and FP8 scales against the config
+    (headers only) and decides the MTP depth to import."""
+    names = reader.names()
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
+    weights = names - scales
+    depth = hf.num_nextn_predict_layers
+    in_mtp = {n for n in weights if _mtp_layer(n, hf) is not None}
+    requested = overrides.get("mtp_num_layers", depth)
+    skipped: set[str] = set()
+    mtp_layers = depth
+    if depth and not in_mtp:
+        log.warning("import_hf: config.json has num_nextn_predict_layers %d but the checkpoint "
+                    "has no MTP tensors (as transformers writes it): importing the main model",
+                    depth)
+        mtp_layers = 0
+    elif not requested and depth:
+        log.warning("import_hf: mtp_num_layers=0: leaving out the checkpoint's %d MTP layer(s) "
+                    "(model.layers.%d.*)", depth, hf.num_hidden_layers)
+        mtp_layers = 0
+        skipped = {n for n in in_mtp if _mtp_layer(n, hf) < depth}
+    elif requested and requested != depth:
+        raise HFConversionError(f"mtp_num_layers={requested}: the checkpoint has {depth} MTP "
+                                f"layer(s) (num_nextn_predict_layers); 0 leaves them out")
+    keys.check_names(weights - skipped, hf, mtp_layers)
+    fp8: set[str] = set()
+    for name in sorted(scales, key=keys.natural_order):
+        weight = name[: -len(SCALE_SUFFIX)]
+        if weight not in weights or weight in skipped:
+            if weight in skipped:
+                continue
+            raise HFConversionError(f"unexpected tensor {name} (no {weight})")
+        if hf.fp8_block is None:
+            raise HFConversionError(f"{name}: FP8 scales without quantization_config in "
+                                    "config.json")
+        fp8.add(weight)
+    for name in sorted(weights - skipped, key=keys.natural_order):
+        shape, dtype = reader.header(name)
+        if dtype == _FP8:
+            if name not in fp8:
+                raise HFConversionError(f"{name}: FP8 ({dtype}) without {name}{SCALE_SUFFIX}")
+            s_shape, s_dtype = reader.header(name + SCALE_SUFFIX)
+            if len(shape) != 2 or tuple(s_shape) != scale_shape(shape, hf.fp8_block):
+                raise HFConversionError(
+                    f"{name}{SCALE_SUFFIX}: shape {tuple(s_shape)}, expected "
+                    f"{scale_shape(shape, hf.fp8_block) if len(shape) == 2 else '2-D weight'} "
+                    f"for {name} {tuple(shape)} in {hf.fp8_block[0]}x{hf.fp8_block[1]} blocks")
+            if s_dtype not in _FLOAT:
+                raise HFConversionError(f"{name}{SCALE_SUFFIX}: dtype {s_dtype}, expected F32")
+        elif name in fp8:
+            raise HFConversionError(f"{name}: has {name}{SCALE_SUFFIX} but dtype {dtype}, not "
+                                    f"{_FP8}")
+        elif dtype not in _FLOAT:
+            raise HFConversionError(f"{name}: dtype {dtype} not supported (F32, BF16, F16, or "
+                                    f"{_FP8} with scales)")
+    return {"mtp_layers": mtp_layers, "skipped": skipped, "fp8": fp8}
+
+
+def _load(reader: Reader, hf: HFModel, model, plan: dict[str, Any]) -> None:
+    state = model.state_dict(keep_vars=True)
+    targets = {}
+    for name in sorted(reader.names() - plan["skipped"], key=keys.natural_order):
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        target = keys.megatron_target(name, hf, plan["mtp_layers"])
+        param = state.get(target.name)
+        if param is None:
+            raise HFConversionError(f"{name}: the Megatron model has no {target.name}")
+        want = keys.expected_shape(target, param)
+        got, _ = reader.header(name)
+        if tuple(got) != want:
+            raise HFConversionError(f"{name}: shape {tuple(got)} does not match the config "
+                                    f"({want}, for {target.name})")
+        targets[name] = target
+    covered = {t.name for t in targets.values()}
+    for name, value in state.items():
+        if torch.is_tensor(value) and name not in covered:
+            raise HFConversionError(f"the Megatron model's {name} has no tensor in the checkpoint")
+    shared = []
+    with torch.no_grad():
+        for shard in reader.shards():
+            for name in reader.names_in(shard):
+                target = targets.get(name)
+                if target is None:
+                    continue
+                param = state[target.name]
+                tensor = _read(reader, name, plan, hf, param.dtype)
+                if target.kind == keys.SHARED:
+                    shared.append(name)
+                    continue
+                _place(tensor, target, param, hf)
+        for name in shared:  # DeepSeek's MTP copies of the embedding and head
+            target = targets[name]
+            if not torch.equal(_read(reader, name, plan, hf, state[target.name].dtype),
+                               state[target.name]):
+                raise HFConversionError(f"{name} differs from the main model's {target.name}, "
+                                        "which Megatron's MTP layer shares")
+
+
+def _read(reader: Reader, name: str, plan, hf: HFModel, dtype: torch.dtype) -> torch.Tensor:
+    tensor = reader.get(name)
+    if name in plan["fp8"]:
+        return dequantize_weight(name, tensor, reader.get(name + SCALE_SUFFIX), hf.fp8_block, dtype)
+    return tensor
+
+
+def _place(tensor: torch.Tensor, target: keys.Target, param: torch.Tensor, hf: HFModel) -> None:
+    kind = target.kind
+    if kind in (keys.ROPE_Q, keys.ROPE_KV):
+        if hf.rope_interleave:
+            tensor = keys.reorder_rope(tensor, kind, hf, inverse=False)
+        param.copy_(tensor)
+    elif kind == keys.COPY:
+        param.copy_(tensor)
+    elif kind in (keys.GATE, keys.UP):
+        half = param.shape[0] // 2
+        param[:half].copy_(tensor) if kind == keys.GATE else param[half:].copy_(tensor)
+    elif kind in (keys.EXPERT_GATE, keys.EXPERT_UP):
+        half = param.shape[1] // 2
+        rows = slice(0, half) if kind == keys.EXPERT_GATE else slice(half, None)
+        param[target.expert, rows].copy_(tensor)
+    elif kind == keys.EXPERT_DOWN:
+        param[target.expert].copy_(tensor)
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+def _hf_tensor(target: keys.Target, param: torch.Tensor, hf: HFModel) -> torch.Tensor:
+    kind = target.kind
+    if kind in (keys.ROPE_Q, keys.ROPE_KV):
+        return keys.reorder_rope(param, kind, hf, inverse=True)
+    if kind in (keys.COPY, keys.SHARED):
+        return param
+    if kind in (keys.GATE, keys.UP):
+        half = param.shape[0] // 2
+        return param[:half] if kind == keys.GATE else param[half:]
+    if kind in (keys.EXPERT_GATE, keys.EXPERT_UP):
+        half = param.shape[1] // 2
+        rows = slice(0, half) if kind == keys.EXPERT_GATE else slice(half, None)
+        return param[target.expert, rows]
+    return param[target.expert]
+
+
+def export_hf(model, config, path: str | Path, *, overwrite: bool = False,
+              max_shard_bytes: int = 5 * 2**30, vocab_size: int | None = None,
+              max_position_embeddings: int | None = None, dtype: torch.dtype | None = None,
+              mtp: bool = True, fp8: bool = False) -> Path:
+    """Writes `model` (built as `import_hf` builds it) as a Hugging Face DeepSeek-V3 folder:
+    config.json as DeepSeek publishes it, safetensors shards and their index, tensors in
+    the model's dtype (`dtype` casts the weights, not the router's fp32 bias), no FP8. MTP
+    layers are written as DeepSeek's layer N+j (with copies of the embedding and head)
+    unless `mtp=False`. `fp8=True` writes DeepSeek's FP8 format instead: the layers'
+    projections as E4M3 with a `weight_scale_inv` per 128x128 block (the fp8 plugin's
+    quantisation) and `quantization_config`. The folder appears only when complete."""
+    state = model.state_dict()
+    vocab = vocab_size or state["embedding.word_embeddings.weight"].shape[0]
+    positions = max_position_embeddings or getattr(model, "max_sequence_length", None)
+    weight_dtype = dtype or config.params_dtype
+    name = {v: k for k, v in DTYPES.items()}[weight_dtype]
+    cfg = to_hf_config(config, vocab, positions, dtype=name)
+    depth = (config.mtp_num_layers or 0) if mtp else 0
+    cfg["num_nextn_predict_layers"] = depth if mtp else 0
+    hf = from_hf_config(cfg)
+    order = keys.hf_names(hf, depth)
+    targets = {n: keys.megatron_target(n, hf, depth) for n in order}
+    for hf_name, target in targets.items():  # before anything is written
+        if target is None or target.name not in state:
+            raise HFConversionError(f"{hf_name}: no Megatron tensor "
+                                    f"{getattr(target, 'name', '?')} in the model")
+    with staged_folder(path, overwrite=overwrite) as stage:
+        if fp8:
+            cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        (stage / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        writer = ShardWriter(stage, max_shard_bytes)
+        for hf_name in order:
+            target = targets[hf_name]
+            tensor = _hf_tensor(target, state[target.name], hf)
+            if fp8 and stored_in_fp8(hf_name):
+                q, scale_inv = quantize_weight(tensor, BLOCK)
+                writer.add(hf_name, q)
+                writer.add(hf_name + SCALE_SUFFIX, scale_inv)
+                continue
+            if not hf_name.endswith("e_score_correction_bias"):
+                tensor = tensor.to(weight_dtype)
+            writer.add(hf_name, tensor.clone())
+        writer.finish()
+    return Path(path)
