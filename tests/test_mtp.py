@@ -24,7 +24,7 @@ import torch
 from plugins import PluginError
 from tests.mla_oracle import MLAShape
 from tests.multirank import run_ranks
-from tests.training_runs import TINY_GPT, losses, mla_moe_ep2, pretrain, torchrun
+from tests.training_runs import losses, torchrun
 
 SHAPE = MLAShape(hidden=32, heads=2, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
                  qk_pos_emb_head_dim=4, v_head_dim=8)
@@ -173,15 +173,18 @@ def mtp_losses(output: str) -> dict[int, float]:
 RELEASE = str(Path(__file__).parent / "launch_scripts" / "release" / "pretrain_gpt.py")
 
 
-def test_release_script_trains_the_deepseek_v3_spec_with_mtp(tmp_path):
+def test_release_script_trains_the_tiny_presets_deepseek_v3_model(tmp_path):
     """Megatron-LM's release pretrain_gpt.py (no model provider: Megatron's GPT builder reads
-    --spec and builds MTP from its own decoder specs) trains MLA + MoE (EP=2) + MTP through
-    the launcher with `--spec integration.deepseek_v3 decoder_spec`."""
-    output = torchrun(["-m", "integration.launch", RELEASE], TINY_GPT + [
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
-        *mla_moe_ep2("([0]+[1])"), "--untie-embeddings-and-output-weights",
-        "--position-embedding-type", "rope", "--mtp-num-layers", "1",
-        "--spec", "integration.deepseek_v3", "decoder_spec", "--train-iters", "6"], tmp_path)
+    --spec and builds MTP from its own decoder specs) trains the `tiny` preset through the
+    launcher: the DeepSeek-V3 spec (`--spec integration.deepseek_v3 decoder_spec`, from the
+    preset), MLA, MoE with EP=2 and FP8 dispatch, FP8 linears, one MTP layer."""
+    output = torchrun(["-m", "integration.launch", RELEASE], [
+        "--preset", "tiny", "--mock-data", "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "128", "--expert-model-parallel-size", "2", "--fp8-backend",
+        "emulated", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3",
+        "--lr-warmup-iters", "1", "--train-iters", "6", "--log-interval", "1",
+        "--eval-interval", "6", "--eval-iters", "1", "--seed", "1234"], tmp_path)
+    assert "megaseek: --preset tiny:" in output and "integration.deepseek_v3 decoder_spec" in output
     trained, mtp = losses(output), mtp_losses(output)
     assert sorted(mtp) == sorted(trained) == [1, 2, 3, 4, 5, 6]
     assert trained[6] < trained[1] - 0.1 and mtp[6] < mtp[1] - 0.1
@@ -271,11 +274,24 @@ def test_dualpipev_rank_0_ties_the_mtp_embedding_copy_to_the_real_one():
     assert rank0["summed"] == ([3.0], [3.0])
 
 
-def test_a_layout_that_places_no_mtp_layer_is_refused_at_start_up(tmp_path):
+def test_a_layout_that_places_no_mtp_layer_is_refused_at_start_up(monkeypatch):
     """Megatron builds only the layout's 'm' entries: a layout without them would drop
-    --mtp-num-layers silently. The run stops before Megatron's argument dump, naming both."""
-    with pytest.raises(AssertionError, match=r"megaseek: error: --mtp-num-layers 1 with "
-                                             r"--pipeline-model-parallel-layout Ett\|ttL: the "
-                                             r"layout places 0 MTP layer"):
-        pretrain(PIPELINE + MLA_MTP + ["--pipeline-model-parallel-layout", "Ett|ttL",
-                                       "--train-iters", "1"], tmp_path)
+    --mtp-num-layers silently. The launch path's start-up check (run before Megatron's
+    argument dump) stops it, naming both flags; a layout with the 'm' passes."""
+    from integration import hooks
+    from plugins import default_registry
+    from tests.plugin_args import validated
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    layout = ["--pipeline-model-parallel-layout"]
+    base = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
+            "--global-batch-size", "8", "--train-iters", "1", "--lr", "1e-3", "--mock-data",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--transformer-impl",
+            "local", "--no-rope-fusion", *PIPELINE, *MLA_MTP]
+    args, _ = validated(base + layout + ["Ett|ttL"])
+    with pytest.raises(PluginError, match=r"--mtp-num-layers 1 with "
+                                          r"--pipeline-model-parallel-layout .*places 0 MTP layer"):
+        hooks._start_up_checks(default_registry(), args)
+    args, _ = validated(base + layout + ["Ett|ttmL"])
+    hooks._start_up_checks(default_registry(), args)
