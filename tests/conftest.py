@@ -1,7 +1,6 @@
 """Shared pytest hooks.
 
 - Tests marked ``gpu`` are skipped when CUDA is unavailable.
-- Tests that start ranks or are marked ``slow`` run first (the suite's tail stays short).
 - Tests that start several ranks (through ``tests.multirank.run_ranks`` or a torchrun launch
   of ``tests.training_runs``) are marked ``multirank``: ``make test-gpu`` runs them with
   MEGASEEK_TEST_BACKEND=nccl (tests/backend.py), whose value is checked here at start-up.
@@ -43,11 +42,6 @@ def pytest_collection_modifyitems(config, items):
         path = inspect.getsourcefile(item.module) or str(item.path)
         if _qualname(item) in _rank_starting_tests(path):
             item.add_marker(pytest.mark.multirank)
-
-    # Tests that start ranks or train first (a stable sort: same order on every xdist
-    # worker), so that the two workers are not left with one long test each at the end.
-    items.sort(key=lambda item: not (item.get_closest_marker("multirank")
-                                     or item.get_closest_marker("slow")))
 
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
