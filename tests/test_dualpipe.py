@@ -28,7 +28,7 @@ import torch
 
 from plugins.dualpipe.program import Pipeline
 from tests.training_runs import (TINY_GPT, checkpoint_tensors, final_validation_loss, losses,
-                                 mla_moe_ep2, pretrain, torchrun)
+                                 mla_moe_ep2, mtp_losses, pretrain, torchrun)
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +44,7 @@ PIPELINE = ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
 # holds two embedding copies (tests/test_dualpipe_refusals.py).
 MTP = ["--position-embedding-type", "rope", "--mtp-num-layers", "1",
        "--mtp-loss-scaling-factor", "0.3"]
-_MTP_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?mtp_1 loss: ([0-9.E+-]+)")
 
-
-def mtp_losses(output: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in _MTP_LOSS.findall(output)}
 DUALPIPEV = ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipev"]
 DUALPIPE = ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe"]
 SCRIPTS = Path(__file__).parent / "launch_scripts"

@@ -6,7 +6,6 @@ TP and EP split the sums), and training goes on from it."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_hf_convert import tiny_hf, with_mtp
-from tests.training_runs import final_validation_loss, losses, torchrun
+from tests.training_runs import final_validation_loss, losses, mtp_losses, torchrun
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-_MTP_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?mtp_1 loss: ([0-9.E+-]+)")
 LAYOUTS = {
     "tp2-ep2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
                 "--expert-tensor-parallel-size", "1"],
@@ -60,6 +58,6 @@ def test_converted_checkpoint_loads_at_any_layout_and_trains(tmp_path):
 
 
 def _mtp(output: str) -> float:
-    found = _MTP_LOSS.findall(output)
+    found = mtp_losses(output)
     assert found, "no MTP loss logged"
-    return float(found[0][1])
+    return found[min(found)]

@@ -15,7 +15,6 @@ reaching earlier positions). One process, fp32: the two agree to rounding.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 from plugins import PluginError
 from tests.mla_oracle import MLAShape
 from tests.multirank import run_ranks
-from tests.training_runs import losses, torchrun
+from tests.training_runs import losses, mtp_losses, torchrun
 
 SHAPE = MLAShape(hidden=32, heads=2, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
                  qk_pos_emb_head_dim=4, v_head_dim=8)
@@ -154,7 +153,6 @@ def test_mtp_loss_and_gradients_follow_the_reports_formula():
 # process, dense and MLA + MoE with EP=2, is tests/test_dualpipe.py (every run there has an
 # MTP layer and compares its loss).
 
-_MTP_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?mtp_1 loss: ([0-9.E+-]+)")
 PIPELINE = ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
             "--untie-embeddings-and-output-weights"]
 MLA_MTP = ["--plugins", "mla", "--multi-latent-attention", "--q-lora-rank", "32",
@@ -163,9 +161,6 @@ MLA_MTP = ["--plugins", "mla", "--multi-latent-attention", "--q-lora-rank", "32"
            "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
            "--mtp-num-layers", "1"]
 
-
-def mtp_losses(output: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in _MTP_LOSS.findall(output)}
 
 
 # --- the DeepSeek-V3 spec through Megatron's --spec -----------------------------------------

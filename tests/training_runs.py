@@ -43,6 +43,7 @@ def mla_moe_ep2(moe_layer_freq: str) -> list[str]:
 
 
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
+_MTP_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?mtp_1 loss: ([0-9.E+-]+)")
 _VALIDATION = re.compile(r"validation loss at iteration (\d+) on validation set \| lm loss value: ([0-9.E+-]+)")
 
 
@@ -81,6 +82,11 @@ def pretrain(args: list[str], tmp_path: Path, **kwargs) -> str:
 def losses(output: str) -> dict[int, float]:
     """Training loss per logged iteration, as Megatron prints it."""
     return {int(i): float(v) for i, v in _ITERATION.findall(output)}
+
+
+def mtp_losses(output: str) -> dict[int, float]:
+    """The first MTP depth's training loss per logged iteration (Megatron's `mtp_1 loss`)."""
+    return {int(i): float(v) for i, v in _MTP_LOSS.findall(output)}
 
 
 def final_validation_loss(output: str) -> float:
