@@ -31,7 +31,7 @@ fi
 : "${OUT:?run this on the device machine, whose OUT names the folder that comes back}"
 exec > >(tee "$OUT/run.log") 2>&1
 export TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1
-BUDGET=570  # seconds of the command's 600, leaving time to write and return $OUT
+BUDGET=${BUDGET:-570}  # seconds of the command's 600 (or less), leaving time to return $OUT
 START=$SECONDS
 
 # step LABEL MAX_SECONDS CMD...: CMD under a timeout of MAX_SECONDS or the time left.

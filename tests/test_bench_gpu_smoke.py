@@ -42,6 +42,14 @@ def check_times(times) -> None:
     assert len(times) == 3 and all(math.isfinite(t) and t > 0 for t in times), times
 
 
+def misread_by_pytorch_layout(row) -> bool:
+    """The GEMMs whose 128x128 B scales PyTorch's own layout hands cuBLAS unpadded, with
+    k/128 not a multiple of 4: cuBLAS reads them wrongly (torch 2.11, an H100 and an H200,
+    2026-11-26); the `torch` backend pads them (`plugins.fp8.backends._cublas_aligned`)."""
+    reduction = row["dims"][2]
+    return row["pass"] != "Wgrad" and (reduction // 128) % 4 != 0
+
+
 def test_fp8_tables(smoke):
     text, raw = smoke
     raw = raw["gpu_fp8"]
@@ -55,7 +63,10 @@ def test_fp8_tables(smoke):
     for row in raw["gemm"]:
         for name in ["bf16", *live]:
             check_times(row["times_s"][name])
-        assert all(isinstance(e, float) and e < 2e-3 for e in row["max_rel_error"].values())
+        for impl, error in row["max_rel_error"].items():
+            if impl == "scaled_mm" and misread_by_pytorch_layout(row):
+                continue
+            assert isinstance(error, float) and error < 2e-3, (impl, row)
     for row in raw["linear"]:
         for name in ["bf16", *(i for i in live if i != "scaled_mm")]:
             check_times(row["times_s"][name])

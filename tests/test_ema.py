@@ -127,11 +127,16 @@ def _main(argv):
 
 # --- through Megatron's training loop ---------------------------------------------------
 
+# This file runs as the rank script, so the repository goes first on its path; what was on
+# the path stays (a GPU machine may carry megatron-core there).
+_REPO_FIRST_ON_PATH = {"PYTHONPATH": os.pathsep.join(
+    filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
 def _train(args, tmp_path, ranks=2):
     from tests.training_runs import TINY_GPT, torchrun
 
     return torchrun([str(Path(__file__).resolve())], TINY_GPT + args, tmp_path, ranks=ranks,
-                    env={"PYTHONPATH": str(REPO)})
+                    env=_REPO_FIRST_ON_PATH)
 
 
 def _oracle_results(trace: Path) -> dict[int, tuple[int, float, float]]:
@@ -322,7 +327,7 @@ def test_ema_at_tp2_reshards_exports_and_logs(tmp_path):
     # ema-export: the EMA, exactly, as the weights; nothing else of the training state.
     # (`megaseek ema-export` with this file's registry, which knows the oracle plugin.)
     exported = run([sys.executable, str(Path(__file__).resolve()), "ema-export", "--load",
-                    str(ckpt), "--save", str(out)], tmp_path, {"PYTHONPATH": str(REPO)})
+                    str(ckpt), "--save", str(out)], tmp_path, _REPO_FIRST_ON_PATH)
     assert "the EMA weights of iteration 5 are saved" in exported
     source, written = _checkpoint(ckpt, 5), _checkpoint(out, 5)
     weights = {k for k in source if not k.startswith(("optimizer.", "megaseek:"))}

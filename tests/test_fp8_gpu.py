@@ -16,9 +16,11 @@ from plugins.common.quantize import dequantize, quantize
 pytestmark = pytest.mark.gpu
 
 GPU_BACKENDS = ["torch", "triton"]
-# (M, N, K). K / 128 = 3 is not a multiple of 4 (the row stride some PyTorch versions
-# demand of 128x128 scales); the others are DeepSeek-V3 linears at a few token counts.
-SHAPES = [(256, 384, 384), (128, 256, 4096), (4096, 2048, 7168), (512, 7168, 2048)]
+# (M, N, K). K / 128 = 3 and 5 are not multiples of 4 (cuBLAS reads 128x128 scales with
+# a row stride rounded up to 4), nor is M = 130 (cuBLAS refuses it); the others are
+# DeepSeek-V3 linears at a few token counts.
+SHAPES = [(256, 384, 384), (130, 384, 640), (128, 256, 4096), (4096, 2048, 7168),
+          (512, 7168, 2048)]
 # Hopper's FP8 tensor cores add up each 128-long chunk with about 14 mantissa bits
 # (DeepSeek-V3 report, section 3.3.2) where `emulated` sums in FP32: expect errors near
 # 2^-14 * sqrt(128) ~ 7e-4 of the largest output, not FP32's 1e-6.
@@ -118,7 +120,9 @@ def test_gemm_matches_emulated(name, b_block, m, n, k, record_property):
 
 
 @pytest.mark.parametrize("name", GPU_BACKENDS)
-@pytest.mark.parametrize("tokens,n,k", [(256, 384, 256), (1024, 2048, 7168)])
+# 576 outputs as MLA's KV down-projection (kv_lora_rank + rope dim, ragged: its Dgrad
+# reduces over 5 blocks) at 130 tokens (not a multiple of 4).
+@pytest.mark.parametrize("tokens,n,k", [(256, 384, 256), (130, 576, 512), (1024, 2048, 7168)])
 def test_linear_matches_emulated(name, tokens, n, k, record_property):
     require(name)
     g, seed = fresh_generator()

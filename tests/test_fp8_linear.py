@@ -227,3 +227,35 @@ def test_emulated_backend_never_imports_triton():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).parents[1], timeout=120)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.parametrize("m,n,k,b_block", [
+    (130, 384, 640, WEIGHT),      # 5 K-blocks and 130 rows: both padded
+    (256, 384, 384, WEIGHT),      # 3 K-blocks
+    (256, 512, 512, WEIGHT),      # aligned: passed through as it is
+    (130, 6, 256, ACTIVATION),    # Wgrad's 1x128 B: rows of A and B to 4, K as it is
+])
+def test_cublas_alignment_keeps_the_product(m, n, k, b_block):
+    """The `torch` backend pads its operands to what cuBLAS's block-scaled GEMM reads
+    correctly (`backends._cublas_aligned`); the product's [m, n] corner stays the
+    unpadded product, so the padding is only zeros."""
+    from plugins.fp8.backends import Operand, _cublas_aligned
+
+    a = Operand(*quantize(torch.randn(m, k), ACTIVATION), ACTIVATION)
+    b = Operand(*quantize(torch.randn(n, k) * 0.02, b_block), b_block)
+    padded_a, padded_b = _cublas_aligned(a, b)
+
+    assert padded_a.q.shape[0] % 4 == 0 and padded_b.q.shape[0] % 4 == 0
+    if b_block == WEIGHT:
+        assert padded_a.scales.shape[1] % 4 == 0
+    else:
+        assert padded_a.q.shape[1] == k
+    if (m, k) == (256, 512):
+        assert padded_a is a and padded_b is b
+
+    def product(x, y):
+        return (dequantize(x.q, x.scales, x.block, torch.float64)
+                @ dequantize(y.q, y.scales, y.block, torch.float64).t())
+
+    torch.testing.assert_close(product(padded_a, padded_b)[:m, :n], product(a, b),
+                               rtol=1e-12, atol=1e-12)

@@ -93,7 +93,11 @@ def _e4m3_value(codes):
     normal = ((mag + ((127 - 7) << 3)) << 20).to(tl.float32, bitcast=True)
     value = tl.where(mag >= 8, normal, (mag & 7).to(tl.float32) * 0.001953125)
     value = tl.where(mag == 0x7F, float("nan"), value)
-    return tl.where(bits >= 0x80, -value, value)
+    # The sign as a bit: `-value` may be compiled as 0 - value, which makes -0 +0 (the
+    # likely cause of -0 lost in the requantized cases on an H100, 2026-11-26; the
+    # hardware conversions were seen to keep it). Not yet re-run on a GPU.
+    return (value.to(tl.int32, bitcast=True) | ((bits & 0x80) << 24)).to(tl.float32,
+                                                                       bitcast=True)
 
 
 @triton.jit

@@ -38,11 +38,43 @@ def torch_scaled_gemm(a: Operand, b: Operand) -> torch.Tensor:
     # scales in these layouts (aten/src/ATen/native/cuda/ScaledBlas.cpp): 1x128 scales
     # outer-dim-major ([rows, k/128] with stride (1, rows)); B's 128x128 scales as
     # [k/128, n/128] (the transpose of ours, a view); B's 1x128 scales (Wgrad) as a
-    # contiguous [k/128, n]. Not yet run on an sm90 GPU (tests/test_fp8_gpu.py checks it).
+    # contiguous [k/128, n].
+    m, n = a.q.shape[0], b.q.shape[0]
+    a, b = _cublas_aligned(a, b)
     scale_a = a.scales.t().contiguous().t()
     scale_b = b.scales.t().contiguous() if b.block == (1, 128) else b.scales.t()
-    return torch._scaled_mm(a.q, b.q.t(), scale_a=scale_a, scale_b=scale_b,
-                            out_dtype=torch.float32)
+    out = torch._scaled_mm(a.q, b.q.t(), scale_a=scale_a, scale_b=scale_b,
+                           out_dtype=torch.float32)
+    return out if out.shape == (m, n) else out[:m, :n].contiguous()
+
+
+def _cublas_aligned(a: Operand, b: Operand) -> tuple[Operand, Operand]:
+    """a and b padded with zero rows and zero K-blocks (scale 1) to the shapes cuBLAS's
+    block-scaled GEMM reads correctly; the product's first [m, n] are unchanged.
+
+    Seen with torch 2.11 + CUDA 13 on an H100 and an H200 (2026-11-26: tests/test_fp8_gpu.py,
+    scripts/gpu_probe.py; bench/gpu-runs.md):
+    - 128x128 scales of B with k/128 not a multiple of 4 (3, 5, 2 tried) give wrong
+      products, silently; torch 2.11 refuses the layout with rows padded to 4, which later
+      PyTorch demands (ScaledBlas.cpp, is_blockwise_128x128_scaling: round_up(k/128, 4)),
+      so the cure is padding k itself;
+    - m = 130 fails in cuBLAS's heuristic (CUBLAS_STATUS_NOT_SUPPORTED); a 1x128 B's n is
+      padded alike as a precaution (not seen failing).
+    Zero columns of both operands add nothing; zero rows give rows that are cut off."""
+    k_blocks = a.scales.shape[1]
+    pad_k = -k_blocks % 4 if b.block == (128, 128) else 0
+    a = _pad(a, rows=-a.q.shape[0] % 4, k_blocks=pad_k)
+    b = _pad(b, rows=-b.q.shape[0] % (128 if b.block == (128, 128) else 4), k_blocks=pad_k)
+    return a, b
+
+
+def _pad(x: Operand, rows: int, k_blocks: int) -> Operand:
+    if rows == k_blocks == 0:
+        return x
+    q = torch.nn.functional.pad(x.q.view(torch.uint8), (0, 128 * k_blocks, 0, rows))
+    tile_rows = rows // x.block[0] if x.block[0] > 1 else rows
+    scales = torch.nn.functional.pad(x.scales, (0, k_blocks, 0, tile_rows), value=1.0)
+    return Operand(q.view(torch.float8_e4m3fn), scales, x.block)
 
 
 def torch_scaled_available() -> str | None:

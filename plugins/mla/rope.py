@@ -52,8 +52,9 @@ def inverse_frequencies(dim: int, base: float, yarn: Yarn | None = None) -> torc
 
 def rotary_table(positions: torch.Tensor, dim: int, base: float, yarn: Yarn | None,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each [len(positions), dim // 2]."""
-    angles = positions.to(torch.float64)[:, None] * inverse_frequencies(dim, base, yarn)[None]
+    """cos and sin, each [len(positions), dim // 2], on positions' device."""
+    frequencies = inverse_frequencies(dim, base, yarn).to(positions.device)
+    angles = positions.to(torch.float64)[:, None] * frequencies[None]
     scale = 1.0 if yarn is None else (yarn_mscale(yarn.factor, yarn.mscale)
                                       / yarn_mscale(yarn.factor, yarn.mscale_all_dim))
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
