@@ -1,20 +1,32 @@
-"""`megaseek convert`: Hugging Face DeepSeek-V3 folders <-> Megatron checkpoints, one CPU process.
+"""`megaseek convert`: Hugging Face DeepSeek-V3 folders <-> Megatron checkpoints, on the CPU.
 
     megaseek convert hf-to-megatron HF_DIR OUT_DIR [--mtp-num-layers 0] [--dtype D] [--overwrite]
+                     [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P]
+                     [--expert-model-parallel-size E] [--pipeline-schedule 1f1b]
     megaseek convert megatron-to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB] [--dtype D]
                                                       [--overwrite]
     megaseek convert flags HF_DIR
 
 hf-to-megatron writes a Megatron distributed checkpoint (torch_dist, Megatron's
-`dist_checkpointing`, at tensor/pipeline/expert parallel size 1, as a `release`
-checkpoint: OUT_DIR/latest_checkpointed_iteration.txt and OUT_DIR/release/), the source
-`config.json` as OUT_DIR/hf_config.json and the matching Megatron flags, one per line, in
-OUT_DIR/megatron_flags.txt (`megaseek pretrain $(cat megatron_flags.txt) --plugins mla moe
---load OUT_DIR --finetune` loads it at any TP/EP layout). megatron-to-hf reads such a folder
-back (its hf_config.json gives the architecture), or a checkpoint `megaseek pretrain` saved
-at any layout (its saved arguments do; the vocabulary is Megatron's padded one), and writes
-a Hugging Face folder. `flags` prints the Megatron
-flags of a Hugging Face config. Output folders appear only when complete.
+`dist_checkpointing`, as a `release` checkpoint: OUT_DIR/latest_checkpointed_iteration.txt
+and OUT_DIR/release/), the source `config.json` as OUT_DIR/hf_config.json and the matching
+Megatron flags, one per line, in OUT_DIR/megatron_flags.txt (`megaseek pretrain $(cat
+megatron_flags.txt) --plugins mla moe --load OUT_DIR --finetune` loads it at any TP/EP/PP
+layout). With the default sizes 1 one process builds the whole model and saves it. With
+T, P or E above 1 it starts T*P*E gloo processes on this machine, Megatron's parallel state
+at those sizes (expert tensor parallel size 1): each builds only its part of the model
+(its pipeline stage's layers, Megatron's even split; its tensor-parallel slices; its
+experts), fills it from the Hugging Face tensors it needs, read one at a time and sliced
+before they are copied, and all save together; the checkpoint is the same as the
+one-process one (Megatron's sharded state dicts are layout-free), written with less
+memory per process. Sizes that do not divide the model (attention heads, vocabulary, FFN
+widths, routed experts, layers), more than 64 processes, and --pipeline-schedule dualpipe
+or dualpipev (the checkpoint does not depend on the schedule; it loads under any) are
+refused before anything is written. megatron-to-hf reads such a folder back (its
+hf_config.json gives the architecture), or a checkpoint `megaseek pretrain` saved at any
+layout (its saved arguments do; the vocabulary is Megatron's padded one), on one process,
+and writes a Hugging Face folder. `flags` prints the Megatron flags of a Hugging Face
+config. Output folders appear only when complete.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ def _size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from integration.hf.layout import SCHEDULES
+
     parser = argparse.ArgumentParser(prog="megaseek convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="direction", required=True)
@@ -48,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     to_megatron.add_argument("--dtype", choices=DTYPES, default=None,
                              help="the Megatron weights' dtype (default: the checkpoint's)")
     to_megatron.add_argument("--overwrite", action="store_true")
+    to_megatron.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T",
+                             help="with T, P or E above 1: convert on T*P*E CPU processes, "
+                             "each building its part of the model at that layout")
+    to_megatron.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P",
+                             help="pipeline stages (Megatron's even split of the layers)")
+    to_megatron.add_argument("--expert-model-parallel-size", type=int, default=1, metavar="E",
+                             help="expert-parallel ranks")
+    to_megatron.add_argument("--pipeline-schedule", choices=SCHEDULES, default="1f1b",
+                             help="only 1f1b (the others are refused): the checkpoint loads "
+                             "under any schedule")
     to_hf = sub.add_parser("megatron-to-hf")
     to_hf.add_argument("source")
     to_hf.add_argument("out")
@@ -60,14 +84,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: str | None,
-                   overwrite: bool) -> None:
-    from megatron.core import dist_checkpointing
-
+                   overwrite: bool, layout=None, schedule: str = "1f1b") -> None:
+    """One process (`layout` None or all sizes 1), or `layout.ranks` processes that each
+    build and fill their part of the model at that layout (`integration.hf.layout`)."""
     from integration.hf.config import from_hf_config, megatron_flags, read_hf_config
     from integration.hf.convert import DTYPES as TORCH_DTYPES
     from integration.hf.convert import import_hf
+    from integration.hf.layout import Layout, check_layout, convert_on_ranks
     from integration.hf.safetensors_io import staged_folder
 
+    layout = layout or Layout()
     overrides = {}
     if mtp_num_layers is not None:
         overrides["mtp_num_layers"] = mtp_num_layers
@@ -75,21 +101,55 @@ def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: s
         overrides["params_dtype"] = TORCH_DTYPES[dtype]
     if out.exists() and not overwrite:  # before the (long) import
         raise SystemExit(f"megaseek convert: error: {out} exists; pass --overwrite to replace it")
-    model, config = import_hf(source, **overrides)
     hf_config = read_hf_config(source)
-    depth = config.mtp_num_layers or 0
+    if layout.ranks == 1:
+        check_layout(layout, from_hf_config(hf_config), 0, schedule)
+        model, config = import_hf(source, **overrides)
+        depth = config.mtp_num_layers or 0
+    else:
+        depth = _checked_mtp_depth(source, overrides, layout, schedule)
     hf_config["num_nextn_predict_layers"] = depth
     hf_config.pop("quantization_config", None)  # the Megatron weights are dequantised
     flags = megatron_flags(from_hf_config(hf_config))
     with staged_folder(out, overwrite=overwrite) as stage:
         (stage / "release").mkdir()
-        dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0,
-                                 "iteration": 0}, str(stage / "release"))
+        if layout.ranks == 1:
+            _save_release(model, stage / "release")
+        else:
+            convert_on_ranks(layout, source, stage / "release", overrides)
         (stage / TRACKER).write_text("release")
         (stage / "hf_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (stage / "megatron_flags.txt").write_text("\n".join(flags) + "\n")
-    print(f"megaseek convert: wrote {out} (Megatron torch_dist, release); its flags:")
+    where = "" if layout.ranks == 1 else (
+        f", written by {layout.ranks} ranks at TP={layout.tensor} PP={layout.pipeline} "
+        f"EP={layout.expert}")
+    print(f"megaseek convert: wrote {out} (Megatron torch_dist, release{where}); its flags:")
     print(" ".join(flags))
+
+
+def _save_release(model, release: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0,
+                             "iteration": 0}, str(release))
+
+
+def _checked_mtp_depth(source: Path, overrides: dict, layout, schedule: str) -> int:
+    """The MTP depth the import writes, after checking the checkpoint's names, dtypes and
+    the layout's split (headers and config only: nothing is built or written yet)."""
+    from integration.hf.config import from_hf_config, read_hf_config
+    from integration.hf.convert import _plan
+    from integration.hf.layout import check_layout
+    from integration.hf.safetensors_io import Reader
+
+    hf = from_hf_config(read_hf_config(source))
+    reader = Reader(source)
+    try:
+        plan = _plan(reader, hf, overrides)
+    finally:
+        reader.close()
+    check_layout(layout, hf, plan["mtp_layers"], schedule)
+    return plan["mtp_layers"]
 
 
 def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | None,
@@ -161,6 +221,14 @@ def _config_from_saved_arguments(directory: str):
     return MLATransformerConfig(**fields), args.padded_vocab_size, args.max_position_embeddings
 
 
+def _layout(options):
+    from integration.hf.layout import Layout
+
+    return Layout(tensor=options.tensor_model_parallel_size,
+                  pipeline=options.pipeline_model_parallel_size,
+                  expert=options.expert_model_parallel_size)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`megaseek convert ...` (argv without the `convert` word)."""
     import integration  # noqa: F401
@@ -173,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             print(" ".join(megatron_flags(read_hf_config(options.source))))
         elif options.direction == "hf-to-megatron":
             hf_to_megatron(Path(options.source), Path(options.out), options.mtp_num_layers,
-                           options.dtype, options.overwrite)
+                           options.dtype, options.overwrite, _layout(options),
+                           options.pipeline_schedule)
         else:
             megatron_to_hf(Path(options.source), Path(options.out), options.max_shard_size,
                            options.dtype, options.overwrite)

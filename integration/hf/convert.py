@@ -11,8 +11,10 @@ bounded size, in a staged folder that appears only when complete.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,13 @@ def _on_one_rank(seed: int = 1234) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_model(config, vocab_size: int, max_position_embeddings: int):
+def build_model(config, vocab_size: int, max_position_embeddings: int,
+                pre_process: bool = True, post_process: bool = True):
     """Megatron's GPTModel as megaseek builds it with `--plugins mla moe`: local block
     spec (dense first layers), MTP layers built like the last decoder layer, the plugins'
-    spec transforms on both."""
+    spec transforms on both. Under pipeline parallelism the block spec and GPTModel take
+    this stage's layers from Megatron's parallel state (as its own builder does), and
+    `pre_process` / `post_process` say whether the stage holds the embedding / the head."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec,
                                                           get_gpt_decoder_layer_specs,
@@ -77,7 +82,8 @@ def build_model(config, vocab_size: int, max_position_embeddings: int):
                     transformer_layer_spec=plugins.transform_spec(enabled, block, args),
                     vocab_size=vocab_size, max_sequence_length=max_position_embeddings,
                     position_embedding_type="rope", rotary_base=int(config.rotary_base),
-                    share_embeddings_and_output_weights=False, mtp_block_spec=mtp)
+                    share_embeddings_and_output_weights=False, mtp_block_spec=mtp,
+                    pre_process=pre_process, post_process=post_process)
 
 
 def _mtp_layer(name: str, hf: HFModel) -> int | None:
@@ -107,21 +113,32 @@ def import_hf(path: str | Path, **megatron_overrides: Any):
     try:
         plan = _plan(reader, hf, megatron_overrides)
         _on_one_rank()
-        from megatron.core.transformer.transformer_config import MLATransformerConfig
-
-        fields = megatron_fields(hf)
-        fields.update(use_cpu_initialization=True, perform_initialization=False,
-                      params_dtype=DTYPES.get(hf.dtype or "float32", torch.float32),
-                      mtp_num_layers=plan["mtp_layers"] or None)
-        fields.update({k: v for k, v in megatron_overrides.items() if k != "mtp_num_layers"})
-        fields["bf16"] = fields["params_dtype"] == torch.bfloat16
-        fields["fp16"] = fields["params_dtype"] == torch.float16
-        config = MLATransformerConfig(**fields)
+        config = megatron_config(hf, plan, megatron_overrides)
         model = build_model(config, hf.vocab_size, hf.max_position_embeddings)
         _load(reader, hf, model, plan)
     finally:
         reader.close()
     return model, config
+
+
+def megatron_config(hf: HFModel, plan: dict[str, Any], overrides: dict[str, Any],
+                    **parallel_sizes: int):
+    """The `MLATransformerConfig` of the import: the architecture's fields, the
+    checkpoint's dtype, the MTP depth `_plan` decided, `overrides` over them, and
+    `parallel_sizes` (Megatron's *_model_parallel_size fields; all 1 when left out)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    fields = megatron_fields(hf)
+    fields.update(use_cpu_initialization=True, perform_initialization=False,
+                  params_dtype=DTYPES.get(hf.dtype or "float32", torch.float32),
+                  mtp_num_layers=plan["mtp_layers"] or None)
+    fields.update({k: v for k, v in overrides.items() if k != "mtp_num_layers"})
+    fields.update(parallel_sizes)
+    if fields.get("pipeline_model_parallel_size", 1) > 1:  # stages pass activations in it
+        fields["pipeline_dtype"] = fields["params_dtype"]
+    fields["bf16"] = fields["params_dtype"] == torch.bfloat16
+    fields["fp16"] = fields["params_dtype"] == torch.float16
+    return MLATransformerConfig(**fields)
 
 
 def _plan(reader: Reader, hf: HFModel, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -182,22 +199,81 @@ def _plan(reader: Reader, hf: HFModel, overrides: dict[str, Any]) -> dict[str, A
     return {"mtp_layers": mtp_layers, "skipped": skipped, "fp8": fp8}
 
 
-def _load(reader: Reader, hf: HFModel, model, plan: dict[str, Any]) -> None:
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """The part of the model one rank holds: tensor-parallel rank `tp_rank` of `tp_size`
+    (Megatron's partition attributes say which parameters are split, and along which
+    dim), the routed experts `experts` (global numbers; their local numbers count from
+    its start) and, at pipeline parallel size > 1, its stage's decoder layers `layers`
+    (global number -> local). `None`: all of them, numbered as in the whole model."""
+    tp_rank: int = 0
+    tp_size: int = 1
+    experts: range | None = None
+    layers: dict[int, int] | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.tp_size == 1 and self.experts is None and self.layers is None
+
+
+WHOLE = Part()
+_DECODER_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def _local_target(target: keys.Target, part: Part, state: dict) -> keys.Target | None:
+    """`target` as named in this rank's model (local layer and expert numbers), or None
+    when another rank holds it."""
+    if part.whole:
+        return target
+    name, expert = target.name, target.expert
+    match = _DECODER_LAYER.fullmatch(name)
+    if part.layers is not None and match:
+        local = part.layers.get(int(match.group(1)))
+        if local is None:
+            return None
+        name = f"decoder.layers.{local}.{match.group(2)}"
+    elif part.layers is not None and name not in state:
+        return None  # the embedding, head, final norm or MTP block of another stage
+    if expert is not None and part.experts is not None:
+        if expert not in part.experts:
+            return None
+        expert -= part.experts.start
+    return dataclasses.replace(target, name=name, expert=expert)
+
+
+def _split_dim(param: torch.Tensor, part: Part) -> int | None:
+    """The dim of the HF tensor this rank holds a 1/tp_size slice of (None: all of it)."""
+    if part.tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return None
+    return param.partition_dim
+
+
+def _local_shape(shape: tuple[int, ...], param: torch.Tensor, part: Part,
+                 name: str) -> tuple[int, ...]:
+    dim = _split_dim(param, part)
+    if dim is None:
+        return tuple(shape)
+    if shape[dim] % part.tp_size:
+        raise HFConversionError(f"{name}: dim {dim} ({shape[dim]}) does not split over "
+                                f"{part.tp_size} tensor-parallel ranks")
+    return tuple(shape[:dim]) + (shape[dim] // part.tp_size,) + tuple(shape[dim + 1:])
+
+
+def _tp_slice(tensor: torch.Tensor, param: torch.Tensor, part: Part) -> torch.Tensor:
+    """This rank's tensor-parallel slice of an HF tensor already in Megatron's row order
+    (a fused fc1's gate and up are each split, as Megatron splits [gate | up])."""
+    dim = _split_dim(param, part)
+    if dim is None:
+        return tensor
+    size = tensor.shape[dim] // part.tp_size
+    return tensor.narrow(dim, part.tp_rank * size, size)
+
+
+def _load(reader: Reader, hf: HFModel, model, plan: dict[str, Any], part: Part = WHOLE) -> None:
+    """Copies the HF tensors `part` holds into `model` (this rank's), one tensor read at
+    a time, after checking every name and shape (headers only)."""
     state = model.state_dict(keep_vars=True)
-    targets = {}
-    for name in sorted(reader.names() - plan["skipped"], key=keys.natural_order):
-        if name.endswith(SCALE_SUFFIX):
-            continue
-        target = keys.megatron_target(name, hf, plan["mtp_layers"])
-        param = state.get(target.name)
-        if param is None:
-            raise HFConversionError(f"{name}: the Megatron model has no {target.name}")
-        want = keys.expected_shape(target, param)
-        got, _ = reader.header(name)
-        if tuple(got) != want:
-            raise HFConversionError(f"{name}: shape {tuple(got)} does not match the config "
-                                    f"({want}, for {target.name})")
-        targets[name] = target
+    targets = _targets(reader, hf, plan, part, state)
     covered = {t.name for t in targets.values()}
     for name, value in state.items():
         if torch.is_tensor(value) and name not in covered:
@@ -209,18 +285,50 @@ def _load(reader: Reader, hf: HFModel, model, plan: dict[str, Any]) -> None:
                 target = targets.get(name)
                 if target is None:
                     continue
-                param = state[target.name]
-                tensor = _read(reader, name, plan, hf, param.dtype)
                 if target.kind == keys.SHARED:
                     shared.append(name)
                     continue
-                _place(tensor, target, param, hf)
+                param = state[target.name]
+                _place(_local_tensor(reader, name, plan, hf, target, param, part), target, param)
         for name in shared:  # DeepSeek's MTP copies of the embedding and head
             target = targets[name]
-            if not torch.equal(_read(reader, name, plan, hf, state[target.name].dtype),
-                               state[target.name]):
+            param = state[target.name]
+            if not torch.equal(_local_tensor(reader, name, plan, hf, target, param, part), param):
                 raise HFConversionError(f"{name} differs from the main model's {target.name}, "
                                         "which Megatron's MTP layer shares")
+
+
+def _targets(reader: Reader, hf: HFModel, plan: dict[str, Any], part: Part,
+             state: dict) -> dict[str, keys.Target]:
+    """HF name -> its target in this rank's model, for the tensors this rank holds (their
+    shapes checked against the model's)."""
+    targets = {}
+    for name in sorted(reader.names() - plan["skipped"], key=keys.natural_order):
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        whole = keys.megatron_target(name, hf, plan["mtp_layers"])
+        target = _local_target(whole, part, state)
+        if target is None:
+            continue
+        param = state.get(target.name)
+        if param is None:
+            raise HFConversionError(f"{name}: the Megatron model has no {target.name}")
+        want = keys.expected_shape(target, param)
+        got, _ = reader.header(name)
+        if _local_shape(got, param, part, name) != want:
+            raise HFConversionError(f"{name}: shape {tuple(got)} does not match the config "
+                                    f"({want}, for {whole.name})")
+        targets[name] = target
+    return targets
+
+
+def _local_tensor(reader: Reader, name: str, plan, hf: HFModel, target: keys.Target,
+                  param: torch.Tensor, part: Part) -> torch.Tensor:
+    """The HF tensor in Megatron's row order, sliced to this rank's part."""
+    tensor = _read(reader, name, plan, hf, param.dtype)
+    if target.kind in (keys.ROPE_Q, keys.ROPE_KV) and hf.rope_interleave:
+        tensor = keys.reorder_rope(tensor, target.kind, hf, inverse=False)
+    return _tp_slice(tensor, param, part)
 
 
 def _read(reader: Reader, name: str, plan, hf: HFModel, dtype: torch.dtype) -> torch.Tensor:
@@ -230,13 +338,11 @@ def _read(reader: Reader, name: str, plan, hf: HFModel, dtype: torch.dtype) -> t
     return tensor
 
 
-def _place(tensor: torch.Tensor, target: keys.Target, param: torch.Tensor, hf: HFModel) -> None:
+def _place(tensor: torch.Tensor, target: keys.Target, param: torch.Tensor) -> None:
+    """Copies a (local) tensor into its place in `param`: whole, the gate or up half of a
+    fused fc1, or one expert's slice of a stacked weight."""
     kind = target.kind
-    if kind in (keys.ROPE_Q, keys.ROPE_KV):
-        if hf.rope_interleave:
-            tensor = keys.reorder_rope(tensor, kind, hf, inverse=False)
-        param.copy_(tensor)
-    elif kind == keys.COPY:
+    if kind in (keys.COPY, keys.ROPE_Q, keys.ROPE_KV):
         param.copy_(tensor)
     elif kind in (keys.GATE, keys.UP):
         half = param.shape[0] // 2
