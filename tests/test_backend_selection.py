@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,52 +109,80 @@ def test_unknown_backend_stops_pytest_at_start():
     assert "MEGASEEK_TEST_BACKEND='nccl2' is not a test backend" in done.stdout + done.stderr
 
 
-# --- training runs (torchrun subprocesses) ------------------------------------------------
+# --- training runs (rank subprocesses) -----------------------------------------------------
 
 @pytest.fixture
 def launched(monkeypatch, tmp_path):
-    """Calls training_runs.pretrain with subprocess.run recorded, not run."""
+    """Calls training_runs.pretrain with its rank processes recorded, not started; returns
+    each rank's (command, environment)."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    calls = []
 
-    def fake_run(cmd, env, **kwargs):
-        calls.append((cmd, env))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+    class RecordedRank:
+        returncode = 0
 
-    monkeypatch.setattr(training_runs.subprocess, "run", fake_run)
+        def __init__(self, cmd, env, **kwargs):
+            ranks.append((cmd, env))
 
-    def launch(ranks=2, args=()):
-        training_runs.pretrain(list(args), tmp_path / "run", ranks=ranks)
-        return calls[-1]
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(training_runs.subprocess, "Popen", RecordedRank)
+
+    def launch(ranks_=2, args=()):
+        ranks.clear()
+        training_runs.pretrain(list(args), tmp_path / "run", ranks=ranks_)
+        return list(ranks)
+    ranks = []
     return launch
 
 
 def test_gloo_training_runs_hide_the_gpus(monkeypatch, launched):
     monkeypatch.delenv(backend.ENV, raising=False)
-    cmd, env = launched()
-    assert env["CUDA_VISIBLE_DEVICES"] == ""  # CUDA absent: upstream.cpu's flags, gloo
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
-    assert "--transformer-impl" not in cmd
+    ranks = launched()
+    assert [env["RANK"] for _, env in ranks] == ["0", "1"]
+    for cmd, env in ranks:
+        assert env["CUDA_VISIBLE_DEVICES"] == ""  # CUDA absent: upstream.cpu's flags, gloo
+        assert env["WORLD_SIZE"] == "2" and env["MASTER_ADDR"] == "127.0.0.1"
+        assert cmd[1:3] == ["-m", "integration.pretrain"]
+        assert "--transformer-impl" not in cmd
 
 
 def test_nccl_training_runs_keep_the_gpus_visible(nccl_with, launched):
     nccl_with(gpus=4)
-    cmd, env = launched(ranks=4)
+    ranks = launched(4)
+    assert [env["LOCAL_RANK"] for _, env in ranks] == ["0", "1", "2", "3"]  # each its GPU
+    cmd, env = ranks[0]
     assert "CUDA_VISIBLE_DEVICES" not in env  # Megatron: NCCL, LOCAL_RANK's GPU
-    assert cmd[cmd.index("--nproc-per-node") + 1] == "4"
     assert cmd[cmd.index("--transformer-impl") + 1] == "local"
     assert "--no-gradient-accumulation-fusion" in cmd and "--distributed-backend" not in cmd
     # A flag the test gives is kept, not doubled.
-    cmd, _ = launched(args=["--transformer-impl", "transformer_engine"])
+    cmd, _ = launched(args=["--transformer-impl", "transformer_engine"])[0]
     assert cmd.count("--transformer-impl") == 1 and "transformer_engine" in cmd
 
 
 def test_nccl_training_runs_skip_when_the_gpus_cannot_hold_the_ranks(nccl_with, launched):
     nccl_with(gpus=1)
     with pytest.raises(pytest.skip.Exception, match=r"starts 2 ranks and 1 GPU\(s\)"):
-        launched(ranks=2)
-    cmd, _ = launched(ranks=1)
-    assert cmd[cmd.index("--nproc-per-node") + 1] == "1"
+        launched(2)
+    assert len(launched(1)) == 1
+
+
+def test_a_failed_rank_ends_the_others_and_names_itself(tmp_path):
+    """The direct launcher, as torchrun: the first rank to fail ends the run (rank 0 would
+    otherwise wait for ever) and the error names it, with the ranks' output."""
+    script = tmp_path / "job.py"
+    script.write_text("import os, sys, time\n"
+                      "print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n"
+                      "if os.environ['RANK'] == '1':\n    sys.exit(3)\n"
+                      "time.sleep(600)\n")
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match=r"rank 1 exited 3") as failed:
+        training_runs.torchrun([str(script)], [], tmp_path, ranks=2)
+    assert time.monotonic() - started < 60
+    assert "rank 0 of 2" in str(failed.value) and "rank 1 of 2" in str(failed.value)
 
 
 # --- tolerances and devices ---------------------------------------------------------------

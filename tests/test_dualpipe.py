@@ -214,21 +214,23 @@ def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):
 
 
 def test_a_rank_that_dies_mid_step_ends_the_run_with_an_error_naming_the_wait(tmp_path):
-    """Through Megatron-LM's release pretrain_gpt.py (the launcher), rank 1 dies in the middle of a step (at its 9th transformer-layer call); rank 0,
-    waiting for its messages, fails at once naming what it waited for, and torchrun ends
-    the run; nothing hangs (`--distributed-timeout-minutes 1`, and the run is given 120 s
-    in all)."""
+    """Through Megatron-LM's release pretrain_gpt.py (the launcher), rank 1 dies in the
+    middle of a step (at its 9th transformer-layer call); rank 0, waiting for its
+    messages, fails at once naming what it waited for; nothing hangs
+    (`--distributed-timeout-minutes 1`, and the run is given 120 s in all). Rank 0 gets
+    30 s to end on its own: torchrun would terminate it as soon as rank 1 is seen dead,
+    which on a loaded machine can come before rank 0 has reported (seen in CI)."""
     started = time.monotonic()
     with pytest.raises(AssertionError) as failed:
         torchrun([PROBED, RELEASE], TINY_GPT + DATA + PIPELINE + DUALPIPEV[:1] + [
             "dualpipe", "crash", "--pipeline-schedule", "dualpipev", "--crash-rank", "1",
             "--crash-at-layer-call", "9", "--train-iters", "4",
-            "--distributed-timeout-minutes", "1"], tmp_path, timeout=120)
+            "--distributed-timeout-minutes", "1"], tmp_path, timeout=120, grace=30)
     assert time.monotonic() - started < 120
     output = str(failed.value)
     assert re.search(r"dualpipev: pipeline rank 0 waited for the (activation|input gradient) "
                      r"of stage \d+ .*from pipeline rank 1", output), output[-3000:]
-    assert "exitcode  : 17" in output
+    assert "rank 1 exited 17" in output
 
 
 def test_megatron_lm_release_script_trains_under_dualpipev(tmp_path):

@@ -47,7 +47,7 @@ def test_release_script_dense_tp2_with_every_seam(tmp_path):
     args = TINY_GPT + DATA + ["--tensor-model-parallel-size", "2", "--eval-interval", "2",
                               "--eval-iters", "1"]
     plain = torchrun(["-m", "integration.launch", RELEASE], args + ["--train-iters", "4"],
-                     tmp_path)
+                     tmp_path, launcher="torchrun")  # as users launch it
     trace = tmp_path / "trace.txt"
     probed = torchrun([PROBED, RELEASE], args + [
         "--train-iters", "4", "--plugins", "probe", "--probe-drop-mlp",

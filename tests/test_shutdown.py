@@ -53,7 +53,8 @@ MARKER = re.compile(r"after main, rank (\d): initialized=(\w+) non_daemon_thread
 def test_every_rank_ends_with_no_process_group_left(entry, script_args, tmp_path):
     wrapper = tmp_path / f"run_{entry}.py"
     wrapper.write_text(WRAPPER.format(entry=entry))
-    output = torchrun([str(wrapper)], script_args, tmp_path)  # raises unless both exit 0
+    output = torchrun([str(wrapper)], script_args, tmp_path,  # raises unless both exit 0
+                      launcher="torchrun")
 
     found = {rank: rest for rank, *rest in MARKER.findall(output)}
     assert sorted(found) == ["0", "1"], f"a rank did not report after main():\n{output[-3000:]}"

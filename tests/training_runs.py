@@ -1,4 +1,4 @@
-"""Run `integration.pretrain` (or a launch script) under torchrun and read its results.
+"""Run `integration.pretrain` (or a launch script) on several ranks and read its results.
 
 Each run is a real Megatron `pretrain()` on 2 ranks in subprocesses: gloo on the CPU, or
 NCCL with one GPU a rank when MEGASEEK_TEST_BACKEND=nccl (tests/backend.py); the helpers
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -48,27 +51,108 @@ _VALIDATION = re.compile(r"validation loss at iteration (\d+) on validation set 
 
 
 def torchrun(module_or_script: list[str], args: list[str], tmp_path: Path, ranks: int = 2,
-             env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    """Runs `torchrun --nproc-per-node ranks` and returns its combined output; raises
-    with the output's tail if the run fails. The selected test backend decides whether the
-    ranks see the GPUs (`backend.launch_env`; skips when fewer GPUs than ranks are visible)
-    and which Megatron flags the run adds (`backend.launch_args`); `env` is applied after."""
+             env: dict[str, str] | None = None, timeout: float = 300,
+             launcher: str = "direct", grace: float = 0.0) -> str:
+    """Runs `module_or_script args` on `ranks` ranks and returns their combined output
+    (every rank's stdout, then every rank's stderr); raises with the output's tail if a
+    rank fails. The selected test backend decides whether the ranks see the GPUs
+    (`backend.launch_env`; skips when fewer GPUs than ranks are visible) and which Megatron
+    flags the run adds (`backend.launch_args`); `env` is applied after.
+
+    launcher "torchrun": PyTorch's `torchrun --standalone`, as users launch (the launch and
+    shutdown tests). "direct": the ranks are started from here with the environment
+    torchrun gives its workers, and the first to fail ends the others, as torchrun does;
+    this saves torchrun's own process, a torch import (about 1.7 s of CPU), on each of the
+    suite's hundred-odd runs. `grace` (direct only): seconds the other ranks get to end on
+    their own after one fails, before they are terminated (torchrun gives none), so that a
+    test can read what they report about the failure."""
     launch = {**backend.launch_env(ranks), **(env or {})}
     args = [*args, *backend.launch_args(args)]
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", str(ranks), *module_or_script, *args], tmp_path, launch,
-               timeout)
+    if launcher == "torchrun":
+        return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", str(ranks), *module_or_script, *args], tmp_path, launch,
+                   timeout)
+    if launcher != "direct":
+        raise ValueError(f"launcher {launcher!r}: 'direct' or 'torchrun'")
+    return _run_ranks([sys.executable, *module_or_script, *args], ranks, tmp_path, launch,
+                      timeout, grace)
+
+
+def _environment(tmp_path: Path, env: dict[str, str] | None) -> dict[str, str]:
+    return dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
+                PYTHONWARNINGS="ignore", MEGASEEK_DATA_CACHE=str(tmp_path.parent / "data"),
+                **(env or {}))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_ranks(cmd: list[str], ranks: int, tmp_path: Path, env: dict[str, str] | None,
+               timeout: float, grace: float) -> str:
+    """`cmd` as ranks 0..ranks-1 of one job on this machine (torchrun's worker variables,
+    rendezvous at 127.0.0.1 on a free port). Returns their output; when a rank exits
+    non-zero the others are terminated and the output's tail is raised."""
+    job = dict(_environment(tmp_path, env), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE=str(ranks),
+               LOCAL_WORLD_SIZE=str(ranks), GROUP_RANK="0", ROLE_RANK="0", ROLE_NAME="default")
+    with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
+        outs = [open(os.path.join(logs, f"{r}.out"), "w+") for r in range(ranks)]
+        errs = [open(os.path.join(logs, f"{r}.err"), "w+") for r in range(ranks)]
+        procs = [subprocess.Popen(cmd, stdout=outs[r], stderr=errs[r], cwd=tmp_path,
+                                  env=dict(job, RANK=str(r), LOCAL_RANK=str(r),
+                                           ROLE_WORLD_SIZE=str(ranks)))
+                 for r in range(ranks)]
+        failed = _wait_for_all(procs, timeout, grace)
+        output = ""
+        for file in outs + errs:
+            file.seek(0)
+            output += file.read()
+            file.close()
+    if failed is not None:
+        raise AssertionError(f"{' '.join(cmd[1:3])}: {failed}:\n{output[-6000:]}")
+    return output
+
+
+def _wait_for_all(procs: list[subprocess.Popen], timeout: float, grace: float) -> str | None:
+    """Waits for every process; at the first non-zero exit (after `grace` more seconds for
+    the others to end) or after `timeout` seconds, terminates the rest (kills what is left
+    10 s later) and says what failed."""
+    deadline, failed = time.monotonic() + timeout, None
+    while True:
+        codes = [p.poll() for p in procs]  # every rank's, each time
+        if None not in codes:
+            break
+        if failed is None:
+            failed = next((f"rank {r} exited {code}" for r, code in enumerate(codes)
+                           if code not in (None, 0)), None)
+            deadline = min(deadline, time.monotonic() + grace) if failed else deadline
+        if time.monotonic() > deadline:
+            failed = failed or f"timed out after {timeout:.0f} s"
+            break
+        time.sleep(0.05)
+    failed = failed or next((f"rank {r} exited {code}" for r, code in enumerate(codes)
+                             if code not in (None, 0)), None)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return failed
 
 
 def run(cmd: list[str], tmp_path: Path, env: dict[str, str] | None = None,
         timeout: float = 300) -> str:
     """Runs `cmd` in `tmp_path` with the tests' environment and returns its combined output;
     raises with the output's tail if it fails."""
-    run_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-                   PYTHONWARNINGS="ignore", MEGASEEK_DATA_CACHE=str(tmp_path.parent / "data"),
-                   **(env or {}))
-    done = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=timeout,
-                          cwd=tmp_path)
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env=_environment(tmp_path, env), timeout=timeout, cwd=tmp_path)
     output = done.stdout + done.stderr
     if done.returncode != 0:
         raise AssertionError(f"{cmd[2]} exited {done.returncode}:\n{output[-6000:]}")
