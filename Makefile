@@ -10,7 +10,7 @@ demo: setup
 	$(PY) -m integration.demo $(ARGS)
 
 test: setup
-	$(PY) -m pytest -n 2 --timeout=600 tests
+	$(PY) -m pytest -n 2 --timeout=600 --durations=25 tests
 
 # The multi-rank tests (marked `multirank` by tests/conftest.py) on NCCL, one GPU per rank;
 # serial, since each test takes several GPUs. Tests needing more GPUs than visible are skipped.

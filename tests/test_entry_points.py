@@ -38,7 +38,8 @@ def test_unknown_command_is_named(tmp_path):
 def test_configuration_error_is_one_line_once_before_the_argument_dump(tmp_path):
     with pytest.raises(AssertionError) as failed:
         torchrun(["-m", "integration.pretrain"], TINY_GPT + ["--train-iters", "1",
-                                                             "--plugins", "nosuch"], tmp_path)
+                                                             "--plugins", "nosuch"], tmp_path,
+                 launcher="torchrun")  # what a user sees: every rank's exit, torchrun's report
     output = str(failed.value)
     assert output.count("megaseek: error: --plugins: unknown plugin(s) nosuch") == 1
     assert "exitcode  : 2" in output  # every rank exits as argparse does
