@@ -9,11 +9,14 @@
 
     assert run_ranks(_sum, 2, 10) == [21, 21]
 
-Each rank is a fresh process started with the 'spawn' method, so ``fn`` (and
-its arguments and return value) must be picklable: define ``fn`` at module
-level of an importable module, not as a lambda or a nested function. The ranks
-rendezvous through a FileStore in a temporary directory (no TCP ports, so
-``pytest -n`` is safe). Without ``backend=``, the backend is the one MEGASEEK_TEST_BACKEND
+Each rank is a fresh process forked from a fork server that has imported torch and
+Megatron once (the 'forkserver' method with `_PRELOAD`; 'spawn' for NCCL and under
+TRITON_INTERPRET=1, see `_context`): a spawned rank would import them again, about 5 s of
+CPU each, over the suite's few hundred ranks. The rank takes the caller's environment as
+it is at the call, then imports ``fn`` by name, so ``fn`` must be defined at module level
+of an importable module (not a lambda or a nested function), and its arguments and
+return value must be picklable. The ranks rendezvous through a FileStore in a temporary
+directory (no TCP ports, so ``pytest -n`` is safe). Without ``backend=``, the backend is the one MEGASEEK_TEST_BACKEND
 selects (see tests/backend.py): gloo by default; with "nccl" each rank uses GPU `rank`, so
 ``fn`` puts its tensors on ``tests.backend.device()``, and the test is skipped when fewer
 than ``world_size`` GPUs are visible. Tensors in the return value come back on the CPU.
@@ -25,6 +28,7 @@ failure, or when ``timeout`` expires, are terminated and named in the error.
 """
 
 import copy
+import importlib
 import os
 import pickle
 import queue as queue_module
@@ -45,14 +49,40 @@ _FAILURE_GRACE_S = 3.0
 # Seconds a rank must have been dead without a result before it is reported.
 _DEAD_GRACE_S = 0.5
 _CHILD_ENV = {"TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+# What the fork server imports before forking ranks (integration first: it makes Megatron
+# importable on Python 3.11). Importing them starts no thread (OMP_NUM_THREADS=1), so a
+# fork is safe.
+_PRELOAD = ["torch", "torch.distributed", "integration", "megatron.core"]
 
 
 class RankFailed(AssertionError):
     """One or more ranks raised, died, or did not finish in time."""
 
 
-def _worker(fn, rank, world_size, backend, store_path, results, args, kwargs):
+def _context(backend: str):
+    """The fork server's context; fresh spawned processes instead under TRITON_INTERPRET=1
+    (Triton decides when it is imported whether its own library's kernels are
+    interpreted, and the fork server imported it, through Megatron, without) and with
+    NCCL (a process forked after its parent touched CUDA cannot use it, and Megatron's
+    import may ask CUDA for its devices)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or backend == "nccl":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first call)
+    return ctx
+
+
+def _worker(fn_name, env, rank, world_size, backend, store_path, results, args, kwargs):
     try:
+        # The caller's environment before `fn`'s module is imported: some modules read it
+        # when they are imported (Triton's TRITON_INTERPRET, say), and the fork server's
+        # is that of the first call.
+        os.environ.clear()
+        os.environ.update(env)
+        module, qualname = fn_name
+        fn = importlib.import_module(module)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
         if backend == "nccl":
             torch.cuda.set_device(rank)
         store = dist.FileStore(store_path, world_size)
@@ -103,7 +133,7 @@ def run_ranks(fn, world_size, *args, backend=None, timeout=120.0, **kwargs):
     """
     if backend is None:
         backend = test_backend.for_ranks(world_size)  # may skip: fewer GPUs than ranks
-    ctx = mp.get_context("spawn")
+    ctx = _context(backend)
     results = ctx.Queue()
     saved_env = {k: os.environ.get(k) for k in _CHILD_ENV}
     procs = []
@@ -116,7 +146,8 @@ def run_ranks(fn, world_size, *args, backend=None, timeout=120.0, **kwargs):
                 for rank in range(world_size):
                     p = ctx.Process(
                         target=_worker, name=f"rank{rank}", daemon=True,
-                        args=(fn, rank, world_size, backend, store_path, results, args, kwargs),
+                        args=((fn.__module__, fn.__qualname__), dict(os.environ), rank,
+                              world_size, backend, store_path, results, args, kwargs),
                     )
                     p.start()
                     procs.append(p)

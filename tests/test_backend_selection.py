@@ -43,17 +43,21 @@ class _Started(Exception):
 
 
 class _RecordingContext:
-    """Stands in for the 'spawn' context: records each rank's worker arguments."""
+    """Stands in for the fork server's context: records each rank's worker arguments."""
 
     def __init__(self):
         self.workers = []
         self._real = mp.get_context("spawn")
 
+    def set_forkserver_preload(self, modules):
+        pass
+
     def Queue(self):  # noqa: N802 (multiprocessing's name)
         return self._real.Queue()
 
     def Process(self, target, name, daemon, args):  # noqa: N802
-        self.workers.append(args)  # (fn, rank, world_size, backend, store, results, ...)
+        # (fn's name, environment, rank, world_size, backend, store, results, ...)
+        self.workers.append(args[2:])
         raise _Started
 
 
@@ -73,11 +77,11 @@ def test_nccl_mode_makes_run_ranks_start_nccl_workers(nccl_with, monkeypatch):
     monkeypatch.setattr(multirank.mp, "get_context", lambda method: ctx)
     with pytest.raises(_Started):
         run_ranks(_backend_of_the_group, 4)
-    assert [(w[1], w[2], w[3]) for w in ctx.workers] == [(0, 4, "nccl")]
+    assert [(w[0], w[1], w[2]) for w in ctx.workers] == [(0, 4, "nccl")]
     # An explicit backend (the `gpu` tests' backend="nccl", or gloo) is kept.
     with pytest.raises(_Started):
         run_ranks(_backend_of_the_group, 2, backend="gloo")
-    assert ctx.workers[-1][3] == "gloo"
+    assert ctx.workers[-1][2] == "gloo"
 
 
 def test_nccl_mode_skips_a_world_bigger_than_the_visible_gpus(nccl_with, monkeypatch):

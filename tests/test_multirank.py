@@ -46,11 +46,17 @@ def _expected_sum(world_size, base, scale):
 
 
 def _live_children():
-    """Live child processes of this process, minus multiprocessing's resource tracker."""
+    """Live processes under this one, minus multiprocessing's resource tracker and the
+    fork server the ranks are forked from (both outlive a run by design); the ranks are
+    the fork server's children, so they count."""
+    def helper(p):  # ranks are forked from the server, so they share its command line
+        command = " ".join(p.cmdline())
+        return "resource_tracker" in command or (
+            "forkserver" in command and p.ppid() == os.getpid())
+
     return [
         p for p in psutil.Process().children(recursive=True)
-        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        and "resource_tracker" not in " ".join(p.cmdline())
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and not helper(p)
     ]
 
 
