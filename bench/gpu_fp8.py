@@ -197,10 +197,10 @@ CACHED_W = " + cached W"  # suffix of the runs with the FP8 weight held (--fp8-c
 
 
 def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> list[dict]:
-    """Each FP8 backend as called by default, and with its FP8 weight from the cache
-    (quantized before timing, as for every micro-batch of a step but the first)."""
+    """Each FP8 backend as called by default, and with its FP8 weight (W and W^T) from the
+    cache (quantized before timing, as for every micro-batch of a step but the first)."""
     from plugins.fp8.linear import fp8_linear
-    from plugins.fp8.weight_cache import quantize_weight
+    from plugins.fp8.weight_cache import quantize_weight, quantize_weight_transposed
 
     g = torch.Generator(device).manual_seed(1)
     m, rows = setup.tokens, []
@@ -211,13 +211,15 @@ def measure_linears(setup: Setup, device, available: dict[str, str | None]) -> l
             sets = [(_random((m, k), setup, device, g, True),
                      _random((n, k), setup, device, g, True),
                      _random((m, n), setup, device, g)) for _ in range(setup.sets)]
-            held = [quantize_weight(w.detach()) for _, w, _ in sets]
+            held = [(quantize_weight(w.detach()), quantize_weight_transposed(w.detach()))
+                    for _, w, _ in sets]
             calls = {"bf16": lambda i, s=sets: fwd_bwd(F.linear, *s[i % len(s)])}
             for impl in live:
                 calls[impl] = lambda i, s=sets, f=partial(fp8_linear, backend=impl): \
                     fwd_bwd(f, *s[i % len(s)])
                 calls[impl + CACHED_W] = lambda i, s=sets, h=held, impl=impl: fwd_bwd(
-                    partial(fp8_linear, backend=impl, weight_fp8=h[i % len(s)]),
+                    partial(fp8_linear, backend=impl, weight_fp8=h[i % len(s)][0],
+                            weight_fp8_t=lambda w_t=h[i % len(s)][1]: w_t),
                     *s[i % len(s)])
             row["times_s"] = timing.interleaved(calls, setup.reps, setup.warmup, device)
             timing.log(f"linear [{n}, {k}] fwd+bwd", row["times_s"])
@@ -426,9 +428,10 @@ def result(raw: dict) -> Result:
             rows))
         notes += [_verdict(v, LINEAR_TARGET, f"(b) fp8_linear with {_linear_impl(i)} speedup")
                   for i, v in speedups.items()]
-        notes.append(f"(b) {CACHED_W.strip(' +')}: the weight's FP8 copy made before timing, as "
-                     "--fp8-cache-weights holds it for every micro-batch of a step but the "
-                     "first; without it W is quantized in forward and again in backward.")
+        notes.append(f"(b) {CACHED_W.strip(' +')}: the weight's FP8 copies (W, and W^T for "
+                     "Dgrad) made before timing, as --fp8-cache-weights holds them for every "
+                     "micro-batch of a step but the first; without it W is quantized in "
+                     "forward and W^T in backward.")
     elif "linear" in raw:
         notes.append(f"(b) failed: {raw['linear']}")
 

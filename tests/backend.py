@@ -75,10 +75,13 @@ def launch_env(ranks: int) -> dict[str, str]:
 # Added to a training launch in nccl mode (unless given): the GPU twins of upstream.cpu's
 # CPU_ARGUMENTS. The plugins under test are `--transformer-impl local` modules, and these
 # fusions need packages a plain GPU machine may lack (Apex's fused wgrad accumulation and
-# persistent layer norm, Megatron's compiled masked softmax, TE's fused RoPE).
+# persistent layer norm, Megatron's compiled masked softmax, TE's fused RoPE); the fused
+# bias-SwiGLU is refused by --plugins fp8 (it would keep its input in the training dtype),
+# and is off on the CPU too.
 GPU_ARGUMENTS = (
     ("--transformer-impl", "local"), ("--no-gradient-accumulation-fusion",),
     ("--no-masked-softmax-fusion",), ("--no-persist-layer-norm",), ("--no-rope-fusion",),
+    ("--no-bias-swiglu-fusion",),
 )
 
 

@@ -142,3 +142,15 @@ def test_linear_matches_emulated(name, tokens, n, k, record_property):
     print(f"fp8_linear {name} {tokens}x{n}x{k}: " + ", ".join(
         f"{what} {error:.2e}" for what, error in errors.items()))
     assert max(errors.values()) < LINEAR_TOLERANCE, f"seed {seed}: {errors}"
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_an_expert_without_tokens_on_cuda(name):
+    """0 tokens (an expert that got none; cuBLAS refuses empty operands): empty outputs,
+    a zero weight gradient, nothing launched that fails."""
+    require(name)
+    x = torch.zeros(0, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = fp8_linear(x, w, name, x_fp8=quantize(x.detach(), (1, 128)))
+    y.backward(torch.zeros_like(y))
+    assert y.shape == (0, 256) and x.grad.shape == (0, 128) and not w.grad.any()

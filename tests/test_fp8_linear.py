@@ -259,3 +259,28 @@ def test_cublas_alignment_keeps_the_product(m, n, k, b_block):
 
     torch.testing.assert_close(product(padded_a, padded_b)[:m, :n], product(a, b),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m,n,k", [(0, 256, 128), (256, 128, 0)])
+def test_torch_backend_gives_zeros_for_empty_operands(m, n, k):
+    """An expert that got no tokens: Fprop and Dgrad have no rows, Wgrad sums over no
+    tokens. cuBLAS refuses the empty operands' scale layouts ("Invalid scaling
+    configuration", a DeepSeek-V3-style training step on an H200, 2026-11-26), so the
+    `torch` backend answers before calling it; the answer needs no GPU."""
+    from plugins.fp8.backends import Operand, torch_scaled_gemm
+
+    a = Operand(torch.zeros(m, k, dtype=torch.float8_e4m3fn),
+                torch.ones(m, k // 128), ACTIVATION)
+    b = Operand(torch.zeros(n, k, dtype=torch.float8_e4m3fn),
+                torch.ones(n, k // 128), ACTIVATION)
+    out = torch_scaled_gemm(a, b, torch.bfloat16)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16 and not out.any()
+
+
+def test_an_expert_without_tokens_gets_zero_gradients():
+    x = torch.zeros(0, 256, requires_grad=True)
+    w = torch.randn(128, 256, requires_grad=True)
+    y = fp8_linear(x, w, x_fp8=quantize(x.detach(), ACTIVATION))
+    y.backward(torch.zeros(0, 128))
+    assert y.shape == (0, 128) and x.grad.shape == (0, 256)
+    assert w.grad is not None and not w.grad.any()

@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.common.quantize import quantize, quantize_transposed, requantize_transposed
+from plugins.common.quantize import (pad_to_tiles, quantize, quantize_blocks_transposed,
+                                     quantize_transposed, requantize_transposed)
 from tests.multirank import run_ranks
 
 pytest.importorskip("triton")
 
 # (name, block or kind, shape of x). Kinds: "transposed" is quantize_transposed(x);
 # "padded" the same with pad_rows (ragged rows); "requantized" is
-# requantize_transposed(*quantize(x, (1, 128)), pad_rows=True): from x in FP8.
+# requantize_transposed(*quantize(x, (1, 128)), pad_rows=True): from x in FP8;
+# "blocks transposed" is quantize_blocks_transposed(x): x^T in 128x128 blocks (Dgrad's W^T).
 CASES = [
     ("1x128 one tile", (1, 128), (1, 128)),
     ("1x128 ragged rows", (1, 128), (37, 256)),
@@ -45,6 +47,9 @@ CASES += [("1x128 strided", (1, 128), (64, 256)), ("128x128 strided", (128, 128)
           ("transposed strided", "transposed", (256, 64))]
 CASES += [("padded", "padded", (200, 70)), ("padded whole", "padded", (256, 64)),
           ("requantized", "requantized", (200, 256)), ("requantized whole", "requantized", (128, 384))]
+CASES += [("blocks transposed", "blocks transposed", (256, 384)),
+          ("blocks transposed ragged", "blocks transposed", (200, 256)),
+          ("blocks transposed strided", "blocks transposed", (128, 256))]
 TRANSPOSED = ("transposed", "padded", "requantized")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RUNS = list(itertools.product(CASES, DTYPES, (False, True)))  # (case, dtype, power_of_two)
@@ -106,6 +111,8 @@ def make_input(block, shape, dtype, seed=0) -> torch.Tensor:
 def case_input(name, block, shape, dtype) -> torch.Tensor:
     if block in TRANSPOSED:  # the special tiles are x^T's 1x128 tiles
         x = make_input((1, 128), shape[::-1], dtype).t().contiguous()  # [rows, cols]
+    elif block == "blocks transposed":  # x's 128x128 blocks are x^T's, transposed
+        x = make_input((128, 128), shape, dtype)
     else:
         x = make_input(block, shape, dtype)
     return x.t().contiguous().t() if "strided" in name else x  # same values, column-major
@@ -121,6 +128,9 @@ def quantize_both(tq, x, block, power_of_two):
         x_pad = torch.cat([x.cpu(), x.new_zeros(-x.shape[0] % 128, x.shape[1]).cpu()])
         return (tq.quantize_transposed(x, pad_rows=True, **p2),
                 quantize(x_pad.t().contiguous(), (1, 128), **p2))
+    if block == "blocks transposed":  # the reference: W^T built, padded and quantized
+        return (tq.quantize_blocks_transposed(x, **p2),
+                quantize(pad_to_tiles(x.cpu(), rows=128).t().contiguous(), (128, 128), **p2))
     if block == "requantized":  # the reference: plugins.common.quantize's torch ops
         cache = quantize(x.cpu(), (1, 128), **p2)
         return (tq.requantize_transposed(*(t.to(x.device) for t in cache), pad_rows=True, **p2),
@@ -277,7 +287,8 @@ def test_cpu_quantize_does_not_touch_triton():
         import sys
         import torch
         sys.modules["triton"] = None  # any `import triton` now raises ImportError
-        from plugins.common.quantize import quantize, quantize_transposed, requantize_transposed
+        from plugins.common.quantize import (pad_to_tiles, quantize, quantize_blocks_transposed,
+                                     quantize_transposed, requantize_transposed)
         x = torch.randn(256, 256)
         for block in [(1, 128), (128, 128), (128, 1)]:
             q, s = quantize(x, block)
@@ -306,7 +317,7 @@ def test_compiles_for_sm90():
     if "nvidia" not in backends:
         pytest.skip("this Triton has no NVIDIA backend")
     launches = [((1, 128), False, False), ((128, 128), False, False), ((128, 1), True, False),
-                ((128, 1), True, True)]  # (block, transpose, from FP8)
+                ((128, 1), True, True), ((128, 128), True, False)]  # (block, transpose, from FP8)
     for block, transpose, from_fp8 in launches:
         for p2 in (False, True):
             block_r, block_c, num_warps = tq.LAUNCH[block]
@@ -332,6 +343,9 @@ def test_compiles_for_sm90():
 
 def software_launch(tq, x, block, power_of_two):
     """The kernel's result for a case with the interpreter's integer conversions."""
+    if block == "blocks transposed":
+        return tq._launch(x, (128, 128), power_of_two, True, software_casts=True,
+                          out_rows=x.shape[0] + -x.shape[0] % 128)
     if block not in TRANSPOSED:
         return tq._launch(x, block, power_of_two, False, software_casts=True)
     out_rows = x.shape[0] + (-x.shape[0] % 128 if block != "transposed" else 0)
@@ -359,7 +373,7 @@ def test_cuda_matches_cpu(case, dtype, power_of_two, monkeypatch):
     for q, scales in (got, software):
         assert torch.equal(bits(q).cpu(), bits(want[0]))
         assert torch.equal(scales.cpu(), want[1])
-    if block not in TRANSPOSED:  # and plugins.common.quantize.quantize launches the kernel
+    if isinstance(block, tuple):  # and plugins.common.quantize.quantize launches the kernel
         launched = []
         monkeypatch.setattr(tq, "_launch", lambda *a, **k: launched.append(a) or software)
         quantize(x, block, power_of_two_scales=power_of_two)

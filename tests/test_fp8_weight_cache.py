@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plugins.fp8.linear import fp8_linear
-from plugins.fp8.weight_cache import FP8WeightCache, quantize_weight
+from plugins.fp8.weight_cache import FP8WeightCache, quantize_weight, quantize_weight_transposed
 from tests.multirank import run_ranks
 from tests.test_fp8_loss_gap import DEEPSEEK_V3, FP8, MODEL
 from tests.test_moe_plugin import build_experts
@@ -27,9 +27,22 @@ def test_a_cached_weight_gives_the_same_bits():
     x, w, dy = torch.randn(200, 256, generator=g), torch.randn(576, 256, generator=g), \
         torch.randn(200, 576, generator=g)  # ragged out and tokens: padded alike
     cache = FP8WeightCache()
-    cached = forward_backward(x, w, dy, weight_fp8=cache.get(w))
-    for got, want in zip(cached, forward_backward(x, w, dy)):
-        assert torch.equal(got, want)
+    want = forward_backward(x, w, dy)
+    for held in (dict(weight_fp8=cache.get(w)),  # W^T transposed from W's bytes
+                 dict(weight_fp8=cache.get(w), weight_fp8_t=lambda: cache.get_transposed(w))):
+        for got, expected in zip(forward_backward(x, w, dy, **held), want):
+            assert torch.equal(got, expected)
+    assert cache.transposed_quantizations == 1
+
+
+def test_w_transposed_is_w_quantized_then_transposed():
+    """Square blocks: W^T's quantization is W's, transposed, bit for bit (576 rows: the
+    last block half zero padding, as MLA's kv down-projection)."""
+    w = torch.randn(576, 384, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    w_q, w_t = quantize_weight(w), quantize_weight_transposed(w)
+    assert w_t.q.shape == (384, 640) and w_t.scales.shape == (3, 5)
+    assert torch.equal(w_t.q.view(torch.uint8), w_q.q.view(torch.uint8).t())
+    assert torch.equal(w_t.scales, w_q.scales.t())
 
 
 def test_the_cache_holds_until_dropped_or_changed_in_place():
@@ -48,16 +61,22 @@ def test_the_cache_holds_until_dropped_or_changed_in_place():
     with torch.no_grad():  # an ordinary in-place change moves the version counter
         w.mul_(2)
     assert torch.equal(cache.get(w).scales, 4 * first.scales) and cache.quantizations == 3
+    first_t = cache.get_transposed(w)  # W^T alike, under the same version rules
+    assert cache.get_transposed(w) is first_t and cache.transposed_quantizations == 1
+    assert torch.equal(first_t.scales, cache.get(w).scales.t())
+    cache.drop()
+    assert cache.get_transposed(w) is not first_t and cache.transposed_quantizations == 2
     other = w.detach().clone()  # another tensor in the same slot
     assert cache.get(other) is not cache.get(w)
 
 
-def test_a_held_weight_costs_a_byte_per_element():
+def test_a_held_weight_costs_a_byte_per_element_and_orientation():
     w = torch.randn(7168, 2048, dtype=torch.bfloat16)  # DeepSeek-V3's expert fc2 shape
-    held = FP8WeightCache().get(w)
-    held_bytes = sum(t.untyped_storage().nbytes() for t in (held.q, held.scales))
-    assert held_bytes == w.numel() + 4 * w.numel() // (128 * 128)  # half of BF16's bytes
-    assert held.q.shape == w.shape
+    cache = FP8WeightCache()
+    for held, shape in ((cache.get(w), w.shape), (cache.get_transposed(w), w.shape[::-1])):
+        held_bytes = sum(t.untyped_storage().nbytes() for t in (held.q, held.scales))
+        assert held_bytes == w.numel() + 4 * w.numel() // (128 * 128)  # half of BF16's bytes
+        assert held.q.shape == shape
 
 
 def test_a_non_finite_weight_raises_naming_it():

@@ -39,8 +39,8 @@ from plugins.common.tiles import (
     transposed_rows,
 )
 
-__all__ = ["E4M3_MAX", "dequantize", "pad_to_tiles", "quantize", "quantize_transposed",
-           "raise_if_non_finite", "requantize_transposed", "tile_scales"]
+__all__ = ["E4M3_MAX", "dequantize", "pad_to_tiles", "quantize", "quantize_blocks_transposed",
+           "quantize_transposed", "raise_if_non_finite", "requantize_transposed", "tile_scales"]
 
 
 def _triton_kernel(x: torch.Tensor, block: tuple[int, int]):
@@ -135,6 +135,27 @@ def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
                          check_finite=False)
     if check_finite:
         raise_if_non_finite(scales, (1, 128), "quantize_transposed: x^T")
+    return q, scales
+
+
+def quantize_blocks_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] -> x^T in 128x128 blocks, rows zero-padded to whole blocks:
+    (q [cols, rows rounded up to 128], scales [cols // 128, rows rounded up // 128]),
+    exactly quantize(pad_to_tiles(x, rows=128).t().contiguous(), (128, 128)). Dgrad takes
+    the weight so (W^T); square blocks make these the bits of W's own quantization,
+    transposed, and on a GPU the Triton kernel writes them from one read of W, with no
+    transposed copy of either."""
+    check_input(x, (1, 128), "quantize_blocks_transposed")
+    kernel = _triton_kernel(x, (128, 128))
+    if kernel is not None:
+        return kernel.quantize_blocks_transposed(x, power_of_two_scales=power_of_two_scales,
+                                                 check_finite=check_finite)
+    x_t = pad_to_tiles(x, rows=128).t().contiguous()
+    q, scales = quantize(x_t, (128, 128), power_of_two_scales=power_of_two_scales,
+                         check_finite=False)
+    if check_finite:
+        raise_if_non_finite(scales, (128, 128), "quantize_blocks_transposed: x^T")
     return q, scales
 
 

@@ -266,6 +266,18 @@ def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
     return q, scales
 
 
+def quantize_blocks_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`plugins.common.quantize.quantize_blocks_transposed` on the kernel: x^T in 128x128
+    blocks (x's rows zero-padded to whole blocks), from one read of x."""
+    check_input(x, (1, 128), "quantize_blocks_transposed")
+    out_rows = x.shape[0] + -x.shape[0] % 128
+    q, scales = _launch(x, (128, 128), power_of_two_scales, transpose=True, out_rows=out_rows)
+    if check_finite:
+        raise_if_non_finite(scales, (128, 128), "quantize_blocks_transposed: x^T")
+    return q, scales
+
+
 def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
                           power_of_two_scales: bool = False, pad_rows: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Block-scaled FP8 GEMM backends: C = A @ B^T from E4M3 operands and their tile scales.
 
 Every backend computes the same thing: A [m, k] with scales per (a_block) tile, B [n, k]
-with scales per (b_block) tile, products accumulated in FP32, result in FP32.
+with scales per (b_block) tile, products accumulated in FP32, the result rounded once to
+`out_dtype` (FP32 by default; the training dtype in a linear, so that no FP32 product is
+written out and read back to be cast).
 - `emulated`: dequantizes both operands to FP32 and multiplies in FP32: the exact value
   of the block-scaled product up to FP32 summation order. Runs anywhere; the reference.
 - `torch`: PyTorch's block-scaled `torch._scaled_mm` on Hopper (sm90) GPUs.
@@ -29,23 +31,39 @@ class Operand:
     block: Block
 
 
-def emulated_gemm(a: Operand, b: Operand) -> torch.Tensor:
-    return dequantize(a.q, a.scales, a.block) @ dequantize(b.q, b.scales, b.block).t()
+def emulated_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+    product = dequantize(a.q, a.scales, a.block) @ dequantize(b.q, b.scales, b.block).t()
+    return product.to(out_dtype)
 
 
-def torch_scaled_gemm(a: Operand, b: Operand) -> torch.Tensor:
+def torch_scaled_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.float32
+                      ) -> torch.Tensor:
     # torch._scaled_mm takes B column-major ([k, n] with stride (1, k)) and its block-wise
     # scales in these layouts (aten/src/ATen/native/cuda/ScaledBlas.cpp): 1x128 scales
     # outer-dim-major ([rows, k/128] with stride (1, rows)); B's 128x128 scales as
     # [k/128, n/128] (the transpose of ours, a view); B's 1x128 scales (Wgrad) as a
     # contiguous [k/128, n].
     m, n = a.q.shape[0], b.q.shape[0]
+    if (empty := _empty_product(a, b, out_dtype)) is not None:
+        return empty
     a, b = _cublas_aligned(a, b)
     scale_a = a.scales.t().contiguous().t()
     scale_b = b.scales.t().contiguous() if b.block == (1, 128) else b.scales.t()
     out = torch._scaled_mm(a.q, b.q.t(), scale_a=scale_a, scale_b=scale_b,
-                           out_dtype=torch.float32)
+                           out_dtype=out_dtype)
     return out if out.shape == (m, n) else out[:m, :n].contiguous()
+
+
+def _empty_product(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """The product when an operand is empty (an expert without tokens: no rows in Fprop
+    and Dgrad, nothing to sum in Wgrad), else None. cuBLAS refuses such operands' scale
+    layouts ("Invalid scaling configuration": a DeepSeek-V3-style step on an H200,
+    2026-11-26), and a kernel launch over an empty grid is not needed to know zeros."""
+    m, n = a.q.shape[0], b.q.shape[0]
+    if 0 not in (m, n, a.q.shape[1]):
+        return None
+    return torch.zeros(m, n, dtype=out_dtype, device=a.q.device)
 
 
 def _cublas_aligned(a: Operand, b: Operand) -> tuple[Operand, Operand]:
@@ -87,13 +105,18 @@ def torch_scaled_available() -> str | None:
     return None
 
 
-def triton_scaled_gemm(a: Operand, b: Operand) -> torch.Tensor:
+def triton_scaled_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.float32
+                       ) -> torch.Tensor:
     from plugins.fp8.triton_gemm import triton_gemm
 
-    return triton_gemm(a, b)
+    if (empty := _empty_product(a, b, out_dtype)) is not None:
+        return empty
+    # The kernel writes FP32 and torch casts: a narrower store in the kernel is untried on
+    # a GPU (on Hopper the `torch` backend is the default).
+    return triton_gemm(a, b).to(out_dtype)
 
 
-BACKENDS: dict[str, Callable[[Operand, Operand], torch.Tensor]] = {
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "emulated": emulated_gemm,
     "torch": torch_scaled_gemm,
     "triton": triton_scaled_gemm,

@@ -15,6 +15,8 @@ Plain torch (no Megatron import): the modules that put it into a model are in
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from plugins.common.quantize import (
@@ -26,7 +28,7 @@ from plugins.common.quantize import (
 )
 from plugins.common.wgrad import WgradSink
 from plugins.fp8 import backends
-from plugins.fp8.weight_cache import WEIGHT, quantize_weight
+from plugins.fp8.weight_cache import WEIGHT, quantize_weight, quantize_weight_transposed
 
 ACTIVATION = (1, 128)
 
@@ -56,7 +58,10 @@ class FP8Linear(torch.autograd.Function):
     `x_q`, `x_scales`: x already in FP8 with 1x128 tiles (the MoE plugin's FP8 dispatch
     delivers tokens so); Fprop and the backward cache use them as they are. `w_q`,
     `w_scales`: W already in FP8 (`quantize_weight`, as `FP8WeightCache` keeps it), used
-    in forward and backward; otherwise W is quantized in each.
+    in forward and, transposed, in backward; otherwise W is quantized in each. `w_t`: a
+    callable giving W^T in FP8 (`FP8WeightCache.get_transposed`), asked in backward.
+    Products come out of the GEMMs in the training dtype (x's for y, dy's for dx, W's for
+    dW), rounded once from their FP32 sums.
 
     Inf or NaN in x or W (forward) or dy (backward) raises ValueError naming the tensor
     and tile. Each direction waits for the GPU once, after its GEMMs are queued, so the
@@ -67,7 +72,8 @@ class FP8Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str,
                 x_q: torch.Tensor | None = None, x_scales: torch.Tensor | None = None,
                 w_q: torch.Tensor | None = None, w_scales: torch.Tensor | None = None,
-                wgrad: WgradSink | None = None):
+                wgrad: WgradSink | None = None,
+                w_t: Callable[[], backends.Operand] | None = None):
         gemm = backends.BACKENDS[backend]
         shape, out = x.shape, weight.shape[0]
         checks = []  # what was quantized here; given operands were checked by their makers
@@ -83,12 +89,12 @@ class FP8Linear(torch.autograd.Function):
             checks.append(("weight", wq))
         else:
             wq = backends.Operand(w_q, w_scales, WEIGHT)
-        y = gemm(xq, wq)[:, :out]                                            # [tokens, out]
+        y = gemm(xq, wq, x.dtype)[:, :out]                                   # [tokens, out]
         _check_operands(*checks)
         # The FP8 input (and a given FP8 weight, held anyway) for backward.
         ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
-        ctx.backend, ctx.shape, ctx.wgrad = backend, shape, wgrad
-        return y.to(x.dtype).view(*shape[:-1], out)
+        ctx.backend, ctx.shape, ctx.wgrad, ctx.w_t = backend, shape, wgrad, w_t
+        return y.view(*shape[:-1], out)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -97,13 +103,16 @@ class FP8Linear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])                                  # [tokens, out]
         # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out_p] in 128x128 blocks.
         dyq = _quantized(pad_to_tiles(dy2d, cols=128), ACTIVATION)          # [tokens, out_p]
-        # 128x128 blocks are square: W^T's blocks are W's transposed, bit for bit, so the
-        # FP8 weight is transposed rather than W transposed and quantized again. (W was
-        # checked in forward.)
-        wq = (backends.Operand(w_q, w_scales, WEIGHT) if w_q is not None
-              else quantize_weight(weight, check_finite=False))              # [out_p, in]
-        wtq = backends.Operand(wq.q.t().contiguous(), wq.scales.t().contiguous(), WEIGHT)
-        dx = gemm(dyq, wtq).to(dy.dtype).view(ctx.shape)
+        # 128x128 blocks are square: W^T's blocks are W's transposed, bit for bit. A given
+        # FP8 weight with no W^T is transposed byte by byte; else W^T is quantized straight
+        # from W (checked in forward).
+        if ctx.w_t is not None:
+            wtq = ctx.w_t()                                                  # [in, out_p]
+        elif w_q is not None:
+            wtq = backends.Operand(w_q.t().contiguous(), w_scales.t().contiguous(), WEIGHT)
+        else:
+            wtq = quantize_weight_transposed(weight, check_finite=False)
+        dx = gemm(dyq, wtq, dy.dtype).view(ctx.shape)
 
         def wgrad() -> torch.Tensor:
             # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
@@ -112,7 +121,7 @@ class FP8Linear(torch.autograd.Function):
                                                          pad_rows=True), ACTIVATION)  # [out, tokens_p]
             x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
                                    ACTIVATION)                               # [in, tokens_p]
-            return gemm(dy_t, x_t).to(weight.dtype)                          # [out, in]
+            return gemm(dy_t, x_t, weight.dtype)                             # [out, in]
 
         dw = None
         if ctx.wgrad is None:
@@ -120,17 +129,21 @@ class FP8Linear(torch.autograd.Function):
         else:  # --delay-wgrad-compute: the W runs it; dy is checked now, through dyq
             ctx.wgrad.defer(wgrad)
         _check_operands(("output gradient dy", dyq))
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
                weight_fp8: backends.Operand | None = None,
-               wgrad: WgradSink | None = None) -> torch.Tensor:
+               wgrad: WgradSink | None = None,
+               weight_fp8_t: Callable[[], backends.Operand] | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
     x [tokens, in] in 1x128 tiles, when the caller already has x in FP8; `weight_fp8`: the
-    weight as `quantize_weight` gives it (from an `FP8WeightCache`); `wgrad`: where to
-    defer the Wgrad GEMM (`plugins.common.wgrad`), None to run it in backward."""
+    weight as `quantize_weight` gives it (from an `FP8WeightCache`); `weight_fp8_t`: a
+    callable giving W^T as `quantize_weight_transposed` does (`FP8WeightCache.get_transposed`),
+    called in backward; `wgrad`: where to defer the Wgrad GEMM (`plugins.common.wgrad`),
+    None to run it in backward."""
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
     w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
-    return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales, wgrad)
+    return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales, wgrad,
+                           weight_fp8_t)

@@ -48,6 +48,11 @@ class _FP8Module:
         cache = self.fp8_weight_cache
         return cache.get(weight, slot) if cache is not None else None
 
+    def _held_t(self, weight: torch.Tensor, slot=0):
+        """What gives backward the held FP8 W^T (None: quantize it there)."""
+        cache = self.fp8_weight_cache
+        return partial(cache.get_transposed, weight, slot) if cache is not None else None
+
 
 def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                       sequence_parallel, *, module: _FP8Module, tp_group=None, **unused):
@@ -63,7 +68,7 @@ def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allredu
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
     output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight),
-                        wgrad=sink_for(module, weight))
+                        wgrad=sink_for(module, weight), weight_fp8_t=module._held_t(weight))
     return output if bias is None else output + bias
 
 
@@ -91,7 +96,8 @@ class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.fp8_backend, weight_fp8=self._held(self.weight),
-                          wgrad=sink_for(self, self.weight))
+                          wgrad=sink_for(self, self.weight),
+                          weight_fp8_t=self._held_t(self.weight))
 
 
 def _checked_fp8(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +130,7 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
     def _project(self, x, x_fp8, counts, weights, name: str) -> list[torch.Tensor]:
         """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
         return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)),
-                           sink_for(self, weights, e))
+                           sink_for(self, weights, e), self._held_t(w, (name, e)))
                 for e, (chunk, q, scales, w) in enumerate(zip(
                     x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
                     weights.unbind(0)))]

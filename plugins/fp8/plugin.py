@@ -75,7 +75,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--fp8-cache-weights", action="store_true",
                        help="keep each weight's FP8 copy from its first use in a step until "
                             "the optimizer step, instead of quantizing it in every "
-                            "micro-batch's forward and backward (costs 1 byte per weight)")
+                            "micro-batch's forward and backward (costs 2 bytes per weight: "
+                            "W for forward, W^T for backward)")
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -1,11 +1,11 @@
 """FP8 weights kept from their first use in a training step until the optimizer step.
 
 Weights change only at the optimizer step, yet without a cache every micro-batch quantizes
-every weight twice (forward, and again in backward): 2 x micro-batches quantizations per
-weight per step where one does. `--fp8-cache-weights` keeps each weight's E4M3 bytes and
-128x128 scales (1 byte per weight, plus 4 bytes per 16384) while the step runs; backward
-uses them as they are. The cost is that memory, held through the step, like Transformer
-Engine's cached FP8 weights.
+every weight twice (W in forward, W^T in backward): 2 x micro-batches quantizations per
+weight per step where two do. `--fp8-cache-weights` keeps each weight's E4M3 bytes and
+128x128 scales as W and as W^T (2 bytes per weight, plus 8 bytes per 16384) while the
+step runs. The cost is that memory, held through the step, like Transformer Engine's
+cached FP8 weights (it also keeps both orientations).
 
 A cached copy is used only while it is provably current: the plugin drops every cache after
 each successful optimizer step (`drop_fp8_weights`, Megatron's optimizer writes the new
@@ -21,7 +21,8 @@ from collections.abc import Hashable, Iterable
 import torch
 
 from plugins.fp8.backends import Operand
-from plugins.common.quantize import pad_to_tiles, quantize, raise_if_non_finite
+from plugins.common.quantize import (pad_to_tiles, quantize, quantize_blocks_transposed,
+                                     raise_if_non_finite)
 
 WEIGHT = (128, 128)
 
@@ -36,22 +37,50 @@ def quantize_weight(weight: torch.Tensor, check_finite: bool = True) -> Operand:
     return operand
 
 
+def quantize_weight_transposed(weight: torch.Tensor, check_finite: bool = True) -> Operand:
+    """W^T [in, out_p] in 128x128 blocks, as Dgrad takes it: the bits of
+    `quantize_weight(weight)` transposed (the blocks are square), written transposed in one
+    pass over W on a GPU. FP8 GEMMs on Hopper read both operands K-major, so Dgrad cannot
+    use W's own bytes; a transposed copy of them cost more than this whole quantization
+    (H200, 2026-11-26: bench/gpu-runs.md)."""
+    operand = Operand(*quantize_blocks_transposed(weight, check_finite=False), WEIGHT)
+    if check_finite:
+        raise_if_non_finite(operand.scales, WEIGHT, "fp8_linear: the weight")
+    return operand
+
+
 class FP8WeightCache:
-    """One module's FP8 weights, each under a slot of the module's choosing."""
+    """One module's FP8 weights, each under a slot of the module's choosing, as W for Fprop
+    and, from the first backward on, as W^T for Dgrad."""
 
     def __init__(self) -> None:
-        self._held: dict[Hashable, tuple[tuple[int, int], Operand]] = {}
-        self.quantizations = 0  # how many weights were quantized (tests, logs)
+        self._held: dict[tuple[Hashable, bool], tuple[tuple[int, int], Operand]] = {}
+        self.quantizations = 0  # how many weights were quantized as W (tests, logs)
+        self.transposed_quantizations = 0  # and as W^T
 
     def get(self, weight: torch.Tensor, slot: Hashable = 0) -> Operand:
         """The FP8 weight for `slot`, quantized (and checked for inf/NaN) when not held."""
+        return self._get(weight, slot, transposed=False)
+
+    def get_transposed(self, weight: torch.Tensor, slot: Hashable = 0) -> Operand:
+        """The FP8 W^T for `slot` (`quantize_weight_transposed`), quantized when not held."""
+        return self._get(weight, slot, transposed=True)
+
+    def _get(self, weight: torch.Tensor, slot: Hashable, transposed: bool) -> Operand:
         key = (weight.data_ptr(), weight._version)
-        held = self._held.get(slot)
+        held = self._held.get((slot, transposed))
         if held is not None and held[0] == key:
             return held[1]
-        operand = quantize_weight(weight.detach())
-        self._held[slot] = (key, operand)
-        self.quantizations += 1
+        if transposed:  # the same version's W was checked for inf/NaN when it was held
+            checked = self._held.get((slot, False), (None,))[0] == key
+            operand = quantize_weight_transposed(weight.detach(), check_finite=not checked)
+        else:
+            operand = quantize_weight(weight.detach())
+        self._held[(slot, transposed)] = (key, operand)
+        if transposed:
+            self.transposed_quantizations += 1
+        else:
+            self.quantizations += 1
         return operand
 
     def drop(self) -> None:
