@@ -12,21 +12,25 @@ hf-to-megatron writes a Megatron distributed checkpoint (torch_dist, Megatron's
 and OUT_DIR/release/), the source `config.json` as OUT_DIR/hf_config.json and the matching
 Megatron flags, one per line, in OUT_DIR/megatron_flags.txt (`megaseek pretrain $(cat
 megatron_flags.txt) --plugins mla moe --load OUT_DIR --finetune` loads it at any TP/EP/PP
-layout). With the default sizes 1 one process builds the whole model and saves it. With
-T, P or E above 1 it starts T*P*E gloo processes on this machine, Megatron's parallel state
-at those sizes (expert tensor parallel size 1): each builds only its part of the model
-(its pipeline stage's layers, Megatron's even split; its tensor-parallel slices; its
-experts), fills it from the Hugging Face tensors it needs, read one at a time and sliced
-before they are copied, and all save together; the checkpoint is the same as the
-one-process one (Megatron's sharded state dicts are layout-free), written with less
-memory per process. Sizes that do not divide the model (attention heads, vocabulary, FFN
-widths, routed experts, layers), more than 64 processes, and --pipeline-schedule dualpipe
-or dualpipev (the checkpoint does not depend on the schedule; it loads under any) are
-refused before anything is written. megatron-to-hf reads such a folder back (its
-hf_config.json gives the architecture), or a checkpoint `megaseek pretrain` saved at any
-layout (its saved arguments do; the vocabulary is Megatron's padded one), on one process,
-and writes a Hugging Face folder. `flags` prints the Megatron flags of a Hugging Face
-config. Output folders appear only when complete.
+layout). Both directions stream: the model is built on the meta device (names, shapes
+and sharding only) and one parameter (hf-to-megatron) or one layer (megatron-to-hf) is
+made, written and dropped at a time, so a process's peak memory is about one layer plus
+one input shard (hf-to-megatron) or one output shard of --max-shard-size (megatron-to-hf)
+above its ~410 MiB of Python, torch and Megatron, whatever the number of layers. With the
+default sizes 1 one process writes the whole checkpoint. With T, P or E above 1 it starts
+T*P*E gloo processes on this machine, Megatron's parallel state at those sizes (expert
+tensor parallel size 1): each builds only its part of the model (its pipeline stage's
+layers, Megatron's even split; its tensor-parallel slices; its experts), makes its
+parameters from the Hugging Face tensors it needs, sliced before they are copied, and
+all save together; the checkpoint is the same as the one-process one (Megatron's sharded
+state dicts are layout-free). Sizes that do not divide the model (attention heads,
+vocabulary, FFN widths, routed experts, layers), more than 64 processes, and
+--pipeline-schedule dualpipe or dualpipev (the checkpoint does not depend on the
+schedule; it loads under any) are refused before anything is written. megatron-to-hf
+reads such a folder back (its hf_config.json gives the architecture), or a checkpoint
+`megaseek pretrain` saved at any layout (its saved arguments do; the vocabulary is
+Megatron's padded one), on one process, and writes a Hugging Face folder. `flags` prints
+the Megatron flags of a Hugging Face config. Output folders appear only when complete.
 """
 
 from __future__ import annotations
@@ -86,11 +90,12 @@ def _parser() -> argparse.ArgumentParser:
 def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: str | None,
                    overwrite: bool, layout=None, schedule: str = "1f1b") -> None:
     """One process (`layout` None or all sizes 1), or `layout.ranks` processes that each
-    build and fill their part of the model at that layout (`integration.hf.layout`)."""
+    write their part of the model at that layout (`integration.hf.layout`); either way
+    streamed (`convert.save_megatron`)."""
     from integration.hf.config import from_hf_config, megatron_flags, read_hf_config
     from integration.hf.convert import DTYPES as TORCH_DTYPES
-    from integration.hf.convert import import_hf
-    from integration.hf.layout import Layout, check_layout, convert_on_ranks
+    from integration.hf.convert import _on_one_rank, save_megatron
+    from integration.hf.layout import Layout, convert_on_ranks, peak_rss_mib
     from integration.hf.safetensors_io import staged_folder
 
     layout = layout or Layout()
@@ -102,19 +107,16 @@ def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: s
     if out.exists() and not overwrite:  # before the (long) import
         raise SystemExit(f"megaseek convert: error: {out} exists; pass --overwrite to replace it")
     hf_config = read_hf_config(source)
-    if layout.ranks == 1:
-        check_layout(layout, from_hf_config(hf_config), 0, schedule)
-        model, config = import_hf(source, **overrides)
-        depth = config.mtp_num_layers or 0
-    else:
-        depth = _checked_mtp_depth(source, overrides, layout, schedule)
+    depth = _checked_mtp_depth(source, overrides, layout, schedule)
     hf_config["num_nextn_predict_layers"] = depth
     hf_config.pop("quantization_config", None)  # the Megatron weights are dequantised
     flags = megatron_flags(from_hf_config(hf_config))
     with staged_folder(out, overwrite=overwrite) as stage:
         (stage / "release").mkdir()
         if layout.ranks == 1:
-            _save_release(model, stage / "release")
+            _on_one_rank()
+            save_megatron(source, stage / "release", overrides)
+            print(f"megaseek convert: peak RSS {peak_rss_mib():.0f} MiB", flush=True)
         else:
             convert_on_ranks(layout, source, stage / "release", overrides)
         (stage / TRACKER).write_text("release")
@@ -125,13 +127,6 @@ def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: s
         f"EP={layout.expert}")
     print(f"megaseek convert: wrote {out} (Megatron torch_dist, release{where}); its flags:")
     print(" ".join(flags))
-
-
-def _save_release(model, release: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0,
-                             "iteration": 0}, str(release))
 
 
 def _checked_mtp_depth(source: Path, overrides: dict, layout, schedule: str) -> int:
@@ -156,12 +151,15 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
                    overwrite: bool) -> None:
     """A checkpoint written by `hf-to-megatron` (its hf_config.json gives the architecture)
     or by `megaseek pretrain --plugins mla moe` at any layout (its saved arguments do),
-    read on one rank (Megatron's torch_dist format reshards) and exported."""
-    from megatron.core import dist_checkpointing
+    read on one rank (Megatron's torch_dist format reshards) and exported layer by layer:
+    the model is built on the meta device, one layer's tensors are read at a time."""
+    import torch
 
     from integration.checkpoint_tool import checkpoint_directory
     from integration.hf.convert import DTYPES as TORCH_DTYPES
-    from integration.hf.convert import _on_one_rank, build_model, export_hf
+    from integration.hf.convert import _on_one_rank, build_model, write_hf
+    from integration.hf.layout import peak_rss_mib
+    from integration.hf.lazy_load import LayerByLayer
 
     if out.exists() and not overwrite:
         raise SystemExit(f"megaseek convert: error: {out} exists; pass --overwrite to replace it")
@@ -171,12 +169,13 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
         config, vocab, positions = _config_from_hf(source / "hf_config.json")
     else:
         config, vocab, positions = _config_from_saved_arguments(directory)
-    model = build_model(config, vocab, positions)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
-    model.load_state_dict(loaded["model"], strict=True)
-    export_hf(model, config, out, overwrite=overwrite, max_shard_bytes=max_shard_size,
-              max_position_embeddings=positions, dtype=TORCH_DTYPES[dtype] if dtype else None)
-    print(f"megaseek convert: wrote {out} (Hugging Face DeepSeek-V3)")
+    with torch.device("meta"):  # names and shapes only: the tensors are read layer by layer
+        model = build_model(config, vocab, positions)
+    write_hf(LayerByLayer(model, directory), config, out, overwrite=overwrite,
+             max_shard_bytes=max_shard_size, vocab_size=vocab, max_position_embeddings=positions,
+             dtype=TORCH_DTYPES[dtype] if dtype else None)
+    print(f"megaseek convert: wrote {out} (Hugging Face DeepSeek-V3); peak RSS "
+          f"{peak_rss_mib():.0f} MiB")
 
 
 def _config_from_hf(path: Path):
@@ -188,17 +187,20 @@ def _config_from_hf(path: Path):
     hf = from_hf_config(json.loads(path.read_text()))
     fields = megatron_fields(hf)
     fields.update(use_cpu_initialization=True, perform_initialization=False,
+                  init_model_with_meta_device=True,
                   params_dtype=TORCH_DTYPES.get(hf.dtype or "float32", TORCH_DTYPES["float32"]))
     return MLATransformerConfig(**fields), hf.vocab_size, hf.max_position_embeddings
 
 
-# Settings of the training run that do not change the weights, reset for one CPU rank.
+# Settings of the training run that do not change the weights, reset for one CPU rank
+# whose model is built on the meta device.
 ONE_RANK = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                 virtual_pipeline_model_parallel_size=None, pipeline_model_parallel_layout=None,
                 expert_model_parallel_size=1, expert_tensor_parallel_size=1,
                 context_parallel_size=1, sequence_parallel=False, use_cpu_initialization=True,
-                perform_initialization=False, recompute_granularity=None, recompute_method=None,
-                recompute_num_layers=None, recompute_modules=None, fp8=None, fp8_recipe=None)
+                perform_initialization=False, init_model_with_meta_device=True,
+                recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
+                recompute_modules=None, fp8=None, fp8_recipe=None)
 
 
 def _config_from_saved_arguments(directory: str):

@@ -1,11 +1,17 @@
 """`import_hf` / `export_hf`: Hugging Face DeepSeek-V3 folders <-> megaseek's Megatron model.
 
 Import reads `config.json` and the shards' headers first and stops at the first field or
-tensor it does not support (naming it) before any weight is read; then it copies the
-tensors shard by shard into a model built on the CPU (Megatron's GPTModel from its local
-block spec, rewritten by the mla and moe plugins' spec transforms, as `megaseek pretrain`
-builds it). Export writes the model's tensors as they are converted, into shards of
-bounded size, in a staged folder that appears only when complete.
+tensor it does not support (naming it) before any weight is read; then it makes the
+model's parameters one at a time from the HF tensors (`HFParameters`) and copies them
+into a model built on the CPU (Megatron's GPTModel from its local block spec, rewritten by
+the mla and moe plugins' spec transforms, as `megaseek pretrain` builds it). Export
+writes the model's tensors as they are converted, into shards of bounded size, in a
+staged folder that appears only when complete.
+
+The streamed forms hold no whole model: `save_megatron` builds it on the meta device and
+saves a Megatron checkpoint whose parameters `HFParameters` makes as they are written
+(`lazy_save`); `write_hf` exports from any mapping of tensors, such as a checkpoint read
+layer by layer (`lazy_load`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -270,32 +277,98 @@ def _tp_slice(tensor: torch.Tensor, param: torch.Tensor, part: Part) -> torch.Te
 
 
 def _load(reader: Reader, hf: HFModel, model, plan: dict[str, Any], part: Part = WHOLE) -> None:
-    """Copies the HF tensors `part` holds into `model` (this rank's), one tensor read at
+    """Copies the HF tensors `part` holds into `model` (this rank's), one parameter made at
     a time, after checking every name and shape (headers only)."""
-    state = model.state_dict(keep_vars=True)
-    targets = _targets(reader, hf, plan, part, state)
+    parameters = HFParameters(reader, hf, plan, model, part)
+    with torch.no_grad():
+        for name in sorted(parameters.sources, key=parameters.order):
+            parameters.state[name].copy_(parameters(name))
+
+
+def _check_covered(state: dict, targets: dict[str, keys.Target]) -> None:
     covered = {t.name for t in targets.values()}
     for name, value in state.items():
         if torch.is_tensor(value) and name not in covered:
             raise HFConversionError(f"the Megatron model's {name} has no tensor in the checkpoint")
-    shared = []
-    with torch.no_grad():
-        for shard in reader.shards():
-            for name in reader.names_in(shard):
-                target = targets.get(name)
-                if target is None:
-                    continue
-                if target.kind == keys.SHARED:
-                    shared.append(name)
-                    continue
-                param = state[target.name]
-                _place(_local_tensor(reader, name, plan, hf, target, param, part), target, param)
-        for name in shared:  # DeepSeek's MTP copies of the embedding and head
-            target = targets[name]
-            param = state[target.name]
-            if not torch.equal(_local_tensor(reader, name, plan, hf, target, param, part), param):
-                raise HFConversionError(f"{name} differs from the main model's {target.name}, "
+
+
+class HFParameters:
+    """This rank's parameters of `model` made one at a time from the HF tensors: `self(name)`
+    reads the tensors that go into parameter `name`, converts and places them into a new
+    tensor. `model` only names the parameters and gives their shapes, dtypes and
+    tensor-parallel attributes: it may be built on the meta device. Names and shapes are
+    checked when this is made, before any tensor is read."""
+
+    def __init__(self, reader: Reader, hf: HFModel, plan: dict[str, Any], model,
+                 part: Part = WHOLE):
+        self.reader, self.hf, self.plan, self.part = reader, hf, plan, part
+        self.state = model.state_dict(keep_vars=True)
+        self.targets = _targets(reader, hf, plan, part, self.state)
+        _check_covered(self.state, self.targets)
+        self.sources: dict[str, list[str]] = {}
+        for hf_name, target in self.targets.items():
+            self.sources.setdefault(target.name, []).append(hf_name)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        meta = self.state[name]
+        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        sources = self.sources[name]
+        for hf_name in sources:
+            target = self.targets[hf_name]
+            if target.kind != keys.SHARED:
+                _place(self._local(hf_name, target, meta), target, tensor)
+        for hf_name in sources:  # DeepSeek's MTP copies of the embedding and head
+            target = self.targets[hf_name]
+            if target.kind == keys.SHARED and not torch.equal(self._local(hf_name, target, meta),
+                                                              tensor):
+                raise HFConversionError(f"{hf_name} differs from the main model's {name}, "
                                         "which Megatron's MTP layer shares")
+        return tensor
+
+    def _local(self, hf_name: str, target: keys.Target, meta: torch.Tensor) -> torch.Tensor:
+        return _local_tensor(self.reader, hf_name, self.plan, self.hf, target, meta, self.part)
+
+    def order(self, name: str) -> tuple:
+        """Sorts parameters by the shard their first tensor is in (one shard mapped at a
+        time while they are made)."""
+        first = min(str(self.reader.files[n]) for n in self.sources[name])
+        return first, keys.natural_order(name)
+
+
+def save_megatron(source: Path, release: Path, overrides: dict[str, Any], part_of=None,
+                  **parallel_sizes: int) -> None:
+    """Writes this rank's part of the HF checkpoint in `source` into the Megatron torch_dist
+    checkpoint `release` (with the other ranks of Megatron's parallel state, already set
+    up), streamed: the model is built on the meta device and each parameter is made from
+    the HF tensors only as it is written (`lazy_save.LazySave`), so a rank holds one
+    parameter and one mapped shard at a time. `part_of(model, hf)` gives the rank's `Part`
+    (the whole model when left out); `parallel_sizes` are Megatron's *_model_parallel_size
+    config fields."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from integration.hf.lazy_save import LazySave
+
+    hf = from_hf_config(read_hf_config(source))
+    reader = Reader(source)
+    try:
+        plan = _plan(reader, hf, overrides)
+        # init_model_with_meta_device: the last pipeline stage does not copy the embedding
+        # from the first (language_module.py:305)
+        config = megatron_config(hf, plan, overrides, init_model_with_meta_device=True,
+                                 **parallel_sizes)
+        # Megatron's use_cpu_initialization allocates with torch.empty and no device
+        # (tensor_parallel/layers.py:278, :972), which the meta device context takes
+        with torch.device("meta"):
+            model = build_model(config, hf.vocab_size, hf.max_position_embeddings,
+                                pre_process=parallel_state.is_pipeline_first_stage(),
+                                post_process=parallel_state.is_pipeline_last_stage())
+        parameters = HFParameters(reader, hf, plan, model,
+                                  part_of(model, hf) if part_of else WHOLE)
+        strategy = LazySave(parameters.state, parameters, order=parameters.order)
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0,
+                                 "iteration": 0}, str(release), sharded_strategy=strategy)
+    finally:
+        reader.close()
 
 
 def _targets(reader: Reader, hf: HFModel, plan: dict[str, Any], part: Part,
@@ -384,12 +457,25 @@ def export_hf(model, config, path: str | Path, *, overwrite: bool = False,
     unless `mtp=False`. `fp8=True` writes DeepSeek's FP8 format instead: the layers'
     projections as E4M3 with a `weight_scale_inv` per 128x128 block (the fp8 plugin's
     quantisation) and `quantization_config`. The folder appears only when complete."""
-    state = model.state_dict()
+    return write_hf(model.state_dict(), config, path, overwrite=overwrite,
+                    max_shard_bytes=max_shard_bytes, vocab_size=vocab_size,
+                    max_position_embeddings=(max_position_embeddings
+                                             or getattr(model, "max_sequence_length", None)),
+                    dtype=dtype, mtp=mtp, fp8=fp8)
+
+
+def write_hf(state: Mapping[str, torch.Tensor], config, path: str | Path, *,
+             overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
+             vocab_size: int | None = None, max_position_embeddings: int | None = None,
+             dtype: torch.dtype | None = None, mtp: bool = True, fp8: bool = False) -> Path:
+    """`export_hf` of the Megatron tensors `state` (by model name; read in Hugging Face
+    order, one at a time, each converted and handed to the shard writer before the next:
+    a lazy `state` such as `lazy_load.LayerByLayer` keeps memory to one layer and one
+    output shard)."""
     vocab = vocab_size or state["embedding.word_embeddings.weight"].shape[0]
-    positions = max_position_embeddings or getattr(model, "max_sequence_length", None)
     weight_dtype = dtype or config.params_dtype
     name = {v: k for k, v in DTYPES.items()}[weight_dtype]
-    cfg = to_hf_config(config, vocab, positions, dtype=name)
+    cfg = to_hf_config(config, vocab, max_position_embeddings, dtype=name)
     depth = (config.mtp_num_layers or 0) if mtp else 0
     cfg["num_nextn_predict_layers"] = depth if mtp else 0
     hf = from_hf_config(cfg)
@@ -405,15 +491,21 @@ def export_hf(model, config, path: str | Path, *, overwrite: bool = False,
         (stage / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         writer = ShardWriter(stage, max_shard_bytes)
         for hf_name in order:
-            target = targets[hf_name]
-            tensor = _hf_tensor(target, state[target.name], hf)
-            if fp8 and stored_in_fp8(hf_name):
-                q, scale_inv = quantize_weight(tensor, BLOCK)
-                writer.add(hf_name, q)
-                writer.add(hf_name + SCALE_SUFFIX, scale_inv)
-                continue
-            if not hf_name.endswith("e_score_correction_bias"):
-                tensor = tensor.to(weight_dtype)
-            writer.add(hf_name, tensor.clone())
+            for name, tensor in _hf_outputs(hf_name, targets[hf_name], state, hf, weight_dtype,
+                                            fp8):
+                writer.add(name, tensor)
         writer.finish()
     return Path(path)
+
+
+def _hf_outputs(hf_name: str, target: keys.Target, state: Mapping[str, torch.Tensor],
+                hf: HFModel, weight_dtype: torch.dtype, fp8: bool) -> list:
+    """The (name, tensor) pairs one HF tensor is written as, in tensors of their own (no
+    view keeps a Megatron tensor, or a lazy `state`'s layer, alive once they are made)."""
+    tensor = _hf_tensor(target, state[target.name], hf)
+    if fp8 and stored_in_fp8(hf_name):
+        q, scale_inv = quantize_weight(tensor, BLOCK)
+        return [(hf_name, q), (hf_name + SCALE_SUFFIX, scale_inv)]
+    if not hf_name.endswith("e_score_correction_bias"):
+        tensor = tensor.to(weight_dtype)
+    return [(hf_name, tensor.clone())]

@@ -1,12 +1,13 @@
 """`hf-to-megatron` at a parallel layout: one gloo process per rank on the CPU.
 
 Each of the T*P*E ranks sets up Megatron's parallel state at those sizes (expert tensor
-parallel size 1), builds only its part of the model (its pipeline stage's layers, its
-tensor-parallel slices, its expert-parallel experts: `convert.build_model`, as Megatron's
-builder does for a stage), fills it from the Hugging Face tensors it needs, read one at a
-time and sliced before they are copied (`convert._load` with the rank's `convert.Part`),
-and all ranks save together with `dist_checkpointing.save`. Megatron's sharded state dict
-makes the checkpoint independent of the layout it was written at.
+parallel size 1), builds only its part of the model on the meta device (its pipeline
+stage's layers, its tensor-parallel slices, its expert-parallel experts:
+`convert.build_model`, as Megatron's builder does for a stage), and all ranks save
+together with `dist_checkpointing.save`, each parameter made from the Hugging Face tensors
+it needs, sliced, only as it is written (`convert.save_megatron` with the rank's
+`convert.Part`): a rank holds one parameter and one mapped shard at a time. Megatron's
+sharded state dict makes the checkpoint independent of the layout it was written at.
 
     ranks = Layout(tensor=2, pipeline=1, expert=2)
     check_layout(ranks, hf, mtp_layers=1)                 # before anything is written
@@ -130,57 +131,48 @@ def _reason(traceback_text: str) -> str:
 
 def _rank_main(rank: int, layout: Layout, store: str, source: str, release: str,
                overrides: dict[str, Any]) -> None:
-    """One rank: its part of the model, filled from the HF folder, saved with the rest."""
+    """One rank: its part of the model, made from the HF folder as it is saved with the
+    rest (`convert.save_megatron`)."""
     import torch
     import torch.distributed as dist
 
     import integration  # noqa: F401  (Megatron importable on Python 3.11)
-    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state, tensor_parallel
+
+    from integration.hf import convert
+    from upstream import cpu
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.ranks))
     dist.init_process_group("gloo", store=dist.FileStore(store, layout.ranks), rank=rank,
                             world_size=layout.ranks)
-    model = _filled_model(layout, Path(source), overrides)
-    filled = _peak_rss_mib()
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0,
-                             "iteration": 0}, release)
-    print(f"megaseek convert: rank {rank} of {layout.ranks}: peak RSS {filled:.0f} MiB "
-          f"filled, {_peak_rss_mib():.0f} MiB saved", flush=True)
-    dist.destroy_process_group()
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _filled_model(layout: Layout, source: Path, overrides: dict[str, Any]):
-    from megatron.core import parallel_state, tensor_parallel
-
-    from integration.hf import convert
-    from integration.hf.config import from_hf_config, read_hf_config
-    from integration.hf.safetensors_io import Reader
-    from upstream import cpu
-
     cpu.install(force=True)  # the model is on the CPU, whatever the machine has
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
         expert_model_parallel_size=layout.expert, expert_tensor_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    hf = from_hf_config(read_hf_config(source))
-    reader = Reader(source)
+    convert.save_megatron(Path(source), Path(release), overrides,
+                          part_of=lambda model, hf: _part(model, hf, layout),
+                          tensor_model_parallel_size=layout.tensor,
+                          pipeline_model_parallel_size=layout.pipeline,
+                          expert_model_parallel_size=layout.expert,
+                          expert_tensor_parallel_size=1)
+    print(f"megaseek convert: rank {rank} of {layout.ranks}: peak RSS {peak_rss_mib():.0f} MiB",
+          flush=True)
+    dist.destroy_process_group()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB: Linux's VmHWM, which starts
+    afresh with the program (ru_maxrss carries the peak of the process it was forked
+    from over exec), else ru_maxrss."""
     try:
-        plan = convert._plan(reader, hf, overrides)
-        config = convert.megatron_config(
-            hf, plan, overrides, tensor_model_parallel_size=layout.tensor,
-            pipeline_model_parallel_size=layout.pipeline,
-            expert_model_parallel_size=layout.expert, expert_tensor_parallel_size=1)
-        model = convert.build_model(config, hf.vocab_size, hf.max_position_embeddings,
-                                    pre_process=parallel_state.is_pipeline_first_stage(),
-                                    post_process=parallel_state.is_pipeline_last_stage())
-        convert._load(reader, hf, model, plan, _part(model, hf, layout))
-    finally:
-        reader.close()
-    return model
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _part(model, hf: HFModel, layout: Layout):
