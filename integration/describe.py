@@ -443,12 +443,11 @@ def layer_activation_terms(m: Model, layer: int, tokens: int, sequence: int,
     if m.q_lora:
         terms["q latent norm"] = t * m.q_lora * e + t * f32
         terms["q up-projection input"] = norm_out(m.q_lora)
-    # The kv down-projection's whole output (latent and RoPE key) is one storage; the FP8
-    # down-projection computes whole 128-row weight blocks (576 -> 640 at DeepSeek-V3's)
+    # The kv down-projection's whole output (latent and RoPE key) is one storage (the FP8
+    # down-projection computes whole 128-row weight blocks, 576 -> 640 at DeepSeek-V3's,
+    # and returns the 576 as a copy of their own)
     kv_out = m.kv_lora + m.rope
-    # (measured: the padded rows stay in the fp32 storage; in BF16 the latent is a copy)
-    padded = fp8 and e == f32
-    terms["kv latent norm"] = t * (-(-kv_out // 128) * 128 if padded else kv_out) * e + t * f32
+    terms["kv latent norm"] = t * kv_out * e + t * f32
     terms["kv up-projection input"] = norm_out(m.kv_lora)
     terms["RoPE tables"] = 4 * sequence * (m.rope // 2) * e  # cos, sin for q and k rows
     qk = m.qk + m.rope
@@ -692,7 +691,8 @@ def describe(args: argparse.Namespace) -> dict:
         flight = in_flight(args, rank)
         activations = (flight * max(per_microbatch) if args.pipeline_schedule == "1f1b"
                        else flight * sum(per_microbatch) // len(per_microbatch))
-        cache = math.ceil(fp8_n * (1 + 4 / (128 * 128))) if args.fp8_cache_weights else 0
+        # --fp8-cache-weights holds W and W^T in E4M3, each with a float32 scale a block
+        cache = 2 * math.ceil(fp8_n * (1 + 4 / (128 * 128))) if args.fp8_cache_weights else 0
         per_rank.append({
             "rank": rank, "layers": [s.layers for s in chunks],
             "embedding": any(s.embedding for s in chunks), "head": any(s.head for s in chunks),

@@ -27,6 +27,7 @@ with that rank's traceback or exit code; ranks still running shortly after a
 failure, or when ``timeout`` expires, are terminated and named in the error.
 """
 
+import contextlib
 import copy
 import importlib
 import os
@@ -52,11 +53,39 @@ _CHILD_ENV = {"TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 # What the fork server imports before forking ranks (integration first: it makes Megatron
 # importable on Python 3.11). Importing them starts no thread (OMP_NUM_THREADS=1), so a
 # fork is safe.
-_PRELOAD = ["torch", "torch.distributed", "integration", "megatron.core"]
+# megatron.training and the plugins' modules are what a training run (`tests.training_runs`)
+# imports besides.
+_PRELOAD = ["torch", "torch.distributed", "integration", "megatron.core", "megatron.training",
+            "plugins.mla.plugin", "plugins.moe.plugin", "plugins.fp8.plugin", "integration.gpt"]
 
 
 class RankFailed(AssertionError):
     """One or more ranks raised, died, or did not finish in time."""
+
+
+def forked_context():
+    """The fork server's context (for `run_ranks` and `tests.training_runs`); start its
+    processes inside `child_environment()`."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first call)
+    return ctx
+
+
+@contextlib.contextmanager
+def child_environment():
+    """`_CHILD_ENV` (where unset) in os.environ while processes start: children inherit it,
+    and so does the fork server when the first start launches it (its imports read it)."""
+    saved = {k: os.environ.get(k) for k in _CHILD_ENV}
+    for k, v in _CHILD_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _context(backend: str):
@@ -67,9 +96,7 @@ def _context(backend: str):
     import may ask CUDA for its devices)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or backend == "nccl":
         return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first call)
-    return ctx
+    return forked_context()
 
 
 def _worker(fn_name, env, rank, world_size, backend, store_path, results, args, kwargs):
@@ -135,14 +162,11 @@ def run_ranks(fn, world_size, *args, backend=None, timeout=120.0, **kwargs):
         backend = test_backend.for_ranks(world_size)  # may skip: fewer GPUs than ranks
     ctx = _context(backend)
     results = ctx.Queue()
-    saved_env = {k: os.environ.get(k) for k in _CHILD_ENV}
     procs = []
     try:
         with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
             store_path = os.path.join(tmp, "store")
-            for k, v in _CHILD_ENV.items():
-                os.environ.setdefault(k, v)  # children inherit os.environ at start
-            try:
+            with child_environment():
                 for rank in range(world_size):
                     p = ctx.Process(
                         target=_worker, name=f"rank{rank}", daemon=True,
@@ -151,12 +175,6 @@ def run_ranks(fn, world_size, *args, backend=None, timeout=120.0, **kwargs):
                     )
                     p.start()
                     procs.append(p)
-            finally:
-                for k, v in saved_env.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             return _collect(procs, results, timeout)
     finally:
         _stop(procs)

@@ -122,18 +122,17 @@ def launched(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     class RecordedRank:
-        returncode = 0
-
-        def __init__(self, cmd, env, **kwargs):
-            ranks.append((cmd, env))
-
         def poll(self):
             return 0
 
         def wait(self, timeout=None):
             return 0
 
-    monkeypatch.setattr(training_runs.subprocess, "Popen", RecordedRank)
+    def record(cmd, env, cwd, out, err):
+        ranks.append((cmd, env))
+        return RecordedRank()
+
+    monkeypatch.setattr(training_runs, "_start_rank", record)
 
     def launch(ranks_=2, args=()):
         ranks.clear()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tests import backend
+from tests import backend, forked_command
 
 TINY_GPT = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -63,7 +63,9 @@ def torchrun(module_or_script: list[str], args: list[str], tmp_path: Path, ranks
     shutdown tests). "direct": the ranks are started from here with the environment
     torchrun gives its workers, and the first to fail ends the others, as torchrun does;
     this saves torchrun's own process, a torch import (about 1.7 s of CPU), on each of the
-    suite's hundred-odd runs. `grace` (direct only): seconds the other ranks get to end on
+    suite's hundred-odd runs, and the ranks are forked from the tests' fork server where
+    they can be (`tests.forked_command`: no interpreter start and imports, about 4 s of
+    CPU a rank). `grace` (direct only): seconds the other ranks get to end on
     their own after one fails, before they are terminated (torchrun gives none), so that a
     test can read what they report about the failure."""
     launch = {**backend.launch_env(ranks), **(env or {})}
@@ -101,9 +103,8 @@ def _run_ranks(cmd: list[str], ranks: int, tmp_path: Path, env: dict[str, str] |
     with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
         outs = [open(os.path.join(logs, f"{r}.out"), "w+") for r in range(ranks)]
         errs = [open(os.path.join(logs, f"{r}.err"), "w+") for r in range(ranks)]
-        procs = [subprocess.Popen(cmd, stdout=outs[r], stderr=errs[r], cwd=tmp_path,
-                                  env=dict(job, RANK=str(r), LOCAL_RANK=str(r),
-                                           ROLE_WORLD_SIZE=str(ranks)))
+        procs = [_start_rank(cmd, dict(job, RANK=str(r), LOCAL_RANK=str(r),
+                                       ROLE_WORLD_SIZE=str(ranks)), tmp_path, outs[r], errs[r])
                  for r in range(ranks)]
         failed = _wait_for_all(procs, timeout, grace)
         output = ""
@@ -114,6 +115,15 @@ def _run_ranks(cmd: list[str], ranks: int, tmp_path: Path, env: dict[str, str] |
     if failed is not None:
         raise AssertionError(f"{' '.join(cmd[1:3])}: {failed}:\n{output[-6000:]}")
     return output
+
+
+def _start_rank(cmd: list[str], env: dict[str, str], cwd: Path, out, err):
+    """One rank's process (Popen's poll / wait / terminate / kill): forked from the fork
+    server where `tests.forked_command` can run `cmd` (no interpreter start, no imports),
+    else a fresh one."""
+    if forked_command.can_fork(cmd, env):
+        return forked_command.start(cmd, env, cwd, out.name, err.name)
+    return subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env)
 
 
 def _wait_for_all(procs: list[subprocess.Popen], timeout: float, grace: float) -> str | None:

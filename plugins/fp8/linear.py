@@ -89,7 +89,9 @@ class FP8Linear(torch.autograd.Function):
             checks.append(("weight", wq))
         else:
             wq = backends.Operand(w_q, w_scales, WEIGHT)
-        y = gemm(xq, wq, x.dtype)[:, :out]                                   # [tokens, out]
+        y = gemm(xq, wq, x.dtype)                                            # [tokens, out_p]
+        if y.shape[1] != out:  # compact: a layer that saves y must not hold the padding
+            y = y[:, :out].contiguous()                                      # [tokens, out]
         _check_operands(*checks)
         # The FP8 input (and a given FP8 weight, held anyway) for backward.
         ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
