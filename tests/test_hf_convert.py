@@ -526,3 +526,27 @@ def test_published_config_gives_the_deepseek_v3_presets_model():
     for flag in shared:
         assert _value(ours[flag]) == _value(preset[flag]), flag
     assert ours["--mtp-num-layers"] == "1" and ours["--num-experts"] == "256"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fp8_plugin_requantizes_an_fp8_checkpoint_to_its_own_blocks(dtype):
+    """Keeping a checkpoint's FP8 blocks for `--plugins fp8` would change nothing where
+    its scales are each block's amax / 448 (DeepSeek-V3's recipe): the plugin's weight
+    quantization of the imported weights gives back the same E4M3 codes, ragged edge
+    included, and in fp32 the same scales; in bf16 the scales move by bf16's rounding of
+    the block's largest weight (half a bf16 step: 2^-8 at most). Power-of-two scales (later DeepSeek
+    checkpoints) would not survive: the plugin computes amax / 448."""
+    from integration.hf.fp8 import BLOCK, dequantize_weight, quantize_weight
+    from plugins.fp8.weight_cache import quantize_weight as plugin_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(576, 512, generator=g) * torch.exp(2 * torch.randn(576, 512, generator=g))
+    q, scale_inv = quantize_weight(w, BLOCK)  # as DeepSeek's checkpoint holds it
+    imported = dequantize_weight("kv_a_proj_with_mqa.weight", q, scale_inv, BLOCK, dtype)
+    held = plugin_quantize(imported)  # 576 rows padded to 640, as the plugin holds them
+    assert torch.equal(held.q.view(torch.uint8)[:576], q.view(torch.uint8))
+    if dtype == torch.float32:
+        assert torch.equal(held.scales, scale_inv)
+    else:
+        assert not torch.equal(held.scales, scale_inv)
+        assert ((held.scales / scale_inv - 1).abs() <= 2.0 ** -8).all()
