@@ -115,7 +115,5 @@ def main(argv: list[str], command: str, tool: ModuleType,
         if relaunched(saved.world_size, [command, *argv]):
             return
     except PluginError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        hooks.exit_refused(error)
     on_checkpoint_model(tool.run_arguments(saved, options), tool.run, registry)

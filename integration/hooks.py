@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import os
 import sys
+import time
+from typing import NoReturn
 
 from plugins import Plugin, PluginError, PluginRegistry, transform_spec
 from upstream import compat, cpu, seams, wgrad
@@ -39,14 +41,29 @@ def megatron_run(registry: PluginRegistry):
         seams.checkpoint_mismatch_named().apply(patcher)
         yield patcher
     except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch) as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        exit_refused(error)
     finally:
         patcher.undo()
         for fixes in reversed(installed):
             if fixes is not None:
                 fixes.undo()
+
+
+# Seconds the other ranks wait before they exit on a refused configuration: torchrun ends
+# the job at the first rank's exit, so a rank 1 that exited before rank 0 had printed took
+# the one error line with it (seen under load in CI, 2026-11-26).
+RANK0_FIRST_S = 10.0
+
+
+def exit_refused(error: Exception) -> NoReturn:
+    """Ends a rank whose configuration is refused as argparse does: `megaseek: error: ...`
+    on rank 0 only, exit status 2 on every rank, rank 0 first (the others wait, and
+    torchrun ends them as soon as rank 0 has exited)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(RANK0_FIRST_S)
+    raise SystemExit(2) from None
 
 
 def _start_up_checks(registry: PluginRegistry, args: argparse.Namespace) -> None:

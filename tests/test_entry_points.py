@@ -92,3 +92,24 @@ def test_fp16_trains_on_cpu(tmp_path):
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
     assert logged[6] < logged[1]
     assert "loss scale: 256.0" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_rank_0_reports_a_refusal_before_the_others_exit(rank, monkeypatch, capsys):
+    """torchrun ends the job at the first rank's exit: the other ranks wait before they
+    exit, so that the one error line, rank 0's, is printed (a rank 1 that exited first took
+    it with it, under load in CI)."""
+    from integration import hooks
+    from plugins import PluginError
+
+    slept = []
+    monkeypatch.setattr(hooks.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exited:
+        hooks.exit_refused(PluginError("--plugins: unknown plugin(s) nosuch"))
+    assert exited.value.code == 2
+    said = capsys.readouterr().err
+    if rank == "0":
+        assert said == "megaseek: error: --plugins: unknown plugin(s) nosuch\n" and not slept
+    else:
+        assert said == "" and slept == [hooks.RANK0_FIRST_S] and hooks.RANK0_FIRST_S >= 5

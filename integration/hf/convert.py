@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -148,9 +148,11 @@ def megatron_config(hf: HFModel, plan: dict[str, Any], overrides: dict[str, Any]
     return MLATransformerConfig(**fields)
 
 
-def _plan(reader: Reader, hf: HFModel, overrides: dict[str, Any]) -> dict[str, Any]:
+def _plan(reader: Reader, hf: HFModel, overrides: dict[str, Any],
+          say: Callable[..., None] = log.warning) -> dict[str, Any]:
     """Checks the checkpoint's tensor names, dtypes and FP8 scales against the config
-    (headers only) and decides the MTP depth to import."""
+    (headers only) and decides the MTP depth to import, telling the user through `say`
+    when MTP layers are left out."""
     names = reader.names()
     scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
     weights = names - scales
@@ -160,12 +162,12 @@ def _plan(reader: Reader, hf: HFModel, overrides: dict[str, Any]) -> dict[str, A
     skipped: set[str] = set()
     mtp_layers = depth
     if depth and not in_mtp:
-        log.warning("import_hf: config.json has num_nextn_predict_layers %d but the checkpoint "
+        say("import_hf: config.json has num_nextn_predict_layers %d but the checkpoint "
                     "has no MTP tensors (as transformers writes it): importing the main model",
                     depth)
         mtp_layers = 0
     elif not requested and depth:
-        log.warning("import_hf: mtp_num_layers=0: leaving out the checkpoint's %d MTP layer(s) "
+        say("import_hf: mtp_num_layers=0: leaving out the checkpoint's %d MTP layer(s) "
                     "(model.layers.%d.*)", depth, hf.num_hidden_layers)
         mtp_layers = 0
         skipped = {n for n in in_mtp if _mtp_layer(n, hf) < depth}
@@ -335,13 +337,18 @@ class HFParameters:
         return first, keys.natural_order(name)
 
 
+def _said_before(*message) -> None:
+    """`_plan`'s notice where `megaseek convert` gave it once already, before any rank."""
+
+
 def save_megatron(source: Path, release: Path, overrides: dict[str, Any], part_of=None,
                   **parallel_sizes: int) -> None:
     """Writes this rank's part of the HF checkpoint in `source` into the Megatron torch_dist
     checkpoint `release` (with the other ranks of Megatron's parallel state, already set
     up), streamed: the model is built on the meta device and each parameter is made from
     the HF tensors only as it is written (`lazy_save.LazySave`), so a rank holds one
-    parameter and one mapped shard at a time. `part_of(model, hf)` gives the rank's `Part`
+    parameter and one mapped shard at a time; what it leaves out of the checkpoint (MTP
+    layers) the caller has said (`_plan`). `part_of(model, hf)` gives the rank's `Part`
     (the whole model when left out); `parallel_sizes` are Megatron's *_model_parallel_size
     config fields."""
     from megatron.core import dist_checkpointing, parallel_state
@@ -351,7 +358,7 @@ def save_megatron(source: Path, release: Path, overrides: dict[str, Any], part_o
     hf = from_hf_config(read_hf_config(source))
     reader = Reader(source)
     try:
-        plan = _plan(reader, hf, overrides)
+        plan = _plan(reader, hf, overrides, say=_said_before)
         # init_model_with_meta_device: the last pipeline stage does not copy the embedding
         # from the first (language_module.py:305)
         config = megatron_config(hf, plan, overrides, init_model_with_meta_device=True,
