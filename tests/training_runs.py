@@ -8,6 +8,7 @@ parse Megatron's own log lines and read its checkpoints back.
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import subprocess
@@ -86,10 +87,25 @@ def _environment(tmp_path: Path, env: dict[str, str] | None) -> dict[str, str]:
                 **(env or {}))
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")  # Linux's: "low high"
+
+
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port for rank 0's TCPStore, free now and below the kernel's ephemeral range. A
+    port the kernel picked (bind to 0) is released before rank 0 binds it, and meanwhile
+    any connection (gloo opens many) may be given it as its ephemeral port: a run in CI
+    failed so, EADDRINUSE. Ports below the range are only ever taken on purpose."""
+    low = int(_EPHEMERAL.read_text().split()[0]) if _EPHEMERAL.exists() else 32768
+    pick = random.Random()  # seeded by the OS: xdist workers draw differently
+    for _ in range(100):
+        port = pick.randrange(10000, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in 10000-{low - 1} after 100 tries")
 
 
 def _run_ranks(cmd: list[str], ranks: int, tmp_path: Path, env: dict[str, str] | None,
