@@ -255,19 +255,41 @@ def test_output_folders_that_cannot_be_written_are_refused_by_name(tmp_path):
     check_output_folder(tmp_path / "new" / "deeper" / "out", overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "file", "in"]  # no probe left
 
-    # a folder this user may not write in (made outside pytest's private tmp folder, so
-    # that the unprivileged user can reach it)
+
+
+@pytest.fixture
+def read_only():
+    """A folder this process may not write in once `_unprivileged` (made outside pytest's
+    private tmp folder, so that the unprivileged user can reach it)."""
     shared = Path(tempfile.mkdtemp(prefix="megaseek-readonly-"))
     try:
         shared.chmod(0o755)
         (shared / "ro").mkdir(mode=0o555)
-        with _unprivileged(), pytest.raises(OutputFolderError) as refused:
-            check_output_folder(shared / "ro" / "out", overwrite=False)
-        assert str(refused.value) == (f"{shared / 'ro' / 'out'}: cannot write in "
-                                      f"{shared / 'ro'} (Permission denied)")
+        yield shared / "ro"
     finally:
         (shared / "ro").chmod(0o755)
         shutil.rmtree(shared)
+
+
+def test_an_output_folder_without_write_permission_is_refused_before_any_work(
+        plain, read_only, capsys):
+    # what the command imports before its first check, imported while the interpreter's
+    # files (perhaps in root's home) can still be read
+    import integration.hf.convert  # noqa: F401
+    import integration.hf.layout  # noqa: F401
+    import integration.hf.safetensors_io  # noqa: F401
+    from integration.hf import cli
+    from integration.output_dir import OutputFolderError, check_output_folder
+
+    with _unprivileged(), pytest.raises(OutputFolderError) as refused:
+        check_output_folder(read_only / "out", overwrite=False)
+    assert str(refused.value) == (f"{read_only / 'out'}: cannot write in {read_only} "
+                                  "(Permission denied)")
+    with _unprivileged(), pytest.raises(SystemExit) as exited:
+        cli.main(["hf-to-megatron", str(plain), str(read_only / "out" / "megatron")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"megaseek convert: error: {read_only / 'out' / 'megatron'}"
+                                       f": cannot write in {read_only} (Permission denied)\n")
 
 
 @pytest.mark.parametrize("direction", ["hf-to-megatron", "megatron-to-hf"])

@@ -3,9 +3,11 @@
 Both ways go through `HFModel`, the architecture as this converter understands it.
 `from_hf_config` reads `config.json` as DeepSeek publishes it (`rope_scaling`,
 `num_nextn_predict_layers`, `quantization_config`) and as transformers writes it (4.x:
-`rope_scaling`; newer releases: `rope_parameters`, with `rope_theta` inside). Every field is
-either mapped, checked against the only value this converter builds, or named below as
-metadata that does not change the weights' meaning; any other field is an error naming it.
+`rope_scaling`; newer releases: `rope_parameters`, with `rope_theta` inside). A config of
+another model is named as such first. Every field is then either mapped, checked against
+the only value this converter builds, or one of the fields, listed below by class, that
+cannot change what the weights compute; any other field is an error naming it, and so is a
+value the moe plugin's router or Megatron's config would refuse, in config.json's names.
 """
 
 from __future__ import annotations
