@@ -31,6 +31,9 @@ reads such a folder back (its hf_config.json gives the architecture), or a check
 `megaseek pretrain` saved at any layout (its saved arguments do; the vocabulary is
 Megatron's padded one), on one process, and writes a Hugging Face folder. `flags` prints
 the Megatron flags of a Hugging Face config. Output folders appear only when complete.
+Every refusal is one `megaseek convert: error: ...` line and exit status 2: the output
+folder (`integration.output_dir`), the config, the shards' headers and the layout are
+checked before any weight is read; a non-finite weight stops the conversion as it is met.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def megatron_checked(config_class, fields: dict[str, Any]):
     come from config.json reported by their config.json names (`config.in_config_terms`)."""
     try:
         return config_class(**fields)
-    except (AssertionError, ValueError, TypeError, NotImplementedError) as e:
+    except (AssertionError, ValueError, NotImplementedError) as e:
         raise HFConversionError("config.json: Megatron refuses the model it describes: "
                                 f"{in_config_terms(str(e))}") from None
 
