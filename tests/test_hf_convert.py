@@ -190,7 +190,32 @@ def _megatron_cases(rank, world_size, root: str):
         import_hf(root / "badshape")
     except HFConversionError as e:
         found["badshape"] = str(e)
+    found["non-finite"] = _non_finite_cases(root, import_hf, export_hf, HFConversionError)
     return found
+
+
+def _non_finite_cases(root: Path, import_hf, export_hf, error) -> dict[str, str]:
+    """What the conversions say of a NaN in a checkpoint, an inf in a model being exported,
+    and weights beyond float16's range cast to it (either way); nothing is written."""
+    said = {}
+
+    def refusal(name, convert, *args, **kwargs):
+        try:
+            convert(*args, **kwargs)
+        except error as e:
+            said[name] = str(e)
+
+    refusal("nan import", import_hf, root / "nan")
+    refusal("large import as float16", import_hf, root / "large", params_dtype=torch.float16)
+    model, config = import_hf(root / "large")
+    refusal("large export as float16", export_hf, model, config, root / "large-fp16",
+            dtype=torch.float16)
+    with torch.no_grad():
+        model.state_dict()["decoder.layers.1.mlp.experts.weight1"][2, 0, 0] = float("-inf")
+    refusal("inf export", export_hf, model, config, root / "inf-export")
+    said["written"] = sorted(p.name for p in root.iterdir()
+                             if p.name.startswith((".", "large-", "inf-")))
+    return said
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +231,12 @@ def converted(tmp_path_factory):
     tiny_hf(root / "badshape", seed=9)
     cfg = json.loads((root / "badshape" / "config.json").read_text())
     (root / "badshape" / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=40)))
+    nan = hf_tensors(root / "yarn_qlora_k1")
+    nan["model.layers.2.self_attn.o_proj.weight"][3, 1] = float("nan")
+    _write(root / "yarn_qlora_k1", root / "nan", nan)
+    large = hf_tensors(root / "yarn_qlora_k1")
+    large["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e5  # float16 reaches 65504
+    _write(root / "yarn_qlora_k1", root / "large", large)
     found = run_ranks(_megatron_cases, 1, str(root))[0]
     # The command, both ways, in one process of its own (Megatron's checkpoint writer
     # starts processes, which run_ranks' daemonic ranks may not).
@@ -222,6 +253,15 @@ def converted(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-3000:]
     found["command"], found["command_log"] = run.stdout, run.stderr
     return root, hf, found, expected_fp8
+
+
+def _write(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """`tensors` as one safetensors file beside a copy of `src`'s config.json."""
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    save_file(tensors, str(dst / "model.safetensors"))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -339,6 +379,43 @@ def test_fp8_export_is_deepseeks_format_and_imports_back(converted):
         # E4M3 keeps 3 mantissa bits: each value within 1/16 of itself (or of the block's
         # smallest normal step)
         assert ((back[name] - tensor).abs() <= tensor.abs() / 16 + scale * 2**-9).all(), name
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(converted):
+    """Both directions check every tensor as it streams past (no copy held): a NaN in the
+    Hugging Face checkpoint, an inf in the Megatron model, and a weight that a float16
+    cast would turn into inf are each named, and no output is left."""
+    root, _, found, _ = converted
+    said = found["non-finite"]
+    assert said["nan import"].startswith("model.layers.2.self_attn.o_proj.weight: 1 NaN and "
+                                         f"0 inf among its 512 values in {root / 'nan'}")
+    assert said["inf export"].startswith("model.layers.1.mlp.experts.2.gate_proj.weight: "
+                                         "0 NaN and 1 inf")
+    assert "decoder.layers.1.mlp.experts.weight1" in said["inf export"]
+    assert said["large import as float16"].startswith(
+        "decoder.layers.0.mlp.linear_fc1.weight (from model.layers.0.mlp.gate_proj.weight and "
+        "1 more): 0 NaN and 1 inf")
+    assert "after the cast to torch.float16" in said["large import as float16"]
+    assert said["large export as float16"].startswith("model.layers.0.mlp.up_proj.weight: "
+                                                      "0 NaN and 1 inf")
+    assert said["written"] == []
+
+
+def test_command_refuses_a_non_finite_checkpoint_in_one_line(converted):
+    """`megaseek convert` as a user runs it: the refusal, raised while Megatron's
+    checkpoint writer streams the weights, is one line and exit status 2."""
+    root, _, _, _ = converted
+    run = subprocess.run([sys.executable, "-m", "integration.cli", "convert", "hf-to-megatron",
+                          str(root / "nan"), str(root / "nan-megatron")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"megaseek convert: error: model.layers.2.self_attn.o_proj.weight: 1 NaN "
+                      f"and 0 inf among its 512 values in {root / 'nan' / 'model.safetensors'}; "
+                      "a checkpoint with non-finite weights is not converted"]
+    assert "Traceback" not in run.stderr
+    assert not [p for p in root.iterdir() if p.name.startswith((".nan", "nan-"))]
 
 
 def test_shape_that_does_not_match_the_config_is_named(converted):

@@ -31,6 +31,9 @@ reads such a folder back (its hf_config.json gives the architecture), or a check
 `megaseek pretrain` saved at any layout (its saved arguments do; the vocabulary is
 Megatron's padded one), on one process, and writes a Hugging Face folder. `flags` prints
 the Megatron flags of a Hugging Face config. Output folders appear only when complete.
+Every refusal is one `megaseek convert: error: ...` line and exit status 2: the output
+folder (`integration.output_dir`), the config, the shards' headers and the layout are
+checked before any weight is read; a non-finite weight stops the conversion as it is met.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from integration.output_dir import OutputFolderError, check_output_folder
 
 DTYPES = ("float32", "bfloat16", "float16")
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -91,7 +96,9 @@ def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: s
                    overwrite: bool, layout=None, schedule: str = "1f1b") -> None:
     """One process (`layout` None or all sizes 1), or `layout.ranks` processes that each
     write their part of the model at that layout (`integration.hf.layout`); either way
-    streamed (`convert.save_megatron`)."""
+    streamed (`convert.save_megatron`). Everything that can be checked without reading a
+    weight is checked first: the output folder, the config, the shards' headers, the
+    layout and Megatron's config of the model."""
     from integration.hf.config import from_hf_config, megatron_flags, read_hf_config
     from integration.hf.convert import DTYPES as TORCH_DTYPES
     from integration.hf.convert import _on_one_rank, save_megatron
@@ -104,13 +111,12 @@ def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: s
         overrides["mtp_num_layers"] = mtp_num_layers
     if dtype is not None:
         overrides["params_dtype"] = TORCH_DTYPES[dtype]
-    if out.exists() and not overwrite:  # before the (long) import
-        raise SystemExit(f"megaseek convert: error: {out} exists; pass --overwrite to replace it")
+    check_output_folder(out, overwrite=overwrite, inputs=[source])
     hf_config = read_hf_config(source)
     depth = _checked_mtp_depth(source, overrides, layout, schedule)
     hf_config["num_nextn_predict_layers"] = depth
     hf_config.pop("quantization_config", None)  # the Megatron weights are dequantised
-    flags = megatron_flags(from_hf_config(hf_config))
+    flags = megatron_flags(from_hf_config(hf_config, source / "config.json"))
     with staged_folder(out, overwrite=overwrite) as stage:
         (stage / "release").mkdir()
         if layout.ranks == 1:
@@ -130,20 +136,24 @@ def hf_to_megatron(source: Path, out: Path, mtp_num_layers: int | None, dtype: s
 
 
 def _checked_mtp_depth(source: Path, overrides: dict, layout, schedule: str) -> int:
-    """The MTP depth the import writes, after checking the checkpoint's names, dtypes and
-    the layout's split (headers and config only: nothing is built or written yet)."""
-    from integration.hf.config import from_hf_config, read_hf_config
-    from integration.hf.convert import _plan
+    """The MTP depth the import writes, after checking the checkpoint's names, dtypes, the
+    layout's split and Megatron's config of the model at that layout (headers and config
+    only: nothing is built or written yet)."""
+    from integration.hf.config import read_hf_model
+    from integration.hf.convert import _plan, megatron_config
     from integration.hf.layout import check_layout
     from integration.hf.safetensors_io import Reader
 
-    hf = from_hf_config(read_hf_config(source))
+    hf = read_hf_model(source)
     reader = Reader(source)
     try:
         plan = _plan(reader, hf, overrides)
     finally:
         reader.close()
     check_layout(layout, hf, plan["mtp_layers"], schedule)
+    megatron_config(hf, plan, overrides, tensor_model_parallel_size=layout.tensor,
+                    pipeline_model_parallel_size=layout.pipeline,
+                    expert_model_parallel_size=layout.expert, expert_tensor_parallel_size=1)
     return plan["mtp_layers"]
 
 
@@ -161,8 +171,7 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
     from integration.hf.layout import peak_rss_mib
     from integration.hf.lazy_load import LayerByLayer
 
-    if out.exists() and not overwrite:
-        raise SystemExit(f"megaseek convert: error: {out} exists; pass --overwrite to replace it")
+    check_output_folder(out, overwrite=overwrite, inputs=[source])
     directory = checkpoint_directory(str(source), None)
     _on_one_rank()
     if (source / "hf_config.json").is_file():
@@ -181,15 +190,17 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
 def _config_from_hf(path: Path):
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from integration.hf.config import from_hf_config, megatron_fields
+    from integration.hf.config import from_hf_config, megatron_fields, read_json
     from integration.hf.convert import DTYPES as TORCH_DTYPES
+    from integration.hf.convert import megatron_checked
 
-    hf = from_hf_config(json.loads(path.read_text()))
+    hf = from_hf_config(read_json(path), path)
     fields = megatron_fields(hf)
     fields.update(use_cpu_initialization=True, perform_initialization=False,
                   init_model_with_meta_device=True,
                   params_dtype=TORCH_DTYPES.get(hf.dtype or "float32", TORCH_DTYPES["float32"]))
-    return MLATransformerConfig(**fields), hf.vocab_size, hf.max_position_embeddings
+    return (megatron_checked(MLATransformerConfig, fields), hf.vocab_size,
+            hf.max_position_embeddings)
 
 
 # Settings of the training run that do not change the weights, reset for one CPU rank
@@ -234,13 +245,13 @@ def _layout(options):
 def main(argv: list[str] | None = None) -> None:
     """`megaseek convert ...` (argv without the `convert` word)."""
     import integration  # noqa: F401
-    from integration.hf.config import HFConversionError, megatron_flags, read_hf_config
+    from integration.hf.config import HFConversionError, megatron_flags, read_hf_model
     from plugins import PluginError
 
     options = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if options.direction == "flags":
-            print(" ".join(megatron_flags(read_hf_config(options.source))))
+            print(" ".join(megatron_flags(read_hf_model(options.source))))
         elif options.direction == "hf-to-megatron":
             hf_to_megatron(Path(options.source), Path(options.out), options.mtp_num_layers,
                            options.dtype, options.overwrite, _layout(options),
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             megatron_to_hf(Path(options.source), Path(options.out), options.max_shard_size,
                            options.dtype, options.overwrite)
-    except (HFConversionError, PluginError) as e:
+    except (HFConversionError, OutputFolderError, PluginError) as e:
         print(f"megaseek convert: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -3,15 +3,18 @@
 Both ways go through `HFModel`, the architecture as this converter understands it.
 `from_hf_config` reads `config.json` as DeepSeek publishes it (`rope_scaling`,
 `num_nextn_predict_layers`, `quantization_config`) and as transformers writes it (4.x:
-`rope_scaling`; newer releases: `rope_parameters`, with `rope_theta` inside). Every field is
-either mapped, checked against the only value this converter builds, or named below as
-metadata that does not change the weights' meaning; any other field is an error naming it.
+`rope_scaling`; newer releases: `rope_parameters`, with `rope_theta` inside). A config of
+another model is named as such first. Every field is then either mapped, checked against
+the only value this converter builds, or one of the fields, listed below by class, that
+cannot change what the weights compute; any other field is an error naming it, and so is a
+value the moe plugin's router or Megatron's config would refuse, in config.json's names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +23,77 @@ class HFConversionError(ValueError):
     """A checkpoint or config this converter does not support, naming the field or tensor."""
 
 
-# Fields that do not change what the weights compute (ids, init, caching, provenance,
-# training-time settings of DeepSeek's own code).
-METADATA = frozenset({
-    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
-    "transformers_version", "auto_map", "torch_dtype", "dtype", "_name_or_path",
-    "aux_loss_alpha", "seq_aux", "ep_size",
-})
-# Fields with one value this converter builds: (field, accepted values, why).
+class _FieldError(HFConversionError):
+    """A config.json field refused; `from_hf_config` says which file it is in."""
+
+    def __init__(self, what: str):
+        super().__init__(f"config.json: {what}")
+        self.what = what
+
+
+# Fields that cannot change what the weights compute, by class: a config.json may hold any
+# of them, with any value, and the converter reads none of them (`dtype` only as the
+# default dtype of the Megatron weights). Together they are every field of transformers'
+# PretrainedConfig (4.x and 5.x) that does not shape the model, plus the DeepSeek code's
+# own training settings; the fields of PretrainedConfig that do shape a model are in FIXED.
+NON_MATHEMATICAL = {
+    # where the file comes from, and the dtype it was saved in (the tensors carry theirs)
+    "provenance": {"transformers_version", "_name_or_path", "name_or_path", "_commit_hash",
+                   "auto_map", "dtype", "torch_dtype", "use_bfloat16"},
+    # what a forward returns or keeps, not what it computes
+    "outputs": {"output_hidden_states", "output_attentions", "output_router_logits",
+                "return_dict", "use_cache", "torchscript", "tie_last_hidden_states"},
+    # the tokenizer's special tokens and class
+    "tokens": {"bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+               "decoder_start_token_id", "tokenizer_class", "prefix"},
+    # heads of other tasks (classification labels); a causal LM has none
+    "task heads": {"id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
+                   "task_specific_params"},
+    # decoding defaults, which transformers keeps in generation_config.json since 4.x
+    "generation": {
+        "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+        "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+        "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty",
+        "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+        "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
+        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+        "num_assistant_tokens", "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind"},
+    # how the same maths is run (kernels, chunking, recompute, DeepSeek's expert parallelism)
+    "implementation": {"attn_implementation", "_attn_implementation",
+                       "_attn_implementation_internal", "experts_implementation",
+                       "_experts_implementation", "chunk_size_feed_forward",
+                       "gradient_checkpointing", "ep_size"},
+    # training losses and initialisation of transformers' or DeepSeek's own code (megaseek's
+    # are its flags)
+    "training": {"initializer_range", "aux_loss_alpha", "seq_aux", "router_aux_loss_coef",
+                 "tf_legacy_loss"},
+}
+METADATA = frozenset().union(*NON_MATHEMATICAL.values())
+# What a config.json must say it is (checked first: another model is named as such).
+IDENTITY = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}
+# Fields with the values this converter builds: (field, accepted values, why). The first
+# group are PretrainedConfig's fields that would change a model, accepted at their defaults.
 FIXED = {
-    "architectures": ([["DeepseekV3ForCausalLM"]], "the DeepSeek-V3 causal LM"),
-    "model_type": (["deepseek_v3"], "the DeepSeek-V3 architecture"),
+    "is_encoder_decoder": ([False], "DeepSeek-V3 is a decoder"),
+    "is_decoder": ([False], "DeepSeek-V3 is no decoder of an encoder-decoder"),
+    "add_cross_attention": ([False], "DeepSeek-V3 has no cross-attention"),
+    "cross_attention_hidden_size": ([None], "DeepSeek-V3 has no cross-attention"),
+    "tie_encoder_decoder": ([False], "DeepSeek-V3 is a decoder"),
+    "pruned_heads": ([None, {}], "every attention head is kept"),
+    "per_layer_config": ([None, {}], "every layer is built alike"),
     "hidden_act": (["silu"], "SwiGLU MLPs"),
     "attention_bias": ([False], "Megatron's MLA linears have no bias"),
     "scoring_func": (["sigmoid"], "the moe plugin's sigmoid router"),
     "topk_method": (["noaux_tc"], "DeepSeek-V3's group-limited router with expert bias"),
     "norm_topk_prob": ([True], "the moe plugin always normalises the top-k gates"),
-    "pretraining_tp": ([1], "no TP-sliced MLP in the reference forward"),
+    "pretraining_tp": ([None, 1], "no TP-sliced MLP in the reference forward"),
     "moe_layer_freq": ([1], "every layer after first_k_dense_replace is MoE"),
     "tie_word_embeddings": ([False], "DeepSeek-V3's head is separate from its embedding"),
 }
+# Other names transformers' DeepseekV3Config reads for a field (its attribute_map).
+ALIASES = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
 MAPPED = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_shared_experts",
@@ -103,21 +157,59 @@ class HFModel:
 
 
 def _fail(field: str, why: str):
-    raise HFConversionError(f"config.json: {field}: {why}")
+    raise _FieldError(f"{field}: {why}")
+
+
+def read_json(path: str | Path, what: str = "a JSON object") -> dict[str, Any]:
+    """The JSON object in `path`; HFConversionError names the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise HFConversionError(f"{path}: no such file")
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFConversionError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column "
+                                f"{e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HFConversionError(f"{path}: cannot be read as text ({e})") from None
+    if not isinstance(value, dict):
+        raise HFConversionError(f"{path}: not {what} (a JSON {type(value).__name__})")
+    return value
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise HFConversionError(f"{path}: no config.json")
-    return json.loads(path.read_text())
+    return read_json(path, "a model config (a JSON object of fields)")
+
+
+def read_hf_model(folder: str | Path) -> HFModel:
+    """The architecture of the Hugging Face folder `folder`; errors name its config.json."""
+    return from_hf_config(read_hf_config(folder), Path(folder) / "config.json")
 
 
 def _int(cfg: dict, key: str, minimum: int = 1) -> int:
     value = cfg.get(key)
+    if value is None:
+        _fail(key, f"missing (an integer >= {minimum})")
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         _fail(key, f"needs an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _float(cfg: dict, key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        _fail(key, f"needs a number, got {value!r}")
+    return float(value)
+
+
+def _object(cfg: dict, key: str) -> dict:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        _fail(key, f"needs a JSON object, got {value!r}")
+    return dict(value)
 
 
 def _rope(cfg: dict) -> tuple[float, Yarn | None]:
@@ -127,7 +219,7 @@ def _rope(cfg: dict) -> tuple[float, Yarn | None]:
         _fail("rope_parameters", "given together with rope_scaling")
     if "rope_parameters" in cfg:
         where = "rope_parameters"
-        params = dict(cfg["rope_parameters"] or {})
+        params = _object(cfg, "rope_parameters")
         if params.get("rope_theta", cfg.get("rope_theta")) != cfg.get("rope_theta",
                                                                      params.get("rope_theta")):
             _fail("rope_parameters.rope_theta", f"{params['rope_theta']} differs from rope_theta "
@@ -135,7 +227,7 @@ def _rope(cfg: dict) -> tuple[float, Yarn | None]:
         theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
     else:
         where = "rope_scaling"
-        params = dict(cfg.get("rope_scaling") or {})
+        params = _object(cfg, "rope_scaling")
         theta = cfg.get("rope_theta", 10000.0)
     if not isinstance(theta, (int, float)) or theta <= 0:
         _fail("rope_theta", f"needs a positive number, got {theta!r}")
@@ -153,8 +245,11 @@ def _rope(cfg: dict) -> tuple[float, Yarn | None]:
     if unknown:
         _fail(f"{where}.{unknown[0]}", "not understood (YaRN takes "
               + ", ".join(sorted(YARN_KEYS)) + ")")
+    for key, value in params.items():
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            _fail(f"{where}.{key}", f"needs a number, got {value!r}")
     for key in ("factor", "original_max_position_embeddings"):
-        if key not in params:
+        if params.get(key) is None:
             _fail(f"{where}.{key}", "YaRN needs it")
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     # transformers takes mscale / mscale_all_dim only when both are non-zero; otherwise it
@@ -175,9 +270,9 @@ def _rope(cfg: dict) -> tuple[float, Yarn | None]:
 
 
 def _fp8_block(cfg: dict) -> tuple[int, int] | None:
-    q = cfg.get("quantization_config")
-    if q is None:
+    if cfg.get("quantization_config") is None:
         return None
+    q = _object(cfg, "quantization_config")
     known = {"quant_method", "fmt", "activation_scheme", "weight_block_size"}
     unknown = sorted(set(q) - known)
     if unknown:
@@ -196,17 +291,113 @@ def _fp8_block(cfg: dict) -> tuple[int, int] | None:
     return 128, 128
 
 
-def from_hf_config(cfg: dict[str, Any]) -> HFModel:
+def from_hf_config(cfg: dict[str, Any], file: str | Path = "config.json") -> HFModel:
     """The architecture of a DeepSeek-V3 `config.json` (as a dict); HFConversionError names
-    the first field this converter does not support."""
+    `file` and the first field this converter does not support: a model of another type
+    first, then any field outside `METADATA` (cannot change the model), `FIXED` and
+    `MAPPED`, then values this converter or the moe plugin's router cannot build."""
+    try:
+        return _parse(cfg)
+    except _FieldError as e:
+        raise HFConversionError(f"{file}: {e.what}") from None
+
+
+def _check_identity(cfg: dict[str, Any]) -> None:
+    for key, expected in IDENTITY.items():
+        value = cfg.get(key)
+        if value is not None and value != expected:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            _fail(f"{key} {shown}", f"not a DeepSeek-V3 checkpoint ({key} "
+                  f"{' '.join(expected) if isinstance(expected, list) else expected})")
+    if cfg.get("model_type") is None and cfg.get("architectures") is None:
+        _fail("model_type", "missing (expected deepseek_v3)")
+
+
+def _resolve_aliases(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(cfg)
+    for alias, name in ALIASES.items():
+        if alias in cfg:
+            value = cfg.pop(alias)
+            if name in cfg and cfg[name] != value:
+                _fail(alias, f"{value!r} differs from {name} {cfg[name]!r} (the same field)")
+            cfg[name] = value
+    return cfg
+
+
+# Megatron's names for what config.json gives: (config field, flag, config.json field or
+# the expression it is made of). A refusal by Megatron's config or a plugin, which names
+# Megatron's fields or flags, is reported in these terms (`in_config_terms`).
+MEGATRON_NAMES = [
+    ("num_layers", "--num-layers", "num_hidden_layers"),
+    ("ffn_hidden_size", "--ffn-hidden-size", "intermediate_size"),
+    ("num_query_groups", "--num-query-groups", "num_key_value_heads"),
+    ("qk_head_dim", "--qk-head-dim", "qk_nope_head_dim"),
+    ("qk_pos_emb_head_dim", "--qk-pos-emb-head-dim", "qk_rope_head_dim"),
+    ("layernorm_epsilon", "--norm-epsilon", "rms_norm_eps"),
+    ("rotary_base", "--rotary-base", "rope_theta"),
+    ("rotary_scaling_factor", "--rotary-scaling-factor", "rope_scaling.factor"),
+    ("original_max_position_embeddings", "--yarn-original-max-position-embeddings",
+     "rope_scaling.original_max_position_embeddings"),
+    ("beta_fast", "--yarn-beta-fast", "rope_scaling.beta_fast"),
+    ("beta_slow", "--yarn-beta-slow", "rope_scaling.beta_slow"),
+    ("mscale", "--mscale", "rope_scaling.mscale"),
+    ("mscale_all_dim", "--mscale-all-dim", "rope_scaling.mscale_all_dim"),
+    ("num_moe_experts", "--num-experts", "n_routed_experts"),
+    ("moe_ffn_hidden_size", "--moe-ffn-hidden-size", "moe_intermediate_size"),
+    ("moe_shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size",
+     "n_shared_experts * moe_intermediate_size"),
+    ("moe_layer_freq", "--moe-layer-freq", "first_k_dense_replace"),
+    ("moe_router_topk", "--moe-router-topk", "num_experts_per_tok"),
+    ("moe_router_num_groups", "--moe-router-num-groups", "n_group"),
+    ("moe_router_group_topk", "--moe-router-group-topk", "topk_group"),
+    ("moe_router_topk_scaling_factor", "--moe-router-topk-scaling-factor",
+     "routed_scaling_factor"),
+    ("mtp_num_layers", "--mtp-num-layers", "num_nextn_predict_layers"),
+    ("num_attention_heads", "--num-attention-heads", "num_attention_heads"),
+    ("hidden_size", "--hidden-size", "hidden_size"),
+    ("kv_lora_rank", "--kv-lora-rank", "kv_lora_rank"),
+    ("q_lora_rank", "--q-lora-rank", "q_lora_rank"),
+    ("v_head_dim", "--v-head-dim", "v_head_dim"),
+    ("attention_dropout", "--attention-dropout", "attention_dropout"),
+]
+_TO_CONFIG = {name: field for megatron, flag, field in MEGATRON_NAMES
+              for name in (megatron, flag)}
+_MEGATRON_NAME = re.compile(r"(?<![\w-])(" + "|".join(
+    re.escape(name) for name in sorted(_TO_CONFIG, key=len, reverse=True)) + r")(?![\w-])")
+
+
+def in_config_terms(message: str) -> str:
+    """`message`, a refusal naming Megatron's config fields or flags, with each that comes
+    from config.json replaced by the config.json field it comes from."""
+    return _MEGATRON_NAME.sub(lambda m: _TO_CONFIG[m.group(1)], message)
+
+
+def _check_routing(moe: dict[str, Any]) -> None:
+    """The moe plugin's router checks (the ones `megaseek pretrain` applies to the flags),
+    on the config.json fields."""
+    from plugins.moe.router import RouterConfig
+
+    if moe["num_experts_per_tok"] > moe["n_routed_experts"]:
+        _fail("num_experts_per_tok", f"{moe['num_experts_per_tok']} is more than the "
+              f"{moe['n_routed_experts']} routed experts (n_routed_experts)")
+    try:
+        RouterConfig(num_experts=moe["n_routed_experts"], top_k=moe["num_experts_per_tok"],
+                     num_groups=moe["n_group"], group_top_k=moe["topk_group"],
+                     scaling_factor=moe["routed_scaling_factor"]).validate()
+    except ValueError as e:
+        raise _FieldError(in_config_terms(str(e))) from None
+
+
+def _parse(cfg: dict[str, Any]) -> HFModel:
+    _check_identity(cfg)
+    cfg = _resolve_aliases(cfg)
     for key in sorted(cfg):
-        if key not in METADATA and key not in FIXED and key not in MAPPED:
+        if key not in METADATA and key not in FIXED and key not in MAPPED \
+                and key not in IDENTITY:
             _fail(key, "not understood by this converter")
     for key, (accepted, why) in FIXED.items():
         if key in cfg and cfg[key] not in accepted:
             _fail(key, f"{cfg[key]!r} not supported: {why}")
-    if "architectures" not in cfg and "model_type" not in cfg:
-        _fail("model_type", "missing (expected deepseek_v3)")
     heads = _int(cfg, "num_attention_heads")
     if cfg.get("num_key_value_heads", heads) != heads:
         _fail("num_key_value_heads", f"{cfg['num_key_value_heads']} != num_attention_heads "
@@ -230,12 +421,13 @@ def from_hf_config(cfg: dict[str, Any]) -> HFModel:
                    num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
                    n_group=_int(cfg, "n_group") if cfg.get("n_group") is not None else 1,
                    topk_group=_int(cfg, "topk_group") if cfg.get("topk_group") is not None else 1,
-                   routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+                   routed_scaling_factor=_float(cfg, "routed_scaling_factor", 1.0),
                    first_k_dense_replace=_int(cfg, "first_k_dense_replace", 0)
                    if "first_k_dense_replace" in cfg else 0)
         if moe["first_k_dense_replace"] >= layers:
             _fail("first_k_dense_replace", f"{moe['first_k_dense_replace']} leaves no MoE layer "
                   f"of {layers}; set n_routed_experts null for a dense model")
+        _check_routing(moe)
     q_lora = cfg.get("q_lora_rank")
     return HFModel(
         vocab_size=_int(cfg, "vocab_size"), hidden_size=_int(cfg, "hidden_size"),
@@ -243,12 +435,12 @@ def from_hf_config(cfg: dict[str, Any]) -> HFModel:
         intermediate_size=_int(cfg, "intermediate_size"),
         q_lora_rank=None if q_lora is None else _int(cfg, "q_lora_rank"),
         kv_lora_rank=_int(cfg, "kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-        v_head_dim=_int(cfg, "v_head_dim"), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        v_head_dim=_int(cfg, "v_head_dim"), rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
         rope_theta=theta, max_position_embeddings=_int(cfg, "max_position_embeddings"),
         yarn=yarn, rope_interleave=bool(cfg.get("rope_interleave", True)),
         num_nextn_predict_layers=_int(cfg, "num_nextn_predict_layers", 0)
         if "num_nextn_predict_layers" in cfg else 0,
-        attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        attention_dropout=_float(cfg, "attention_dropout", 0.0),
         fp8_block=_fp8_block(cfg), dtype=cfg.get("torch_dtype", cfg.get("dtype")), **moe)
 
 

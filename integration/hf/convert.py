@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 
 from integration.hf import keys
-from integration.hf.config import (HFConversionError, HFModel, from_hf_config,
-                                   megatron_fields, read_hf_config, to_hf_config)
+from integration.hf.config import (HFConversionError, HFModel, from_hf_config, in_config_terms,
+                                   megatron_fields, read_hf_model, to_hf_config)
 from integration.hf.fp8 import (BLOCK, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight,
                                 quantize_weight, scale_shape, stored_in_fp8)
 from integration.hf.safetensors_io import Reader, ShardWriter, staged_folder
@@ -115,7 +115,7 @@ def import_hf(path: str | Path, **megatron_overrides: Any):
     returned model needs to run; they stay in place.
     """
     path = Path(path)
-    hf = from_hf_config(read_hf_config(path))
+    hf = read_hf_model(path)
     reader = Reader(path)
     try:
         plan = _plan(reader, hf, megatron_overrides)
@@ -145,7 +145,17 @@ def megatron_config(hf: HFModel, plan: dict[str, Any], overrides: dict[str, Any]
         fields["pipeline_dtype"] = fields["params_dtype"]
     fields["bf16"] = fields["params_dtype"] == torch.bfloat16
     fields["fp16"] = fields["params_dtype"] == torch.float16
-    return MLATransformerConfig(**fields)
+    return megatron_checked(MLATransformerConfig, fields)
+
+
+def megatron_checked(config_class, fields: dict[str, Any]):
+    """`config_class(**fields)` (Megatron's transformer config), its refusal of fields that
+    come from config.json reported by their config.json names (`config.in_config_terms`)."""
+    try:
+        return config_class(**fields)
+    except (AssertionError, ValueError, NotImplementedError) as e:
+        raise HFConversionError("config.json: Megatron refuses the model it describes: "
+                                f"{in_config_terms(str(e))}") from None
 
 
 def _plan(reader: Reader, hf: HFModel, overrides: dict[str, Any],
@@ -319,6 +329,9 @@ class HFParameters:
             target = self.targets[hf_name]
             if target.kind != keys.SHARED:
                 _place(self._local(hf_name, target, meta), target, tensor)
+        more = f" and {len(sources) - 1} more" if len(sources) > 1 else ""
+        check_finite(tensor, f"{name} (from {sources[0]}{more})", f"after the cast to "
+                     f"{tensor.dtype} (beyond its range: choose another --dtype)")
         for hf_name in sources:  # DeepSeek's MTP copies of the embedding and head
             target = self.targets[hf_name]
             if target.kind == keys.SHARED and not torch.equal(self._local(hf_name, target, meta),
@@ -355,7 +368,7 @@ def save_megatron(source: Path, release: Path, overrides: dict[str, Any], part_o
 
     from integration.hf.lazy_save import LazySave
 
-    hf = from_hf_config(read_hf_config(source))
+    hf = read_hf_model(source)
     reader = Reader(source)
     try:
         plan = _plan(reader, hf, overrides, say=_said_before)
@@ -406,6 +419,8 @@ def _local_tensor(reader: Reader, name: str, plan, hf: HFModel, target: keys.Tar
                   param: torch.Tensor, part: Part) -> torch.Tensor:
     """The HF tensor in Megatron's row order, sliced to this rank's part."""
     tensor = _read(reader, name, plan, hf, param.dtype)
+    fp8 = f" (dequantised with {name}{SCALE_SUFFIX})" if name in plan["fp8"] else ""
+    check_finite(tensor, name, f"in {reader.files[name]}{fp8}")
     if target.kind in (keys.ROPE_Q, keys.ROPE_KV) and hf.rope_interleave:
         tensor = keys.reorder_rope(tensor, target.kind, hf, inverse=False)
     return _tp_slice(tensor, param, part)
@@ -416,6 +431,20 @@ def _read(reader: Reader, name: str, plan, hf: HFModel, dtype: torch.dtype) -> t
     if name in plan["fp8"]:
         return dequantize_weight(name, tensor, reader.get(name + SCALE_SUFFIX), hf.fp8_block, dtype)
     return tensor
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
+    """Raises naming tensor `name` when it holds NaN or inf: one reduction (NaN and inf
+    reach its min or max), no copy of the tensor; counted only when it fails."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if torch.isfinite(low) and torch.isfinite(high):
+        return
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    raise HFConversionError(f"{name}: {nan} NaN and {inf} inf among its {tensor.numel()} "
+                            f"values {where}; a checkpoint with non-finite weights is not "
+                            "converted")
 
 
 def _place(tensor: torch.Tensor, target: keys.Target, param: torch.Tensor) -> None:
@@ -510,9 +539,12 @@ def _hf_outputs(hf_name: str, target: keys.Target, state: Mapping[str, torch.Ten
     """The (name, tensor) pairs one HF tensor is written as, in tensors of their own (no
     view keeps a Megatron tensor, or a lazy `state`'s layer, alive once they are made)."""
     tensor = _hf_tensor(target, state[target.name], hf)
+    check_finite(tensor, hf_name, f"in the Megatron checkpoint's {target.name}")
     if fp8 and stored_in_fp8(hf_name):
         q, scale_inv = quantize_weight(tensor, BLOCK)
         return [(hf_name, q), (hf_name + SCALE_SUFFIX, scale_inv)]
-    if not hf_name.endswith("e_score_correction_bias"):
+    if not hf_name.endswith("e_score_correction_bias") and tensor.dtype != weight_dtype:
         tensor = tensor.to(weight_dtype)
+        check_finite(tensor, hf_name, f"after the cast to {weight_dtype} (beyond its range: "
+                     "choose another --dtype)")
     return [(hf_name, tensor.clone())]

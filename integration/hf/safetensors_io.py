@@ -17,26 +17,31 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from integration.hf.config import HFConversionError
+from integration.hf.config import HFConversionError, read_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
 class Reader:
+    """A folder's tensors by name. A shard that is not a readable safetensors file (cut
+    short, overwritten, not one at all) or an index that is not one is an HFConversionError
+    naming the file and what is wrong with it, when it is first opened."""
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise HFConversionError(f"{index}: no weight_map")
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) for f in weight_map.values()):
+                raise HFConversionError(f"{index}: no weight_map (tensor name -> shard file)")
             self.files = {name: self.folder / f for name, f in weight_map.items()}
         elif (self.folder / SINGLE).is_file():
-            with safe_open(self.folder / SINGLE, "pt") as f:
+            with _opened(self.folder / SINGLE) as f:
                 self.files = {name: self.folder / SINGLE for name in f.keys()}
         else:
             raise HFConversionError(f"{self.folder}: neither {INDEX} nor {SINGLE}")
@@ -61,20 +66,50 @@ class Reader:
         if self._open is None or self._open[0] != path:
             self._stack.close()
             self._stack = contextlib.ExitStack()
-            self._open = (path, self._stack.enter_context(safe_open(path, "pt")))
+            self._open = (path, self._stack.enter_context(_opened(path)))
         return self._open[1]
 
     def header(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype string) without reading the data."""
-        part = self._handle(name).get_slice(name)
-        return tuple(part.get_shape()), part.get_dtype()
+        with _named(self.files[name], name):
+            part = self._handle(name).get_slice(name)
+            return tuple(part.get_shape()), part.get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        with _named(self.files[name], name):
+            return self._handle(name).get_tensor(name)
 
     def close(self) -> None:
         self._stack.close()
         self._open = None
+
+
+_HEADER_ERROR = "Error while deserializing header: "
+
+
+@contextlib.contextmanager
+def _named(path: Path, tensor: str | None = None) -> Iterator[None]:
+    """safetensors' and the OS's errors reading `path` as an HFConversionError naming it
+    (and `tensor`): a cut-short file reads as 'file not fully covered' by its header."""
+    try:
+        yield
+    except SafetensorError as e:
+        detail = str(e)
+        what = "not a readable safetensors file (cut short or corrupt)" \
+            if detail.startswith(_HEADER_ERROR) else "cannot be read"
+        of = f" ({tensor})" if tensor else ""
+        raise HFConversionError(f"{path}{of}: {what}: "
+                                f"{detail.removeprefix(_HEADER_ERROR)}") from None
+    except OSError as e:
+        raise HFConversionError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    with _named(path):
+        handle = safe_open(path, "pt")
+    with handle:
+        yield handle
 
 
 class ShardWriter:
