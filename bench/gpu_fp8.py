@@ -125,10 +125,11 @@ def fwd_bwd(linear, x, w, dy) -> None:
 # --------------------------------------------------------------------------- (a)-(c) linear
 
 
-def _linear_calls(sets, backend: str) -> dict:
-    """BF16 and FP8 forward + backward, and the FP8 weights' once-per-step quantization,
-    each rotating over the input sets. The FP8 linears' caches are filled here: each call
-    finds W and W^T held."""
+def _linear_calls(sets, backend: str) -> tuple[dict, list, list]:
+    """({"bf16", "fp8", "weight per step"}: calls rotating over the input sets, the FP8
+    linears, the per-step caches): BF16 and FP8 forward + backward, and the FP8 weights'
+    once-per-step quantization. The FP8 linears' caches are filled here: each call finds W
+    and W^T held."""
     held = [fp8_calls.weight_cache() for _ in sets]
     for cache, (_, w, _) in zip(held, sets):
         fp8_calls.quantize_weight_for_step(cache, w)

@@ -66,7 +66,7 @@ class Setup:
 FULL = Setup(hidden=7168, heads=128, q_lora=1536, kv_lora=512, qk_head=128, rope_head=64,
              v_head=128, experts=64, ffn=2048, shared_ffn=2048, top_k=8, groups=8,
              group_top_k=4, tokens=4096, dtype=torch.bfloat16, warmup=3, reps=12,
-             profile_steps=2)
+             profile_steps=1)
 SMOKE = Setup(hidden=256, heads=4, q_lora=128, kv_lora=128, qk_head=32, rope_head=16,
               v_head=32, experts=8, ffn=128, shared_ffn=128, top_k=4, groups=4,
               group_top_k=2, tokens=256, dtype=torch.float32, warmup=1, reps=3,
@@ -340,7 +340,7 @@ def result(raw: dict) -> Result:
         for k in shown:
             top = layer["profiles"][k]["top"]
             notes.append(f"{k}'s longest kernels per step: " + "; ".join(
-                f"{t['name'][:70]} {t['seconds'] * 1e3:.2f} ms ({t['count']}x)" for t in top)
+                f"{t['name'][:70]} {t['seconds'] * 1e3:.2f} ms ({t['count']:g}x)" for t in top)
                 + ".")
     for k, why in layer["profiles"].items():
         if isinstance(why, str):

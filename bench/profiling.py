@@ -144,13 +144,20 @@ def family(name: str, launched_by: list[str]) -> str:
 
 
 def _launched_by(p: Profile) -> dict[int, list[str]]:
-    """Each device op's launching op and that op's ancestors, by the device op's id."""
-    frontend = {e.id: e for e in p.events if e.device_type == DeviceType.CPU
-                and getattr(e, "linked_correlation_id", 0) == 0}
+    """Each device op's launching op and that op's ancestors, by id(device op): through the
+    trace's correlation ids where the event has them, else through the kernels the
+    profiler lists under each op (by kernel name)."""
+    cpu = [e for e in p.events if e.device_type == DeviceType.CPU]
+    frontend = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) == 0}
+    by_name: dict[str, list[str]] = {}
+    for e in cpu:
+        for kernel in getattr(e, "kernels", ()):
+            by_name.setdefault(kernel.name, [e.name, *_ancestors(e)])
     chains = {}
     for op in p.device_ops():
-        parent = frontend.get(getattr(op, "linked_correlation_id", None))
-        chains[id(op)] = [] if parent is None else [parent.name, *_ancestors(parent)]
+        parent = frontend.get(getattr(op, "linked_correlation_id", None) or -1)
+        chains[id(op)] = ([parent.name, *_ancestors(parent)] if parent is not None
+                          else by_name.get(op.name, []))
     return chains
 
 
@@ -181,6 +188,6 @@ def device_time(p: Profile, top: int = 5) -> dict:
     per_call = lambda s: s / p.calls  # noqa: E731
     return {"families": {k: per_call(v) for k, v in sorted(by_family.items(),
                                                           key=lambda kv: -kv[1])},
-            "top": [{"name": name, "seconds": per_call(s), "count": counts[name] // p.calls}
+            "top": [{"name": name, "seconds": per_call(s), "count": counts[name] / p.calls}
                     for name, s in by_name.most_common(top)],
             "total": per_call(sum(by_family.values()))}

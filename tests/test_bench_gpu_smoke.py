@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 from bench import fp8_calls, gpu_fp8, gpu_layer, gpu_moe, profiling
 from bench.__main__ import main
@@ -248,6 +249,43 @@ def test_launches_count_kernels_copies_and_fills_only():
               event("cudaLaunchKernel", "cuda_runtime")] * 2
     counted = profiling.launches(profiling.Profile(events, calls=2, on_device=True))
     assert counted == {"kernels": 2, "copies": 2, "total": 4}
+
+
+def _gpu_trace(linked: bool):
+    """A GPU step's trace as torch.profiler gives it: an FP8 GEMM launched by
+    aten::_scaled_mm under the FP8 linear, a copy of its scales, a BF16 GEMM; kernels tied to
+    their ops by correlation id (`linked`) or only through the ops' kernel lists."""
+    def op(id_, name, parent=None, kernels=()):
+        return SimpleNamespace(id=id_, name=name, device_type=DeviceType.CPU, cpu_parent=parent,
+                               linked_correlation_id=0, activity_type="cpu_op",
+                               kernels=[SimpleNamespace(name=k) for k in kernels])
+
+    def kernel(name, launched_by, microseconds):
+        k = SimpleNamespace(id=0, name=name, device_type=DeviceType.CUDA, activity_type="kernel",
+                            time_range=SimpleNamespace(start=10.0, end=10.0 + microseconds))
+        if linked:
+            k.linked_correlation_id = launched_by
+        return k
+
+    linear = op(1, "FP8Linear")
+    events = [linear, op(2, "aten::_scaled_mm", linear, ["nvjet_sm90_qqtst"]),
+              op(3, "aten::copy_", linear, ["elementwise_kernel"]),
+              op(4, "aten::mm", None, ["nvjet_sm90_tst"]),
+              kernel("nvjet_sm90_qqtst", 2, 300.0), kernel("elementwise_kernel", 3, 20.0),
+              kernel("nvjet_sm90_tst", 4, 400.0), kernel("nvjet_sm90_qqtst", 2, 300.0)]
+    return profiling.Profile(events, calls=2, on_device=True)
+
+
+@pytest.mark.parametrize("linked", [True, False], ids=["correlation-ids", "kernel-lists"])
+def test_device_time_by_family_on_a_gpu_trace(linked):
+    """Each kernel's time goes to the family of its name or of the op that launched it;
+    per call; the total is the sum of the families."""
+    timed = profiling.device_time(_gpu_trace(linked), top=2)
+    assert timed["families"] == pytest.approx({"FP8 GEMM": 300e-6, "BF16 GEMM": 200e-6,
+                                               "copy / fill": 10e-6})
+    assert timed["total"] == pytest.approx(510e-6)
+    assert [(t["name"], t["count"]) for t in timed["top"]] == [("nvjet_sm90_qqtst", 1),
+                                                               ("nvjet_sm90_tst", 0.5)]
 
 
 @pytest.mark.parametrize("name, launched_by, family", [
