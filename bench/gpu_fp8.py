@@ -201,7 +201,8 @@ def measure_graphed(setup: Setup, rows: list[dict], backend: str, device) -> lis
             if waits != 0:
                 entry["times_s"]["fp8"] = (f"not captured: {waits} host waits per call"
                                            if isinstance(waits, int) else "not profiled")
-            timing.log(f"graphed linear {shape.weight} fwd+bwd", entry["times_s"])
+            timing.log(f"graphed linear {shape.weight} fwd+bwd",
+                       {k: v for k, v in entry["times_s"].items() if isinstance(v, list)})
         out.append(entry)
     return out
 
@@ -526,7 +527,8 @@ def _quantize_table(raw: dict, notes: list[str]) -> Table | None:
                  "its write.")
     return Table("(c) FP8 quantization as the linear calls it: bytes read + written over "
                  "time, against a device-to-device copy in the same run",
-                 ["linear", "calls", "n", "MB moved", "time", "GB/s", "of copy GB/s",
+                 ["linear", "quantizations of", "calls", "MB moved", "time", "GB/s",
+                  "of copy GB/s",
                   "slowest call: function(input) fraction"], rows,
                  right=frozenset({2, 3, 5, 6}))
 

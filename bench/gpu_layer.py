@@ -17,7 +17,8 @@ stacks). Step = zero_grad + forward + backward of the layer on [tokens, 1, hidde
 Where the time goes: torch.profiler's kernels per step, by family (bench.profiling).
 
 `python -m bench gpu_layer` on a GPU; `--smoke` builds a tiny layer on the CPU (FP32, the
-`emulated` FP8 backend).
+`emulated` FP8 backend; there torch's CPU grouped GEMM reads its offsets on the host, which
+the host-wait column counts and a GPU does not do).
 """
 
 from __future__ import annotations

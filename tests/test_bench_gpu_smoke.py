@@ -220,6 +220,22 @@ def test_quantize_recorder_times_the_outermost_call_and_counts_its_bytes():
         check_times(c["times_s"])
 
 
+def test_fp8_linear_held_quantizes_its_weight_once_per_step():
+    """gpu_fp8's FP8 linear takes W and W^T from the cache (no weight quantization in its
+    forward + backward); the per-step call quantizes each once, as a step's first
+    micro-batch does."""
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(256, 256, generator=g, requires_grad=True) for _ in range(2))
+    cache = fp8_calls.weight_cache()
+    fp8_calls.quantize_weight_for_step(cache, w)
+    linear = fp8_calls.fp8_linear_held(fp8_calls.backend(), cache)
+    for _ in range(2):
+        gpu_fp8.fwd_bwd(linear, x, w, torch.randn(256, 256, generator=g))
+    assert (cache.quantizations, cache.transposed_quantizations) == (1, 1)
+    fp8_calls.quantize_weight_for_step(cache, w)
+    assert (cache.quantizations, cache.transposed_quantizations) == (2, 2)
+
+
 def test_host_waits_count_the_calls_syncs_only():
     """`.item()` and `bool()` inside the profiled call count (each a wait on a GPU);
     what the profiler does after the calls does not."""
