@@ -410,7 +410,9 @@ class _Cells:
 
 def _linear_tables(raw: dict, cells: _Cells, notes: list[str]) -> list[Table]:
     rows, launch_rows, by_target = [], [], {}
-    fp8_launches, graphed = [], {tuple(g["weight"]): g for g in raw.get("graphed") or []}
+    graphed = {tuple(g["weight"]): g for g in raw["graphed"]} \
+        if isinstance(raw.get("graphed"), list) else {}
+    fp8_launches = []
     slower = []
     for r in raw["linear"]:
         n, k = r["weight"]

@@ -77,8 +77,8 @@ def launches(p: Profile) -> dict[str, int] | None:
     if not p.on_device:
         return None
     ops = p.device_ops()
-    copies = sum(1 for e in ops if getattr(e, "activity_type", None) in ("gpu_memcpy", "gpu_memset")
-                 or COPY.match(e.name))
+    copies = sum(1 for e in ops if COPY.match(e.name)
+                 or getattr(e, "activity_type", None) in ("gpu_memcpy", "gpu_memset"))
     kernels = len(ops) - copies
     return {"kernels": kernels // p.calls, "copies": copies // p.calls,
             "total": len(ops) // p.calls}
