@@ -10,7 +10,9 @@
 # 2. The device tool's call (copy as is; 480 s leaves the 460 s budget below its margin):
 #      run(command="bash scripts/device_run.sh", carry=[".whl"], timeout_s=480)
 #    A session with more device time left can give it more: BUDGET=S in front of the
-#    command, with timeout_s = S + 20 (at most 600).
+#    command, with timeout_s = S + 20 (at most 600). A second call for some steps only
+#    (e.g. after a fix): STEPS="2 3" in front of the command runs steps 2 and 3.
+#    Then give_back, unless another call follows at once.
 # 3. What comes back in $OUT (8 files at most; the reply's output_tail ends with the
 #    step log):
 #      run.log                    all output, each step's start, limit and exit code
@@ -57,6 +59,7 @@ export TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-460}  # seconds of the call's timeout_s, less 20 for a killed step's grace
 START=$SECONDS         # and the transfer of $OUT
 
+STEPS=" ${STEPS:-1 2 3 4 5 6} "  # the steps to run, by number
 SUMMARY=""  # one line a step, repeated at the end (the reply's output_tail)
 
 # step LABEL MAX_SECONDS CMD...: CMD under a timeout of MAX_SECONDS or the time left.
@@ -65,6 +68,7 @@ step() {
   shift 2
   local left=$((BUDGET - began))
   local limit=$((max < left ? max : left))
+  if [[ "$STEPS" != *" ${label%%.*} "* ]]; then return; fi  # not asked for
   echo "=== $label: $began s in, limit ${limit} s"
   if [ "$limit" -le 5 ]; then
     line="=== $label: skipped, no time left"
