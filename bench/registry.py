@@ -51,6 +51,8 @@ BENCHMARKS = {b.name: b for b in (
               "F, B, W and F&B times of a DualPipeV MLA+MoE chunk with EP=2 (4 gloo ranks)"),
     Benchmark("gpu_fp8", "bench.gpu_fp8:run", "gpu",
               "FP8 GEMMs, linears and quantization vs BF16 at DeepSeek-V3's shapes"),
+    Benchmark("gpu_layer", "bench.gpu_layer:run", "gpu",
+              "DeepSeek-V3-shaped MLA + MoE decoder layer: FP8 vs BF16 vs Megatron's MoELayer"),
     Benchmark("gpu_moe", "bench.gpu_moe:run", "gpu",
               "MoE layer vs Megatron-Core's, and the experts' grouped GEMMs, on a GPU"),
 )}
