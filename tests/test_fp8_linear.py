@@ -31,9 +31,14 @@ def test_gemms_are_the_products_of_the_quantized_operands():
     # The emulated backend is the exact block-scaled product, up to FP32 summation order.
     torch.testing.assert_close(y, fake_quant(x.detach(), ACTIVATION) @ fake_quant(w.detach(), WEIGHT).t())
     torch.testing.assert_close(x.grad, fake_quant(dy, ACTIVATION) @ fake_quant(w.detach().t().contiguous(), WEIGHT).t())
-    x_cached = fake_quant(x.detach(), ACTIVATION)  # Wgrad reads the FP8 cache, not x
-    torch.testing.assert_close(
-        w.grad, fake_quant(dy.t().contiguous(), ACTIVATION) @ fake_quant(x_cached.t().contiguous(), ACTIVATION).t())
+    # Wgrad: x^T tiled along tokens, quantized from x itself (in the same pass as Fprop's
+    # x), not from x's FP8 copy re-quantized (DeepSeek's double quantization, which moves
+    # dW's bits).
+    dy_t = fake_quant(dy.t().contiguous(), ACTIVATION)
+    x_t = fake_quant(x.detach().t().contiguous(), ACTIVATION)
+    torch.testing.assert_close(w.grad, dy_t @ x_t.t(), rtol=0, atol=0)
+    double = fake_quant(fake_quant(x.detach(), ACTIVATION).t().contiguous(), ACTIVATION)
+    assert not torch.equal(w.grad, dy_t @ double.t())
     # And they are close to the FP32 linear: E4M3 has 3 mantissa bits, errors average out
     # over K = 384 products (relative Frobenius error of a few percent at most).
     ref = x.detach() @ w.detach().t()
@@ -152,6 +157,18 @@ def test_input_is_cached_in_fp8_half_the_bytes_of_bf16():
     # 1 byte per element plus one float32 scale per 128 elements.
     assert fp8 == x.numel() + x.numel() // 128 * 4
     assert 0.5 <= fp8 / bf16 < 0.52
+
+
+def test_backward_keeps_x_transposed_only():
+    """What backward keeps of x is x^T as Wgrad takes it: 1x128 tiles along tokens, the
+    token count zero-padded to whole tiles (200 -> 256), one float32 scale per tile; not
+    x's Fprop codes (those are dropped after the forward GEMM)."""
+    x = torch.randn(200, 256, requires_grad=True)
+    w = torch.randn(128, 256, requires_grad=True)
+    assert saved_bytes(fp8_linear, x, w) == 256 * 256 + 256 * (256 // 128) * 4
+    # A given FP8 input is kept as it came (and re-tiled in backward): no x^T in forward.
+    x_fp8 = quantize(x.detach(), ACTIVATION)
+    assert saved_bytes(lambda x, w: fp8_linear(x, w, x_fp8=x_fp8), x, w) == 200 * 256 + 200 * 2 * 4
 
 
 def tp_linear_pair(rank: int, world_size: int, sequence_parallel: bool):

@@ -206,8 +206,9 @@ def fused_verdict(got, want) -> str:
         if q.shape != q_ref.shape or scales.shape != scales_ref.shape:
             return f"{what}: shapes {tuple(q.shape)}, {tuple(scales.shape)}"
         differ = (bits(q).cpu() != bits(q_ref).cpu()).sum().item()
-        if differ or not torch.equal(scales.cpu(), scales_ref.cpu()):
-            return f"{what}: {differ} codes differ, scales {'equal' if torch.equal(scales.cpu(), scales_ref.cpu()) else 'differ'}"
+        same_scales = torch.equal(scales.cpu(), scales_ref.cpu())
+        if differ or not same_scales:
+            return f"{what}: {differ} codes differ, scales {'equal' if same_scales else 'differ'}"
     return "ok"
 
 
