@@ -278,6 +278,54 @@ def test_cublas_alignment_keeps_the_product(m, n, k, b_block):
                                rtol=1e-12, atol=1e-12)
 
 
+def _scaled_mm_accepts(t: torch.Tensor, scale: torch.Tensor, block) -> bool:
+    """ScaledBlas.cpp's is_blockwise_1x128_scaling / is_blockwise_128x128_scaling for an
+    operand t [rows, k] (A, or B^T) and its scales: check_size_stride on each dim, a dim of
+    size 1 taking any stride."""
+    rows, k = t.shape
+    if block == (1, 128):
+        want = ((rows, 1), (-(-k // 128), rows))
+    else:
+        want = ((-(-rows // 128), -(-k // 128)), (-(-k // 128), 1))
+    return scale.dim() == 2 and all(
+        scale.shape[d] == size and (size <= 1 or scale.stride(d) == stride)
+        for d, (size, stride) in enumerate(want))
+
+
+def test_scales_reach_scaled_mm_without_a_copy():
+    """The `torch` backend hands each GEMM the operands' own scales, as views in the layouts
+    torch._scaled_mm checks, when the fused quantizers made them (Fprop, Dgrad and Wgrad as
+    fp8_linear runs them, ragged `out` and tokens); `quantize`'s row-major 1x128 scales (an
+    input given in FP8) are copied into that layout. Checked on the CPU: the layouts, not
+    the GEMM."""
+    from plugins.common.quantize import quantize_with_transposed
+    from plugins.fp8.backends import Operand, _scaled_mm_scales
+    from plugins.fp8.weight_cache import quantize_weight_with_transposed
+
+    g = torch.Generator().manual_seed(4)
+    x, w, dy = torch.randn(200, 256, generator=g), torch.randn(576, 256, generator=g), \
+        torch.randn(200, 576, generator=g)
+
+    def operands(quantized):
+        return tuple(Operand(*t, ACTIVATION) for t in quantized)
+
+    x_q, x_t = operands(quantize_with_transposed(x))
+    dy_q, dy_t = operands(quantize_with_transposed(dy, pad_cols=True))
+    w_q, w_t = quantize_weight_with_transposed(w)
+    for a, b in ((x_q, w_q), (dy_q, w_t), (dy_t, x_t)):  # Fprop, Dgrad, Wgrad
+        scale_a, scale_b = _scaled_mm_scales(a, b)
+        assert scale_a.data_ptr() == a.scales.data_ptr()
+        assert scale_b.data_ptr() == b.scales.data_ptr()
+        assert _scaled_mm_accepts(a.q, scale_a, a.block)
+        assert _scaled_mm_accepts(b.q, scale_b.t(), b.block)  # checked as B^T = b.q
+        assert torch.equal(scale_a, a.scales) and torch.equal(scale_b.t(), b.scales)
+    given = Operand(*quantize(x, ACTIVATION), ACTIVATION)  # row-major scales
+    scale_a, _ = _scaled_mm_scales(given, w_q)
+    assert scale_a.data_ptr() != given.scales.data_ptr()
+    assert _scaled_mm_accepts(given.q, scale_a, ACTIVATION)
+    assert torch.equal(scale_a, given.scales)
+
+
 @pytest.mark.parametrize("m,n,k", [(0, 256, 128), (256, 128, 0)])
 def test_torch_backend_gives_zeros_for_empty_operands(m, n, k):
     """An expert that got no tokens: Fprop and Dgrad have no rows, Wgrad sums over no

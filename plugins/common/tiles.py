@@ -49,8 +49,8 @@ def transposed_rows(x: torch.Tensor, pad_rows: bool, who: str) -> int:
 def outer_dim_major(scales: torch.Tensor) -> torch.Tensor:
     """1x128 scales [rows, k // 128] as the GEMMs take a 1x128 operand's: stride (1, rows),
     the same values (cuBLAS's block-scaled GEMM through torch._scaled_mm reads them so; the
-    other backends read any strides). The fused quantizers write them so in the first
-    place; for others this is a copy."""
+    other backends read any strides). Scales already so (the fused quantizers write them
+    so) come back as they are, a view; others are copied."""
     return scales.t().contiguous().t()
 
 
