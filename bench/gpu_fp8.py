@@ -7,8 +7,10 @@
 (b) linear    plugins.fp8.linear.fp8_linear forward + backward, quantization included,
               side by side with BF16 F.linear forward + backward. Target: >= 1.5x.
 (c) quantize  plugins.common.quantize's quantizations of a linear (x, W, and Wgrad's dy^T and
-              x^T, the latter re-tiled from the FP8 cache) as achieved GB/s (bytes read +
-              written) over a device-to-device copy's, measured in the same run.
+              x^T, the latter re-tiled from the FP8 cache; and the fused ones fp8_linear
+              calls: x or dy and their transposes from one read, W and W^T from one read)
+              as achieved GB/s (bytes read + written) over a device-to-device copy's,
+              measured in the same run.
               Target: >= 80%.
 
     Fprop   y  = x  @ W^T   A = x  [M, K] 1x128    B = W   [N, K] 128x128
@@ -72,14 +74,18 @@ FULL = Setup(
     quantize=(("activation 1x128", (4096, 7168), ACTIVATION),
               ("weight 128x128", (7168, 2048), WEIGHT),
               ("Wgrad dy^T 1x128", (4096, 7168), "transposed"),
-              ("Wgrad x^T from the FP8 cache", (4096, 7168), "requantized")),
+              ("Wgrad x^T from the FP8 cache", (4096, 7168), "requantized"),
+              ("x and x^T 1x128, one read", (4096, 7168), "with transposed"),
+              ("W and W^T 128x128, one read", (7168, 2048), "blocks with transposed")),
     copy_elements=2**29, impls=("torch", "scaled_mm", "triton"), dtype=torch.bfloat16,
     sets=3, warmup=5, reps=30)
 SMOKE = Setup(
     tokens=256, weights=((256, 384), (384, 256)),
     quantize=(("activation 1x128", (256, 384), ACTIVATION), ("weight 128x128", (384, 256), WEIGHT),
               ("Wgrad dy^T 1x128", (200, 384), "transposed"),
-              ("Wgrad x^T from the FP8 cache", (200, 384), "requantized")),
+              ("Wgrad x^T from the FP8 cache", (200, 384), "requantized"),
+              ("x and x^T 1x128, one read", (200, 384), "with transposed"),
+              ("W and W^T 128x128, one read", (384, 256), "blocks with transposed")),
     copy_elements=2**20, impls=("torch", "scaled_mm", "triton", "emulated"),
     dtype=torch.bfloat16, sets=2, warmup=1, reps=3)
 
@@ -241,9 +247,17 @@ def quantize_kernel_runs(device: torch.device) -> bool:
 
 def _quantizer(kind, check_finite: bool):
     """The call a linear makes for `kind`: a block (x or W), "transposed" (Wgrad's dy^T,
-    ragged tokens padded) or "requantized" (Wgrad's x^T from the FP8 cache (q, scales))."""
-    from plugins.common.quantize import quantize, quantize_transposed, requantize_transposed
+    ragged tokens padded), "requantized" (Wgrad's x^T from the FP8 cache (q, scales)),
+    "with transposed" (x and x^T from one read, as fp8_linear quantizes x and dy) or
+    "blocks with transposed" (W and W^T from one read, as the weight cache does)."""
+    from plugins.common.quantize import (quantize, quantize_blocks_with_transposed,
+                                         quantize_transposed, quantize_with_transposed,
+                                         requantize_transposed)
 
+    if kind == "with transposed":
+        return partial(quantize_with_transposed, check_finite=check_finite)
+    if kind == "blocks with transposed":
+        return partial(quantize_blocks_with_transposed, check_finite=check_finite)
     if kind == "transposed":
         return partial(quantize_transposed, check_finite=check_finite, pad_rows=True)
     if kind == "requantized":
@@ -253,8 +267,15 @@ def _quantizer(kind, check_finite: bool):
 
 def _moved_bytes(kind, shape: tuple[int, int], dtype_bytes: int) -> int:
     """Read once, E4M3 bytes and float32 scales written once (the FP8 cache is read as
-    bytes and scales too)."""
+    bytes and scales too); the fused kinds write both orientations (tokens or rows padded
+    to 128)."""
     elements = math.prod(shape)
+    if kind in ("with transposed", "blocks with transposed"):
+        rows, cols = shape
+        padded = (rows + -rows % 128) * cols
+        block = 128 if kind == "with transposed" else 128 * 128
+        written = (elements if block == 128 else padded) + padded
+        return elements * dtype_bytes + written + 4 * (written // block)
     tiles = elements // (kind[0] * kind[1] if isinstance(kind, tuple) else 128)
     read = elements + 4 * tiles if kind == "requantized" else elements * dtype_bytes
     return read + elements + 4 * tiles
