@@ -418,6 +418,11 @@ def test_cpu_quantize_does_not_touch_triton():
         for block in [(1, 128), (128, 128), (128, 1)]:
             q, s = quantize(x, block)
             assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+        from plugins.common.quantize import (quantize_blocks_with_transposed,
+                                             quantize_with_transposed)
+        for fused in (quantize_with_transposed, quantize_blocks_with_transposed):
+            (q, s), (q_t, s_t) = fused(x)
+            assert q.shape == q_t.shape == x.shape and q_t.dtype == torch.float8_e4m3fn
         assert "plugins.common.triton_quantize" not in sys.modules
         print("ok")
     """

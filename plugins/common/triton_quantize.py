@@ -10,7 +10,10 @@ Blocks (1, 128), (128, 128) and (128, 1), and `quantize_transposed(x)`: x^T in 1
 tiles, i.e. x in 128x1 tiles (128 tokens per channel, as Wgrad takes x and dy) written
 out transposed, from one read of x and with no `x.t().contiguous()` copy; a ragged token
 count is zero-padded on the way. `requantize_transposed(q, scales)` does the same from x
-held in FP8 1x128 tiles (the linear layer's backward cache), decoding it in registers.
+held in FP8 1x128 tiles, decoding it in registers. `quantize_with_transposed(x)` and
+`quantize_blocks_with_transposed(x)` write x and x^T together from one read of each
+128x128 chunk (a linear's x or dy in 1x128 tiles both ways; a weight as W and W^T), the
+1x128 scales outer-dim-major, as the GEMMs read them.
 
 `plugins.common.quantize.quantize` calls it for CUDA tensors where it can run (sm89 or newer,
 for the E4M3 conversions); CPU tensors keep the torch ops. `TRITON_INTERPRET=1`, set

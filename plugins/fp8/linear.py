@@ -126,7 +126,7 @@ class FP8Linear(torch.autograd.Function):
             wtq = quantize_weight_transposed(weight, check_finite=False)
         dx = gemm(dyq, wtq, dy.dtype).view(ctx.shape)
 
-        x_transposed = ctx.x_transposed
+        x_transposed = ctx.x_transposed  # x_q, x_scales hold x^T; else x as it was given
 
         def wgrad() -> torch.Tensor:
             # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
