@@ -421,8 +421,9 @@ def layer_activation_terms(m: Model, layer: int, tokens: int, sequence: int,
     f32, fp8 = 4, precision.fp8
 
     def lin(width: int) -> float:
-        """A linear's input as it keeps it: FP8 with --plugins fp8, else the tensor."""
-        return t * width * (FP8_BYTES if fp8 else e)
+        """A linear's input as it keeps it: the tensor, or with --plugins fp8 x^T in FP8 as
+        Wgrad takes it, 1x128 tiles along tokens, the token count padded to whole tiles."""
+        return (t + -t % 128) * width * FP8_BYTES if fp8 else t * width * e
 
     def norm_out(width: int, linears: int = 1) -> float:
         """A norm's output, kept as its linears' input: recomputed with `layernorm`; under
@@ -522,7 +523,7 @@ def _swiglu(m: Model, ffn: int, t: int, e: int, fp8: bool, label: str) -> dict[s
     width = ffn * (2 if m.swiglu else 1)
     if fp8:
         return {f"{label} SwiGLU input": t * width * FP8_BYTES,
-                f"{label} fc2 input": t * ffn * FP8_BYTES}
+                f"{label} fc2 input": (t + -t % 128) * ffn * FP8_BYTES}  # x^T, as `lin`
     return {f"{label} fc1 output": t * width * e,
             f"{label} SwiGLU": (2 * t * ffn * e) if m.swiglu else t * ffn * e,
             f"{label} fc2 input": t * ffn * e}

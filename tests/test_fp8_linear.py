@@ -31,9 +31,14 @@ def test_gemms_are_the_products_of_the_quantized_operands():
     # The emulated backend is the exact block-scaled product, up to FP32 summation order.
     torch.testing.assert_close(y, fake_quant(x.detach(), ACTIVATION) @ fake_quant(w.detach(), WEIGHT).t())
     torch.testing.assert_close(x.grad, fake_quant(dy, ACTIVATION) @ fake_quant(w.detach().t().contiguous(), WEIGHT).t())
-    x_cached = fake_quant(x.detach(), ACTIVATION)  # Wgrad reads the FP8 cache, not x
-    torch.testing.assert_close(
-        w.grad, fake_quant(dy.t().contiguous(), ACTIVATION) @ fake_quant(x_cached.t().contiguous(), ACTIVATION).t())
+    # Wgrad: x^T tiled along tokens, quantized from x itself (in the same pass as Fprop's
+    # x), not from x's FP8 copy re-quantized (DeepSeek's double quantization, which moves
+    # dW's bits).
+    dy_t = fake_quant(dy.t().contiguous(), ACTIVATION)
+    x_t = fake_quant(x.detach().t().contiguous(), ACTIVATION)
+    torch.testing.assert_close(w.grad, dy_t @ x_t.t(), rtol=0, atol=0)
+    double = fake_quant(fake_quant(x.detach(), ACTIVATION).t().contiguous(), ACTIVATION)
+    assert not torch.equal(w.grad, dy_t @ double.t())
     # And they are close to the FP32 linear: E4M3 has 3 mantissa bits, errors average out
     # over K = 384 products (relative Frobenius error of a few percent at most).
     ref = x.detach() @ w.detach().t()
@@ -154,6 +159,18 @@ def test_input_is_cached_in_fp8_half_the_bytes_of_bf16():
     assert 0.5 <= fp8 / bf16 < 0.52
 
 
+def test_backward_keeps_x_transposed_only():
+    """What backward keeps of x is x^T as Wgrad takes it: 1x128 tiles along tokens, the
+    token count zero-padded to whole tiles (200 -> 256), one float32 scale per tile; not
+    x's Fprop codes (those are dropped after the forward GEMM)."""
+    x = torch.randn(200, 256, requires_grad=True)
+    w = torch.randn(128, 256, requires_grad=True)
+    assert saved_bytes(fp8_linear, x, w) == 256 * 256 + 256 * (256 // 128) * 4
+    # A given FP8 input is kept as it came (and re-tiled in backward): no x^T in forward.
+    x_fp8 = quantize(x.detach(), ACTIVATION)
+    assert saved_bytes(lambda x, w: fp8_linear(x, w, x_fp8=x_fp8), x, w) == 200 * 256 + 200 * 2 * 4
+
+
 def tp_linear_pair(rank: int, world_size: int, sequence_parallel: bool):
     """An FP8 column-parallel then row-parallel linear (an MLP without activation)."""
     from tests.backend import device
@@ -259,6 +276,54 @@ def test_cublas_alignment_keeps_the_product(m, n, k, b_block):
 
     torch.testing.assert_close(product(padded_a, padded_b)[:m, :n], product(a, b),
                                rtol=1e-12, atol=1e-12)
+
+
+def _scaled_mm_accepts(t: torch.Tensor, scale: torch.Tensor, block) -> bool:
+    """ScaledBlas.cpp's is_blockwise_1x128_scaling / is_blockwise_128x128_scaling for an
+    operand t [rows, k] (A, or B^T) and its scales: check_size_stride on each dim, a dim of
+    size 1 taking any stride."""
+    rows, k = t.shape
+    if block == (1, 128):
+        want = ((rows, 1), (-(-k // 128), rows))
+    else:
+        want = ((-(-rows // 128), -(-k // 128)), (-(-k // 128), 1))
+    return scale.dim() == 2 and all(
+        scale.shape[d] == size and (size <= 1 or scale.stride(d) == stride)
+        for d, (size, stride) in enumerate(want))
+
+
+def test_scales_reach_scaled_mm_without_a_copy():
+    """The `torch` backend hands each GEMM the operands' own scales, as views in the layouts
+    torch._scaled_mm checks, when the fused quantizers made them (Fprop, Dgrad and Wgrad as
+    fp8_linear runs them, ragged `out` and tokens); `quantize`'s row-major 1x128 scales (an
+    input given in FP8) are copied into that layout. Checked on the CPU: the layouts, not
+    the GEMM."""
+    from plugins.common.quantize import quantize_with_transposed
+    from plugins.fp8.backends import Operand, _scaled_mm_scales
+    from plugins.fp8.weight_cache import quantize_weight_with_transposed
+
+    g = torch.Generator().manual_seed(4)
+    x, w, dy = torch.randn(200, 256, generator=g), torch.randn(576, 256, generator=g), \
+        torch.randn(200, 576, generator=g)
+
+    def operands(quantized):
+        return tuple(Operand(*t, ACTIVATION) for t in quantized)
+
+    x_q, x_t = operands(quantize_with_transposed(x))
+    dy_q, dy_t = operands(quantize_with_transposed(dy, pad_cols=True))
+    w_q, w_t = quantize_weight_with_transposed(w)
+    for a, b in ((x_q, w_q), (dy_q, w_t), (dy_t, x_t)):  # Fprop, Dgrad, Wgrad
+        scale_a, scale_b = _scaled_mm_scales(a, b)
+        assert scale_a.data_ptr() == a.scales.data_ptr()
+        assert scale_b.data_ptr() == b.scales.data_ptr()
+        assert _scaled_mm_accepts(a.q, scale_a, a.block)
+        assert _scaled_mm_accepts(b.q, scale_b.t(), b.block)  # checked as B^T = b.q
+        assert torch.equal(scale_a, a.scales) and torch.equal(scale_b.t(), b.scales)
+    given = Operand(*quantize(x, ACTIVATION), ACTIVATION)  # row-major scales
+    scale_a, _ = _scaled_mm_scales(given, w_q)
+    assert scale_a.data_ptr() != given.scales.data_ptr()
+    assert _scaled_mm_accepts(given.q, scale_a, ACTIVATION)
+    assert torch.equal(scale_a, given.scales)
 
 
 @pytest.mark.parametrize("m,n,k", [(0, 256, 128), (256, 128, 0)])

@@ -253,3 +253,51 @@ def test_square_blocks_of_the_transpose_are_the_transposed_blocks():
     q_t, scales_t = quantize(w.t().contiguous(), (128, 128))
     assert torch.equal(q.t().contiguous().view(torch.uint8), q_t.view(torch.uint8))
     assert torch.equal(scales.t(), scales_t)
+
+
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_x_and_x_transposed_from_one_call(power_of_two):
+    """quantize_with_transposed: Fprop's (or Dgrad's) 1x128 tiles and Wgrad's x^T tiles,
+    both from x itself, the tokens padded for x^T and a ragged `out` (pad_cols) for x;
+    the scales outer-dim-major (stride (1, rows)), the same values as `quantize`'s.
+    quantize_blocks_with_transposed: a weight as W and W^T in 128x128 blocks."""
+    from plugins.common.quantize import (pad_to_tiles, quantize_blocks_transposed,
+                                         quantize_blocks_with_transposed,
+                                         quantize_with_transposed)
+
+    p2 = dict(power_of_two_scales=power_of_two)
+    x = spread(200, 576, seed=7, dtype=torch.bfloat16)
+    x[:, :128] = 0  # all-zero tiles both ways
+    (q, scales), (q_t, scales_t) = quantize_with_transposed(x, pad_cols=True, **p2)
+    q_ref, scales_ref = quantize(pad_to_tiles(x, cols=128), (1, 128), **p2)
+    q_t_ref, scales_t_ref = quantize_transposed(x, pad_rows=True, **p2)
+    assert q.shape == (200, 640) and q_t.shape == (576, 256)
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(scales, scales_ref)
+    assert torch.equal(bits(q_t), bits(q_t_ref)) and torch.equal(scales_t, scales_t_ref)
+    assert scales.stride() == (1, 200) and scales_t.stride() == (1, 576)
+    assert bool((scales_t[:128] == 2.0 ** -126).all())
+
+    weight = x[:, :512]  # 200 rows: the last block padded
+    (w, w_scales), (w_t, w_t_scales) = quantize_blocks_with_transposed(weight, **p2)
+    w_ref, w_scales_ref = quantize(pad_to_tiles(weight, rows=128), (128, 128), **p2)
+    w_t_ref, w_t_scales_ref = quantize_blocks_transposed(weight, **p2)
+    assert torch.equal(bits(w), bits(w_ref)) and torch.equal(w_scales, w_scales_ref)
+    assert torch.equal(bits(w_t), bits(w_t_ref)) and torch.equal(w_t_scales, w_t_scales_ref)
+
+
+def test_x_and_x_transposed_refuse_like_quantize():
+    from plugins.common.quantize import quantize_blocks_with_transposed, quantize_with_transposed
+
+    with pytest.raises(ValueError, match=r"cols = 200.*\(1, 128\)"):
+        quantize_with_transposed(torch.randn(256, 200))  # a ragged `out` needs pad_cols
+    x = torch.randn(256, 256)
+    x[130, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^quantize_with_transposed: x has non-finite.*"
+                                         r"row tile 130"):
+        quantize_with_transposed(x)
+    with pytest.raises(ValueError, match=r"quantize_blocks_with_transposed: x has non-finite.*"
+                                         r"row tile 1, col tile 0"):
+        quantize_blocks_with_transposed(x)
+    (_, scales), (_, scales_t) = quantize_with_transposed(x, check_finite=False)
+    assert torch.isinf(scales[130, 0]) and torch.isinf(scales_t[5, 1])
+    assert int(torch.isinf(scales).sum()) == int(torch.isinf(scales_t).sum()) == 1

@@ -18,19 +18,28 @@ SHAPES = [(64, 128, 128, (WEIGHT, ACTIVATION)), (130, 256, 384, (WEIGHT, ACTIVAT
 GPU_CONFIG_SHAPES = [(300, 384, 256, (WEIGHT, ACTIVATION)), (300, 200, 256, (ACTIVATION,))]
 
 
-def relative_errors(shapes, gemm) -> list[float]:
+def relative_errors(shapes, gemm, outer_dim_major: bool = False) -> list[float]:
     """max |C - C_emulated| / max |C_emulated| of `gemm(a, b)` per shape and B block
-    (Fprop/Dgrad: 128x128 weight blocks; Wgrad: 1x128 tiles)."""
+    (Fprop/Dgrad: 128x128 weight blocks; Wgrad: 1x128 tiles). outer_dim_major: 1x128
+    scales laid out as the fused quantizers write them (stride (1, rows))."""
     from plugins.fp8 import backends
     from plugins.common.quantize import quantize
+    from plugins.common.tiles import outer_dim_major as laid_out
+
+    def quantized(t, block):
+        q, scales = quantize(t, block)
+        if outer_dim_major and block == ACTIVATION:
+            scales = laid_out(scales)
+            assert scales.shape[1] == 1 or scales.stride() == (1, t.shape[0])
+        return backends.Operand(q, scales, block)
 
     errors = []
     g = torch.Generator().manual_seed(0)
     for m, n, k, blocks in shapes:
         x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-        a = backends.Operand(*quantize(x, ACTIVATION), ACTIVATION)
+        a = quantized(x, ACTIVATION)
         for block in blocks:
-            b = backends.Operand(*quantize(w, block), block)
+            b = quantized(w, block)
             want = backends.emulated_gemm(a, b)
             errors.append(((gemm(a, b) - want).abs().max() / want.abs().max()).item())
     return errors
@@ -41,7 +50,8 @@ def triton_vs_emulated(rank: int, world_size: int) -> list[float]:
 
     # Interpreted: one fixed config, so the autotuner never benchmarks.
     assert triton_gemm._tuned_gemm.configs == [triton_gemm.INTERPRETER_CONFIG]
-    return relative_errors(SHAPES, backends.BACKENDS["triton"])
+    return [e for outer_dim_major in (False, True)
+            for e in relative_errors(SHAPES, backends.BACKENDS["triton"], outer_dim_major)]
 
 
 def gpu_configs_vs_emulated(rank: int, world_size: int) -> list[float]:
@@ -58,7 +68,8 @@ def test_triton_kernel_matches_the_emulated_product(monkeypatch):
     # The interpreter is chosen when the kernel is defined: set it for the spawned process.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     errors = run_ranks(triton_vs_emulated, 1, timeout=300)[0]
-    assert len(errors) == sum(len(blocks) for *_, blocks in SHAPES)
+    # Each case twice: 1x128 scales row-major, and outer-dim-major (read through strides)
+    assert len(errors) == 2 * sum(len(blocks) for *_, blocks in SHAPES)
     # Same products, summed per 128-wide chunk then scaled (FP32 summation order only).
     assert max(errors) < 1e-5, errors
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from plugins.common import quantize as torch_ops
 from plugins.common.quantize import (pad_to_tiles, quantize, quantize_blocks_transposed,
                                      quantize_transposed, requantize_transposed)
 from tests.multirank import run_ranks
@@ -139,6 +140,78 @@ def quantize_both(tq, x, block, power_of_two):
             quantize(x.cpu(), block, power_of_two_scales=power_of_two))
 
 
+# The fused quantizers: x and x^T from one read of x. (name, kind, shape of x). Kinds:
+# "rows" quantize_with_transposed(x) with the special tiles along x's rows, "cols" the same
+# with them along x's columns (x^T's tiles), "padded" with pad_cols (a ragged `out`), "blocks"
+# quantize_blocks_with_transposed(x) (a weight as W and W^T).
+FUSED_CASES = [
+    ("with transposed", "rows", (256, 256)),
+    ("with transposed ragged", "rows", (200, 256)),
+    ("with transposed one token", "rows", (1, 128)),
+    ("with transposed strided", "rows", (128, 256)),
+    ("with transposed cols", "cols", (256, 384)),
+    ("with transposed cols ragged", "cols", (130, 256)),
+    ("with transposed padded", "padded", (130, 200)),
+    ("blocks with transposed", "blocks", (256, 384)),
+    ("blocks with transposed ragged", "blocks", (200, 256)),
+    ("blocks with transposed strided", "blocks", (128, 256)),
+]
+FUSED_RUNS = list(itertools.product(FUSED_CASES, DTYPES, (False, True)))
+FUSED_IDS = [f"{name}-{str(dtype)[6:]}{'-pow2' if p2 else ''}"
+             for (name, _, _), dtype, p2 in FUSED_RUNS]
+
+
+def fused_input(name, kind, shape, dtype) -> torch.Tensor:
+    if kind == "cols":  # the special tiles are x^T's 1x128 tiles
+        x = make_input((1, 128), shape[::-1], dtype).t().contiguous()
+    else:
+        x = make_input((128, 128) if kind == "blocks" else (1, 128), shape, dtype)
+    return x.t().contiguous().t() if "strided" in name else x
+
+
+def fused(quantizer, x, kind, **kw):
+    """quantizer's ((q, scales), (q_t, scales_t)) for a fused case (quantizer: the kernel's
+    module or plugins.common.quantize)."""
+    if kind == "blocks":
+        return quantizer.quantize_blocks_with_transposed(x, **kw)
+    return quantizer.quantize_with_transposed(x, pad_cols=kind == "padded", **kw)
+
+
+def fused_formula(x, kind, power_of_two):
+    """What the fused quantizers must give, from `quantize` on explicitly padded and
+    transposed copies of x (on the CPU)."""
+    p2 = dict(power_of_two_scales=power_of_two)
+    x = x.cpu()
+    if kind == "blocks":
+        padded = pad_to_tiles(x, rows=128)
+        return (quantize(padded, (128, 128), **p2),
+                quantize(padded.t().contiguous(), (128, 128), **p2))
+    return (quantize(pad_to_tiles(x, cols=128), (1, 128), **p2),
+            quantize(pad_to_tiles(x, rows=128).t().contiguous(), (1, 128), **p2))
+
+
+def gemm_ready(scales, block) -> bool:
+    """Whether scales are laid out as torch._scaled_mm reads them (ScaledBlas.cpp's
+    check_size_stride: a dim of size 1 may have any stride): 1x128 outer-dim-major
+    (stride (1, rows)), 128x128 row-major."""
+    rows, k = scales.shape
+    want = (1, rows) if block == (1, 128) else (k, 1)
+    return all(size <= 1 or stride == w for size, stride, w in zip(scales.shape,
+                                                                     scales.stride(), want))
+
+
+def fused_verdict(got, want) -> str:
+    """'ok' when got's four tensors are want's, bit for bit, else what differs."""
+    for (q, scales), (q_ref, scales_ref), what in zip(got, want, ("x", "x^T")):
+        if q.shape != q_ref.shape or scales.shape != scales_ref.shape:
+            return f"{what}: shapes {tuple(q.shape)}, {tuple(scales.shape)}"
+        differ = (bits(q).cpu() != bits(q_ref).cpu()).sum().item()
+        same_scales = torch.equal(scales.cpu(), scales_ref.cpu())
+        if differ or not same_scales:
+            return f"{what}: {differ} codes differ, scales {'equal' if same_scales else 'differ'}"
+    return "ok"
+
+
 def bits(q):
     return q.view(torch.uint8)
 
@@ -191,6 +264,36 @@ def interpreted_checks(rank: int, world_size: int) -> dict:
             out["unchecked_scales"].append(torch.equal(got_scales, unchecked(qz, x, block)[1])
                                            and int(torch.isinf(got_scales).sum()) == 2)
 
+    out["fused"], out["fused_layout"] = {}, {}
+    for (name, kind, shape), dtype, p2 in FUSED_RUNS:
+        x = fused_input(name, kind, shape, dtype)
+        got = fused(tq, x, kind, power_of_two_scales=p2)
+        torch_result = fused(torch_ops, x, kind, power_of_two_scales=p2)
+        verdicts = (fused_verdict(got, fused_formula(x, kind, p2)),
+                    fused_verdict(torch_result, fused_formula(x, kind, p2)))
+        out["fused"][(name, dtype, p2)] = verdicts
+        block = (128, 128) if kind == "blocks" else (1, 128)
+        out["fused_layout"][(name, dtype, p2)] = [
+            gemm_ready(scales, block) for result in (got, torch_result) for _, scales in result]
+    out["fused_errors"], out["fused_unchecked_infs"] = [], []
+    for kind in ("rows", "blocks"):
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            x, _ = with_bad_values((1, 128), bad)
+            messages = []
+            for quantizer in (tq, torch_ops):
+                try:
+                    fused(quantizer, x, kind)
+                    messages.append("no error")
+                except ValueError as e:
+                    messages.append(str(e))
+            out["fused_errors"].append((kind, bad, *messages))
+            got = fused(tq, x, kind, check_finite=False)
+            want = fused(torch_ops, x, kind, check_finite=False)
+            out["fused_unchecked_infs"].append(
+                [int(torch.isinf(s).sum()) for _, s in got]
+                if all(torch.equal(s, s_ref) for (_, s), (_, s_ref) in zip(got, want))
+                else "scales differ")
+
     # The interpreter's own casts (the workaround's reasons to exist): float32 -> E4M3 on
     # ties, bf16 -> float32 on subnormals (x / 2^-126 lands in E4M3's normal range).
     x = torch.cat([torch.tensor([448.0]), ties(torch.float32)[:127]]).reshape(1, 128)
@@ -239,6 +342,28 @@ def test_non_finite_raises_like_quantize(interpreted):
 
 def test_unchecked_bad_tiles_get_scale_inf_like_quantize(interpreted):
     assert interpreted["unchecked_scales"] == [True] * 12
+
+
+@pytest.mark.parametrize("case,dtype,power_of_two", FUSED_RUNS, ids=FUSED_IDS)
+def test_fused_bit_identical_to_quantize(interpreted, case, dtype, power_of_two):
+    """x and x^T from one read: the kernel's four tensors, and plugins.common.quantize's,
+    are `quantize`'s of x padded and of x^T padded, bit for bit."""
+    assert interpreted["fused"][(case[0], dtype, power_of_two)] == ("ok", "ok")
+
+
+@pytest.mark.parametrize("case,dtype,power_of_two", FUSED_RUNS, ids=FUSED_IDS)
+def test_fused_scales_come_in_the_gemms_layout(interpreted, case, dtype, power_of_two):
+    assert interpreted["fused_layout"][(case[0], dtype, power_of_two)] == [True] * 4
+
+
+def test_fused_non_finite_raises_like_the_torch_ops(interpreted):
+    assert len(interpreted["fused_errors"]) == 6
+    for kind, bad, got, want in interpreted["fused_errors"]:
+        assert got == want, (kind, bad)
+        first = "row tile 3, col tile 1" if kind == "rows" else "row tile 0, col tile 1"
+        assert "non-finite" in got and "2 of" in got and first in got
+    # check_finite=False: the two bad tiles' scales are inf, in x's and in x^T's tiles.
+    assert interpreted["fused_unchecked_infs"] == [[2, 2]] * 6
 
 
 def test_interpreter_cast_still_needs_the_workaround(interpreted):
@@ -293,6 +418,11 @@ def test_cpu_quantize_does_not_touch_triton():
         for block in [(1, 128), (128, 128), (128, 1)]:
             q, s = quantize(x, block)
             assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+        from plugins.common.quantize import (quantize_blocks_with_transposed,
+                                             quantize_with_transposed)
+        for fused in (quantize_with_transposed, quantize_blocks_with_transposed):
+            (q, s), (q_t, s_t) = fused(x)
+            assert q.shape == q_t.shape == x.shape and q_t.dtype == torch.float8_e4m3fn
         assert "plugins.common.triton_quantize" not in sys.modules
         print("ok")
     """
@@ -339,6 +469,38 @@ def test_compiles_for_sm90():
             assert "div.full" not in ptx and "div.approx" not in ptx
             assert ".ftz" not in ptx  # subnormal inputs (tiny tiles) are not flushed
             assert "ld.global.v4" in ptx and "st.global.v4" in ptx  # 16-byte accesses
+
+
+def test_fused_compiles_for_sm90():
+    """As `test_compiles_for_sm90`, for the fused kernel (x and x^T from one read)."""
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from plugins.common import triton_quantize as tq
+
+    if tq._SOFTWARE_CASTS:
+        pytest.skip("TRITON_INTERPRET=1 in this process")
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    for square, p2 in itertools.product((False, True), (False, True)):
+        constants = dict(stride_c=1, SQUARE=square, POWER_OF_TWO=p2, SOFTWARE_CASTS=False)
+        ints = ("rows", "cols", "q_rows", "q_cols", "out_rows", "stride_r", "s_stride_r",
+                "s_stride_c", "t_stride_r", "t_stride_c")
+        signature = {"x": "*bf16", "q": "*u8", "scales": "*fp32", "q_t": "*u8",
+                     "scales_t": "*fp32", **dict.fromkeys(ints, "i32"),
+                     **dict.fromkeys(constants, "constexpr")}
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(10)}
+        kernel = triton.compile(
+            ASTSource(tq._quantize_with_transposed, signature, constants, aligned),
+            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, enable_fp_fusion=False))
+        ptx = kernel.asm["ptx"]
+        assert kernel.asm["cubin"]
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        assert "div.rn.f32" in ptx
+        assert "div.full" not in ptx and "div.approx" not in ptx
+        assert ".ftz" not in ptx
 
 
 def software_launch(tq, x, block, power_of_two):
@@ -395,3 +557,30 @@ def test_cuda_non_finite_raises_like_quantize(block):
             else:
                 quantize(x.cuda(), block)
         assert str(got.value) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,dtype,power_of_two", FUSED_RUNS, ids=FUSED_IDS)
+def test_cuda_fused_matches_cpu(case, dtype, power_of_two, monkeypatch):
+    """On a GPU, the fused quantizers go through the kernel (hardware E4M3 conversion), one
+    launch each, and give the CPU's torch result in the GEMMs' scale layout; so does the
+    kernel's integer rounding (SOFTWARE_CASTS)."""
+    from plugins.common import triton_quantize as tq
+
+    if tq.available(torch.device("cuda")) is not None:
+        pytest.skip(tq.available(torch.device("cuda")))
+    name, kind, shape = case
+    x = fused_input(name, kind, shape, dtype).cuda()  # .cuda() keeps the strides
+    want = fused_formula(x, kind, power_of_two)
+    got = fused(torch_ops, x, kind, power_of_two_scales=power_of_two)
+    software = tq._launch_with_transposed(x, kind == "blocks", power_of_two,
+                                          pad_cols=kind == "padded", software_casts=True)
+    block = (128, 128) if kind == "blocks" else (1, 128)
+    for result in (got, software):
+        assert fused_verdict(result, want) == "ok"
+        assert all(gemm_ready(scales, block) for _, scales in result)
+    launched = []
+    monkeypatch.setattr(tq, "_launch_with_transposed",
+                        lambda *a, **k: launched.append(a) or software)
+    fused(torch_ops, x, kind, power_of_two_scales=power_of_two)
+    assert len(launched) == 1

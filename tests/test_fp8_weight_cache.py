@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from plugins.fp8.linear import fp8_linear
-from plugins.fp8.weight_cache import FP8WeightCache, quantize_weight, quantize_weight_transposed
+from plugins.fp8.weight_cache import (FP8WeightCache, quantize_weight, quantize_weight_transposed,
+                                      quantize_weight_with_transposed)
 from tests.multirank import run_ranks
 from tests.test_fp8_loss_gap import DEEPSEEK_V3, FP8, MODEL
 from tests.test_moe_plugin import build_experts
@@ -43,6 +44,29 @@ def test_w_transposed_is_w_quantized_then_transposed():
     assert w_t.q.shape == (384, 640) and w_t.scales.shape == (3, 5)
     assert torch.equal(w_t.q.view(torch.uint8), w_q.q.view(torch.uint8).t())
     assert torch.equal(w_t.scales, w_q.scales.t())
+    # And both from one read of W, as the cache takes them: the same bits.
+    for got, want in zip(quantize_weight_with_transposed(w), (w_q, w_t)):
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+        assert torch.equal(got.scales, want.scales) and got.scales.is_contiguous()
+
+
+def test_w_and_w_transposed_come_from_one_read_when_backward_will_need_both():
+    """With autograd on, the first `get` of a step writes W and W^T in one pass over W;
+    the backward's `get_transposed` finds W^T held. Without autograd (evaluation) only W is
+    written, and W^T only if asked for."""
+    w = torch.randn(576, 256)
+    cache = FP8WeightCache()
+    held = cache.get(w)
+    assert cache.reads == cache.quantizations == cache.transposed_quantizations == 1
+    assert torch.equal(cache.get_transposed(w).q.view(torch.uint8),
+                       quantize_weight_transposed(w).q.view(torch.uint8))
+    assert cache.reads == 1 and cache.get(w) is held
+    cache.drop()
+    with torch.no_grad():
+        cache.get(w)
+    assert cache.reads == 2 and cache.transposed_quantizations == 1
+    cache.get_transposed(w)
+    assert cache.reads == 3 and cache.transposed_quantizations == 2
 
 
 def test_the_cache_holds_until_dropped_or_changed_in_place():
@@ -61,11 +85,12 @@ def test_the_cache_holds_until_dropped_or_changed_in_place():
     with torch.no_grad():  # an ordinary in-place change moves the version counter
         w.mul_(2)
     assert torch.equal(cache.get(w).scales, 4 * first.scales) and cache.quantizations == 3
-    first_t = cache.get_transposed(w)  # W^T alike, under the same version rules
-    assert cache.get_transposed(w) is first_t and cache.transposed_quantizations == 1
+    # W^T alike, under the same version rules (each `get` above wrote it with W)
+    first_t = cache.get_transposed(w)
+    assert cache.get_transposed(w) is first_t and cache.transposed_quantizations == 3
     assert torch.equal(first_t.scales, cache.get(w).scales.t())
     cache.drop()
-    assert cache.get_transposed(w) is not first_t and cache.transposed_quantizations == 2
+    assert cache.get_transposed(w) is not first_t and cache.transposed_quantizations == 4
     other = w.detach().clone()  # another tensor in the same slot
     assert cache.get(other) is not cache.get(w)
 
@@ -117,13 +142,13 @@ def megatron_linears(rank, world_size):
                 outputs += [y.detach(), x.grad]
             results.append((outputs, fc.weight.grad, fc.fp8_weight_cache))
         (plain, plain_grad, none), (cached, cached_grad, cache) = results
-    return (none, cache.quantizations,
+    return (none, (cache.reads, cache.quantizations, cache.transposed_quantizations),
             all(map(torch.equal, plain, cached)) and torch.equal(plain_grad, cached_grad))
 
 
 def test_megatron_linear_quantizes_its_weight_once_for_all_micro_batches():
-    no_cache, quantizations, same = run_ranks(megatron_linears, 1)[0]
-    assert no_cache is None and quantizations == 1 and same
+    no_cache, counts, same = run_ranks(megatron_linears, 1)[0]
+    assert no_cache is None and counts == (1, 1, 1) and same  # W and W^T from one read
 
 
 def test_experts_quantize_each_weight_once():
@@ -134,7 +159,9 @@ def test_experts_quantize_each_weight_once():
     for _ in range(2):  # two micro-batches
         for experts in (plain, cached):
             experts(tokens, counts).square().sum().backward()
-    assert cached.fp8_weight_cache.quantizations == 6  # fc1 and fc2 of 3 experts
+    cache = cached.fp8_weight_cache
+    assert cache.quantizations == 6  # fc1 and fc2 of 3 experts
+    assert cache.reads == cache.transposed_quantizations == 6  # W and W^T in one pass
     assert torch.equal(cached.weight1.grad, plain.weight1.grad)
     assert torch.equal(cached.weight2.grad, plain.weight2.grad)
 

@@ -35,12 +35,14 @@ from plugins.common.tiles import (
     SMALLEST_NORMAL_FP32,
     check_block,
     check_input,
+    outer_dim_major,
     raise_if_non_finite,
     transposed_rows,
 )
 
 __all__ = ["E4M3_MAX", "dequantize", "pad_to_tiles", "quantize", "quantize_blocks_transposed",
-           "quantize_transposed", "raise_if_non_finite", "requantize_transposed", "tile_scales"]
+           "quantize_blocks_with_transposed", "quantize_transposed", "quantize_with_transposed",
+           "raise_if_non_finite", "requantize_transposed", "tile_scales"]
 
 
 def _triton_kernel(x: torch.Tensor, block: tuple[int, int]):
@@ -173,6 +175,56 @@ def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
                                             pad_rows=pad_rows)
     return quantize_transposed(dequantize(q, scales, (1, 128)), check_finite=False,
                                power_of_two_scales=power_of_two_scales, pad_rows=pad_rows)
+
+
+def quantize_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                             check_finite: bool = True, pad_cols: bool = False
+                             ) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                        tuple[torch.Tensor, torch.Tensor]]:
+    """x [rows, cols] -> (x in 1x128 tiles, x^T in 1x128 tiles), both quantized from x
+    itself: a linear's input (Fprop's and Wgrad's operands) or output gradient (Dgrad's
+    and Wgrad's). Exactly
+        (quantize(pad_to_tiles(x, cols=128 if pad_cols else 1), (1, 128)),
+         quantize_transposed(x, pad_rows=True)),
+    i.e. q [rows, cols_p], scales [rows, cols_p // 128] and q_t [cols, rows_p], scales_t
+    [cols, rows_p // 128], with the rows of x^T (tokens) zero-padded to whole tiles and,
+    with pad_cols, the cols of x (a ragged `out`) too. The scales come outer-dim-major,
+    stride (1, rows) and (1, cols): the layout the GEMMs read 1x128 scales in (see
+    `outer_dim_major`), so no copy of them is made per GEMM. On a GPU one Triton kernel
+    writes all four from one read of x; check_finite as in `quantize` (x's tiles named)."""
+    check_input(x, (1, 1) if pad_cols else (1, 128), "quantize_with_transposed")
+    kernel = _triton_kernel(x, (1, 128))
+    if kernel is not None:
+        return kernel.quantize_with_transposed(x, power_of_two_scales=power_of_two_scales,
+                                               check_finite=check_finite, pad_cols=pad_cols)
+    p2 = dict(power_of_two_scales=power_of_two_scales, check_finite=False)
+    q, scales = quantize(pad_to_tiles(x, cols=128 if pad_cols else 1), (1, 128), **p2)
+    q_t, scales_t = quantize_transposed(x, pad_rows=True, **p2)
+    if check_finite:
+        raise_if_non_finite(scales, (1, 128), "quantize_with_transposed: x")
+    return (q, outer_dim_major(scales)), (q_t, outer_dim_major(scales_t))
+
+
+def quantize_blocks_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                                    check_finite: bool = True
+                                    ) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                               tuple[torch.Tensor, torch.Tensor]]:
+    """x [rows, cols] -> (x, x^T) in 128x128 blocks, rows zero-padded to whole blocks:
+    a weight as Fprop and as Dgrad take it. Exactly
+        (quantize(pad_to_tiles(x, rows=128), (128, 128)), quantize_blocks_transposed(x)),
+    both scales row-major ([rows_p // 128, cols // 128] and its transpose, each contiguous
+    as the GEMMs read a 128x128 operand's). On a GPU one Triton kernel writes all four from
+    one read of x; check_finite as in `quantize` (x's blocks named)."""
+    check_input(x, (1, 128), "quantize_blocks_with_transposed")
+    kernel = _triton_kernel(x, (128, 128))
+    if kernel is not None:
+        return kernel.quantize_blocks_with_transposed(
+            x, power_of_two_scales=power_of_two_scales, check_finite=check_finite)
+    p2 = dict(power_of_two_scales=power_of_two_scales, check_finite=False)
+    blocks = quantize(pad_to_tiles(x, rows=128), (128, 128), **p2)
+    if check_finite:
+        raise_if_non_finite(blocks[1], (128, 128), "quantize_blocks_with_transposed: x")
+    return blocks, quantize_blocks_transposed(x, **p2)
 
 
 def pad_to_tiles(t: torch.Tensor, rows: int = 1, cols: int = 1) -> torch.Tensor:

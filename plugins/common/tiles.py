@@ -46,6 +46,14 @@ def transposed_rows(x: torch.Tensor, pad_rows: bool, who: str) -> int:
     return out_rows
 
 
+def outer_dim_major(scales: torch.Tensor) -> torch.Tensor:
+    """1x128 scales [rows, k // 128] as the GEMMs take a 1x128 operand's: stride (1, rows),
+    the same values (cuBLAS's block-scaled GEMM through torch._scaled_mm reads them so; the
+    other backends read any strides). Scales already so (the fused quantizers write them
+    so) come back as they are, a view; others are copied."""
+    return scales.t().contiguous().t()
+
+
 def raise_if_non_finite(scales: torch.Tensor, block: tuple[int, int], what: str) -> None:
     """Raises naming the first tile with inf or NaN, for `scales` from
     quantize(..., check_finite=False) (such a tile's scale is inf). A host sync on a GPU."""

@@ -10,7 +10,10 @@ Blocks (1, 128), (128, 128) and (128, 1), and `quantize_transposed(x)`: x^T in 1
 tiles, i.e. x in 128x1 tiles (128 tokens per channel, as Wgrad takes x and dy) written
 out transposed, from one read of x and with no `x.t().contiguous()` copy; a ragged token
 count is zero-padded on the way. `requantize_transposed(q, scales)` does the same from x
-held in FP8 1x128 tiles (the linear layer's backward cache), decoding it in registers.
+held in FP8 1x128 tiles, decoding it in registers. `quantize_with_transposed(x)` and
+`quantize_blocks_with_transposed(x)` write x and x^T together from one read of each
+128x128 chunk (a linear's x or dy in 1x128 tiles both ways; a weight as W and W^T), the
+1x128 scales outer-dim-major, as the GEMMs read them.
 
 `plugins.common.quantize.quantize` calls it for CUDA tensors where it can run (sm89 or newer,
 for the E4M3 conversions); CPU tensors keep the torch ops. `TRITON_INTERPRET=1`, set
@@ -102,6 +105,20 @@ def _e4m3_value(codes):
 
 
 @triton.jit
+def _codes(v, scale, POWER_OF_TWO: tl.constexpr, SOFTWARE_CASTS: tl.constexpr):
+    """E4M3 codes (uint8) of float32 v divided by its tiles' scales (broadcast), clamped
+    to +-448 first as `quantize._quantize_tiles` does."""
+    if POWER_OF_TWO:
+        y = v * tl.math.div_rn(1.0, scale)  # 1 / scale is a power of two: same as v / scale
+    else:
+        y = tl.math.div_rn(v, scale)
+    y = tl.minimum(tl.maximum(y, -_E4M3_MAX), _E4M3_MAX)  # where amax / scale rounded up
+    if SOFTWARE_CASTS:
+        return _e4m3_codes(y)
+    return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)  # RNE, as torch's cast
+
+
+@triton.jit
 def _load_chunk(x, src_scales, r, c, rows, cols, stride_r, stride_c,
                 FROM_FP8: tl.constexpr, SOFTWARE_CASTS: tl.constexpr):
     """x's values at rows r [BR] and cols c [BC] as float32 [BR, BC], zeros outside x.
@@ -164,16 +181,7 @@ def _quantize_tiles(x, q, scales, src_scales, rows, cols, out_rows, stride_r, st
     if TILE_R > 1:
         amax_bits = tl.max(amax_bits, axis=0, keep_dims=True)         # [1, BC] or [1, 1]
     scale = _tile_scales(amax_bits, POWER_OF_TWO)                     # [BR // TR, BC // TC]
-
-    if POWER_OF_TWO:
-        y = v * tl.math.div_rn(1.0, scale)  # 1 / scale is a power of two: same as v / scale
-    else:
-        y = tl.math.div_rn(v, scale)                                  # [BR, BC]
-    y = tl.minimum(tl.maximum(y, -_E4M3_MAX), _E4M3_MAX)  # where amax / scale rounded up
-    if SOFTWARE_CASTS:
-        codes = _e4m3_codes(y)                                        # [BR, BC] uint8
-    else:
-        codes = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)       # RNE, as torch's cast
+    codes = _codes(v, scale, POWER_OF_TWO, SOFTWARE_CASTS)            # [BR, BC] uint8
 
     inside = (r < out_rows)[:, None] & (c < cols)[None, :]            # [BR, BC]
     tr = pid_r * (BLOCK_R // TILE_R) + tl.arange(0, BLOCK_R // TILE_R)  # [BR // TR] tile rows
@@ -188,6 +196,57 @@ def _quantize_tiles(x, q, scales, src_scales, rows, cols, out_rows, stride_r, st
         tl.store(q + r64[:, None] * cols + c64[None, :], codes, mask=inside)
         tl.store(scales + tr[:, None] * (cols // TILE_C) + tc[None, :], scale,
                  mask=tiles_inside)
+
+
+@triton.jit
+def _quantize_with_transposed(x, q, scales, q_t, scales_t, rows, cols, q_rows, q_cols,
+                              out_rows, stride_r, stride_c, s_stride_r, s_stride_c,
+                              t_stride_r, t_stride_c, SQUARE: tl.constexpr,
+                              POWER_OF_TWO: tl.constexpr, SOFTWARE_CASTS: tl.constexpr):
+    """x [rows, cols] (any strides, zeros outside) quantized twice from one read: as q
+    [q_rows, q_cols] and as x^T, q_t [cols, out_rows]. One program takes one 128x128 chunk
+    of x, i.e. of the zero-padded [out_rows, q_cols] grid:
+        SQUARE      one 128x128 block: one scale, the same codes written both ways
+                    (q_rows = out_rows: x's rows padded; scales [out_rows // 128,
+                    cols // 128], scales_t its transpose)
+        otherwise   128 1x128 tiles along x's rows (q, scales [q_rows, q_cols // 128],
+                    q_rows = rows, q_cols = cols or cols padded) and 128 along its columns,
+                    written as 1x128 tiles of x^T (q_t, scales_t [cols, out_rows // 128])
+    Scales go where their strides say (s_stride_*, t_stride_*): the caller lays them out as
+    the GEMMs read them. A tile with inf or NaN gets scale inf, as `_quantize_tiles`."""
+    col_chunks = tl.cdiv(q_cols, 128)
+    pid_r, pid_c = tl.program_id(0) // col_chunks, tl.program_id(0) % col_chunks
+    r = pid_r * 128 + tl.arange(0, 128)                               # [128] rows of x
+    c = pid_c * 128 + tl.arange(0, 128)                               # [128] cols of x
+    r64, c64 = r.to(tl.int64), c.to(tl.int64)
+    v = _load_chunk(x, x, r, c, rows, cols, stride_r, stride_c,
+                    False, SOFTWARE_CASTS)                            # [128, 128] float32
+    amax_bits = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF            # as `_quantize_tiles`
+    if SQUARE:
+        amax_bits = tl.max(tl.max(amax_bits, axis=1, keep_dims=True), axis=0,
+                           keep_dims=True)                            # [1, 1]
+        scale = _tile_scales(amax_bits, POWER_OF_TWO)                 # [1, 1]
+        codes = _codes(v, scale, POWER_OF_TWO, SOFTWARE_CASTS)        # [128, 128]
+        codes_t = tl.trans(codes)
+        tl.store(scales + pid_r * s_stride_r + pid_c * s_stride_c + tl.zeros((1, 1), tl.int32),
+                 scale)
+        tl.store(scales_t + pid_c * t_stride_r + pid_r * t_stride_c + tl.zeros((1, 1), tl.int32),
+                 scale)
+    else:
+        row_scale = _tile_scales(tl.max(amax_bits, axis=1, keep_dims=True),
+                                 POWER_OF_TWO)                        # [128, 1]: x's tiles
+        col_scale = _tile_scales(tl.max(amax_bits, axis=0, keep_dims=True),
+                                 POWER_OF_TWO)                        # [1, 128]: x^T's
+        codes = _codes(v, row_scale, POWER_OF_TWO, SOFTWARE_CASTS)    # [128, 128]
+        codes_t = tl.trans(_codes(v, col_scale, POWER_OF_TWO, SOFTWARE_CASTS))
+        tl.store(scales + r64[:, None] * s_stride_r + pid_c * s_stride_c, row_scale,
+                 mask=(r < q_rows)[:, None])
+        tl.store(scales_t + c64[None, :] * t_stride_r + pid_r * t_stride_c, col_scale,
+                 mask=(c < cols)[None, :])
+    tl.store(q + r64[:, None] * q_cols + c64[None, :], codes,
+             mask=(r < q_rows)[:, None] & (c < q_cols)[None, :])       # [128, 128] of q
+    tl.store(q_t + c64[:, None] * out_rows + r64[None, :], codes_t,
+             mask=(c < cols)[:, None] & (r < out_rows)[None, :])       # [128, 128] of q_t
 
 
 # Workaround for Triton's interpreter (triton/runtime/interpreter.py, `_convert_float`,
@@ -294,3 +353,56 @@ def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
     out_rows = transposed_rows(q, pad_rows, "requantize_transposed")
     return _launch(q, (128, 1), power_of_two_scales, transpose=True, out_rows=out_rows,
                    src_scales=scales.contiguous())
+
+
+def _launch_with_transposed(x: torch.Tensor, square: bool, power_of_two_scales: bool,
+                            pad_cols: bool = False, software_casts: bool = _SOFTWARE_CASTS):
+    """((q, scales), (q_t, scales_t)) of x by `_quantize_with_transposed`: 128x128 blocks
+    with square, else 1x128 tiles with their scales outer-dim-major."""
+    rows, cols = x.shape
+    out_rows = rows + -rows % 128  # x^T's columns: tokens (or a weight's rows) padded
+    device = x.device
+    if square:
+        q_rows, q_cols = out_rows, cols
+        scales = torch.empty(out_rows // 128, cols // 128, device=device)
+        scales_t = torch.empty(cols // 128, out_rows // 128, device=device)
+    else:
+        q_rows, q_cols = rows, cols + (-cols % 128 if pad_cols else 0)
+        # Outer-dim-major: [k / 128, rows] in memory, seen as [rows, k / 128].
+        scales = torch.empty(q_cols // 128, rows, device=device).t()
+        scales_t = torch.empty(out_rows // 128, cols, device=device).t()
+    q = torch.empty(q_rows, q_cols, dtype=torch.float8_e4m3fn, device=device)
+    q_t = torch.empty(cols, out_rows, dtype=torch.float8_e4m3fn, device=device)
+    if x.numel() == 0:  # then every output is empty too: nothing to launch
+        return (q, scales), (q_t, scales_t)
+    grid = (triton.cdiv(out_rows, 128) * triton.cdiv(q_cols, 128),)
+    with torch.cuda.device(device) if x.is_cuda else contextlib.nullcontext():
+        _quantize_with_transposed[grid](  # on x's device, which need not be the current one
+            x, q.view(torch.uint8), scales, q_t.view(torch.uint8), scales_t,
+            rows, cols, q_rows, q_cols, out_rows, x.stride(0), x.stride(1),
+            scales.stride(0), scales.stride(1), scales_t.stride(0), scales_t.stride(1),
+            SQUARE=square, POWER_OF_TWO=power_of_two_scales, SOFTWARE_CASTS=software_casts,
+            num_warps=8, enable_fp_fusion=False)
+    return (q, scales), (q_t, scales_t)
+
+
+def quantize_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                             check_finite: bool = True, pad_cols: bool = False):
+    """`plugins.common.quantize.quantize_with_transposed` on the kernel: x and x^T in 1x128
+    tiles (x^T's rows, x's tokens, zero-padded), scales outer-dim-major, one read of x."""
+    check_input(x, (1, 1) if pad_cols else (1, 128), "quantize_with_transposed")
+    rowwise, transposed = _launch_with_transposed(x, False, power_of_two_scales, pad_cols)
+    if check_finite:
+        raise_if_non_finite(rowwise[1], (1, 128), "quantize_with_transposed: x")
+    return rowwise, transposed
+
+
+def quantize_blocks_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
+                                    check_finite: bool = True):
+    """`plugins.common.quantize.quantize_blocks_with_transposed` on the kernel: x and x^T
+    in 128x128 blocks (x's rows zero-padded), one read of x."""
+    check_input(x, (1, 128), "quantize_blocks_with_transposed")
+    blocks, transposed = _launch_with_transposed(x, True, power_of_two_scales)
+    if check_finite:
+        raise_if_non_finite(blocks[1], (128, 128), "quantize_blocks_with_transposed: x")
+    return blocks, transposed

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from plugins.common.quantize import dequantize
+from plugins.common.tiles import outer_dim_major
 
 Block = tuple[int, int]
 
@@ -39,20 +40,30 @@ def emulated_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.float32
 
 def torch_scaled_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.float32
                       ) -> torch.Tensor:
-    # torch._scaled_mm takes B column-major ([k, n] with stride (1, k)) and its block-wise
-    # scales in these layouts (aten/src/ATen/native/cuda/ScaledBlas.cpp): 1x128 scales
-    # outer-dim-major ([rows, k/128] with stride (1, rows)); B's 128x128 scales as
-    # [k/128, n/128] (the transpose of ours, a view); B's 1x128 scales (Wgrad) as a
-    # contiguous [k/128, n].
+    # torch._scaled_mm takes B column-major ([k, n] with stride (1, k)).
     m, n = a.q.shape[0], b.q.shape[0]
     if (empty := _empty_product(a, b, out_dtype)) is not None:
         return empty
     a, b = _cublas_aligned(a, b)
-    scale_a = a.scales.t().contiguous().t()
-    scale_b = b.scales.t().contiguous() if b.block == (1, 128) else b.scales.t()
+    scale_a, scale_b = _scaled_mm_scales(a, b)
     out = torch._scaled_mm(a.q, b.q.t(), scale_a=scale_a, scale_b=scale_b,
                            out_dtype=out_dtype)
     return out if out.shape == (m, n) else out[:m, :n].contiguous()
+
+
+def _scaled_mm_scales(a: Operand, b: Operand) -> tuple[torch.Tensor, torch.Tensor]:
+    """a's and b's scales as torch._scaled_mm takes them (aten/src/ATen/native/cuda/
+    ScaledBlas.cpp, is_blockwise_1x128_scaling / is_blockwise_128x128_scaling, checked on
+    a and on b^T): 1x128 scales outer-dim-major ([rows, k/128] with stride (1, rows)),
+    given as they are for A and transposed for B ([k/128, n], contiguous); B's 128x128
+    scales as [k/128, n/128], the transpose of our row-major [n/128, k/128]. Views of the
+    operands' own scales where their quantizer wrote that layout (`quantize_with_transposed`,
+    the weight quantizers): no copy per GEMM. Others (`quantize`'s row-major 1x128 scales:
+    FP8-dispatched tokens, the padded operands of `_cublas_aligned`) are copied."""
+    scale_a = outer_dim_major(a.scales)
+    if b.block == (1, 128):
+        return scale_a, outer_dim_major(b.scales).t()
+    return scale_a, b.scales.contiguous().t()
 
 
 def _empty_product(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor | None:

@@ -4,10 +4,13 @@
     Dgrad   dx = dy @ W      dy: 1x128 tiles (per token)    W: 128x128 blocks
     Wgrad   dW = dy^T @ x    dy, x: 128x1 tiles (128 tokens of one channel)
 
-The layer input is kept for backward in FP8 with its 1x128 scales, not in the training
-dtype: about half the bytes for BF16 training. Wgrad needs x tiled along tokens, so the
-cached x is re-quantized along the other axis straight from its FP8 bytes (as DeepSeek's
-kernels transpose the cache). Products accumulate in FP32; outputs come back in x's dtype.
+x and dy are each quantized once, both ways from one read (`quantize_with_transposed`):
+1x128 tiles along channels for Fprop and Dgrad, and along tokens (x^T, dy^T, tokens
+zero-padded to whole tiles) for Wgrad. Backward keeps only x^T in FP8 with its scales, not
+x in the training dtype: about half the bytes for BF16 training, and Wgrad's x^T comes from
+x itself rather than from a second quantization of x's FP8 copy. An input that arrives in
+FP8 (dispatched tokens) is kept as it came and re-tiled along tokens in backward. Products
+accumulate in FP32; outputs come back in x's dtype.
 
 Plain torch (no Megatron import): the modules that put it into a model are in
 `plugins.fp8.modules`.
@@ -20,9 +23,7 @@ from typing import Callable
 import torch
 
 from plugins.common.quantize import (
-    pad_to_tiles,
-    quantize,
-    quantize_transposed,
+    quantize_with_transposed,
     raise_if_non_finite,
     requantize_transposed,
 )
@@ -33,11 +34,14 @@ from plugins.fp8.weight_cache import WEIGHT, quantize_weight, quantize_weight_tr
 ACTIVATION = (1, 128)
 
 
-def _quantized(t: torch.Tensor, block) -> backends.Operand:
-    """Unchecked for inf and NaN (no host sync): the caller checks the scales once the
-    GEMMs are queued (`_check_operands`); a bad tile's scale is inf meanwhile, so
-    nothing it touches comes out finite."""
-    return backends.Operand(*quantize(t, block, check_finite=False), block)
+def _quantized_with_transposed(t: torch.Tensor, pad_cols: bool = False
+                               ) -> tuple[backends.Operand, backends.Operand]:
+    """t [tokens, k] and t^T [k, tokens_p] in 1x128 tiles, from one read of t (tokens_p:
+    whole tiles; with pad_cols k too, in t only). Unchecked for inf and NaN (no host sync):
+    the caller checks the scales once the GEMMs are queued (`_check_operands`); a bad
+    tile's scale is inf meanwhile, so nothing it touches comes out finite."""
+    rowwise, transposed = quantize_with_transposed(t, check_finite=False, pad_cols=pad_cols)
+    return backends.Operand(*rowwise, ACTIVATION), backends.Operand(*transposed, ACTIVATION)
 
 
 def _check_operands(*operands: tuple[str, backends.Operand]) -> None:
@@ -77,8 +81,10 @@ class FP8Linear(torch.autograd.Function):
         gemm = backends.BACKENDS[backend]
         shape, out = x.shape, weight.shape[0]
         checks = []  # what was quantized here; given operands were checked by their makers
+        x_t = None  # x^T for Wgrad, when quantized here
         if x_q is None:
-            xq = _quantized(x.reshape(-1, shape[-1]), ACTIVATION)               # [tokens, in]
+            # [tokens, in], [in, tokens_p]
+            xq, x_t = _quantized_with_transposed(x.reshape(-1, shape[-1]))
             checks.append(("input x (from the layer before)", xq))
         elif x_q.shape != (x.numel() // shape[-1], shape[-1]):
             raise ValueError(f"fp8_linear: x_fp8 holds {tuple(x_q.shape)}, x is {tuple(shape)}")
@@ -93,9 +99,12 @@ class FP8Linear(torch.autograd.Function):
         if y.shape[1] != out:  # compact: a layer that saves y must not hold the padding
             y = y[:, :out].contiguous()                                      # [tokens, out]
         _check_operands(*checks)
-        # The FP8 input (and a given FP8 weight, held anyway) for backward.
-        ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
+        # For backward: x^T as Wgrad takes it, or the given FP8 input (re-tiled there); and
+        # a given FP8 weight, held anyway.
+        kept = x_t if x_t is not None else xq
+        ctx.save_for_backward(kept.q, kept.scales, weight, w_q, w_scales)
         ctx.backend, ctx.shape, ctx.wgrad, ctx.w_t = backend, shape, wgrad, w_t
+        ctx.x_transposed = x_t is not None
         return y.view(*shape[:-1], out)
 
     @staticmethod
@@ -104,7 +113,8 @@ class FP8Linear(torch.autograd.Function):
         gemm = backends.BACKENDS[ctx.backend]
         dy2d = dy.reshape(-1, dy.shape[-1])                                  # [tokens, out]
         # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out_p] in 128x128 blocks.
-        dyq = _quantized(pad_to_tiles(dy2d, cols=128), ACTIVATION)          # [tokens, out_p]
+        # dy^T for Wgrad from the same read: [out, tokens_p], the token count padded.
+        dyq, dy_t = _quantized_with_transposed(dy2d, pad_cols=True)        # [tokens, out_p]
         # 128x128 blocks are square: W^T's blocks are W's transposed, bit for bit. A given
         # FP8 weight with no W^T is transposed byte by byte; else W^T is quantized straight
         # from W (checked in forward).
@@ -116,13 +126,16 @@ class FP8Linear(torch.autograd.Function):
             wtq = quantize_weight_transposed(weight, check_finite=False)
         dx = gemm(dyq, wtq, dy.dtype).view(ctx.shape)
 
+        x_transposed = ctx.x_transposed  # x_q, x_scales hold x^T; else x as it was given
+
         def wgrad() -> torch.Tensor:
             # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
-            # token count zero-padded to whole tiles; x straight from the FP8 cache.
-            dy_t = backends.Operand(*quantize_transposed(dy2d, check_finite=False,
-                                                         pad_rows=True), ACTIVATION)  # [out, tokens_p]
-            x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
-                                   ACTIVATION)                               # [in, tokens_p]
+            # token count zero-padded to whole tiles; a given FP8 x re-tiled from its bytes.
+            if x_transposed:
+                x_t = backends.Operand(x_q, x_scales, ACTIVATION)             # [in, tokens_p]
+            else:
+                x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
+                                       ACTIVATION)                           # [in, tokens_p]
             return gemm(dy_t, x_t, weight.dtype)                             # [out, in]
 
         dw = None

@@ -79,9 +79,12 @@ def _fitting(configs, named_args, **kwargs) -> list[triton.Config]:
 
 
 @triton.jit
-def _block_scaled_gemm(a, b, c, a_scales, b_scales, M, N, K, a_scale_stride, b_scale_stride,
-                       K_BUCKET, B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _block_scaled_gemm(a, b, c, a_scales, b_scales, M, N, K, a_scale_stride, a_scale_stride_k,
+                       b_scale_stride, b_scale_stride_k, K_BUCKET,
+                       B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # a_scales [M, K / 128] and b_scales (one row per B_ROWS_PER_SCALE rows of B) are read
+    # through their strides (row, K-block): outer-dim-major or row-major alike.
     # K_BUCKET is unused here: it is part of the autotuning key (see `_tuned_gemm`).
     # Grouped order over the 1-D grid: consecutive programs take GROUP_M tile rows and go
     # down them one tile column at a time, so the programs running together share A rows
@@ -104,9 +107,10 @@ def _block_scaled_gemm(a, b, c, a_scales, b_scales, M, N, K, a_scale_stride, b_s
         a_tile = tl.load(a + rows[:, None] * K + k[None, :], mask=in_rows[:, None], other=0.0)
         b_tile = tl.load(b + cols[:, None] * K + k[None, :], mask=in_cols[:, None], other=0.0)
         partial = tl.dot(a_tile, tl.trans(b_tile), out_dtype=tl.float32)   # [BM, BN]
-        sa = tl.load(a_scales + rows * a_scale_stride + chunk, mask=in_rows, other=0.0)
-        sb = tl.load(b_scales + (cols // B_ROWS_PER_SCALE) * b_scale_stride + chunk,
-                     mask=in_cols, other=0.0)
+        sa = tl.load(a_scales + rows * a_scale_stride + chunk * a_scale_stride_k,
+                     mask=in_rows, other=0.0)
+        sb = tl.load(b_scales + (cols // B_ROWS_PER_SCALE) * b_scale_stride
+                     + chunk * b_scale_stride_k, mask=in_cols, other=0.0)
         acc += partial * sa[:, None] * sb[None, :]
     tl.store(c + rows[:, None] * N + cols[None, :], acc, mask=in_rows[:, None] & in_cols[None, :])
 
@@ -143,9 +147,11 @@ def _launch(kernel, a, b, **meta) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    # The scales as they are laid out (the fused quantizers write 1x128 scales
+    # outer-dim-major for cuBLAS): read through their strides, not copied.
     kernel[grid](
-        a.q.contiguous(), b.q.contiguous(), c, a.scales.contiguous(), b.scales.contiguous(),
-        M, N, K, a.scales.shape[1], b.scales.shape[1], triton.next_power_of_2(K),
+        a.q.contiguous(), b.q.contiguous(), c, a.scales, b.scales,
+        M, N, K, *a.scales.stride(), *b.scales.stride(), triton.next_power_of_2(K),
         B_ROWS_PER_SCALE=b.block[0], BLOCK_K=BLOCK_K, **meta)
     return c
 

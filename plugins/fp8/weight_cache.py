@@ -2,7 +2,8 @@
 
 Weights change only at the optimizer step, yet without a cache every micro-batch quantizes
 every weight twice (W in forward, W^T in backward): 2 x micro-batches quantizations per
-weight per step where two do. `--fp8-cache-weights` keeps each weight's E4M3 bytes and
+weight per step where one pass does: the first forward that needs the weight with autograd
+on writes W and W^T from one read of it (`quantize_weight_with_transposed`). `--fp8-cache-weights` keeps each weight's E4M3 bytes and
 128x128 scales as W and as W^T (2 bytes per weight, plus 8 bytes per 16384) while the
 step runs. The cost is that memory, held through the step, like Transformer Engine's
 cached FP8 weights (it also keeps both orientations).
@@ -22,7 +23,7 @@ import torch
 
 from plugins.fp8.backends import Operand
 from plugins.common.quantize import (pad_to_tiles, quantize, quantize_blocks_transposed,
-                                     raise_if_non_finite)
+                                     quantize_blocks_with_transposed, raise_if_non_finite)
 
 WEIGHT = (128, 128)
 
@@ -49,14 +50,27 @@ def quantize_weight_transposed(weight: torch.Tensor, check_finite: bool = True) 
     return operand
 
 
+def quantize_weight_with_transposed(weight: torch.Tensor, check_finite: bool = True
+                                    ) -> tuple[Operand, Operand]:
+    """(W, W^T) as `quantize_weight` and `quantize_weight_transposed` give them, written
+    from one read of W (one launch on a GPU, as Transformer Engine's W/W^T quantization)."""
+    w, w_t = quantize_blocks_with_transposed(weight, check_finite=False)
+    operands = Operand(*w, WEIGHT), Operand(*w_t, WEIGHT)
+    if check_finite:
+        raise_if_non_finite(operands[0].scales, WEIGHT, "fp8_linear: the weight")
+    return operands
+
+
 class FP8WeightCache:
     """One module's FP8 weights, each under a slot of the module's choosing, as W for Fprop
-    and, from the first backward on, as W^T for Dgrad."""
+    and as W^T for Dgrad: both from one read of the weight when W is asked for with
+    autograd on (backward will ask for W^T), else each when first asked for."""
 
     def __init__(self) -> None:
         self._held: dict[tuple[Hashable, bool], tuple[tuple[int, int], Operand]] = {}
         self.quantizations = 0  # how many weights were quantized as W (tests, logs)
         self.transposed_quantizations = 0  # and as W^T
+        self.reads = 0  # passes over a weight: one writes W, W^T or both
 
     def get(self, weight: torch.Tensor, slot: Hashable = 0) -> Operand:
         """The FP8 weight for `slot`, quantized (and checked for inf/NaN) when not held."""
@@ -71,6 +85,13 @@ class FP8WeightCache:
         held = self._held.get((slot, transposed))
         if held is not None and held[0] == key:
             return held[1]
+        self.reads += 1
+        if not transposed and torch.is_grad_enabled():
+            w, w_t = quantize_weight_with_transposed(weight.detach())
+            self._held[(slot, False)], self._held[(slot, True)] = (key, w), (key, w_t)
+            self.quantizations += 1
+            self.transposed_quantizations += 1
+            return w
         if transposed:  # the same version's W was checked for inf/NaN when it was held
             checked = self._held.get((slot, False), (None,))[0] == key
             operand = quantize_weight_transposed(weight.detach(), check_finite=not checked)
