@@ -116,6 +116,24 @@ def test_a_plugin_that_composes_leaves_te_spec_as_megatron_wrote_it(name, monkey
         assert plugin.transform_layer_spec(layer, args) is layer
 
 
+@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_dualpipe_signals_each_chunks_first_microbatch_as_te_needs(schedule, ranks):
+    """TE recasts its FP8 weight copies where Megatron's forward step is told it runs a
+    chunk's first micro-batch of the step (schedules.py:490); DualPipe's executor says so
+    for micro-batch 0 of each chunk (plugins/dualpipe/schedule.py, `forward`), which is
+    every chunk's first forward of every step."""
+    from plugins.dualpipe.program import Pipeline
+
+    pipeline = Pipeline(schedule, ranks, Pipeline.smallest_microbatches(schedule, ranks) * 2)
+    for rank in range(ranks):
+        forwards = [part for cell in pipeline.program(rank) for part in cell.parts()
+                    if part.op == "F"]
+        for chunk in range(pipeline.chunks):
+            order = [f.microbatch for f in forwards if f.chunk == chunk]
+            assert order == list(range(pipeline.microbatches_per_direction)), (rank, chunk)
+
+
 def test_dualpipe_with_te_refuses_megaseek_weight_gradient_deferral(monkeypatch):
     with pytest.raises(PluginError, match=r"^--transformer-impl transformer_engine is not "
                                           r"supported: .*\(given with --delay-wgrad-compute\)"):
