@@ -97,6 +97,10 @@ def on_checkpoint_model(args: argparse.Namespace, tool: Callable[[list], None],
         from integration import gpt
 
         args.rank, args.local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        # The weights are read into Megatron's local modules, whatever the run trained
+        # with: its local GPT spec saves under Transformer Engine's keys (gpt_layer_specs.py
+        # sharded_state_dict_keys_map), and the tools run where TE may not be installed.
+        args.transformer_impl = "local"
         set_global_variables(args, build_tokenizer=False)
         hooks.enable(registry, args, patcher, model_only=True)  # the checkpoint's model only
         initialize_megatron(allow_no_cuda=True)  # on GPU this only skips an assertion

@@ -1,8 +1,9 @@
 """GPT model, batch and dataset providers for Megatron's `pretrain()`, with plugin seams.
 
 These are the three callables Megatron-LM's `pretrain_gpt.py` hands to `pretrain()`; the
-model provider builds Megatron's `GPTModel` from its local layer spec and lets the enabled
-plugins rewrite that spec as the model is built (`upstream.seams.model_specs`).
+model provider builds Megatron's `GPTModel` from its local layer spec (TE's with
+`--transformer-impl transformer_engine`) and lets the enabled plugins rewrite that spec as
+the model is built (`upstream.seams.model_specs`).
 """
 
 from __future__ import annotations
@@ -35,27 +36,17 @@ from megatron.training import get_args, print_rank_0
 from megatron.training.argument_utils import core_transformer_config_from_args
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
+from integration.transformer_engine import check_installed
+from plugins import PluginError
+
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
                    config=None, pg_collection=None) -> GPTModel:
-    """Builds this rank's GPTModel chunk from Megatron's local specs (the plugins rewrite
-    them as GPTModel is built: `upstream.seams.model_specs`)."""
+    """Builds this rank's GPTModel chunk from Megatron's specs for `--transformer-impl` (the
+    plugins rewrite them as GPTModel is built: `upstream.seams.model_specs`)."""
     args = get_args()
     config = config or core_transformer_config_from_args(args)
-    if args.spec is not None:  # Megatron's --spec MODULE FUNCTION, as its GPT builder reads it
-        layer_spec = _spec_from_flag(args.spec, config, vp_stage)
-    elif args.num_experts:
-        # Megatron's block spec: one spec per layer (dense first layers, --moe-layer-freq).
-        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
-                                                normalization=args.normalization,
-                                                vp_stage=vp_stage)
-    else:
-        layer_spec = get_gpt_layer_local_spec(
-            qk_layernorm=args.qk_layernorm,
-            multi_latent_attention=args.multi_latent_attention,
-            normalization=args.normalization,
-        )
-    mtp_spec = _mtp_block_spec(config, vp_stage) if config.mtp_num_layers else None
+    layer_spec, mtp_spec = layer_specs(args, config, vp_stage)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -76,15 +67,41 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     )
 
 
-def _mtp_block_spec(config, vp_stage: int | None):
+def layer_specs(args, config, vp_stage: int | None):
+    """(decoder spec, MTP block spec or None) of Megatron's GPT, for `--transformer-impl`
+    local or transformer_engine (Megatron's block spec with TE's modules, MTP's too)."""
+    impl = args.transformer_impl
+    if impl not in ("local", "transformer_engine"):
+        raise PluginError(f"--transformer-impl {impl}: megaseek builds local or "
+                          "transformer_engine modules; pass --transformer-impl local")
+    check_installed(args)  # also where no start-up check ran (a checkpoint's saved arguments)
+    use_te = impl == "transformer_engine"
+    if args.spec is not None:  # Megatron's --spec MODULE FUNCTION, as its GPT builder reads it
+        layer_spec = _spec_from_flag(args.spec, config, vp_stage)
+    elif args.num_experts or use_te:
+        # Megatron's block spec: one spec per layer (dense first layers, --moe-layer-freq).
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                                normalization=args.normalization,
+                                                vp_stage=vp_stage)
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            qk_layernorm=args.qk_layernorm,
+            multi_latent_attention=args.multi_latent_attention,
+            normalization=args.normalization,
+        )
+    mtp_spec = _mtp_block_spec(config, vp_stage, use_te) if config.mtp_num_layers else None
+    return layer_spec, mtp_spec
+
+
+def _mtp_block_spec(config, vp_stage: int | None, use_te: bool):
     """MTP layers built like the decoder's last layer (whichever stage holds them), as
     Megatron's GPT builder does without a model provider (training/models/gpt.py:387), so
     both launch paths build the same MTP."""
-    last_layer = get_gpt_decoder_layer_specs(config, use_transformer_engine=False,
+    last_layer = get_gpt_decoder_layer_specs(config, use_transformer_engine=use_te,
                                              normalization=config.normalization,
                                              qk_l2_norm=config.qk_l2_norm,
                                              vp_stage=vp_stage)[-1]
-    return get_gpt_mtp_block_spec(config, last_layer, use_transformer_engine=False,
+    return get_gpt_mtp_block_spec(config, last_layer, use_transformer_engine=use_te,
                                   vp_stage=vp_stage)
 
 

@@ -67,9 +67,11 @@ def exit_refused(error: Exception) -> NoReturn:
 
 
 def _start_up_checks(registry: PluginRegistry, args: argparse.Namespace) -> None:
-    """The plugins' checks, then those of what megaseek builds itself (MTP's placement)."""
-    from integration import mtp
+    """Transformer Engine where the flag asks for it, the plugins' checks, then those of
+    what megaseek builds itself (MTP's placement)."""
+    from integration import mtp, transformer_engine
 
+    transformer_engine.check_installed(args)
     registry.enabled(args)
     mtp.check_placement(args)
 

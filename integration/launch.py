@@ -4,7 +4,9 @@ Megatron-LM's release `pretrain_gpt.py`) with megaseek's plugins.
 Before the script runs, the launcher
 - applies the upstream fixes this machine needs (`upstream.compat`; without CUDA
   `upstream.cpu`, and the CPU flags the user did not give: gloo, local transformer, no
-  CUDA fusions);
+  CUDA fusions); elsewhere Megatron's default `--transformer-impl transformer_engine`
+  stays, and the plugins that do not compose with TE's modules refuse it at start-up
+  (`integration.transformer_engine`);
 - adds `--plugins` and the plugin flags to every parse of Megatron's arguments (the
   script's own `extra_args_provider` still runs), and enables the plugins right after
   the script's parse (`integration.hooks.enable`, as `megaseek pretrain` does).

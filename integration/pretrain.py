@@ -3,6 +3,8 @@ megaseek's plugins, through `megatron.training.pretrain` as Megatron-LM's
 `pretrain_gpt.py` does. Takes every Megatron argument plus `--plugins` and plugin flags.
 
 Run it under torchrun. Without CUDA it runs on CPU with gloo (`upstream.cpu`).
+It builds Megatron's local modules unless `--transformer-impl transformer_engine` is given
+(Megatron's own default is TE's: `integration.transformer_engine`).
 Without `--data-path` or `--mock-data`, it trains on the built-in byte-level corpus
 (`integration.corpus`), with `--tokenizer-type NullTokenizer --vocab-size 257`.
 """
@@ -23,10 +25,14 @@ from upstream.cpu import given
 
 
 def with_defaults(argv: list[str]) -> list[str]:
-    """Adds what a CPU run needs and the built-in corpus where the user chose nothing.
-    Only flags the user did not give are added; nothing the user gave is changed."""
+    """Adds what a CPU run needs, Megatron's local modules (the plugins' modules are local
+    ones; `--transformer-impl transformer_engine` builds TE's spec where it is given) and
+    the built-in corpus, each where the user chose nothing. Only flags the user did not
+    give are added; nothing the user gave is changed."""
     argv = cpu.with_cpu_arguments(argv)
     added: list[str] = []
+    if not given(argv, "--transformer-impl"):
+        added += ["--transformer-impl", "local"]
     if not (given(argv, "--data-path") or given(argv, "--mock-data")
             or given(argv, "--train-data-path")):
         cache = os.environ.get("MEGASEEK_DATA_CACHE", os.path.join(tempfile.gettempdir(), "megaseek-data"))

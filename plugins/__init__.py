@@ -16,7 +16,9 @@ validates the parsed arguments, and offers hooks, each optional:
 - `evaluation`: an extra pass of Megatron's evaluation (e.g. with other weights);
 - `fixes`: the upstream changes the plugin needs for a run (`upstream.patching.Fix`).
 It claims the *slots* it replaces (e.g. "self_attention", "schedule"); two enabled plugins
-may not claim the same slot.
+may not claim the same slot. It declares how it goes with Transformer Engine's modules
+(`transformer_engine`): a plugin that does not compose with them refuses `--transformer-impl
+transformer_engine` (Megatron's default) at start-up, as does one that declares nothing.
 
 Nothing activates because it is installed: a plugin runs only when named in
 `--plugins NAME [NAME ...]`, or, for a plugin that implements a Megatron flag Megatron
@@ -40,6 +42,21 @@ from typing import Any, Callable, Iterable
 from plugins.common.errors import PluginError  # noqa: F401  (part of this API)
 
 PLUGINS_FLAG = "--plugins"
+TRANSFORMER_IMPL_FLAG = "--transformer-impl"
+
+
+@dataclass(frozen=True)
+class TransformerEngine:
+    """How a plugin goes with Transformer Engine's spec (`--transformer-impl
+    transformer_engine`, Megatron's default): stated once, read by the start-up check and
+    by the README's table (`te_policy_table`)."""
+
+    composes: bool
+    # What happens to a model built from TE's spec with the plugin on; for a plugin that
+    # does not compose, why (the start-up error says it).
+    effect: str
+    # What a Transformer Engine user gives up by turning the plugin on.
+    gives_up: str
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,37 @@ class Plugin:
     # Megatron flags (argparse dests) this plugin implements itself: another enabled
     # plugin's refusal of them (plugins.common.flags) does not apply while it is on.
     honours: frozenset[str] = frozenset()
+    # How it goes with Transformer Engine's modules; None (not declared) refuses them.
+    transformer_engine: TransformerEngine | None = None
+
+
+def transformer_engine_refusal(plugin: Plugin, impl: str) -> str | None:
+    """None where `plugin` works with `--transformer-impl impl`, else the start-up error."""
+    if impl == "local":
+        return None
+    policy = plugin.transformer_engine
+    if policy is not None and policy.composes:
+        return None
+    why = (policy.effect if policy is not None else
+           "it does not declare that it works with Transformer Engine's modules")
+    default = (" (Megatron's default where the flag is not given)"
+               if impl == "transformer_engine" else "")
+    return (f"{PLUGINS_FLAG} {plugin.name} does not work with {TRANSFORMER_IMPL_FLAG} {impl}"
+            f"{default}: {why}; pass {TRANSFORMER_IMPL_FLAG} local")
+
+
+def te_policy_table(plugins: Iterable[Plugin]) -> str:
+    """The README's table of what each plugin does with Transformer Engine (Markdown)."""
+    rows = ["| plugin | with `--transformer-impl transformer_engine` | what a TE user gives up |",
+            "|---|---|---|"]
+    for plugin in plugins:
+        policy = plugin.transformer_engine
+        if policy is None:
+            rows.append(f"| `{plugin.name}` | refused (no policy declared) | the plugin |")
+            continue
+        verdict = "composes" if policy.composes else "refused at start-up"
+        rows.append(f"| `{plugin.name}` | {verdict}: {policy.effect} | {policy.gives_up} |")
+    return "\n".join(rows) + "\n"
 
 
 class _Unset:
@@ -188,6 +236,12 @@ class PluginRegistry:
                         f"{PLUGINS_FLAG}: plugins {claimed[slot]!r} and {plugin.name!r} both "
                         f"replace {slot!r}; enable only one of them")
                 claimed[slot] = plugin.name
+
+        impl = getattr(args, "transformer_impl", "local")
+        for plugin in chosen:
+            refused = transformer_engine_refusal(plugin, impl)
+            if refused:
+                raise PluginError(refused)
 
         args.megaseek_flags_honoured = sorted(set().union(*(p.honours for p in chosen)))
         for plugin in chosen:

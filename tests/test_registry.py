@@ -307,7 +307,10 @@ def megatron_arguments():
 
 def test_megatron_parse_args_with_plugin_flags(megatron_arguments, monkeypatch):
     reg = PluginRegistry(make_plugins())
-    monkeypatch.setattr("sys.argv", ["x", "--plugins", "alpha", "--alpha-rate", "0.1"])
+    # Local modules, as CPU runs have them: a plugin that declares nothing about
+    # Transformer Engine refuses Megatron's default (tests/test_transformer_engine.py).
+    monkeypatch.setattr("sys.argv", ["x", "--plugins", "alpha", "--alpha-rate", "0.1",
+                                     "--transformer-impl", "local"])
     args = megatron_arguments.parse_args(extra_args_provider=reg.add_arguments,
                                          ignore_unknown_args=False)
     assert [p.name for p in reg.enabled(args)] == ["alpha"]

@@ -267,21 +267,24 @@ def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkey
             "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
             "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
             "--num-experts", "4", "--recompute-granularity", "selective",
-            "--recompute-modules", "moe_act"]  # (layernorm alone needs --plugins mla)
+            # (layernorm alone needs --plugins mla, moe_act --plugins moe)
+            "--recompute-modules", "moe_act", "--plugins", "moe", *plugins,
+            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+            "--moe-router-load-balancing-type", "none"]
     if plugins:
-        argv += ["--plugins", *plugins, "--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
+        argv += ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
     args, enabled_plugins = enabled(argv, monkeypatch)
-    assert [p.name for p in enabled_plugins] == plugins
+    assert [p.name for p in enabled_plugins] == ["moe", *plugins]
+    fp8_plugins = [p for p in enabled_plugins if p.name == "fp8"]  # (moe's fixes: test_moe_*)
     upstream_post_init = _post_init()
     patcher = Patcher()
     try:
-        for plugin in enabled_plugins:
-            if plugin.fixes is not None:
-                apply_fixes(plugin.fixes(args), patcher)
+        for plugin in fp8_plugins:
+            apply_fixes(plugin.fixes(args), patcher)
         if "fp8" in plugins:
             assert patcher.changes == 2
             _fp8_config(num_moe_experts=4, **LAYERNORM)  # builds
-            assert not any(fix.still_needed() for fix in enabled_plugins[0].fixes(args))
+            assert not any(fix.still_needed() for fix in fp8_plugins[0].fixes(args))
         else:
             assert patcher.changes == 0 and _post_init() is upstream_post_init
             with pytest.raises(ValueError, match="transformer-engine"):

@@ -143,6 +143,13 @@ def torch_adam_in_use() -> bool:
     return bool(_factory_owner().USING_PYTORCH_OPTIMIZER)
 
 
+def fused_adam_package() -> str | None:
+    """Whose FusedAdam Megatron uses: "transformer_engine", "apex", or None (torch's Adam)."""
+    if torch_adam_in_use():
+        return None
+    return _factory_owner().Adam.__module__.split(".")[0]
+
+
 def _apply_config_check(p: Patcher) -> None:
     cls = _config_cls()
     p.setattr(cls, "__post_init__", rewrite_function(

@@ -7,9 +7,14 @@ import argparse
 
 import torch
 
-from plugins import Plugin, PluginError
+from plugins import Plugin, PluginError, TransformerEngine
 from plugins.bf16_moments.adam import AdamWBF16Moments
-from upstream.optimizer import bf16_moments_fixes, moment_dtypes, torch_adam_in_use
+from upstream.optimizer import (
+    bf16_moments_fixes,
+    fused_adam_package,
+    moment_dtypes,
+    torch_adam_in_use,
+)
 from upstream.patching import applicable
 
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -25,17 +30,14 @@ def check_moment_flags(args: argparse.Namespace) -> bool:
         return False
     asked = " ".join(f"{flag} {_NAMES.get(d, d)}" for flag, d in dtypes.items())
     if getattr(args, "use_precision_aware_optimizer", False):
-        if not torch_adam_in_use():
+        if fused_adam_package() == "transformer_engine":
             return False  # Megatron's own precision-aware optimizer (TE's FusedAdam) does it
         raise PluginError(
             "--use-precision-aware-optimizer needs Transformer Engine's FusedAdam, which is "
             f"not installed. For BF16 moments with FP32 master weights without TE, give {asked} "
             "without --use-precision-aware-optimizer")
     if not torch_adam_in_use():
-        raise PluginError(
-            f"{asked}: Megatron uses Transformer Engine's or Apex's FusedAdam here; with TE "
-            "add --use-precision-aware-optimizer --use-distributed-optimizer (TE keeps the "
-            "moments in those dtypes itself)")
+        raise PluginError(fused_adam_refusal(asked, fused_adam_package()))
     unsupported = [f"{flag} {_NAMES.get(d, d)}" for flag, d in dtypes.items()
                    if d not in (torch.float32, torch.bfloat16)]
     if unsupported:
@@ -53,6 +55,19 @@ def check_moment_flags(args: argparse.Namespace) -> bool:
             raise PluginError(f"{asked} without Transformer Engine is supported with Megatron's "
                               f"DDP and distributed optimizer, not with {flag}")
     return True
+
+
+def fused_adam_refusal(asked: str, package: str | None) -> str:
+    """The moment flags where Megatron's Adam is a FusedAdam (not torch's, which the plugin
+    replaces): TE's keeps the moments in those dtypes itself; apex's only in FP32."""
+    if package == "transformer_engine":
+        return (f"{asked}: Megatron uses Transformer Engine's FusedAdam here, which keeps the "
+                "moments in those dtypes itself: add --use-precision-aware-optimizer "
+                "--use-distributed-optimizer")
+    return (f"{asked}: Megatron uses Apex's FusedAdam here (Transformer Engine is not "
+            "installed), which keeps the moments in FP32, and the plugin replaces torch's "
+            f"Adam only: drop {asked}, or install Transformer Engine, whose optimizer keeps "
+            "them in BF16 (--use-precision-aware-optimizer)")
 
 
 def moments_not_fp32(args: argparse.Namespace) -> bool:
@@ -78,4 +93,10 @@ BF16_MOMENTS = Plugin(
     validate=validate,
     fixes=fixes,
     enabled_by=moments_not_fp32,
+    transformer_engine=TransformerEngine(
+        composes=True,
+        effect="touches no module, only torch's Adam; where TE is installed Megatron's Adam "
+               "is TE's FusedAdam, and the plugin refuses the moment flags naming TE's own "
+               "way (--use-precision-aware-optimizer)",
+        gives_up="nothing"),
 )

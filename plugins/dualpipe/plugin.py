@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from plugins import Plugin, PluginError
+from plugins import Plugin, PluginError, TransformerEngine
 from plugins.common.wgrad_checks import delay_wgrad_refusal
 from plugins.dualpipe.program import Pipeline
 from upstream.seams import Placement
@@ -228,4 +228,10 @@ DUALPIPE = Plugin(
     # Its schedules overlap whole chunks' all-to-alls (overlap.py), not Megatron's split
     # of a MoE layer, so a MoE plugin's refusal of the flag does not apply.
     honours=frozenset({"overlap_moe_expert_parallel_comm"}),
+    transformer_engine=TransformerEngine(
+        composes=True,
+        effect="leaves TE's spec untouched: its schedules place the stages and call "
+               "Megatron's forward step, with TE's first-micro-batch signal per chunk",
+        gives_up="TE's own --delay-wgrad-compute (refused with the plugin; megaseek defers "
+                 "the weight gradients of the local linears only)"),
 )

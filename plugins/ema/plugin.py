@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from plugins import Plugin, PluginError
+from plugins import Plugin, PluginError, TransformerEngine
 from plugins.ema.ema import EMAConfig, HostEMA, owned_shards
 
 _ATTRIBUTE = "megaseek_ema"  # where the run's HostEMA hangs on the first model chunk
@@ -40,6 +40,10 @@ def validate(args: argparse.Namespace) -> None:
         raise PluginError(f"--ema-interval must be at least 1; got {args.ema_interval}")
     if args.ema_start_iter < 0:
         raise PluginError(f"--ema-start-iter must be at least 0; got {args.ema_start_iter}")
+    if getattr(args, "fp8_param_gather", False):
+        raise PluginError("--fp8-param-gather is not supported with --plugins ema: the EMA "
+                          "reads, checkpoints and swaps in the parameters as plain tensors, "
+                          "not Transformer Engine's FP8 ones; drop --fp8-param-gather")
     if args.ema_eval and not (getattr(args, "eval_iters", 0) or 0) > 0:
         raise PluginError(f"--ema-eval needs evaluation: give --eval-iters > 0 (got "
                           f"--eval-iters {getattr(args, 'eval_iters', None)})")
@@ -207,4 +211,11 @@ EMA = Plugin(
     on_training_end=on_training_end,
     checkpoint_state=checkpoint_state,
     evaluation=evaluation,
+    transformer_engine=TransformerEngine(
+        composes=True,
+        effect="touches no module: it averages the parameters as tensors (the optimizer's "
+               "FP32 main copies under the distributed optimizer), checkpoints them under "
+               "the model's own sharded keys and swaps them in for --ema-eval",
+        gives_up="FP8 parameters (--fp8-param-gather: the EMA would be checkpointed and "
+                 "swapped in through TE's FP8 tensors, which is not verified)"),
 )

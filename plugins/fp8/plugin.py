@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from plugins import Plugin, PluginError
+from plugins import Plugin, PluginError, TransformerEngine
 from plugins.common.flags import Refusal, first_refused
 
 BLOCK = 128
@@ -91,9 +91,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.fp8_recipe != "blockwise":
         raise PluginError("--plugins fp8 needs --fp8-recipe blockwise (1x128 activation and "
                           f"128x128 weight scales); got --fp8-recipe {args.fp8_recipe}")
-    if args.transformer_impl != "local":
-        raise PluginError("--plugins fp8 replaces Megatron's local linears: use "
-                          "--transformer-impl local (Transformer Engine has its own FP8)")
     if args.gradient_accumulation_fusion:
         raise PluginError("--plugins fp8 needs --no-gradient-accumulation-fusion")
     for what, per_rank in _reduction_dims(args):
@@ -202,4 +199,11 @@ FP8 = Plugin(
     on_optimizer_step=on_optimizer_step,
     # Every linear slot's GEMM (the module classes it maps) and the MLPs' activation.
     slots=frozenset({"linear_gemm", "activation_func"}),
+    transformer_engine=TransformerEngine(
+        composes=False,
+        effect="it replaces the GEMMs of Megatron's local linears; TE's linears run TE's own "
+               "FP8 (--fp8-format and --fp8-recipe without the plugin, TE's blockwise recipe "
+               "included)",
+        gives_up="TE's FP8 recipes (delayed, tensorwise, mxfp8, TE's blockwise), FP8 "
+                 "parameters (--fp8-param-gather) and TE's fused kernels"),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from plugins import Plugin, PluginError
+from plugins import Plugin, PluginError, TransformerEngine
 from plugins.common.flags import Refusal, first_refused
 
 # Selective-recompute names the MLA layer handles, and the ones Megatron handles outside
@@ -165,4 +165,11 @@ MLA = Plugin(
     # and the layer module itself (for selective recomputation).
     slots=frozenset({"self_attention", "input_layernorm", "pre_mlp_layernorm",
                      "transformer_layer"}),
+    transformer_engine=TransformerEngine(
+        composes=False,
+        effect="its layers are local modules with the plugin's own RMSNorms, while the MLP "
+               "of TE's dense layers normalises inside TE's fused layernorm-linear: each "
+               "dense layer would be normalised twice, with an extra weight",
+        gives_up="TE's fused attention (cuDNN, flash) and fused layernorm-linears in every "
+                 "layer, and TE's FP8 in attention (FP8 comes from --plugins fp8 instead)"),
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from plugins import Plugin, PluginError
+from plugins import Plugin, PluginError, TransformerEngine
 from plugins.common.flags import Refusal, first_refused
 
 
@@ -211,6 +211,23 @@ def validate(args: argparse.Namespace) -> None:
                           f"divisor of --expert-model-parallel-size {ep}")
 
 
+def needed_by(args: argparse.Namespace) -> str | None:
+    """Megatron's grouped-expert flags with its local modules: its grouped experts are
+    Transformer Engine's, so its local spec would ignore them (and its own check points
+    to --moe-grouped-gemm, which needs TE)."""
+    if getattr(args, "transformer_impl", None) != "local" or not args.num_experts:
+        return None
+    if args.moe_grouped_gemm:
+        return ("--moe-grouped-gemm with --transformer-impl local is ignored by Megatron's "
+                "experts (its grouped experts are Transformer Engine's): drop it, or use "
+                "--plugins moe, whose experts always run grouped")
+    if args.recompute_granularity == "selective" and "moe_act" in (args.recompute_modules or ()):
+        return ("--recompute-modules moe_act with --transformer-impl local needs --plugins moe "
+                "(Megatron recomputes the activation of Transformer Engine's grouped experts "
+                "only); otherwise leave moe_act out of --recompute-modules")
+    return None
+
+
 def transform_layer_spec(layer_spec, args):
     from plugins.moe.spec import with_deepseek_moe
 
@@ -236,8 +253,18 @@ MOE = Plugin(
             "EP all-to-all dispatch in FP8",
     add_arguments=add_arguments,
     validate=validate,
+    needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     on_optimizer_step=on_optimizer_step,
     fixes=fixes,
     slots=frozenset({"mlp"}),
+    transformer_engine=TransformerEngine(
+        composes=False,
+        effect="its routed experts are local modules that TE's FP8 recipe does not reach: "
+               "under TE's FP8 they would run in BF16 while the shared experts (TE's "
+               "linears) run in FP8",
+        gives_up="TE's grouped-GEMM experts (--moe-grouped-gemm), fused permutation and "
+                 "router (--moe-permute-fusion, --moe-router-fusion) and TE's FP8 in the "
+                 "experts; the plugin's experts always run grouped (torch._grouped_mm), in "
+                 "FP8 with --plugins fp8"),
 )
