@@ -294,7 +294,7 @@ def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
 ], ids=["argparse", "start-up-check"])
 def test_a_refusal_is_one_line_on_rank_0_with_exit_status_2(extra, said, tmp_path):
     with pytest.raises(AssertionError) as failed:
-        torchrun(["-m", "integration.pretrain"], TINY_GPT + ["--train-iters", "2", *extra],
+        torchrun(["-m", "integration.pretrain"], TINY_GPT + ["--train-iters", "3", *extra],
                  tmp_path)
     output = str(failed.value)
     assert "rank 0 exited 2" in output  # rank 1 waits: rank 0 reports first
