@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import io
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,15 +289,44 @@ def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
 
 # --- end to end: one line, on rank 0, exit status 2 ----------------------------------------
 
-@pytest.mark.parametrize("extra, said", [
-    (["--seq-length", "abc"], "megaseek: error: argument --seq-length: invalid int value: 'abc'"),
-    (["--eval-interval", "0"], "megaseek: error: --eval-interval 0 must be 1 or more"),
-], ids=["argparse", "start-up-check"])
-def test_a_refusal_is_one_line_on_rank_0_with_exit_status_2(extra, said, tmp_path):
+RELEASE_SCRIPT = str(Path(__file__).parent / "launch_scripts" / "release" / "pretrain_gpt.py")
+MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128"]
+
+
+@pytest.mark.parametrize("entry, extra, said", [
+    (["-m", "integration.pretrain"], ["--seq-length", "abc"],
+     "megaseek: error: argument --seq-length: invalid int value: 'abc'"),
+    (["-m", "integration.pretrain"], ["--eval-interval", "0"],
+     "megaseek: error: --eval-interval 0 must be 1 or more"),
+    # an unmodified launch script (Megatron-LM's release pretrain_gpt.py)
+    (["-m", "integration.launch", RELEASE_SCRIPT], [*MOCK_DATA, "--log-interval", "0"],
+     "megaseek: error: --log-interval 0 must be 1 or more"),
+], ids=["argparse", "start-up-check", "launcher-start-up-check"])
+def test_a_refusal_is_one_line_on_rank_0_with_exit_status_2(entry, extra, said, tmp_path):
     with pytest.raises(AssertionError) as failed:
-        torchrun(["-m", "integration.pretrain"], TINY_GPT + ["--train-iters", "3", *extra],
-                 tmp_path)
+        torchrun(entry, TINY_GPT + ["--train-iters", "3", *extra], tmp_path)
     output = str(failed.value)
     assert "rank 0 exited 2" in output  # rank 1 waits: rank 0 reports first
     assert output.count("megaseek: error:") == 1 and said in output
     assert "usage:" not in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_train_iters_names_the_scheduler_flags(tmp_path):
+    saved = torchrun(["-m", "integration.pretrain"],
+                     TINY_GPT + ["--train-iters", "3", "--save", "ckpt", "--save-interval", "3"],
+                     tmp_path, ranks=1)
+    assert "saved checkpoint" in saved
+    with pytest.raises(AssertionError) as failed:
+        torchrun(["-m", "integration.pretrain"],
+                 TINY_GPT + ["--train-iters", "6", "--load", "ckpt"], tmp_path, ranks=1)
+    output = str(failed.value)
+    errors = [line for line in output.splitlines() if line.startswith("megaseek: error:")]
+    assert errors == [
+        "megaseek: error: --load ckpt: the checkpoint's learning-rate schedule has total number "
+        "of iterations 24, this run 48 (from --lr-decay-iters, or --train-iters where "
+        "--lr-decay-iters is not given (counted in samples: x --global-batch-size)): give "
+        "--override-opt_param-scheduler to use this run's values, or "
+        "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"]
+    assert "rank 0 exited 2" in output and "Traceback" not in output
+
