@@ -59,10 +59,11 @@ def _skips_training(args) -> bool:
 
 
 AT_LEAST = (
-    AtLeast("num_layers", 1, "the model's layer split divides by it (ZeroDivisionError)"),
-    AtLeast("seq_length", 1, "the dataset's sample index divides by it: the data worker "
-                             "dies of SIGFPE with no message"),
-    AtLeast("log_interval", 1, "training.py:3937 iteration % log_interval "
+    AtLeast("num_layers", 1, "an empty decoder, built and then divided by "
+                             "(ZeroDivisionError)"),
+    AtLeast("seq_length", 1, "gpt_dataset.py:523 and its C++ sample index divide by it: "
+                             "the data worker dies of SIGFPE with no message"),
+    AtLeast("log_interval", 1, "training.py:2816 iteration % log_interval "
                                "(ZeroDivisionError)"),
     AtLeast("eval_interval", 1, "training.py:4481 train_iters // eval_interval "
                                 "(ZeroDivisionError)"),
@@ -155,7 +156,7 @@ def _check_backend(args) -> None:
     import torch
 
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
-        # initialize.py:370 init_process_group("nccl") fails without a GPU.
+        # initialize.py:352 init_process_group(backend="nccl") fails without a GPU.
         raise PluginError("--distributed-backend nccl needs CUDA GPUs, and this machine has "
                           "none: give --distributed-backend gloo (or leave the flag out)")
 

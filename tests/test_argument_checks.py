@@ -194,6 +194,25 @@ def test_the_built_in_corpus_needs_a_vocabulary_that_holds_its_ids(tmp_path, mon
     assert "--data-path" in argv
 
 
+@pytest.mark.slow
+def test_a_data_path_with_ids_past_the_vocabulary_fails_at_its_first_batch(tmp_path):
+    """Not known at start-up (the largest id of a --data-path is in no index): the first
+    micro-batch that holds one names it and --vocab-size, instead of an IndexError in the
+    embedding. The built-in corpus's bytes: lower-case letters are ids 97-122."""
+    from integration.corpus import build_byte_corpus
+
+    data = build_byte_corpus(tmp_path / "data")
+    with pytest.raises(AssertionError) as failed:
+        torchrun(["-m", "integration.pretrain"], TINY_GPT + [
+            "--train-iters", "3", "--data-path", data, "--split", "90,5,5", "--tokenizer-type",
+            "NullTokenizer", "--vocab-size", "96", "--make-vocab-size-divisible-by", "32"],
+            tmp_path, ranks=1)
+    output = str(failed.value)
+    assert "outside the model's vocabulary of 96 (--vocab-size 96, padded to a multiple of " \
+           "--make-vocab-size-divisible-by 32 x TP): give a --vocab-size above" in output
+    assert "IndexError" not in output
+
+
 # --- Megatron's own checks, in words ------------------------------------------------------
 
 def _bare_asserts_of_validate_args() -> list[str]:
