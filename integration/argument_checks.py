@@ -107,12 +107,11 @@ def after_megatron(args: argparse.Namespace) -> None:
 
 def _check_schedule(args) -> None:
     """What training needs from the schedule flags, which Megatron reads only once the
-    model and the optimizer are built."""
-    if _skips_training(args):
+    model and the optimizer are built. A run given no training length may not train (a
+    launch script that only builds the model); `megaseek pretrain`, which always does,
+    asks for one itself (`integration.pretrain`)."""
+    if _skips_training(args) or (args.train_iters is None and args.train_samples is None):
         return
-    if args.train_iters is None and args.train_samples is None:
-        # training.py:1939 raises it after the model is built.
-        raise PluginError("give --train-iters N (or --train-samples N): how long to train")
     if args.lr is None:
         # The optimizer's param groups get lr None: TypeError at the first step.
         raise PluginError("give --lr: the learning rate (the peak, after warm-up)")

@@ -38,6 +38,14 @@ def with_defaults(argv: list[str]) -> list[str]:
     return argv + added
 
 
+def check_training_length(argv: list[str]) -> None:
+    """Megatron's `pretrain()` asks for a training length only once the model is built
+    (training.py:1939); a run of `megaseek pretrain` always trains."""
+    if not any(given(argv, flag) for flag in ("--train-iters", "--train-samples",
+                                              "--skip-train")):
+        raise PluginError("give --train-iters N (or --train-samples N): how long to train")
+
+
 def check_vocabulary_holds_the_corpus(argv: list[str]) -> None:
     """The built-in corpus's token ids go up to 256; with the NullTokenizer the model's
     vocabulary is --vocab-size (padded), and a smaller one fails at the first forward
@@ -76,6 +84,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     with hooks.megatron_run(registry) as patcher:
+        check_training_length(argv)
         argv = with_defaults(argv)
         from megatron.core.enums import ModelType
         from megatron.training import pretrain

@@ -96,7 +96,6 @@ REFUSED = {
                                      "--lr-warmup-iters 6 must be below the decay's 6 "
                                      "(--lr-decay-iters)"),
     "train-iters-0": (["--train-iters", "0"], (), "--train-iters 0 must be 1 or more"),
-    "no-train-iters": ([], ("--train-iters",), "give --train-iters N (or --train-samples N)"),
     "mtp-num-layers-negative": (["--mtp-num-layers", "-1"], (),
                                 "--mtp-num-layers -1 must be 0 or more"),
     "mtp-loss-scaling-negative": (["--mtp-num-layers", "1", "--mtp-loss-scaling-factor",
@@ -173,6 +172,18 @@ def test_the_edges_are_accepted(extra, tmp_path, monkeypatch):
     argv = command_line([a.format(tmp=tmp_path) for a in extra])
     assert start_up_refusal(argv, monkeypatch) is None
     assert not (tmp_path / "not").exists()  # a folder is checked, not made
+
+
+def test_a_run_that_may_not_train_needs_no_training_flags(monkeypatch):
+    """A launch script may only build the model: without a training length, the flags
+    only training reads are not asked for. `megaseek pretrain` always trains."""
+    from integration import pretrain
+
+    argv = command_line([], ("--train-iters", "--lr", "--min-lr", "--eval-interval"))
+    assert start_up_refusal(argv, monkeypatch) is None
+    with pytest.raises(PluginError, match=r"give --train-iters N \(or --train-samples N\)"):
+        pretrain.check_training_length(argv)
+    pretrain.check_training_length(argv + ["--train-samples", "100"])
 
 
 def test_a_presets_mtp_loss_weight_goes_with_its_mtp_layers():
