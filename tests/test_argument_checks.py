@@ -251,12 +251,15 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
     # a message that names no flag gets the flags of its condition
     (["--train-samples", "100"], "Megatron's argument check failed: expected iteration-based "
                                  "training (--train-samples 100) "),
+    # a required flag left out ('hidden_size argument is None')
+    (["drop"], "Megatron's argument check failed: give --hidden-size (Megatron requires it)"),
 ])
 def test_megatrons_failed_checks_name_the_flags(extra, said, monkeypatch):
     from upstream import seams
     from upstream.patching import Patcher
 
-    args = parsed(command_line(extra), monkeypatch)
+    args = parsed(command_line(extra[1:] if extra[0] == "drop" else extra,
+                               ("--hidden-size",) if extra[0] == "drop" else ()), monkeypatch)
     patcher = Patcher()
     seams.checks_before_argument_dump(lambda args: None).apply(patcher)
     try:

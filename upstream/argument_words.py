@@ -3,8 +3,8 @@
 Many of `validate_args`'s asserts carry no message (`assert not args.bf16`), and some
 carry one that names no flag ('expected iteration-based training'). `in_words` turns
 one into what a user can act on: a sentence naming the flags for the common bare
-conditions (`WORDS`), else the condition with the flags its `args.X` names read as
-`--x` and their values.
+conditions (`WORDS`) and for a required flag left out, else the condition with the flags
+its `args.X` names read as `--x` and their values.
 """
 
 from __future__ import annotations
@@ -73,12 +73,17 @@ WORDS = {
 }
 
 _ARGS_NAME = re.compile(r"\bargs\.(\w+)")
+# arguments.py:1924 _check_arg_is_not_none, for --num-layers, --hidden-size,
+# --num-attention-heads and --max-position-embeddings: "<dest> argument is None".
+_REQUIRED = "getattr(args, arg) is not None"
 
 
 def in_words(condition: str | None, message: str, args: Any) -> str:
     """What a failed check of Megatron's says: its message, with the flags of its condition
     where the message names none; for a bare condition, `WORDS`' sentence, or the condition
     and its flags."""
+    if condition == _REQUIRED and message.endswith(" argument is None"):
+        return f"give --{message.split()[0].replace('_', '-')} (Megatron requires it)"
     if message:
         if "--" in message or not condition:
             return message
