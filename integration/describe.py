@@ -84,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     a("--disable-bias-linear", action="store_true")
     a("--untie-embeddings-and-output-weights", action="store_true")
     a("--mtp-num-layers", type=int, default=0)
+    a("--mtp-loss-scaling-factor", type=float,
+      help="read and checked (megaseek pretrain's checks), but changes no figure")
     a("--spec", nargs=2, metavar=("MODULE", "FUNCTION"),
       help="only the DeepSeek-V3 decoder (integration.deepseek_v3 decoder_spec), which the "
            "MLA and MoE flags describe")
@@ -141,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
                  "--moe-router-score-function", "--moe-router-bias-update-rate",
                  "--moe-router-topk-scaling-factor", "--moe-router-dtype",
                  "--moe-router-load-balancing-type", "--moe-aux-loss-coeff",
-                 "--mtp-loss-scaling-factor", "--fp8-backend"):
+                 "--fp8-backend"):
         a(flag)
     for flag in ("--moe-router-enable-expert-bias", "--no-rope-fusion"):
         a(flag, action="store_true")
@@ -168,6 +170,17 @@ RECOMPUTE_NAMES = ("layernorm", "mla_up_proj", "mlp", "moe", "moe_act", "shared_
 
 
 def check(args: argparse.Namespace) -> argparse.Namespace:
+    from integration import argument_checks
+    from plugins import PluginError
+
+    try:  # the flags describe shares with a run get a run's start-up checks
+        argument_checks.check_values(args)
+    except PluginError as error:
+        raise DescribeError(f"megaseek describe: {error}") from None
+    for flag in ("--hidden-size", "--num-attention-heads"):
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            raise DescribeError(f"megaseek describe: {flag} "
+                                f"{getattr(args, flag[2:].replace('-', '_'))} must be 1 or more")
     if args.spec is not None and args.spec != ["integration.deepseek_v3", "decoder_spec"]:
         raise DescribeError(f"megaseek describe: --spec {' '.join(args.spec)}: describe counts "
                             "only the DeepSeek-V3 decoder (--spec integration.deepseek_v3 "
@@ -556,7 +569,7 @@ def stages(args: argparse.Namespace) -> list[list[Stage]]:
             raise DescribeError(f"megaseek describe: --pipeline-schedule {schedule} needs "
                                 "--pipeline-model-parallel-size 2 or more")
     sizes = _stage_sizes(layers, count, args.decoder_first_pipeline_num_layers,
-                         args.decoder_last_pipeline_num_layers)
+                         args.decoder_last_pipeline_num_layers, schedule)
     starts = [sum(sizes[:i]) for i in range(count)]
     cut = [Stage(list(range(starts[i], starts[i] + sizes[i])), embedding=i == 0,
                  head=i == count - 1) for i in range(count)]
@@ -567,7 +580,8 @@ def stages(args: argparse.Namespace) -> list[list[Stage]]:
     return [[cut[r]] for r in range(p)]
 
 
-def _stage_sizes(layers: int, count: int, first: int | None, last: int | None) -> list[int]:
+def _stage_sizes(layers: int, count: int, first: int | None, last: int | None,
+                 schedule: str = "1f1b") -> list[int]:
     fixed = [first, last] if count > 1 else [first]
     middle = count - sum(1 for x in fixed if x is not None)
     rest = layers - sum(x for x in fixed if x is not None)
@@ -577,10 +591,13 @@ def _stage_sizes(layers: int, count: int, first: int | None, last: int | None) -
                                 f"to --num-layers {layers}")
         return [first, last][:count]
     if rest % middle or rest < 0:
+        # Only 1F1B takes uneven first/last stages; the DualPipe schedules refuse them.
+        hint = ("give --decoder-first-pipeline-num-layers and/or "
+                "--decoder-last-pipeline-num-layers" if schedule == "1f1b" else
+                f"--pipeline-schedule {schedule} cuts equal stages: give a --num-layers that "
+                f"{count} divides, or another --pipeline-model-parallel-size")
         raise DescribeError(f"megaseek describe: --num-layers {layers} cannot be cut into "
-                            f"{count} pipeline stages of equal size (give "
-                            "--decoder-first-pipeline-num-layers and/or "
-                            "--decoder-last-pipeline-num-layers)")
+                            f"{count} pipeline stages of equal size ({hint})")
     each = rest // middle
     return [first if first is not None else each] + [each] * (count - 2) + (
         [last if last is not None else each] if count > 1 else [])

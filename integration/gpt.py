@@ -146,8 +146,10 @@ def get_batch(data_iterator, vp_stage: int | None, mtp_here: bool) -> dict[str, 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     batch = {}
     if tp_rank == 0:
+        read = next(data_iterator)
+        check_token_ids(read, args)
         batch = {key: value.to(_device(), non_blocking=True) if torch.is_tensor(value) else value
-                 for key, value in next(data_iterator).items()}
+                 for key, value in read.items()}
     batch = get_batch_on_this_tp_rank(
         batch,
         has_cu_seqlens=False,
@@ -167,6 +169,23 @@ def get_batch(data_iterator, vp_stage: int | None, mtp_here: bool) -> dict[str, 
     return get_batch_on_this_cp_rank(
         batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
     )
+
+
+def check_token_ids(batch: dict[str, Any], args) -> None:
+    """Megatron's embedding and loss index with the token ids unchecked: an id past the
+    model's vocabulary fails inside them (IndexError on CPU, a device-side assert on GPU).
+    A user's --data-path says nothing about its largest id at start-up (Megatron's index
+    does not hold it), so each micro-batch is checked as it is read, on the host (the
+    data loader's tensors, before they move: no device sync)."""
+    largest = max((int(batch[key].max()) for key in ("tokens", "labels")
+                   if torch.is_tensor(batch.get(key)) and batch[key].numel()), default=-1)
+    if largest >= args.padded_vocab_size:
+        given = f"--vocab-size {args.vocab_size}" if args.vocab_size else "the tokenizer's"
+        raise ValueError(f"the data holds token id {largest}, outside the model's vocabulary "
+                         f"of {args.padded_vocab_size} ({given}, padded to a multiple of "
+                         f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} "
+                         f"x TP): give a --vocab-size above {largest}, or the --tokenizer-type "
+                         "the data was made with")
 
 
 def forward_step(data_iterator, model: GPTModel):

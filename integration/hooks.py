@@ -27,9 +27,12 @@ def megatron_run(registry: PluginRegistry):
     - the fixes this machine needs are in place (`upstream.compat`; `upstream.cpu` without
       CUDA), and the yielded Patcher takes the run's own changes; all are undone at its end;
     - the plugins' start-up checks run before Megatron prints its argument dump;
-    - a checkpoint that does not fit the model fails naming the key and the flags;
-    - a configuration the plugins (or Megatron's own checks) refuse ends the run as
-      argparse does: one line,
+    - megaseek's checks of Megatron's own flags (`integration.argument_checks`) run around
+      Megatron's validation, the plugins' after it;
+    - a checkpoint that does not fit the model, or whose learning-rate schedule differs
+      from the run's, fails naming the flags;
+    - a command line Megatron's parser refuses, or a configuration the plugins (or
+      Megatron's own checks) refuse, ends the run as argparse does: one line,
       `megaseek: error: ...`, on rank 0 only, and exit status 2 on every rank."""
     # Megatron checks --delay-wgrad-compute before any plugin is enabled: its narrowed
     # check goes in first (upstream.wgrad).
@@ -37,8 +40,11 @@ def megatron_run(registry: PluginRegistry):
                  apply_fixes([wgrad.DELAY_WGRAD_ARGUMENTS], Patcher())]
     patcher = Patcher()
     try:
-        seams.checks_before_argument_dump(lambda args: _start_up_checks(registry, args)).apply(patcher)
+        seams.argument_errors_refused().apply(patcher)
+        seams.checks_before_argument_dump(lambda args: _start_up_checks(registry, args),
+                                          _checks_before_megatron).apply(patcher)
         seams.checkpoint_mismatch_named().apply(patcher)
+        seams.scheduler_mismatch_named().apply(patcher)
         yield patcher
     except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch) as error:
         exit_refused(error)
@@ -66,12 +72,22 @@ def exit_refused(error: Exception) -> NoReturn:
     raise SystemExit(2) from None
 
 
+def _checks_before_megatron(args: argparse.Namespace) -> None:
+    """megaseek's checks of Megatron's flags whose values Megatron's own validation would
+    misread or crash on (`integration.argument_checks`); Megatron parsed `sys.argv`."""
+    from integration import argument_checks
+
+    argument_checks.before_megatron(args, sys.argv[1:])
+
+
 def _start_up_checks(registry: PluginRegistry, args: argparse.Namespace) -> None:
-    """Transformer Engine where the flag asks for it, the plugins' checks, then those of
-    what megaseek builds itself (MTP's placement)."""
-    from integration import mtp, transformer_engine
+    """Transformer Engine where the flag asks for it, megaseek's checks of Megatron's flags
+    that need the machine or the layout, the plugins' checks, then those of what megaseek
+    builds itself (MTP's placement)."""
+    from integration import argument_checks, mtp, transformer_engine
 
     transformer_engine.check_installed(args)
+    argument_checks.after_megatron(args)
     registry.enabled(args)
     mtp.check_placement(args)
 

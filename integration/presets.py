@@ -224,7 +224,7 @@ TINY = Preset(
     model=(
         "--num-layers", "4", "--hidden-size", "128", "--ffn-hidden-size", "256",
         "--num-attention-heads", "4", "--seq-length", "128",
-        "--max-position-embeddings", "128", *COMMON,
+        "--max-position-embeddings", "128", *COMMON, *NO_DROPOUT,
         "--mtp-num-layers", "1",
     ),
     plugins={
@@ -252,7 +252,8 @@ integration/demo.py -> MODEL (4 layers, hidden 128, 4 heads, sequence and positi
   (q_lora and kv_lora 128). Left out: the demo's TP/EP layout, batch and optimizer
   settings, --fp8-backend (auto picks the emulated backend on CPU) and its selective
   recomputation (give --recompute-granularity selective --recompute-modules layernorm
-  mla_up_proj for the demo's). Added: --mtp-num-layers 1.""",
+  mla_up_proj for the demo's). Added: --mtp-num-layers 1, and no dropout (as DeepSeek-V3
+  and the other presets; the demo trained with Megatron's default 0.1 before).""",
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, DEEPSEEK_V2_LITE, MOONLIGHT, DEEPSEEK_V3)}
@@ -318,14 +319,22 @@ def _drop(argv: list[str], names: set[str]) -> list[str]:
     return kept
 
 
+# A preset flag that means something only while another is not 0: dropped with it when the
+# user sets that one to 0, as a plugin's flags are dropped with the plugin (the MTP loss
+# weight without MTP layers is refused at start-up).
+_ONLY_WITH = {"--mtp-loss-scaling-factor": "--mtp-num-layers"}
+
+
 def preset_flags(name: str, user_argv: list[str] = ()) -> list[str]:
     """The flags `--preset NAME` adds before `user_argv`: the preset's, less those the user
-    gives (by option name), less the flags of plugins the user's `--plugins` leaves out."""
+    gives (by option name), less the flags of plugins the user's `--plugins` leaves out,
+    less those that mean nothing with a flag the user sets to 0 (`_ONLY_WITH`)."""
     if name not in PRESETS:
         raise PresetError(f"{PRESET_FLAG} {name}: unknown; the presets are {', '.join(PRESETS)}")
     user = options(list(user_argv))
     plugins = user.get("--plugins")
-    return _drop(PRESETS[name].flags(plugins), set(user))
+    zeroed = {flag for flag, needed in _ONLY_WITH.items() if user.get(needed) == ["0"]}
+    return _drop(PRESETS[name].flags(plugins), set(user) | zeroed)
 
 
 def expand(argv: list[str], announce: bool = True, file=None) -> list[str]:
@@ -342,8 +351,9 @@ def expand(argv: list[str], announce: bool = True, file=None) -> list[str]:
         added = preset_flags(name, rest)
         check_consistency(name, added, rest)
     except PresetError as error:
-        print(f"megaseek: error: {error.message}", file=sys.stderr)
-        raise
+        from integration.hooks import exit_refused
+
+        exit_refused(error)  # once, on rank 0, as every refusal
     if announce and os.environ.get("RANK", "0") == "0":
         print(f"megaseek: {PRESET_FLAG} {name}: {shlex.join(added)}",
               file=file or sys.stdout, flush=True)

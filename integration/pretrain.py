@@ -19,7 +19,7 @@ import tempfile
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import hooks, presets
 from integration.corpus import BYTE_VOCAB_SIZE, build_byte_corpus
-from plugins import PluginRegistry, default_registry
+from plugins import PluginError, PluginRegistry, default_registry
 from upstream import cpu, shutdown
 from upstream.cpu import given
 
@@ -35,11 +35,38 @@ def with_defaults(argv: list[str]) -> list[str]:
         added += ["--transformer-impl", "local"]
     if not (given(argv, "--data-path") or given(argv, "--mock-data")
             or given(argv, "--train-data-path")):
+        if given(argv, "--tokenizer-type"):
+            check_vocabulary_holds_the_corpus(argv)
         cache = os.environ.get("MEGASEEK_DATA_CACHE", os.path.join(tempfile.gettempdir(), "megaseek-data"))
         added += ["--data-path", build_byte_corpus(cache), "--split", "90,5,5"]
         if not given(argv, "--tokenizer-type"):
             added += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB_SIZE)]
     return argv + added
+
+
+def check_training_length(argv: list[str]) -> None:
+    """Megatron's `pretrain()` asks for a training length only once the model is built
+    (training.py:1939); a run of `megaseek pretrain` always trains."""
+    if not any(given(argv, flag) for flag in ("--train-iters", "--train-samples",
+                                              "--skip-train")):
+        raise PluginError("give --train-iters N (or --train-samples N): how long to train")
+
+
+def check_vocabulary_holds_the_corpus(argv: list[str]) -> None:
+    """The built-in corpus's token ids go up to 256; with the NullTokenizer the model's
+    vocabulary is --vocab-size (padded), and a smaller one fails at the first forward
+    with an IndexError in the embedding (a device-side assert on GPU). Other tokenizers
+    bring their own vocabulary; of a user's --data-path nothing is known at start-up (the
+    largest id is in no index: only reading all the data would tell)."""
+    chosen = presets.options(argv)
+    vocab = (chosen.get("--vocab-size") or [None])[-1]
+    if (chosen.get("--tokenizer-type") or [None])[-1] != "NullTokenizer" or vocab is None:
+        return
+    if vocab.isdigit() and int(vocab) < BYTE_VOCAB_SIZE:
+        raise PluginError(f"--vocab-size {vocab} is smaller than the built-in corpus's "
+                          f"{BYTE_VOCAB_SIZE} token ids (bytes and the end-of-document token; "
+                          f"it trains on it without --data-path or --mock-data): give "
+                          f"--vocab-size {BYTE_VOCAB_SIZE} or more, or your own --data-path")
 
 
 def one_rank_without_torchrun() -> None:
@@ -58,11 +85,13 @@ def one_rank_without_torchrun() -> None:
 
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
     one_rank_without_torchrun()
-    argv = with_defaults(presets.expand(list(sys.argv[1:] if argv is None else argv)))
+    argv = presets.expand(list(sys.argv[1:] if argv is None else argv))
     registry = registry or default_registry()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     with hooks.megatron_run(registry) as patcher:
+        check_training_length(argv)
+        argv = with_defaults(argv)
         from megatron.core.enums import ModelType
         from megatron.training import pretrain
         from megatron.training.argument_utils import pretrain_cfg_container_from_args

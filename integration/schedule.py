@@ -109,6 +109,12 @@ def _report(timeline: Timeline, durations: Durations, measured: bool, as_json: b
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
+    if args.png:  # before any work, as every refusal
+        from plugins.common.paths import unwritable_file
+
+        problem = unwritable_file(args.png)
+        if problem:
+            _fail(f"--png {args.png}: {problem}")
     if args.from_run:
         from plugins.dualpipe.runlog import read_run
 

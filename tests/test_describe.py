@@ -18,12 +18,12 @@ import json
 import pytest
 
 from integration import describe as d
+from integration import presets
 from tests.multirank import run_ranks
 
 LAYOUT = ["--pipeline-model-parallel-size", "16", "--expert-model-parallel-size", "64",
           "--data-parallel-size", "128", "--decoder-first-pipeline-num-layers", "1", "--bf16",
           "--use-distributed-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
-NO_DROPOUT = ["--attention-dropout", "0", "--hidden-dropout", "0"]
 SEQ, BATCH, VOCAB = 64, 2, 256
 
 
@@ -77,7 +77,18 @@ def test_json_has_exact_integers(capsys):
     (["--preset", "foo"], "--preset foo: unknown; the presets are"),
     (["--preset", "tiny", "--no-such-flag", "3"], "--no-such-flag is not a flag describe"),
     (["--preset", "tiny", "--context-parallel-size", "2"], "--context-parallel-size is not a"),
-    (["--preset", "tiny"], "give --attention-dropout 0 --hidden-dropout 0"),
+    (["--preset", "tiny", "--hidden-dropout", "0.1"],
+     "give --attention-dropout 0 --hidden-dropout 0"),
+    (["--preset", "tiny", "--seq-length", "0"], "--seq-length 0 must be 1 or more"),
+    (["--preset", "tiny", "--num-layers", "0", "--moe-layer-freq", "1"],
+     "--num-layers 0 must be 1 or more"),
+    (["--preset", "tiny", "--mtp-loss-scaling-factor", "nan"],
+     "--mtp-loss-scaling-factor nan must be 0 or more (and finite)"),
+    (["--preset", "deepseek-v3", "--mtp-num-layers", "-1"], "--mtp-num-layers -1 must be 0"),
+    # the DualPipe schedules cut equal stages: no hint to the uneven-stage flags they refuse
+    (["--preset", "deepseek-v3", "--pipeline-model-parallel-size", "16",
+      "--pipeline-schedule", "dualpipev"], "--pipeline-schedule dualpipev cuts equal stages: "
+                                            "give a --num-layers that 32 divides"),
     (["--preset", "deepseek-v3", "--pipeline-model-parallel-size", "16"],
      "cannot be cut into 16 pipeline stages"),
     (["--preset", "deepseek-v3", "--recompute-granularity", "selective",
@@ -88,6 +99,14 @@ def test_bad_input_is_refused_by_name(argv, message, capsys):
         d.main(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_every_preset_describes_as_it_trains(name, capsys):
+    """No flag to add: a preset's own flags are what describe counts (`tiny` included,
+    which trains without dropout as DeepSeek-V3 does)."""
+    d.main(["--preset", name])
+    assert "parameters    main model" in capsys.readouterr().out
 
 
 def test_pipeline_layouts_place_embedding_head_and_in_flight_microbatches():
@@ -110,7 +129,7 @@ def test_pipeline_layouts_place_embedding_head_and_in_flight_microbatches():
 
 
 def test_distributed_optimizer_and_bf16_moments_shrink_the_optimizer_state():
-    base = ["--preset", "tiny", *NO_DROPOUT, "--bf16", "--data-parallel-size", "4"]
+    base = ["--preset", "tiny", "--bf16", "--data-parallel-size", "4"]
     plain = report(base)["per_rank"][0]
     n = plain["parameters"]
     assert plain["parameter_bytes"] == 2 * n and plain["gradient_bytes"] == 4 * n
@@ -123,7 +142,7 @@ def test_distributed_optimizer_and_bf16_moments_shrink_the_optimizer_state():
 
 # --- against the built model ------------------------------------------------------------------
 
-TINY = ["--preset", "tiny", *NO_DROPOUT, "--micro-batch-size", str(BATCH),
+TINY = ["--preset", "tiny", "--micro-batch-size", str(BATCH),
         "--seq-length", str(SEQ)]
 WIDE = ["--moe-ffn-hidden-size", "256", "--moe-shared-expert-intermediate-size", "384"]
 VARIANTS = {  # name: extra flags

@@ -56,3 +56,18 @@ def test_tied_embeddings_are_refused(monkeypatch):
     argv = [a for a in BASE if a != "--untie-embeddings-and-output-weights"] + V
     with pytest.raises(PluginError, match=r"needs --untie-embeddings-and-output-weights"):
         enabled(argv, monkeypatch)
+
+
+def test_an_unwritable_pipeline_timeline_is_refused_at_start_up(tmp_path, monkeypatch):
+    # Each rank writes its timeline after the first step; a path it cannot write in failed
+    # there, after the model was built. (A file where a folder is asked for: root, which
+    # runs CI here, may write anywhere else.)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PluginError, match=rf"--pipeline-timeline {blocker}/timeline: "
+                                          rf"{blocker} is a file, not a directory"):
+        enabled(BASE + V + ["--pipeline-timeline", str(blocker / "timeline")], monkeypatch)
+    args, _ = enabled(BASE + V + ["--pipeline-timeline", str(tmp_path / "new" / "dir")],
+                      monkeypatch)
+    assert not (tmp_path / "new").exists()  # checked, not created
+

@@ -125,6 +125,21 @@ def test_cli_bad_input_is_one_error_line(capsys, argv, needle):
     assert err.count("\n") == 1 and err.startswith("megaseek: error: ") and needle in err
 
 
+def test_cli_unwritable_png_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for png, problem in ((blocker / "x.png", f"{blocker} is a file, not a directory"),
+                         (tmp_path / "no" / "x.png", f"the folder {tmp_path / 'no'} does not "
+                                                     "exist"),
+                         (tmp_path, f"{tmp_path} is a directory")):
+        with pytest.raises(SystemExit) as exit_:
+            schedule_main(["--schedule", "dualpipev", "--pp", "4", "--microbatches", "8",
+                           "--png", str(png)])
+        captured = capsys.readouterr()
+        assert exit_.value.code == 2 and captured.out == ""  # nothing simulated or printed
+        assert captured.err == f"megaseek: error: --png {png}: {problem}\n"
+
+
 def test_run_files_round_trip_and_draw(tmp_path, capsys):
     pipeline = Pipeline("dualpipev", 2, 5)
     first = simulate(pipeline, Durations(Fr(1), Fr(2), Fr(1)))

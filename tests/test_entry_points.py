@@ -37,7 +37,7 @@ def test_unknown_command_is_named(tmp_path):
 @pytest.mark.slow
 def test_configuration_error_is_one_line_once_before_the_argument_dump(tmp_path):
     with pytest.raises(AssertionError) as failed:
-        torchrun(["-m", "integration.pretrain"], TINY_GPT + ["--train-iters", "1",
+        torchrun(["-m", "integration.pretrain"], TINY_GPT + ["--train-iters", "3",
                                                              "--plugins", "nosuch"], tmp_path,
                  launcher="torchrun")  # what a user sees: every rank's exit, torchrun's report
     output = str(failed.value)
@@ -78,7 +78,7 @@ def test_megatron_argument_assertion_is_quoted_as_one_line(tmp_path):
     error = [line for line in done.stderr.splitlines() if line.startswith("megaseek: error")]
     assert error == ["megaseek: error: Megatron's argument check failed: When interleaved "
                      "schedule is used, pipeline-model-parallel size should be greater than 1 "
-                     "(megatron/training/arguments.py:968)"]
+                     "(--pipeline-model-parallel-size 1) (megatron/training/arguments.py:968)"]
     assert "Traceback" not in done.stderr
 
 

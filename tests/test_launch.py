@@ -113,5 +113,5 @@ def test_placement_seam_builds_stages_r_and_2p_minus_1_minus_r(tmp_path):
 
 def test_plugin_flag_without_plugin_fails_at_start(tmp_path):
     with pytest.raises(AssertionError, match=r"--probe-trace needs '--plugins probe'"):
-        torchrun([PROBED, RELEASE], TINY_GPT + DATA + ["--train-iters", "1", "--probe-trace",
+        torchrun([PROBED, RELEASE], TINY_GPT + DATA + ["--train-iters", "3", "--probe-trace",
                                                        str(tmp_path / "t")], tmp_path)

@@ -283,7 +283,8 @@ def test_a_layout_that_places_no_mtp_layer_is_refused_at_start_up(monkeypatch):
             "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
             "--global-batch-size", "8", "--train-iters", "1", "--lr", "1e-3", "--mock-data",
             "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--transformer-impl",
-            "local", "--no-rope-fusion", *PIPELINE, *MLA_MTP]
+            "local", "--no-rope-fusion", "--distributed-backend", "gloo", *PIPELINE,
+            *MLA_MTP]
     args, _ = validated(base + layout + ["Ett|ttL"])
     with pytest.raises(PluginError, match=r"--mtp-num-layers 1 with "
                                           r"--pipeline-model-parallel-layout .*places 0 MTP layer"):

@@ -56,6 +56,19 @@ def test_unknown_preset_lists_the_presets(capsys):
     assert all(name in err for name in PRESETS)
 
 
+def test_a_bad_preset_is_said_once_on_rank_0(monkeypatch, capsys):
+    """Every rank expands the presets; only rank 0 says what is wrong (the others wait for
+    it before exiting, as every refusal: integration.hooks.exit_refused)."""
+    from integration import hooks
+
+    slept = []
+    monkeypatch.setattr(hooks.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exited:
+        expand(["--preset", "foo"])
+    assert exited.value.code == 2 and capsys.readouterr().err == "" and slept
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "deepseek-v3", "--num-experts", "100"],
      "--num-experts 100 is not divisible by the preset's --moe-router-num-groups 8 "

@@ -8,8 +8,10 @@ every change is undone when the run ends:
 
 - `plugin_arguments`: every parse of Megatron's arguments knows the plugin flags; the
   script's own parse also enables the plugins (the launcher's way in);
-- `checks_before_argument_dump`: the plugins' start-up checks run before Megatron prints
-  its arguments;
+- `argument_errors_refused`: a command line Megatron's parser refuses raises instead of
+  printing argparse's usage on every rank;
+- `checks_before_argument_dump`: start-up checks run before Megatron validates its
+  arguments and before it prints them; its failed checks are said in words;
 - `model_specs`: every `GPTModel` built gets its layer spec (a layer's, or a block's, one
   per layer) and its MTP block spec through the plugins' transforms, whichever way the
   model is built (a script's model provider, or `pretrain` without one);
@@ -19,6 +21,8 @@ every change is undone when the run ends:
 - `pipeline_placement`: which stages each rank's pipeline chunks build (and, where the
   plugin says, with which process groups);
 - `checkpoint_state`: plugin state saved and loaded with Megatron's checkpoint;
+- `checkpoint_mismatch_named`, `scheduler_mismatch_named`: a checkpoint that does not fit
+  the run fails naming the flags;
 - `evaluation_passes`: extra passes of Megatron's evaluation, on the same batches.
 """
 
@@ -91,27 +95,31 @@ def plugin_arguments(add_arguments: Callable, on_parsed: Callable[[Any], None]) 
 
 class MegatronRefused(ValueError):
     """Megatron's own argument validation failed (an `assert` or a ValueError raised in
-    `validate_args`)."""
+    `validate_args`), or its parser refused the command line."""
 
 
-def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
+def checks_before_argument_dump(check: Callable[[Any], None],
+                                check_first: Callable[[Any], None] | None = None) -> Fix:
     """`check(args)` runs at the end of Megatron's `validate_args`, before it prints the
-    argument dump, so that a configuration error is the first thing the user reads; and an
-    assertion of Megatron's own validation becomes a `MegatronRefused` that quotes it (the
-    message, or the asserted condition where it has none) with its place."""
+    argument dump, so that a configuration error is the first thing the user reads;
+    `check_first(args)` runs before `validate_args` (for values its own checks would misread
+    or crash on). An assertion of Megatron's own validation becomes a `MegatronRefused`
+    that says it in words (`upstream.argument_words`) with its place."""
 
     def apply(patcher: Patcher) -> None:
         arguments = _module("megatron.training.arguments")
         print_args, validate_args = arguments._print_args, arguments.validate_args
 
         @wraps(validate_args)
-        def validate_or_refuse(*args, **kwargs):
+        def validate_or_refuse(args, *rest, **kwargs):
+            if check_first is not None:
+                check_first(args)
             try:
-                return validate_args(*args, **kwargs)
+                return validate_args(args, *rest, **kwargs)
             except (AssertionError, ValueError) as error:
                 if not _raised_by_megatron(error):
                     raise  # e.g. a plugin's PluginError from the check above
-                raise MegatronRefused(_quoted(error)) from error
+                raise MegatronRefused(_quoted(error, args)) from error
 
         patcher.setattr(arguments, "validate_args", validate_or_refuse)
 
@@ -128,7 +136,7 @@ def checks_before_argument_dump(check: Callable[[Any], None]) -> Fix:
         f"megatron/training/arguments.py:1904 (validate_args ends with "
         f"_print_args('arguments', args)) ({VERSION})",
         "Megatron prints some 800 argument lines before returning; plugin checks run "
-        "before them, and its own failed checks are quoted instead of raised as "
+        "before them, and its own failed checks are said in words instead of raised as "
         "AssertionError tracebacks",
         lambda: source_has(_module("megatron.training.arguments").validate_args,
                            '_print_args("arguments", args)'),
@@ -142,13 +150,49 @@ def _raised_by_megatron(error: Exception) -> bool:
     return bool(frames) and f"{os.sep}megatron{os.sep}" in frames[-1].filename
 
 
-def _quoted(error: Exception) -> str:
+def _quoted(error: Exception, args: Any = None) -> str:
     import traceback
+
+    from upstream.argument_words import assert_condition, in_words
 
     frame = traceback.extract_tb(error.__traceback__)[-1]
     where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
-    said = str(error).strip() or f"`{(frame.line or '').strip()}`"
+    condition = (assert_condition(frame.filename, frame.lineno)
+                 if isinstance(error, AssertionError) else None)
+    said = in_words(condition, str(error).strip(), args)
     return f"Megatron's argument check failed: {said} (megatron/training/{where})"
+
+
+def argument_errors_refused() -> Fix:
+    """A command line Megatron's parser refuses (an unknown flag, a bad value) raises
+    `MegatronRefused` with argparse's message, so that the run ends with one line on rank
+    0 as every refusal does, instead of argparse's usage and error printed by every rank."""
+
+    def apply(patcher: Patcher) -> None:
+        import argparse
+
+        arguments = _module("megatron.training.arguments")
+        parse_args = arguments.parse_args
+
+        def refuse(parser, message):
+            raise MegatronRefused(message)
+
+        @wraps(parse_args)
+        def parse_or_refuse(*args, **kwargs):
+            with patcher.scoped(argparse.ArgumentParser, "error", refuse):
+                return parse_args(*args, **kwargs)
+
+        patcher.setattr(arguments, "parse_args", parse_or_refuse)
+
+    return Fix(
+        "seam:argument-errors-refused",
+        f"megatron/training/arguments.py parse_args: parser.parse_args / parse_known_args "
+        f"({VERSION}); argparse.ArgumentParser.error prints the usage and exits",
+        "each rank parses the command line and argparse prints its usage and error on every "
+        "one; the error is raised instead, and reported once by the run's frame",
+        lambda: source_has(_module("megatron.training.arguments").parse_args, "parse_args(")
+        or source_has(_module("megatron.training.arguments").parse_args, "parse_known_args("),
+        apply, SEAM)
 
 
 # --- model specs -------------------------------------------------------------------------
@@ -748,6 +792,60 @@ def checkpoint_mismatch_named() -> Fix:
         apply, SEAM)
 
 
+# The learning-rate schedule's values a checkpoint keeps (OptimizerParamScheduler.
+# load_state_dict's names), and the flags they come from.
+_SCHEDULER_FLAGS = {
+    "learning rate": "--lr",
+    "minimum learning rate": "--min-lr",
+    "warmup iterations": "--lr-warmup-iters (or --lr-warmup-fraction, --lr-warmup-samples; "
+                         "counted in samples: x --global-batch-size)",
+    "total number of iterations": "--lr-decay-iters, or --train-iters where --lr-decay-iters "
+                                  "is not given (counted in samples: x --global-batch-size)",
+    "learning rate decay style": "--lr-decay-style",
+    "start weight decay": "--start-weight-decay (or --weight-decay)",
+    "end weight decay": "--end-weight-decay (or --weight-decay)",
+    "total number of weight decay iterations": "--train-iters (counted in samples: x "
+                                               "--global-batch-size)",
+    "weight decay incr style": "--weight-decay-incr-style",
+}
+
+
+def scheduler_mismatch_named() -> Fix:
+    """A resumed run whose learning-rate schedule differs from the checkpoint's (a changed
+    --train-iters, --lr, ...) fails naming the value, both figures, the flags it comes from
+    and the two flags that settle it, instead of the scheduler's AssertionError."""
+
+    def apply(patcher: Patcher) -> None:
+        scheduler = _module("megatron.core.optimizer_param_scheduler").OptimizerParamScheduler
+        check_and_set = scheduler._check_and_set
+
+        @wraps(check_and_set)
+        def check_or_name_the_flags(self, cls_value, sd_value, name):
+            try:
+                return check_and_set(self, cls_value, sd_value, name)
+            except AssertionError:
+                from megatron.training import get_args
+
+                flags = _SCHEDULER_FLAGS.get(name, "the learning-rate schedule's flags")
+                raise CheckpointMismatch(
+                    f"--load {get_args().load}: the checkpoint's learning-rate schedule has "
+                    f"{name} {sd_value}, this run {cls_value} (from {flags}): give "
+                    f"--override-opt_param-scheduler to use this run's values, or "
+                    f"--use-checkpoint-opt_param-scheduler to keep the checkpoint's") from None
+
+        patcher.setattr(scheduler, "_check_and_set", check_or_name_the_flags)
+
+    return Fix(
+        "seam:scheduler-mismatch-named",
+        f"megatron/core/optimizer_param_scheduler.py:333 (_check_and_set asserts each "
+        f"scheduler value equals the checkpoint's) ({VERSION})",
+        "a resumed run with another --train-iters (or --lr, warmup, decay style) fails at "
+        "load with an AssertionError that names no flag",
+        lambda: source_has(_module("megatron.core.optimizer_param_scheduler")
+                           .OptimizerParamScheduler._check_and_set, "assert cls_value == sd_value"),
+        apply, SEAM)
+
+
 def _key_error_in(error: Exception) -> KeyError | None:
     """The KeyError itself, or the one torch's CheckpointException collected from a rank."""
     if isinstance(error, KeyError):
@@ -917,6 +1015,8 @@ def all_seams() -> tuple[Fix, ...]:
         pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)),
         checkpoint_state(dict),
         checkpoint_mismatch_named(),
+        scheduler_mismatch_named(),
+        argument_errors_refused(),
         evaluation_passes(tuple),
     )
 

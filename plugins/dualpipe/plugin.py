@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from plugins import Plugin, PluginError, TransformerEngine
+from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
 from plugins.dualpipe.program import Pipeline
 from upstream.seams import Placement
@@ -80,6 +81,10 @@ def validate(args: argparse.Namespace) -> None:
     refused = delay_wgrad_refusal(args)
     if refused:
         raise PluginError(refused)
+    timeline = _flag(args, "pipeline_timeline")
+    unwritable = timeline and unwritable_directory(timeline)
+    if unwritable:  # each rank writes its file at the end of the first step
+        raise PluginError(f"--pipeline-timeline {timeline}: {unwritable}")
     _check_layers(args, schedule)
     _check_microbatches(args, schedule)
     # Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each);

@@ -44,9 +44,29 @@ def validate(args: argparse.Namespace) -> None:
         raise PluginError("--fp8-param-gather is not supported with --plugins ema: the EMA "
                           "reads, checkpoints and swaps in the parameters as plain tensors, "
                           "not Transformer Engine's FP8 ones; drop --fp8-param-gather")
+    _check_updates_within_training(args)
     if args.ema_eval and not (getattr(args, "eval_iters", 0) or 0) > 0:
         raise PluginError(f"--ema-eval needs evaluation: give --eval-iters > 0 (got "
                           f"--eval-iters {getattr(args, 'eval_iters', None)})")
+
+
+def _check_updates_within_training(args: argparse.Namespace) -> None:
+    """The EMA averages at the iterations from --ema-start-iter on that --ema-interval
+    divides (`HostEMA.due`); a run that ends before the first of them would save and
+    evaluate an EMA that is only a copy of the weights. (Unknown with --train-samples:
+    Megatron counts the iterations later.)"""
+    train_iters = getattr(args, "train_iters", None)
+    if not train_iters:
+        return
+    interval, start = args.ema_interval, args.ema_start_iter
+    first = -(-max(start, 1) // interval) * interval  # the first multiple of N from K on
+    if first > train_iters:
+        raise PluginError(
+            f"--ema-start-iter {start} and --ema-interval {interval} with --train-iters "
+            f"{train_iters}: the EMA would first average at iteration {first}, after the "
+            f"run ends, and stay a copy of the weights; lower "
+            + ("--ema-start-iter" if start > train_iters else "--ema-interval")
+            + f" (or train longer)")
 
 
 def config_of(args: argparse.Namespace) -> EMAConfig:
