@@ -210,7 +210,7 @@ def test_launcher_refuses_te_on_cpu_at_start_up(tmp_path):
     with pytest.raises(AssertionError) as failed:
         torchrun(["-m", "integration.launch", RELEASE],
                  TINY_GPT + TE + ["--mock-data", "--tokenizer-type", "NullTokenizer",
-                                  "--vocab-size", "128", "--train-iters", "1"],
+                                  "--vocab-size", "128", "--train-iters", "3"],
                  tmp_path, ranks=1)
     line = _one_error_line(str(failed.value))
     assert "--transformer-impl transformer_engine needs Transformer Engine" in line
