@@ -23,30 +23,22 @@ from plugins.common.quantize import (
     pad_to_tiles,
     quantize,
     quantize_transposed,
-    raise_if_non_finite,
     requantize_transposed,
 )
 from plugins.common.wgrad import WgradSink
 from plugins.fp8 import backends
+from plugins.fp8.non_finite import BACKWARD, DY, FPROP, X, EagerChecks, NonFiniteFlags
+from plugins.fp8.non_finite import WEIGHT as W
 from plugins.fp8.weight_cache import WEIGHT, quantize_weight, quantize_weight_transposed
 
 ACTIVATION = (1, 128)
 
 
 def _quantized(t: torch.Tensor, block) -> backends.Operand:
-    """Unchecked for inf and NaN (no host sync): the caller checks the scales once the
-    GEMMs are queued (`_check_operands`); a bad tile's scale is inf meanwhile, so
-    nothing it touches comes out finite."""
+    """Unchecked for inf and NaN (no host sync): the caller records the scales once the
+    GEMMs are queued (`non_finite`); a bad tile's scale is inf meanwhile, so nothing it
+    touches comes out finite."""
     return backends.Operand(*quantize(t, block, check_finite=False), block)
-
-
-def _check_operands(*operands: tuple[str, backends.Operand]) -> None:
-    """One host sync for all of them; then the error names the operand and its tile."""
-    if not operands or bool(torch.stack([torch.isfinite(op.scales).all()
-                                         for _, op in operands]).all()):
-        return
-    for what, op in operands:
-        raise_if_non_finite(op.scales, op.block, f"fp8_linear: the {what}")
 
 
 class FP8Linear(torch.autograd.Function):
@@ -63,9 +55,11 @@ class FP8Linear(torch.autograd.Function):
     Products come out of the GEMMs in the training dtype (x's for y, dy's for dx, W's for
     dW), rounded once from their FP32 sums.
 
-    Inf or NaN in x or W (forward) or dy (backward) raises ValueError naming the tensor
-    and tile. Each direction waits for the GPU once, after its GEMMs are queued, so the
-    GPU stays busy while the host waits.
+    Inf or NaN in x or W (forward) or dy (backward) goes to `checks`, once the GEMMs are
+    queued: `EagerChecks` raises ValueError naming the tensor and tile (a wait on the GPU
+    per direction); a module's `NonFiniteFlags` records it on the device, with no wait,
+    for the step's check (`plugins.fp8.non_finite`). Given FP8 operands were checked by
+    their makers.
     """
 
     @staticmethod
@@ -73,29 +67,32 @@ class FP8Linear(torch.autograd.Function):
                 x_q: torch.Tensor | None = None, x_scales: torch.Tensor | None = None,
                 w_q: torch.Tensor | None = None, w_scales: torch.Tensor | None = None,
                 wgrad: WgradSink | None = None,
-                w_t: Callable[[], backends.Operand] | None = None):
+                w_t: Callable[[], backends.Operand] | None = None,
+                checks: EagerChecks | NonFiniteFlags | None = None):
         gemm = backends.BACKENDS[backend]
+        checks = EagerChecks() if checks is None else checks
         shape, out = x.shape, weight.shape[0]
-        checks = []  # what was quantized here; given operands were checked by their makers
+        quantized = []  # what was quantized here, for `checks`
         if x_q is None:
             xq = _quantized(x.reshape(-1, shape[-1]), ACTIVATION)               # [tokens, in]
-            checks.append(("input x (from the layer before)", xq))
+            quantized.append((X, xq.scales, xq.block))
         elif x_q.shape != (x.numel() // shape[-1], shape[-1]):
             raise ValueError(f"fp8_linear: x_fp8 holds {tuple(x_q.shape)}, x is {tuple(shape)}")
         else:
             xq = backends.Operand(x_q, x_scales, ACTIVATION)
         if w_q is None:
             wq = quantize_weight(weight, check_finite=False)                 # [out_p, in]
-            checks.append(("weight", wq))
+            quantized.append((W, wq.scales, wq.block))
         else:
             wq = backends.Operand(w_q, w_scales, WEIGHT)
         y = gemm(xq, wq, x.dtype)                                            # [tokens, out_p]
         if y.shape[1] != out:  # compact: a layer that saves y must not hold the padding
             y = y[:, :out].contiguous()                                      # [tokens, out]
-        _check_operands(*checks)
+        checks.record(FPROP, *quantized)
         # The FP8 input (and a given FP8 weight, held anyway) for backward.
         ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
         ctx.backend, ctx.shape, ctx.wgrad, ctx.w_t = backend, shape, wgrad, w_t
+        ctx.checks = checks
         return y.view(*shape[:-1], out)
 
     @staticmethod
@@ -130,22 +127,28 @@ class FP8Linear(torch.autograd.Function):
             dw = wgrad()
         else:  # --delay-wgrad-compute: the W runs it; dy is checked now, through dyq
             ctx.wgrad.defer(wgrad)
-        _check_operands(("output gradient dy", dyq))
-        return dx, dw, None, None, None, None, None, None, None
+        ctx.checks.record(BACKWARD, (DY, dyq.scales, dyq.block))
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
                weight_fp8: backends.Operand | None = None,
                wgrad: WgradSink | None = None,
-               weight_fp8_t: Callable[[], backends.Operand] | None = None) -> torch.Tensor:
+               weight_fp8_t: Callable[[], backends.Operand] | None = None,
+               non_finite: NonFiniteFlags | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
     x [tokens, in] in 1x128 tiles, when the caller already has x in FP8; `weight_fp8`: the
     weight as `quantize_weight` gives it (from an `FP8WeightCache`); `weight_fp8_t`: a
     callable giving W^T as `quantize_weight_transposed` does (`FP8WeightCache.get_transposed`),
     called in backward; `wgrad`: where to defer the Wgrad GEMM (`plugins.common.wgrad`),
-    None to run it in backward."""
+    None to run it in backward.
+
+    Inf or NaN in an operand quantized here: with `non_finite` (a module's
+    `NonFiniteFlags`), recorded on the device without a wait, for its owner to read once
+    per step; without (plain torch), raised at once as ValueError naming the operand and
+    tile, at the cost of one wait on the GPU per direction."""
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
     w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
     return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales, wgrad,
-                           weight_fp8_t)
+                           weight_fp8_t, non_finite)

@@ -180,6 +180,38 @@ def transform_layer_spec(layer_spec, args):
                             cache_weights=args.fp8_cache_weights)
 
 
+def before_gradient_checks(args, model_chunks):
+    """Reads every FP8 module's inf/NaN flags once the step's backward passes are done
+    (`plugins.fp8.non_finite`; one transfer for the whole model) and fails the step naming
+    each module, pass and operand, and the iteration. Under fp16 with Megatron's dynamic
+    loss scaler an overflow in backward is the scaler's to handle: those flags are cleared
+    and the step goes on to Megatron's skip (the gradients they entered are inf or NaN)."""
+    from plugins.fp8.non_finite import FPROP, found_in, named_flags
+
+    named = named_flags(model_chunks)
+    loss_scaled = bool(args.fp16) and not args.loss_scale  # Megatron's DynamicGradScaler
+
+    def check(iteration: int) -> None:
+        found = found_in(named)
+        failing = [f for f in found if f[1] == FPROP or not loss_scaled]
+        if failing:
+            raise NonFiniteFP8Operand(failing, iteration)
+        flags = dict(named)
+        for name, _, _ in found:  # backward overflows, left to the loss scaler
+            flags[name].clear()
+
+    return check
+
+
+class NonFiniteFP8Operand(ValueError):
+    """An FP8 operand held inf or NaN: the step fails (`before_gradient_checks`)."""
+
+    def __init__(self, found: list[tuple[str, str, str]], iteration: int) -> None:
+        where = "; ".join(f"{name}: the {operand} of {pass_}" for name, pass_, operand in found)
+        super().__init__(f"fp8: non-finite values (inf or NaN) in FP8 operands at iteration "
+                         f"{iteration}: {where}")
+
+
 def on_optimizer_step(args, model_chunks, optimizer):
     """New weights after each successful step: cached FP8 copies are stale (whatever the
     iteration)."""
@@ -199,6 +231,7 @@ FP8 = Plugin(
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     fixes=fixes,
+    before_gradient_checks=before_gradient_checks,
     on_optimizer_step=on_optimizer_step,
     # Every linear slot's GEMM (the module classes it maps) and the MLPs' activation.
     slots=frozenset({"linear_gemm", "activation_func"}),

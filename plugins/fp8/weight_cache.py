@@ -16,7 +16,7 @@ or another tensor in its place is quantized again.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
@@ -51,9 +51,14 @@ def quantize_weight_transposed(weight: torch.Tensor, check_finite: bool = True) 
 
 class FP8WeightCache:
     """One module's FP8 weights, each under a slot of the module's choosing, as W for Fprop
-    and, from the first backward on, as W^T for Dgrad."""
+    and, from the first backward on, as W^T for Dgrad.
 
-    def __init__(self) -> None:
+    `record(slot, scales)`: takes each new W's scales for the owner's inf/NaN check
+    (`plugins.fp8.non_finite.NonFiniteFlags`, no wait on the GPU); None: each new W is
+    checked at once (a host sync)."""
+
+    def __init__(self, record: Callable[[Hashable, torch.Tensor], None] | None = None) -> None:
+        self._record = record
         self._held: dict[tuple[Hashable, bool], tuple[tuple[int, int], Operand]] = {}
         self.quantizations = 0  # how many weights were quantized as W (tests, logs)
         self.transposed_quantizations = 0  # and as W^T
@@ -73,9 +78,12 @@ class FP8WeightCache:
             return held[1]
         if transposed:  # the same version's W was checked for inf/NaN when it was held
             checked = self._held.get((slot, False), (None,))[0] == key
-            operand = quantize_weight_transposed(weight.detach(), check_finite=not checked)
+            operand = quantize_weight_transposed(
+                weight.detach(), check_finite=not checked and self._record is None)
         else:
-            operand = quantize_weight(weight.detach())
+            operand = quantize_weight(weight.detach(), check_finite=self._record is None)
+            if self._record is not None:
+                self._record(slot, operand.scales)
         self._held[(slot, transposed)] = (key, operand)
         if transposed:
             self.transposed_quantizations += 1
