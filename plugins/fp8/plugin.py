@@ -96,6 +96,13 @@ def validate(args: argparse.Namespace) -> None:
                           "--transformer-impl local (Transformer Engine has its own FP8)")
     if args.gradient_accumulation_fusion:
         raise PluginError("--plugins fp8 needs --no-gradient-accumulation-fusion")
+    graphs = _cuda_graph_flag(args)
+    if graphs:
+        raise PluginError(
+            f"--plugins fp8 cannot run under CUDA graphs ({graphs}): a captured step would "
+            "replay the FP8 weight cache's host-side decision whether a weight is already "
+            "quantized this step, and replays are not checked against eager FP8 on a GPU "
+            "yet; use --cuda-graph-impl none")
     for what, per_rank in _reduction_dims(args):
         if per_rank % BLOCK:
             raise PluginError(f"--plugins fp8: {what} gives {per_rank} per rank; it must be a "
@@ -113,6 +120,16 @@ def validate(args: argparse.Namespace) -> None:
         args.fp8_backend = backends.resolve(args.fp8_backend)
     except ValueError as error:
         raise PluginError(str(error)) from error
+
+
+def _cuda_graph_flag(args: argparse.Namespace) -> str | None:
+    """The flag that turns Megatron's training CUDA graphs on, if given (`--enable-cuda-graph`
+    and `--external-cuda-graph` are its deprecated spellings of `--cuda-graph-impl`)."""
+    for deprecated in ("enable_cuda_graph", "external_cuda_graph"):
+        if getattr(args, deprecated, False):
+            return "--" + deprecated.replace("_", "-")
+    impl = getattr(args, "cuda_graph_impl", "none")
+    return None if impl == "none" else f"--cuda-graph-impl {impl}"
 
 
 def needed_by(args: argparse.Namespace) -> str | None:
