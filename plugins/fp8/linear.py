@@ -15,6 +15,7 @@ Plain torch (no Megatron import): the modules that put it into a model are in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,6 +33,29 @@ from plugins.fp8.non_finite import WEIGHT as W
 from plugins.fp8.weight_cache import WEIGHT, quantize_weight, quantize_weight_transposed
 
 ACTIVATION = (1, 128)
+
+
+@dataclass(frozen=True)
+class MainGrad:
+    """Where Wgrad adds its product under `--gradient-accumulation-fusion`, as Megatron's
+    own linear does (tensor_parallel/layers.py, LinearWithGradAccumulationAndAsyncCommunication):
+    `into`, FP32 (the parameter's `main_grad`, or one expert's slice of it), and `param`,
+    whose `grad_added_to_main_grad` tells Megatron's DDP hook that its gradient is there
+    already."""
+
+    into: torch.Tensor
+    param: torch.nn.Parameter
+
+    def added(self) -> torch.Tensor | None:
+        """What backward returns for the weight once its product is in `into`: Megatron's
+        dummy (its values unused: the DDP hook skips a gradient added to main_grad), or
+        None where no DDP hook will look."""
+        if not hasattr(self.param, "grad_added_to_main_grad"):
+            return None
+        self.param.grad_added_to_main_grad = True
+        if getattr(self.param, "zero_out_wgrad", False):
+            return torch.zeros(self.into.shape, dtype=self.param.dtype, device=self.into.device)
+        return torch.empty(self.into.shape, dtype=self.param.dtype, device=self.into.device)
 
 
 def _quantized(t: torch.Tensor, block) -> backends.Operand:
@@ -60,6 +84,10 @@ class FP8Linear(torch.autograd.Function):
     per direction); a module's `NonFiniteFlags` records it on the device, with no wait,
     for the step's check (`plugins.fp8.non_finite`). Given FP8 operands were checked by
     their makers.
+
+    `main_grad`: Wgrad's product goes into `main_grad.into` (FP32) instead of being
+    returned (`MainGrad`); a deferred Wgrad (`wgrad`) returns it to the W, which adds it
+    there.
     """
 
     @staticmethod
@@ -68,7 +96,8 @@ class FP8Linear(torch.autograd.Function):
                 w_q: torch.Tensor | None = None, w_scales: torch.Tensor | None = None,
                 wgrad: WgradSink | None = None,
                 w_t: Callable[[], backends.Operand] | None = None,
-                checks: EagerChecks | NonFiniteFlags | None = None):
+                checks: EagerChecks | NonFiniteFlags | None = None,
+                main_grad: MainGrad | None = None):
         gemm = backends.BACKENDS[backend]
         checks = EagerChecks() if checks is None else checks
         shape, out = x.shape, weight.shape[0]
@@ -92,7 +121,7 @@ class FP8Linear(torch.autograd.Function):
         # The FP8 input (and a given FP8 weight, held anyway) for backward.
         ctx.save_for_backward(xq.q, xq.scales, weight, w_q, w_scales)
         ctx.backend, ctx.shape, ctx.wgrad, ctx.w_t = backend, shape, wgrad, w_t
-        ctx.checks = checks
+        ctx.checks, ctx.main_grad = checks, main_grad
         return y.view(*shape[:-1], out)
 
     @staticmethod
@@ -113,22 +142,28 @@ class FP8Linear(torch.autograd.Function):
             wtq = quantize_weight_transposed(weight, check_finite=False)
         dx = gemm(dyq, wtq, dy.dtype).view(ctx.shape)
 
-        def wgrad() -> torch.Tensor:
+        def wgrad(into: torch.Tensor | None = None) -> torch.Tensor | None:
             # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
             # token count zero-padded to whole tiles; x straight from the FP8 cache.
             dy_t = backends.Operand(*quantize_transposed(dy2d, check_finite=False,
                                                          pad_rows=True), ACTIVATION)  # [out, tokens_p]
             x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
                                    ACTIVATION)                               # [in, tokens_p]
+            if into is not None:  # added to main_grad in (or right after) the GEMM
+                backends.ACCUMULATING[ctx.backend](dy_t, x_t, into)
+                return None
             return gemm(dy_t, x_t, weight.dtype)                             # [out, in]
 
         dw = None
-        if ctx.wgrad is None:
+        if ctx.wgrad is not None:  # --delay-wgrad-compute: the W runs it; dy is checked
+            ctx.wgrad.defer(wgrad)  # now, through dyq
+        elif ctx.main_grad is not None:  # --gradient-accumulation-fusion
+            wgrad(ctx.main_grad.into)
+            dw = ctx.main_grad.added()
+        else:
             dw = wgrad()
-        else:  # --delay-wgrad-compute: the W runs it; dy is checked now, through dyq
-            ctx.wgrad.defer(wgrad)
         ctx.checks.record(BACKWARD, (DY, dyq.scales, dyq.block))
-        return dx, dw, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
@@ -136,7 +171,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
                weight_fp8: backends.Operand | None = None,
                wgrad: WgradSink | None = None,
                weight_fp8_t: Callable[[], backends.Operand] | None = None,
-               non_finite: NonFiniteFlags | None = None) -> torch.Tensor:
+               non_finite: NonFiniteFlags | None = None,
+               main_grad: MainGrad | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
     x [tokens, in] in 1x128 tiles, when the caller already has x in FP8; `weight_fp8`: the
     weight as `quantize_weight` gives it (from an `FP8WeightCache`); `weight_fp8_t`: a
@@ -147,8 +183,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
     Inf or NaN in an operand quantized here: with `non_finite` (a module's
     `NonFiniteFlags`), recorded on the device without a wait, for its owner to read once
     per step; without (plain torch), raised at once as ValueError naming the operand and
-    tile, at the cost of one wait on the GPU per direction."""
+    tile, at the cost of one wait on the GPU per direction. `main_grad`: add the weight
+    gradient into `main_grad.into` (FP32) rather than return it (`MainGrad`,
+    `--gradient-accumulation-fusion`)."""
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
     w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
     return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales, wgrad,
-                           weight_fp8_t, non_finite)
+                           weight_fp8_t, non_finite, main_grad)

@@ -33,7 +33,7 @@ from plugins.common.experts import LocalExperts
 from plugins.common.linear import ReplicatedLinear
 from plugins.common.quantize import quantize
 from plugins.common.wgrad import sink_for, wgrad_store
-from plugins.fp8.linear import ACTIVATION, fp8_linear
+from plugins.fp8.linear import ACTIVATION, MainGrad, fp8_linear
 from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 from plugins.fp8.weight_cache import FP8WeightCache
@@ -58,6 +58,15 @@ class _FP8Module:
     def _record_weight(self, slot, scales: torch.Tensor) -> None:
         self._flags(slot).record(FPROP, (WEIGHT, scales, (128, 128)))
 
+    def _main_grad(self, weight: torch.nn.Parameter, fused: bool,
+                   index: int | None = None) -> MainGrad | None:
+        """Where Wgrad adds its product with `--gradient-accumulation-fusion` (Megatron's
+        DDP gives each parameter its FP32 `main_grad`), else None: returned as a gradient."""
+        if not fused or not hasattr(weight, "main_grad"):
+            return None
+        into = weight.main_grad if index is None else weight.main_grad[index]
+        return MainGrad(into, weight)
+
     def _held(self, weight: torch.Tensor, slot=0):
         """The held FP8 copy of `weight` (None: quantize it where it is used)."""
         cache = self.fp8_weight_cache
@@ -69,14 +78,23 @@ class _FP8Module:
         return partial(cache.get_transposed, weight, slot) if cache is not None else None
 
 
+def _without_fused_kernel_check(config):
+    """`config` for a Megatron linear's __init__, which refuses gradient accumulation fusion
+    without apex's fused_weight_gradient_mlp_cuda (tensor_parallel/layers.py:1070): an FP8
+    linear adds its Wgrad into main_grad itself, so it needs no such kernel."""
+    import copy
+
+    unfused = copy.copy(config)  # no __post_init__: the same config, one field changed
+    unfused.gradient_accumulation_fusion = False
+    return unfused
+
+
 def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                       sequence_parallel, *, module: _FP8Module, tp_group=None, **unused):
     """Megatron's `linear_with_grad_accumulation_and_async_allreduce` contract with the
     GEMMs in FP8: all-gather the input under sequence parallelism, all-reduce its
-    gradient under plain TP (both through Megatron's own mappings)."""
-    if gradient_accumulation_fusion:
-        raise ValueError("--plugins fp8 needs --no-gradient-accumulation-fusion (the fused "
-                         "wgrad kernel would bypass the FP8 Wgrad GEMM)")
+    gradient under plain TP (both through Megatron's own mappings); with
+    `gradient_accumulation_fusion`, Wgrad adds into the weight's main_grad."""
     if sequence_parallel:
         input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
                                                      group=tp_group)
@@ -84,22 +102,25 @@ def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allredu
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
     output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight),
                         wgrad=sink_for(module, weight), weight_fp8_t=module._held_t(weight),
-                        non_finite=module._flags())
+                        non_finite=module._flags(),
+                        main_grad=module._main_grad(weight, gradient_accumulation_fusion))
     return output if bias is None else output + bias
 
 
 class FP8ColumnParallelLinear(_FP8Module, ColumnParallelLinear):
-    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, config, fp8_backend: str = "emulated",
+                 fp8_cache_weights: bool = False, **kwargs):
+        super().__init__(*args, config=_without_fused_kernel_check(config), **kwargs)
+        self.config, self.gradient_accumulation_fusion = config, config.gradient_accumulation_fusion
         self._set_fp8(fp8_backend, fp8_cache_weights)
         self._forward_impl = partial(_fp8_forward_impl, module=self)
 
 
 class FP8RowParallelLinear(_FP8Module, RowParallelLinear):
-    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, config, fp8_backend: str = "emulated",
+                 fp8_cache_weights: bool = False, **kwargs):
+        super().__init__(*args, config=_without_fused_kernel_check(config), **kwargs)
+        self.config, self.gradient_accumulation_fusion = config, config.gradient_accumulation_fusion
         self._set_fp8(fp8_backend, fp8_cache_weights)
         self._forward_impl = partial(_fp8_forward_impl, module=self)
 
@@ -113,7 +134,9 @@ class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.fp8_backend, weight_fp8=self._held(self.weight),
                           wgrad=sink_for(self, self.weight),
-                          weight_fp8_t=self._held_t(self.weight), non_finite=self._flags())
+                          weight_fp8_t=self._held_t(self.weight), non_finite=self._flags(),
+                          main_grad=self._main_grad(self.weight,
+                                                    self.config.gradient_accumulation_fusion))
 
 
 def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +177,8 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
         """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
         return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)),
                            sink_for(self, weights, e), self._held_t(w, (name, e)),
-                           self._flags((name, e)))
+                           self._flags((name, e)),
+                           self._main_grad(weights, self.config.gradient_accumulation_fusion, e))
                 for e, (chunk, q, scales, w) in enumerate(zip(
                     x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
                     weights.unbind(0)))]

@@ -94,8 +94,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.transformer_impl != "local":
         raise PluginError("--plugins fp8 replaces Megatron's local linears: use "
                           "--transformer-impl local (Transformer Engine has its own FP8)")
-    if args.gradient_accumulation_fusion:
-        raise PluginError("--plugins fp8 needs --no-gradient-accumulation-fusion")
+    # --gradient-accumulation-fusion (Megatron's default) is honoured: FP8 Wgrad adds into
+    # main_grad (`plugins.fp8.linear.MainGrad`); Megatron's own linears still need apex.
     graphs = _cuda_graph_flag(args)
     if graphs:
         raise PluginError(
