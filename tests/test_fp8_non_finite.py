@@ -152,6 +152,9 @@ def test_fp16_overflow_in_fp8_backward_takes_megatrons_skip_path(tmp_path):
     scale (no scaler to skip) the same overflow fails the first step, naming the modules,
     the pass and the iteration."""
     output = pretrain(FP8_GPT + ["--initial-loss-scale", OVERFLOWING_SCALE], tmp_path)
+    # The start-up line of which linears run in FP8 (all: no --fp8-exclude-modules).
+    assert output.count("fp8: linears in FP8: mlp.linear_fc1 x2, mlp.linear_fc2 x2, "
+                        "self_attention.linear_proj x2, self_attention.linear_qkv x2\n") == 1
     logged = {int(i): (float(scale), int(skipped)) for i, scale, skipped in _LOGGED.findall(output)}
     assert sorted(logged) == [1, 2, 3, 4]
     assert all(skipped >= 1 for _, skipped in logged.values())

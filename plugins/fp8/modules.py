@@ -35,6 +35,7 @@ from plugins.common.quantize import quantize
 from plugins.common.wgrad import sink_for, wgrad_store
 from plugins.fp8.linear import ACTIVATION, MainGrad, fp8_linear
 from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
+from plugins.fp8.plugin import EXCLUDABLE
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 from plugins.fp8.weight_cache import FP8WeightCache
 
@@ -182,3 +183,30 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
                 for e, (chunk, q, scales, w) in enumerate(zip(
                     x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
                     weights.unbind(0)))]
+
+
+def fp8_census(model_chunks, excluded: list[str]) -> str:
+    """The start-up line saying which linears run in FP8, by their place in a transformer
+    layer (`self_attention.linear_kv_up_proj`, `mlp.experts`, ...) and how many layers have
+    each, and which the exclusions keep in the training dtype."""
+    from collections import Counter
+
+    fp8, kept = Counter(), Counter()
+    for chunk in model_chunks:
+        for name, module in chunk.named_modules():
+            place = name.split(".layers.", 1)[-1].partition(".")[2]  # after "layers.N."
+            slots = set(place.split("."))
+            if isinstance(module, _FP8Module):
+                fp8[place] += 1
+            elif (slots & set(excluded) and place.split(".")[-1] in EXCLUDABLE
+                  and any(p.dim() >= 2 for p in module.parameters(recurse=False))):
+                kept[place] += 1
+
+    def listed(counts: Counter) -> str:
+        return ", ".join(f"{place} x{n}" for place, n in sorted(counts.items())) or "none"
+
+    line = f"fp8: linears in FP8: {listed(fp8)}"
+    if excluded:
+        line += f"; kept in the training dtype (--fp8-exclude-modules): {listed(kept)}"
+    return line
+

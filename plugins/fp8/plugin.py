@@ -14,6 +14,11 @@ from plugins import Plugin, PluginError
 from plugins.common.flags import Refusal, first_refused
 
 BLOCK = 128
+# The slots `--fp8-exclude-modules` can name: Megatron's submodule names of the linears the
+# plugin maps (attention's, MLA's, the MLPs'), and the MoE layer's routed and shared experts.
+EXCLUDABLE = ("linear_qkv", "linear_proj", "linear_q_proj", "linear_q_down_proj",
+              "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_fc1",
+              "linear_fc2", "experts", "shared_experts")
 
 _NO_TE = "Transformer Engine's; Megatron's local modules ignore it, and the fp8 plugin "
 # Megatron's FP8 flags that only Transformer Engine's modules read: refused when set to
@@ -72,6 +77,13 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "tensor cores), 'emulated' (exact FP32 product of the FP8 "
                             "operands, any device), 'auto' (torch on sm90, triton on other "
                             "sm89+ GPUs, else emulated)")
+    group.add_argument("--fp8-exclude-modules", nargs="+", default=[], metavar="SLOT",
+                       help="linear slots kept in the training dtype, by Megatron's submodule "
+                            "name, everything under them included (e.g. linear_kv_up_proj: "
+                            "MLA's kv up-projection, [32768, 512] at DeepSeek-V3's shape, "
+                            "expected slower in FP8 than BF16 at K=512); one of "
+                            + ", ".join(EXCLUDABLE) + ". Default: none, every linear in "
+                            "FP8, until a GPU measures where FP8 does not pay")
     group.add_argument("--fp8-cache-weights", action="store_true",
                        help="keep each weight's FP8 copy from its first use in a step until "
                             "the optimizer step, instead of quantizing it in every "
@@ -85,6 +97,10 @@ def validate(args: argparse.Namespace) -> None:
     refused = _refused_flag(args)
     if refused:
         raise PluginError(refused)
+    unknown = [name for name in args.fp8_exclude_modules if name not in EXCLUDABLE]
+    if unknown:
+        raise PluginError(f"--fp8-exclude-modules {' '.join(unknown)}: unknown; choose from "
+                          f"{', '.join(EXCLUDABLE)}")
     if args.fp8 != "e4m3":
         raise PluginError("--plugins fp8 needs --fp8-format e4m3 (DeepSeek-V3 uses E4M3 for "
                           f"every tensor); got --fp8-format {args.fp8}")
@@ -194,7 +210,8 @@ def transform_layer_spec(layer_spec, args):
     from plugins.fp8.spec import with_fp8_linears
 
     return with_fp8_linears(layer_spec, args.fp8_backend, swiglu=args.swiglu,
-                            cache_weights=args.fp8_cache_weights)
+                            cache_weights=args.fp8_cache_weights,
+                            exclude=tuple(args.fp8_exclude_modules))
 
 
 def before_gradient_checks(args, model_chunks):
@@ -231,8 +248,13 @@ class NonFiniteFP8Operand(ValueError):
 
 def on_optimizer_step(args, model_chunks, optimizer):
     """New weights after each successful step: cached FP8 copies are stale (whatever the
-    iteration)."""
+    iteration). Called once the model is built: says which linears run in FP8."""
+    from megatron.training.utils import print_rank_0
+
+    from plugins.fp8.modules import fp8_census
     from plugins.fp8.weight_cache import drop_fp8_weights
+
+    print_rank_0(fp8_census(model_chunks, args.fp8_exclude_modules))
 
     def drop(iteration: int) -> None:
         drop_fp8_weights(model_chunks)
