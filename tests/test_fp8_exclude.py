@@ -102,3 +102,45 @@ def test_excluded_slots_run_in_the_training_dtype_and_are_listed():
         "self_attention.linear_q_up_proj x2; kept in the training dtype "
         "(--fp8-exclude-modules): mlp.linear_fc1 x2, mlp.linear_fc2 x2, "
         "self_attention.linear_kv_up_proj x2")
+
+
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-score-function", "sigmoid",
+       "--moe-router-enable-expert-bias", "--moe-ffn-hidden-size", "128",
+       "--moe-shared-expert-intermediate-size", "128", "--moe-router-load-balancing-type",
+       "none", "--moe-layer-freq", "([0]+[1]*1)"]
+
+
+def _census_of_built_moe_model(rank, world_size):
+    from plugins.fp8.modules import fp8_census
+    from tests.mla_build import megatron_ranks
+
+    with megatron_ranks():
+        args, model = _model(["moe", *FP8, *MOE])  # "moe" joins MODEL's --plugins mla
+        return fp8_census([model], [])
+
+
+def test_describe_lists_the_linears_the_built_model_runs_in_fp8(capsys):
+    """`megaseek describe`'s FP8 line names the places of a layer where the built model
+    (MLA, a dense and a MoE layer with shared experts) has FP8 modules, no more, no fewer;
+    it refuses --fp8-exclude-modules, which its activation bytes do not model."""
+    from integration import describe as d
+
+    census = run_ranks(_census_of_built_moe_model, 1, timeout=300)[0]
+    built = {entry.rsplit(" x", 1)[0]
+             for entry in census.removeprefix("fp8: linears in FP8: ").split(", ")}
+    argv = ["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256",
+            "--num-attention-heads", "4", "--seq-length", "8", "--swiglu",
+            "--disable-bias-linear", "--attention-dropout", "0", "--hidden-dropout", "0",
+            "--multi-latent-attention", "--q-lora-rank", "128", "--kv-lora-rank", "128",
+            "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
+            "--num-experts", "4", "--moe-ffn-hidden-size", "128",
+            "--moe-shared-expert-intermediate-size", "128", "--moe-layer-freq", "([0]+[1]*1)",
+            "--plugins", "mla", "moe", "fp8"]
+    described = d.describe(d.parse(argv))["fp8_linears"]
+    assert "mlp.experts" in built and "mlp.shared_experts.linear_fc1" in built
+    assert sorted(described) == sorted(built)
+    d.main(argv)
+    assert f"FP8           {', '.join(described)} (embedding" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        d.main(argv + ["--fp8-exclude-modules", "linear_kv_up_proj"])
+    assert "--fp8-exclude-modules is not modelled yet" in capsys.readouterr().err
