@@ -35,7 +35,7 @@ from plugins.common.quantize import quantize
 from plugins.common.wgrad import sink_for, wgrad_store
 from plugins.fp8.linear import ACTIVATION, MainGrad, fp8_linear
 from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
-from plugins.fp8.plugin import EXCLUDABLE
+from plugins.fp8.slots import EXCLUDABLE
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 from plugins.fp8.weight_cache import FP8WeightCache
 

@@ -12,13 +12,9 @@ import argparse
 
 from plugins import Plugin, PluginError
 from plugins.common.flags import Refusal, first_refused
+from plugins.fp8.slots import EXCLUDABLE
 
 BLOCK = 128
-# The slots `--fp8-exclude-modules` can name: Megatron's submodule names of the linears the
-# plugin maps (attention's, MLA's, the MLPs'), and the MoE layer's routed and shared experts.
-EXCLUDABLE = ("linear_qkv", "linear_proj", "linear_q_proj", "linear_q_down_proj",
-              "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_fc1",
-              "linear_fc2", "experts", "shared_experts")
 
 _NO_TE = "Transformer Engine's; Megatron's local modules ignore it, and the fp8 plugin "
 # Megatron's FP8 flags that only Transformer Engine's modules read: refused when set to

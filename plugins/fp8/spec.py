@@ -25,7 +25,7 @@ from plugins.fp8.modules import (
     FP8ReplicatedLinear,
     FP8RowParallelLinear,
 )
-from plugins.fp8.plugin import EXCLUDABLE
+from plugins.fp8.slots import EXCLUDABLE
 from plugins.fp8.swiglu import FP8SwiGLU, SwiGLU
 
 FP8_VERSION = {
