@@ -10,8 +10,8 @@ Two ways to say it:
 - `NonFiniteFlags` (what every FP8 module of a Megatron model owns): each pass ORs its
   operands' largest scale into a small device tensor of the module, with no wait. The
   plugin reads every module's flags once per step, where Megatron waits for the gradients
-  anyway (`plugins.fp8.plugin.check_step`), and fails the step naming the module, the
-  pass and the operand, and the iteration.
+  anyway (`plugins.fp8.plugin.before_gradient_checks`), and fails the step naming the
+  module, the pass and the operand, and the iteration.
 
 What a pass records, as (pass, operand): `SLOTS`. Under fp16 with Megatron's dynamic loss
 scaler, an overflow in backward is the scaler's signal to skip the step and lower the
