@@ -147,6 +147,17 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
 
     apply(seams.after_optimizer_step(callbacks_for))
 
+    checking = [p for p in plugins if p.before_gradient_checks is not None]
+    if checking:
+        checks: list = []
+
+        def gradient_checks() -> list:
+            if not checks:
+                checks.extend(p.before_gradient_checks(args, chunks.get()) for p in checking)
+            return checks
+
+        apply(seams.before_gradient_checks(gradient_checks))
+
     ending = [p for p in plugins if p.on_training_end is not None]
     if ending:
         def training_ended() -> None:

@@ -7,6 +7,9 @@ validates the parsed arguments, and offers hooks, each optional:
 - `schedule`: a pipeline schedule (Megatron's forward-backward keyword interface);
 - `placement`: which stages (layers, embedding, head and loss) each pipeline chunk of each
   rank builds;
+- `before_gradient_checks`: a callback run once a training step's backward passes are
+  done, before Megatron checks and reduces the gradients (where the step waits for the GPU
+  anyway), with Megatron's iteration number; it may raise to fail the step;
 - `on_optimizer_step`: a callback run after every successful optimizer step, with
   Megatron's iteration number;
 - `on_training_end`: run once Megatron's training loop has ended (before its final
@@ -71,6 +74,10 @@ class Plugin:
     schedule: Callable[[argparse.Namespace], Callable[..., Any]] | None = None
     # args -> upstream.seams.Placement: the stages each rank's pipeline chunks build.
     placement: Callable[[argparse.Namespace], Any] | None = None
+    # (args, model_chunks) -> callable(iteration), run in every training step after its
+    # last backward and before Megatron's gradient checks and reduction (possibly more than
+    # once in a step: it must be idempotent); raising fails the step.
+    before_gradient_checks: Callable[[argparse.Namespace, list], Callable[[int], None]] | None = None
     # (args, model_chunks, optimizer) -> callable(iteration), run after every successful
     # optimizer step with the iteration that step completed (Megatron's count, so it
     # continues across a resume).

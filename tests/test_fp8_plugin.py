@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -89,10 +90,15 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
      "--moe-ffn-hidden-size 64 gives 64 per rank"),
     (["--fp8-backend", "emulated"], "--fp8-backend needs '--plugins fp8'"),
     (["--fp8-cache-weights"], "--fp8-cache-weights needs '--plugins fp8'"),
+    (FP8 + ["--cuda-graph-impl", "local"], "cannot run under CUDA graphs (--cuda-graph-impl "
+                                           "local): a captured step would replay"),
+    (FP8 + ["--cuda-graph-impl", "full_iteration"], "(--cuda-graph-impl full_iteration)"),
+    (FP8 + ["--enable-cuda-graph"], "cannot run under CUDA graphs (--enable-cuda-graph)"),
 ], ids=["no-format", "hybrid", "no-recipe", "torch-backend-on-cpu", "hidden", "attn-proj-tp",
-        "mla-kv-lora", "expert-ffn", "flag-without-plugin", "cache-without-plugin"])
+        "mla-kv-lora", "expert-ffn", "flag-without-plugin", "cache-without-plugin",
+        "cuda-graph-local", "cuda-graph-full-iteration", "enable-cuda-graph"])
 def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
-    with pytest.raises(PluginError, match=message.replace("-", r"\-")):
+    with pytest.raises(PluginError, match=re.escape(message)):
         enabled(argv, monkeypatch)
 
 

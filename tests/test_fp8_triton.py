@@ -82,6 +82,33 @@ def test_every_gpu_tile_shape_matches_the_emulated_product(monkeypatch):
     assert max(errors) < 1e-5, errors  # FP32 summation order only, as above
 
 
+def accumulated_vs_emulated(rank: int, world_size: int) -> list[float]:
+    """Wgrad into main_grad: `into + A @ B^T` by the kernel's accumulating epilogue, against
+    the emulated product added to the same FP32 values; for each backend's path."""
+    from plugins.common.quantize import quantize
+    from plugins.fp8 import backends
+
+    errors = []
+    g = torch.Generator().manual_seed(3)
+    for m, n, k in [(130, 256, 384), (200, 300, 256)]:  # ragged tiles in M and N
+        a = backends.Operand(*quantize(torch.randn(m, k, generator=g), ACTIVATION), ACTIVATION)
+        b = backends.Operand(*quantize(torch.randn(n, k, generator=g), ACTIVATION), ACTIVATION)
+        main_grad = torch.randn(m, n, generator=g)
+        want = main_grad + backends.emulated_gemm(a, b)
+        for name in ("triton", "emulated"):
+            into = main_grad.clone()
+            backends.ACCUMULATING[name](a, b, into)
+            errors.append(((into - want).abs().max() / want.abs().max()).item())
+    return errors
+
+
+def test_triton_kernel_accumulates_into_fp32(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    errors = run_ranks(accumulated_vs_emulated, 1, timeout=300)[0]
+    assert len(errors) == 4
+    assert max(errors) < 1e-5, errors  # FP32 summation order only, as above
+
+
 def test_configs_fit_h100_and_the_key_leaves_out_m():
     from plugins.fp8 import triton_gemm
 

@@ -173,8 +173,9 @@ def _one_hot_expert(rank, world):
 
 
 def _host_syncs(rank, world):
-    """Host syncs of dispatch, combine and their backward, flat and (EP=4) two-hop."""
-    from tests.host_syncs import host_syncs
+    """Host syncs of dispatch, combine and their backward, flat and (EP=4) two-hop: the
+    syncing aten ops and Tensor methods (`tests.host_syncs.device_waits`)."""
+    from tests.host_syncs import device_waits
 
     hidden, indices, gates, _, cotangent = _on_device(*_problem(world, 4))
     shard = slice(rank * TOKENS, (rank + 1) * TOKENS)
@@ -182,7 +183,7 @@ def _host_syncs(rank, world):
     for name, two_hop in (("flat", False), ("two_hop", True))[:1 + (world == 4)]:
         h = hidden[shard].clone().requires_grad_()
         g = gates[shard].clone().requires_grad_()
-        with host_syncs() as syncs:
+        with device_waits() as syncs:
             d = dispatch(h, indices[shard], EXPERTS, None, fp8=True, ranks_per_node=2,
                          two_hop=two_hop)
             out = combine(d.tokens * 2, d, g, None)
@@ -360,8 +361,10 @@ def test_ranks_with_nothing_to_receive(world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_one_host_sync_per_hop(world):
-    """Dispatch reads its split sizes once per hop (flat: 1, two-hop: 2); nothing else in
-    dispatch, combine or their backward waits for the device."""
+    """FP8 dispatch reads its split sizes once per hop (flat: 1, two-hop: 2: the all-to-all
+    needs them on the host, as Megatron's dispatchers do), its inf/NaN count riding along;
+    nothing else in dispatch, combine or their backward waits for the device (no syncing
+    aten op either)."""
     for r in _results(world):
         assert r["host_syncs"]["flat"] == ["tolist"]
         if world == 4:

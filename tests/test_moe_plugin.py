@@ -138,26 +138,24 @@ def test_fp8_experts_compute_the_fp8_products(dispatched_fp8):
     assert torch.equal(experts.weight1.grad[1], torch.zeros_like(experts.weight1[1]))
 
 
-def test_fp8_experts_wait_on_the_device_once_per_projection(monkeypatch):
-    """The inf/NaN checks (each a `bool(tensor)`) of a layer's experts: one for all fc1
-    inputs, none when they came by FP8 dispatch (checked by the sender), one for all fc2
-    inputs; with the weights held (--fp8-cache-weights), nothing per expert."""
+def test_fp8_experts_never_wait_on_the_device():
+    """A layer's experts record their operands' inf/NaN on the device (the fp8 plugin reads
+    the flags once per step): no host synchronization with tokens in the training dtype or
+    from FP8 dispatch, weights quantized or held (--fp8-cache-weights). They waited once
+    per projection before."""
     from plugins.common.quantize import quantize
     from plugins.fp8.weight_cache import FP8WeightCache
+    from tests.host_syncs import device_waits
 
     experts, tokens = build_experts("emulated")
-    experts.fp8_weight_cache = FP8WeightCache()
     counts = [128, 0, 72]
-    experts(tokens, counts)  # caches (and checks) each expert's weights
     sent = quantize(tokens, (1, 128), power_of_two_scales=True)
-    syncs = []
-    to_bool = torch.Tensor.__bool__
-    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: syncs.append(t) or to_bool(t))
-    experts(tokens, counts)
-    assert len(syncs) == 2
-    syncs.clear()
-    experts(tokens, counts, sent)
-    assert len(syncs) == 1
+    for cache in (None, FP8WeightCache(experts._record_weight)):
+        experts.fp8_weight_cache = cache
+        for given in (None, sent, None):  # with a cache: quantized, then held
+            with device_waits() as waits:
+                experts(tokens, counts, given)
+            assert waits == []
 
 
 def test_grouped_gemm_equals_the_loop_over_experts(monkeypatch):

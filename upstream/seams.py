@@ -16,6 +16,8 @@ every change is undone when the run ends:
   per layer) and its MTP block spec through the plugins' transforms, whichever way the
   model is built (a script's model provider, or `pretrain` without one);
 - `schedule`: Megatron's `get_forward_backward_func` answers with a plugin's schedule;
+- `before_gradient_checks`: callbacks run once the step's backward passes are done,
+  before Megatron checks and reduces the gradients, with the iteration;
 - `after_optimizer_step`: callbacks run after each successful step, with the iteration;
 - `after_training`: callbacks run when Megatron's training loop ends;
 - `pipeline_placement`: which stages each rank's pipeline chunks build (and, where the
@@ -255,6 +257,63 @@ def schedule(forward_backward: Callable[..., Any]) -> Fix:
         lambda: source_has(_training().train_step, "get_forward_backward_func(")
         or source_has(_training().train, "get_forward_backward_func("),
         apply, SEAM)
+
+
+# --- gradient checks ---------------------------------------------------------------------------
+
+def before_gradient_checks(callbacks: Callable[[], list[Callable[[int], None]]]) -> Fix:
+    """Each of `callbacks()` runs with the iteration being computed (Megatron's count, as in
+    `after_optimizer_step`) before Megatron's own end-of-step work on the gradients:
+    `finalize_model_grads`, which every schedule calls once after its last backward (and
+    which reduces them), and each DDP bucket group's inf/NaN check (`check_grads`, which
+    with `--overlap-grad-reduce` can run inside the last backward). Both wait for the GPU
+    already (the reduction, the check's norms), so a callback that reads a device value
+    there adds no new wait to the step; one that raises fails the step before Megatron's
+    checks, which do not know where a bad value came from. A callback may run more than
+    once per step (once per bucket group, then at finalize)."""
+
+    def apply(patcher: Patcher) -> None:
+        from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+        training = _training()
+        finalize, check_grads = training.finalize_model_grads, _ParamAndGradBucketGroup.check_grads
+
+        def run_callbacks() -> None:
+            from megatron.training import get_args
+
+            iteration = get_args().curr_iteration + 1
+            for callback in callbacks():
+                callback(iteration)
+
+        @wraps(finalize)
+        def callbacks_then_finalize(*args, **kwargs):
+            run_callbacks()
+            return finalize(*args, **kwargs)
+
+        @wraps(check_grads)
+        def callbacks_then_check(self, *args, **kwargs):
+            run_callbacks()
+            return check_grads(self, *args, **kwargs)
+
+        patcher.setattr(training, "finalize_model_grads", callbacks_then_finalize)
+        patcher.setattr(_ParamAndGradBucketGroup, "check_grads", callbacks_then_check)
+
+    def probe() -> bool:
+        from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+        return (source_has(_training().train, "config.finalize_model_grads_func = "
+                           "finalize_model_grads")
+                and source_has(_ParamAndGradBucketGroup.start_grad_sync, "self.check_grads("))
+
+    return Fix(
+        "seam:before-gradient-checks",
+        f"megatron/training/training.py:3550 (train sets config.finalize_model_grads_func "
+        f"from its module's name), core/distributed/param_and_grad_buffer.py:650 "
+        f"(start_grad_sync calls check_grads) ({VERSION})",
+        "Megatron has no callback between the backward passes and its gradient checks; "
+        "train looks finalize_model_grads up in its module, start_grad_sync calls "
+        "check_grads as a method",
+        probe, apply, SEAM)
 
 
 # --- optimizer step --------------------------------------------------------------------------
@@ -1010,6 +1069,7 @@ def all_seams() -> tuple[Fix, ...]:
         checks_before_argument_dump(nothing),
         model_specs(nothing),
         schedule(nothing),
+        before_gradient_checks(tuple),
         after_optimizer_step(nothing),
         after_training(nothing),
         pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)),

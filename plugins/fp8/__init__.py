@@ -12,7 +12,12 @@ router, norms and attention stay in the training dtype. `--fp8-cache-weights` qu
 each weight once per step instead of per micro-batch (`weight_cache`). Without this plugin
 Megatron's FP8 flags do nothing on the local spec.
 
-Public API: `fp8_linear(x, weight, backend)` (`linear`), `matmul_limited_accumulation` (the
+No FP8 module waits for the GPU: inf/NaN in an operand goes to its device-side
+`NonFiniteFlags`, read once per step (`non_finite`); `--gradient-accumulation-fusion` adds
+Wgrad into `main_grad`; `--fp8-exclude-modules` keeps named slots in the training dtype.
+
+Public API: `fp8_linear(x, weight, backend, non_finite=None, main_grad=None)` (`linear`),
+`NonFiniteFlags` (`non_finite`), `matmul_limited_accumulation` (the
 accumulation-precision study, `accumulation`); the E4M3 format itself, `quantize(x, block)`
 / `dequantize(q, scales, block)`, is `plugins.common.quantize`, shared with the moe plugin's
 FP8 dispatch.

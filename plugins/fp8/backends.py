@@ -9,6 +9,13 @@ written out and read back to be cast).
 - `torch`: PyTorch's block-scaled `torch._scaled_mm` on Hopper (sm90) GPUs.
 - `triton`: megaseek's Triton kernel (`plugins.fp8.triton_gemm`) on FP8 tensor cores.
 A backend that cannot run here raises; nothing falls back to BF16.
+
+`ACCUMULATING[name](a, b, into)` adds the product to an FP32 tensor instead (Wgrad into
+Megatron's `main_grad`, `--gradient-accumulation-fusion`): the Triton kernel in its
+epilogue; the emulated backend adds its FP32 product; torch 2.13's block-scaled
+`_scaled_mm` (and `_scaled_mm_v2`, `F.scaled_mm`) only writes its output (`out=`
+overwrites, `bias` is a vector) and it has no `scaled_addmm`, so its FP32 product is added
+(one more pass over the product than an accumulating GEMM).
 """
 
 from __future__ import annotations
@@ -131,6 +138,28 @@ BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "emulated": emulated_gemm,
     "torch": torch_scaled_gemm,
     "triton": triton_scaled_gemm,
+}
+
+
+def _adding(gemm: Callable[..., torch.Tensor]) -> Callable[[Operand, Operand, torch.Tensor], None]:
+    def accumulate(a: Operand, b: Operand, into: torch.Tensor) -> None:
+        into.add_(gemm(a, b, torch.float32))
+
+    return accumulate
+
+
+def triton_scaled_gemm_accumulate(a: Operand, b: Operand, into: torch.Tensor) -> None:
+    from plugins.fp8.triton_gemm import triton_gemm
+
+    if _empty_product(a, b, into.dtype) is None:  # else nothing to add
+        triton_gemm(a, b, accumulate_into=into)
+
+
+# into += A @ B^T, `into` float32 [m, n] (contiguous for triton).
+ACCUMULATING: dict[str, Callable[[Operand, Operand, torch.Tensor], None]] = {
+    "emulated": _adding(emulated_gemm),
+    "torch": _adding(torch_scaled_gemm),
+    "triton": triton_scaled_gemm_accumulate,
 }
 
 

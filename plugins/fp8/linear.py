@@ -18,39 +18,52 @@ Plain torch (no Megatron import): the modules that put it into a model are in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from plugins.common.quantize import (
-    quantize_with_transposed,
-    raise_if_non_finite,
-    requantize_transposed,
-)
+from plugins.common.quantize import quantize_with_transposed, requantize_transposed
 from plugins.common.wgrad import WgradSink
 from plugins.fp8 import backends
+from plugins.fp8.non_finite import BACKWARD, DY, FPROP, X, EagerChecks, NonFiniteFlags
+from plugins.fp8.non_finite import WEIGHT as W
 from plugins.fp8.weight_cache import WEIGHT, quantize_weight, quantize_weight_transposed
 
 ACTIVATION = (1, 128)
+
+
+@dataclass(frozen=True)
+class MainGrad:
+    """Where Wgrad adds its product under `--gradient-accumulation-fusion`, as Megatron's
+    own linear does (tensor_parallel/layers.py, LinearWithGradAccumulationAndAsyncCommunication):
+    `into`, FP32 (the parameter's `main_grad`, or one expert's slice of it), and `param`,
+    whose `grad_added_to_main_grad` tells Megatron's DDP hook that its gradient is there
+    already."""
+
+    into: torch.Tensor
+    param: torch.nn.Parameter
+
+    def added(self) -> torch.Tensor | None:
+        """What backward returns for the weight once its product is in `into`: Megatron's
+        dummy (its values unused: the DDP hook skips a gradient added to main_grad), or
+        None where no DDP hook will look."""
+        if not hasattr(self.param, "grad_added_to_main_grad"):
+            return None
+        self.param.grad_added_to_main_grad = True
+        if getattr(self.param, "zero_out_wgrad", False):
+            return torch.zeros(self.into.shape, dtype=self.param.dtype, device=self.into.device)
+        return torch.empty(self.into.shape, dtype=self.param.dtype, device=self.into.device)
 
 
 def _quantized_with_transposed(t: torch.Tensor, pad_cols: bool = False
                                ) -> tuple[backends.Operand, backends.Operand]:
     """t [tokens, k] and t^T [k, tokens_p] in 1x128 tiles, from one read of t (tokens_p:
     whole tiles; with pad_cols k too, in t only). Unchecked for inf and NaN (no host sync):
-    the caller checks the scales once the GEMMs are queued (`_check_operands`); a bad
-    tile's scale is inf meanwhile, so nothing it touches comes out finite."""
+    the caller records the scales once the GEMMs are queued (`non_finite`); a bad tile's
+    scale is inf meanwhile, so nothing it touches comes out finite."""
     rowwise, transposed = quantize_with_transposed(t, check_finite=False, pad_cols=pad_cols)
     return backends.Operand(*rowwise, ACTIVATION), backends.Operand(*transposed, ACTIVATION)
-
-
-def _check_operands(*operands: tuple[str, backends.Operand]) -> None:
-    """One host sync for all of them; then the error names the operand and its tile."""
-    if not operands or bool(torch.stack([torch.isfinite(op.scales).all()
-                                         for _, op in operands]).all()):
-        return
-    for what, op in operands:
-        raise_if_non_finite(op.scales, op.block, f"fp8_linear: the {what}")
 
 
 class FP8Linear(torch.autograd.Function):
@@ -67,9 +80,15 @@ class FP8Linear(torch.autograd.Function):
     Products come out of the GEMMs in the training dtype (x's for y, dy's for dx, W's for
     dW), rounded once from their FP32 sums.
 
-    Inf or NaN in x or W (forward) or dy (backward) raises ValueError naming the tensor
-    and tile. Each direction waits for the GPU once, after its GEMMs are queued, so the
-    GPU stays busy while the host waits.
+    Inf or NaN in x or W (forward) or dy (backward) goes to `checks`, once the GEMMs are
+    queued: `EagerChecks` raises ValueError naming the tensor and tile (a wait on the GPU
+    per direction); a module's `NonFiniteFlags` records it on the device, with no wait,
+    for the step's check (`plugins.fp8.non_finite`). Given FP8 operands were checked by
+    their makers.
+
+    `main_grad`: Wgrad's product goes into `main_grad.into` (FP32) instead of being
+    returned (`MainGrad`); a deferred Wgrad (`wgrad`) returns it to the W, which adds it
+    there.
     """
 
     @staticmethod
@@ -77,34 +96,38 @@ class FP8Linear(torch.autograd.Function):
                 x_q: torch.Tensor | None = None, x_scales: torch.Tensor | None = None,
                 w_q: torch.Tensor | None = None, w_scales: torch.Tensor | None = None,
                 wgrad: WgradSink | None = None,
-                w_t: Callable[[], backends.Operand] | None = None):
+                w_t: Callable[[], backends.Operand] | None = None,
+                checks: EagerChecks | NonFiniteFlags | None = None,
+                main_grad: MainGrad | None = None):
         gemm = backends.BACKENDS[backend]
+        checks = EagerChecks() if checks is None else checks
         shape, out = x.shape, weight.shape[0]
-        checks = []  # what was quantized here; given operands were checked by their makers
+        quantized = []  # what was quantized here, for `checks`
         x_t = None  # x^T for Wgrad, when quantized here
         if x_q is None:
             # [tokens, in], [in, tokens_p]
             xq, x_t = _quantized_with_transposed(x.reshape(-1, shape[-1]))
-            checks.append(("input x (from the layer before)", xq))
+            quantized.append((X, xq.scales, xq.block))
         elif x_q.shape != (x.numel() // shape[-1], shape[-1]):
             raise ValueError(f"fp8_linear: x_fp8 holds {tuple(x_q.shape)}, x is {tuple(shape)}")
         else:
             xq = backends.Operand(x_q, x_scales, ACTIVATION)
         if w_q is None:
             wq = quantize_weight(weight, check_finite=False)                 # [out_p, in]
-            checks.append(("weight", wq))
+            quantized.append((W, wq.scales, wq.block))
         else:
             wq = backends.Operand(w_q, w_scales, WEIGHT)
         y = gemm(xq, wq, x.dtype)                                            # [tokens, out_p]
         if y.shape[1] != out:  # compact: a layer that saves y must not hold the padding
             y = y[:, :out].contiguous()                                      # [tokens, out]
-        _check_operands(*checks)
+        checks.record(FPROP, *quantized)
         # For backward: x^T as Wgrad takes it, or the given FP8 input (re-tiled there); and
         # a given FP8 weight, held anyway.
         kept = x_t if x_t is not None else xq
         ctx.save_for_backward(kept.q, kept.scales, weight, w_q, w_scales)
         ctx.backend, ctx.shape, ctx.wgrad, ctx.w_t = backend, shape, wgrad, w_t
         ctx.x_transposed = x_t is not None
+        ctx.checks, ctx.main_grad = checks, main_grad
         return y.view(*shape[:-1], out)
 
     @staticmethod
@@ -128,7 +151,7 @@ class FP8Linear(torch.autograd.Function):
 
         x_transposed = ctx.x_transposed  # x_q, x_scales hold x^T; else x as it was given
 
-        def wgrad() -> torch.Tensor:
+        def wgrad(into: torch.Tensor | None = None) -> torch.Tensor | None:
             # Wgrad: dW = dy^T @ x, contracting over tokens: both tiled along tokens, the
             # token count zero-padded to whole tiles; a given FP8 x re-tiled from its bytes.
             if x_transposed:
@@ -136,29 +159,44 @@ class FP8Linear(torch.autograd.Function):
             else:
                 x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
                                        ACTIVATION)                           # [in, tokens_p]
+            if into is not None:  # added to main_grad in (or right after) the GEMM
+                backends.ACCUMULATING[ctx.backend](dy_t, x_t, into)
+                return None
             return gemm(dy_t, x_t, weight.dtype)                             # [out, in]
 
         dw = None
-        if ctx.wgrad is None:
+        if ctx.wgrad is not None:  # --delay-wgrad-compute: the W runs it; dy is checked
+            ctx.wgrad.defer(wgrad)  # now, through dyq
+        elif ctx.main_grad is not None:  # --gradient-accumulation-fusion
+            wgrad(ctx.main_grad.into)
+            dw = ctx.main_grad.added()
+        else:
             dw = wgrad()
-        else:  # --delay-wgrad-compute: the W runs it; dy is checked now, through dyq
-            ctx.wgrad.defer(wgrad)
-        _check_operands(("output gradient dy", dyq))
-        return dx, dw, None, None, None, None, None, None, None
+        ctx.checks.record(BACKWARD, (DY, dyq.scales, dyq.block))
+        return dx, dw, None, None, None, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
                weight_fp8: backends.Operand | None = None,
                wgrad: WgradSink | None = None,
-               weight_fp8_t: Callable[[], backends.Operand] | None = None) -> torch.Tensor:
+               weight_fp8_t: Callable[[], backends.Operand] | None = None,
+               non_finite: NonFiniteFlags | None = None,
+               main_grad: MainGrad | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
     x [tokens, in] in 1x128 tiles, when the caller already has x in FP8; `weight_fp8`: the
     weight as `quantize_weight` gives it (from an `FP8WeightCache`); `weight_fp8_t`: a
     callable giving W^T as `quantize_weight_transposed` does (`FP8WeightCache.get_transposed`),
     called in backward; `wgrad`: where to defer the Wgrad GEMM (`plugins.common.wgrad`),
-    None to run it in backward."""
+    None to run it in backward.
+
+    Inf or NaN in an operand quantized here: with `non_finite` (a module's
+    `NonFiniteFlags`), recorded on the device without a wait, for its owner to read once
+    per step; without (plain torch), raised at once as ValueError naming the operand and
+    tile, at the cost of one wait on the GPU per direction. `main_grad`: add the weight
+    gradient into `main_grad.into` (FP32) rather than return it (`MainGrad`,
+    `--gradient-accumulation-fusion`)."""
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
     w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
     return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales, wgrad,
-                           weight_fp8_t)
+                           weight_fp8_t, non_finite, main_grad)

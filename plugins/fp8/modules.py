@@ -10,7 +10,11 @@ changes only its GEMMs, which run through `plugins.fp8.linear.fp8_linear`:
   the bytes that were sent.
 Each takes `fp8_backend` (a `plugins.fp8.backends` name) and `fp8_cache_weights` (keep its
 FP8 weights through the step: `plugins.fp8.weight_cache`). With `config.delay_wgrad_compute`
-each defers its FP8 Wgrad GEMMs to the W (`plugins.common.wgrad`).
+each defers its FP8 Wgrad GEMMs to the W (`plugins.common.wgrad`). None waits for the GPU:
+inf or NaN in an operand is recorded in the module's `fp8_non_finite` flags (one
+`NonFiniteFlags` per projection, by the projection's name under the module: "" for a
+linear, "linear_fc1" and "linear_fc2" for the experts), which the plugin reads once per
+step (`plugins.fp8.non_finite`).
 """
 
 from __future__ import annotations
@@ -27,21 +31,42 @@ from megatron.core.tensor_parallel.mappings import (
 
 from plugins.common.experts import LocalExperts
 from plugins.common.linear import ReplicatedLinear
-from plugins.common.quantize import quantize, raise_if_non_finite
+from plugins.common.quantize import quantize
 from plugins.common.wgrad import sink_for, wgrad_store
-from plugins.fp8.linear import ACTIVATION, fp8_linear
+from plugins.fp8.linear import ACTIVATION, MainGrad, fp8_linear
+from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
+from plugins.fp8.slots import EXCLUDABLE
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 from plugins.fp8.weight_cache import FP8WeightCache
 
 
 class _FP8Module:
-    """What every FP8 module adds to its parent: the GEMM backend, and with
-    `fp8_cache_weights` the FP8 copies of its weights, held through the step."""
+    """What every FP8 module adds to its parent: the GEMM backend, its inf/NaN flags, and
+    with `fp8_cache_weights` the FP8 copies of its weights, held through the step."""
+
+    PROJECTIONS = ("",)  # names of the module's FP8 projections, under its own
 
     def _set_fp8(self, backend: str, cache_weights: bool) -> None:
         self.fp8_backend = backend
-        self.fp8_weight_cache = FP8WeightCache() if cache_weights else None
+        self.fp8_non_finite = {name: NonFiniteFlags() for name in self.PROJECTIONS}
+        self.fp8_weight_cache = FP8WeightCache(self._record_weight) if cache_weights else None
         self.deferred_wgrads = wgrad_store(self.config)
+
+    def _flags(self, slot=0) -> NonFiniteFlags:
+        """The flags of the projection a weight-cache slot belongs to."""
+        return self.fp8_non_finite[""]
+
+    def _record_weight(self, slot, scales: torch.Tensor) -> None:
+        self._flags(slot).record(FPROP, (WEIGHT, scales, (128, 128)))
+
+    def _main_grad(self, weight: torch.nn.Parameter, fused: bool,
+                   index: int | None = None) -> MainGrad | None:
+        """Where Wgrad adds its product with `--gradient-accumulation-fusion` (Megatron's
+        DDP gives each parameter its FP32 `main_grad`), else None: returned as a gradient."""
+        if not fused or not hasattr(weight, "main_grad"):
+            return None
+        into = weight.main_grad if index is None else weight.main_grad[index]
+        return MainGrad(into, weight)
 
     def _held(self, weight: torch.Tensor, slot=0):
         """The held FP8 copy of `weight` (None: quantize it where it is used)."""
@@ -54,36 +79,49 @@ class _FP8Module:
         return partial(cache.get_transposed, weight, slot) if cache is not None else None
 
 
+def _without_fused_kernel_check(config):
+    """`config` for a Megatron linear's __init__, which refuses gradient accumulation fusion
+    without apex's fused_weight_gradient_mlp_cuda (tensor_parallel/layers.py:1070): an FP8
+    linear adds its Wgrad into main_grad itself, so it needs no such kernel."""
+    import copy
+
+    unfused = copy.copy(config)  # no __post_init__: the same config, one field changed
+    unfused.gradient_accumulation_fusion = False
+    return unfused
+
+
 def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                       sequence_parallel, *, module: _FP8Module, tp_group=None, **unused):
     """Megatron's `linear_with_grad_accumulation_and_async_allreduce` contract with the
     GEMMs in FP8: all-gather the input under sequence parallelism, all-reduce its
-    gradient under plain TP (both through Megatron's own mappings)."""
-    if gradient_accumulation_fusion:
-        raise ValueError("--plugins fp8 needs --no-gradient-accumulation-fusion (the fused "
-                         "wgrad kernel would bypass the FP8 Wgrad GEMM)")
+    gradient under plain TP (both through Megatron's own mappings); with
+    `gradient_accumulation_fusion`, Wgrad adds into the weight's main_grad."""
     if sequence_parallel:
         input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
                                                      group=tp_group)
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
     output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight),
-                        wgrad=sink_for(module, weight), weight_fp8_t=module._held_t(weight))
+                        wgrad=sink_for(module, weight), weight_fp8_t=module._held_t(weight),
+                        non_finite=module._flags(),
+                        main_grad=module._main_grad(weight, gradient_accumulation_fusion))
     return output if bias is None else output + bias
 
 
 class FP8ColumnParallelLinear(_FP8Module, ColumnParallelLinear):
-    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, config, fp8_backend: str = "emulated",
+                 fp8_cache_weights: bool = False, **kwargs):
+        super().__init__(*args, config=_without_fused_kernel_check(config), **kwargs)
+        self.config, self.gradient_accumulation_fusion = config, config.gradient_accumulation_fusion
         self._set_fp8(fp8_backend, fp8_cache_weights)
         self._forward_impl = partial(_fp8_forward_impl, module=self)
 
 
 class FP8RowParallelLinear(_FP8Module, RowParallelLinear):
-    def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, config, fp8_backend: str = "emulated",
+                 fp8_cache_weights: bool = False, **kwargs):
+        super().__init__(*args, config=_without_fused_kernel_check(config), **kwargs)
+        self.config, self.gradient_accumulation_fusion = config, config.gradient_accumulation_fusion
         self._set_fp8(fp8_backend, fp8_cache_weights)
         self._forward_impl = partial(_fp8_forward_impl, module=self)
 
@@ -97,40 +135,78 @@ class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.fp8_backend, weight_fp8=self._held(self.weight),
                           wgrad=sink_for(self, self.weight),
-                          weight_fp8_t=self._held_t(self.weight))
+                          weight_fp8_t=self._held_t(self.weight), non_finite=self._flags(),
+                          main_grad=self._main_grad(self.weight,
+                                                    self.config.gradient_accumulation_fusion))
 
 
-def _checked_fp8(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in FP8 1x128 tiles, its scales recorded as the projection's Fprop input."""
     q, scales = quantize(x, ACTIVATION, check_finite=False)
-    raise_if_non_finite(scales, ACTIVATION, f"moe experts: {what}")
+    flags.record(FPROP, (X, scales, ACTIVATION))
     return q, scales
 
 
 class FP8LocalExperts(_FP8Module, LocalExperts):
+    # Megatron's names for an expert MLP's projections (its TEGroupedMLP and SequentialMLP).
+    PROJECTIONS = ("linear_fc1", "linear_fc2")
+
     def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self._set_fp8(fp8_backend, fp8_cache_weights)
 
+    def _flags(self, slot=("fc1", 0)) -> NonFiniteFlags:
+        return self.fp8_non_finite[f"linear_{slot[0]}"]
+
     def forward(self, tokens: torch.Tensor, counts: list[int],
                 tokens_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """fc1, SwiGLU and fc2 of every expert in FP8. 1x128 tiles run along one token's
         channels, so the layer quantizes all tokens at once, and all SwiGLU outputs at
-        once, with each expert's own bits: one launch and one inf/NaN check (one wait on
+        once, with each expert's own bits: one launch and one inf/NaN record (no wait on
         the GPU) per projection for the layer, not per expert. Dispatched FP8 tokens were
         checked by their sender."""
         if tokens_fp8 is None:
-            tokens_fp8 = _checked_fp8(tokens, "the tokens (fc1's input)")
+            tokens_fp8 = _recorded_fp8(tokens, self._flags(("fc1", 0)))
         h = FP8CachedSwiGLU.apply(torch.cat(self._project(tokens, tokens_fp8, counts,
                                                           self.weight1, "fc1")))
-        outputs = self._project(h, _checked_fp8(h, "the SwiGLU output (fc2's input)"), counts,
+        outputs = self._project(h, _recorded_fp8(h, self._flags(("fc2", 0))), counts,
                                 self.weight2, "fc2")
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
     def _project(self, x, x_fp8, counts, weights, name: str) -> list[torch.Tensor]:
         """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
         return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)),
-                           sink_for(self, weights, e), self._held_t(w, (name, e)))
+                           sink_for(self, weights, e), self._held_t(w, (name, e)),
+                           self._flags((name, e)),
+                           self._main_grad(weights, self.config.gradient_accumulation_fusion, e))
                 for e, (chunk, q, scales, w) in enumerate(zip(
                     x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
                     weights.unbind(0)))]
+
+
+def fp8_census(model_chunks, excluded: list[str]) -> str:
+    """The start-up line saying which linears run in FP8, by their place in a transformer
+    layer (`self_attention.linear_kv_up_proj`, `mlp.experts`, ...) and how many layers have
+    each, and which the exclusions keep in the training dtype."""
+    from collections import Counter
+
+    fp8, kept = Counter(), Counter()
+    for chunk in model_chunks:
+        for name, module in chunk.named_modules():
+            place = name.split(".layers.", 1)[-1].partition(".")[2]  # after "layers.N."
+            slots = set(place.split("."))
+            if isinstance(module, _FP8Module):
+                fp8[place] += 1
+            elif (slots & set(excluded) and place.split(".")[-1] in EXCLUDABLE
+                  and any(p.dim() >= 2 for p in module.parameters(recurse=False))):
+                kept[place] += 1
+
+    def listed(counts: Counter) -> str:
+        return ", ".join(f"{place} x{n}" for place, n in sorted(counts.items())) or "none"
+
+    line = f"fp8: linears in FP8: {listed(fp8)}"
+    if excluded:
+        line += f"; kept in the training dtype (--fp8-exclude-modules): {listed(kept)}"
+    return line
+

@@ -12,6 +12,7 @@ import argparse
 
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.common.flags import Refusal, first_refused
+from plugins.fp8.slots import EXCLUDABLE
 
 BLOCK = 128
 
@@ -72,6 +73,13 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "tensor cores), 'emulated' (exact FP32 product of the FP8 "
                             "operands, any device), 'auto' (torch on sm90, triton on other "
                             "sm89+ GPUs, else emulated)")
+    group.add_argument("--fp8-exclude-modules", nargs="+", default=[], metavar="SLOT",
+                       help="linear slots kept in the training dtype, by Megatron's submodule "
+                            "name, everything under them included (e.g. linear_kv_up_proj: "
+                            "MLA's kv up-projection, [32768, 512] at DeepSeek-V3's shape, "
+                            "expected slower in FP8 than BF16 at K=512); one of "
+                            + ", ".join(EXCLUDABLE) + ". Default: none, every linear in "
+                            "FP8, until a GPU measures where FP8 does not pay")
     group.add_argument("--fp8-cache-weights", action="store_true",
                        help="keep each weight's FP8 copy from its first use in a step until "
                             "the optimizer step, instead of quantizing it in every "
@@ -85,14 +93,25 @@ def validate(args: argparse.Namespace) -> None:
     refused = _refused_flag(args)
     if refused:
         raise PluginError(refused)
+    unknown = [name for name in args.fp8_exclude_modules if name not in EXCLUDABLE]
+    if unknown:
+        raise PluginError(f"--fp8-exclude-modules {' '.join(unknown)}: unknown; choose from "
+                          f"{', '.join(EXCLUDABLE)}")
     if args.fp8 != "e4m3":
         raise PluginError("--plugins fp8 needs --fp8-format e4m3 (DeepSeek-V3 uses E4M3 for "
                           f"every tensor); got --fp8-format {args.fp8}")
     if args.fp8_recipe != "blockwise":
         raise PluginError("--plugins fp8 needs --fp8-recipe blockwise (1x128 activation and "
                           f"128x128 weight scales); got --fp8-recipe {args.fp8_recipe}")
-    if args.gradient_accumulation_fusion:
-        raise PluginError("--plugins fp8 needs --no-gradient-accumulation-fusion")
+    # --gradient-accumulation-fusion (Megatron's default) is honoured: FP8 Wgrad adds into
+    # main_grad (`plugins.fp8.linear.MainGrad`); Megatron's own linears still need apex.
+    graphs = _cuda_graph_flag(args)
+    if graphs:
+        raise PluginError(
+            f"--plugins fp8 cannot run under CUDA graphs ({graphs}): a captured step would "
+            "replay the FP8 weight cache's host-side decision whether a weight is already "
+            "quantized this step, and replays are not checked against eager FP8 on a GPU "
+            "yet; use --cuda-graph-impl none")
     for what, per_rank in _reduction_dims(args):
         if per_rank % BLOCK:
             raise PluginError(f"--plugins fp8: {what} gives {per_rank} per rank; it must be a "
@@ -110,6 +129,16 @@ def validate(args: argparse.Namespace) -> None:
         args.fp8_backend = backends.resolve(args.fp8_backend)
     except ValueError as error:
         raise PluginError(str(error)) from error
+
+
+def _cuda_graph_flag(args: argparse.Namespace) -> str | None:
+    """The flag that turns Megatron's training CUDA graphs on, if given (`--enable-cuda-graph`
+    and `--external-cuda-graph` are its deprecated spellings of `--cuda-graph-impl`)."""
+    for deprecated in ("enable_cuda_graph", "external_cuda_graph"):
+        if getattr(args, deprecated, False):
+            return "--" + deprecated.replace("_", "-")
+    impl = getattr(args, "cuda_graph_impl", "none")
+    return None if impl == "none" else f"--cuda-graph-impl {impl}"
 
 
 def needed_by(args: argparse.Namespace) -> str | None:
@@ -174,13 +203,51 @@ def transform_layer_spec(layer_spec, args):
     from plugins.fp8.spec import with_fp8_linears
 
     return with_fp8_linears(layer_spec, args.fp8_backend, swiglu=args.swiglu,
-                            cache_weights=args.fp8_cache_weights)
+                            cache_weights=args.fp8_cache_weights,
+                            exclude=tuple(args.fp8_exclude_modules))
+
+
+def before_gradient_checks(args, model_chunks):
+    """Reads every FP8 module's inf/NaN flags once the step's backward passes are done
+    (`plugins.fp8.non_finite`; one transfer for the whole model) and fails the step naming
+    each module, pass and operand, and the iteration. Under fp16 with Megatron's dynamic
+    loss scaler an overflow in backward is the scaler's to handle: those flags are cleared
+    and the step goes on to Megatron's skip (the gradients they entered are inf or NaN)."""
+    from plugins.fp8.non_finite import FPROP, found_in, named_flags
+
+    named = named_flags(model_chunks)
+    loss_scaled = bool(args.fp16) and not args.loss_scale  # Megatron's DynamicGradScaler
+
+    def check(iteration: int) -> None:
+        found = found_in(named)
+        failing = [f for f in found if f[1] == FPROP or not loss_scaled]
+        if failing:
+            raise NonFiniteFP8Operand(failing, iteration)
+        flags = dict(named)
+        for name, _, _ in found:  # backward overflows, left to the loss scaler
+            flags[name].clear()
+
+    return check
+
+
+class NonFiniteFP8Operand(ValueError):
+    """An FP8 operand held inf or NaN: the step fails (`before_gradient_checks`)."""
+
+    def __init__(self, found: list[tuple[str, str, str]], iteration: int) -> None:
+        where = "; ".join(f"{name}: the {operand} of {pass_}" for name, pass_, operand in found)
+        super().__init__(f"fp8: non-finite values (inf or NaN) in FP8 operands at iteration "
+                         f"{iteration}: {where}")
 
 
 def on_optimizer_step(args, model_chunks, optimizer):
     """New weights after each successful step: cached FP8 copies are stale (whatever the
-    iteration)."""
+    iteration). Called once the model is built: says which linears run in FP8."""
+    from megatron.training.utils import print_rank_0
+
+    from plugins.fp8.modules import fp8_census
     from plugins.fp8.weight_cache import drop_fp8_weights
+
+    print_rank_0(fp8_census(model_chunks, args.fp8_exclude_modules))
 
     def drop(iteration: int) -> None:
         drop_fp8_weights(model_chunks)
@@ -196,6 +263,7 @@ FP8 = Plugin(
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     fixes=fixes,
+    before_gradient_checks=before_gradient_checks,
     on_optimizer_step=on_optimizer_step,
     # Every linear slot's GEMM (the module classes it maps) and the MLPs' activation.
     slots=frozenset({"linear_gemm", "activation_func"}),

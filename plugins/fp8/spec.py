@@ -3,7 +3,8 @@ layer becomes its FP8 version (`FP8_VERSION`, classes of `plugins.fp8.modules`),
 plugin put the slot there, and with SwiGLU the MLPs' activation slot becomes `FP8SwiGLU`.
 Each FP8 module gets `fp8_backend` and `fp8_cache_weights` in its params. Embedding, output
 head, router, norms and the attention core are not in these slots, so they stay in the
-training dtype, as in DeepSeek-V3."""
+training dtype, as in DeepSeek-V3; so does every slot named in `exclude`
+(`--fp8-exclude-modules`), with everything under it."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from plugins.fp8.modules import (
     FP8ReplicatedLinear,
     FP8RowParallelLinear,
 )
-from plugins.fp8.swiglu import FP8SwiGLU
+from plugins.fp8.slots import EXCLUDABLE
+from plugins.fp8.swiglu import FP8SwiGLU, SwiGLU
 
 FP8_VERSION = {
     ColumnParallelLinear: FP8ColumnParallelLinear,  # Megatron's: attention, MLP, experts
@@ -38,36 +40,47 @@ FP8_VERSION = {
 }
 
 
-def _convert(node, params: dict, swiglu: bool):
+def _convert(node, params: dict, swiglu: bool, exclude: frozenset[str]):
+    def convert(child):
+        return _convert(child, params, swiglu, exclude)
+
     if isinstance(node, type) and node in FP8_VERSION:
         return ModuleSpec(module=FP8_VERSION[node], params=dict(params))
     if isinstance(node, ModuleSpec):
         if node.module in FP8_VERSION:
             node.module = FP8_VERSION[node.module]
             node.params = {**node.params, **params}
-        node.submodules = _convert(node.submodules, params, swiglu)
+        node.submodules = convert(node.submodules)
         return node
     if isinstance(node, functools.partial):  # e.g. Megatron's MLP.as_mlp_submodule
-        return functools.partial(node.func, *(_convert(a, params, swiglu) for a in node.args),
-                                 **{k: _convert(v, params, swiglu) for k, v in node.keywords.items()})
+        return functools.partial(node.func, *(convert(a) for a in node.args),
+                                 **{k: convert(v) for k, v in node.keywords.items()})
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         for field in dataclasses.fields(node):
-            setattr(node, field.name, _convert(getattr(node, field.name), params, swiglu))
+            if field.name not in exclude:
+                setattr(node, field.name, convert(getattr(node, field.name)))
         if swiglu and isinstance(node, MLPSubmodules):
             # Megatron's local spec leaves this slot empty (the MLP then applies
             # config.activation_func); with config.use_te_activation_func, which the plugin
-            # sets, the MLP calls the module here instead.
-            node.activation_func = FP8SwiGLU
+            # sets, the MLP calls the module here instead: one that caches its input in
+            # FP8, or in an MLP with an excluded projection the plain SwiGLU.
+            kept = exclude & {"linear_fc1", "linear_fc2"}
+            node.activation_func = SwiGLU if kept else FP8SwiGLU
     return node
 
 
 def with_fp8_linears(layer_spec: ModuleSpec, backend: str, swiglu: bool = False,
-                     cache_weights: bool = False) -> ModuleSpec:
-    """FP8 linears everywhere in the layer; with `swiglu`, MLPs also get the SwiGLU that
-    caches its input in FP8; with `cache_weights`, each FP8 module keeps its FP8 weights
-    through the step (`plugins.fp8.weight_cache`)."""
+                     cache_weights: bool = False, exclude: tuple[str, ...] = ()) -> ModuleSpec:
+    """FP8 linears everywhere in the layer but under the slots named in `exclude` (of
+    `EXCLUDABLE`); with `swiglu`, MLPs also get the SwiGLU that caches its input in FP8;
+    with `cache_weights`, each FP8 module keeps its FP8 weights through the step
+    (`plugins.fp8.weight_cache`)."""
+    unknown = sorted(set(exclude) - set(EXCLUDABLE))
+    if unknown:
+        raise ValueError(f"--fp8-exclude-modules {' '.join(unknown)}: unknown; choose from "
+                         f"{', '.join(EXCLUDABLE)}")
     params = {"fp8_backend": backend, "fp8_cache_weights": cache_weights}
-    return _convert(copy.deepcopy(layer_spec), params, swiglu)
+    return _convert(copy.deepcopy(layer_spec), params, swiglu, frozenset(exclude))
 
 
 FP8_MODULES = frozenset(FP8_VERSION.values())

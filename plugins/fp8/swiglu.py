@@ -46,3 +46,16 @@ class FP8SwiGLU(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return FP8CachedSwiGLU.apply(x)
+
+
+class SwiGLU(torch.nn.Module):
+    """The activation slot of an MLP kept in the training dtype (`--fp8-exclude-modules`
+    naming its fc1 or fc2): silu(gate) * linear, as Megatron's unfused `glu`, autograd
+    keeping what it keeps."""
+
+    def __init__(self, config=None, **unused):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, linear = x.chunk(2, dim=-1)
+        return F.silu(gate) * linear

@@ -82,10 +82,13 @@ def _fitting(configs, named_args, **kwargs) -> list[triton.Config]:
 def _block_scaled_gemm(a, b, c, a_scales, b_scales, M, N, K, a_scale_stride, a_scale_stride_k,
                        b_scale_stride, b_scale_stride_k, K_BUCKET,
                        B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       ACCUMULATE: tl.constexpr = False):
     # a_scales [M, K / 128] and b_scales (one row per B_ROWS_PER_SCALE rows of B) are read
     # through their strides (row, K-block): outer-dim-major or row-major alike.
     # K_BUCKET is unused here: it is part of the autotuning key (see `_tuned_gemm`).
+    # ACCUMULATE: C += A @ B^T into C's FP32 values (Wgrad into Megatron's main_grad), in
+    # the epilogue: no product tensor written and read back.
     # Grouped order over the 1-D grid: consecutive programs take GROUP_M tile rows and go
     # down them one tile column at a time, so the programs running together share A rows
     # and B rows in L2 instead of each streaming its own.
@@ -112,7 +115,10 @@ def _block_scaled_gemm(a, b, c, a_scales, b_scales, M, N, K, a_scale_stride, a_s
         sb = tl.load(b_scales + (cols // B_ROWS_PER_SCALE) * b_scale_stride
                      + chunk * b_scale_stride_k, mask=in_cols, other=0.0)
         acc += partial * sa[:, None] * sb[None, :]
-    tl.store(c + rows[:, None] * N + cols[None, :], acc, mask=in_rows[:, None] & in_cols[None, :])
+    in_c = in_rows[:, None] & in_cols[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c + rows[:, None] * N + cols[None, :], mask=in_c, other=0.0)
+    tl.store(c + rows[:, None] * N + cols[None, :], acc, mask=in_c)
 
 
 # Tuned once per key. M (tokens) is not in it: MoE experts get a different token count on
@@ -138,11 +144,18 @@ def available() -> str | None:
     return None
 
 
-def _launch(kernel, a, b, **meta) -> torch.Tensor:
+def _launch(kernel, a, b, accumulate_into: torch.Tensor | None = None, **meta) -> torch.Tensor:
     """C = A @ B^T by `kernel`: `_tuned_gemm`, or `_block_scaled_gemm` with `meta` naming
-    BLOCK_M, BLOCK_N and GROUP_M (how the tests run each GPU config interpreted)."""
+    BLOCK_M, BLOCK_N and GROUP_M (how the tests run each GPU config interpreted). With
+    `accumulate_into` (FP32 [M, N], contiguous) C is that tensor, and the product is
+    added to it."""
     (M, K), N = a.q.shape, b.q.shape[0]
-    c = torch.empty(M, N, dtype=torch.float32, device=a.q.device)
+    c = accumulate_into
+    if c is None:
+        c = torch.empty(M, N, dtype=torch.float32, device=a.q.device)
+    elif c.shape != (M, N) or c.dtype != torch.float32 or not c.is_contiguous():
+        raise ValueError(f"triton FP8 GEMM accumulates into a contiguous float32 [{M}, {N}]; "
+                         f"got {c.dtype} {tuple(c.shape)}")
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -152,19 +165,21 @@ def _launch(kernel, a, b, **meta) -> torch.Tensor:
     kernel[grid](
         a.q.contiguous(), b.q.contiguous(), c, a.scales, b.scales,
         M, N, K, *a.scales.stride(), *b.scales.stride(), triton.next_power_of_2(K),
-        B_ROWS_PER_SCALE=b.block[0], BLOCK_K=BLOCK_K, **meta)
+        B_ROWS_PER_SCALE=b.block[0], BLOCK_K=BLOCK_K, ACCUMULATE=accumulate_into is not None,
+        **meta)
     return c
 
 
-def triton_gemm(a, b) -> torch.Tensor:
+def triton_gemm(a, b, accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
     """a, b: `backends.Operand`s; a in 1x128 tiles, b in 1x128 tiles or 128x128 blocks.
+    `accumulate_into`: a float32 [m, n] tensor the product is added to (and returned).
 
     The first call for a new (N, K bucket, B block) on a GPU autotunes: it compiles and
     times every config that fits (seconds), so a benchmark's warm-up must include it."""
     if a.block != (1, BLOCK_K) or b.block not in ((1, BLOCK_K), (BLOCK_K, BLOCK_K)):
         raise ValueError(f"triton FP8 GEMM takes A in 1x128 tiles and B in 1x128 or 128x128; "
                          f"got {a.block} and {b.block}")
-    return _launch(_tuned_gemm, a, b)
+    return _launch(_tuned_gemm, a, b, accumulate_into)
 
 
 def tuned_config() -> str:

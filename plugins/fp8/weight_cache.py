@@ -17,7 +17,7 @@ or another tensor in its place is quantized again.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
@@ -64,9 +64,14 @@ def quantize_weight_with_transposed(weight: torch.Tensor, check_finite: bool = T
 class FP8WeightCache:
     """One module's FP8 weights, each under a slot of the module's choosing, as W for Fprop
     and as W^T for Dgrad: both from one read of the weight when W is asked for with
-    autograd on (backward will ask for W^T), else each when first asked for."""
+    autograd on (backward will ask for W^T), else each when first asked for.
 
-    def __init__(self) -> None:
+    `record(slot, scales)`: takes each new W's scales for the owner's inf/NaN check
+    (`plugins.fp8.non_finite.NonFiniteFlags`, no wait on the GPU); None: each new W is
+    checked at once (a host sync)."""
+
+    def __init__(self, record: Callable[[Hashable, torch.Tensor], None] | None = None) -> None:
+        self._record = record
         self._held: dict[tuple[Hashable, bool], tuple[tuple[int, int], Operand]] = {}
         self.quantizations = 0  # how many weights were quantized as W (tests, logs)
         self.transposed_quantizations = 0  # and as W^T
@@ -87,16 +92,24 @@ class FP8WeightCache:
             return held[1]
         self.reads += 1
         if not transposed and torch.is_grad_enabled():
-            w, w_t = quantize_weight_with_transposed(weight.detach())
+            w, w_t = quantize_weight_with_transposed(weight.detach(),
+                                                     check_finite=self._record is None)
+            if self._record is not None:
+                self._record(slot, w.scales)
             self._held[(slot, False)], self._held[(slot, True)] = (key, w), (key, w_t)
             self.quantizations += 1
             self.transposed_quantizations += 1
             return w
         if transposed:  # the same version's W was checked for inf/NaN when it was held
             checked = self._held.get((slot, False), (None,))[0] == key
-            operand = quantize_weight_transposed(weight.detach(), check_finite=not checked)
+            operand = quantize_weight_transposed(
+                weight.detach(), check_finite=not checked and self._record is None)
+            if self._record is not None and not checked:
+                self._record(slot, operand.scales)
         else:
-            operand = quantize_weight(weight.detach())
+            operand = quantize_weight(weight.detach(), check_finite=self._record is None)
+            if self._record is not None:
+                self._record(slot, operand.scales)
         self._held[(slot, transposed)] = (key, operand)
         if transposed:
             self.transposed_quantizations += 1
