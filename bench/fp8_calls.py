@@ -23,11 +23,24 @@ def backend() -> str:
     return backends.resolve("auto")
 
 
-def weight_cache():
-    """An empty FP8 weight cache, as every FP8 module holds with --fp8-cache-weights."""
+def weight_cache(flags=None):
+    """An empty FP8 weight cache, as every FP8 module holds with --fp8-cache-weights: each
+    new W's scales recorded in `flags` (`non_finite_flags()`, no wait on the GPU), or
+    checked at once where None."""
+    from plugins.fp8.non_finite import FPROP, WEIGHT
     from plugins.fp8.weight_cache import FP8WeightCache
 
-    return FP8WeightCache()
+    if flags is None:
+        return FP8WeightCache()
+    return FP8WeightCache(lambda slot, scales: flags.record(FPROP, (WEIGHT, scales, (128, 128))))
+
+
+def non_finite_flags():
+    """The device-side inf/NaN record an FP8 module owns per projection (read once per
+    step by the plugin, never per call)."""
+    from plugins.fp8.non_finite import NonFiniteFlags
+
+    return NonFiniteFlags()
 
 
 def quantize_weight_for_step(cache, weight: torch.Tensor) -> None:
@@ -39,14 +52,15 @@ def quantize_weight_for_step(cache, weight: torch.Tensor) -> None:
     cache.get_transposed(weight)
 
 
-def fp8_linear_held(backend_name: str, cache):
+def fp8_linear_held(backend_name: str, cache, flags=None):
     """linear(x, w) with all three GEMMs in FP8 and the weight's FP8 copies taken from
-    `cache` (W in forward, W^T in backward), as an FP8 module calls fp8_linear."""
+    `cache` (W in forward, W^T in backward), as an FP8 module calls fp8_linear: inf/NaN
+    recorded in `flags` (a module's `NonFiniteFlags`, no wait on the GPU) where given."""
     from plugins.fp8.linear import fp8_linear
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, w, backend_name, weight_fp8=cache.get(w),
-                          weight_fp8_t=partial(cache.get_transposed, w))
+                          weight_fp8_t=partial(cache.get_transposed, w), non_finite=flags)
 
     return linear
 

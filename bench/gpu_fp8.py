@@ -130,11 +130,14 @@ def _linear_calls(sets, backend: str) -> tuple[dict, list, list]:
     linears, the per-step caches): BF16 and FP8 forward + backward, and the FP8 weights'
     once-per-step quantization. The FP8 linears' caches are filled here: each call finds W
     and W^T held."""
-    held = [fp8_calls.weight_cache() for _ in sets]
+    # As an FP8 module runs: inf/NaN recorded in device-side flags, read once per step
+    # by the plugin (not here), so no call waits for the GPU.
+    flags = [fp8_calls.non_finite_flags() for _ in sets]
+    held = [fp8_calls.weight_cache(f) for f in flags]
     for cache, (_, w, _) in zip(held, sets):
         fp8_calls.quantize_weight_for_step(cache, w)
-    linears = [fp8_calls.fp8_linear_held(backend, cache) for cache in held]
-    per_step = [fp8_calls.weight_cache() for _ in sets]  # their own: `held` stays full
+    linears = [fp8_calls.fp8_linear_held(backend, cache, f) for cache, f in zip(held, flags)]
+    per_step = [fp8_calls.weight_cache(f) for f in flags]  # their own: `held` stays full
     n = len(sets)
     return {
         "bf16": lambda i: fwd_bwd(F.linear, *sets[i % n]),

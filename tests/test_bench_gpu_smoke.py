@@ -238,6 +238,21 @@ def test_fp8_linear_held_quantizes_its_weight_once_per_step():
     assert (cache.quantizations, cache.transposed_quantizations) == (2, 2)
 
 
+def test_fp8_linear_as_timed_waits_for_nothing():
+    """gpu_fp8 times the FP8 linear as a module runs it (inf/NaN into device-side flags):
+    no host sync per call or in the per-step weight quantization, so what it times is
+    what training runs, and a CUDA graph can capture it."""
+    from tests.host_syncs import device_waits
+
+    g = torch.Generator().manual_seed(0)
+    sets = [tuple(torch.randn(256, 256, generator=g, requires_grad=r) for r in (True, True, False))]
+    calls, _, _ = gpu_fp8._linear_calls(sets, fp8_calls.backend())
+    with device_waits() as waits:
+        calls["weight per step"](0)
+        calls["fp8"](0)
+    assert waits == []
+
+
 def test_host_waits_count_the_calls_syncs_only():
     """`.item()` and `bool()` inside the profiled call count (each a wait on a GPU);
     what the profiler does after the calls does not."""
