@@ -49,6 +49,9 @@ BENCHMARKS = {b.name: b for b in (
               "Megatron runs on 2 gloo ranks, and DualPipeV's recorded timeline"),
     Benchmark("dualpipe_chunks", "bench.dualpipe:run_chunks", "cpu",
               "F, B, W and F&B times of a DualPipeV MLA+MoE chunk with EP=2 (4 gloo ranks)"),
+    Benchmark("checkpoint_checksums", "bench.checkpoint:run", "cpu",
+              "torch_dist save and load with and without megaseek's checksum manifest; "
+              "CRC-32, BLAKE2b and SHA-256 throughput"),
     Benchmark("gpu_fp8", "bench.gpu_fp8:run", "gpu",
               "FP8 GEMMs, linears and quantization vs BF16 at DeepSeek-V3's shapes"),
     Benchmark("gpu_layer", "bench.gpu_layer:run", "gpu",

@@ -3,6 +3,8 @@ was saved with, on the layout it was saved at, its model built (with its plugins
 but no optimizer and no data. `megaseek ema-export` is such a tool (`plugins.ema.export`).
 
 A tool is a module with `parse(argv)` (options with `load` and `ckpt_step`),
+`output_folder(options)` (the folder it writes and whether it may replace it: checked
+first, `integration.output_dir`, so that it never writes over its input),
 `check_checkpoint(options, keys)` (the checkpoint's sharded keys), `run_arguments(saved,
 options)` (the saved arguments as the tool's run wants them) and `run(model_chunks)`.
 
@@ -24,6 +26,7 @@ from typing import Callable
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import hooks
+from integration.output_dir import OutputFolderError, check_output_folder
 from plugins import PluginError, PluginRegistry, default_registry
 from upstream import shutdown
 
@@ -112,6 +115,11 @@ def main(argv: list[str], command: str, tool: ModuleType,
          registry: PluginRegistry | None = None) -> None:
     """`megaseek COMMAND ARGV`."""
     options = tool.parse(argv)
+    out, overwrite = tool.output_folder(options)
+    try:
+        check_output_folder(out, overwrite=overwrite, inputs=[options.load])
+    except OutputFolderError as error:
+        hooks.exit_refused(PluginError(f"{command} --save {error}"))
     try:
         directory = checkpoint_directory(options.load, options.ckpt_step)
         saved = saved_arguments(directory)

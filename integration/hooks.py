@@ -17,7 +17,7 @@ import time
 from typing import NoReturn
 
 from plugins import Plugin, PluginError, PluginRegistry, transform_spec
-from upstream import compat, cpu, seams, wgrad
+from upstream import checkpoint_files, compat, cpu, seams, wgrad
 from upstream.patching import Patcher, apply_fixes
 
 
@@ -31,6 +31,8 @@ def megatron_run(registry: PluginRegistry):
       Megatron's validation, the plugins' after it;
     - a checkpoint that does not fit the model, or whose learning-rate schedule differs
       from the run's, fails naming the flags;
+    - checkpoints are saved with a checksum manifest and verified before a load; a save
+      that fails names the OS error and leaves no partial folder (`upstream.checkpoint_files`);
     - a command line Megatron's parser refuses, or a configuration the plugins (or
       Megatron's own checks) refuse, ends the run as argparse does: one line,
       `megaseek: error: ...`, on rank 0 only, and exit status 2 on every rank."""
@@ -45,9 +47,17 @@ def megatron_run(registry: PluginRegistry):
                                           _checks_before_megatron).apply(patcher)
         seams.checkpoint_mismatch_named().apply(patcher)
         seams.scheduler_mismatch_named().apply(patcher)
+        write_failures: list = []  # this process's failed checkpoint writes
+        for fix in (checkpoint_files.checksums_as_written(write_failures),
+                    checkpoint_files.verified_load(),
+                    checkpoint_files.failed_save_named(write_failures)):
+            fix.apply(patcher)
         yield patcher
-    except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch) as error:
+    except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch,
+            checkpoint_files.CheckpointCorrupt) as error:
         exit_refused(error)
+    except checkpoint_files.CheckpointSaveFailed as error:
+        exit_refused(error, status=1)  # not a refusal: the run failed
     finally:
         patcher.undo()
         for fixes in reversed(installed):
@@ -61,15 +71,15 @@ def megatron_run(registry: PluginRegistry):
 RANK0_FIRST_S = 10.0
 
 
-def exit_refused(error: Exception) -> NoReturn:
+def exit_refused(error: Exception, status: int = 2) -> NoReturn:
     """Ends a rank whose configuration is refused as argparse does: `megaseek: error: ...`
-    on rank 0 only, exit status 2 on every rank, rank 0 first (the others wait, and
-    torchrun ends them as soon as rank 0 has exited)."""
+    on rank 0 only, exit `status` (2, argparse's) on every rank, rank 0 first (the others
+    wait, and torchrun ends them as soon as rank 0 has exited)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
     else:
         time.sleep(RANK0_FIRST_S)
-    raise SystemExit(2) from None
+    raise SystemExit(status) from None
 
 
 def _checks_before_megatron(args: argparse.Namespace) -> None:
@@ -83,13 +93,14 @@ def _checks_before_megatron(args: argparse.Namespace) -> None:
 def _start_up_checks(registry: PluginRegistry, args: argparse.Namespace) -> None:
     """Transformer Engine where the flag asks for it, megaseek's checks of Megatron's flags
     that need the machine or the layout, the plugins' checks, then those of what megaseek
-    builds itself (MTP's placement)."""
-    from integration import argument_checks, mtp, transformer_engine
+    builds itself (MTP's placement) and of the checkpoint folders."""
+    from integration import argument_checks, checkpoint_paths, mtp, transformer_engine
 
     transformer_engine.check_installed(args)
     argument_checks.after_megatron(args)
     registry.enabled(args)
     mtp.check_placement(args)
+    checkpoint_paths.check(args)
 
 
 class _ModelChunks:

@@ -193,20 +193,36 @@ def _checkpoint(directory: Path, iteration: int) -> dict[str, torch.Tensor]:
     return checkpoint_tensors(directory, iteration)
 
 
+_VALIDATION_LINE = re.compile(r"validation loss (\(EMA weights\) )?at iteration (\d+)"
+                              r"( on \w+ set)? \| lm loss value: ([0-9.E+-]+)")
+
+
+def _validations_from(output: str, iteration: int) -> list[tuple[str, int, str, float]]:
+    """Every validation line from `iteration` on, in order: (EMA or not, iteration, set,
+    loss)."""
+    return [(ema, int(i), where, float(loss)) for ema, i, where, loss
+            in _VALIDATION_LINE.findall(output) if int(i) >= iteration]
+
+
 @pytest.mark.slow
 def test_resume_continues_the_ema_and_evaluates_it(tmp_path):
     """6 iterations straight vs 3 + resume from the iteration-3 checkpoint (distributed
     optimizer, DP=2): the saved EMA is identical. With --ema-eval each evaluation prints a
-    second line for the EMA weights. The straight run also checks the oracle."""
+    second line for the EMA weights, on the same batches, without moving the validation
+    data: after the resume both losses are the straight run's. The straight run also
+    checks the oracle."""
     straight, resumed, trace = tmp_path / "straight", tmp_path / "resumed", tmp_path / "oracle.txt"
-    ema = ["--ema-decay", "0.7", "--use-distributed-optimizer",
+    ema = ["--ema-decay", "0.7", "--use-distributed-optimizer", "--ema-eval",
            "--train-iters", "6", "--save-interval", "3", "--eval-interval", "2",
            "--eval-iters", "1"]
-    out_a = _train(["--plugins", "ema", "ema_oracle", *ema, "--ema-eval", "--save", str(straight),
+    out_a = _train(["--plugins", "ema", "ema_oracle", *ema, "--save", str(straight),
                     "--oracle-trace", str(trace)], tmp_path)
     out_b = _train(["--plugins", "ema", *ema, "--save", str(resumed), "--load", str(straight),
                     "--ckpt-step", "3"], tmp_path)
     _assert_oracle(trace, 2)
+    after_resume = _validations_from(out_a, 4)
+    assert {(ema, i) for ema, i, _, _ in after_resume} >= {("", 4), ("(EMA weights) ", 4)}
+    assert _validations_from(out_b, 4) == after_resume
 
     a, b = _checkpoint(straight, 6), _checkpoint(resumed, 6)
     assert a.keys() == b.keys()
@@ -347,6 +363,68 @@ def test_ema_at_tp2_reshards_exports_and_logs(tmp_path):
     assert "the checkpoint holds no EMA; it starts from the loaded weights" in restarted
     assert "EMA weights" not in restarted  # without --ema-eval only the raw weights evaluate
     _assert_oracle(trace, 1)
+
+
+# 1F1B (Megatron's), DualPipeV (a V of 4 stages), DualPipe (each stage on both ranks, the
+# second copy marked as a replica when saved): each schedule's checkpoint exports.
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", [[], ["--plugins", "dualpipe", "--pipeline-schedule",
+                                           "dualpipev"],
+                                      ["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe"]],
+                         ids=["1f1b", "dualpipev", "dualpipe"])
+def test_ema_export_of_every_pipeline_schedule(schedule, tmp_path):
+    """A checkpoint saved at PP=2 under each schedule exports (`megaseek ema-export`
+    starting its 2 ranks itself) to the EMA weights, exactly; --overwrite replaces the
+    folder that was there."""
+    from tests.training_runs import run
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
+    _train(_with_plugins(schedule, "ema") + [
+        "--num-layers", "4", "--pipeline-model-parallel-size", "2",
+        "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
+        "--attention-dropout", "0", "--ema-decay", "0.5", "--train-iters", "3",
+        "--save", str(ckpt), "--save-interval", "3"], tmp_path)
+    out.mkdir()
+    (out / "stale").write_text("an earlier export")
+    exported = run([sys.executable, str(Path(__file__).resolve()), "ema-export", "--load",
+                    str(ckpt), "--save", str(out), "--overwrite"], tmp_path, _REPO_FIRST_ON_PATH)
+    assert "the EMA weights of iteration 3 are saved" in exported
+    assert not (out / "stale").exists()
+    source, written = _checkpoint(ckpt, 3), _checkpoint(out, 3)
+    weights = {k for k in source if not k.startswith(("optimizer.", "megaseek:"))}
+    assert set(written) == weights
+    assert all(torch.equal(written[k], source["megaseek:ema." + k]) for k in weights)
+    assert any(not torch.equal(source[k], source["megaseek:ema." + k]) for k in weights)
+
+
+def _refusal(argv: list[str], capsys) -> str:
+    from integration.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_ema_export_never_writes_over_its_input(tmp_path, capsys):
+    """`--save` that is `--load` (also through a symbolic link), lies inside it or holds it
+    would lose the training checkpoint: refused before anything is read, exit 2, one line
+    naming --save; an existing --save needs --overwrite (which cannot lift the first)."""
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    ckpt.mkdir()
+    other.mkdir()
+    (tmp_path / "link").symlink_to(ckpt)
+    for save, why in ((ckpt, "is the input"), (tmp_path / "link", "is the input"),
+                      (ckpt / "ema", "is inside the input"), (tmp_path, "contains the input")):
+        for extra in ([], ["--overwrite"]):
+            err = _refusal(["ema-export", "--load", str(ckpt), "--save", str(save), *extra],
+                           capsys)
+            assert err.startswith(f"megaseek: error: ema-export --save {save}: {why} {ckpt}; ")
+            assert err.count("\n") == 1
+    err = _refusal(["ema-export", "--load", str(ckpt), "--save", str(other)], capsys)
+    assert err == (f"megaseek: error: ema-export --save {other} exists; pass --overwrite to "
+                   "replace it\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link", "other"]
 
 
 def test_megaseek_has_the_ema_export_command(capsys):

@@ -12,6 +12,8 @@ Where each is defined (its scope), and who applies it:
   enabled plugins' `fixes` hooks, applied by the launch path;
 - `wgrad.DELAY_WGRAD_ARGUMENTS` (every run): the launch path, before Megatron parses;
 - `seams` (an enabled plugin provides the hook): the launch path;
+- `checkpoint_files` (every run: checksums, verified loads, failed saves named):
+  `integration.hooks.megatron_run`;
 - `shutdown.PROCESS_GROUPS_LEFT_ALIVE`: recorded only; both entry points call `end_run`.
 
 Fixes built by a factory from what a plugin provides (an optimizer class, a callback)
@@ -20,7 +22,8 @@ are listed here as built with placeholders: for listing and probing, not for app
 
 from __future__ import annotations
 
-from upstream import compat, cpu, moe, optimizer, overlap, seams, shutdown, transformer, wgrad
+from upstream import (checkpoint_files, compat, cpu, moe, optimizer, overlap, seams, shutdown,
+                      transformer, wgrad)
 from upstream.patching import Fix
 
 
@@ -37,5 +40,8 @@ def all_fixes() -> tuple[Fix, ...]:
         *wgrad.delay_wgrad_fixes(),
         *overlap.overlap_fixes(),
         *seams.all_seams(),
+        checkpoint_files.checksums_as_written([]),
+        checkpoint_files.verified_load(),
+        checkpoint_files.failed_save_named([]),
         shutdown.PROCESS_GROUPS_LEFT_ALIVE,
     )

@@ -30,6 +30,7 @@ every change is undone when the run ends:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -961,7 +962,8 @@ def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]
     inside `context()`, on the same batches, its results printed on Megatron's line with the
     name after the loss: `validation loss (NAME) at iteration N | ...`, and written to
     TensorBoard and W&B under Megatron's tags with ` (NAME)` added (`lm loss validation
-    (NAME)`), beside the raw weights' values rather than over them."""
+    (NAME)`), beside the raw weights' values rather than over them. The passes read no
+    data: the validation position that a checkpoint saves is the first evaluation's."""
     def apply(patcher: Patcher) -> None:
         training = _training()
         evaluate_and_print = training.evaluate_and_print_results
@@ -980,10 +982,17 @@ def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]
 
         @wraps(evaluate_and_print)
         def with_extra_passes(prefix, forward_step_func, data_iterator, *args, **kwargs):
+            from megatron.training import get_args
+
             recorded = _Recorded.wrap(data_iterator)
             result = evaluate_and_print(prefix, forward_step_func, recorded, *args, **kwargs)
+            run_args = get_args()
             for name, context in passes():
-                with context(), \
+                # Megatron's evaluate() counts the samples it reads (training.py:4294); the
+                # count is saved and places the validation data on a resume. A pass reads
+                # no new samples, so it leaves the count as the first evaluation left it.
+                consumed = run_args.consumed_valid_samples
+                with _restored(run_args, "consumed_valid_samples", consumed), context(), \
                         patcher.scoped(training, "print_rank_last", labelled(name)), \
                         patcher.scoped(training, "get_tensorboard_writer",
                                        labelled_writer(tensorboard_writer, name)), \
@@ -999,12 +1008,23 @@ def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]
         "seam:evaluation-passes",
         f"megatron/training/training.py:4342 evaluate_and_print_results (prints with "
         f"print_rank_last, writes with get_tensorboard_writer and get_wandb_writer at "
-        f":4359-4363), called at :4040, :1483, :1494 ({VERSION})",
+        f":4359-4363), called at :4040, :1483, :1494; evaluate() adds to "
+        f"args.consumed_valid_samples at :4294 ({VERSION})",
         "Megatron evaluates one set of weights; a plugin's pass runs the same evaluation "
         "again on the batches the first one read",
         lambda: source_has(_training().evaluate_and_print_results, "evaluate(",
-                           "print_rank_last(", "get_tensorboard_writer()", "get_wandb_writer()"),
+                           "print_rank_last(", "get_tensorboard_writer()", "get_wandb_writer()")
+        and source_has(_training().evaluate, "args.consumed_valid_samples +="),
         apply, SEAM)
+
+
+@contextlib.contextmanager
+def _restored(owner, name: str, value):
+    """`owner.name` is `value` again when the block ends."""
+    try:
+        yield
+    finally:
+        setattr(owner, name, value)
 
 
 class _LabelledWriter:

@@ -10,6 +10,11 @@ key>`, sharded like the weight), and Megatron's `save_checkpoint` writes the mod
 `--load OUT --no-load-optim --no-load-rng`, or `--finetune` (without them Megatron's
 load still asks for the optimizer: megatron/training/checkpointing.py:2555-2573). Buffers
 that the EMA does not follow (e.g. the router's expert bias) are the checkpoint's own.
+
+Nothing of the input is lost: an output that is, holds or lies inside the input is
+refused (`integration.checkpoint_tool` checks `output_folder` first), and an existing
+output is replaced only with `--overwrite`, once the new export is complete (it is written
+into a hidden sibling first, `staging_folder`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from plugins import PluginError
@@ -32,9 +40,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--load", required=True, metavar="CKPT",
                         help="the checkpoint folder (--save of the run), torch_dist format")
     parser.add_argument("--save", required=True, metavar="OUT", help="where to write it")
+    parser.add_argument("--overwrite", action="store_true", default=False,
+                        help="replace an existing OUT (once the new export is complete)")
     parser.add_argument("--ckpt-step", type=int, default=None, metavar="N",
                         help="the iteration to export (default: the latest)")
     return parser.parse_args(argv)
+
+
+def output_folder(options: argparse.Namespace) -> tuple[str, bool]:
+    """OUT, and whether an existing one may be replaced (checked before anything is read:
+    never the input, inside it or around it)."""
+    return options.save, options.overwrite
 
 
 def check_checkpoint(options: argparse.Namespace, checkpoint_keys: set[str]) -> None:
@@ -59,7 +75,8 @@ def run_arguments(saved: argparse.Namespace, options: argparse.Namespace) -> arg
     for dest in _ema_dests():  # unset: the registry fills in the defaults
         if hasattr(args, dest):
             delattr(args, dest)
-    args.load, args.save, args.ckpt_step = options.load, options.save, options.ckpt_step
+    args.load, args.ckpt_step = options.load, options.ckpt_step
+    args.save = staging_folder(options.save)  # moved to OUT once complete (run)
     args.no_load_optim = args.no_load_rng = True
     args.no_save_optim = args.no_save_rng = True
     args.finetune = args.async_save = False
@@ -86,13 +103,20 @@ def ema_as_weights(model_chunks: list) -> Iterator[None]:
     def renamed(build: Callable[..., dict]) -> Callable[..., dict]:
         return lambda *args, **kwargs: dict_list_map_inplace(ema_key, build(*args, **kwargs))
 
-    for chunk in model_chunks:  # an instance attribute shadows the method, for this block
+    # An instance attribute shadows the method, for this block. A chunk may have one of its
+    # own already (a mirrored stage's copy marks its tensors as replicas: upstream.seams
+    # _same_weights_as_first_copy), which the save after the block needs again.
+    own = [vars(chunk).get("sharded_state_dict") for chunk in model_chunks]
+    for chunk in model_chunks:
         chunk.sharded_state_dict = renamed(chunk.sharded_state_dict)
     try:
         yield
     finally:
-        for chunk in model_chunks:
-            del chunk.sharded_state_dict
+        for chunk, kept in zip(model_chunks, own):
+            if kept is None:
+                del chunk.sharded_state_dict
+            else:
+                chunk.sharded_state_dict = kept
 
 
 def export(model_chunks: list, load_checkpoint: Callable, save_checkpoint: Callable) -> int:
@@ -106,17 +130,66 @@ def export(model_chunks: list, load_checkpoint: Callable, save_checkpoint: Calla
     return iteration
 
 
+_STAGED = ".ema-export-partial"
+
+
+def staging_folder(out: str) -> str:
+    """The hidden sibling of OUT the export writes into (the same on every rank)."""
+    out_path = Path(out)
+    return str(out_path.parent / f".{out_path.name}{_STAGED}")
+
+
+def _destination(staging: str) -> Path:
+    staged = Path(staging)
+    return staged.parent / staged.name[1:-len(_STAGED)]
+
+
+def _on_rank_0(action: Callable[[], None]) -> None:
+    """`action()` on rank 0 between two barriers (the others wait for it)."""
+    import torch
+
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        action()
+    torch.distributed.barrier()
+
+
+def _clear(path: str | Path) -> None:
+    """Removes a folder, a file or a link (not what the link names)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _publish(staging: str) -> None:
+    """The complete export takes OUT's place; an OUT there before (--overwrite) goes only
+    now."""
+    out = _destination(staging)
+    if os.path.lexists(out):
+        old = out.parent / f".{out.name}.ema-export-old"
+        _clear(old)
+        out.rename(old)
+        Path(staging).rename(out)
+        _clear(old)
+    else:
+        Path(staging).rename(out)
+
+
 def run(model_chunks: list) -> None:
     """The export on this rank, in the run `integration.checkpoint_tool` starts."""
     import functools
 
-    from megatron.training import checkpointing, print_rank_0, training
+    from megatron.training import checkpointing, get_args, print_rank_0, training
 
     # Looked up now: the launch path wraps load_checkpoint (a mismatch names the flags).
     # Megatron's own saves drop the ranks from the saved arguments before comparing them
     # across ranks (training.py:963); so does this one.
     save = functools.partial(checkpointing.save_checkpoint,
                              preprocess_common_state_dict_fn=training.preprocess_common_state_dict)
+    staging = get_args().save
+    _on_rank_0(lambda: _clear(staging))  # what a failed export left there
     iteration = export(model_chunks, checkpointing.load_checkpoint, save)
+    _on_rank_0(lambda: _publish(staging))
     print_rank_0(f"ema-export: the EMA weights of iteration {iteration} are saved as an "
                  "ordinary checkpoint (no optimizer state)")
