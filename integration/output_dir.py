@@ -6,16 +6,16 @@ refuses, naming `out`: an output that is, contains or lies inside one of the com
 inputs (writing it would change or, with --overwrite, delete what the command reads); an
 output that exists, unless `overwrite`; an output whose parent cannot be written (a file
 where a folder is needed, no permission, a read-only disk). Whether the parent can be
-written is tried, not guessed from permission bits (which do not bind root): a hidden
-folder is made there and removed.
+written is tried, not guessed from permission bits (which do not bind root):
+`plugins.common.paths`.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from plugins.common.paths import unwritable_directory
 
 
 class OutputFolderError(ValueError):
@@ -55,16 +55,8 @@ def _check(out: Path, overwrite: bool, inputs: Iterable[str | Path],
 
 def _check_writable_parent(out: Path, parent: Path) -> None:
     """The output is written beside itself and renamed into place: its parent (or the
-    nearest existing folder above it, where the missing ones are made) must take a new
-    folder."""
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputFolderError(f"{out}: {existing} is a file, not a folder")
-    try:
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing)
-    except OSError as e:
-        raise OutputFolderError(f"{out}: cannot write in {existing} "
-                                f"({e.strerror or e})") from None
-    os.rmdir(probe)
+    nearest existing folder above it, where the missing ones are made) must take new
+    files."""
+    problem = unwritable_directory(parent)
+    if problem:
+        raise OutputFolderError(f"{out}: {problem}")

@@ -116,7 +116,7 @@ REFUSED = {
                             "--spec no_such_module decoder_spec: cannot import no_such_module"),
     "tensorboard-dir-under-a-file": (["--tensorboard-dir", "{file}/tensorboard"], (),
                                      "--tensorboard-dir {file}/tensorboard: {file} is a file, "
-                                     "not a directory"),
+                                     "not a folder"),
     "tensorboard-dir-read-only": (["--tensorboard-dir", "/proc/megaseek-tensorboard"], (),
                                   "--tensorboard-dir /proc/megaseek-tensorboard: cannot write "
                                   "in /proc"),

@@ -125,8 +125,8 @@ def test_save_and_load_must_be_folders_save_writable(tmp_path):
         with pytest.raises(PluginError, match=f"^--{flag} {a_file} is a file, not a "
                                               "checkpoint folder"):
             check(_args(**{flag: str(a_file)}))
-    with pytest.raises(PluginError, match=f"^--save {a_file}/ckpt: {a_file} is a file, so "
-                                          "the folder cannot be made"):
+    with pytest.raises(PluginError, match=f"^--save {a_file}/ckpt: {a_file} is a file, not a "
+                                          "folder"):
         check(_args(save=str(a_file / "ckpt")))
 
     check(_args(save=str(tmp_path / "new" / "ckpt"), load=str(tmp_path / "not-yet")))
@@ -143,7 +143,8 @@ def test_the_launch_path_checks_the_folders_at_start_up(tmp_path, monkeypatch):
 
     a_file = tmp_path / "file"
     a_file.write_text("not a checkpoint")
-    args, _ = enabled(["--load", str(a_file), "--transformer-impl", "local"], monkeypatch)
+    args, _ = enabled(["--load", str(a_file), "--transformer-impl", "local",
+                       "--distributed-backend", "gloo"], monkeypatch)
     with pytest.raises(PluginError, match=f"^--load {a_file} is a file"):
         hooks._start_up_checks(default_registry(), args)
 

@@ -65,7 +65,7 @@ def test_an_unwritable_pipeline_timeline_is_refused_at_start_up(tmp_path, monkey
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(PluginError, match=rf"--pipeline-timeline {blocker}/timeline: "
-                                          rf"{blocker} is a file, not a directory"):
+                                          rf"{blocker} is a file, not a folder"):
         enabled(BASE + V + ["--pipeline-timeline", str(blocker / "timeline")], monkeypatch)
     args, _ = enabled(BASE + V + ["--pipeline-timeline", str(tmp_path / "new" / "dir")],
                       monkeypatch)

@@ -128,7 +128,7 @@ def test_cli_bad_input_is_one_error_line(capsys, argv, needle):
 def test_cli_unwritable_png_is_refused_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    for png, problem in ((blocker / "x.png", f"{blocker} is a file, not a directory"),
+    for png, problem in ((blocker / "x.png", f"{blocker} is a file, not a folder"),
                          (tmp_path / "no" / "x.png", f"the folder {tmp_path / 'no'} does not "
                                                      "exist"),
                          (tmp_path, f"{tmp_path} is a directory")):

@@ -17,7 +17,7 @@ def unwritable_directory(path: str | os.PathLike) -> str | None:
     target = Path(path).absolute()
     existing = _nearest_existing(target)
     if not existing.is_dir():
-        return f"{existing} is a file, not a directory"
+        return f"{existing} is a file, not a folder"
     return _cannot_create_in(existing)
 
 
@@ -29,7 +29,7 @@ def unwritable_file(path: str | os.PathLike) -> str | None:
         return f"{target} is a directory"
     if not target.parent.is_dir():
         existing = _nearest_existing(target.parent)
-        return (f"{existing} is a file, not a directory" if not existing.is_dir()
+        return (f"{existing} is a file, not a folder" if not existing.is_dir()
                 else f"the folder {target.parent} does not exist")
     if target.exists():
         return None if os.access(target, os.W_OK) else f"{target} is not writable"
@@ -47,4 +47,4 @@ def _cannot_create_in(directory: Path) -> str | None:
         with tempfile.TemporaryFile(dir=directory):
             return None
     except OSError as error:
-        return f"cannot write in {directory}: {error.strerror or error}"
+        return f"cannot write in {directory} ({error.strerror or error})"
