@@ -36,6 +36,7 @@ from megatron.training import get_args, print_rank_0
 from megatron.training.argument_utils import core_transformer_config_from_args
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
+from integration.hooks import FailedOnThisRank
 from integration.transformer_engine import check_installed
 from plugins import PluginError
 
@@ -176,12 +177,13 @@ def check_token_ids(batch: dict[str, Any], args) -> None:
     model's vocabulary fails inside them (IndexError on CPU, a device-side assert on GPU).
     A user's --data-path says nothing about its largest id at start-up (Megatron's index
     does not hold it), so each micro-batch is checked as it is read, on the host (the
-    data loader's tensors, before they move: no device sync)."""
+    data loader's tensors, before they move: no device sync), and the rank that finds one
+    says so in one line (`FailedOnThisRank`)."""
     largest = max((int(batch[key].max()) for key in ("tokens", "labels")
                    if torch.is_tensor(batch.get(key)) and batch[key].numel()), default=-1)
     if largest >= args.padded_vocab_size:
         given = f"--vocab-size {args.vocab_size}" if args.vocab_size else "the tokenizer's"
-        raise ValueError(f"the data holds token id {largest}, outside the model's vocabulary "
+        raise FailedOnThisRank(f"the data holds token id {largest}, outside the model's vocabulary "
                          f"of {args.padded_vocab_size} ({given}, padded to a multiple of "
                          f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} "
                          f"x TP): give a --vocab-size above {largest}, or the --tokenizer-type "

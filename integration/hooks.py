@@ -58,11 +58,20 @@ def megatron_run(registry: PluginRegistry):
         exit_refused(error)
     except checkpoint_files.CheckpointSaveFailed as error:
         exit_refused(error, status=1)  # not a refusal: the run failed
+    except FailedOnThisRank as error:  # only this rank knows: it says so, at once
+        print(f"megaseek: error: rank {os.environ.get('RANK', '0')}: {error}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         patcher.undo()
         for fixes in reversed(installed):
             if fixes is not None:
                 fixes.undo()
+
+
+class FailedOnThisRank(RuntimeError):
+    """A run that fails on what one rank alone has seen (a micro-batch of its data): that
+    rank says it, in one line naming itself, and exits 1; torchrun then ends the others."""
 
 
 # Seconds the other ranks wait before they exit on a refused configuration: torchrun ends

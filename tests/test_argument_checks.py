@@ -221,7 +221,8 @@ def test_a_data_path_with_ids_past_the_vocabulary_fails_at_its_first_batch(tmp_p
     output = str(failed.value)
     assert "outside the model's vocabulary of 96 (--vocab-size 96, padded to a multiple of " \
            "--make-vocab-size-divisible-by 32 x TP): give a --vocab-size above" in output
-    assert "IndexError" not in output
+    assert "IndexError" not in output and "Traceback" not in output
+    assert output.count("megaseek: error: rank 0: the data holds token id") == 1
 
 
 # --- Megatron's own checks, in words ------------------------------------------------------
