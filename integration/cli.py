@@ -3,7 +3,7 @@
     megaseek pretrain [MEGATRON ARGS] [--plugins ...]   one rank of GPT pretraining (run
                                                         it under torchrun)
     megaseek launch SCRIPT [ARGS]                       a Megatron launch script with plugins
-    megaseek demo                                       the README's demo (2 ranks on CPU)
+    megaseek demo                                       the README's demo (4 ranks on CPU)
     megaseek fixes                                      the upstream fixes and whether the
                                                         installed megatron-core needs them
     megaseek ema-export --load CKPT --save OUT          the EMA weights of a checkpoint (saved
