@@ -14,7 +14,8 @@ each defers its FP8 Wgrad GEMMs to the W (`plugins.common.wgrad`). None waits fo
 inf or NaN in an operand is recorded in the module's `fp8_non_finite` flags (one
 `NonFiniteFlags` per projection, by the projection's name under the module: "" for a
 linear, "linear_fc1" and "linear_fc2" for the experts), which the plugin reads once per
-step (`plugins.fp8.non_finite`).
+step (`plugins.fp8.non_finite`). Where quantization runs (Triton kernels or torch ops) is
+decided once per module and device (`fp8_quantizer`), not per quantization.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from plugins.common.experts import LocalExperts
 from plugins.common.linear import ReplicatedLinear
-from plugins.common.quantize import quantize
+from plugins.common.quantize import Quantizer, quantize
 from plugins.common.wgrad import sink_for, wgrad_store
 from plugins.fp8.linear import ACTIVATION, MainGrad, fp8_linear
 from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
@@ -41,16 +42,25 @@ from plugins.fp8.weight_cache import FP8WeightCache
 
 
 class _FP8Module:
-    """What every FP8 module adds to its parent: the GEMM backend, its inf/NaN flags, and
-    with `fp8_cache_weights` the FP8 copies of its weights, held through the step."""
+    """What every FP8 module adds to its parent: the GEMM backend, where it quantizes, its
+    inf/NaN flags, and with `fp8_cache_weights` the FP8 copies of its weights, held through
+    the step."""
 
     PROJECTIONS = ("",)  # names of the module's FP8 projections, under its own
 
     def _set_fp8(self, backend: str, cache_weights: bool) -> None:
         self.fp8_backend = backend
+        self._fp8_quantizer: Quantizer | None = None
         self.fp8_non_finite = {name: NonFiniteFlags() for name in self.PROJECTIONS}
-        self.fp8_weight_cache = FP8WeightCache(self._record_weight) if cache_weights else None
+        self.fp8_weight_cache = (FP8WeightCache(self._record_weight, self.fp8_quantizer)
+                                 if cache_weights else None)
         self.deferred_wgrads = wgrad_store(self.config)
+
+    def fp8_quantizer(self, device: torch.device) -> Quantizer:
+        """Where this module quantizes on `device`: decided when it first runs there."""
+        if self._fp8_quantizer is None or self._fp8_quantizer.device != device:
+            self._fp8_quantizer = Quantizer.for_device(device)
+        return self._fp8_quantizer
 
     def _flags(self, slot=0) -> NonFiniteFlags:
         """The flags of the projection a weight-cache slot belongs to."""
@@ -104,7 +114,8 @@ def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allredu
     output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight),
                         wgrad=sink_for(module, weight), weight_fp8_t=module._held_t(weight),
                         non_finite=module._flags(),
-                        main_grad=module._main_grad(weight, gradient_accumulation_fusion))
+                        main_grad=module._main_grad(weight, gradient_accumulation_fusion),
+                        quantizer=module.fp8_quantizer(input.device))
     return output if bias is None else output + bias
 
 
@@ -137,12 +148,14 @@ class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
                           wgrad=sink_for(self, self.weight),
                           weight_fp8_t=self._held_t(self.weight), non_finite=self._flags(),
                           main_grad=self._main_grad(self.weight,
-                                                    self.config.gradient_accumulation_fusion))
+                                                    self.config.gradient_accumulation_fusion),
+                          quantizer=self.fp8_quantizer(x.device))
 
 
-def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags) -> tuple[torch.Tensor, torch.Tensor]:
+def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags, quantizer: Quantizer
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x in FP8 1x128 tiles, its scales recorded as the projection's Fprop input."""
-    q, scales = quantize(x, ACTIVATION, check_finite=False)
+    q, scales = quantize(x, ACTIVATION, check_finite=False, quantizer=quantizer)
     flags.record(FPROP, (X, scales, ACTIVATION))
     return q, scales
 
@@ -166,20 +179,24 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
         once, with each expert's own bits: one launch and one inf/NaN record (no wait on
         the GPU) per projection for the layer, not per expert. Dispatched FP8 tokens were
         checked by their sender."""
+        quantizer = self.fp8_quantizer(tokens.device)
         if tokens_fp8 is None:
-            tokens_fp8 = _recorded_fp8(tokens, self._flags(("fc1", 0)))
+            tokens_fp8 = _recorded_fp8(tokens, self._flags(("fc1", 0)), quantizer)
         h = FP8CachedSwiGLU.apply(torch.cat(self._project(tokens, tokens_fp8, counts,
-                                                          self.weight1, "fc1")))
-        outputs = self._project(h, _recorded_fp8(h, self._flags(("fc2", 0))), counts,
-                                self.weight2, "fc2")
+                                                          self.weight1, "fc1", quantizer)),
+                                  quantizer)
+        outputs = self._project(h, _recorded_fp8(h, self._flags(("fc2", 0)), quantizer), counts,
+                                self.weight2, "fc2", quantizer)
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
-    def _project(self, x, x_fp8, counts, weights, name: str) -> list[torch.Tensor]:
+    def _project(self, x, x_fp8, counts, weights, name: str, quantizer: Quantizer
+                 ) -> list[torch.Tensor]:
         """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
         return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)),
                            sink_for(self, weights, e), self._held_t(w, (name, e)),
                            self._flags((name, e)),
-                           self._main_grad(weights, self.config.gradient_accumulation_fusion, e))
+                           self._main_grad(weights, self.config.gradient_accumulation_fusion, e),
+                           quantizer)
                 for e, (chunk, q, scales, w) in enumerate(zip(
                     x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
                     weights.unbind(0)))]
