@@ -7,7 +7,8 @@ changes only its GEMMs, which run through `plugins.fp8.linear.fp8_linear`:
   DeepSeek-V3 keeps them in FP8 too, the kv one's 576 rows ending in a half 128x128 block);
 - `FP8LocalExperts`: `plugins.common.experts.LocalExperts` with fc1 and fc2 of every expert
   in FP8 and the SwiGLU input cached in FP8; tokens that came by FP8 dispatch enter fc1 as
-  the bytes that were sent.
+  the bytes that were sent, each expert's rows zero-padded once to the multiple its
+  backend's GEMMs take without a copy.
 Each takes `fp8_backend` (a `plugins.fp8.backends` name) and `fp8_cache_weights` (keep its
 FP8 weights through the step: `plugins.fp8.weight_cache`). With `config.delay_wgrad_compute`
 each defers its FP8 Wgrad GEMMs to the W (`plugins.common.wgrad`). None waits for the GPU:
@@ -33,7 +34,9 @@ from megatron.core.tensor_parallel.mappings import (
 from plugins.common.experts import LocalExperts
 from plugins.common.linear import ReplicatedLinear
 from plugins.common.quantize import Quantizer, quantize
+from plugins.common.tiles import SMALLEST_NORMAL_FP32
 from plugins.common.wgrad import sink_for, wgrad_store
+from plugins.fp8.backends import ROW_MULTIPLE
 from plugins.fp8.linear import ACTIVATION, MainGrad, fp8_linear
 from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
 from plugins.fp8.slots import EXCLUDABLE
@@ -160,14 +163,36 @@ def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags, quantizer: Quantizer
     return q, scales
 
 
+def _padded_groups(x: torch.Tensor, counts: list[int], multiple: int, fill: float = 0.0
+                   ) -> torch.Tensor:
+    """x's groups of counts[e] rows, each followed by `fill` rows up to a multiple of
+    `multiple`: one copy (a cat) whatever the number of groups."""
+    pads = [-c % multiple for c in counts]
+    filler = x.new_full((max(pads), *x.shape[1:]), fill)
+    return torch.cat([part for chunk, pad in zip(x.split(counts), pads)
+                      for part in (chunk, filler[:pad])])
+
+
 class FP8LocalExperts(_FP8Module, LocalExperts):
+    """`token_multiple`: each expert's rows are zero-padded to a multiple of it before fc1
+    (default: what the backend's GEMMs take without a copy, `backends.ROW_MULTIPLE`) and
+    cut off after fc2. Zero rows quantize to zero codes, give zero products and add
+    nothing to Wgrad, so results are unchanged; what changes is one copy of the layer's
+    tokens instead of a padding copy of A (and of the product) in each expert GEMM whose
+    token count is not a multiple (4 for cuBLAS's block-scaled GEMM)."""
+
     # Megatron's names for an expert MLP's projections (its TEGroupedMLP and SequentialMLP).
     PROJECTIONS = ("linear_fc1", "linear_fc2")
 
     def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
+                 token_multiple: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._set_fp8(fp8_backend, fp8_cache_weights)
+        self.token_multiple = (ROW_MULTIPLE[fp8_backend] if token_multiple is None
+                               else token_multiple)
+        if self.token_multiple < 1:
+            raise ValueError(f"FP8LocalExperts: token_multiple must be >= 1; got "
+                             f"{self.token_multiple}")
 
     def _flags(self, slot=("fc1", 0)) -> NonFiniteFlags:
         return self.fp8_non_finite[f"linear_{slot[0]}"]
@@ -180,6 +205,9 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
         the GPU) per projection for the layer, not per expert. Dispatched FP8 tokens were
         checked by their sender."""
         quantizer = self.fp8_quantizer(tokens.device)
+        given = counts
+        if any(c % self.token_multiple for c in counts):
+            tokens, tokens_fp8, counts = self._padded(tokens, tokens_fp8, counts)
         if tokens_fp8 is None:
             tokens_fp8 = _recorded_fp8(tokens, self._flags(("fc1", 0)), quantizer)
         h = FP8CachedSwiGLU.apply(torch.cat(self._project(tokens, tokens_fp8, counts,
@@ -187,7 +215,21 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
                                   quantizer)
         outputs = self._project(h, _recorded_fp8(h, self._flags(("fc2", 0)), quantizer), counts,
                                 self.weight2, "fc2", quantizer)
+        outputs = [out[:c] for out, c in zip(outputs, given)]  # padding rows dropped
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
+
+    def _padded(self, tokens, tokens_fp8, counts):
+        """tokens (and their FP8 bytes and scales) with each expert's rows zero-padded to
+        a multiple of `token_multiple`, and the padded counts. Padding scales are the
+        quantizer's for an all-zero tile."""
+        multiple = self.token_multiple
+        if tokens_fp8 is not None:
+            q, scales = tokens_fp8
+            tokens_fp8 = (_padded_groups(q.view(torch.uint8), counts, multiple
+                                         ).view(torch.float8_e4m3fn),
+                          _padded_groups(scales, counts, multiple, SMALLEST_NORMAL_FP32))
+        return (_padded_groups(tokens, counts, multiple), tokens_fp8,
+                [c + -c % multiple for c in counts])
 
     def _project(self, x, x_fp8, counts, weights, name: str, quantizer: Quantizer
                  ) -> list[torch.Tensor]:
