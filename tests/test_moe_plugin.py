@@ -223,44 +223,54 @@ def test_fp8_experts_hand_the_gemms_rows_cublas_takes_without_a_copy(monkeypatch
 
 
 def _padded_experts_at_ep(rank, world, fp8_dispatch):
-    """FP8 dispatch (or BF16), the FP8 experts with each token multiple, combine and
-    backward: outputs, input gradients and weight gradients per multiple."""
+    """FP8 dispatch (or BF16), the FP8 experts, combine and backward, unpadded and with
+    each expert's rows padded to 4 and 128: by the dispatch, as the moe layer asks for
+    the experts' `token_multiple`, or (dispatch unpadded) by the experts themselves.
+    Outputs, input gradients and weight gradients of each, and the padded counts."""
     from plugins.moe.dispatch import combine, dispatch
 
     g = torch.Generator().manual_seed(7)
-    tokens_per_rank, experts_total, top_k = 96, 2 * 3, 2
+    tokens_per_rank, experts_total, top_k = 96, 3 * world, 2  # 3 local experts
     hidden = torch.randn(world * tokens_per_rank, 128, generator=g)
     indices = torch.randn(world * tokens_per_rank, experts_total, generator=g).topk(top_k).indices
     gates = torch.rand(world * tokens_per_rank, top_k, generator=g)
     mine = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
-    results = {}
-    for token_multiple in (1, 4, 128):
+    results, counts = {}, {}
+    for token_multiple, by_dispatch in ((1, False), (4, False), (128, False), (4, True),
+                                        (128, True)):
         experts, _ = build_experts("emulated", token_multiple=token_multiple)
         with torch.no_grad():  # each rank's own experts
             for w in (experts.weight1, experts.weight2):
                 w.mul_(1 + rank)
         x = hidden[mine].clone().requires_grad_(True)
-        d = dispatch(x, indices[mine], experts_total, None, fp8=fp8_dispatch)
+        d = dispatch(x, indices[mine], experts_total, None, fp8=fp8_dispatch,
+                     pad_to=experts.token_multiple if by_dispatch else 1)
         sent = (d.fp8_q, d.fp8_scales) if fp8_dispatch else None
         out = combine(experts(d.tokens, d.tokens_per_expert, sent), d, gates[mine], None)
         out.square().sum().backward()
-        results[token_multiple] = [out.detach(), x.grad, experts.weight1.grad,
-                                   experts.weight2.grad]
-    return d.tokens_per_expert, results
+        results[(token_multiple, by_dispatch)] = [out.detach(), x.grad, experts.weight1.grad,
+                                                  experts.weight2.grad]
+        counts[(token_multiple, by_dispatch)] = d.tokens_per_expert
+    return counts, results
 
 
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("fp8_dispatch", [False, True], ids=["bf16-dispatch", "fp8-dispatch"])
-def test_fp8_experts_padded_at_ep2_give_the_same_bits(fp8_dispatch):
-    """At EP=2 (gloo), dispatched tokens through padded FP8 experts and back: outputs and
-    gradients as without padding, bit for bit."""
+def test_fp8_experts_padded_at_dispatch_give_the_same_bits(fp8_dispatch, world):
+    """At EP=1 and EP=2 (gloo), tokens dispatched to FP8 experts with each expert's rows
+    padded by the dispatch (or by the experts) and combined: outputs and gradients as
+    without padding, bit for bit."""
     from tests.multirank import run_ranks
 
-    for counts, results in run_ranks(_padded_experts_at_ep, 2, fp8_dispatch):
-        assert all(c >= 12 for c in counts)  # see PADDED_COUNTS
-        assert any(c % 4 for c in counts)  # padding happened
+    for counts, results in run_ranks(_padded_experts_at_ep, world, fp8_dispatch):
+        unpadded = counts[(1, False)]
+        assert all(c >= 12 for c in unpadded)  # see PADDED_COUNTS
+        assert any(c % 4 for c in unpadded)  # padding happened
         for multiple in (4, 128):
-            for unpadded, padded in zip(results[1], results[multiple]):
-                assert torch.equal(unpadded, padded)
+            assert counts[(multiple, True)] == [c + -c % multiple for c in unpadded]
+            for by_dispatch in (False, True):
+                for plain, padded in zip(results[(1, False)], results[(multiple, by_dispatch)]):
+                    assert torch.equal(plain, padded)
 
 
 def test_grouped_gemm_equals_the_loop_over_experts(monkeypatch):

@@ -7,8 +7,8 @@ changes only its GEMMs, which run through `plugins.fp8.linear.fp8_linear`:
   DeepSeek-V3 keeps them in FP8 too, the kv one's 576 rows ending in a half 128x128 block);
 - `FP8LocalExperts`: `plugins.common.experts.LocalExperts` with fc1 and fc2 of every expert
   in FP8 and the SwiGLU input cached in FP8; tokens that came by FP8 dispatch enter fc1 as
-  the bytes that were sent, each expert's rows zero-padded once to the multiple its
-  backend's GEMMs take without a copy.
+  the bytes that were sent, each expert's rows zero-padded to the multiple its backend's
+  GEMMs take without a copy (by the dispatch, else once here).
 Each takes `fp8_backend` (a `plugins.fp8.backends` name) and `fp8_cache_weights` (keep its
 FP8 weights through the step: `plugins.fp8.weight_cache`). With `config.delay_wgrad_compute`
 each defers its FP8 Wgrad GEMMs to the W (`plugins.common.wgrad`). None waits for the GPU:
@@ -174,12 +174,14 @@ def _padded_groups(x: torch.Tensor, counts: list[int], multiple: int, fill: floa
 
 
 class FP8LocalExperts(_FP8Module, LocalExperts):
-    """`token_multiple`: each expert's rows are zero-padded to a multiple of it before fc1
-    (default: what the backend's GEMMs take without a copy, `backends.ROW_MULTIPLE`) and
-    cut off after fc2. Zero rows quantize to zero codes, give zero products and add
-    nothing to Wgrad, so results are unchanged; what changes is one copy of the layer's
-    tokens instead of a padding copy of A (and of the product) in each expert GEMM whose
-    token count is not a multiple (4 for cuBLAS's block-scaled GEMM)."""
+    """`token_multiple`: the multiple of rows per expert its GEMMs take without a copy
+    (default: the backend's, `backends.ROW_MULTIPLE`; 4 for cuBLAS's block-scaled GEMM,
+    whose `_cublas_aligned` otherwise pads A, and cuts the product, in every expert GEMM
+    with a ragged count). The moe layer's dispatch lays each expert's rows out so
+    (`dispatch(pad_to=)`, in the pass that groups them); tokens that come otherwise are
+    padded here, one copy for all the GEMMs, and the padding rows cut off after fc2. Zero
+    rows quantize to zero codes, give zero products and add nothing to Wgrad: results are
+    unchanged."""
 
     # Megatron's names for an expert MLP's projections (its TEGroupedMLP and SequentialMLP).
     PROJECTIONS = ("linear_fc1", "linear_fc2")
@@ -233,7 +235,15 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
 
     def _project(self, x, x_fp8, counts, weights, name: str, quantizer: Quantizer
                  ) -> list[torch.Tensor]:
-        """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
+        """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales).
+
+        One GEMM per expert: the pinned torch 2.13 has no grouped GEMM for these scalings.
+        Its `torch._scaled_grouped_mm` (and `_scaled_grouped_mm_v2`, `F.scaled_grouped_mm`)
+        takes FP8 with float32 scales only per row of A and per column of B (RowWise, sm90;
+        `meta_scaled_grouped_mm` in torch/_meta_registrations.py) or MXFP8/FP4 (sm100),
+        and writes only BF16 (aten/src/ATen/native/cuda/GroupedBlas.cpp,
+        scale_grouped_kernel_dispatch); BlockWise1x128 and BlockWise128x128 exist for
+        `_scaled_mm` alone."""
         return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)),
                            sink_for(self, weights, e), self._held_t(w, (name, e)),
                            self._flags((name, e)),
