@@ -121,7 +121,8 @@ def _reorder(x: torch.Tensor, rows: _Rows | None) -> torch.Tensor:
 
 class _Place(torch.autograd.Function):
     """x's rows at rows.index of `size` zero rows (the reverse of `_Reorder`): received
-    rows into their padded grouped layout; backward gathers them back."""
+    rows into their padded grouped layout; backward gathers them back. rows.index is
+    one-to-one, so each row is one add to zero: exact, in any order."""
 
     @staticmethod
     def forward(ctx, x, rows: _Rows, size: int):
@@ -315,10 +316,10 @@ def _row_bytes(hidden: torch.Tensor, fp8: bool) -> int:
 
 
 def _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop, pad_to):
-    if pad_to < 1:
-        raise ValueError(f"dispatch: pad_to ({pad_to}) must be at least 1")
     """Shapes and sizes only (no host sync); expert indices in [0, num_experts) are the
     caller's promise (`route` gives them)."""
+    if pad_to < 1:
+        raise ValueError(f"dispatch: pad_to ({pad_to}) must be at least 1")
     if hidden.dim() != 2 or indices.dim() != 2 or indices.shape[0] != hidden.shape[0]:
         raise ValueError(f"dispatch: expected hidden [T, H] and indices [T, K]; got "
                          f"{tuple(hidden.shape)} and {tuple(indices.shape)}")
