@@ -222,6 +222,11 @@ def test_fp8_experts_hand_the_gemms_rows_cublas_takes_without_a_copy(monkeypatch
     assert copies == {1: 8, 4: 0}  # 2 experts x (fc1, fc2) x (Fprop, Dgrad)
 
 
+def test_fp8_experts_refuse_a_token_multiple_below_one():
+    with pytest.raises(ValueError, match="token_multiple must be >= 1"):
+        build_experts("emulated", token_multiple=0)
+
+
 def _padded_experts_at_ep(rank, world, fp8_dispatch):
     """FP8 dispatch (or BF16), the FP8 experts, combine and backward, unpadded and with
     each expert's rows padded to 4 and 128: by the dispatch, as the moe layer asks for
