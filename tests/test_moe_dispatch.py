@@ -180,12 +180,14 @@ def _host_syncs(rank, world):
     hidden, indices, gates, _, cotangent = _on_device(*_problem(world, 4))
     shard = slice(rank * TOKENS, (rank + 1) * TOKENS)
     counted = {}
-    for name, two_hop in (("flat", False), ("two_hop", True))[:1 + (world == 4)]:
+    for name, two_hop, pad_to in (("flat", False, 1), ("flat_padded", False, 128),
+                                  ("two_hop", True, 1), ("two_hop_padded", True, 128)
+                                  )[:2 + 2 * (world == 4)]:
         h = hidden[shard].clone().requires_grad_()
         g = gates[shard].clone().requires_grad_()
         with device_waits() as syncs:
             d = dispatch(h, indices[shard], EXPERTS, None, fp8=True, ranks_per_node=2,
-                         two_hop=two_hop)
+                         two_hop=two_hop, pad_to=pad_to)
             out = combine(d.tokens * 2, d, g, None)
             (out * cotangent[shard]).sum().backward()
         counted[name] = syncs
@@ -205,12 +207,59 @@ def _non_finite(rank, world):
     return "no error"
 
 
+def _padded(rank, world):
+    """Dispatch with each local expert's rows padded to multiples of 4 and 128 against
+    unpadded, fp32 and FP8, flat and (EP=4) two-hop. The experts scale each row by their
+    index (row by row, so exact for any row count); combine and backward follow."""
+    hidden, indices, gates, _, cotangent = _on_device(*_problem(world, 4))
+    shard = slice(rank * TOKENS, (rank + 1) * TOKENS)
+    expert_scale = torch.arange(1, EXPERTS // world + 1, dtype=torch.float32, device=device())
+
+    def run(fp8, two_hop, pad_to):
+        h, g = hidden[shard].clone().requires_grad_(), gates[shard].clone().requires_grad_()
+        d = dispatch(h, indices[shard], EXPERTS, None, fp8=fp8, pad_to=pad_to,
+                     ranks_per_node=2 if two_hop else None, two_hop=two_hop)
+        rows = torch.cat([x * s for x, s in zip(d.tokens.split(d.tokens_per_expert),
+                                                expert_scale)])
+        out = combine(rows, d, g, None)
+        (out * cotangent[shard]).sum().backward()
+        return d, [out, h.grad, g.grad]
+
+    checks = {}
+    for fp8 in (False, True):
+        for two_hop in (False, True)[:1 + (world == 4)]:
+            plain, plain_results = run(fp8, two_hop, 1)
+            for pad_to in (4, 128):
+                d, results = run(fp8, two_hop, pad_to)
+                counts = plain.tokens_per_expert
+                starts = torch.tensor([0] + d.tokens_per_expert[:-1]).cumsum(0).tolist()
+                real = torch.cat([torch.arange(c) + s for c, s in zip(counts, starts)]
+                                 ).to(device())
+                pad = torch.ones(d.tokens.shape[0], dtype=torch.bool, device=device())
+                pad[real] = False
+                check = dict(
+                    counts=d.tokens_per_expert == [c + -c % pad_to for c in counts],
+                    padded=bool(pad.any()),
+                    tokens=torch.equal(d.tokens[real], plain.tokens)
+                    and not d.tokens[pad].any(),
+                    combined=all(torch.equal(a, b) for a, b in zip(results, plain_results)))
+                if fp8:
+                    q, q0 = d.fp8_q.view(torch.uint8), plain.fp8_q.view(torch.uint8)
+                    check.update(
+                        fp8_q=torch.equal(q[real], q0) and not q[pad].any(),
+                        fp8_scales=torch.equal(d.fp8_scales[real], plain.fp8_scales)
+                        and bool((d.fp8_scales[pad] == 2.0 ** -126).all()))
+                checks[(fp8, two_hop, pad_to)] = check
+    return checks
+
+
 def _worker(rank, world, scenarios):
     results = {name: _run_scenario(rank, world, *spec) for name, spec in scenarios.items()}
     results["errors"] = _errors(rank, world)
     results["one_hot"] = _one_hot_expert(rank, world)
     results["host_syncs"] = _host_syncs(rank, world)
     results["non_finite"] = _non_finite(rank, world)
+    results["padded"] = _padded(rank, world)
     return results
 
 
@@ -364,11 +413,12 @@ def test_one_host_sync_per_hop(world):
     """FP8 dispatch reads its split sizes once per hop (flat: 1, two-hop: 2: the all-to-all
     needs them on the host, as Megatron's dispatchers do), its inf/NaN count riding along;
     nothing else in dispatch, combine or their backward waits for the device (no syncing
-    aten op either)."""
+    aten op either), each expert's rows padded or not."""
     for r in _results(world):
-        assert r["host_syncs"]["flat"] == ["tolist"]
+        assert r["host_syncs"]["flat"] == r["host_syncs"]["flat_padded"] == ["tolist"]
         if world == 4:
-            assert r["host_syncs"]["two_hop"] == ["tolist", "tolist"]
+            assert (r["host_syncs"]["two_hop"] == r["host_syncs"]["two_hop_padded"]
+                    == ["tolist", "tolist"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -382,3 +432,14 @@ def test_non_finite_tokens_stop_every_rank(world):
         assert r["non_finite"] == ("FP8 dispatch: rank(s) [0] of the expert-parallel group "
                                    "hold tokens with inf or NaN")
 
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_padding_lays_out_zero_rows_per_expert_and_changes_no_result(world):
+    """pad_to=m: every local expert's rows followed by zero rows (FP8: zero codes, a zero
+    tile's scale) up to a multiple of m; the received rows, combine's output and the
+    gradients of hidden and gates as without padding, bit for bit (flat and two-hop,
+    fp32 and FP8)."""
+    for rank in _results(world):
+        for scenario, checks in rank["padded"].items():
+            assert all(checks.values()), (scenario, checks)

@@ -100,7 +100,7 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
     assert final_validation_loss(loaded) == pytest.approx(final_validation_loss(saved), abs=1e-5)
 
 
-def build_experts(fp8_backend=None, hidden=128, ffn=128):
+def build_experts(fp8_backend=None, hidden=128, ffn=128, **fp8):
     from megatron.core.transformer import TransformerConfig
 
     from plugins.common.experts import LocalExperts
@@ -109,7 +109,7 @@ def build_experts(fp8_backend=None, hidden=128, ffn=128):
     config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
                                use_cpu_initialization=True, perform_initialization=False)
     experts = (LocalExperts(config, 3, hidden, ffn) if fp8_backend is None
-               else FP8LocalExperts(config, 3, hidden, ffn, fp8_backend=fp8_backend))
+               else FP8LocalExperts(config, 3, hidden, ffn, fp8_backend=fp8_backend, **fp8))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         experts.weight1.copy_(torch.randn(3, 2 * ffn, hidden, generator=g) / 12)
@@ -138,16 +138,17 @@ def test_fp8_experts_compute_the_fp8_products(dispatched_fp8):
     assert torch.equal(experts.weight1.grad[1], torch.zeros_like(experts.weight1[1]))
 
 
-def test_fp8_experts_never_wait_on_the_device():
+@pytest.mark.parametrize("token_multiple", [1, 128])
+def test_fp8_experts_never_wait_on_the_device(token_multiple):
     """A layer's experts record their operands' inf/NaN on the device (the fp8 plugin reads
     the flags once per step): no host synchronization with tokens in the training dtype or
-    from FP8 dispatch, weights quantized or held (--fp8-cache-weights). They waited once
-    per projection before."""
+    from FP8 dispatch, weights quantized or held (--fp8-cache-weights), each expert's
+    tokens padded or not. They waited once per projection before."""
     from plugins.common.quantize import quantize
     from plugins.fp8.weight_cache import FP8WeightCache
     from tests.host_syncs import device_waits
 
-    experts, tokens = build_experts("emulated")
+    experts, tokens = build_experts("emulated", token_multiple=token_multiple)
     counts = [128, 0, 72]
     sent = quantize(tokens, (1, 128), power_of_two_scales=True)
     for cache in (None, FP8WeightCache(experts._record_weight)):
@@ -156,6 +157,125 @@ def test_fp8_experts_never_wait_on_the_device():
             with device_waits() as waits:
                 experts(tokens, counts, given)
             assert waits == []
+
+
+def _expert_step(experts, tokens, counts, sent):
+    tokens = tokens.clone().requires_grad_(True)
+    out = experts(tokens, counts, sent)
+    out.square().sum().backward()
+    return [out, tokens.grad, experts.weight1.grad, experts.weight2.grad]
+
+
+# Expert token counts of 12 or more (or none): CPU BLAS sums a product row alike for any
+# number of rows from 12 on, so padding cannot change a bit there; below 12 rows its
+# kernels differ (an fp32 rounding, not the padding's doing).
+PADDED_COUNTS = [130, 0, 70]
+
+
+@pytest.mark.parametrize("multiple", [4, 128])
+@pytest.mark.parametrize("dispatched_fp8", [False, True], ids=["bf16-tokens", "fp8-tokens"])
+def test_fp8_experts_padded_to_a_row_multiple_give_the_same_bits(multiple, dispatched_fp8):
+    """Each expert's tokens zero-padded to a multiple of 4 (cuBLAS) or 128 (whole Wgrad
+    tiles) before fc1 and cut off after fc2: outputs and gradients as without padding, bit
+    for bit (emulated backend, fp32)."""
+    from plugins.common.quantize import quantize
+
+    results = []
+    for token_multiple in (1, multiple):
+        experts, tokens = build_experts("emulated", token_multiple=token_multiple)
+        sent = quantize(tokens, (1, 128), power_of_two_scales=True) if dispatched_fp8 else None
+        results.append(_expert_step(experts, tokens, PADDED_COUNTS, sent))
+    for unpadded, padded in zip(*results):
+        assert torch.equal(unpadded, padded)
+
+
+def test_fp8_experts_hand_the_gemms_rows_cublas_takes_without_a_copy(monkeypatch):
+    """With the torch backend's row multiple (4), no expert GEMM operand needs
+    `_cublas_aligned`'s zero-row padding (a copy of A per GEMM); unpadded, the experts
+    with 130 and 70 tokens need it in fc1's and fc2's Fprop and Dgrad."""
+    from plugins.fp8 import backends
+
+    operands = []
+
+    def recording(a, b, out_dtype=torch.float32):
+        operands.append((a, b))
+        return backends.emulated_gemm(a, b, out_dtype)
+
+    monkeypatch.setitem(backends.BACKENDS, "emulated", recording)
+    padded_rows = []
+    pad = backends._pad
+
+    def counting(x, rows, k_blocks):
+        padded_rows.append(rows)
+        return pad(x, rows, k_blocks)
+
+    monkeypatch.setattr(backends, "_pad", counting)
+    copies = {}
+    for token_multiple in (1, backends.ROW_MULTIPLE["torch"]):
+        experts, tokens = build_experts("emulated", token_multiple=token_multiple)
+        operands.clear()
+        _expert_step(experts, tokens, PADDED_COUNTS, None)
+        padded_rows.clear()
+        for a, b in operands:
+            backends._cublas_aligned(a, b)
+        copies[token_multiple] = sum(rows > 0 for rows in padded_rows)
+    assert copies == {1: 8, 4: 0}  # 2 experts x (fc1, fc2) x (Fprop, Dgrad)
+
+
+def test_fp8_experts_refuse_a_token_multiple_below_one():
+    with pytest.raises(ValueError, match="token_multiple must be >= 1"):
+        build_experts("emulated", token_multiple=0)
+
+
+def _padded_experts_at_ep(rank, world, fp8_dispatch):
+    """FP8 dispatch (or BF16), the FP8 experts, combine and backward, unpadded and with
+    each expert's rows padded to 4 and 128: by the dispatch, as the moe layer asks for
+    the experts' `token_multiple`, or (dispatch unpadded) by the experts themselves.
+    Outputs, input gradients and weight gradients of each, and the padded counts."""
+    from plugins.moe.dispatch import combine, dispatch
+
+    g = torch.Generator().manual_seed(7)
+    tokens_per_rank, experts_total, top_k = 96, 3 * world, 2  # 3 local experts
+    hidden = torch.randn(world * tokens_per_rank, 128, generator=g)
+    indices = torch.randn(world * tokens_per_rank, experts_total, generator=g).topk(top_k).indices
+    gates = torch.rand(world * tokens_per_rank, top_k, generator=g)
+    mine = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
+    results, counts = {}, {}
+    for token_multiple, by_dispatch in ((1, False), (4, False), (128, False), (4, True),
+                                        (128, True)):
+        experts, _ = build_experts("emulated", token_multiple=token_multiple)
+        with torch.no_grad():  # each rank's own experts
+            for w in (experts.weight1, experts.weight2):
+                w.mul_(1 + rank)
+        x = hidden[mine].clone().requires_grad_(True)
+        d = dispatch(x, indices[mine], experts_total, None, fp8=fp8_dispatch,
+                     pad_to=experts.token_multiple if by_dispatch else 1)
+        sent = (d.fp8_q, d.fp8_scales) if fp8_dispatch else None
+        out = combine(experts(d.tokens, d.tokens_per_expert, sent), d, gates[mine], None)
+        out.square().sum().backward()
+        results[(token_multiple, by_dispatch)] = [out.detach(), x.grad, experts.weight1.grad,
+                                                  experts.weight2.grad]
+        counts[(token_multiple, by_dispatch)] = d.tokens_per_expert
+    return counts, results
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("fp8_dispatch", [False, True], ids=["bf16-dispatch", "fp8-dispatch"])
+def test_fp8_experts_padded_at_dispatch_give_the_same_bits(fp8_dispatch, world):
+    """At EP=1 and EP=2 (gloo), tokens dispatched to FP8 experts with each expert's rows
+    padded by the dispatch (or by the experts) and combined: outputs and gradients as
+    without padding, bit for bit."""
+    from tests.multirank import run_ranks
+
+    for counts, results in run_ranks(_padded_experts_at_ep, world, fp8_dispatch):
+        unpadded = counts[(1, False)]
+        assert all(c >= 12 for c in unpadded)  # see PADDED_COUNTS
+        assert any(c % 4 for c in unpadded)  # padding happened
+        for multiple in (4, 128):
+            assert counts[(multiple, True)] == [c + -c % multiple for c in unpadded]
+            for by_dispatch in (False, True):
+                for plain, padded in zip(results[(1, False)], results[(multiple, by_dispatch)]):
+                    assert torch.equal(plain, padded)
 
 
 def test_grouped_gemm_equals_the_loop_over_experts(monkeypatch):

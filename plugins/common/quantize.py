@@ -27,6 +27,8 @@ never go below float32's smallest normal 2^-126: an all-zero tile gets that scal
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -40,22 +42,46 @@ from plugins.common.tiles import (
     transposed_rows,
 )
 
-__all__ = ["E4M3_MAX", "dequantize", "pad_to_tiles", "quantize", "quantize_blocks_transposed",
-           "quantize_blocks_with_transposed", "quantize_transposed", "quantize_with_transposed",
-           "raise_if_non_finite", "requantize_transposed", "tile_scales"]
+__all__ = ["E4M3_MAX", "Quantizer", "dequantize", "pad_to_tiles", "quantize",
+           "quantize_blocks_transposed", "quantize_blocks_with_transposed", "quantize_transposed",
+           "quantize_with_transposed", "raise_if_non_finite", "requantize_transposed",
+           "tile_scales"]
 
 
-def _triton_kernel(x: torch.Tensor, block: tuple[int, int]):
-    """`plugins.common.triton_quantize` where it should quantize x (a CUDA tensor, a GPU it
-    runs on, a block it has), else None. It gives the same bits, so this changes speed
-    only; CPU tensors never import Triton."""
-    if not x.is_cuda or importlib.util.find_spec("triton") is None:
-        return None
-    from plugins.common import triton_quantize
+@dataclass(frozen=True)
+class Quantizer:
+    """Where quantization runs on one device, decided once: `triton` is
+    `plugins.common.triton_quantize` where its kernels run on `device` (a CUDA GPU of sm89
+    or newer, or Triton's interpreter), else None (torch ops). Finding that out (a module
+    search, an import, a device query) costs tens of microseconds of host time, as much as
+    a launch; a module resolves it when it first sees its device (`for_device`) and hands
+    it to every quantization it queues (`quantizer=`). Plain callers pass nothing and get
+    the same decision per call. It changes speed only: both paths give the same bits."""
 
-    if block not in triton_quantize.BLOCKS or triton_quantize.available(x.device) is not None:
-        return None
-    return triton_quantize
+    device: torch.device
+    triton: ModuleType | None
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "Quantizer":
+        device = torch.device(device)
+        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+            return cls(device, None)  # CPU tensors never import Triton
+        from plugins.common import triton_quantize
+
+        return cls(device, triton_quantize if triton_quantize.available(device) is None
+                   else None)
+
+    def kernel(self, block: tuple[int, int]) -> ModuleType | None:
+        """The Triton kernels where they quantize in `block` here, else None."""
+        return self.triton if self.triton is not None and block in self.triton.BLOCKS else None
+
+
+def _triton_kernel(x: torch.Tensor, block: tuple[int, int], quantizer: Quantizer | None = None):
+    """`plugins.common.triton_quantize` where it should quantize x in `block`, else None:
+    as `quantizer` decided for x's device, or decided now (no quantizer, another device)."""
+    if quantizer is None or quantizer.device != x.device:
+        quantizer = Quantizer.for_device(x.device)
+    return quantizer.kernel(block)
 
 
 def _tiles(x: torch.Tensor, r: int, c: int) -> torch.Tensor:
@@ -78,7 +104,8 @@ def tile_scales(amax: torch.Tensor, power_of_two_scales: bool = False) -> torch.
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int], *, power_of_two_scales: bool = False,
-             check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             check_finite: bool = True, quantizer: Quantizer | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, cols] fp32/bf16/fp16 -> (q [rows, cols] float8_e4m3fn,
     scales [rows // r, cols // c] float32) for block (r, c); x ≈ dequantize(q, scales, block).
 
@@ -93,9 +120,11 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *, power_of_two_scales: bo
 
     CUDA tensors on sm89+ go through the Triton kernel `plugins.common.triton_quantize`
     for blocks (1, 128), (128, 128) and (128, 1): one pass over memory, the same bits.
+    `quantizer`: where that was decided for x's device (`Quantizer`; the other quantize
+    functions take it too); None decides it in this call.
     """
     r, c = check_input(x, block, "quantize")
-    kernel = _triton_kernel(x, (r, c))
+    kernel = _triton_kernel(x, (r, c), quantizer)
     if kernel is not None:  # one pass over memory on the GPU, bit-identical
         return kernel.quantize(x, (r, c), power_of_two_scales=power_of_two_scales,
                                check_finite=check_finite)
@@ -118,7 +147,8 @@ def _quantize_tiles(x: torch.Tensor, block: tuple[int, int], power_of_two_scales
 
 
 def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
-                        check_finite: bool = True, pad_rows: bool = False
+                        check_finite: bool = True, pad_rows: bool = False,
+                        quantizer: Quantizer | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, cols] -> x^T in 1x128 tiles: (q [cols, rows], scales [cols, rows // 128]),
     exactly quantize(x.t().contiguous(), (1, 128)). Wgrad's operands are tiled along
@@ -128,20 +158,22 @@ def quantize_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
     zeros add nothing to Wgrad's sum over tokens); q is then [cols, rows rounded up]."""
     check_input(x, (1, 1), "quantize_transposed")
     transposed_rows(x, pad_rows, "quantize_transposed")
-    kernel = _triton_kernel(x, (128, 1))
+    kernel = _triton_kernel(x, (128, 1), quantizer)
     if kernel is not None:
         return kernel.quantize_transposed(x, power_of_two_scales=power_of_two_scales,
                                           check_finite=check_finite, pad_rows=pad_rows)
     x_t = pad_to_tiles(x, rows=128 if pad_rows else 1).t().contiguous()
     q, scales = quantize(x_t, (1, 128), power_of_two_scales=power_of_two_scales,
-                         check_finite=False)
+                         check_finite=False, quantizer=quantizer)
     if check_finite:
         raise_if_non_finite(scales, (1, 128), "quantize_transposed: x^T")
     return q, scales
 
 
 def quantize_blocks_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
-                               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                               check_finite: bool = True,
+                               quantizer: Quantizer | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, cols] -> x^T in 128x128 blocks, rows zero-padded to whole blocks:
     (q [cols, rows rounded up to 128], scales [cols // 128, rows rounded up // 128]),
     exactly quantize(pad_to_tiles(x, rows=128).t().contiguous(), (128, 128)). Dgrad takes
@@ -149,36 +181,39 @@ def quantize_blocks_transposed(x: torch.Tensor, *, power_of_two_scales: bool = F
     transposed, and on a GPU the Triton kernel writes them from one read of W, with no
     transposed copy of either."""
     check_input(x, (1, 128), "quantize_blocks_transposed")
-    kernel = _triton_kernel(x, (128, 128))
+    kernel = _triton_kernel(x, (128, 128), quantizer)
     if kernel is not None:
         return kernel.quantize_blocks_transposed(x, power_of_two_scales=power_of_two_scales,
                                                  check_finite=check_finite)
     x_t = pad_to_tiles(x, rows=128).t().contiguous()
     q, scales = quantize(x_t, (128, 128), power_of_two_scales=power_of_two_scales,
-                         check_finite=False)
+                         check_finite=False, quantizer=quantizer)
     if check_finite:
         raise_if_non_finite(scales, (128, 128), "quantize_blocks_transposed: x^T")
     return q, scales
 
 
 def requantize_transposed(q: torch.Tensor, scales: torch.Tensor, *,
-                          power_of_two_scales: bool = False, pad_rows: bool = False
+                          power_of_two_scales: bool = False, pad_rows: bool = False,
+                          quantizer: Quantizer | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """x held in FP8 in 1x128 tiles (q [rows, cols], scales [rows, cols // 128]) -> x^T in
     1x128 tiles, exactly quantize_transposed(dequantize(q, scales, (1, 128)), ...): the
     layer input cached for backward, re-tiled along tokens for Wgrad. On a GPU the Triton
     kernel reads the FP8 bytes once; nothing in float32 is built. Not checked for
     non-finite values: these are the source's, which its own quantization reported."""
-    kernel = _triton_kernel(q, (128, 1))
+    kernel = _triton_kernel(q, (128, 1), quantizer)
     if kernel is not None:
         return kernel.requantize_transposed(q, scales, power_of_two_scales=power_of_two_scales,
                                             pad_rows=pad_rows)
     return quantize_transposed(dequantize(q, scales, (1, 128)), check_finite=False,
-                               power_of_two_scales=power_of_two_scales, pad_rows=pad_rows)
+                               power_of_two_scales=power_of_two_scales, pad_rows=pad_rows,
+                               quantizer=quantizer)
 
 
 def quantize_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
-                             check_finite: bool = True, pad_cols: bool = False
+                             check_finite: bool = True, pad_cols: bool = False,
+                             quantizer: Quantizer | None = None
                              ) -> tuple[tuple[torch.Tensor, torch.Tensor],
                                         tuple[torch.Tensor, torch.Tensor]]:
     """x [rows, cols] -> (x in 1x128 tiles, x^T in 1x128 tiles), both quantized from x
@@ -193,11 +228,11 @@ def quantize_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = Fal
     `outer_dim_major`), so no copy of them is made per GEMM. On a GPU one Triton kernel
     writes all four from one read of x; check_finite as in `quantize` (x's tiles named)."""
     check_input(x, (1, 1) if pad_cols else (1, 128), "quantize_with_transposed")
-    kernel = _triton_kernel(x, (1, 128))
+    kernel = _triton_kernel(x, (1, 128), quantizer)
     if kernel is not None:
         return kernel.quantize_with_transposed(x, power_of_two_scales=power_of_two_scales,
                                                check_finite=check_finite, pad_cols=pad_cols)
-    p2 = dict(power_of_two_scales=power_of_two_scales, check_finite=False)
+    p2 = dict(power_of_two_scales=power_of_two_scales, check_finite=False, quantizer=quantizer)
     q, scales = quantize(pad_to_tiles(x, cols=128 if pad_cols else 1), (1, 128), **p2)
     q_t, scales_t = quantize_transposed(x, pad_rows=True, **p2)
     if check_finite:
@@ -206,7 +241,8 @@ def quantize_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = Fal
 
 
 def quantize_blocks_with_transposed(x: torch.Tensor, *, power_of_two_scales: bool = False,
-                                    check_finite: bool = True
+                                    check_finite: bool = True,
+                                    quantizer: Quantizer | None = None
                                     ) -> tuple[tuple[torch.Tensor, torch.Tensor],
                                                tuple[torch.Tensor, torch.Tensor]]:
     """x [rows, cols] -> (x, x^T) in 128x128 blocks, rows zero-padded to whole blocks:
@@ -216,11 +252,11 @@ def quantize_blocks_with_transposed(x: torch.Tensor, *, power_of_two_scales: boo
     as the GEMMs read a 128x128 operand's). On a GPU one Triton kernel writes all four from
     one read of x; check_finite as in `quantize` (x's blocks named)."""
     check_input(x, (1, 128), "quantize_blocks_with_transposed")
-    kernel = _triton_kernel(x, (128, 128))
+    kernel = _triton_kernel(x, (128, 128), quantizer)
     if kernel is not None:
         return kernel.quantize_blocks_with_transposed(
             x, power_of_two_scales=power_of_two_scales, check_finite=check_finite)
-    p2 = dict(power_of_two_scales=power_of_two_scales, check_finite=False)
+    p2 = dict(power_of_two_scales=power_of_two_scales, check_finite=False, quantizer=quantizer)
     blocks = quantize(pad_to_tiles(x, rows=128), (128, 128), **p2)
     if check_finite:
         raise_if_non_finite(blocks[1], (128, 128), "quantize_blocks_with_transposed: x")

@@ -134,6 +134,11 @@ def triton_scaled_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.fl
     return triton_gemm(a, b).to(out_dtype)
 
 
+# The multiple of A's rows each backend computes without copying A (`_cublas_aligned`
+# pads others with zero rows, a copy per GEMM): the MoE dispatch lays out each FP8
+# expert's tokens so (`plugins.fp8.modules.FP8LocalExperts.token_multiple`).
+ROW_MULTIPLE = {"emulated": 1, "torch": 4, "triton": 1}
+
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "emulated": emulated_gemm,
     "torch": torch_scaled_gemm,

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from plugins.common.quantize import quantize_with_transposed, requantize_transposed
+from plugins.common.quantize import Quantizer, quantize_with_transposed, requantize_transposed
 from plugins.common.wgrad import WgradSink
 from plugins.fp8 import backends
 from plugins.fp8.non_finite import BACKWARD, DY, FPROP, X, EagerChecks, NonFiniteFlags
@@ -56,13 +56,15 @@ class MainGrad:
         return torch.empty(self.into.shape, dtype=self.param.dtype, device=self.into.device)
 
 
-def _quantized_with_transposed(t: torch.Tensor, pad_cols: bool = False
+def _quantized_with_transposed(t: torch.Tensor, pad_cols: bool = False,
+                               quantizer: Quantizer | None = None
                                ) -> tuple[backends.Operand, backends.Operand]:
     """t [tokens, k] and t^T [k, tokens_p] in 1x128 tiles, from one read of t (tokens_p:
     whole tiles; with pad_cols k too, in t only). Unchecked for inf and NaN (no host sync):
     the caller records the scales once the GEMMs are queued (`non_finite`); a bad tile's
     scale is inf meanwhile, so nothing it touches comes out finite."""
-    rowwise, transposed = quantize_with_transposed(t, check_finite=False, pad_cols=pad_cols)
+    rowwise, transposed = quantize_with_transposed(t, check_finite=False, pad_cols=pad_cols,
+                                                   quantizer=quantizer)
     return backends.Operand(*rowwise, ACTIVATION), backends.Operand(*transposed, ACTIVATION)
 
 
@@ -89,6 +91,9 @@ class FP8Linear(torch.autograd.Function):
     `main_grad`: Wgrad's product goes into `main_grad.into` (FP32) instead of being
     returned (`MainGrad`); a deferred Wgrad (`wgrad`) returns it to the W, which adds it
     there.
+
+    `quantizer`: where x's device quantizes (`plugins.common.quantize.Quantizer`, decided
+    once by the module); None decides it per quantization.
     """
 
     @staticmethod
@@ -98,7 +103,7 @@ class FP8Linear(torch.autograd.Function):
                 wgrad: WgradSink | None = None,
                 w_t: Callable[[], backends.Operand] | None = None,
                 checks: EagerChecks | NonFiniteFlags | None = None,
-                main_grad: MainGrad | None = None):
+                main_grad: MainGrad | None = None, quantizer: Quantizer | None = None):
         gemm = backends.BACKENDS[backend]
         checks = EagerChecks() if checks is None else checks
         shape, out = x.shape, weight.shape[0]
@@ -106,14 +111,14 @@ class FP8Linear(torch.autograd.Function):
         x_t = None  # x^T for Wgrad, when quantized here
         if x_q is None:
             # [tokens, in], [in, tokens_p]
-            xq, x_t = _quantized_with_transposed(x.reshape(-1, shape[-1]))
+            xq, x_t = _quantized_with_transposed(x.reshape(-1, shape[-1]), quantizer=quantizer)
             quantized.append((X, xq.scales, xq.block))
         elif x_q.shape != (x.numel() // shape[-1], shape[-1]):
             raise ValueError(f"fp8_linear: x_fp8 holds {tuple(x_q.shape)}, x is {tuple(shape)}")
         else:
             xq = backends.Operand(x_q, x_scales, ACTIVATION)
         if w_q is None:
-            wq = quantize_weight(weight, check_finite=False)                 # [out_p, in]
+            wq = quantize_weight(weight, check_finite=False, quantizer=quantizer)  # [out_p, in]
             quantized.append((W, wq.scales, wq.block))
         else:
             wq = backends.Operand(w_q, w_scales, WEIGHT)
@@ -127,7 +132,7 @@ class FP8Linear(torch.autograd.Function):
         ctx.save_for_backward(kept.q, kept.scales, weight, w_q, w_scales)
         ctx.backend, ctx.shape, ctx.wgrad, ctx.w_t = backend, shape, wgrad, w_t
         ctx.x_transposed = x_t is not None
-        ctx.checks, ctx.main_grad = checks, main_grad
+        ctx.checks, ctx.main_grad, ctx.quantizer = checks, main_grad, quantizer
         return y.view(*shape[:-1], out)
 
     @staticmethod
@@ -137,7 +142,8 @@ class FP8Linear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])                                  # [tokens, out]
         # Dgrad: dx = dy @ W, contracting over `out`: W^T is [in, out_p] in 128x128 blocks.
         # dy^T for Wgrad from the same read: [out, tokens_p], the token count padded.
-        dyq, dy_t = _quantized_with_transposed(dy2d, pad_cols=True)        # [tokens, out_p]
+        quantizer = ctx.quantizer
+        dyq, dy_t = _quantized_with_transposed(dy2d, True, quantizer)        # [tokens, out_p]
         # 128x128 blocks are square: W^T's blocks are W's transposed, bit for bit. A given
         # FP8 weight with no W^T is transposed byte by byte; else W^T is quantized straight
         # from W (checked in forward).
@@ -146,7 +152,7 @@ class FP8Linear(torch.autograd.Function):
         elif w_q is not None:
             wtq = backends.Operand(w_q.t().contiguous(), w_scales.t().contiguous(), WEIGHT)
         else:
-            wtq = quantize_weight_transposed(weight, check_finite=False)
+            wtq = quantize_weight_transposed(weight, check_finite=False, quantizer=quantizer)
         dx = gemm(dyq, wtq, dy.dtype).view(ctx.shape)
 
         x_transposed = ctx.x_transposed  # x_q, x_scales hold x^T; else x as it was given
@@ -157,8 +163,8 @@ class FP8Linear(torch.autograd.Function):
             if x_transposed:
                 x_t = backends.Operand(x_q, x_scales, ACTIVATION)             # [in, tokens_p]
             else:
-                x_t = backends.Operand(*requantize_transposed(x_q, x_scales, pad_rows=True),
-                                       ACTIVATION)                           # [in, tokens_p]
+                x_t = backends.Operand(*requantize_transposed(  # [in, tokens_p]
+                    x_q, x_scales, pad_rows=True, quantizer=quantizer), ACTIVATION)
             if into is not None:  # added to main_grad in (or right after) the GEMM
                 backends.ACCUMULATING[ctx.backend](dy_t, x_t, into)
                 return None
@@ -173,7 +179,7 @@ class FP8Linear(torch.autograd.Function):
         else:
             dw = wgrad()
         ctx.checks.record(BACKWARD, (DY, dyq.scales, dyq.block))
-        return dx, dw, None, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
@@ -182,7 +188,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
                wgrad: WgradSink | None = None,
                weight_fp8_t: Callable[[], backends.Operand] | None = None,
                non_finite: NonFiniteFlags | None = None,
-               main_grad: MainGrad | None = None) -> torch.Tensor:
+               main_grad: MainGrad | None = None,
+               quantizer: Quantizer | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T with all three GEMMs in FP8. `x_fp8`: (q, scales) of
     x [tokens, in] in 1x128 tiles, when the caller already has x in FP8; `weight_fp8`: the
     weight as `quantize_weight` gives it (from an `FP8WeightCache`); `weight_fp8_t`: a
@@ -195,8 +202,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
     per step; without (plain torch), raised at once as ValueError naming the operand and
     tile, at the cost of one wait on the GPU per direction. `main_grad`: add the weight
     gradient into `main_grad.into` (FP32) rather than return it (`MainGrad`,
-    `--gradient-accumulation-fusion`)."""
+    `--gradient-accumulation-fusion`). `quantizer`: where x's device quantizes, decided
+    once (`plugins.common.quantize.Quantizer`); None decides it per quantization."""
     x_q, x_scales = x_fp8 if x_fp8 is not None else (None, None)
     w_q, w_scales = (weight_fp8.q, weight_fp8.scales) if weight_fp8 is not None else (None, None)
     return FP8Linear.apply(x, weight, backend, x_q, x_scales, w_q, w_scales, wgrad,
-                           weight_fp8_t, non_finite, main_grad)
+                           weight_fp8_t, non_finite, main_grad, quantizer)

@@ -7,14 +7,16 @@ changes only its GEMMs, which run through `plugins.fp8.linear.fp8_linear`:
   DeepSeek-V3 keeps them in FP8 too, the kv one's 576 rows ending in a half 128x128 block);
 - `FP8LocalExperts`: `plugins.common.experts.LocalExperts` with fc1 and fc2 of every expert
   in FP8 and the SwiGLU input cached in FP8; tokens that came by FP8 dispatch enter fc1 as
-  the bytes that were sent.
+  the bytes that were sent, each expert's rows zero-padded to the multiple its backend's
+  GEMMs take without a copy (by the dispatch, else once here).
 Each takes `fp8_backend` (a `plugins.fp8.backends` name) and `fp8_cache_weights` (keep its
 FP8 weights through the step: `plugins.fp8.weight_cache`). With `config.delay_wgrad_compute`
 each defers its FP8 Wgrad GEMMs to the W (`plugins.common.wgrad`). None waits for the GPU:
 inf or NaN in an operand is recorded in the module's `fp8_non_finite` flags (one
 `NonFiniteFlags` per projection, by the projection's name under the module: "" for a
 linear, "linear_fc1" and "linear_fc2" for the experts), which the plugin reads once per
-step (`plugins.fp8.non_finite`).
+step (`plugins.fp8.non_finite`). Where quantization runs (Triton kernels or torch ops) is
+decided once per module and device (`fp8_quantizer`), not per quantization.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from megatron.core.tensor_parallel.mappings import (
 
 from plugins.common.experts import LocalExperts
 from plugins.common.linear import ReplicatedLinear
-from plugins.common.quantize import quantize
+from plugins.common.quantize import Quantizer, quantize
+from plugins.common.tiles import SMALLEST_NORMAL_FP32
 from plugins.common.wgrad import sink_for, wgrad_store
+from plugins.fp8.backends import ROW_MULTIPLE
 from plugins.fp8.linear import ACTIVATION, MainGrad, fp8_linear
 from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
 from plugins.fp8.slots import EXCLUDABLE
@@ -41,16 +45,25 @@ from plugins.fp8.weight_cache import FP8WeightCache
 
 
 class _FP8Module:
-    """What every FP8 module adds to its parent: the GEMM backend, its inf/NaN flags, and
-    with `fp8_cache_weights` the FP8 copies of its weights, held through the step."""
+    """What every FP8 module adds to its parent: the GEMM backend, where it quantizes, its
+    inf/NaN flags, and with `fp8_cache_weights` the FP8 copies of its weights, held through
+    the step."""
 
     PROJECTIONS = ("",)  # names of the module's FP8 projections, under its own
 
     def _set_fp8(self, backend: str, cache_weights: bool) -> None:
         self.fp8_backend = backend
+        self._fp8_quantizer: Quantizer | None = None
         self.fp8_non_finite = {name: NonFiniteFlags() for name in self.PROJECTIONS}
-        self.fp8_weight_cache = FP8WeightCache(self._record_weight) if cache_weights else None
+        self.fp8_weight_cache = (FP8WeightCache(self._record_weight, self.fp8_quantizer)
+                                 if cache_weights else None)
         self.deferred_wgrads = wgrad_store(self.config)
+
+    def fp8_quantizer(self, device: torch.device) -> Quantizer:
+        """Where this module quantizes on `device`: decided when it first runs there."""
+        if self._fp8_quantizer is None or self._fp8_quantizer.device != device:
+            self._fp8_quantizer = Quantizer.for_device(device)
+        return self._fp8_quantizer
 
     def _flags(self, slot=0) -> NonFiniteFlags:
         """The flags of the projection a weight-cache slot belongs to."""
@@ -104,7 +117,8 @@ def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allredu
     output = fp8_linear(input, weight, module.fp8_backend, weight_fp8=module._held(weight),
                         wgrad=sink_for(module, weight), weight_fp8_t=module._held_t(weight),
                         non_finite=module._flags(),
-                        main_grad=module._main_grad(weight, gradient_accumulation_fusion))
+                        main_grad=module._main_grad(weight, gradient_accumulation_fusion),
+                        quantizer=module.fp8_quantizer(input.device))
     return output if bias is None else output + bias
 
 
@@ -137,24 +151,50 @@ class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
                           wgrad=sink_for(self, self.weight),
                           weight_fp8_t=self._held_t(self.weight), non_finite=self._flags(),
                           main_grad=self._main_grad(self.weight,
-                                                    self.config.gradient_accumulation_fusion))
+                                                    self.config.gradient_accumulation_fusion),
+                          quantizer=self.fp8_quantizer(x.device))
 
 
-def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags) -> tuple[torch.Tensor, torch.Tensor]:
+def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags, quantizer: Quantizer
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x in FP8 1x128 tiles, its scales recorded as the projection's Fprop input."""
-    q, scales = quantize(x, ACTIVATION, check_finite=False)
+    q, scales = quantize(x, ACTIVATION, check_finite=False, quantizer=quantizer)
     flags.record(FPROP, (X, scales, ACTIVATION))
     return q, scales
 
 
+def _padded_groups(x: torch.Tensor, counts: list[int], multiple: int, fill: float = 0.0
+                   ) -> torch.Tensor:
+    """x's groups of counts[e] rows, each followed by `fill` rows up to a multiple of
+    `multiple`: one copy (a cat) whatever the number of groups."""
+    pads = [-c % multiple for c in counts]
+    filler = x.new_full((max(pads), *x.shape[1:]), fill)
+    return torch.cat([part for chunk, pad in zip(x.split(counts), pads)
+                      for part in (chunk, filler[:pad])])
+
+
 class FP8LocalExperts(_FP8Module, LocalExperts):
+    """`token_multiple`: the multiple of rows per expert its GEMMs take without a copy
+    (default: the backend's, `backends.ROW_MULTIPLE`; 4 for cuBLAS's block-scaled GEMM,
+    whose `_cublas_aligned` otherwise pads A, and cuts the product, in every expert GEMM
+    with a ragged count). The moe layer's dispatch lays each expert's rows out so
+    (`dispatch(pad_to=)`, in the pass that groups them); tokens that come otherwise are
+    padded here, one copy for all the GEMMs, and the padding rows cut off after fc2. Zero
+    rows quantize to zero codes, give zero products and add nothing to Wgrad: results are
+    unchanged."""
+
     # Megatron's names for an expert MLP's projections (its TEGroupedMLP and SequentialMLP).
     PROJECTIONS = ("linear_fc1", "linear_fc2")
 
     def __init__(self, *args, fp8_backend: str = "emulated", fp8_cache_weights: bool = False,
-                 **kwargs):
+                 token_multiple: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._set_fp8(fp8_backend, fp8_cache_weights)
+        self.token_multiple = (ROW_MULTIPLE[fp8_backend] if token_multiple is None
+                               else token_multiple)
+        if self.token_multiple < 1:
+            raise ValueError(f"FP8LocalExperts: token_multiple must be >= 1; got "
+                             f"{self.token_multiple}")
 
     def _flags(self, slot=("fc1", 0)) -> NonFiniteFlags:
         return self.fp8_non_finite[f"linear_{slot[0]}"]
@@ -166,20 +206,49 @@ class FP8LocalExperts(_FP8Module, LocalExperts):
         once, with each expert's own bits: one launch and one inf/NaN record (no wait on
         the GPU) per projection for the layer, not per expert. Dispatched FP8 tokens were
         checked by their sender."""
+        quantizer = self.fp8_quantizer(tokens.device)
+        given = counts
+        if any(c % self.token_multiple for c in counts):
+            tokens, tokens_fp8, counts = self._padded(tokens, tokens_fp8, counts)
         if tokens_fp8 is None:
-            tokens_fp8 = _recorded_fp8(tokens, self._flags(("fc1", 0)))
+            tokens_fp8 = _recorded_fp8(tokens, self._flags(("fc1", 0)), quantizer)
         h = FP8CachedSwiGLU.apply(torch.cat(self._project(tokens, tokens_fp8, counts,
-                                                          self.weight1, "fc1")))
-        outputs = self._project(h, _recorded_fp8(h, self._flags(("fc2", 0))), counts,
-                                self.weight2, "fc2")
+                                                          self.weight1, "fc1", quantizer)),
+                                  quantizer)
+        outputs = self._project(h, _recorded_fp8(h, self._flags(("fc2", 0)), quantizer), counts,
+                                self.weight2, "fc2", quantizer)
+        outputs = [out[:c] for out, c in zip(outputs, given)]  # padding rows dropped
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, tokens.shape[-1])
 
-    def _project(self, x, x_fp8, counts, weights, name: str) -> list[torch.Tensor]:
-        """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales)."""
+    def _padded(self, tokens, tokens_fp8, counts):
+        """tokens (and their FP8 bytes and scales) with each expert's rows zero-padded to
+        a multiple of `token_multiple`, and the padded counts. Padding scales are the
+        quantizer's for an all-zero tile."""
+        multiple = self.token_multiple
+        if tokens_fp8 is not None:
+            q, scales = tokens_fp8
+            tokens_fp8 = (_padded_groups(q.view(torch.uint8), counts, multiple
+                                         ).view(torch.float8_e4m3fn),
+                          _padded_groups(scales, counts, multiple, SMALLEST_NORMAL_FP32))
+        return (_padded_groups(tokens, counts, multiple), tokens_fp8,
+                [c + -c % multiple for c in counts])
+
+    def _project(self, x, x_fp8, counts, weights, name: str, quantizer: Quantizer
+                 ) -> list[torch.Tensor]:
+        """Each expert's rows of x times its weight, in FP8 (x_fp8: x's bytes and scales).
+
+        One GEMM per expert: the pinned torch 2.13 has no grouped GEMM for these scalings.
+        Its `torch._scaled_grouped_mm` (and `_scaled_grouped_mm_v2`, `F.scaled_grouped_mm`)
+        takes FP8 with float32 scales only per row of A and per column of B (RowWise, sm90;
+        `meta_scaled_grouped_mm` in torch/_meta_registrations.py) or MXFP8/FP4 (sm100),
+        and writes only BF16 (aten/src/ATen/native/cuda/GroupedBlas.cpp,
+        scale_grouped_kernel_dispatch); BlockWise1x128 and BlockWise128x128 exist for
+        `_scaled_mm` alone."""
         return [fp8_linear(chunk, w, self.fp8_backend, (q, scales), self._held(w, (name, e)),
                            sink_for(self, weights, e), self._held_t(w, (name, e)),
                            self._flags((name, e)),
-                           self._main_grad(weights, self.config.gradient_accumulation_fusion, e))
+                           self._main_grad(weights, self.config.gradient_accumulation_fusion, e),
+                           quantizer)
                 for e, (chunk, q, scales, w) in enumerate(zip(
                     x.split(counts), x_fp8[0].split(counts), x_fp8[1].split(counts),
                     weights.unbind(0)))]

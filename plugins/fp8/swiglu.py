@@ -11,18 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plugins.common.quantize import dequantize, quantize
+from plugins.common.quantize import Quantizer, dequantize, quantize
 
 TILE = (1, 128)
 
 
 class FP8CachedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, quantizer: Quantizer | None = None) -> torch.Tensor:
         gate, linear = x.chunk(2, dim=-1)                          # [..., F] each
         # Unchecked (no host sync): inf or NaN in x makes the output inf or NaN too, which
         # the next FP8 linear reports; the cache's scale is inf, so backward stays so.
-        ctx.save_for_backward(*quantize(x.reshape(-1, x.shape[-1]), TILE, check_finite=False))
+        ctx.save_for_backward(*quantize(x.reshape(-1, x.shape[-1]), TILE, check_finite=False,
+                                        quantizer=quantizer))
         ctx.shape, ctx.dtype = x.shape, x.dtype
         return F.silu(gate) * linear
 
@@ -35,7 +36,7 @@ class FP8CachedSwiGLU(torch.autograd.Function):
         silu = gate * sig
         d_gate = dy * linear * sig * (1 + gate * (1 - sig))      # d silu(g) / dg
         d_linear = dy * silu
-        return torch.cat([d_gate, d_linear], dim=-1).to(ctx.dtype)
+        return torch.cat([d_gate, d_linear], dim=-1).to(ctx.dtype), None
 
 
 class FP8SwiGLU(torch.nn.Module):
@@ -43,9 +44,12 @@ class FP8SwiGLU(torch.nn.Module):
 
     def __init__(self, config=None, **unused):
         super().__init__()
+        self.quantizer: Quantizer | None = None  # for the device it first sees
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FP8CachedSwiGLU.apply(x)
+        if self.quantizer is None or self.quantizer.device != x.device:
+            self.quantizer = Quantizer.for_device(x.device)
+        return FP8CachedSwiGLU.apply(x, self.quantizer)
 
 
 class SwiGLU(torch.nn.Module):

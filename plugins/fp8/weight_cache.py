@@ -22,39 +22,45 @@ from collections.abc import Callable, Hashable, Iterable
 import torch
 
 from plugins.fp8.backends import Operand
-from plugins.common.quantize import (pad_to_tiles, quantize, quantize_blocks_transposed,
+from plugins.common.quantize import (Quantizer, pad_to_tiles, quantize,
+                                     quantize_blocks_transposed,
                                      quantize_blocks_with_transposed, raise_if_non_finite)
 
 WEIGHT = (128, 128)
 
 
-def quantize_weight(weight: torch.Tensor, check_finite: bool = True) -> Operand:
+def quantize_weight(weight: torch.Tensor, check_finite: bool = True,
+                    quantizer: Quantizer | None = None) -> Operand:
     """weight [out, in] in 128x128 blocks, `out` zero-padded to whole blocks (DeepSeek's
     layout for MLA's 576-row kv down-projection): zero rows add nothing to a product."""
     padded = pad_to_tiles(weight, rows=WEIGHT[0])
-    operand = Operand(*quantize(padded, WEIGHT, check_finite=False), WEIGHT)
+    operand = Operand(*quantize(padded, WEIGHT, check_finite=False, quantizer=quantizer),
+                      WEIGHT)
     if check_finite:
         raise_if_non_finite(operand.scales, WEIGHT, "fp8_linear: the weight")
     return operand
 
 
-def quantize_weight_transposed(weight: torch.Tensor, check_finite: bool = True) -> Operand:
+def quantize_weight_transposed(weight: torch.Tensor, check_finite: bool = True,
+                               quantizer: Quantizer | None = None) -> Operand:
     """W^T [in, out_p] in 128x128 blocks, as Dgrad takes it: the bits of
     `quantize_weight(weight)` transposed (the blocks are square), written transposed in one
     pass over W on a GPU. FP8 GEMMs on Hopper read both operands K-major, so Dgrad cannot
     use W's own bytes; a transposed copy of them cost more than this whole quantization
     (H200, 2026-11-26: bench/gpu-runs.md)."""
-    operand = Operand(*quantize_blocks_transposed(weight, check_finite=False), WEIGHT)
+    operand = Operand(*quantize_blocks_transposed(weight, check_finite=False,
+                                                  quantizer=quantizer), WEIGHT)
     if check_finite:
         raise_if_non_finite(operand.scales, WEIGHT, "fp8_linear: the weight")
     return operand
 
 
-def quantize_weight_with_transposed(weight: torch.Tensor, check_finite: bool = True
+def quantize_weight_with_transposed(weight: torch.Tensor, check_finite: bool = True,
+                                    quantizer: Quantizer | None = None
                                     ) -> tuple[Operand, Operand]:
     """(W, W^T) as `quantize_weight` and `quantize_weight_transposed` give them, written
     from one read of W (one launch on a GPU, as Transformer Engine's W/W^T quantization)."""
-    w, w_t = quantize_blocks_with_transposed(weight, check_finite=False)
+    w, w_t = quantize_blocks_with_transposed(weight, check_finite=False, quantizer=quantizer)
     operands = Operand(*w, WEIGHT), Operand(*w_t, WEIGHT)
     if check_finite:
         raise_if_non_finite(operands[0].scales, WEIGHT, "fp8_linear: the weight")
@@ -68,10 +74,12 @@ class FP8WeightCache:
 
     `record(slot, scales)`: takes each new W's scales for the owner's inf/NaN check
     (`plugins.fp8.non_finite.NonFiniteFlags`, no wait on the GPU); None: each new W is
-    checked at once (a host sync)."""
+    checked at once (a host sync). `quantizer`: the owner's `Quantizer` for a weight's
+    device (None: decided per quantization)."""
 
-    def __init__(self, record: Callable[[Hashable, torch.Tensor], None] | None = None) -> None:
-        self._record = record
+    def __init__(self, record: Callable[[Hashable, torch.Tensor], None] | None = None,
+                 quantizer: Callable[[torch.device], Quantizer] | None = None) -> None:
+        self._record, self._quantizer = record, quantizer
         self._held: dict[tuple[Hashable, bool], tuple[tuple[int, int], Operand]] = {}
         self.quantizations = 0  # how many weights were quantized as W (tests, logs)
         self.transposed_quantizations = 0  # and as W^T
@@ -91,9 +99,11 @@ class FP8WeightCache:
         if held is not None and held[0] == key:
             return held[1]
         self.reads += 1
+        quantizer = self._quantizer(weight.device) if self._quantizer is not None else None
         if not transposed and torch.is_grad_enabled():
             w, w_t = quantize_weight_with_transposed(weight.detach(),
-                                                     check_finite=self._record is None)
+                                                     check_finite=self._record is None,
+                                                     quantizer=quantizer)
             if self._record is not None:
                 self._record(slot, w.scales)
             self._held[(slot, False)], self._held[(slot, True)] = (key, w), (key, w_t)
@@ -103,11 +113,13 @@ class FP8WeightCache:
         if transposed:  # the same version's W was checked for inf/NaN when it was held
             checked = self._held.get((slot, False), (None,))[0] == key
             operand = quantize_weight_transposed(
-                weight.detach(), check_finite=not checked and self._record is None)
+                weight.detach(), check_finite=not checked and self._record is None,
+                quantizer=quantizer)
             if self._record is not None and not checked:
                 self._record(slot, operand.scales)
         else:
-            operand = quantize_weight(weight.detach(), check_finite=self._record is None)
+            operand = quantize_weight(weight.detach(), check_finite=self._record is None,
+                                      quantizer=quantizer)
             if self._record is not None:
                 self._record(slot, operand.scales)
         self._held[(slot, transposed)] = (key, operand)

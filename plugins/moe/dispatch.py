@@ -27,6 +27,12 @@ dispatch is quantized: its backward is straight-through (the gradient of dequant
 quantize is taken as identity) and sends gradients back in their own dtype (fp32/BF16),
 as DeepSeek-V3 does; combine always runs in the expert output's dtype.
 
+Padding (`pad_to=m`, for FP8 experts whose GEMMs take row counts in multiples of m without
+a copy): the received rows are laid out grouped by local expert with each expert's rows
+followed by zero rows up to a multiple of m (FP8: zero codes with a zero tile's scale,
+2^-126), in the same pass that groups them (rows placed into a zeroed buffer instead of
+gathered); `tokens_per_expert` counts the padding, combine drops it. Nothing extra is sent.
+
 Two-hop (`ranks_per_node=R`, nodes = consecutive groups of R ranks): DeepSeek-V3 sends a
 token at most once to each target node, to the rank there with the sender's local index
 ("IB"), which forwards it to the ranks owning the chosen experts ("NVLink"). Combine
@@ -52,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 from plugins.common.quantize import dequantize, quantize, raise_if_non_finite
+from plugins.common.tiles import SMALLEST_NORMAL_FP32
 from plugins.moe.balance import expert_load
 
 __all__ = ["Dispatched", "dispatch", "combine", "fp8_row_bytes"]
@@ -112,6 +119,21 @@ def _reorder(x: torch.Tensor, rows: _Rows | None) -> torch.Tensor:
     return x if rows is None else _Reorder.apply(x, rows)
 
 
+class _Place(torch.autograd.Function):
+    """x's rows at rows.index of `size` zero rows (the reverse of `_Reorder`): received
+    rows into their padded grouped layout; backward gathers them back. rows.index is
+    one-to-one, so each row is one add to zero: exact, in any order."""
+
+    @staticmethod
+    def forward(ctx, x, rows: _Rows, size: int):
+        ctx.rows = rows
+        return rows.put_back(x, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.rows.take(grad), None, None
+
+
 @dataclass(frozen=True)
 class _Hop:
     """One all_to_all: `rows` picks the sent rows of the source tensor in send order
@@ -140,9 +162,10 @@ class Dispatched:
     """Tokens received by this rank and what combine needs to send results back.
 
     tokens            [N, H]  received (token, expert) rows, grouped by local expert
-                              (within an expert: by source rank, then token order);
-                              dequantized, in the hidden dtype; differentiable
-    tokens_per_expert E/ep    Python ints, rows per local expert (sum N)
+                              (within an expert: by source rank, then token order,
+                              then `pad_to` zero rows); dequantized, in the hidden dtype;
+                              differentiable
+    tokens_per_expert E/ep    Python ints, rows per local expert, padding included (sum N)
     fp8_q             [N, H]  float8_e4m3fn, the received E4M3 values (fp8 only, else None)
     fp8_scales        [N, H/128] float32 power-of-two scales (fp8 only, else None)
     bytes_sent        payload bytes this rank sent to other ranks (all hops)
@@ -165,6 +188,8 @@ class Dispatched:
     pairs: _Rows | None = None
     sent_token: torch.Tensor | None = None
     relay: _Relay | None = None
+    # With padding: each received row's row in `tokens` (then `grouping` is not used).
+    placed: _Rows | None = None
 
 
 # --------------------------------------------------------------------------- all-to-all
@@ -290,9 +315,11 @@ def _row_bytes(hidden: torch.Tensor, fp8: bool) -> int:
 # --------------------------------------------------------------------------- checks
 
 
-def _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop):
+def _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop, pad_to):
     """Shapes and sizes only (no host sync); expert indices in [0, num_experts) are the
     caller's promise (`route` gives them)."""
+    if pad_to < 1:
+        raise ValueError(f"dispatch: pad_to ({pad_to}) must be at least 1")
     if hidden.dim() != 2 or indices.dim() != 2 or indices.shape[0] != hidden.shape[0]:
         raise ValueError(f"dispatch: expected hidden [T, H] and indices [T, K]; got "
                          f"{tuple(hidden.shape)} and {tuple(indices.shape)}")
@@ -316,22 +343,23 @@ def _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop):
 
 def dispatch(hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, group=None, *,
              fp8: bool, ranks_per_node: int | None = None,
-             two_hop: bool | None = None) -> Dispatched:
+             two_hop: bool | None = None, pad_to: int = 1) -> Dispatched:
     """Send each (token, chosen expert) row of hidden [T, H] to the rank owning the expert.
 
     indices [T, K] int64 in [0, num_experts) (distinct experts per token, as `route`
     gives). `ranks_per_node` sets the (simulated) node size for `inter_node_bytes` and,
     unless two_hop=False, selects the node-aware two-hop dispatch; None: the whole group
-    is one node, flat.
+    is one node, flat. `pad_to`: each local expert's rows padded with zero rows to a
+    multiple of it (see the module docstring; 1: no padding).
     """
     ep, me = dist.get_world_size(group), dist.get_rank(group)
-    _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop)
+    _check(hidden, indices, num_experts, ep, fp8, ranks_per_node, two_hop, pad_to)
     if two_hop is None:
         two_hop = ranks_per_node is not None and ranks_per_node < ep
     rpn = ep if ranks_per_node is None else ranks_per_node
     wire = _pack(hidden) if fp8 else None  # [T, H + H/32] uint8; quantized once per token
     plan = _flat if not two_hop else _two_hop
-    return plan(hidden, wire, indices.long(), num_experts // ep, ep, me, rpn, group)
+    return plan(hidden, wire, indices.long(), num_experts // ep, ep, me, rpn, group, pad_to)
 
 
 def _by_column(counts: torch.Tensor, rows: int) -> _Rows:
@@ -351,7 +379,7 @@ def _by_column(counts: torch.Tensor, rows: int) -> _Rows:
     return _permutation(order)
 
 
-def _flat(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
+def _flat(hidden, wire, indices, epr, ep, me, rpn, group, pad_to) -> Dispatched:
     T, K = indices.shape
     expert = indices.reshape(-1)  # [T*K], pair p = t*K + k
     pair_order = torch.sort(expert, stable=True).indices  # [P] by expert, then token
@@ -364,7 +392,7 @@ def _flat(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
     received, packed = _send(hidden, hop, group, wire)  # [R, H] by source, then expert
     grouping = _by_column(counts.received, received.shape[0]) if ep > 1 else None
     sent, crossed = _bytes(hop.send_splits, me, rpn, _row_bytes(hidden, wire is not None))
-    return _result(received, packed, grouping, counts.received_per_column, sent, crossed,
+    return _result(received, packed, grouping, counts, pad_to, sent, crossed,
                    T, K, (hop,), pairs=pairs)
 
 
@@ -394,7 +422,7 @@ def _bytes(send_splits, me, rpn, row_bytes):
     return off_rank * row_bytes, off_node * row_bytes
 
 
-def _two_hop(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
+def _two_hop(hidden, wire, indices, epr, ep, me, rpn, group, pad_to) -> Dispatched:
     T, K = indices.shape
     nodes, local_idx = ep // rpn, me % rpn
     node_of = indices // (epr * rpn)  # [T, K] node owning each chosen expert
@@ -437,20 +465,43 @@ def _two_hop(hidden, wire, indices, epr, ep, me, rpn, group) -> Dispatched:
     sent2, crossed2 = _bytes(hop2.send_splits, me, rpn, row_bytes)
     assert crossed2 == 0, "hop 2 must stay inside the node"
     relay = _Relay(unit=unit, slot=slot, units=x1.shape[0])
-    return _result(received, packed, grouping, counts2.received_per_column, sent1 + sent2,
+    return _result(received, packed, grouping, counts2, pad_to, sent1 + sent2,
                    crossed, T, K, (hop1, hop2), sent_token=unit_token, relay=relay)
 
 
-def _result(received, packed, grouping, per_expert, sent, crossed, T, K, hops,
+def _placement(grouping: _Rows | None, per_expert: torch.Tensor, pad_to: int,
+               rows: int) -> _Rows:
+    """Each received row's row in the grouped layout with every local expert's rows
+    (per_expert [epr], on the device) padded to a multiple of pad_to."""
+    pads = -per_expert % pad_to  # [epr]
+    shift = (pads.cumsum(0) - pads).repeat_interleave(per_expert, output_size=rows)
+    grouped = (torch.arange(rows, device=per_expert.device) if grouping is None
+               else grouping.inverse)  # [R] each received row's grouped row
+    return _Rows(grouped + shift[grouped])
+
+
+def _result(received, packed, grouping, counts: _Counts, pad_to, sent, crossed, T, K, hops,
             **for_combine) -> Dispatched:
+    per_expert = counts.received_per_column
+    placed = None
+    if any(c % pad_to for c in per_expert):
+        placed = _placement(grouping, counts.received.sum(0), pad_to, received.shape[0])
+        per_expert = [c + -c % pad_to for c in per_expert]
     q = scales = None
     if packed.dim() == 2:  # the FP8 wire (else an empty placeholder)
-        q, scales = _unpack(packed if grouping is None else grouping.take(packed),
-                            received.shape[1])
+        if placed is not None:  # zero codes; scales as the quantizer gives a zero tile
+            grouped = packed.new_zeros(sum(per_expert), packed.shape[1])
+            grouped[:, received.shape[1]:].view(torch.float32).fill_(SMALLEST_NORMAL_FP32)
+            grouped.index_copy_(0, placed.index, packed)
+        else:
+            grouped = packed if grouping is None else grouping.take(packed)
+        q, scales = _unpack(grouped, received.shape[1])
+    tokens = (_reorder(received, grouping) if placed is None
+              else _Place.apply(received, placed, sum(per_expert)))
     return Dispatched(
-        tokens=_reorder(received, grouping), tokens_per_expert=per_expert, fp8_q=q,
+        tokens=tokens, tokens_per_expert=per_expert, fp8_q=q,
         fp8_scales=scales, bytes_sent=sent, inter_node_bytes=crossed, num_tokens=T,
-        top_k=K, hops=hops, grouping=grouping, **for_combine)
+        top_k=K, hops=hops, grouping=grouping, placed=placed, **for_combine)
 
 
 # --------------------------------------------------------------------------- combine
@@ -471,8 +522,12 @@ def combine(expert_out: torch.Tensor, dispatched: Dispatched, gates: torch.Tenso
     if tuple(gates.shape) != (d.num_tokens, d.top_k):
         raise ValueError(f"combine: gates must be [T, K] = [{d.num_tokens}, {d.top_k}]; "
                          f"got {tuple(gates.shape)}")
-    # Back to the last hop's arrival order.
-    arrived = expert_out if d.grouping is None else _reorder(expert_out, _inverse(d.grouping))
+    # Back to the last hop's arrival order (padding rows dropped).
+    if d.placed is not None:
+        arrived = _reorder(expert_out, d.placed)
+    else:
+        arrived = expert_out if d.grouping is None else _reorder(expert_out,
+                                                                  _inverse(d.grouping))
     if d.relay is None:
         return _combine_flat(arrived, d, gates, group)
     return _combine_two_hop(arrived, d, gates, group)

@@ -66,7 +66,9 @@ class DeepSeekMoESubmodules:
     shared_experts: Any = None  # Megatron's shared-expert builder (from its MoE spec)
     # This rank's routed experts: (config, num_local_experts, hidden, ffn, pg_collection=)
     # -> a module called as experts(tokens, counts, tokens_fp8=None), `tokens_fp8` the
-    # dispatched FP8 bytes (or None), which an expert module may use or ignore.
+    # dispatched FP8 bytes (or None), which an expert module may use or ignore. An expert
+    # module with a `token_multiple` gets each expert's rows zero-padded to a multiple of
+    # it by the dispatch (its GEMMs' alignment; the padding rows' outputs are dropped).
     experts: Any = LocalExperts
 
 
@@ -183,7 +185,8 @@ class DeepSeekMoE(MegatronModule):
         if used_by_backward:
             self.tokens_per_expert += expert_load(indices, self.router.config.num_experts)
         sent = ep.dispatch(tokens, indices, self.router.config.num_experts, self.ep_group,
-                           fp8=self.fp8_dispatch, ranks_per_node=self.ranks_per_node)
+                           fp8=self.fp8_dispatch, ranks_per_node=self.ranks_per_node,
+                           pad_to=getattr(self.experts, "token_multiple", 1))
         sent_fp8 = (sent.fp8_q, sent.fp8_scales) if self.fp8_dispatch else None
         expert_out = self.experts(sent.tokens, sent.tokens_per_expert, sent_fp8)
         routed = ep.combine(expert_out, sent, gates.to(self.gates_dtype or tokens.dtype),
