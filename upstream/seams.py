@@ -820,8 +820,9 @@ class CheckpointMismatch(ValueError):
 
 # Flags that shape the model, compared with the ones a checkpoint was saved with.
 _MODEL_FLAGS = ("plugins", "num_layers", "hidden_size", "ffn_hidden_size",
-                "num_attention_heads", "num_query_groups", "kv_channels",
-                "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                "num_attention_heads", "group_query_attention", "num_query_groups",
+                "kv_channels", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
+                "qk_head_dim",
                 "qk_pos_emb_head_dim", "v_head_dim", "num_experts", "moe_layer_freq",
                 "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
                 "normalization", "swiglu", "add_bias_linear", "qk_layernorm",
@@ -986,9 +987,17 @@ def _flags_that_differ(args, names: Iterable[str]) -> list[str]:
     saved = _saved_args(args)
     if saved is None:
         return []
-    return [f"--{name.replace('_', '-')} (checkpoint: {_shown(getattr(saved, name, None))}, "
-            f"this run: {_shown(getattr(args, name, None))})"
-            for name in names if getattr(saved, name, None) != getattr(args, name, None)]
+    return [f"--{name.replace('_', '-')} (checkpoint: {_shown(_value(saved, name))}, "
+            f"this run: {_shown(_value(args, name))})"
+            for name in names if _value(saved, name) != _value(args, name)]
+
+
+def _value(args, name: str):
+    # Without GQA Megatron fills num_query_groups in (= the heads) only as it trains
+    # (training.py:554): a checkpoint's value and a starting run's differ with no flag given.
+    if name == "num_query_groups" and not getattr(args, "group_query_attention", False):
+        return None
+    return getattr(args, name, None)
 
 
 # An optimizer state's parameter groups are found by their max_lr, min_lr, start_wd, end_wd
