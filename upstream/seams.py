@@ -822,9 +822,8 @@ class CheckpointMismatch(ValueError):
 _MODEL_FLAGS = ("plugins", "num_layers", "hidden_size", "ffn_hidden_size",
                 "num_attention_heads", "group_query_attention", "num_query_groups",
                 "kv_channels", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
-                "qk_head_dim",
-                "qk_pos_emb_head_dim", "v_head_dim", "num_experts", "moe_layer_freq",
-                "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
+                "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
                 "normalization", "swiglu", "add_bias_linear", "qk_layernorm",
                 "untie_embeddings_and_output_weights", "position_embedding_type",
                 "mtp_num_layers", "transformer_impl")
