@@ -5,6 +5,7 @@ so, and `megaseek pretrain` without torchrun runs one rank instead of failing.""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -69,6 +70,71 @@ def test_checkpoint_of_another_model_names_the_key_and_the_flags(tmp_path):
     assert "the checkpoint has no 'decoder.layers." in error[0]
     assert "--plugins (checkpoint: (none), this run: mla)" in error[0]
     assert "--multi-latent-attention (checkpoint: False, this run: True)" in error[0]
+
+
+# --- a resume that does not fit: one checkpoint (iterations 2 and 4, with the EMA) --------
+
+EMA = ["--plugins", "ema", "--ema-decay", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def ema_checkpoint(tmp_path_factory):
+    """A folder whose 'ckpt' holds iterations 2 and 4 of a run with the EMA plugin."""
+    folder = tmp_path_factory.mktemp("resume")
+    saved = one_rank(["--train-iters", "4", "--save", "ckpt", "--save-interval", "2", *EMA],
+                     folder)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    return folder
+
+
+def refused(args: list[str], folder) -> str:
+    """The one error line of a run that is refused (exit 2, no traceback)."""
+    done = one_rank(args, folder)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("megaseek: error")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_shape_names_the_key_and_the_flags(ema_checkpoint):
+    error = refused(["--train-iters", "4", "--load", "ckpt", *EMA, "--hidden-size", "128"],
+                    ema_checkpoint)
+    assert re.search(r"--load ckpt: the checkpoint's '[\w.]+' has shape \((\d+, )?64\), this "
+                     r"run's model needs \((\d+, )?128\)", error), error
+    assert "--hidden-size (checkpoint: 64, this run: 128)" in error
+    assert "--num-query-groups" not in error  # not given: Megatron fills it in as it trains
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_lr_names_the_flag_and_the_way_out(ema_checkpoint):
+    error = refused(["--train-iters", "4", "--load", "ckpt", *EMA, "--lr", "2e-3"],
+                    ema_checkpoint)
+    assert error == (
+        "megaseek: error: --load ckpt: the checkpoint's optimizer state was saved with other "
+        "learning-rate or weight-decay settings, which name its parameter groups (flags that "
+        "differ: --lr (checkpoint: 0.001, this run: 0.002)): resume with the checkpoint's "
+        "values, or give --no-load-optim to start the optimizer state and the learning-rate "
+        "schedule afresh")
+
+
+@pytest.mark.slow
+def test_a_ckpt_step_not_saved_names_the_steps_saved(ema_checkpoint):
+    error = refused(["--train-iters", "4", "--load", "ckpt", "--ckpt-step", "3", *EMA],
+                    ema_checkpoint)
+    assert error == "megaseek: error: --ckpt-step 3: no checkpoint of iteration 3 in ckpt " \
+                    "(it has 2, 4)"
+
+
+@pytest.mark.slow
+def test_a_resume_without_the_ema_plugin_says_its_state_is_left(ema_checkpoint):
+    done = one_rank(["--train-iters", "4", "--load", "ckpt", "--ckpt-step", "2"],
+                    ema_checkpoint)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert said.count("megaseek: warning: --load ckpt holds the state of --plugins ema, which "
+                      "this run does not enable") == 1
+    assert sorted(losses(said)) == [3, 4]
 
 
 def test_megatron_argument_assertion_is_quoted_as_one_line(tmp_path):

@@ -34,7 +34,7 @@ from functools import wraps
 from typing import Any, Iterator
 
 from upstream.patching import Fix, Patcher, source_has
-from upstream.seams import SEAM, VERSION
+from upstream.seams import SEAM, VERSION, CheckpointMismatch
 
 MANIFEST = "megaseek-checksums"  # the folder of entries inside iter_N
 DATA_SUFFIX = ".distcp"
@@ -274,6 +274,22 @@ def checkpoint_to_load(args, load_arg: str = "load") -> str | None:
     return directory if os.path.isdir(directory) else None
 
 
+def _refuse_a_missing_step(args, load_arg: str) -> None:
+    """--ckpt-step N names an iteration the --load folder has no checkpoint of: said with
+    the ones it has, rather than Megatron's FileNotFoundError of the folder."""
+    load_dir, step = getattr(args, load_arg, None), getattr(args, "ckpt_step", None)
+    if not load_dir or step is None or not os.path.isdir(load_dir):
+        return
+    if os.path.isdir(_checkpointing().get_checkpoint_name(load_dir, step, False,
+                                                          return_base_dir=True)):
+        return
+    held = sorted(int(name[len("iter_"):]) for name in os.listdir(load_dir)
+                  if name.startswith("iter_") and name[len("iter_"):].isdigit())
+    raise CheckpointMismatch(
+        f"--ckpt-step {step}: no checkpoint of iteration {step} in {load_dir} ("
+        + (f"it has {', '.join(map(str, held))})" if held else "it has none)"))
+
+
 def verified_load() -> Fix:
     """Before `load_checkpoint` reads a torch_dist checkpoint, its files are checked
     (`verify_checkpoint`); without a manifest, rank 0 says once that they were not."""
@@ -290,6 +306,7 @@ def verified_load() -> Fix:
             from megatron.training import get_args
 
             load_arg = kwargs.get("load_arg", args[3] if len(args) > 3 else "load")
+            _refuse_a_missing_step(get_args(), load_arg)
             directory = checkpoint_to_load(get_args(), load_arg)
             if directory is not None and check_is_distributed_checkpoint(directory):
                 verified = verify_checkpoint(directory)
