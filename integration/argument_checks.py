@@ -48,7 +48,8 @@ class Domain:
         return "--" + self.dest.replace("_", "-")
 
     def holds(self, value: float) -> bool:
-        # Each comparison is False for NaN: a NaN lies in no domain.
+        # Comparisons with NaN are False, and `value == value` is False for it where no
+        # bound is set: a NaN lies in no domain.
         return ((self.least is None or value >= self.least)
                 and (self.above is None or value > self.above)
                 and (self.most is None or value <= self.most)

@@ -6,7 +6,8 @@ Run it under torchrun. Without CUDA it runs on CPU with gloo (`upstream.cpu`).
 It builds Megatron's local modules unless `--transformer-impl transformer_engine` is given
 (Megatron's own default is TE's: `integration.transformer_engine`).
 Without `--data-path` or `--mock-data`, it trains on the built-in byte-level corpus
-(`integration.corpus`), with `--tokenizer-type NullTokenizer --vocab-size 257`.
+(`integration.corpus`), with `--tokenizer-type NullTokenizer` and `--vocab-size 257`
+unless the user gives one (257 or more).
 """
 
 from __future__ import annotations
