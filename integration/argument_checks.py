@@ -29,13 +29,17 @@ from plugins.common.paths import unwritable_directory
 
 
 @dataclass(frozen=True)
-class AtLeast:
-    """`--flag` (argparse dest `dest`) must be `least` or more (and finite where `finite`),
-    when given; `unless(args)` exempts a run that does not use it."""
+class Domain:
+    """`--flag` (argparse dest `dest`), when given, lies in its domain: `least` or more,
+    `above` (strictly), `most` or less, `below` (strictly), finite where `finite`;
+    `unless(args)` exempts a run that does not use it."""
 
     dest: str
-    least: float
-    megatron_fails: str  # what Megatron does with less (megatron-core 0.19.2)
+    megatron_fails: str  # what Megatron (or torch) does outside it (megatron-core 0.19.2)
+    least: float | None = None
+    most: float | None = None
+    above: float | None = None
+    below: float | None = None
     finite: bool = False
     unless: Callable[[argparse.Namespace], bool] | None = None
 
@@ -43,47 +47,122 @@ class AtLeast:
     def flag(self) -> str:
         return "--" + self.dest.replace("_", "-")
 
+    def holds(self, value: float) -> bool:
+        # Comparisons with NaN are False, and `value == value` is False for it where no
+        # bound is set: a NaN lies in no domain.
+        return ((self.least is None or value >= self.least)
+                and (self.above is None or value > self.above)
+                and (self.most is None or value <= self.most)
+                and (self.below is None or value < self.below)
+                and (not self.finite or math.isfinite(value))
+                and value == value)
+
     def problem(self, args: argparse.Namespace) -> str | None:
         value = getattr(args, self.dest, None)
         if value is None or (self.unless is not None and self.unless(args)):
             return None
-        if not value >= self.least or (self.finite and not math.isfinite(value)):
-            least = int(self.least) if float(self.least).is_integer() else self.least
-            return (f"{self.flag} {value} must be {least} or more"
-                    + (" (and finite)" if self.finite else ""))
-        return None
+        if self.holds(value):
+            return None
+        return f"{self.flag} {value} must be {self.domain}" + (" (and finite)" if self.finite
+                                                                else "")
+
+    @property
+    def domain(self) -> str:
+        low = (self.least, "[") if self.least is not None else (self.above, "(")
+        high = (self.most, "]") if self.most is not None else (self.below, ")")
+        if high[0] is None:
+            return (f"{_number(low[0])} or more" if low[1] == "[" else
+                    f"above {_number(low[0])}")
+        if low[0] is None:
+            return (f"{_number(high[0])} or less" if high[1] == "]" else
+                    f"below {_number(high[0])}")
+        return f"in {low[1]}{_number(low[0])}, {_number(high[0])}{high[1]}"
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
 def _skips_training(args) -> bool:
     return bool(getattr(args, "skip_train", False))
 
 
-AT_LEAST = (
-    AtLeast("num_layers", 1, "an empty decoder, built and then divided by "
-                             "(ZeroDivisionError)"),
-    AtLeast("seq_length", 1, "gpt_dataset.py:523 and its C++ sample index divide by it: "
-                             "the data worker dies of SIGFPE with no message"),
-    AtLeast("log_interval", 1, "training.py:2816 iteration % log_interval "
-                               "(ZeroDivisionError)"),
-    AtLeast("eval_interval", 1, "training.py:4481 train_iters // eval_interval "
-                                "(ZeroDivisionError)"),
-    AtLeast("train_iters", 1, "an empty run whose learning-rate schedule has no steps "
-                              "(optimizer_param_scheduler.py:159)", unless=_skips_training),
-    AtLeast("lr_decay_iters", 1, "optimizer_param_scheduler.py:159 asserts "
-                                 "lr_decay_steps > 0"),
-    AtLeast("mtp_num_layers", 0, "validate_args reads a negative count as MTP on and "
-                                 "refuses the position embedding instead"),
-    AtLeast("mtp_loss_scaling_factor", 0, "the MTP loss is added with this weight: a "
-                                          "negative one is maximised, NaN poisons the "
-                                          "loss", finite=True),
-    AtLeast("clip_grad", 0, "clip_grads.py scales every gradient by clip_grad / norm: a "
-                            "negative value flips them"),
+def _size(dest: str, where: str) -> Domain:
+    return Domain(dest, where, least=1)
+
+
+def _probability(dest: str) -> Domain:
+    return Domain(dest, "torch.nn.Dropout raises 'dropout probability has to be between 0 "
+                        "and 1' when the model is built", least=0, most=1)
+
+
+def _adam_beta(dest: str) -> Domain:
+    return Domain(dest, "torch.optim.Adam raises 'Invalid beta parameter' once the model is "
+                        "built", least=0, below=1)
+
+
+NUMERIC_DOMAINS = (
+    _size("num_layers", "an empty decoder, built and then divided by (ZeroDivisionError)"),
+    _size("hidden_size", "torch raises 'negative dimension' building the embedding"),
+    _size("ffn_hidden_size", "torch raises 'negative dimension' building the MLP"),
+    _size("num_attention_heads", "validate_args divides by it (ZeroDivisionError); a "
+                                 "negative count builds negative dimensions"),
+    _size("kv_channels", "torch raises 'negative dimension' building the attention"),
+    _size("num_query_groups", "torch raises 'negative dimension' building the attention"),
+    _size("num_experts", "the router is built with no experts (a raw error in torch), and "
+                         "the moe plugin blames a missing --num-experts"),
+    _size("moe_router_topk", "the router's torch.topk fails at the first step"),
+    _size("max_position_embeddings", "torch raises 'negative dimension' building the "
+                                     "position embedding"),
+    _size("seq_length", "gpt_dataset.py:523 and its C++ sample index divide by it: the data "
+                        "worker dies of SIGFPE with no message"),
+    _size("make_vocab_size_divisible_by", "the vocabulary padding divides by it "
+                                          "(ZeroDivisionError)"),
+    _size("log_interval", "training.py:2816 iteration % log_interval (ZeroDivisionError)"),
+    _size("eval_interval", "training.py:4481 train_iters // eval_interval "
+                           "(ZeroDivisionError)"),
+    Domain("eval_iters", "a negative count evaluates nothing, silently", least=0),
+    Domain("train_iters", "an empty run whose learning-rate schedule has no steps "
+                          "(optimizer_param_scheduler.py:159)", least=1,
+           unless=_skips_training),
+    _size("lr_decay_iters", "optimizer_param_scheduler.py:159 asserts lr_decay_steps > 0"),
+    Domain("lr", "torch's optimizers raise 'Invalid learning rate' for a negative one once "
+                 "the model is built; validate_args then blames --min-lr, NaN trains to NaN",
+           least=0, finite=True),
+    Domain("min_lr", "the schedule decays to it: a negative or NaN learning rate (see --lr)",
+           least=0, finite=True),
+    Domain("weight_decay", "torch.optim.Adam raises 'Invalid weight_decay value' once the "
+                           "model is built", least=0, finite=True),
+    Domain("start_weight_decay", "the weight-decay schedule starts at it (see --weight-decay)",
+           least=0, finite=True),
+    Domain("end_weight_decay", "the weight-decay schedule ends at it (see --weight-decay)",
+           least=0, finite=True),
+    _adam_beta("adam_beta1"),
+    _adam_beta("adam_beta2"),
+    Domain("adam_eps", "0 divides by a zero second moment: the parameters turn non-finite "
+                       "a few iterations in; torch refuses a negative one late", above=0,
+           finite=True),
+    Domain("sgd_momentum", "torch.optim.SGD raises 'Invalid momentum value' for a negative "
+                           "one; 1 or more never forgets a gradient and diverges",
+           least=0, below=1),
+    _probability("hidden_dropout"),
+    _probability("attention_dropout"),
+    Domain("init_method_std", "torch's normal_ raises 'normal expects std >= 0.0' when the "
+                              "model is initialised", least=0, finite=True),
+    Domain("mtp_num_layers", "validate_args reads a negative count as MTP on and refuses the "
+                             "position embedding instead", least=0),
+    Domain("mtp_loss_scaling_factor", "the MTP loss is added with this weight: a negative "
+                                      "one is maximised, NaN poisons the loss",
+           least=0, finite=True),
+    Domain("clip_grad", "clip_grads.py scales every gradient by clip_grad / norm: a negative "
+                        "value flips them", least=0),
 )
 
 
 def check_values(args: argparse.Namespace) -> None:
-    """The `AT_LEAST` table, on whichever of its flags `args` has (describe has a few)."""
-    for rule in AT_LEAST:
+    """The `NUMERIC_DOMAINS` table, on whichever of its flags `args` has (describe has a
+    few)."""
+    for rule in NUMERIC_DOMAINS:
         problem = rule.problem(args)
         if problem:
             raise PluginError(problem)
@@ -93,8 +172,11 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     """Checks on the parsed values alone, before Megatron's `validate_args`; `argv` is the
     command line (to tell a flag given from Megatron's default)."""
     check_values(args)
+    _check_model_parallel_layout(args)
+    _check_batch_sizes(args)
     _check_schedule(args)
     _check_mtp_loss_scaling(args, argv)
+    _check_tokenizer_for_data(args)
 
 
 def after_megatron(args: argparse.Namespace) -> None:
@@ -103,6 +185,57 @@ def after_megatron(args: argparse.Namespace) -> None:
     _check_expert_layout(args)
     _check_spec(args)
     _check_writable_directory(args, "tensorboard_dir", "--tensorboard-dir")
+    _check_data_prefixes(args)
+
+
+_MODEL_PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                         "--context-parallel-size")
+
+
+def _model_parallel(args) -> tuple[int, str]:
+    sizes = [getattr(args, flag[2:].replace("-", "_"), None) or 1
+             for flag in _MODEL_PARALLEL_FLAGS]
+    return math.prod(sizes), " x ".join(f"{flag} {size}" for flag, size
+                                        in zip(_MODEL_PARALLEL_FLAGS, sizes))
+
+
+def _check_model_parallel_layout(args) -> None:
+    """validate_args (arguments.py:430) says it of `world_size` and `total_model_size`,
+    neither of them a flag."""
+    model, flags = _model_parallel(args)
+    if model < 1:
+        raise PluginError(f"{flags} must each be 1 or more")
+    if args.world_size % model:
+        raise PluginError(f"{flags} = {model} must divide the {args.world_size} ranks of "
+                          "the run (the ranks are split into model replicas of that size)")
+
+
+def _check_batch_sizes(args) -> None:
+    """Each global batch (training's, and evaluation's, which defaults to it) is split into
+    micro-batches over the data-parallel ranks. validate_args (arguments.py:694) says so of
+    eval_global_batch_size and eval_micro_batch_size, which a user who gave neither eval
+    flag cannot find; the training batch's own check comes later (the microbatch
+    calculator at initialisation)."""
+    model, flags = _model_parallel(args)
+    micro, total = args.micro_batch_size, args.global_batch_size
+    if not micro or not total or micro < 1 or total < 1:
+        return  # validate_args says those in words (argument_words)
+    data_parallel = args.world_size // model
+    replicas = (f"the {data_parallel} data-parallel replicas (the {args.world_size} ranks "
+                f"of the run / {flags})")
+    if total % (micro * data_parallel):
+        raise PluginError(f"--global-batch-size {total} must be a multiple of "
+                          f"--micro-batch-size {micro} x {replicas} = {micro * data_parallel}")
+    eval_micro = args.eval_micro_batch_size or micro
+    eval_total = args.eval_global_batch_size or total
+    if eval_total % (eval_micro * data_parallel):
+        eval_total_flag = ("--eval-global-batch-size" if args.eval_global_batch_size
+                           else "--global-batch-size (as --eval-global-batch-size is not given)")
+        eval_micro_flag = ("--eval-micro-batch-size" if args.eval_micro_batch_size
+                           else "--micro-batch-size (as --eval-micro-batch-size is not given)")
+        raise PluginError(f"the evaluation batch, {eval_total_flag} {eval_total}, must be a "
+                          f"multiple of {eval_micro_flag} {eval_micro} x {replicas} = "
+                          f"{eval_micro * data_parallel}")
 
 
 def _check_schedule(args) -> None:
@@ -149,6 +282,58 @@ def _check_mtp_loss_scaling(args, argv: list[str]) -> None:
         raise PluginError(f"--mtp-loss-scaling-factor {args.mtp_loss_scaling_factor} weighs "
                           "the MTP loss, and there is none: give --mtp-num-layers N (1 or "
                           "more), or drop --mtp-loss-scaling-factor")
+
+
+_DATA_PATH_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path",
+                    "--test-data-path")
+
+
+def _data_paths(args) -> list[tuple[str, list[str]]]:
+    return [(flag, getattr(args, flag[2:].replace("-", "_"), None) or [])
+            for flag in _DATA_PATH_FLAGS]
+
+
+def _check_tokenizer_for_data(args) -> None:
+    """Megatron's tokenizer raises 'tokenizer_type None is not supported' on every rank
+    once the model is built (core/tokenizers/utils/build_tokenizer.py:29); --mock-data
+    brings no data to tokenise, the built-in corpus its own tokenizer
+    (integration.pretrain)."""
+    given = [flag for flag, paths in _data_paths(args) if paths]
+    if given and getattr(args, "tokenizer_type", None) is None:
+        raise PluginError(f"{given[0]} needs --tokenizer-type: the tokenizer the data was "
+                          "made with (--tokenizer-type NullTokenizer --vocab-size N for data "
+                          "of raw token ids below N)")
+
+
+def dataset_prefixes(paths: list[str]) -> list[str]:
+    """The dataset prefixes of a --data-path list, as Megatron reads it
+    (megatron/core/datasets/utils.py get_blend_from_list): prefixes, or pairs of a weight and
+    a prefix."""
+    if len(paths) % 2 == 0:
+        try:
+            [float(weight) for weight in paths[0::2]]
+        except ValueError:
+            return [path.strip() for path in paths]
+        return [path.strip() for path in paths[1::2]]
+    return [path.strip() for path in paths]
+
+
+def _check_data_prefixes(args) -> None:
+    """Each prefix names a PREFIX.idx and a PREFIX.bin (Megatron's indexed dataset);
+    indexed_dataset.py asserts it only once the model is built. A remote prefix (s3://,
+    msc://) is left to Megatron."""
+    import os
+
+    for flag, paths in _data_paths(args):
+        for prefix in dataset_prefixes(paths):
+            if "://" in prefix:
+                continue
+            missing = [prefix + ext for ext in (".idx", ".bin")
+                       if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise PluginError(f"{flag} {prefix}: no {' or '.join(missing)} (a dataset "
+                                  "prefix names the PREFIX.idx and PREFIX.bin files that "
+                                  "Megatron's tools/preprocess_data.py writes)")
 
 
 def _check_backend(args) -> None:

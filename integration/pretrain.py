@@ -6,7 +6,8 @@ Run it under torchrun. Without CUDA it runs on CPU with gloo (`upstream.cpu`).
 It builds Megatron's local modules unless `--transformer-impl transformer_engine` is given
 (Megatron's own default is TE's: `integration.transformer_engine`).
 Without `--data-path` or `--mock-data`, it trains on the built-in byte-level corpus
-(`integration.corpus`), with `--tokenizer-type NullTokenizer --vocab-size 257`.
+(`integration.corpus`), with `--tokenizer-type NullTokenizer` and `--vocab-size 257`
+unless the user gives one (257 or more).
 """
 
 from __future__ import annotations
@@ -24,23 +25,29 @@ from upstream import cpu, shutdown
 from upstream.cpu import given
 
 
-def with_defaults(argv: list[str]) -> list[str]:
+def with_defaults(argv: list[str], user_argv: list[str] | None = None) -> list[str]:
     """Adds what a CPU run needs, Megatron's local modules (the plugins' modules are local
     ones; `--transformer-impl transformer_engine` builds TE's spec where it is given) and
     the built-in corpus, each where the user chose nothing. Only flags the user did not
-    give are added; nothing the user gave is changed."""
+    give are added; nothing the user gave is changed. `user_argv` is the command line as
+    the user wrote it (before `--preset` expanded; default `argv`): a preset's
+    `--vocab-size` gives way to the built-in corpus's, the user's is kept (or refused)."""
+    user_argv = argv if user_argv is None else user_argv
     argv = cpu.with_cpu_arguments(argv)
     added: list[str] = []
     if not given(argv, "--transformer-impl"):
         added += ["--transformer-impl", "local"]
     if not (given(argv, "--data-path") or given(argv, "--mock-data")
             or given(argv, "--train-data-path")):
-        if given(argv, "--tokenizer-type"):
+        own_tokenizer = given(argv, "--tokenizer-type")
+        if own_tokenizer or given(user_argv, "--vocab-size"):
             check_vocabulary_holds_the_corpus(argv)
         cache = os.environ.get("MEGASEEK_DATA_CACHE", os.path.join(tempfile.gettempdir(), "megaseek-data"))
         added += ["--data-path", build_byte_corpus(cache), "--split", "90,5,5"]
-        if not given(argv, "--tokenizer-type"):
-            added += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB_SIZE)]
+        if not own_tokenizer:
+            added += ["--tokenizer-type", "NullTokenizer"]
+            if not given(user_argv, "--vocab-size"):
+                added += ["--vocab-size", str(BYTE_VOCAB_SIZE)]
     return argv + added
 
 
@@ -60,7 +67,8 @@ def check_vocabulary_holds_the_corpus(argv: list[str]) -> None:
     largest id is in no index: only reading all the data would tell)."""
     chosen = presets.options(argv)
     vocab = (chosen.get("--vocab-size") or [None])[-1]
-    if (chosen.get("--tokenizer-type") or [None])[-1] != "NullTokenizer" or vocab is None:
+    tokenizer = (chosen.get("--tokenizer-type") or ["NullTokenizer"])[-1]  # the corpus's own
+    if tokenizer != "NullTokenizer" or vocab is None:
         return
     if vocab.isdigit() and int(vocab) < BYTE_VOCAB_SIZE:
         raise PluginError(f"--vocab-size {vocab} is smaller than the built-in corpus's "
@@ -85,13 +93,14 @@ def one_rank_without_torchrun() -> None:
 
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
     one_rank_without_torchrun()
-    argv = presets.expand(list(sys.argv[1:] if argv is None else argv))
+    user_argv = list(sys.argv[1:] if argv is None else argv)
+    argv = presets.expand(user_argv)
     registry = registry or default_registry()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     with hooks.megatron_run(registry) as patcher:
         check_training_length(argv)
-        argv = with_defaults(argv)
+        argv = with_defaults(argv, user_argv)
         from megatron.core.enums import ModelType
         from megatron.training import pretrain
         from megatron.training.argument_utils import pretrain_cfg_container_from_args

@@ -76,6 +76,8 @@ def test_a_valid_command_line_passes(monkeypatch):
     assert start_up_refusal(command_line([]), monkeypatch) is None
 
 
+NULL_TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "257"]
+
 # (extra flags, flags dropped from BASE, what the error must say). Each failed after
 # start-up before (see integration/argument_checks.py for where).
 REFUSED = {
@@ -109,6 +111,62 @@ REFUSED = {
                                      "--mtp-loss-scaling-factor 0.3 weighs the MTP loss, and "
                                      "there is none: give --mtp-num-layers N"),
     "clip-grad-negative": (["--clip-grad", "-1"], (), "--clip-grad -1.0 must be 0 or more"),
+    # numbers outside their domain: torch fails once the model or the optimizer is built
+    "hidden-size-negative": (["--hidden-size", "-128"], (), "--hidden-size -128 must be 1 or "
+                                                            "more"),
+    "heads-negative": (["--num-attention-heads", "-4"], (),
+                       "--num-attention-heads -4 must be 1 or more"),
+    "ffn-hidden-size-0": (["--ffn-hidden-size", "0"], (), "--ffn-hidden-size 0 must be 1 or "
+                                                          "more"),
+    "num-experts-0": (["--num-experts", "0"], (), "--num-experts 0 must be 1 or more"),
+    "weight-decay-negative": (["--weight-decay", "-1"], (),
+                              "--weight-decay -1.0 must be 0 or more (and finite)"),
+    "adam-beta1-above-1": (["--adam-beta1", "1.5"], (), "--adam-beta1 1.5 must be in [0, 1)"),
+    "adam-beta2-1": (["--adam-beta2", "1"], (), "--adam-beta2 1.0 must be in [0, 1)"),
+    "adam-eps-0": (["--adam-eps", "0"], (), "--adam-eps 0.0 must be above 0 (and finite)"),
+    "sgd-momentum-negative": (["--optimizer", "sgd", "--sgd-momentum", "-0.5"], (),
+                              "--sgd-momentum -0.5 must be in [0, 1)"),
+    "hidden-dropout-above-1": (["--hidden-dropout", "1.5"], (),
+                               "--hidden-dropout 1.5 must be in [0, 1]"),
+    "attention-dropout-negative": (["--attention-dropout", "-0.1"], (),
+                                   "--attention-dropout -0.1 must be in [0, 1]"),
+    "init-method-std-negative": (["--init-method-std", "-0.02"], (),
+                                 "--init-method-std -0.02 must be 0 or more (and finite)"),
+    "eval-iters-negative": (["--eval-iters", "-1"], (), "--eval-iters -1 must be 0 or more"),
+    "lr-nan": (["--lr", "nan"], (), "--lr nan must be 0 or more (and finite)"),
+    "lr-negative": (["--lr=-1e-3"], (), "--lr -0.001 must be 0 or more (and finite)"),
+    # Megatron's words name values the user did not give (eval_global_batch_size, world_size)
+    "global-batch-not-a-multiple": (["--global-batch-size", "3", "--micro-batch-size", "2"], (),
+                                    "--global-batch-size 3 must be a multiple of "
+                                    "--micro-batch-size 2 x the 2 data-parallel replicas (the "
+                                    "2 ranks of the run / --tensor-model-parallel-size 1 x "
+                                    "--pipeline-model-parallel-size 1 x --context-parallel-size "
+                                    "1) = 4"),
+    "micro-batch-too-large": (["--micro-batch-size", "4"], (),
+                              "--global-batch-size 4 must be a multiple of --micro-batch-size "
+                              "4 x the 2 data-parallel replicas"),
+    "eval-batch-not-a-multiple": (["--eval-micro-batch-size", "3"], (),
+                                  "the evaluation batch, --global-batch-size (as "
+                                  "--eval-global-batch-size is not given) 4, must be a multiple "
+                                  "of --eval-micro-batch-size 3 x the 2 data-parallel replicas"),
+    "pipeline-larger-than-world": (["--pipeline-model-parallel-size", "4"], (),
+                                   "--tensor-model-parallel-size 1 x "
+                                   "--pipeline-model-parallel-size 4 x --context-parallel-size "
+                                   "1 = 4 must divide the 2 ranks of the run"),
+    # data: Megatron builds its tokenizer and opens the files only once the model is built
+    "data-path-without-tokenizer": (["--data-path", "{file}"], (),
+                                    "--data-path needs --tokenizer-type"),
+    "data-path-not-a-prefix": (["--data-path", "{file}", *NULL_TOKENIZER], (),
+                               "--data-path {file}: no {file}.idx or {file}.bin"),
+    "data-path-weighted-pairs": (["--data-path", "0.3", "{prefix}", "0.7", "{file}",
+                                  *NULL_TOKENIZER], (),
+                                 "--data-path {file}: no {file}.idx or {file}.bin"),
+    "data-path-a-folder": (["--data-path", "{folder}", *NULL_TOKENIZER], (),
+                           "--data-path {folder}: no {folder}.idx or {folder}.bin"),
+    "train-data-path-missing": (["--train-data-path", "{folder}/none", "--valid-data-path",
+                                 "{prefix}", "--test-data-path", "{prefix}", *NULL_TOKENIZER],
+                                (), "--train-data-path {folder}/none: no {folder}/none.idx or "
+                                    "{folder}/none.bin"),
     "spec-without-that-function": (["--spec", "integration.deepseek_v3", "no_such_spec"], (),
                                    "--spec integration.deepseek_v3 no_such_spec: "
                                    "integration.deepseek_v3 has no 'no_such_spec'"),
@@ -127,28 +185,58 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture
-def a_file(tmp_path):
-    path = tmp_path / "a-file"
-    path.write_text("")
-    return str(path)
+def paths(tmp_path) -> dict[str, str]:
+    """{file}: an empty file; {folder}: a folder; {prefix}: a dataset prefix with its
+    PREFIX.idx and PREFIX.bin (empty: only their presence is checked at start-up)."""
+    (tmp_path / "a-file").write_text("")
+    for ext in (".idx", ".bin"):
+        (tmp_path / f"data{ext}").write_text("")
+    return {"file": str(tmp_path / "a-file"), "folder": str(tmp_path),
+            "prefix": str(tmp_path / "data")}
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_refused_at_start_up_naming_the_flag(case, a_file, monkeypatch):
+def test_refused_at_start_up_naming_the_flag(case, paths, monkeypatch):
     extra, dropped, said = REFUSED[case]
-    got = start_up_refusal(command_line([a.format(file=a_file) for a in extra], dropped),
+    got = start_up_refusal(command_line([a.format(**paths) for a in extra], dropped),
                            monkeypatch)
-    assert got is not None and got.startswith(said.format(file=a_file)), got
+    assert got is not None and got.startswith(said.format(**paths)), got
 
 
-@pytest.mark.parametrize("case", [c for c in REFUSED if c != "mtp-num-layers-negative"])
-def test_megatron_alone_lets_it_through(case, a_file, monkeypatch):
+# Megatron refuses these itself, but by a value the user did not give (tested below).
+MEGATRON_BLAMES_ANOTHER = ("mtp-num-layers-negative", "lr-nan", "lr-negative",
+                           "global-batch-not-a-multiple", "micro-batch-too-large",
+                           "eval-batch-not-a-multiple", "pipeline-larger-than-world")
+
+
+@pytest.mark.parametrize("case", [c for c in REFUSED if c not in MEGATRON_BLAMES_ANOTHER])
+def test_megatron_alone_lets_it_through(case, paths, monkeypatch):
     """Megatron's own validation accepts each input the checks refuse: the failure came
-    later (its scheduler, its training loop, its data workers, its process groups). A
-    negative --mtp-num-layers Megatron does refuse, but by another flag's name (below)."""
+    later (its scheduler, its training loop, its data workers, its process groups, torch's
+    modules and optimizers). The `MEGATRON_BLAMES_ANOTHER` inputs Megatron does refuse, but
+    by another flag's or a derived value's name."""
     extra, dropped, _ = REFUSED[case]
-    megatron_validates(parsed(command_line([a.format(file=a_file) for a in extra], dropped),
+    megatron_validates(parsed(command_line([a.format(**paths) for a in extra], dropped),
                               monkeypatch))
+
+
+@pytest.mark.parametrize("extra, blamed", [
+    (["--lr", "nan"], "args.min_lr <= args.lr"),
+    (["--lr=-1e-3"], "args.min_lr <= args.lr"),
+    (["--global-batch-size", "3", "--micro-batch-size", "2"], "eval_global_batch_size (3)"),
+    (["--micro-batch-size", "4"], "eval_global_batch_size (4)"),
+    (["--eval-micro-batch-size", "3"], "eval_global_batch_size (4)"),
+    (["--pipeline-model-parallel-size", "4"], "world size (2)"),
+])
+def test_megatron_blames_a_value_the_user_did_not_give(extra, blamed, monkeypatch):
+    from upstream.argument_words import assert_condition
+
+    args = parsed(command_line(extra), monkeypatch)
+    with pytest.raises(AssertionError) as refused:
+        megatron_validates(args)
+    failed_at = refused.traceback[-1]  # a bare assert says only its condition
+    said = str(refused.value) or assert_condition(str(failed_at.path), failed_at.lineno + 1)
+    assert blamed in said and extra[0].split("=")[0] not in said
 
 
 def test_megatron_misreads_a_negative_mtp_depth(monkeypatch):
@@ -167,8 +255,18 @@ def test_megatron_misreads_a_negative_mtp_depth(monkeypatch):
     ["--tensorboard-dir", "{tmp}/not/yet/made"],
     ["--spec", "integration.deepseek_v3", "decoder_spec"],
     ["--num-experts", "4", "--expert-model-parallel-size", "2"],
+    ["--adam-beta1", "0", "--adam-beta2", "0.99", "--weight-decay", "0", "--init-method-std",
+     "0"],
+    ["--hidden-dropout", "1", "--attention-dropout", "0", "--eval-iters", "0", "--lr", "0",
+     "--min-lr", "0"],
+    ["--global-batch-size", "6", "--micro-batch-size", "3"],
+    ["--data-path", "0.3", "{tmp}/data", "0.7", "{tmp}/data", *NULL_TOKENIZER],
+    ["--data-path", "{tmp}/data", "{tmp}/data", *NULL_TOKENIZER],  # prefixes, no weights
+    ["--data-path", "s3://bucket/data", *NULL_TOKENIZER],  # left to Megatron
 ])
 def test_the_edges_are_accepted(extra, tmp_path, monkeypatch):
+    for ext in (".idx", ".bin"):
+        (tmp_path / f"data{ext}").write_text("")
     argv = command_line([a.format(tmp=tmp_path) for a in extra])
     assert start_up_refusal(argv, monkeypatch) is None
     assert not (tmp_path / "not").exists()  # a folder is checked, not made
@@ -203,6 +301,25 @@ def test_the_built_in_corpus_needs_a_vocabulary_that_holds_its_ids(tmp_path, mon
     assert not list(tmp_path.iterdir())  # refused before the corpus was written
     argv = pretrain.with_defaults(["--tokenizer-type", "NullTokenizer", "--vocab-size", "257"])
     assert "--data-path" in argv
+
+
+def test_the_users_vocab_size_is_kept_with_the_built_in_corpus(tmp_path, monkeypatch):
+    """Without --tokenizer-type the built-in corpus brings its tokenizer, not a vocabulary
+    in place of the user's; a preset's --vocab-size (the model's) gives way to its 257."""
+    from integration import presets, pretrain
+
+    def vocab(argv: list[str]) -> str:
+        return presets.options(argv)["--vocab-size"][-1]
+
+    monkeypatch.setenv("MEGASEEK_DATA_CACHE", str(tmp_path))
+    assert vocab(pretrain.with_defaults(["--vocab-size", "300"])) == "300"
+    with pytest.raises(PluginError, match=r"--vocab-size 100 is smaller than the built-in "
+                                          r"corpus's 257 token ids"):
+        pretrain.with_defaults(["--vocab-size", "100"])
+    user = ["--preset", "deepseek-v3"]
+    assert vocab(pretrain.with_defaults(presets.expand(user, announce=False), user)) == "257"
+    user = ["--preset", "deepseek-v3", "--vocab-size", "512"]
+    assert vocab(pretrain.with_defaults(presets.expand(user, announce=False), user)) == "512"
 
 
 @pytest.mark.slow
@@ -252,6 +369,19 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
     # a message that names no flag gets the flags of its condition
     (["--train-samples", "100"], "Megatron's argument check failed: expected iteration-based "
                                  "training (--train-samples 100) "),
+    # values the user did not give are said as the flags they derive from
+    (["--global-batch-size", "3", "--micro-batch-size", "2"],
+     "Megatron's argument check failed: eval_global_batch_size (3) must be divisible by "
+     "eval_micro_batch_size (2) * data_parallel_size (2) (--eval-global-batch-size 3 "
+     "(--global-batch-size's, where it is not given), --eval-micro-batch-size 2 "
+     "(--micro-batch-size's, where it is not given), data-parallel size 2 (the ranks of the "
+     "run / --tensor-model-parallel-size x --pipeline-model-parallel-size x "
+     "--context-parallel-size)) "),
+    (["--pipeline-model-parallel-size", "4"],
+     "Megatron's argument check failed: world size (2) is not divisible by total_model_size "
+     "(total_model_size=4) (the 2 ranks of the run, in model replicas of "
+     "--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
+     "ranks each) "),
     # a required flag left out ('hidden_size argument is None')
     (["drop"], "Megatron's argument check failed: give --hidden-size (Megatron requires it)"),
 ])

@@ -99,9 +99,39 @@ def in_words(condition: str | None, message: str, args: Any) -> str:
 
 
 def flags_of(condition: str, args: Any) -> str:
-    """`--x VALUE, --y VALUE` for the `args.x`, `args.y` a condition reads, in order."""
+    """`--x VALUE, --y VALUE` for the `args.x`, `args.y` a condition reads, in order; a
+    value no flag sets is said as what it derives from (`DERIVED`)."""
     dests = dict.fromkeys(_ARGS_NAME.findall(condition))
-    return ", ".join(_flag_and_value(dest, getattr(args, dest, None)) for dest in dests)
+    return ", ".join(DERIVED[dest](args) if dest in DERIVED
+                     else _flag_and_value(dest, getattr(args, dest, None)) for dest in dests)
+
+
+_MODEL_PARALLEL = ("--tensor-model-parallel-size x --pipeline-model-parallel-size x "
+                   "--context-parallel-size")
+
+
+def _defaulted(dest: str, source: str):
+    """An eval batch flag that defaults to the training one (arguments.py:690)."""
+    def said(args: Any) -> str:
+        value, flag = getattr(args, dest, None), "--" + dest.replace("_", "-")
+        if value is not None and value == getattr(args, source, None):
+            return f"{flag} {value} (--{source.replace('_', '-')}'s, where it is not given)"
+        return _flag_and_value(dest, value)
+    return said
+
+
+# Values validate_args derives (megatron/training/arguments.py, 0.19.2) rather than parses:
+# the user sets them through other flags, or (the world size) through the launcher.
+DERIVED = {
+    "world_size": lambda args: (
+        f"the {getattr(args, 'world_size', '?')} ranks of the run, in model replicas of "
+        f"{_MODEL_PARALLEL} ranks each"),
+    "data_parallel_size": lambda args: (
+        f"data-parallel size {getattr(args, 'data_parallel_size', '?')} (the ranks of the "
+        f"run / {_MODEL_PARALLEL})"),
+    "eval_global_batch_size": _defaulted("eval_global_batch_size", "global_batch_size"),
+    "eval_micro_batch_size": _defaulted("eval_micro_batch_size", "micro_batch_size"),
+}
 
 
 def _flag_and_value(dest: str, value: Any) -> str:
