@@ -31,29 +31,37 @@ from plugins import PluginError, PluginRegistry, default_registry
 from upstream import shutdown
 
 
-def checkpoint_directory(load: str, step: int | None) -> str:
-    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it."""
+def checkpoint_directory(load: str, step: int | None, named: str | None = None) -> str:
+    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it; a
+    refusal names it as `named` (default `--load LOAD`), as the user gave it."""
     from megatron.training import checkpointing
 
+    named = named or f"--load {load}"
     tracker = checkpointing.get_checkpoint_tracker_filename(load)
     if step is None and not os.path.isfile(tracker):
-        raise PluginError(f"--load {load}: no checkpoint there (no {os.path.basename(tracker)})")
+        raise PluginError(f"{named}: no checkpoint there (no {os.path.basename(tracker)})")
     if step is None:
         iteration, release = checkpointing.read_metadata(tracker)
     else:
         iteration, release = step, False
     directory = checkpointing.get_checkpoint_name(load, iteration, release, return_base_dir=True)
     if not os.path.isdir(directory):
-        raise PluginError(f"--load {load}: no checkpoint of iteration {iteration} there")
+        raise PluginError(f"{named}: no checkpoint of iteration {iteration} there")
     return directory
 
 
-def saved_arguments(directory: str) -> argparse.Namespace:
+def check_format(directory: str) -> None:
+    """The tools read Megatron's torch_dist checkpoints only."""
     from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
     if not check_is_distributed_checkpoint(directory):
         raise PluginError(f"{directory}: not a torch_dist checkpoint (--ckpt-format torch_dist)")
+
+
+def saved_arguments(directory: str) -> argparse.Namespace:
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    check_format(directory)
     saved = load_common_state_dict(directory).get("args")
     if saved is None:
         raise PluginError(f"{directory}: the checkpoint holds no saved arguments")
@@ -122,8 +130,11 @@ def main(argv: list[str], command: str, tool: ModuleType,
         hooks.exit_refused(PluginError(f"{command} --save {error}"))
     try:
         directory = checkpoint_directory(options.load, options.ckpt_step)
-        saved = saved_arguments(directory)
+        check_format(directory)
+        # what the tool needs first: a checkpoint without it (one that `megaseek convert`
+        # wrote holds no saved arguments either) is refused for what the tool needs
         tool.check_checkpoint(options, checkpoint_keys(directory))
+        saved = saved_arguments(directory)
         if relaunched(saved.world_size, [command, *argv]):
             return
     except PluginError as error:

@@ -113,3 +113,17 @@ def test_rank_0_reports_a_refusal_before_the_others_exit(rank, monkeypatch, caps
         assert said == "megaseek: error: --plugins: unknown plugin(s) nosuch\n" and not slept
     else:
         assert said == "" and slept == [hooks.RANK0_FIRST_S] and hooks.RANK0_FIRST_S >= 5
+
+
+@pytest.mark.parametrize("argv, said", [
+    ([], "usage: megaseek launch SCRIPT [MEGATRON AND PLUGIN ARGUMENTS]\n"
+         "megaseek launch: error: give the SCRIPT to run\n"),
+    (["/nonexistent.py"], "megaseek launch: error: no such script: /nonexistent.py\n"),
+], ids=["no-script", "no-such-script"])
+def test_launch_refuses_as_argparse_does(argv, said, capsys):
+    from integration import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["launch", *argv])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == said

@@ -305,6 +305,33 @@ def test_convert_exits_2_on_an_existing_output_before_any_work(plain, tmp_path, 
                                        "pass --overwrite to replace it\n")
 
 
+@pytest.mark.parametrize("direction", ["hf-to-megatron", "megatron-to-hf"])
+def test_overwrite_replaces_a_folder_never_a_file(plain, tmp_path, capsys, direction):
+    from integration.hf import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([direction, str(plain), str(afile), *extra])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == (f"megaseek convert: error: {afile} is not a folder; "
+                                           "--overwrite replaces a previous output (a folder), "
+                                           "never a file: write to another path\n")
+    assert afile.read_text() == "keep me"
+
+
+def test_megatron_to_hf_names_the_folder_as_given(plain, tmp_path, capsys):
+    """CKPT is a positional argument of megatron-to-hf: the refusal names it, not --load."""
+    from integration.hf import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["megatron-to-hf", str(plain), str(tmp_path / "out")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"megaseek convert: error: {plain}: no checkpoint there "
+                                       "(no latest_checkpointed_iteration.txt)\n")
+
+
 def test_convert_exits_2_naming_the_config_field(plain, tmp_path, capsys):
     from integration.hf import cli
 

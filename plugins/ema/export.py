@@ -55,8 +55,9 @@ def output_folder(options: argparse.Namespace) -> tuple[str, bool]:
 
 def check_checkpoint(options: argparse.Namespace, checkpoint_keys: set[str]) -> None:
     if not any(key.startswith(CHECKPOINT_PREFIX + ".") for key in checkpoint_keys):
-        raise PluginError(f"ema-export --load {options.load}: the checkpoint holds no EMA (it was "
-                          "not saved with --plugins ema)")
+        raise PluginError(f"ema-export needs a checkpoint saved by training with --plugins "
+                          f"ema; {options.load} holds no EMA (no {CHECKPOINT_PREFIX}.* "
+                          "weights)")
 
 
 def _ema_dests() -> list[str]:
