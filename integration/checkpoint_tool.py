@@ -2,7 +2,8 @@
 was saved with, on the layout it was saved at, its model built (with its plugins' specs)
 but no optimizer and no data. `megaseek ema-export` is such a tool (`plugins.ema.export`).
 
-A tool is a module with `parse(argv)` (options with `load` and `ckpt_step`),
+A tool is a module with `parse(argv, parser_class)` (options with `load` and `ckpt_step`;
+argparse's refusals said by `parser_class`),
 `output_folder(options)` (the folder it writes and whether it may replace it: checked
 first, `integration.output_dir`, so that it never writes over its input),
 `check_checkpoint(options, keys)` (the checkpoint's sharded keys), `run_arguments(saved,
@@ -27,6 +28,7 @@ from typing import Callable
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import hooks
 from integration.output_dir import OutputFolderError, check_output_folder
+from integration.refusals import Parser
 from plugins import PluginError, PluginRegistry, default_registry
 from upstream import shutdown
 
@@ -122,7 +124,7 @@ def on_checkpoint_model(args: argparse.Namespace, tool: Callable[[list], None],
 def main(argv: list[str], command: str, tool: ModuleType,
          registry: PluginRegistry | None = None) -> None:
     """`megaseek COMMAND ARGV`."""
-    options = tool.parse(argv)
+    options = tool.parse(argv, Parser)
     out, overwrite = tool.output_folder(options)
     try:
         check_output_folder(out, overwrite=overwrite, inputs=[options.load])

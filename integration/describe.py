@@ -49,13 +49,14 @@ import sys
 from dataclasses import asdict, dataclass
 
 from integration import presets
+from integration.refusals import Parser, refuse
 
 GB = 1e9
 
 
 class DescribeError(SystemExit):
-    """A refusal: printed as argparse prints its own, `megaseek describe: error: MESSAGE`,
-    exit status 2."""
+    """A refusal: printed as every megaseek refusal, `megaseek: error: MESSAGE`, exit
+    status 2 (`integration.refusals`)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(2)
@@ -67,7 +68,7 @@ class DescribeError(SystemExit):
 def parser() -> argparse.ArgumentParser:
     """Just the flags describe reads (every preset's flags among them); any other flag is
     refused by name, never ignored."""
-    p = argparse.ArgumentParser(prog="megaseek describe", add_help=True, allow_abbrev=False)
+    p = Parser(prog="megaseek describe", add_help=True, allow_abbrev=False)
     a = p.add_argument
     # model
     a("--num-layers", type=int)
@@ -190,10 +191,10 @@ def check(args: argparse.Namespace) -> argparse.Namespace:
                             "only the DeepSeek-V3 decoder (--spec integration.deepseek_v3 "
                             "decoder_spec) or Megatron's GPT layers the flags give")
     if not args.disable_bias_linear:
-        raise DescribeError("counts models without linear biases (as "
+        raise DescribeError("describe counts models without linear biases (as "
                             "DeepSeek's); give --disable-bias-linear")
     if args.attention_dropout or args.hidden_dropout:
-        raise DescribeError("counts activations without dropout (as "
+        raise DescribeError("describe counts activations without dropout (as "
                             "DeepSeek's); give --attention-dropout 0 --hidden-dropout 0")
     if args.recompute_granularity == "selective":
         unknown = sorted(set(args.recompute_modules or ["core_attn"]) - set(RECOMPUTE_NAMES))
@@ -832,8 +833,7 @@ def main(argv: list[str] | None = None) -> None:
         args = parse(argv)
         report = describe(args)
     except DescribeError as error:
-        print(f"megaseek describe: error: {error.message}", file=sys.stderr)
-        raise
+        refuse(error.message)
     if args.json:
         print(json.dumps(report, indent=1))
         return

@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import hooks, presets
+from integration.refusals import refuse
 from plugins import PluginRegistry, default_registry
 from upstream import cpu, seams, shutdown
 from upstream.patching import apply_fixes
@@ -54,12 +55,11 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
 
 
 def _refuse(message: str, usage: bool = False) -> NoReturn:
-    """A command line the launcher cannot run, said as argparse says one: the usage where
-    it helps, `megaseek launch: error: MESSAGE`, exit status 2."""
+    """A command line the launcher cannot run, said as every megaseek refusal (exit status
+    2), after the usage where it helps."""
     if usage:
         print(USAGE, file=sys.stderr)
-    print(f"megaseek launch: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    refuse(f"launch: {message}")
 
 
 if __name__ == "__main__":

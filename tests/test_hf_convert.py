@@ -426,7 +426,7 @@ def test_command_refuses_a_non_finite_checkpoint_in_one_line(converted):
                          env={**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 2, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"megaseek convert: error: model.layers.2.self_attn.o_proj.weight: 1 NaN "
+    assert errors == [f"megaseek: error: model.layers.2.self_attn.o_proj.weight: 1 NaN "
                       f"and 0 inf among its 512 values in {root / 'nan' / 'model.safetensors'}; "
                       "a checkpoint with non-finite weights is not converted"]
     assert "Traceback" not in run.stderr

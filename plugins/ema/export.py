@@ -32,8 +32,11 @@ from plugins import PluginError
 from plugins.ema.plugin import CHECKPOINT_PREFIX, add_arguments
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def parse(argv: list[str],
+          parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+          ) -> argparse.Namespace:
+    """`parser_class`: how the command says a refusal (`integration.refusals.Parser`)."""
+    parser = parser_class(
         prog="megaseek ema-export",
         description="Write the EMA weights of a checkpoint saved with --plugins ema as an "
                     "ordinary Megatron checkpoint (no optimizer state).")
