@@ -2,7 +2,8 @@
 was saved with, on the layout it was saved at, its model built (with its plugins' specs)
 but no optimizer and no data. `megaseek ema-export` is such a tool (`plugins.ema.export`).
 
-A tool is a module with `parse(argv)` (options with `load` and `ckpt_step`),
+A tool is a module with `parse(argv, parser_class)` (options with `load` and `ckpt_step`;
+argparse's refusals said by `parser_class`),
 `output_folder(options)` (the folder it writes and whether it may replace it: checked
 first, `integration.output_dir`, so that it never writes over its input),
 `check_checkpoint(options, keys)` (the checkpoint's sharded keys), `run_arguments(saved,
@@ -27,33 +28,42 @@ from typing import Callable
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import hooks
 from integration.output_dir import OutputFolderError, check_output_folder
+from integration.refusals import Parser
 from plugins import PluginError, PluginRegistry, default_registry
 from upstream import shutdown
 
 
-def checkpoint_directory(load: str, step: int | None) -> str:
-    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it."""
+def checkpoint_directory(load: str, step: int | None, named: str | None = None) -> str:
+    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it; a
+    refusal names it as `named` (default `--load LOAD`), as the user gave it."""
     from megatron.training import checkpointing
 
+    named = named or f"--load {load}"
     tracker = checkpointing.get_checkpoint_tracker_filename(load)
     if step is None and not os.path.isfile(tracker):
-        raise PluginError(f"--load {load}: no checkpoint there (no {os.path.basename(tracker)})")
+        raise PluginError(f"{named}: no checkpoint there (no {os.path.basename(tracker)})")
     if step is None:
         iteration, release = checkpointing.read_metadata(tracker)
     else:
         iteration, release = step, False
     directory = checkpointing.get_checkpoint_name(load, iteration, release, return_base_dir=True)
     if not os.path.isdir(directory):
-        raise PluginError(f"--load {load}: no checkpoint of iteration {iteration} there")
+        raise PluginError(f"{named}: no checkpoint of iteration {iteration} there")
     return directory
 
 
-def saved_arguments(directory: str) -> argparse.Namespace:
+def check_format(directory: str) -> None:
+    """The tools read Megatron's torch_dist checkpoints only."""
     from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
     if not check_is_distributed_checkpoint(directory):
         raise PluginError(f"{directory}: not a torch_dist checkpoint (--ckpt-format torch_dist)")
+
+
+def saved_arguments(directory: str) -> argparse.Namespace:
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    check_format(directory)
     saved = load_common_state_dict(directory).get("args")
     if saved is None:
         raise PluginError(f"{directory}: the checkpoint holds no saved arguments")
@@ -114,7 +124,7 @@ def on_checkpoint_model(args: argparse.Namespace, tool: Callable[[list], None],
 def main(argv: list[str], command: str, tool: ModuleType,
          registry: PluginRegistry | None = None) -> None:
     """`megaseek COMMAND ARGV`."""
-    options = tool.parse(argv)
+    options = tool.parse(argv, Parser)
     out, overwrite = tool.output_folder(options)
     try:
         check_output_folder(out, overwrite=overwrite, inputs=[options.load])
@@ -122,8 +132,11 @@ def main(argv: list[str], command: str, tool: ModuleType,
         hooks.exit_refused(PluginError(f"{command} --save {error}"))
     try:
         directory = checkpoint_directory(options.load, options.ckpt_step)
-        saved = saved_arguments(directory)
+        check_format(directory)
+        # what the tool needs first: a checkpoint without it (one that `megaseek convert`
+        # wrote holds no saved arguments either) is refused for what the tool needs
         tool.check_checkpoint(options, checkpoint_keys(directory))
+        saved = saved_arguments(directory)
         if relaunched(saved.world_size, [command, *argv]):
             return
     except PluginError as error:

@@ -49,11 +49,15 @@ import sys
 from dataclasses import asdict, dataclass
 
 from integration import presets
+from integration.refusals import Parser, refuse
 
 GB = 1e9
 
 
 class DescribeError(SystemExit):
+    """A refusal: printed as every megaseek refusal, `megaseek: error: MESSAGE`, exit
+    status 2 (`integration.refusals`)."""
+
     def __init__(self, message: str) -> None:
         super().__init__(2)
         self.message = message
@@ -64,7 +68,7 @@ class DescribeError(SystemExit):
 def parser() -> argparse.ArgumentParser:
     """Just the flags describe reads (every preset's flags among them); any other flag is
     refused by name, never ignored."""
-    p = argparse.ArgumentParser(prog="megaseek describe", add_help=True, allow_abbrev=False)
+    p = Parser(prog="megaseek describe", add_help=True, allow_abbrev=False)
     a = p.add_argument
     # model
     a("--num-layers", type=int)
@@ -156,14 +160,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args, unknown = parser().parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise DescribeError(f"megaseek describe: {flag} is not a flag describe understands "
+        raise DescribeError(f"{flag} is not a flag describe understands "
                             "(it reads the model's flags, the parallel layout, the micro-batch, "
                             "recomputation, FP8 and optimizer-state options; see --help)")
     missing = [flag for flag in ("--num-layers", "--hidden-size", "--num-attention-heads",
                                  "--seq-length")
                if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
-        raise DescribeError(f"megaseek describe: give {', '.join(missing)} (or a --preset)")
+        raise DescribeError(f"give {', '.join(missing)} (or a --preset)")
     return check(args)
 
 
@@ -177,35 +181,35 @@ def check(args: argparse.Namespace) -> argparse.Namespace:
     try:  # the flags describe shares with a run get a run's start-up checks
         argument_checks.check_values(args)
     except PluginError as error:
-        raise DescribeError(f"megaseek describe: {error}") from None
+        raise DescribeError(f"{error}") from None
     for flag in ("--hidden-size", "--num-attention-heads"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:
-            raise DescribeError(f"megaseek describe: {flag} "
+            raise DescribeError(f"{flag} "
                                 f"{getattr(args, flag[2:].replace('-', '_'))} must be 1 or more")
     if args.spec is not None and args.spec != ["integration.deepseek_v3", "decoder_spec"]:
-        raise DescribeError(f"megaseek describe: --spec {' '.join(args.spec)}: describe counts "
+        raise DescribeError(f"--spec {' '.join(args.spec)}: describe counts "
                             "only the DeepSeek-V3 decoder (--spec integration.deepseek_v3 "
                             "decoder_spec) or Megatron's GPT layers the flags give")
     if not args.disable_bias_linear:
-        raise DescribeError("megaseek describe: counts models without linear biases (as "
+        raise DescribeError("describe counts models without linear biases (as "
                             "DeepSeek's); give --disable-bias-linear")
     if args.attention_dropout or args.hidden_dropout:
-        raise DescribeError("megaseek describe: counts activations without dropout (as "
+        raise DescribeError("describe counts activations without dropout (as "
                             "DeepSeek's); give --attention-dropout 0 --hidden-dropout 0")
     if args.recompute_granularity == "selective":
         unknown = sorted(set(args.recompute_modules or ["core_attn"]) - set(RECOMPUTE_NAMES))
         if unknown:
-            raise DescribeError(f"megaseek describe: --recompute-modules {' '.join(unknown)}: "
+            raise DescribeError(f"--recompute-modules {' '.join(unknown)}: "
                                 f"describe knows {', '.join(RECOMPUTE_NAMES)}")
     if args.fp8_exclude_modules:
-        raise DescribeError("megaseek describe: --fp8-exclude-modules is not modelled yet: "
+        raise DescribeError("--fp8-exclude-modules is not modelled yet: "
                             "its activation bytes count every linear's input in FP8 under "
                             "--plugins fp8; describe without it")
     if args.multi_latent_attention and "mla" not in args.plugins:
-        raise DescribeError("megaseek describe: --multi-latent-attention counts the mla "
+        raise DescribeError("--multi-latent-attention counts the mla "
                             "plugin's attention: give --plugins mla")
     if args.num_experts and "moe" not in args.plugins:
-        raise DescribeError("megaseek describe: --num-experts counts the moe plugin's layer: "
+        raise DescribeError("--num-experts counts the moe plugin's layer: "
                             "give --plugins moe")
     for flag, size in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
@@ -213,18 +217,18 @@ def check(args: argparse.Namespace) -> argparse.Namespace:
                        ("--data-parallel-size", args.data_parallel_size),
                        ("--micro-batch-size", args.micro_batch_size)):
         if size < 1:
-            raise DescribeError(f"megaseek describe: {flag} {size} must be 1 or more")
+            raise DescribeError(f"{flag} {size} must be 1 or more")
     if args.num_attention_heads % args.tensor_model_parallel_size:
-        raise DescribeError(f"megaseek describe: --num-attention-heads "
+        raise DescribeError(f"--num-attention-heads "
                             f"{args.num_attention_heads} is not divisible by "
                             f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
     if args.num_experts and args.num_experts % args.expert_model_parallel_size:
-        raise DescribeError(f"megaseek describe: --num-experts {args.num_experts} is not "
+        raise DescribeError(f"--num-experts {args.num_experts} is not "
                             f"divisible by --expert-model-parallel-size "
                             f"{args.expert_model_parallel_size}")
     ep = args.expert_model_parallel_size
     if (args.tensor_model_parallel_size * args.data_parallel_size) % ep:
-        raise DescribeError(f"megaseek describe: --expert-model-parallel-size {ep} must divide "
+        raise DescribeError(f"--expert-model-parallel-size {ep} must divide "
                             "--tensor-model-parallel-size x --data-parallel-size (Megatron "
                             "folds expert parallelism into those ranks)")
     return args
@@ -306,7 +310,7 @@ def _moe_pattern(freq: str, layers: int) -> tuple[int, ...]:
     if "[" in str(freq):
         pattern = tuple(int(x) for x in eval(str(freq), {"__builtins__": {}}, {}))  # noqa: S307
         if len(pattern) != layers:
-            raise DescribeError(f"megaseek describe: --moe-layer-freq {freq} lists "
+            raise DescribeError(f"--moe-layer-freq {freq} lists "
                                 f"{len(pattern)} layers, not --num-layers {layers}")
         return pattern
     n = int(freq)
@@ -475,7 +479,7 @@ def layer_activation_terms(m: Model, layer: int, tokens: int, sequence: int,
     terms["input norm"] = t * h * e + t * f32
     n = m.heads // tp
     if not m.mla:
-        raise DescribeError("megaseek describe: activation bytes are counted for MLA layers "
+        raise DescribeError("activation bytes are counted for MLA layers "
                             "(--multi-latent-attention) only")
     terms["down-projections' input"] = norm_out(h, 2)  # q (down or whole) and kv down
     if m.q_lora:
@@ -587,10 +591,10 @@ def stages(args: argparse.Namespace) -> list[list[Stage]]:
     count = 2 * p if schedule == "dualpipev" else p
     if schedule != "1f1b":
         if args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers:
-            raise DescribeError(f"megaseek describe: --pipeline-schedule {schedule} places its "
+            raise DescribeError(f"--pipeline-schedule {schedule} places its "
                                 "own stages: drop --decoder-first/last-pipeline-num-layers")
         if p < 2:
-            raise DescribeError(f"megaseek describe: --pipeline-schedule {schedule} needs "
+            raise DescribeError(f"--pipeline-schedule {schedule} needs "
                                 "--pipeline-model-parallel-size 2 or more")
     sizes = _stage_sizes(layers, count, args.decoder_first_pipeline_num_layers,
                          args.decoder_last_pipeline_num_layers, schedule)
@@ -611,7 +615,7 @@ def _stage_sizes(layers: int, count: int, first: int | None, last: int | None,
     rest = layers - sum(x for x in fixed if x is not None)
     if middle == 0:
         if rest:
-            raise DescribeError(f"megaseek describe: the first/last stage layers do not add up "
+            raise DescribeError(f"the first/last stage layers do not add up "
                                 f"to --num-layers {layers}")
         return [first, last][:count]
     if rest % middle or rest < 0:
@@ -620,7 +624,7 @@ def _stage_sizes(layers: int, count: int, first: int | None, last: int | None,
                 "--decoder-last-pipeline-num-layers" if schedule == "1f1b" else
                 f"--pipeline-schedule {schedule} cuts equal stages: give a --num-layers that "
                 f"{count} divides, or another --pipeline-model-parallel-size")
-        raise DescribeError(f"megaseek describe: --num-layers {layers} cannot be cut into "
+        raise DescribeError(f"--num-layers {layers} cannot be cut into "
                             f"{count} pipeline stages of equal size ({hint})")
     each = rest // middle
     return [first if first is not None else each] + [each] * (count - 2) + (
@@ -770,6 +774,15 @@ def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
 
 
+def _flop(n: float) -> str:
+    """A FLOP count in the largest unit that leaves a figure of 1 or more (a tiny model's
+    25 MFLOP is not 0.0 GFLOP)."""
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
 def render(report: dict) -> str:
     main, mtp = report["model"]["main"], report["model"]["mtp"]
     layout, flops = report["layout"], report["flops_per_token"]
@@ -779,8 +792,8 @@ def render(report: dict) -> str:
         (f"              MTP modules {_b(mtp['total'])} total, {_b(mtp['activated'])} activated "
          "(sharing the main model's embedding and output head)" if mtp["total"]
          else "              no MTP modules"),
-        f"FLOPs/token   {flops['total'] / 1e9:.1f} GFLOP training (forward + backward): main "
-        f"{flops['main'] / 1e9:.1f}, MTP {flops['mtp'] / 1e9:.1f}",
+        f"FLOPs/token   {_flop(flops['total'])} training (forward + backward): main "
+        f"{_flop(flops['main'])}, MTP {_flop(flops['mtp'])}",
         f"layout        TP {layout['tp']} x PP {layout['pp']} ({layout['schedule']}) x EP "
         f"{layout['ep']}, DP {layout['dp']} (expert DP {layout['expert_dp']}); micro-batch "
         f"{layout['micro_batch']} x {layout['seq_length']} tokens; recompute "
@@ -820,8 +833,7 @@ def main(argv: list[str] | None = None) -> None:
         args = parse(argv)
         report = describe(args)
     except DescribeError as error:
-        print(error.message, file=sys.stderr)
-        raise
+        refuse(error.message)
     if args.json:
         print(json.dumps(report, indent=1))
         return

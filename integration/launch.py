@@ -20,22 +20,26 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+from typing import NoReturn
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
 from integration import hooks, presets
+from integration.refusals import refuse
 from plugins import PluginRegistry, default_registry
 from upstream import cpu, seams, shutdown
 from upstream.patching import apply_fixes
+
+USAGE = "usage: megaseek launch SCRIPT [MEGATRON AND PLUGIN ARGUMENTS]"
 
 
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        raise SystemExit("usage: megaseek launch SCRIPT [MEGATRON AND PLUGIN ARGUMENTS]")
+        _refuse("give the SCRIPT to run", usage=True)
     script = os.path.abspath(argv[0])
     script_args = cpu.with_cpu_arguments(presets.expand(argv[1:]))
     if not os.path.isfile(script):
-        raise SystemExit(f"megaseek launch: no such script: {argv[0]}")
+        _refuse(f"no such script: {argv[0]}")
     registry = registry or default_registry()
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -48,6 +52,14 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
         sys.path.insert(0, os.path.dirname(script))
         runpy.run_path(script, run_name="__main__")
     shutdown.end_run()  # only where the script left a process group initialised: see upstream/shutdown.py
+
+
+def _refuse(message: str, usage: bool = False) -> NoReturn:
+    """A command line the launcher cannot run, said as every megaseek refusal (exit status
+    2), after the usage where it helps."""
+    if usage:
+        print(USAGE, file=sys.stderr)
+    refuse(f"launch: {message}")
 
 
 if __name__ == "__main__":

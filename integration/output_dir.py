@@ -4,7 +4,8 @@
 
 refuses, naming `out`: an output that is, contains or lies inside one of the command's
 inputs (writing it would change or, with --overwrite, delete what the command reads); an
-output that exists, unless `overwrite`; an output whose parent cannot be written (a file
+output that exists as anything but a folder (--overwrite replaces a previous output, never
+a file); an output folder that exists, unless `overwrite`; an output whose parent cannot be written (a file
 where a folder is needed, no permission, a read-only disk). Whether the parent can be
 written is tried, not guessed from permission bits (which do not bind root):
 `plugins.common.paths`.
@@ -48,6 +49,10 @@ def _check(out: Path, overwrite: bool, inputs: Iterable[str | Path],
             raise OutputFolderError(f"{out}: contains the input {source}; write to a folder "
                                     "that does not")
     if out.exists() or out.is_symlink():
+        if not out.is_dir():  # the output is a folder: replacing a file would lose the file
+            raise OutputFolderError(f"{out} is not a folder; {overwrite_flag} replaces a "
+                                    "previous output (a folder), never a file: write to "
+                                    "another path")
         if not overwrite:
             raise OutputFolderError(f"{out} exists; pass {overwrite_flag} to replace it")
     _check_writable_parent(out, target.parent)

@@ -18,24 +18,15 @@ import json
 import sys
 from fractions import Fraction
 
+from integration.refusals import Parser, refuse
 from plugins.dualpipe.program import SCHEDULES, Pipeline
 from plugins.dualpipe.simulator import (Durations, Timeline, mean_durations, params_per_device,
                                         peak_activations, published_bubble, simulate)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, as every megaseek error
-        _fail(message)
-
-
-def _fail(message: str) -> None:
-    print(f"megaseek: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="megaseek schedule", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="megaseek schedule", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedule", choices=SCHEDULES)
     parser.add_argument("--pp", type=int, help="pipeline ranks")
     parser.add_argument("--microbatches", type=int, help="micro-batches per step")
@@ -51,28 +42,28 @@ def _parser() -> argparse.ArgumentParser:
 def _pipeline(args: argparse.Namespace) -> Pipeline:
     for flag in ("schedule", "pp", "microbatches"):
         if getattr(args, flag) is None:
-            _fail(f"--{flag} is required (or --from-run DIR)")
+            refuse(f"--{flag} is required (or --from-run DIR)")
     p, n, schedule = args.pp, args.microbatches, args.schedule
     if p < 2:
-        _fail(f"--pp must be at least 2 for {schedule}; got {p}")
+        refuse(f"--pp must be at least 2 for {schedule}; got {p}")
     if schedule == "dualpipe" and p % 2:
-        _fail(f"--pp must be even for dualpipe (one half per direction); got {p}, use {p + 1}")
+        refuse(f"--pp must be even for dualpipe (one half per direction); got {p}, use {p + 1}")
     smallest = Pipeline.smallest_microbatches(schedule, p)
     if n < smallest:
-        _fail(f"--microbatches must be at least {smallest} for {schedule} with --pp {p}; got {n}")
+        refuse(f"--microbatches must be at least {smallest} for {schedule} with --pp {p}; got {n}")
     if schedule == "dualpipe" and n % 2:
-        _fail(f"--microbatches must be even for dualpipe (half per direction); got {n}, "
+        refuse(f"--microbatches must be even for dualpipe (half per direction); got {n}, "
               f"use {n + 1}")
     return Pipeline(schedule, p, n)
 
 
 def _durations(args: argparse.Namespace) -> Durations:
     if args.f <= 0 or args.b <= 0:
-        _fail("--f and --b must be above 0")
+        refuse("--f and --b must be above 0")
     if not 0 <= args.w <= args.b:
-        _fail(f"--w must be between 0 and --b ({args.b}); got {args.w}")
+        refuse(f"--w must be between 0 and --b ({args.b}); got {args.w}")
     if args.fb is not None and args.fb <= 0:
-        _fail(f"--fb must be above 0; got {args.fb}")
+        refuse(f"--fb must be above 0; got {args.fb}")
     return Durations(args.f, args.b, args.w, args.fb)
 
 
@@ -114,21 +105,21 @@ def main(argv: list[str]) -> None:
 
         problem = unwritable_file(args.png)
         if problem:
-            _fail(f"--png {args.png}: {problem}")
+            refuse(f"--png {args.png}: {problem}")
     if args.from_run:
         from plugins.dualpipe.runlog import read_run
 
         if any(v is not None for v in (args.schedule, args.pp, args.microbatches)):
-            _fail("--from-run reads --schedule, --pp and --microbatches from DIR; drop them")
+            refuse("--from-run reads --schedule, --pp and --microbatches from DIR; drop them")
         try:
             timeline, step = read_run(args.from_run, args.step)
         except (ValueError, OSError) as error:
-            _fail(f"--from-run {args.from_run}: {error}")
+            refuse(f"--from-run {args.from_run}: {error}")
         durations = mean_durations(timeline)
         title = f"{timeline.pipeline.schedule}, run {args.from_run}, step {step}"
     else:
         if args.step is not None:
-            _fail("--step needs --from-run DIR")
+            refuse("--step needs --from-run DIR")
         durations = _durations(args)
         timeline = simulate(_pipeline(args), durations)
         title = (f"{timeline.pipeline.schedule}, --pp {timeline.pipeline.ranks}, "

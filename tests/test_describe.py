@@ -95,10 +95,23 @@ def test_json_has_exact_integers(capsys):
       "--recompute-modules", "core_attn"], "--recompute-modules core_attn"),
 ])
 def test_bad_input_is_refused_by_name(argv, message, capsys):
+    """One line, as every megaseek refusal, exit status 2."""
     with pytest.raises(SystemExit) as exited:
         d.main(argv)
     assert exited.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("megaseek: error: ")
+
+
+def test_flops_are_printed_in_a_unit_that_fits(capsys):
+    """tiny's 25 MFLOP per token is not 0.0 GFLOP; DeepSeek-V3's are GFLOP."""
+    tiny = report(["--preset", "tiny"])["flops_per_token"]
+    d.main(["--preset", "tiny"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("FLOPs/token"))
+    assert 1e6 <= tiny["total"] < 1e9
+    assert line.startswith(f"FLOPs/token   {tiny['total'] / 1e6:.1f} MFLOP training")
+    assert f"main {tiny['main'] / 1e6:.1f} MFLOP" in line
+    assert d._flop(260.7e9) == "260.7 GFLOP" and d._flop(3.2e12) == "3.2 TFLOP"
 
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))

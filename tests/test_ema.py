@@ -427,6 +427,20 @@ def test_ema_export_never_writes_over_its_input(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link", "other"]
 
 
+def test_ema_export_overwrite_never_replaces_a_file(tmp_path, capsys):
+    """--overwrite replaces a previous export (a folder): a --save that is a file is
+    refused, naming --save, and the file is left as it was."""
+    ckpt, afile = tmp_path / "ckpt", tmp_path / "afile"
+    ckpt.mkdir()
+    afile.write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        err = _refusal(["ema-export", "--load", str(ckpt), "--save", str(afile), *extra], capsys)
+        assert err == (f"megaseek: error: ema-export --save {afile} is not a folder; "
+                       "--overwrite replaces a previous output (a folder), never a file: "
+                       "write to another path\n")
+    assert afile.read_text() == "keep me"
+
+
 def test_megaseek_has_the_ema_export_command(capsys):
     from integration.cli import main
 
@@ -441,7 +455,8 @@ def test_ema_export_refuses_a_checkpoint_without_ema(tmp_path):
     from plugins.ema import export
 
     options = export.parse(["--load", "CKPT", "--save", "OUT"])
-    with pytest.raises(PluginError, match=r"--load CKPT: the checkpoint holds no EMA"):
+    with pytest.raises(PluginError, match=r"^ema-export needs a checkpoint saved by training "
+                       r"with --plugins ema; CKPT holds no EMA \(no megaseek:ema\.\* weights\)$"):
         export.check_checkpoint(options, {"embedding.word_embeddings.weight"})
     export.check_checkpoint(options, {"megaseek:ema.embedding.word_embeddings.weight"})
 

@@ -179,3 +179,34 @@ def test_rank_0_reports_a_refusal_before_the_others_exit(rank, monkeypatch, caps
         assert said == "megaseek: error: --plugins: unknown plugin(s) nosuch\n" and not slept
     else:
         assert said == "" and slept == [hooks.RANK0_FIRST_S] and hooks.RANK0_FIRST_S >= 5
+
+
+@pytest.mark.parametrize("argv, said", [
+    ([], "usage: megaseek launch SCRIPT [MEGATRON AND PLUGIN ARGUMENTS]\n"
+         "megaseek: error: launch: give the SCRIPT to run\n"),
+    (["/nonexistent.py"], "megaseek: error: launch: no such script: /nonexistent.py\n"),
+], ids=["no-script", "no-such-script"])
+def test_launch_refuses_as_argparse_does(argv, said, capsys):
+    from integration import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["launch", *argv])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == said
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["describe", "--num-layers", "x"], "argument --num-layers: invalid int value: 'x'"),
+    (["convert", "megatron-to-hf", "CKPT"], "the following arguments are required: out"),
+    (["ema-export", "--load", "CKPT"], "the following arguments are required: --save"),
+    (["schedule", "--schedule", "gpipe"], "argument --schedule: invalid choice: 'gpipe'"),
+], ids=["describe", "convert", "ema-export", "schedule"])
+def test_every_command_refuses_a_command_line_in_one_line(argv, said, capsys):
+    """argparse's own refusals read as every other megaseek refusal: one line, exit 2."""
+    from integration import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"megaseek: error: {said}") and err.count("\n") == 1

@@ -288,7 +288,7 @@ def test_an_output_folder_without_write_permission_is_refused_before_any_work(
     with _unprivileged(), pytest.raises(SystemExit) as exited:
         cli.main(["hf-to-megatron", str(plain), str(read_only / "out" / "megatron")])
     assert exited.value.code == 2
-    assert capsys.readouterr().err == (f"megaseek convert: error: {read_only / 'out' / 'megatron'}"
+    assert capsys.readouterr().err == (f"megaseek: error: {read_only / 'out' / 'megatron'}"
                                        f": cannot write in {read_only} (Permission denied)\n")
 
 
@@ -301,8 +301,35 @@ def test_convert_exits_2_on_an_existing_output_before_any_work(plain, tmp_path, 
     with pytest.raises(SystemExit) as exited:
         cli.main([direction, str(plain), str(tmp_path / "out")])
     assert exited.value.code == 2
-    assert capsys.readouterr().err == (f"megaseek convert: error: {tmp_path / 'out'} exists; "
+    assert capsys.readouterr().err == (f"megaseek: error: {tmp_path / 'out'} exists; "
                                        "pass --overwrite to replace it\n")
+
+
+@pytest.mark.parametrize("direction", ["hf-to-megatron", "megatron-to-hf"])
+def test_overwrite_replaces_a_folder_never_a_file(plain, tmp_path, capsys, direction):
+    from integration.hf import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([direction, str(plain), str(afile), *extra])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == (f"megaseek: error: {afile} is not a folder; "
+                                           "--overwrite replaces a previous output (a folder), "
+                                           "never a file: write to another path\n")
+    assert afile.read_text() == "keep me"
+
+
+def test_megatron_to_hf_names_the_folder_as_given(plain, tmp_path, capsys):
+    """CKPT is a positional argument of megatron-to-hf: the refusal names it, not --load."""
+    from integration.hf import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["megatron-to-hf", str(plain), str(tmp_path / "out")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"megaseek: error: {plain}: no checkpoint there "
+                                       "(no latest_checkpointed_iteration.txt)\n")
 
 
 def test_convert_exits_2_naming_the_config_field(plain, tmp_path, capsys):
@@ -314,7 +341,7 @@ def test_convert_exits_2_naming_the_config_field(plain, tmp_path, capsys):
         cli.main(["hf-to-megatron", str(folder), str(tmp_path / "out")])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"megaseek convert: error: {folder / 'config.json'}: "
+    assert err.startswith(f"megaseek: error: {folder / 'config.json'}: "
                           "num_experts_per_tok: 7 is more than the 4 routed experts "
                           "(n_routed_experts)\n") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

@@ -336,6 +336,21 @@ def test_command_converts_to_a_megatron_checkpoint_and_back(converted):
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def test_ema_export_of_a_converted_checkpoint_says_it_needs_ema(converted, capsys):
+    """A converted checkpoint holds no EMA (and no saved arguments): ema-export says what
+    it needs, not what else is missing."""
+    from integration.cli import main
+
+    root = converted[0]
+    with pytest.raises(SystemExit) as exited:
+        main(["ema-export", "--load", str(root / "mtp-megatron"), "--save", str(root / "ema")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "megaseek: error: ema-export needs a checkpoint saved by training with --plugins ema; "
+        f"{root / 'mtp-megatron'} holds no EMA (no megaseek:ema.* weights)\n")
+    assert not (root / "ema").exists()
+
+
 def test_mtp_num_layers_0_skips_it(converted):
     _, _, found, _ = converted
     assert not found["mtp0"]["has_mtp"]
@@ -411,7 +426,7 @@ def test_command_refuses_a_non_finite_checkpoint_in_one_line(converted):
                          env={**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 2, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"megaseek convert: error: model.layers.2.self_attn.o_proj.weight: 1 NaN "
+    assert errors == [f"megaseek: error: model.layers.2.self_attn.o_proj.weight: 1 NaN "
                       f"and 0 inf among its 512 values in {root / 'nan' / 'model.safetensors'}; "
                       "a checkpoint with non-finite weights is not converted"]
     assert "Traceback" not in run.stderr

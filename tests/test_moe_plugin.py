@@ -39,7 +39,8 @@ def without(flag: str) -> list[str]:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (MOE[:2] + MOE[4:], "--num-experts"),  # --plugins moe without --num-experts
+    (MOE[:2] + MOE[4:], "--plugins moe needs --num-experts"),
+    (MOE + ["--num-experts", "0"], "--num-experts 0 must be 1 or more"),
     (without("--moe-router-enable-expert-bias"), "--moe-router-enable-expert-bias"),
     (MOE + ["--moe-router-score-function", "softmax"], "--moe-router-score-function sigmoid"),
     (MOE + ["--moe-router-group-topk", "5"], "--moe-router-group-topk"),
@@ -49,7 +50,7 @@ def without(flag: str) -> list[str]:
     (MOE + ["--moe-router-load-balancing-type", "aux_loss"], "--moe-router-load-balancing-type"),
     (MOE + ["--moe-router-load-balancing-type", "seq_aux_loss"], "--moe-aux-loss-coeff"),
     (["--moe-fp8-dispatch"], "--moe-fp8-dispatch needs '--plugins moe'"),
-], ids=["no-experts", "no-bias", "softmax", "group-topk", "topk", "groups", "fp8-hidden",
+], ids=["no-experts", "zero-experts", "no-bias", "softmax", "group-topk", "topk", "groups", "fp8-hidden",
         "aux-loss", "seq-loss-without-coeff", "flag-without-plugin"])
 def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
     with pytest.raises(PluginError, match=re.escape(message)):

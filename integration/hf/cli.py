@@ -31,7 +31,7 @@ reads such a folder back (its hf_config.json gives the architecture), or a check
 `megaseek pretrain` saved at any layout (its saved arguments do; the vocabulary is
 Megatron's padded one), on one process, and writes a Hugging Face folder. `flags` prints
 the Megatron flags of a Hugging Face config. Output folders appear only when complete.
-Every refusal is one `megaseek convert: error: ...` line and exit status 2: the output
+Every refusal is one `megaseek: error: ...` line and exit status 2: the output
 folder (`integration.output_dir`), the config, the shards' headers and the layout are
 checked before any weight is read; a non-finite weight stops the conversion as it is met.
 """
@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 from integration.output_dir import OutputFolderError, check_output_folder
+from integration.refusals import Parser, refuse
 
 DTYPES = ("float32", "bfloat16", "float16")
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -60,8 +61,8 @@ def _size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from integration.hf.layout import SCHEDULES
 
-    parser = argparse.ArgumentParser(prog="megaseek convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="megaseek convert", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="direction", required=True)
     to_megatron = sub.add_parser("hf-to-megatron")
     to_megatron.add_argument("source")
@@ -172,7 +173,7 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
     from integration.hf.lazy_load import LayerByLayer
 
     check_output_folder(out, overwrite=overwrite, inputs=[source])
-    directory = checkpoint_directory(str(source), None)
+    directory = checkpoint_directory(str(source), None, named=str(source))
     _on_one_rank()
     if (source / "hf_config.json").is_file():
         config, vocab, positions = _config_from_hf(source / "hf_config.json")
@@ -260,8 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             megatron_to_hf(Path(options.source), Path(options.out), options.max_shard_size,
                            options.dtype, options.overwrite)
     except (HFConversionError, OutputFolderError, PluginError) as e:
-        print(f"megaseek convert: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(e)
 
 
 if __name__ == "__main__":

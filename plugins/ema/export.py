@@ -32,8 +32,11 @@ from plugins import PluginError
 from plugins.ema.plugin import CHECKPOINT_PREFIX, add_arguments
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def parse(argv: list[str],
+          parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+          ) -> argparse.Namespace:
+    """`parser_class`: how the command says a refusal (`integration.refusals.Parser`)."""
+    parser = parser_class(
         prog="megaseek ema-export",
         description="Write the EMA weights of a checkpoint saved with --plugins ema as an "
                     "ordinary Megatron checkpoint (no optimizer state).")
@@ -55,8 +58,9 @@ def output_folder(options: argparse.Namespace) -> tuple[str, bool]:
 
 def check_checkpoint(options: argparse.Namespace, checkpoint_keys: set[str]) -> None:
     if not any(key.startswith(CHECKPOINT_PREFIX + ".") for key in checkpoint_keys):
-        raise PluginError(f"ema-export --load {options.load}: the checkpoint holds no EMA (it was "
-                          "not saved with --plugins ema)")
+        raise PluginError(f"ema-export needs a checkpoint saved by training with --plugins "
+                          f"ema; {options.load} holds no EMA (no {CHECKPOINT_PREFIX}.* "
+                          "weights)")
 
 
 def _ema_dests() -> list[str]:

@@ -138,8 +138,10 @@ def _positive(args: argparse.Namespace, dest: str, what: str = "") -> None:
 def validate(args: argparse.Namespace) -> None:
     from plugins.moe.router import RouterConfig
 
-    if not args.num_experts:
+    if args.num_experts is None:
         raise PluginError("--plugins moe needs --num-experts")
+    if args.num_experts < 1:
+        raise PluginError(f"--num-experts {args.num_experts} must be 1 or more")
     refused = first_refused(args, REFUSED)
     if refused:
         raise PluginError(f"--plugins moe: {refused}")
