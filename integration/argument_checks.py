@@ -177,6 +177,7 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     _check_schedule(args)
     _check_mtp_loss_scaling(args, argv)
     _check_tokenizer_for_data(args)
+    _check_async_save(args)
 
 
 def after_megatron(args: argparse.Namespace) -> None:
@@ -334,6 +335,24 @@ def _check_data_prefixes(args) -> None:
                 raise PluginError(f"{flag} {prefix}: no {' or '.join(missing)} (a dataset "
                                   "prefix names the PREFIX.idx and PREFIX.bin files that "
                                   "Megatron's tools/preprocess_data.py writes)")
+
+
+def _check_async_save(args) -> None:
+    """`--async-save` as megatron-core 0.19.2 runs it: without the persistent worker,
+    validate_args turns it off with a warning (arguments.py:1740-1746: the flag would do
+    nothing); with it, the worker calls torch.cuda.set_device (async_utils.py:565), so on a
+    machine without CUDA it dies at start and the first save waits for it forever."""
+    import torch
+
+    if not getattr(args, "async_save", False):
+        return
+    if not getattr(args, "use_persistent_ckpt_worker", False):
+        raise PluginError("--async-save needs --use-persistent-ckpt-worker (without it "
+                          "Megatron saves synchronously): give both, or drop --async-save")
+    if not torch.cuda.is_available():
+        raise PluginError("--async-save needs CUDA GPUs: Megatron's checkpoint worker sets "
+                          "a CUDA device, and without one the first save would wait for it "
+                          "forever; drop --async-save on this machine")
 
 
 def _check_backend(args) -> None:

@@ -179,9 +179,18 @@ REFUSED = {
                                   "--tensorboard-dir /proc/megaseek-tensorboard: cannot write "
                                   "in /proc"),
 }
+REFUSED["async-save-without-its-worker"] = (
+    ["--async-save", "--save", "{folder}/ckpt", "--save-interval", "2"], (),
+    "--async-save needs --use-persistent-ckpt-worker (without it Megatron saves "
+    "synchronously)")
 if not torch.cuda.is_available():
     REFUSED["nccl-without-cuda"] = (["--distributed-backend", "nccl"], (),
                                     "--distributed-backend nccl needs CUDA GPUs")
+    # The worker dies at start (torch.cuda.set_device) and the first save hangs.
+    REFUSED["async-save-without-cuda"] = (
+        ["--async-save", "--use-persistent-ckpt-worker", "--save", "{folder}/ckpt",
+         "--save-interval", "2"], (),
+        "--async-save needs CUDA GPUs")
 
 
 @pytest.fixture
