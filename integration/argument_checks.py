@@ -42,10 +42,11 @@ class Domain:
     below: float | None = None
     finite: bool = False
     unless: Callable[[argparse.Namespace], bool] | None = None
+    named: str | None = None  # the flag, where its dest is not its name (--norm-epsilon)
 
     @property
     def flag(self) -> str:
-        return "--" + self.dest.replace("_", "-")
+        return self.named or "--" + self.dest.replace("_", "-")
 
     def holds(self, value: float) -> bool:
         # Comparisons with NaN are False, and `value == value` is False for it where no
@@ -60,6 +61,8 @@ class Domain:
     def problem(self, args: argparse.Namespace) -> str | None:
         value = getattr(args, self.dest, None)
         if value is None or (self.unless is not None and self.unless(args)):
+            return None
+        if isinstance(value, str):  # `megaseek describe` reads flags it does not use as text
             return None
         if self.holds(value):
             return None
@@ -149,6 +152,13 @@ NUMERIC_DOMAINS = (
     _probability("attention_dropout"),
     Domain("init_method_std", "torch's normal_ raises 'normal expects std >= 0.0' when the "
                               "model is initialised", least=0, finite=True),
+    Domain("rotary_base", "the rotary frequencies take its logarithm: a math domain error "
+                          "when the model is built (0 or less)", above=0, finite=True),
+    Domain("layernorm_epsilon", "a negative epsilon makes a norm's denominator vanish or "
+                                "turn negative: non-finite activations in the first forward",
+           least=0, finite=True, named="--norm-epsilon"),
+    Domain("seed", "_set_random_seed raises 'should be a positive integer' after the "
+                   "process groups are made", least=0),
     Domain("mtp_num_layers", "validate_args reads a negative count as MTP on and refuses the "
                              "position embedding instead", least=0),
     Domain("mtp_loss_scaling_factor", "the MTP loss is added with this weight: a negative "
@@ -178,6 +188,7 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     _check_mtp_loss_scaling(args, argv)
     _check_tokenizer_for_data(args)
     _check_async_save(args)
+    _check_recompute(args)
 
 
 def after_megatron(args: argparse.Namespace) -> None:
@@ -335,6 +346,21 @@ def _check_data_prefixes(args) -> None:
                 raise PluginError(f"{flag} {prefix}: no {' or '.join(missing)} (a dataset "
                                   "prefix names the PREFIX.idx and PREFIX.bin files that "
                                   "Megatron's tools/preprocess_data.py writes)")
+
+
+def _check_recompute(args) -> None:
+    """Full recomputation's two flags go together: TransformerConfig's __post_init__
+    raises on a full granularity without a method once the model is built, and a method
+    without full granularity is read by nothing (megatron-core 0.19.2)."""
+    granularity = getattr(args, "recompute_granularity", None)
+    method = getattr(args, "recompute_method", None)
+    if granularity == "full" and method is None:
+        raise PluginError("--recompute-granularity full needs --recompute-method uniform or "
+                          "block (and --recompute-num-layers N)")
+    if method is not None and granularity != "full":
+        raise PluginError(f"--recompute-method {method} applies to --recompute-granularity "
+                          f"full only (got {granularity or 'none'}): give both, or drop "
+                          "--recompute-method")
 
 
 def _check_async_save(args) -> None:

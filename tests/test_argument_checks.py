@@ -111,6 +111,15 @@ REFUSED = {
                                      "--mtp-loss-scaling-factor 0.3 weighs the MTP loss, and "
                                      "there is none: give --mtp-num-layers N"),
     "clip-grad-negative": (["--clip-grad", "-1"], (), "--clip-grad -1.0 must be 0 or more"),
+    "rotary-base-0": (["--rotary-base", "0"], (), "--rotary-base 0 must be above 0"),
+    "norm-epsilon-negative": (["--norm-epsilon", "-1"], (),
+                              "--norm-epsilon -1.0 must be 0 or more"),
+    "seed-negative": (["--seed", "-1"], (), "--seed -1 must be 0 or more"),
+    "full-recompute-without-method": (["--recompute-granularity", "full"], (),
+                                      "--recompute-granularity full needs --recompute-method"),
+    "recompute-method-without-full": (["--recompute-method", "uniform"], (),
+                                      "--recompute-method uniform applies to "
+                                      "--recompute-granularity full only"),
     # numbers outside their domain: torch fails once the model or the optimizer is built
     "hidden-size-negative": (["--hidden-size", "-128"], (), "--hidden-size -128 must be 1 or "
                                                             "more"),

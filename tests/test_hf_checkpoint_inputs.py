@@ -365,3 +365,25 @@ def test_check_finite_names_nan_and_inf_in_each_dtype():
                 check_finite(dirty, "w", "here")
     check_finite(torch.zeros(0), "empty", "here")
     check_finite(torch.arange(4), "integers", "here")
+
+
+def test_the_config_of_an_fp8_moe_run_builds_for_export(monkeypatch):
+    """A checkpoint trained with --plugins fp8 and MoE (the tiny preset) exports: FP8 changes
+    no weight, and Megatron's config refuses MoE FP8 without Transformer Engine by itself
+    (the fp8 plugin lifts that check inside a run only). Before, megatron-to-hf of such a
+    checkpoint failed with that ValueError (a new user's try, 2026-12-06)."""
+    from integration import checkpoint_tool, presets
+    from integration.hf import cli
+    from integration.pretrain import with_defaults
+    from tests.plugin_args import validated
+
+    argv = with_defaults(presets.expand(
+        ["--preset", "tiny", "--mock-data", "--micro-batch-size", "1", "--global-batch-size",
+         "4", "--train-iters", "2", "--lr", "1e-3"], announce=False))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args, _ = validated(argv)
+    assert args.fp8 and args.num_experts  # what made Megatron's config refuse
+    monkeypatch.setattr(checkpoint_tool, "saved_arguments", lambda directory: args)
+    config, vocab, _ = cli._config_from_saved_arguments("ckpt")
+    assert config.fp8 is None and config.num_moe_experts == args.num_experts
+    assert vocab == args.padded_vocab_size

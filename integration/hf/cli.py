@@ -229,6 +229,11 @@ def _config_from_saved_arguments(directory: str):
         raise HFConversionError(f"{directory}: export needs a DeepSeek-V3 model: "
                                 "--multi-latent-attention and "
                                 "--untie-embeddings-and-output-weights")
+    # Reset on the arguments too, not only on the config built from them: Megatron's
+    # config refuses some run settings on its own (FP8 with MoE needs TE there; the fp8
+    # plugin lifts that check only inside a run), and none of them changes a weight.
+    args = argparse.Namespace(**{**vars(args),
+                                 **{k: v for k, v in ONE_RANK.items() if hasattr(args, k)}})
     config = core_transformer_config_from_args(args, MLATransformerConfig)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     fields.update({k: v for k, v in ONE_RANK.items() if k in fields})
