@@ -9,16 +9,9 @@ import torch
 import integration  # noqa: F401  (megatron.training on Python 3.11)
 from plugins import PluginError
 from tests.multirank import run_ranks
+from tests.training_runs import MLA_CHUNK
 
-MODEL = ["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256",
-         "--num-attention-heads", "4", "--seq-length", "8", "--max-position-embeddings", "8",
-         "--micro-batch-size", "2", "--transformer-impl", "local",
-         "--no-gradient-accumulation-fusion", "--swiglu", "--disable-bias-linear",
-         "--no-bias-swiglu-fusion", "--normalization", "RMSNorm", "--no-persist-layer-norm",
-         "--position-embedding-type", "none", "--hidden-dropout", "0", "--attention-dropout",
-         "0", "--multi-latent-attention", "--q-lora-rank", "128", "--kv-lora-rank", "128",
-         "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
-         "--plugins", "mla"]
+MODEL = [*MLA_CHUNK, "--plugins", "mla"]
 FP8 = ["fp8", "--fp8-format", "e4m3", "--fp8-recipe", "blockwise", "--fp8-backend",
        "emulated"]
 EXCLUDED = ["--fp8-exclude-modules", "linear_kv_up_proj", "linear_fc1", "linear_fc2"]

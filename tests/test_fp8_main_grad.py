@@ -17,15 +17,9 @@ import pytest
 import torch
 
 from tests.multirank import run_ranks
+from tests.training_runs import MLA_CHUNK
 
-MODEL = ["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256",
-         "--num-attention-heads", "4", "--seq-length", "8", "--max-position-embeddings", "8",
-         "--micro-batch-size", "2", "--transformer-impl", "local",
-         "--no-gradient-accumulation-fusion", "--swiglu", "--disable-bias-linear",
-         "--no-bias-swiglu-fusion", "--normalization", "RMSNorm", "--no-persist-layer-norm",
-         "--position-embedding-type", "none", "--hidden-dropout", "0", "--attention-dropout",
-         "0", "--multi-latent-attention", "--q-lora-rank", "128", "--kv-lora-rank", "128",
-         "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
+MODEL = [*MLA_CHUNK,
          "--num-experts", "4", "--moe-router-topk", "2", "--moe-router-score-function",
          "sigmoid", "--moe-router-enable-expert-bias", "--moe-ffn-hidden-size", "128",
          "--moe-shared-expert-intermediate-size", "128", "--moe-router-load-balancing-type",

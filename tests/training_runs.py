@@ -21,6 +21,18 @@ import torch
 
 from tests import backend, forked_command
 
+# A two-layer MLA model chunk whose every GEMM dimension is a whole 128-tile (FP8 runs it),
+# for the tests that build one chunk in process; `--plugins ...` follows.
+MLA_CHUNK = ["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256",
+             "--num-attention-heads", "4", "--seq-length", "8", "--max-position-embeddings",
+             "8", "--micro-batch-size", "2", "--transformer-impl", "local",
+             "--no-gradient-accumulation-fusion", "--swiglu", "--disable-bias-linear",
+             "--no-bias-swiglu-fusion", "--normalization", "RMSNorm",
+             "--no-persist-layer-norm", "--position-embedding-type", "none",
+             "--hidden-dropout", "0", "--attention-dropout", "0", "--multi-latent-attention",
+             "--q-lora-rank", "128", "--kv-lora-rank", "128", "--qk-head-dim", "32",
+             "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32"]
+
 TINY_GPT = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
     "--seq-length", "64", "--max-position-embeddings", "64",

@@ -34,7 +34,8 @@ from functools import wraps
 from typing import Any, Iterator
 
 from upstream.patching import Fix, Patcher, source_has
-from upstream.seams import SEAM, VERSION, CheckpointMismatch
+from upstream.seams import (SEAM, VERSION, CheckpointMismatch, megatron_checkpointing,
+                            megatron_training)
 
 MANIFEST = "megaseek-checksums"  # the folder of entries inside iter_N
 DATA_SUFFIX = ".distcp"
@@ -43,14 +44,6 @@ _WRITER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
 
 def _module(name: str):
     return importlib.import_module(name)
-
-
-def _checkpointing():
-    return _module("megatron.training.checkpointing")
-
-
-def _training():
-    return _module("megatron.training.training")
 
 
 class CheckpointCorrupt(ValueError):
@@ -258,7 +251,7 @@ def checksummed_saves() -> Iterator[None]:
 def checkpoint_to_load(args, load_arg: str = "load") -> str | None:
     """The iteration folder Megatron's load_checkpoint will read (`--ckpt-step` or the
     tracker's), or None where there is none."""
-    checkpointing = _checkpointing()
+    checkpointing = megatron_checkpointing()
     load_dir = getattr(args, load_arg, None)
     if not load_dir:
         return None
@@ -280,7 +273,7 @@ def _refuse_a_missing_step(args, load_arg: str) -> None:
     load_dir, step = getattr(args, load_arg, None), getattr(args, "ckpt_step", None)
     if not load_dir or step is None or not os.path.isdir(load_dir):
         return
-    if os.path.isdir(_checkpointing().get_checkpoint_name(load_dir, step, False,
+    if os.path.isdir(megatron_checkpointing().get_checkpoint_name(load_dir, step, False,
                                                           return_base_dir=True)):
         return
     held = sorted(int(name[len("iter_"):]) for name in os.listdir(load_dir)
@@ -295,7 +288,7 @@ def verified_load() -> Fix:
     (`verify_checkpoint`); without a manifest, rank 0 says once that they were not."""
 
     def apply(patcher: Patcher) -> None:
-        checkpointing = _checkpointing()
+        checkpointing = megatron_checkpointing()
         load_checkpoint = checkpointing.load_checkpoint
         told: set[str] = set()  # folders said to be unverified (once each, per run)
 
@@ -319,7 +312,7 @@ def verified_load() -> Fix:
             return load_checkpoint(*args, **kwargs)
 
         patcher.setattr(checkpointing, "load_checkpoint", verify_then_load)
-        training = _training()
+        training = megatron_training()
         if getattr(training, "load_checkpoint", None) is load_checkpoint:
             patcher.setattr(training, "load_checkpoint", verify_then_load)
 
@@ -329,7 +322,7 @@ def verified_load() -> Fix:
         f"args.<load_arg> :2093, iteration from the tracker or --ckpt-step) ({VERSION})",
         "Megatron loads a damaged file silently (4 KiB of random bytes in a .distcp loaded "
         "and trained on until a NaN gradient norm); the files are checked first",
-        lambda: source_has(_checkpointing().load_checkpoint, "load_dir = getattr(args, load_arg)"),
+        lambda: source_has(megatron_checkpointing().load_checkpoint, "load_dir = getattr(args, load_arg)"),
         apply, SEAM)
 
 
@@ -341,7 +334,7 @@ def failed_save_named(failures: list) -> Fix:
     the partial iteration folder. `failures`: the OSErrors `checksums_as_written` kept."""
 
     def apply(patcher: Patcher) -> None:
-        checkpointing = _checkpointing()
+        checkpointing = megatron_checkpointing()
         save_checkpoint = checkpointing.save_checkpoint
 
         @wraps(save_checkpoint)
@@ -355,7 +348,7 @@ def failed_save_named(failures: list) -> Fix:
                 raise _save_failure(iteration, failures) from error
 
         patcher.setattr(checkpointing, "save_checkpoint", save_or_name_the_failure)
-        training = _training()
+        training = megatron_training()
         if getattr(training, "save_checkpoint", None) is save_checkpoint:
             patcher.setattr(training, "save_checkpoint", save_or_name_the_failure)
 
@@ -377,7 +370,7 @@ def _save_failure(iteration: int, failures: list) -> CheckpointSaveFailed:
     import torch.distributed as dist
     from megatron.training import get_args
 
-    checkpointing = _checkpointing()
+    checkpointing = megatron_checkpointing()
     args = get_args()
     mine = [f"{f.strerror} [errno {f.errno}]: {f.filename}" for f in failures]
     gathered: list[Any] = [mine]

@@ -50,11 +50,13 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
-def _training():
+def megatron_training():
+    """megatron.training.training, imported when a seam is applied (not when upstream/ is)."""
     return _module("megatron.training.training")
 
 
-def _checkpointing():
+def megatron_checkpointing():
+    """megatron.training.checkpointing, imported when a seam is applied."""
     return _module("megatron.training.checkpointing")
 
 
@@ -242,7 +244,7 @@ def plugin_specs_in_place() -> bool:
 
 def schedule(forward_backward: Callable[..., Any]) -> Fix:
     def apply(patcher: Patcher) -> None:
-        training = _training()
+        training = megatron_training()
 
         @wraps(training.get_forward_backward_func)
         def get_forward_backward_func(*unused, **unused_kw):
@@ -255,8 +257,8 @@ def schedule(forward_backward: Callable[..., Any]) -> Fix:
         f"megatron/training/training.py:98 (import), :3614 train, :4198 evaluate ({VERSION})",
         "get_forward_backward_func (schedules.py:48) is a plain if/else with no registry; "
         "training looks the name up in its module at each call",
-        lambda: source_has(_training().train_step, "get_forward_backward_func(")
-        or source_has(_training().train, "get_forward_backward_func("),
+        lambda: source_has(megatron_training().train_step, "get_forward_backward_func(")
+        or source_has(megatron_training().train, "get_forward_backward_func("),
         apply, SEAM)
 
 
@@ -276,7 +278,7 @@ def before_gradient_checks(callbacks: Callable[[], list[Callable[[int], None]]])
     def apply(patcher: Patcher) -> None:
         from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
-        training = _training()
+        training = megatron_training()
         finalize, check_grads = training.finalize_model_grads, _ParamAndGradBucketGroup.check_grads
 
         def run_callbacks() -> None:
@@ -302,7 +304,7 @@ def before_gradient_checks(callbacks: Callable[[], list[Callable[[int], None]]])
     def probe() -> bool:
         from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
-        return (source_has(_training().train, "config.finalize_model_grads_func = "
+        return (source_has(megatron_training().train, "config.finalize_model_grads_func = "
                            "finalize_model_grads")
                 and source_has(_ParamAndGradBucketGroup.start_grad_sync, "self.check_grads("))
 
@@ -326,7 +328,7 @@ def after_optimizer_step(callbacks_for: Callable[[list, Any], list[Callable[[int
     across a resume)."""
 
     def apply(patcher: Patcher) -> None:
-        training = _training()
+        training = megatron_training()
         build_optimizer = training.get_megatron_optimizer
 
         @wraps(build_optimizer)
@@ -343,7 +345,7 @@ def after_optimizer_step(callbacks_for: Callable[[list, Any], list[Callable[[int
         f":2474 optimizer.step() in train_step ({VERSION})",
         "Megatron has no step callback; the optimizer it builds gets one wrapped around "
         "its step",
-        lambda: source_has(_training().train_step, "optimizer.step()"),
+        lambda: source_has(megatron_training().train_step, "optimizer.step()"),
         apply, SEAM)
 
 
@@ -373,7 +375,7 @@ def after_training(callback: Callable[[], None]) -> Fix:
     not when it raised (its error is the one to see)."""
 
     def apply(patcher: Patcher) -> None:
-        training = _training()
+        training = megatron_training()
         train = training.train
 
         @wraps(train)
@@ -394,7 +396,7 @@ def after_training(callback: Callable[[], None]) -> Fix:
         f":4157 or leaves through sys.exit at :4155 ({VERSION})",
         "Megatron has no end-of-training callback; pretrain looks train up in its module "
         "at the call",
-        lambda: source_has(_training().pretrain, "= train("),
+        lambda: source_has(megatron_training().pretrain, "= train("),
         apply, SEAM)
 
 
@@ -610,7 +612,7 @@ def pipeline_placement(placement: Placement) -> Fix:
         "stage (e.g. which batch fields get_batch reads) is asked of parallel_state; the "
         "MTP stage's embedding copy is tied to stage 0's by an all-reduce over a group of "
         "ranks, which cannot tie two copies on one rank",
-        lambda: source_has(_training().get_model, "is_pp_first_stage(", "is_vp_first_stage(")
+        lambda: source_has(megatron_training().get_model, "is_pp_first_stage(", "is_vp_first_stage(")
         and source_has(_module("megatron.core.models.gpt.gpt_model").GPTModel.__init__,
                        "mtp_on_this_rank("),
         apply, SEAM)
@@ -704,7 +706,7 @@ def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
     or None when the checkpoint holds nothing for it)."""
 
     def apply(patcher: Patcher) -> None:
-        checkpointing = _checkpointing()
+        checkpointing = megatron_checkpointing()
         generate_state_dict, load_checkpoint = (checkpointing.generate_state_dict,
                                                 checkpointing.load_checkpoint)
         loading: dict[str, Any] = {}  # while load_checkpoint runs: checkpoint keys present
@@ -747,7 +749,7 @@ def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
         patcher.setattr(checkpointing, "generate_state_dict", with_plugin_state)
         patcher.setattr(checkpointing, "load_checkpoint", load_with_plugin_state)
         # training.py imports both by name.
-        training = _training()
+        training = megatron_training()
         for attribute, replacement in (("load_checkpoint", load_with_plugin_state),):
             if hasattr(training, attribute):
                 patcher.setattr(training, attribute, replacement)
@@ -758,7 +760,7 @@ def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
         f":2311/:2408), :2066 load_checkpoint, :1633 _load_base_checkpoint ({VERSION})",
         "save and load both build their sharded state dict in generate_state_dict; plugin "
         "state joins it under its own key and is handed back after the load",
-        lambda: source_has(_checkpointing().load_checkpoint, "generate_state_dict(",
+        lambda: source_has(megatron_checkpointing().load_checkpoint, "generate_state_dict(",
                            "_load_base_checkpoint("),
         apply, SEAM)
 
@@ -796,7 +798,7 @@ def _checkpoint_keys(args) -> set[str]:
     from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    checkpointing = _checkpointing()
+    checkpointing = megatron_checkpointing()
     load_dir = getattr(args, "load", None)
     if not load_dir:
         return set()
@@ -838,7 +840,7 @@ def checkpoint_mismatch_named() -> Fix:
     of a checkpoint holding the state of a plugin this run does not enable says so."""
 
     def apply(patcher: Patcher) -> None:
-        checkpointing = _checkpointing()
+        checkpointing = megatron_checkpointing()
         load_checkpoint = checkpointing.load_checkpoint
 
         @wraps(load_checkpoint)
@@ -863,7 +865,7 @@ def checkpoint_mismatch_named() -> Fix:
             return result
 
         patcher.setattr(checkpointing, "load_checkpoint", load_or_name_the_mismatch)
-        training = _training()
+        training = megatron_training()
         if getattr(training, "load_checkpoint", None) is load_checkpoint:
             patcher.setattr(training, "load_checkpoint", load_or_name_the_mismatch)
 
@@ -1037,7 +1039,7 @@ def _saved_args(args):
     try:
         from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-        checkpointing = _checkpointing()
+        checkpointing = megatron_checkpointing()
         iteration, release = checkpointing.read_metadata(
             checkpointing.get_checkpoint_tracker_filename(args.load))
         if getattr(args, "ckpt_step", None) is not None:
@@ -1059,7 +1061,7 @@ def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]
     (NAME)`), beside the raw weights' values rather than over them. The passes read no
     data: the validation position that a checkpoint saves is the first evaluation's."""
     def apply(patcher: Patcher) -> None:
-        training = _training()
+        training = megatron_training()
         evaluate_and_print = training.evaluate_and_print_results
         print_rank_last = training.print_rank_last
         tensorboard_writer = training.get_tensorboard_writer
@@ -1106,9 +1108,9 @@ def evaluation_passes(passes: Callable[[], Iterable[tuple[str, Callable[[], Any]
         f"args.consumed_valid_samples at :4294 ({VERSION})",
         "Megatron evaluates one set of weights; a plugin's pass runs the same evaluation "
         "again on the batches the first one read",
-        lambda: source_has(_training().evaluate_and_print_results, "evaluate(",
+        lambda: source_has(megatron_training().evaluate_and_print_results, "evaluate(",
                            "print_rank_last(", "get_tensorboard_writer()", "get_wandb_writer()")
-        and source_has(_training().evaluate, "args.consumed_valid_samples +="),
+        and source_has(megatron_training().evaluate, "args.consumed_valid_samples +="),
         apply, SEAM)
 
 
