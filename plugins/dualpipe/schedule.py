@@ -4,7 +4,8 @@
 schedules (megatron/core/pipeline_parallel/schedules.py) that runs this rank's cells of
 `Pipeline.program` in order, each forward and backward through Megatron's own
 `forward_step` and `backward_step`, so the loss, its scaling and the MoE and MTP loss
-scales are Megatron's.
+scales are Megatron's. Each call is one `Step`, whose fields are Megatron's keywords:
+`Step.run` is the step in four numbered phases, `Step.cell` one cell of the program.
 
 Megatron's training loop reduces and logs the loss on the last pipeline rank
 (training.py:2500, :4266) and broadcasts the token count from it (finalize_model_grads.py
