@@ -419,7 +419,12 @@ def test_every_private_megatron_name_a_plugin_relies_on_has_a_probe():
     from upstream import private_names
 
     uses = _private_megatron_uses()
-    assert uses, "the scan finds nothing: it is broken"
+    # The scan sees each kind of use: a method set on the instance, a method of the class,
+    # a function of a Megatron module, a method of an object the plugin is handed.
+    assert {("plugins/fp8/modules.py", "_forward_impl"),
+            ("plugins/common/parallel_linear.py", "_forward_impl"),
+            ("plugins/dualpipe/schedule.py", "_build_default_pg_collection"),
+            ("plugins/ema/ema.py", "_get_model_param_range_map")} <= uses
     records = [f for f in ALL if f.name.startswith("private:")]
     assert set(records) == set(private_names.FIXES)
     uncovered = sorted((where, name) for where, name in uses if not any(
