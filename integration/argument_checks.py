@@ -445,14 +445,19 @@ def _check_query_groups(args, argv: list[str]) -> None:
     --num-attention-heads / groups query heads (attention.py:1867 reshapes by it: a raw
     shape error in the first forward), and the groups are split over the tensor-parallel
     ranks or shared by them (TransformerConfig raises a ValueError once the model is
-    built). Without --group-query-attention, argument_utils.py:330 drops the count."""
+    built). Without --group-query-attention, argument_utils.py:330 drops the count; MLA
+    (Megatron's or the mla plugin's) has no key/value groups, and validate_args refuses
+    --group-query-attention with it (arguments.py:1893)."""
     from upstream.cpu import given
 
-    if not args.group_query_attention:
-        if given(argv, "--num-query-groups"):
-            raise PluginError(f"--num-query-groups {args.num_query_groups} is read only with "
-                              "--group-query-attention: give both, or drop "
-                              "--num-query-groups")
+    mla = getattr(args, "multi_latent_attention", False)
+    if given(argv, "--num-query-groups") and (mla or not args.group_query_attention):
+        raise PluginError(f"--num-query-groups {args.num_query_groups}: "
+                          + ("--multi-latent-attention has no key/value groups (its keys "
+                             "and values come from one latent): drop --num-query-groups"
+                             if mla else "read only with --group-query-attention: give "
+                                         "both, or drop --num-query-groups"))
+    if mla or not args.group_query_attention:
         return
     groups, heads = args.num_query_groups, args.num_attention_heads
     if not groups or not heads or groups < 1 or heads < 1:
@@ -471,14 +476,17 @@ def _check_query_groups(args, argv: list[str]) -> None:
 def _check_batch_ramp_up(args) -> None:
     """megatron-core 0.19.2 deprecated --rampup-batch-size and reads it nowhere: the
     microbatch calculator is built without it (global_vars.py:127) and every iteration
-    uses --global-batch-size, with --train-iters or --train-samples alike."""
+    uses --global-batch-size, with --train-iters or --train-samples alike. Its successor,
+    --step-batch-size-schedule, counts its thresholds in tokens (global_vars.py:134 passes
+    --seq-length) and trains with --train-samples (training.py:1534)."""
     ramp = getattr(args, "rampup_batch_size", None)
     if ramp is not None:
         raise PluginError(f"--rampup-batch-size {' '.join(map(str, ramp))} is ignored by "
                           "Megatron 0.19.2 (deprecated: every step uses --global-batch-size); "
                           "for a growing batch give --step-batch-size-schedule "
-                          "'SAMPLES:BATCH ...' (e.g. '0:16 300000:1024') with --train-samples, "
-                          "in place of --global-batch-size, or drop --rampup-batch-size")
+                          "'TOKENS:BATCH ...' (each batch size from that many tokens trained "
+                          "on, e.g. '0:16 1B:1024') with --train-samples, in place of "
+                          "--global-batch-size; or drop --rampup-batch-size")
 
 
 def _check_sequence_parallel(args) -> None:
@@ -533,15 +541,16 @@ def _check_wsd_schedule(args, argv: list[str]) -> None:
         decay = (args.lr_decay_samples if args.lr_decay_samples is not None
                  else args.train_samples)
     wsd, flag = getattr(args, f"lr_wsd_decay_{unit}"), f"--lr-wsd-decay-{unit}"
+    noun = "iterations" if unit == "iters" else "samples"
     if getattr(args, f"lr_wsd_decay_{other}") is not None:
         raise PluginError(f"--lr-wsd-decay-{other} is for --train-{other} runs; this one "
                           f"counts --train-{unit}: give {flag} N instead")
     if wsd is None:
-        raise PluginError(f"--lr-decay-style WSD needs {flag} N: the last N {unit} of the "
+        raise PluginError(f"--lr-decay-style WSD needs {flag} N: the last N {noun} of the "
                           f"decay, over which the learning rate anneals to --min-lr")
     if not 1 <= wsd <= decay:
         raise PluginError(f"{flag} {wsd} must be in [1, {decay}]: the annealing is the last "
-                          f"part of the decay's {decay} {unit}")
+                          f"part of the decay's {decay} {noun}")
 
 
 # What each of Megatron's tokenizers loads (core/tokenizers/utils/build_tokenizer.py):

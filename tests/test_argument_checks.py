@@ -206,8 +206,11 @@ REFUSED = {
                                     "--num-query-groups 3 must be a multiple or a divisor of "
                                     "--tensor-model-parallel-size 2"),
     "query-groups-without-gqa": (["--num-query-groups", "2"], (),
-                                 "--num-query-groups 2 is read only with "
+                                 "--num-query-groups 2: read only with "
                                  "--group-query-attention"),
+    "query-groups-with-mla": (["--multi-latent-attention", "--num-query-groups", "2"], (),
+                              "--num-query-groups 2: --multi-latent-attention has no "
+                              "key/value groups"),
     # flags Megatron reads nowhere, or turns off
     "rampup-batch-size": (["--rampup-batch-size", "1", "1", "100"], (),
                           "--rampup-batch-size 1 1 100 is ignored by Megatron 0.19.2"),
@@ -245,11 +248,6 @@ REFUSED = {
     "wsd-style-without-wsd": (["--lr-decay-style", "cosine", "--lr-wsd-decay-style", "linear"],
                               (), "--lr-wsd-decay-style applies to --lr-decay-style WSD only"),
     # tokenizers: Megatron opens their files (or downloads them) only when it builds them
-    "gpt2-bpe-without-vocab-file": (["--tokenizer-type", "GPT2BPETokenizer"], (),
-                                    "--tokenizer-type GPT2BPETokenizer needs --vocab-file FILE"),
-    "gpt2-bpe-without-merge-file": (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
-                                     "{file}"], (),
-                                    "--tokenizer-type GPT2BPETokenizer needs --merge-file FILE"),
     "bert-vocab-file-missing": (["--tokenizer-type", "BertWordPieceCase", "--vocab-file",
                                  "{folder}/vocab.txt"], (),
                                 "--vocab-file {folder}/vocab.txt: no such file"),
@@ -433,6 +431,26 @@ def test_the_users_vocab_size_is_kept_with_the_built_in_corpus(tmp_path, monkeyp
     assert vocab(pretrain.with_defaults(presets.expand(user, announce=False), user)) == "512"
 
 
+def test_a_tokenizer_file_is_asked_for_unless_megatron_has_it_cached(tmp_path, monkeypatch):
+    """Megatron's BPE and WordPiece tokenizers take a file not given from their download
+    cache, and download it (with the wget package) where it is not there."""
+    from megatron.core.tokenizers.text.libraries import megatron_hf_tokenizer
+
+    monkeypatch.setattr(megatron_hf_tokenizer, "MEGATRON_CACHE", str(tmp_path))
+    argv = command_line(["--tokenizer-type", "GPT2BPETokenizer"])
+    assert start_up_refusal(argv, monkeypatch) == (
+        "--tokenizer-type GPT2BPETokenizer needs --vocab-file FILE (Megatron would otherwise "
+        "download it with the wget package)")
+    (tmp_path / "GPT2BPETokenizer_vocab").write_text("{}")
+    assert start_up_refusal(argv, monkeypatch).startswith(
+        "--tokenizer-type GPT2BPETokenizer needs --merge-file FILE")
+    (tmp_path / "GPT2BPETokenizer_merges").write_text("")
+    assert start_up_refusal(argv, monkeypatch) is None
+    assert start_up_refusal(command_line(["--tokenizer-type", "BertWordPieceCase"]),
+                            monkeypatch).startswith(
+        "--tokenizer-type BertWordPieceCase needs --vocab-file FILE")
+
+
 @pytest.mark.slow
 def test_a_data_path_with_ids_past_the_vocabulary_fails_at_its_first_batch(tmp_path):
     """Not known at start-up (the largest id of a --data-path is in no index): the first
@@ -493,6 +511,10 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
      "(total_model_size=4) (the 2 ranks of the run, in model replicas of "
      "--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
      "ranks each) "),
+    # MLA has no key/value groups (the mla plugin's attention no more than Megatron's)
+    (["--multi-latent-attention", "--group-query-attention"],
+     "Megatron's argument check failed: Group query attention is mutually exclusive with "
+     "multi latent attention. (--group-query-attention) "),
     # a required flag left out ('hidden_size argument is None')
     (["drop"], "Megatron's argument check failed: give --hidden-size (Megatron requires it)"),
 ])
@@ -576,7 +598,12 @@ MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size",
     # an unmodified launch script (Megatron-LM's release pretrain_gpt.py)
     (["-m", "integration.launch", RELEASE_SCRIPT], [*MOCK_DATA, "--log-interval", "0"],
      "megaseek: error: --log-interval 0 must be 1 or more"),
-], ids=["argparse", "start-up-check", "launcher-start-up-check"])
+    # Megatron would build the tokenizer after start-up: a wget download, on every rank
+    (["-m", "integration.pretrain"], ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
+                                      "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt"],
+     "megaseek: error: --vocab-file gpt2-vocab.json: no such file (--tokenizer-type "
+     "GPT2BPETokenizer reads it)"),
+], ids=["argparse", "start-up-check", "launcher-start-up-check", "tokenizer-files"])
 def test_a_refusal_is_one_line_on_rank_0_with_exit_status_2(entry, extra, said, tmp_path):
     with pytest.raises(AssertionError) as failed:
         torchrun(entry, TINY_GPT + ["--train-iters", "3", *extra], tmp_path)
