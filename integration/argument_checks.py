@@ -567,6 +567,16 @@ TOKENIZER_NEEDS = {
     "HuggingFaceTokenizer": (("--tokenizer-model",), "transformers"),
     "SFTTokenizer": (("--tokenizer-model",), "transformers"),
 }
+# The tokenizers that read each file flag (build_tokenizer.py:44-80); the others drop it.
+_VOCABULARY_READERS = ("GPT2BPETokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
+                       "HuggingFaceTokenizer")
+TOKENIZER_FILE_READERS = {
+    "--vocab-file": _VOCABULARY_READERS,
+    "--merge-file": _VOCABULARY_READERS,
+    "--tokenizer-model": ("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                          "Llama2Tokenizer", "TikTokenizer", "HuggingFaceTokenizer",
+                          "SFTTokenizer"),
+}
 # Megatron's BPE and WordPiece tokenizers fetch a missing file with wget from a fixed URL
 # into its cache, as TYPE_vocab and TYPE_merges (megatron_hf_tokenizer.py:117, 139), where
 # an earlier run may have left it.
@@ -583,6 +593,13 @@ def _check_tokenizer_files(args) -> None:
     import os
 
     kind = getattr(args, "tokenizer_type", None)
+    if kind is None:
+        return
+    for flag, readers in TOKENIZER_FILE_READERS.items():
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is not None and kind not in readers:
+            raise PluginError(f"{flag} {path}: --tokenizer-type {kind} does not read it "
+                              f"(read by {', '.join(readers)}): drop {flag}")
     if kind not in TOKENIZER_NEEDS:
         return
     flags, package = TOKENIZER_NEEDS[kind]

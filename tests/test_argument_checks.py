@@ -257,6 +257,14 @@ REFUSED = {
     "tiktoken-model-missing": (["--tokenizer-type", "TikTokenizer", "--tokenizer-model",
                                 "{folder}/none.json"], (),
                                "--tokenizer-model {folder}/none.json: no such file"),
+    "vocab-file-unread": (["--tokenizer-type", "NullTokenizer", "--vocab-size", "257",
+                           "--vocab-file", "{file}"], (),
+                          "--vocab-file {file}: --tokenizer-type NullTokenizer does not read "
+                          "it"),
+    "tokenizer-model-unread": (["--tokenizer-type", "BertWordPieceCase", "--vocab-file",
+                                "{file}", "--tokenizer-model", "{file}"], (),
+                               "--tokenizer-model {file}: --tokenizer-type BertWordPieceCase "
+                               "does not read it"),
     "hf-tokenizer-without-model": (["--tokenizer-type", "HuggingFaceTokenizer"], (),
                                    "--tokenizer-type HuggingFaceTokenizer needs "
                                    "--tokenizer-model"),
