@@ -164,3 +164,39 @@ def test_an_unwritable_save_folder_is_refused(tmp_path):
     with pytest.raises(PluginError, match=f"^--save {parent}/ckpt: cannot write in {parent} "
                                           r"\(.+\); give --save a folder this user can write in"):
         check(_args(save=str(parent / "ckpt")))
+
+
+@pytest.mark.parametrize("flag, saved, run, said", [
+    ("num_layers", 4, 3, "--num-layers 4, this run has 3"),
+    ("hidden_size", 64, 128, "--hidden-size 64, this run has 128"),
+    ("add_position_embedding", True, False,
+     "--no-position-embedding (add_position_embedding) True, this run has False"),
+])
+def test_a_resume_with_another_compared_argument_names_the_flag(flag, saved, run, said,
+                                                                 monkeypatch):
+    """Megatron's own check_checkpoint_args (the arguments it compares with the saved ones
+    at load) fails naming the flag and both values, not with its AssertionError."""
+    from megatron.training import checkpointing
+
+    from upstream import seams
+    from upstream.patching import Patcher
+
+    sizes = dict(num_layers=4, hidden_size=64, num_attention_heads=4,
+                 add_position_embedding=True, vocab_file=None, data_parallel_random_init=False,
+                 phase_transition_iterations=None, use_dist_ckpt=True, load="ckpt")
+    checkpoint = argparse.Namespace(**sizes)
+    this_run = argparse.Namespace(**dict(sizes, **{flag: run}))
+    setattr(checkpoint, flag, saved)
+    monkeypatch.setattr(checkpointing, "get_args", lambda: this_run)
+    monkeypatch.setattr("megatron.training.get_args", lambda: this_run)
+    monkeypatch.setattr(checkpointing, "_CHECKPOINT_VERSION", 3.0)
+    patcher = Patcher()
+    seams.checkpoint_mismatch_named().apply(patcher)
+    try:
+        checkpointing.check_checkpoint_args(argparse.Namespace(**vars(this_run)))  # passes
+        with pytest.raises(seams.CheckpointMismatch) as refused:
+            checkpointing.check_checkpoint_args(checkpoint)
+    finally:
+        patcher.undo()
+    assert str(refused.value) == (f"--load ckpt: the checkpoint was saved with {said}: resume "
+                                  "with the value it was saved with")

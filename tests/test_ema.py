@@ -441,6 +441,19 @@ def test_ema_export_overwrite_never_replaces_a_file(tmp_path, capsys):
     assert afile.read_text() == "keep me"
 
 
+def test_ema_export_of_a_step_not_saved_names_ckpt_step_and_the_saved_ones(tmp_path, capsys):
+    """--ckpt-step N where the folder holds no iteration N: the refusal names --ckpt-step
+    and lists the iterations it has (before anything is read)."""
+    ckpt = tmp_path / "ckpt"
+    for iteration in (2, 10):
+        (ckpt / f"iter_{iteration:07d}").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("10")
+    err = _refusal(["ema-export", "--load", str(ckpt), "--save", str(tmp_path / "out"),
+                    "--ckpt-step", "1"], capsys)
+    assert err == (f"megaseek: error: --ckpt-step 1: no checkpoint of iteration 1 in {ckpt} "
+                   "(it has 2, 10)\n")
+
+
 def test_megaseek_has_the_ema_export_command(capsys):
     from integration.cli import main
 

@@ -276,11 +276,22 @@ def _refuse_a_missing_step(args, load_arg: str) -> None:
     if os.path.isdir(megatron_checkpointing().get_checkpoint_name(load_dir, step, False,
                                                           return_base_dir=True)):
         return
-    held = sorted(int(name[len("iter_"):]) for name in os.listdir(load_dir)
-                  if name.startswith("iter_") and name[len("iter_"):].isdigit())
-    raise CheckpointMismatch(
-        f"--ckpt-step {step}: no checkpoint of iteration {step} in {load_dir} ("
-        + (f"it has {', '.join(map(str, held))})" if held else "it has none)"))
+    raise CheckpointMismatch(missing_step(load_dir, step))
+
+
+def saved_iterations(folder: str) -> list[int]:
+    """The iterations a checkpoint folder holds (its `iter_N` folders), in order."""
+    prefix = "iter_"
+    return sorted(int(name[len(prefix):]) for name in os.listdir(folder)
+                  if name.startswith(prefix) and name[len(prefix):].isdigit()
+                  and os.path.isdir(os.path.join(folder, name)))
+
+
+def missing_step(folder: str, step: int) -> str:
+    """What to say of `--ckpt-step STEP` where `folder` has no checkpoint of it."""
+    held = saved_iterations(folder)
+    return (f"--ckpt-step {step}: no checkpoint of iteration {step} in {folder} ("
+            + (f"it has {', '.join(map(str, held))})" if held else "it has none)"))
 
 
 def verified_load() -> Fix:
