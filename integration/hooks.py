@@ -20,7 +20,7 @@ from plugins import Plugin, PluginError, PluginRegistry, transform_spec
 from upstream import checkpoint_files, compat, cpu, wgrad
 from upstream.patching import Patcher, apply_fixes
 from upstream.seams.arguments import argument_errors_refused, checks_before_argument_dump
-from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named, scheduler_mismatch_named
+from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named
 from upstream.seams.checkpoint_state import checkpoint_state
 from upstream.seams.errors import CheckpointMismatch, MegatronRefused
 from upstream.seams.evaluation import evaluation_passes
@@ -28,6 +28,7 @@ from upstream.seams.loop import (after_optimizer_step, after_training, before_gr
                                  schedule)
 from upstream.seams.model import model_specs
 from upstream.seams.placement import pipeline_placement
+from upstream.seams.scheduler_mismatch import scheduler_mismatch_named
 
 
 @contextlib.contextmanager
@@ -58,6 +59,7 @@ def megatron_run(registry: PluginRegistry):
         scheduler_mismatch_named().apply(patcher)
         write_failures: list = []  # this process's failed checkpoint writes
         for fix in (checkpoint_files.checksums_as_written(write_failures),
+                    checkpoint_files.manifest_after_async_save(),
                     checkpoint_files.verified_load(),
                     checkpoint_files.failed_save_named(write_failures)):
             fix.apply(patcher)

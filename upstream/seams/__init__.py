@@ -27,8 +27,9 @@ every change is undone when the run ends. One module per seam:
 - `placement`: `pipeline_placement`: which stages each rank's pipeline chunks build (and,
   where the plugin says, with which process groups), as a `Placement` says;
 - `checkpoint_state`: plugin state saved and loaded with Megatron's checkpoint;
-- `checkpoint_mismatch`: `checkpoint_mismatch_named`, `scheduler_mismatch_named`: a
-  checkpoint that does not fit the run fails naming the flags;
+- `checkpoint_mismatch` (`checkpoint_mismatch_named`), `scheduler_mismatch`
+  (`scheduler_mismatch_named`): a checkpoint that does not fit the run (its model, its
+  optimizer's parameter groups, its learning-rate schedule) fails naming the flags;
 - `evaluation`: `evaluation_passes`: extra passes of Megatron's evaluation, on the same
   batches;
 - `errors`: what the seams raise for the run's frame to report (`MegatronRefused`,

@@ -1,10 +1,12 @@
-"""The checkpoint-mismatch seams: a checkpoint that does not fit the run (another model
-configuration, other learning-rate or weight-decay settings, another learning-rate
-schedule) fails naming the flags that differ and the flags that settle it, instead of the
-KeyError, shape error or AssertionError deep in Megatron's load."""
+"""The checkpoint-mismatch seam: a checkpoint that does not fit the run (another model
+configuration, other learning-rate or weight-decay settings, arguments Megatron compares)
+fails naming the flags that differ and how to settle it, instead of the KeyError, shape
+error or AssertionError deep in Megatron's load. (A changed learning-rate schedule:
+`upstream.seams.scheduler_mismatch`.)"""
 
 from __future__ import annotations
 
+import re
 from functools import wraps
 from typing import Iterable
 
@@ -63,10 +65,24 @@ def checkpoint_mismatch_named() -> Fix:
         training = megatron_training()
         if getattr(training, "load_checkpoint", None) is load_checkpoint:
             patcher.setattr(training, "load_checkpoint", load_or_name_the_mismatch)
+        check_checkpoint_args = checkpointing.check_checkpoint_args
+
+        @wraps(check_checkpoint_args)
+        def check_or_name_the_flag(checkpoint_args, *args, **kwargs):
+            try:
+                return check_checkpoint_args(checkpoint_args, *args, **kwargs)
+            except AssertionError as error:
+                found = _COMPARED.match(str(error))
+                if found is None:
+                    raise
+                raise CheckpointMismatch(_compared_message(*found.groups())) from None
+
+        patcher.setattr(checkpointing, "check_checkpoint_args", check_or_name_the_flag)
 
     return Fix(
         "seam:checkpoint-mismatch-named",
-        "megatron/core/dist_checkpointing/strategies/torch.py:522 (MCoreLoadPlanner."
+        "megatron/training/checkpointing.py:166 (check_checkpoint_args asserts, naming the "
+        "attribute), megatron/core/dist_checkpointing/strategies/torch.py:522 (MCoreLoadPlanner."
         "_validate_global_shapes raises KeyError with every checkpoint key, :534 "
         "CheckpointingException 'Global shape mismatch'), core/optimizer/optimizer.py:640 "
         "(_filter_and_reorder_param_groups: 'Could not find parameter group'), "
@@ -78,63 +94,35 @@ def checkpoint_mismatch_named() -> Fix:
                            "'Global shape mismatch for loaded (") and
         source_has(megatron_module("megatron.core.optimizer.optimizer")
                    .MegatronOptimizer._filter_and_reorder_param_groups,
-                   f'"{_NO_PARAM_GROUP} with key'),
+                   f'"{_NO_PARAM_GROUP} with key') and
+        source_has(megatron_checkpointing().check_checkpoint_args,
+                   "value from checkpoint ({}) is not equal to the input argument value ({})"),
         apply, SEAM)
 
 
-# The learning-rate schedule's values a checkpoint keeps (OptimizerParamScheduler.
-# load_state_dict's names), and the flags they come from.
-_SCHEDULER_FLAGS = {
-    "learning rate": "--lr",
-    "minimum learning rate": "--min-lr",
-    "warmup iterations": "--lr-warmup-iters (or --lr-warmup-fraction, --lr-warmup-samples; "
-                         "counted in samples: x --global-batch-size)",
-    "total number of iterations": "--lr-decay-iters, or --train-iters where --lr-decay-iters "
-                                  "is not given (counted in samples: x --global-batch-size)",
-    "learning rate decay style": "--lr-decay-style",
-    "start weight decay": "--start-weight-decay (or --weight-decay)",
-    "end weight decay": "--end-weight-decay (or --weight-decay)",
-    "total number of weight decay iterations": "--train-iters (counted in samples: x "
-                                               "--global-batch-size)",
-    "weight decay incr style": "--weight-decay-incr-style",
+# check_checkpoint_args's assertion: '<attribute> value from checkpoint (A) is not equal to
+# the input argument value (B).'
+_COMPARED = re.compile(r"^(\w+) value from checkpoint \((.*)\) is not equal to the input "
+                       r"argument value \((.*)\)\.$", re.S)
+# The attributes it compares that are not named as their flag.
+_COMPARED_FLAGS = {
+    "add_position_embedding": "--no-position-embedding (add_position_embedding)",
+    "padded_vocab_size": "the padded vocabulary (--vocab-size or the tokenizer's, and "
+                         "--make-vocab-size-divisible-by)",
 }
 
 
-def scheduler_mismatch_named() -> Fix:
-    """A resumed run whose learning-rate schedule differs from the checkpoint's (a changed
-    --train-iters, --lr, ...) fails naming the value, both figures, the flags it comes from
-    and the two flags that settle it, instead of the scheduler's AssertionError."""
+def _compared_message(name: str, saved: str, run: str) -> str:
+    """Megatron's check of the saved arguments (the model's sizes, the tokenizer, and
+    outside torch_dist the parallel layout) found `name` differ."""
+    flag = _COMPARED_FLAGS.get(name, "--" + name.replace("_", "-"))
+    from megatron.training import get_args
 
-    def apply(patcher: Patcher) -> None:
-        scheduler = megatron_module(
-            "megatron.core.optimizer_param_scheduler").OptimizerParamScheduler
-        check_and_set = scheduler._check_and_set
-
-        @wraps(check_and_set)
-        def check_or_name_the_flags(self, cls_value, sd_value, name):
-            try:
-                return check_and_set(self, cls_value, sd_value, name)
-            except AssertionError:
-                from megatron.training import get_args
-
-                flags = _SCHEDULER_FLAGS.get(name, "the learning-rate schedule's flags")
-                raise CheckpointMismatch(
-                    f"--load {get_args().load}: the checkpoint's learning-rate schedule has "
-                    f"{name} {sd_value}, this run {cls_value} (from {flags}): give "
-                    f"--override-opt_param-scheduler to use this run's values, or "
-                    f"--use-checkpoint-opt_param-scheduler to keep the checkpoint's") from None
-
-        patcher.setattr(scheduler, "_check_and_set", check_or_name_the_flags)
-
-    return Fix(
-        "seam:scheduler-mismatch-named",
-        f"megatron/core/optimizer_param_scheduler.py:333 (_check_and_set asserts each "
-        f"scheduler value equals the checkpoint's) ({VERSION})",
-        "a resumed run with another --train-iters (or --lr, warmup, decay style) fails at "
-        "load with an AssertionError that names no flag",
-        lambda: source_has(megatron_module("megatron.core.optimizer_param_scheduler")
-                           .OptimizerParamScheduler._check_and_set, "assert cls_value == sd_value"),
-        apply, SEAM)
+    layout = name.endswith("model_parallel_size")  # compared for --ckpt-format torch only
+    return (f"--load {get_args().load}: the checkpoint was saved with {flag} {saved}, this "
+            f"run has {run}: resume with the value it was saved with"
+            + (" (a --ckpt-format torch checkpoint loads only into the parallel layout it "
+               "was saved with; torch_dist checkpoints reshard)" if layout else ""))
 
 
 def _model_mismatch_in(error: Exception) -> Exception | None:

@@ -14,20 +14,39 @@ from upstream.seams import SEAM, VERSION
 
 def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
     """`states()[name]` (asked for when a checkpoint is saved or loaded, once the model
-    exists) has `sharded_state_dict()` (saved under 'megaseek:' + name with
-    Megatron's torch_dist checkpoint) and `load_state_dict(state)` (given what was loaded,
+    exists) has `sharded_state_dict()` (saved under 'megaseek:' + name with Megatron's
+    torch_dist checkpoint), `state_dict()` (plain tensors, for the other formats, which
+    pickle what they save: asked for on every rank as the save begins, as only some ranks
+    write a torch-format checkpoint) and `load_state_dict(state)` (given what was loaded,
     or None when the checkpoint holds nothing for it)."""
 
     def apply(patcher: Patcher) -> None:
         checkpointing = megatron_checkpointing()
-        generate_state_dict, load_checkpoint = (checkpointing.generate_state_dict,
-                                                checkpointing.load_checkpoint)
+        generate_state_dict, load_checkpoint, save_checkpoint = (
+            checkpointing.generate_state_dict, checkpointing.load_checkpoint,
+            checkpointing.save_checkpoint)
         loading: dict[str, Any] = {}  # while load_checkpoint runs: checkpoint keys present
+        saving: dict[str, Any] = {}  # while a save in another format runs: the plain states
+
+        @wraps(save_checkpoint)
+        def save_with_plain_states(*args, **kwargs):
+            from megatron.training import get_args
+
+            if get_args().ckpt_format != "torch_dist":  # as generate_state_dict decides
+                saving.update({name: state.state_dict() for name, state in states().items()})
+            try:
+                return save_checkpoint(*args, **kwargs)
+            finally:
+                saving.clear()
 
         @wraps(generate_state_dict)
         def with_plugin_state(args, *rest, **kwargs):
             state_dict = generate_state_dict(args, *rest, **kwargs)
             for name, state in states().items():
+                if args.ckpt_format != "torch_dist":
+                    state_dict[_KEY + name] = (saving[name] if name in saving
+                                               else state.state_dict())
+                    continue
                 sharded = state.sharded_state_dict()
                 if "present" in loading and not _keys(sharded) <= loading["present"]:
                     continue  # not in the checkpoint being loaded: the plugin is told so
@@ -61,20 +80,27 @@ def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
 
         patcher.setattr(checkpointing, "generate_state_dict", with_plugin_state)
         patcher.setattr(checkpointing, "load_checkpoint", load_with_plugin_state)
+        patcher.setattr(checkpointing, "save_checkpoint", save_with_plain_states)
         # training.py imports both by name.
         training = megatron_training()
         for attribute, replacement in (("load_checkpoint", load_with_plugin_state),):
             if hasattr(training, attribute):
                 patcher.setattr(training, attribute, replacement)
+        if getattr(training, "save_checkpoint", None) is save_checkpoint:
+            patcher.setattr(training, "save_checkpoint", save_with_plain_states)
 
     return Fix(
         "seam:checkpoint-state",
         f"megatron/training/checkpointing.py:1296 generate_state_dict (save :752, load "
-        f":2311/:2408), :2066 load_checkpoint, :1633 _load_base_checkpoint ({VERSION})",
+        f":2311/:2408; sharded for torch_dist only, :1321), :552 save_checkpoint (a torch-"
+        f"format save generates it on data-parallel rank 0 alone, :737), :2066 "
+        f"load_checkpoint, :1633 _load_base_checkpoint ({VERSION})",
         "save and load both build their sharded state dict in generate_state_dict; plugin "
         "state joins it under its own key and is handed back after the load",
         lambda: source_has(megatron_checkpointing().load_checkpoint, "generate_state_dict(",
-                           "_load_base_checkpoint("),
+                           "_load_base_checkpoint(") and
+        source_has(megatron_checkpointing().generate_state_dict,
+                   "if args.ckpt_format == 'torch_dist':"),
         apply, SEAM)
 
 
