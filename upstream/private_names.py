@@ -21,10 +21,10 @@ the name, so a changed Megatron fails at start-up rather than in a wrong run.
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import textwrap
 
+from upstream.megatron_modules import megatron_module
 from upstream.patching import Fix, Scope, patches_nothing, source_has
 
 VERSION = "megatron-core 0.19.2"
@@ -49,7 +49,7 @@ def _changed(fix_name: str, module: str, what: str) -> PrivateNameChanged:
 
 
 def _layers():
-    return importlib.import_module("megatron.core.tensor_parallel.layers")
+    return megatron_module("megatron.core.tensor_parallel.layers")
 
 
 # --- the linears' GEMM: `_forward_impl` ------------------------------------------------------
@@ -149,7 +149,7 @@ DEFERRING_LINEARS_FORWARD_IMPL = Fix(
 
 def _param_range_map_unchanged() -> bool:
     name, module = "private:ema-param-range-map", "plugins/ema/ema.py"
-    distributed = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    distributed = megatron_module("megatron.core.optimizer.distrib_optimizer")
     optimizer = distributed.DistributedOptimizer
     method = vars(optimizer).get("_get_model_param_range_map")
     if method is None:
@@ -181,7 +181,7 @@ EMA_PARAM_RANGE_MAP = Fix(
 
 def _default_groups_unchanged() -> bool:
     name, module = "private:dualpipe-default-groups", "plugins/dualpipe/schedule.py"
-    schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
+    schedules = megatron_module("megatron.core.pipeline_parallel.schedules")
     build = getattr(schedules, "_build_default_pg_collection", None)
     if build is None:
         raise _changed(name, module, "megatron.core.pipeline_parallel.schedules has no "
