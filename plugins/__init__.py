@@ -39,9 +39,11 @@ turns every linear slot into its FP8 version) registers after those that add slo
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from plugins.config import add_flags, flags, read
 from plugins.common.errors import PluginError  # noqa: F401  (part of this API)
 
 PLUGINS_FLAG = "--plugins"
@@ -66,35 +68,48 @@ class TransformerEngine:
 class Plugin:
     name: str
     summary: str
-    add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
-    validate: Callable[[argparse.Namespace], None] | None = None
-    # (layer_spec, args) -> layer_spec, for one transformer layer's ModuleSpec.
-    transform_layer_spec: Callable[[Any, argparse.Namespace], Any] | None = None
-    # args -> a Megatron forward-backward function (same keyword interface).
-    schedule: Callable[[argparse.Namespace], Callable[..., Any]] | None = None
-    # args -> upstream.seams.Placement: the stages each rank's pipeline chunks build.
-    placement: Callable[[argparse.Namespace], Any] | None = None
-    # (args, model_chunks) -> callable(iteration), run in every training step after its
+    # The plugin's configuration: a frozen dataclass whose `plugins.config.flag` fields are
+    # its own flags and whose `plugins.config.megatron` fields hold the Megatron arguments
+    # its hooks read. Every hook below receives the instance made for the run (`config`).
+    config: type | None = None
+    # (config, args) -> None: the start-up checks, when the run plan is made (before
+    # Megatron validates its arguments); `args` is Megatron's parsed arguments, read only.
+    # Raises PluginError naming the flag to change.
+    check: Callable[[Any, Any], None] | None = None
+    # config -> {Megatron argument (argparse dest): value}: what the plugin needs Megatron
+    # to run with (e.g. two model chunks per rank), applied and said in the start-up log
+    # before Megatron validates its arguments.
+    overrides: Callable[[Any], dict[str, Any]] | None = None
+    # config -> the object every run-time hook below receives instead of the config, made
+    # once per run: for hooks that share what one of them builds (the EMA).
+    run_state: Callable[[Any], Any] | None = None
+    # (config, layer_spec) -> layer_spec, for one transformer layer's ModuleSpec.
+    transform_layer_spec: Callable[[Any, Any], Any] | None = None
+    # config -> a Megatron forward-backward function (same keyword interface).
+    schedule: Callable[[Any], Callable[..., Any]] | None = None
+    # config -> upstream.seams.Placement: the stages each rank's pipeline chunks build.
+    placement: Callable[[Any], Any] | None = None
+    # (config, model_chunks) -> callable(iteration), run in every training step after its
     # last backward and before Megatron's gradient checks and reduction (possibly more than
     # once in a step: it must be idempotent); raising fails the step.
-    before_gradient_checks: Callable[[argparse.Namespace, list], Callable[[int], None]] | None = None
-    # (args, model_chunks, optimizer) -> callable(iteration), run after every successful
+    before_gradient_checks: Callable[[Any, list], Callable[[int], None]] | None = None
+    # (config, model_chunks, optimizer) -> callable(iteration), run after every successful
     # optimizer step with the iteration that step completed (Megatron's count, so it
     # continues across a resume).
-    on_optimizer_step: Callable[[argparse.Namespace, list, Any], Callable[[int], None]] | None = None
-    # (args, model_chunks) -> None, once Megatron's training loop has returned or exited
+    on_optimizer_step: Callable[[Any, list, Any], Callable[[int], None]] | None = None
+    # (config, model_chunks) -> None, once Megatron's training loop has returned or exited
     # (--exit-interval and the like), before pretrain's final checkpoint and evaluation.
-    on_training_end: Callable[[argparse.Namespace, list], None] | None = None
-    # (args, model_chunks) -> an object with `sharded_state_dict()` (Megatron
+    on_training_end: Callable[[Any, list], None] | None = None
+    # (config, model_chunks) -> an object with `sharded_state_dict()` (Megatron
     # dist-checkpointing objects, saved under the plugin's name) and
     # `load_state_dict(state)` (what was loaded; None when the checkpoint has none).
-    checkpoint_state: Callable[[argparse.Namespace, list], Any] | None = None
-    # (args, model_chunks) -> (name, context manager factory), or None for no extra pass
+    checkpoint_state: Callable[[Any, list], Any] | None = None
+    # (config, model_chunks) -> (name, context manager factory), or None for no extra pass
     # this run: after each of Megatron's evaluations, it runs again inside the context,
     # its results printed under the name.
-    evaluation: Callable[[argparse.Namespace, list], tuple[str, Callable[[], Any]]] | None = None
-    # args -> the upstream fixes this run needs (each applied only if still needed).
-    fixes: Callable[[argparse.Namespace], Iterable[Any]] | None = None
+    evaluation: Callable[[Any, list], tuple[str, Callable[[], Any]] | None] | None = None
+    # config -> the upstream fixes this run needs (each applied only if still needed).
+    fixes: Callable[[Any], Iterable[Any]] | None = None
     # args -> bool: on without --plugins, because a Megatron flag that only this plugin
     # can honour was given (the flag is the opt-in).
     enabled_by: Callable[[argparse.Namespace], bool] | None = None
@@ -139,32 +154,137 @@ def te_policy_table(plugins: Iterable[Plugin]) -> str:
     return "\n".join(rows) + "\n"
 
 
-class _Unset:
-    """Default of every plugin flag at parse time, so that 'given' is told from 'default'."""
+class StartUpArguments:
+    """Megatron's parsed arguments as a plugin's start-up check reads them: read only (a
+    plugin states what Megatron must run with in its `overrides`), with the Megatron flags
+    that the enabled plugins implement themselves (`Plugin.honours`)."""
 
-    def __repr__(self) -> str:
-        return "<unset>"
+    def __init__(self, args: argparse.Namespace, honoured_by_plugins: frozenset[str]) -> None:
+        object.__setattr__(self, "_args", args)
+        object.__setattr__(self, "honoured_by_plugins", honoured_by_plugins)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._args, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError(f"a plugin's check may not set Megatron's argument {name!r}: declare "
+                        "it in the plugin's overrides")
+
+    __delattr__ = __setattr__
+
+
+def _bound(hook: Callable | None, first: Any) -> Callable | None:
+    return None if hook is None else functools.partial(hook, first)
 
 
 @dataclass(frozen=True)
-class _FlagInfo:
+class Enabled:
+    """An enabled plugin and its config for the run; its hooks bound to that config."""
+
+    plugin: Plugin
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.plugin.name
+
+    @property
+    def fixes(self) -> Callable[[], Iterable[Any]] | None:
+        return _bound(self.plugin.fixes, self.config)
+
+    @property
+    def transform_layer_spec(self) -> Callable[[Any], Any] | None:
+        return _bound(self.plugin.transform_layer_spec, self.config)
+
+    @property
+    def schedule(self) -> Callable[[], Callable[..., Any]] | None:
+        return _bound(self.plugin.schedule, self.config)
+
+    @property
+    def placement(self) -> Callable[[], Any] | None:
+        return _bound(self.plugin.placement, self.config)
+
+    def run_hooks(self) -> "RunHooks":
+        """The run-time hooks for one run, each bound to the config (or to the state the
+        plugin makes for the run, `Plugin.run_state`)."""
+        plugin = self.plugin
+        first = self.config if plugin.run_state is None else plugin.run_state(self.config)
+        return RunHooks(self.name, *(_bound(hook, first) for hook in (
+            plugin.before_gradient_checks, plugin.on_optimizer_step, plugin.on_training_end,
+            plugin.checkpoint_state, plugin.evaluation)))
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """One enabled plugin's run-time hooks, bound (see `Plugin` for each)."""
+
+    name: str
+    before_gradient_checks: Callable[[list], Callable[[int], None]] | None
+    on_optimizer_step: Callable[[list, Any], Callable[[int], None]] | None
+    on_training_end: Callable[[list], None] | None
+    checkpoint_state: Callable[[list], Any] | None
+    evaluation: Callable[[list], Any] | None
+
+
+@dataclass(frozen=True)
+class Override:
+    """A Megatron argument a plugin sets before Megatron validates the arguments."""
+
     plugin: str
-    option: str  # e.g. "--ema-decay"
-    default: Any
+    dest: str  # argparse's name, e.g. "num_virtual_stages_per_pipeline_rank"
+    value: Any
+
+    def __str__(self) -> str:
+        return f"--plugins {self.plugin} sets Megatron's {self.dest} = {self.value!r}"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run enables, resolved once from the command line before Megatron validates
+    it: the enabled plugins in registry order (the order their hooks run in), each with its
+    typed config, and the Megatron arguments they set."""
+
+    plugins: tuple[Enabled, ...] = ()
+    overrides: tuple[Override, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [enabled.name for enabled in self.plugins]
+
+    def config(self, name: str) -> Any:
+        for enabled in self.plugins:
+            if enabled.name == name:
+                return enabled.config
+        raise KeyError(f"plugin {name!r} is not enabled in this run")
+
+    def apply_overrides(self, args: argparse.Namespace) -> list[str]:
+        """Sets the overrides on Megatron's arguments (before its validation); returns the
+        start-up log's lines that say them."""
+        for override in self.overrides:
+            setattr(args, override.dest, override.value)
+        return [f"megaseek: {override}" for override in self.overrides]
+
+    def transform_spec(self, spec: Any) -> Any:
+        return transform_spec(self.plugins, spec)
 
 
 class PluginRegistry:
     def __init__(self, plugins: Iterable[Plugin] = ()) -> None:
         self._plugins: dict[str, Plugin] = {}
-        self._flags: dict[str, _FlagInfo] = {}  # argparse dest -> owner
-        self._unset = _Unset()
+        self._flags: dict[str, tuple[str, str]] = {}  # argparse dest -> (plugin, option)
         for plugin in plugins:
             self.register(plugin)
 
     def register(self, plugin: Plugin) -> None:
         if plugin.name in self._plugins:
             raise PluginError(f"plugin {plugin.name!r} is registered twice")
+        own = {field.name: declared.option for field, declared in flags(plugin.config)}
+        for dest, option in own.items():
+            if dest in self._flags:
+                other = self._flags[dest][0]
+                raise PluginError(f"plugins {other!r} and {plugin.name!r} both define {option}")
         self._plugins[plugin.name] = plugin
+        self._flags.update({dest: (plugin.name, option) for dest, option in own.items()})
 
     @property
     def names(self) -> list[str]:
@@ -176,65 +296,30 @@ class PluginRegistry:
         group.add_argument(PLUGINS_FLAG, nargs="+", default=[], metavar="NAME",
                            help=f"plugins to enable; available: {', '.join(self.names) or 'none'}")
         for plugin in self._plugins.values():
-            if plugin.add_arguments is None:
+            if not any(flags(plugin.config)):
                 continue
-            before = {id(a) for a in parser._actions}
             try:
-                plugin.add_arguments(parser.add_argument_group(f"megaseek plugin {plugin.name}"))
+                add_flags(plugin.config,
+                          parser.add_argument_group(f"megaseek plugin {plugin.name}"))
             except argparse.ArgumentError as clash:
                 raise PluginError(f"plugin {plugin.name!r} adds a flag that Megatron or another "
                                   f"plugin already defines: {clash}") from clash
-            for action in parser._actions:
-                if id(action) in before:
-                    continue
-                # Megatron may build its parser more than once; only another plugin's
-                # claim on the same flag is a conflict.
-                if action.dest in self._flags and self._flags[action.dest].plugin != plugin.name:
-                    other = self._flags[action.dest].plugin
-                    raise PluginError(f"plugins {other!r} and {plugin.name!r} both define "
-                                      f"{action.option_strings[0]}")
-                if action.default is not self._unset:
-                    self._flags[action.dest] = _FlagInfo(plugin.name, action.option_strings[0],
-                                                        action.default)
-                action.default = self._unset
         return parser
 
-    def enabled(self, args: argparse.Namespace) -> list[Plugin]:
-        """Checks `--plugins` and the plugin flags in `args`, fills in defaults, runs each
-        enabled plugin's validation, and returns the enabled plugins in registry order (the
-        order their hooks run in, whatever the order on the command line)."""
-        requested = list(getattr(args, "plugins", []) or [])
-        unknown = [name for name in requested if name not in self._plugins]
-        if unknown:
-            raise PluginError(f"{PLUGINS_FLAG}: unknown plugin(s) {', '.join(unknown)}; "
-                              f"available: {', '.join(self.names) or 'none'}")
-        duplicates = sorted({n for n in requested if requested.count(n) > 1})
-        if duplicates:
-            raise PluginError(f"{PLUGINS_FLAG}: {', '.join(duplicates)} named more than once")
-        chosen = [plugin for name, plugin in self._plugins.items()
-                  if name in requested or (plugin.enabled_by is not None
-                                           and plugin.enabled_by(args))]
-        requested = [plugin.name for plugin in chosen]
-
-        orphans = []
-        defaulted = set(getattr(args, "plugin_flags_defaulted", ()))
-        for dest, info in self._flags.items():
-            value = getattr(args, dest, self._unset)
-            if value is self._unset:
-                setattr(args, dest, info.default)
-                defaulted.add(dest)
-            elif info.plugin not in requested and dest not in defaulted:
-                orphans.append(f"{info.option} needs '{PLUGINS_FLAG} {info.plugin}'")
-        args.plugin_flags_defaulted = sorted(defaulted)  # so that a second check agrees
-        if orphans:
-            raise PluginError("plugin flags given without their plugin: " + "; ".join(orphans))
-
+    def plan(self, args: argparse.Namespace, checked: bool = True) -> RunPlan:
+        """The run plan of parsed arguments `args` (read only): checks `--plugins` and the
+        plugin flags, builds each enabled plugin's config and runs its start-up check.
+        `checked=False` is for the saved arguments of a checkpoint, whose run was checked
+        when it started: only what shapes the model is resolved."""
+        chosen = self._chosen(args)
+        names = {plugin.name for plugin in chosen}
+        if checked:
+            self._check_flags_have_their_plugin(args, chosen)
         for plugin in self._plugins.values():
-            if plugin.name not in requested and plugin.needed_by is not None:
+            if plugin.name not in names and plugin.needed_by is not None:
                 message = plugin.needed_by(args)
                 if message:
                     raise PluginError(message)
-
         claimed: dict[str, str] = {}
         for plugin in chosen:
             for slot in sorted(plugin.slots):
@@ -243,22 +328,65 @@ class PluginRegistry:
                         f"{PLUGINS_FLAG}: plugins {claimed[slot]!r} and {plugin.name!r} both "
                         f"replace {slot!r}; enable only one of them")
                 claimed[slot] = plugin.name
-
         impl = getattr(args, "transformer_impl", "local")
         for plugin in chosen:
             refused = transformer_engine_refusal(plugin, impl)
             if refused:
                 raise PluginError(refused)
 
-        args.megaseek_flags_honoured = sorted(set().union(*(p.honours for p in chosen)))
-        for plugin in chosen:
-            if plugin.validate is not None:
-                plugin.validate(args)
-        return chosen
+        honoured = frozenset().union(*(p.honours for p in chosen))
+        enabled = tuple(Enabled(plugin, None if plugin.config is None
+                                else read(plugin.config, args)) for plugin in chosen)
+        if checked:
+            view = StartUpArguments(args, honoured)
+            for each in enabled:
+                if each.plugin.check is not None:
+                    each.plugin.check(each.config, view)
+        return RunPlan(enabled, _overrides(enabled))
+
+    def _chosen(self, args: argparse.Namespace) -> list[Plugin]:
+        """The enabled plugins, in registry order."""
+        requested = list(getattr(args, "plugins", []) or [])
+        unknown = [name for name in requested if name not in self._plugins]
+        if unknown:
+            raise PluginError(f"{PLUGINS_FLAG}: unknown plugin(s) {', '.join(unknown)}; "
+                              f"available: {', '.join(self.names) or 'none'}")
+        duplicates = sorted({n for n in requested if requested.count(n) > 1})
+        if duplicates:
+            raise PluginError(f"{PLUGINS_FLAG}: {', '.join(duplicates)} named more than once")
+        return [plugin for name, plugin in self._plugins.items()
+                if name in requested or (plugin.enabled_by is not None
+                                         and plugin.enabled_by(args))]
+
+    def _check_flags_have_their_plugin(self, args: argparse.Namespace,
+                                       chosen: list[Plugin]) -> None:
+        names = {plugin.name for plugin in chosen}
+        orphans = [f"{option} needs '{PLUGINS_FLAG} {owner}'"
+                   for dest, (owner, option) in self._flags.items()
+                   if owner not in names and hasattr(args, dest)]
+        if orphans:
+            raise PluginError("plugin flags given without their plugin: " + "; ".join(orphans))
 
 
-def transform_spec(plugins: Iterable[Plugin], spec: Any, args: argparse.Namespace) -> Any:
-    """The plugins' layer-spec transforms applied, in registry order, to a layer's
+def _overrides(enabled: tuple[Enabled, ...]) -> tuple[Override, ...]:
+    """Every enabled plugin's overrides; two plugins setting one argument differently is
+    refused."""
+    found: dict[str, Override] = {}
+    for each in enabled:
+        if each.plugin.overrides is None:
+            continue
+        for dest, value in each.plugin.overrides(each.config).items():
+            earlier = found.get(dest)
+            if earlier is not None and earlier.value != value:
+                raise PluginError(f"{PLUGINS_FLAG}: plugins {earlier.plugin!r} and "
+                                  f"{each.name!r} need Megatron's {dest} set to "
+                                  f"{earlier.value!r} and {value!r}; enable only one of them")
+            found.setdefault(dest, Override(each.name, dest, value))
+    return tuple(found.values())
+
+
+def transform_spec(plugins: Iterable[Enabled], spec: Any) -> Any:
+    """The enabled plugins' layer-spec transforms applied, in registry order, to a layer's
     `ModuleSpec`, to every layer of a block spec (`TransformerBlockSubmodules`, as
     Megatron's MoE models use), or to the layer inside every MTP layer of an MTP block
     spec. Returns a new spec; the one passed in is not changed."""
@@ -268,7 +396,7 @@ def transform_spec(plugins: Iterable[Plugin], spec: Any, args: argparse.Namespac
 
     def one_layer(layer_spec):
         for transform in transforms:
-            layer_spec = transform(layer_spec, args)
+            layer_spec = transform(layer_spec)
         return layer_spec
 
     return _map_layer_specs(spec, one_layer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plugins import PluginError
-from tests.plugin_args import enabled
+from tests.plugin_args import enabled, validated
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
@@ -22,7 +22,9 @@ def two_ranks(monkeypatch):
 def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     args, plugins = enabled(BASE + V, monkeypatch)
     assert [p.name for p in plugins] == ["dualpipe"]
-    assert args.virtual_pipeline_model_parallel_size == 2
+    assert args.num_virtual_stages_per_pipeline_rank == 2  # before Megatron validates
+    args, _ = validated(BASE + V + ["--transformer-impl", "local"])
+    assert args.virtual_pipeline_model_parallel_size == 2  # as Megatron validated it
 
 
 @pytest.mark.parametrize("extra, named", [

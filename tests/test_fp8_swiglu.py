@@ -54,7 +54,9 @@ def test_the_plugin_puts_it_into_megatrons_mlp(monkeypatch):
         "--no-bias-swiglu-fusion", "--plugins", "fp8", "--fp8-format", "e4m3",
         "--fp8-recipe", "blockwise"])
     args = parse_args(extra_args_provider=registry.add_arguments)
-    fp8, = registry.enabled(args)
+    plan = registry.plan(args)
+    fp8, = plan.plugins
+    plan.apply_overrides(args)
     assert args.use_te_activation_func
-    spec = fp8.transform_layer_spec(get_gpt_layer_local_spec(), args)
+    spec = fp8.transform_layer_spec(get_gpt_layer_local_spec())
     assert spec.submodules.mlp.keywords["submodules"].activation_func is FP8SwiGLU

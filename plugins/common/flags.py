@@ -12,8 +12,9 @@ Refusal = tuple[str, str, tuple[Any, ...], str]
 
 def first_refused(args: argparse.Namespace, refusals: Iterable[Refusal]) -> str | None:
     """The error message for the first flag given a value the plugin does not honour
-    (flags another enabled plugin implements, `Plugin.honours`, are that plugin's)."""
-    elsewhere = set(getattr(args, "megaseek_flags_honoured", ()))
+    (flags another enabled plugin implements, `Plugin.honours`, are that plugin's: the
+    start-up check's `plugins.StartUpArguments` says which)."""
+    elsewhere = getattr(args, "honoured_by_plugins", frozenset())
     for dest, flag, honoured, why in refusals:
         if dest in elsewhere:
             continue

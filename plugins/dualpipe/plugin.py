@@ -10,8 +10,10 @@ seam then puts where the schedule needs them.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
+from plugins.config import flag, megatron
 from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
 from plugins.dualpipe.program import Pipeline
@@ -20,22 +22,32 @@ from upstream.seams import Placement
 SCHEDULES = ("dualpipev", "dualpipe")
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--pipeline-schedule", choices=SCHEDULES, default=None,
-                       help="DeepSeek-V3's pipeline schedule: dualpipev (2 stages per rank in "
-                            "a V, loss on rank 0) or dualpipe (micro-batches from both ends, "
-                            "each stage held by two ranks)")
-    group.add_argument("--pipeline-timeline", default=None, metavar="DIR",
-                       help="record when each pipeline cell ran, per rank, in "
-                            "DIR/timeline-rank{R}.jsonl (`megaseek schedule --from-run DIR`)")
+@dataclass(frozen=True)
+class DualPipePluginConfig:
+    """The dualpipe plugin's flags, and the Megatron arguments its hooks read."""
+
+    pipeline_schedule: str | None = flag(
+        "--pipeline-schedule", None, choices=SCHEDULES,
+        help="DeepSeek-V3's pipeline schedule: dualpipev (2 stages per rank in a V, loss on "
+             "rank 0) or dualpipe (micro-batches from both ends, each stage held by two "
+             "ranks)")
+    pipeline_timeline: str | None = flag(
+        "--pipeline-timeline", None, metavar="DIR",
+        help="record when each pipeline cell ran, per rank, in DIR/timeline-rank{R}.jsonl "
+             "(`megaseek schedule --from-run DIR`)")
+    pipeline_model_parallel_size: int = megatron("pipeline_model_parallel_size", 1)
+    delay_wgrad_compute: bool = megatron("delay_wgrad_compute", False)
+    overlap_moe_expert_parallel_comm: bool = megatron("overlap_moe_expert_parallel_comm", False)
+    transformer_impl: str = megatron("transformer_impl", "local")
+    distributed_timeout_minutes: int | None = megatron("distributed_timeout_minutes")
 
 
 def _flag(args, dest: str):
     return getattr(args, dest, None)
 
 
-def validate(args: argparse.Namespace) -> None:
-    schedule = args.pipeline_schedule
+def check(config: DualPipePluginConfig, args) -> None:
+    schedule = config.pipeline_schedule
     if schedule is None:
         raise PluginError("--plugins dualpipe needs --pipeline-schedule dualpipev (or dualpipe)")
     p = args.pipeline_model_parallel_size
@@ -81,15 +93,20 @@ def validate(args: argparse.Namespace) -> None:
     refused = delay_wgrad_refusal(args)
     if refused:
         raise PluginError(refused)
-    timeline = _flag(args, "pipeline_timeline")
+    timeline = config.pipeline_timeline
     unwritable = timeline and unwritable_directory(timeline)
     if unwritable:  # each rank writes its file at the end of the first step
         raise PluginError(f"--pipeline-timeline {timeline}: {unwritable}")
     _check_layers(args, schedule)
     _check_microbatches(args, schedule)
-    # Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each);
-    # the placement seam decides which stages they are.
-    args.virtual_pipeline_model_parallel_size = 2
+
+
+def overrides(config: DualPipePluginConfig) -> dict:
+    """Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each),
+    as for its interleaved schedule; the placement seam decides which stages they are. The
+    schedules call no parameter-gather hooks of Megatron's interleaved schedule (as
+    Megatron turns them off without virtual stages)."""
+    return {"num_virtual_stages_per_pipeline_rank": 2, "align_param_gather": False}
 
 
 OVERLAP = "--overlap-moe-expert-parallel-comm"
@@ -174,56 +191,57 @@ def needed_by(args: argparse.Namespace) -> str | None:
     return None
 
 
-def transform_layer_spec(layer_spec, args: argparse.Namespace):
+def transform_layer_spec(config: DualPipePluginConfig, layer_spec):
     """With --delay-wgrad-compute, Megatron's parallel linears become their deferring
     drop-ins (megaseek's own linears defer by their config)."""
-    if not _flag(args, "delay_wgrad_compute"):
+    if not config.delay_wgrad_compute:
         return layer_spec
     from plugins.common.parallel_linear import with_deferring_linears
 
     return with_deferring_linears(layer_spec)
 
 
-def fixes(args: argparse.Namespace):
+def fixes(config: DualPipePluginConfig):
     from upstream.overlap import overlap_fixes
     from upstream.wgrad import delay_wgrad_fixes
 
-    return ((delay_wgrad_fixes() if _flag(args, "delay_wgrad_compute") else ())
-            + (overlap_fixes() if _flag(args, "overlap_moe_expert_parallel_comm") else ()))
+    return ((delay_wgrad_fixes() if config.delay_wgrad_compute else ())
+            + (overlap_fixes() if config.overlap_moe_expert_parallel_comm else ()))
 
 
-def placement(args: argparse.Namespace) -> Placement:
-    pipeline = Pipeline(args.pipeline_schedule, args.pipeline_model_parallel_size,
+def placement(config: DualPipePluginConfig) -> Placement:
+    pipeline = Pipeline(config.pipeline_schedule, config.pipeline_model_parallel_size,
                         microbatches=0)
     process_groups = None
-    if _flag(args, "overlap_moe_expert_parallel_comm"):  # chunk 1 on its own communicators
+    if config.overlap_moe_expert_parallel_comm:  # chunk 1 on its own communicators
         from datetime import timedelta
 
         from plugins.dualpipe.overlap import chunk_process_groups
 
-        minutes = _flag(args, "distributed_timeout_minutes")
+        minutes = config.distributed_timeout_minutes
         process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
     return Placement(pipeline.ranks, pipeline.chunks,
                      lambda rank, chunk: pipeline.place(rank, chunk)[1],
                      copies=pipeline.directions, process_groups=process_groups)
 
 
-def schedule(args: argparse.Namespace):
+def schedule(config: DualPipePluginConfig):
     from plugins.common.wgrad import take_deferred_weight_gradients
     from plugins.dualpipe.schedule import forward_backward
 
-    return forward_backward(args.pipeline_schedule, timeline_dir=args.pipeline_timeline,
+    return forward_backward(config.pipeline_schedule, timeline_dir=config.pipeline_timeline,
                             weight_gradients=take_deferred_weight_gradients
-                            if _flag(args, "delay_wgrad_compute") else None,
-                            overlap=bool(_flag(args, "overlap_moe_expert_parallel_comm")))
+                            if config.delay_wgrad_compute else None,
+                            overlap=config.overlap_moe_expert_parallel_comm)
 
 
 DUALPIPE = Plugin(
     name="dualpipe",
     summary="DeepSeek-V3's DualPipe and DualPipeV pipeline schedules as Megatron schedules "
             "(--pipeline-schedule)",
-    add_arguments=add_arguments,
-    validate=validate,
+    config=DualPipePluginConfig,
+    check=check,
+    overrides=overrides,
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     fixes=fixes,
