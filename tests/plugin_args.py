@@ -20,7 +20,7 @@ def enabled(argv: list[str], monkeypatch):
     args = parse_args(extra_args_provider=registry.add_arguments)
     plan = registry.plan(args)
     plan.apply_overrides(args)
-    return args, plan.plugins
+    return args, list(plan.plugins)
 
 
 def validated(argv: list[str]):
@@ -42,7 +42,7 @@ def validated(argv: list[str]):
     plan.apply_overrides(args)
     with contextlib.redirect_stdout(io.StringIO()):
         validate_args(args, {})
-    return args, plan.plugins
+    return args, list(plan.plugins)
 
 
 def fixes_of(plugins) -> list:

@@ -169,13 +169,15 @@ def _check_microbatches(args, schedule: str) -> None:
     data_parallel = getattr(args, "data_parallel_size", None) or max(1, args.world_size // (
         args.tensor_model_parallel_size * p * args.context_parallel_size))
     per_microbatch = args.micro_batch_size * data_parallel
-    microbatches = args.global_batch_size // per_microbatch
+    # Megatron's default where the flag is not given: one micro-batch per data-parallel rank.
+    global_batch = args.global_batch_size or per_microbatch
+    microbatches = global_batch // per_microbatch
     pipeline = Pipeline(schedule, p, microbatches)
     try:
         pipeline.check()
     except ValueError as why:
         smallest = Pipeline.smallest_microbatches(schedule, p)
-        raise PluginError(f"--global-batch-size {args.global_batch_size} gives {microbatches} "
+        raise PluginError(f"--global-batch-size {global_batch} gives {microbatches} "
                           f"micro-batches per step (--micro-batch-size {args.micro_batch_size} "
                           f"x {data_parallel} data-parallel ranks); {why}: use "
                           f"--global-batch-size {smallest * per_microbatch} or more") from None
@@ -202,11 +204,13 @@ def transform_layer_spec(config: DualPipePluginConfig, layer_spec):
 
 
 def fixes(config: DualPipePluginConfig):
+    """Megatron's config checks for deferred weight gradients without TE and for the
+    all-to-all overlap, lifted where the run asks for them."""
     from upstream.overlap import overlap_fixes
+    from upstream.patching import applicable
     from upstream.wgrad import delay_wgrad_fixes
 
-    return ((delay_wgrad_fixes() if config.delay_wgrad_compute else ())
-            + (overlap_fixes() if config.overlap_moe_expert_parallel_comm else ()))
+    return applicable(delay_wgrad_fixes() + overlap_fixes(), config)
 
 
 def placement(config: DualPipePluginConfig) -> Placement:

@@ -185,7 +185,7 @@ def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
     tp = args.tensor_model_parallel_size
     per_tp = f" / --tensor-model-parallel-size {tp}" if tp > 1 else ""
     dims = [(f"--hidden-size {args.hidden_size}", args.hidden_size)]  # every input projection
-    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+    ffn = args.ffn_hidden_size or _megatron_ffn_hidden_size(args)
     dims.append((f"--ffn-hidden-size {ffn}{per_tp}", ffn // tp))  # fc2 (row-parallel)
     if args.multi_latent_attention:
         heads = args.num_attention_heads
@@ -205,6 +205,14 @@ def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
         if shared:
             dims.append((f"--moe-shared-expert-intermediate-size {shared}{per_tp}", shared // tp))
     return dims
+
+
+def _megatron_ffn_hidden_size(args) -> int:
+    """--ffn-hidden-size's default, as Megatron's validation derives it (arguments.py:1280):
+    the checks run before it."""
+    if args.swiglu:
+        return int((4 * args.hidden_size * 2 / 3) / 64) * 64
+    return 4 * args.hidden_size
 
 
 def fixes(config: FP8PluginConfig):

@@ -24,6 +24,8 @@ class MLAPluginConfig:
         "yarn_original_max_position_embeddings")
     yarn_beta_fast: float | None = megatron("yarn_beta_fast")
     yarn_beta_slow: float | None = megatron("yarn_beta_slow")
+    recompute_granularity: str | None = megatron("recompute_granularity")
+    recompute_modules: tuple | None = megatron("recompute_modules")
 
 
 def check(config: MLAPluginConfig, args) -> None:
@@ -178,6 +180,15 @@ def transform_layer_spec(config: MLAPluginConfig, layer_spec):
     return with_mla(layer_spec)
 
 
+def fixes(config: MLAPluginConfig):
+    """The record of Megatron's layernorm recomputation, which the plugin's layers do
+    themselves (`upstream.transformer`: it changes nothing), where the run asks for it."""
+    from upstream.patching import applicable
+    from upstream.transformer import MLA_LAYERNORM_RECOMPUTE
+
+    return applicable((MLA_LAYERNORM_RECOMPUTE,), config)
+
+
 MLA = Plugin(
     name="mla",
     summary="DeepSeek-V3 Multi-head Latent Attention with selective recompute, no TE needed",
@@ -186,6 +197,7 @@ MLA = Plugin(
     overrides=overrides,
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
+    fixes=fixes,
     # The attention, the layer's two norms (RMSNorms that support sequence parallelism)
     # and the layer module itself (for selective recomputation).
     slots=frozenset({"self_attention", "input_layernorm", "pre_mlp_layernorm",
