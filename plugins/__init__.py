@@ -1,23 +1,31 @@
-"""megaseek's plugins and the one registry that turns them on.
+"""megaseek's plugins, the one registry that turns them on, and the run plan it makes.
 
-A `Plugin` names itself, adds its own flags (through Megatron's `extra_args_provider`),
-validates the parsed arguments, and offers hooks, each optional:
-- `transform_layer_spec`: rewrites one transformer layer's `ModuleSpec` (applied to every
-  layer of a block spec, MTP's included: `transform_spec`);
-- `schedule`: a pipeline schedule (Megatron's forward-backward keyword interface);
-- `placement`: which stages (layers, embedding, head and loss) each pipeline chunk of each
-  rank builds;
-- `before_gradient_checks`: a callback run once a training step's backward passes are
-  done, before Megatron checks and reduces the gradients (where the step waits for the GPU
-  anyway), with Megatron's iteration number; it may raise to fail the step;
-- `on_optimizer_step`: a callback run after every successful optimizer step, with
-  Megatron's iteration number;
-- `on_training_end`: run once Megatron's training loop has ended (before its final
-  checkpoint and evaluation), e.g. to finish background work and raise its failure;
-- `checkpoint_state`: the plugin's own sharded state, saved and loaded with Megatron's
-  checkpoint;
-- `evaluation`: an extra pass of Megatron's evaluation (e.g. with other weights);
-- `fixes`: the upstream changes the plugin needs for a run (`upstream.patching.Fix`).
+A `Plugin` names itself and declares, each optional:
+- `config`: a frozen dataclass, its configuration for a run. Its `plugins.config.flag`
+  fields are the plugin's own flags (option, type, default, help: declared once; the
+  registry adds them to Megatron's parser), its `plugins.config.megatron` fields the
+  Megatron arguments its hooks read;
+- `check(config, args)`: its start-up checks, with Megatron's parsed arguments read only;
+- `overrides(config)`: Megatron arguments it needs set (e.g. dualpipe's two model chunks
+  per rank), set and said in the start-up log before Megatron validates its arguments;
+- hooks, each given the plugin's config (never `args`) and the objects it acts on:
+  - `transform_layer_spec(config, spec)`: rewrites one transformer layer's `ModuleSpec`
+    (applied to every layer of a block spec, MTP's included: `transform_spec`);
+  - `schedule(config)`: a pipeline schedule (Megatron's forward-backward keyword
+    interface);
+  - `placement(config)`: which stages (layers, embedding, head and loss) each pipeline
+    chunk of each rank builds;
+  - `fixes(config)`: the upstream changes the plugin needs for the run
+    (`upstream.patching.Fix`, each returned where its scope holds for the config);
+  - run-time hooks, given the model chunks Megatron built: `before_gradient_checks`
+    (once a step's backward passes are done, before Megatron checks and reduces the
+    gradients; it may raise to fail the step), `on_optimizer_step` (after every
+    successful optimizer step, with Megatron's iteration), `on_training_end` (once
+    Megatron's training loop has ended), `checkpoint_state` (the plugin's own sharded
+    state, saved and loaded with Megatron's checkpoint), `evaluation` (an extra pass of
+    Megatron's evaluation, e.g. with other weights). A plugin whose run-time hooks share
+    what one of them builds (the EMA) declares `run_state(config)`: the object made once
+    per run that those hooks receive instead of the config.
 It claims the *slots* it replaces (e.g. "self_attention", "schedule"); two enabled plugins
 may not claim the same slot. It declares how it goes with Transformer Engine's modules
 (`transformer_engine`): a plugin that does not compose with them refuses `--transformer-impl
@@ -29,6 +37,10 @@ cannot honour by itself here (BF16 Adam moments without Transformer Engine), whe
 flag is given (`enabled_by`). Megatron's own flags configure what Megatron already names;
 a plugin's flags are only for what Megatron lacks, and giving one without enabling its
 plugin is an error at start-up.
+
+`PluginRegistry.plan(args)` resolves a parsed command line once, before Megatron validates
+it, into a frozen `RunPlan`: the enabled plugins (`Enabled`: the plugin, its config, its
+hooks bound to it) in registry order, and their overrides.
 
 Plugins compose through specs, never by knowing about each other: transforms run in the
 registry's order (the order of registration), whatever order `--plugins` names them in,

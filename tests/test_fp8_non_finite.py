@@ -5,7 +5,6 @@ fp16 with Megatron's dynamic loss scaler a backward overflow is the scaler's to 
 
 from __future__ import annotations
 
-import argparse
 import re
 
 import pytest

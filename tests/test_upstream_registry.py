@@ -22,7 +22,7 @@ import torch
 import integration  # noqa: F401  (megatron.training on Python 3.11)
 import upstream
 from upstream import compat, cpu, transformer
-from upstream.patching import EVERY_MACHINE, Fix, Patcher, apply_fixes, applicable
+from upstream.patching import EVERY_MACHINE, Fix, Patcher, apply_fixes
 from upstream.registry import all_fixes
 
 VERSION = "megatron-core 0.19.2"
