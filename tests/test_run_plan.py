@@ -11,6 +11,7 @@ import pytest
 import integration  # noqa: F401  (megatron.training on Python 3.11)
 from integration import hooks
 from plugins import PluginRegistry, builtin_plugins
+from upstream import cpu
 
 DUALPIPEV = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
              "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
@@ -39,13 +40,13 @@ def two_ranks(monkeypatch):
 def _validated_in_a_run(argv, monkeypatch):
     """(run, args, the plan `enable` attached) for `argv`, parsed and validated by Megatron
     inside a run's frame, the plugins attached for the model only."""
-    from megatron.training.arguments import parse_args, validate_args
-
     registry = CountingRegistry()
     with hooks.megatron_run(registry) as run:
-        monkeypatch.setattr(sys, "argv", ["pretrain", *argv])
-        args = parse_args(extra_args_provider=registry.add_arguments)
-        validate_args(args, {})
+        from megatron.training import arguments  # its functions as the run's frame wraps them
+
+        monkeypatch.setattr(sys, "argv", ["pretrain", *cpu.with_cpu_arguments(argv)])
+        args = arguments.parse_args(extra_args_provider=registry.add_arguments)
+        arguments.validate_args(args, {})
         plan = hooks.enable(run, model_only=True)
     return registry, run, args, plan
 
@@ -75,17 +76,18 @@ def test_the_plan_is_made_once_per_run(two_ranks, monkeypatch):
 
 
 def test_a_second_validation_with_other_arguments_is_refused(two_ranks, monkeypatch):
-    from megatron.training.arguments import parse_args, validate_args
-
     registry = CountingRegistry()
     with pytest.raises(RuntimeError, match="a run is planned once"):
         with hooks.megatron_run(registry):
-            monkeypatch.setattr(sys, "argv", ["pretrain", *DUALPIPEV])
+            from megatron.training import arguments
+
+            monkeypatch.setattr(sys, "argv", ["pretrain", *cpu.with_cpu_arguments(DUALPIPEV)])
             for _ in range(2):
-                validate_args(parse_args(extra_args_provider=registry.add_arguments), {})
+                arguments.validate_args(
+                    arguments.parse_args(extra_args_provider=registry.add_arguments), {})
 
 
-def test_a_refused_plan_stops_before_megatron_validates(monkeypatch, capsys):
+def test_a_refused_plan_stops_before_megatron_validates(two_ranks, monkeypatch, capsys):
     # The plugins' checks come first: Megatron prints nothing of its validation.
     with pytest.raises(SystemExit) as exit:
         _validated_in_a_run([a for a in DUALPIPEV if a != "--untie-embeddings-and-output-weights"],
