@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-_FLAG, _MEGATRON = "megaseek.flag", "megaseek.megatron"
+_FLAG, _MEGATRON, _DERIVE = "megaseek.flag", "megaseek.megatron", "megaseek.derive"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +43,13 @@ def flag(option: str, default: Any, *, help: str, **argparse_keywords: Any):
         _FLAG: Flag(option, help, argparse_keywords)})
 
 
-def megatron(dest: str, default: Any = None):
+def megatron(dest: str, default: Any = None,
+             derive: Callable[[argparse.Namespace], Any] | None = None):
     """A dataclass field holding Megatron's argument `dest` (argparse's name) as parsed;
-    `default` where the arguments have no such attribute (an older saved checkpoint)."""
-    return dataclasses.field(default=default, metadata={_MEGATRON: dest})
+    `default` where the arguments have no such attribute (an older saved checkpoint).
+    `derive(args)`, where given, reads it as Megatron's validation will set it from other
+    flags (e.g. --recompute-activations: `plugins.common.flags.recompute_granularity`)."""
+    return dataclasses.field(default=default, metadata={_MEGATRON: dest, _DERIVE: derive})
 
 
 def flags(config_type: type | None) -> Iterator[tuple[dataclasses.Field, Flag]]:
@@ -87,5 +90,8 @@ def read(config_type: type, args: argparse.Namespace) -> Any:
         if _FLAG in field.metadata:
             values[field.name] = _frozen(getattr(args, field.name, field.default))
         elif _MEGATRON in field.metadata:
-            values[field.name] = _frozen(getattr(args, field.metadata[_MEGATRON], field.default))
+            derive = field.metadata[_DERIVE]
+            value = (derive(args) if derive is not None
+                     else getattr(args, field.metadata[_MEGATRON], field.default))
+            values[field.name] = _frozen(value)
     return config_type(**values)

@@ -477,3 +477,19 @@ def test_a_megatron_flag_that_needs_a_disabled_plugin_fails_at_start():
     assert names(registry.plan(parser.parse_args(["--needy-megatron-flag", "--plugins",
                                                   "needy"]))) == ["needy"]
     assert registry.plan(parser.parse_args([])).plugins == ()
+
+
+def test_a_megatron_value_is_read_as_megatrons_validation_derives_it():
+    from plugins.config import megatron, read
+    from plugins.common.flags import recompute_granularity as as_validated
+
+    @dataclass(frozen=True)
+    class Reads:
+        recompute_granularity: str | None = megatron("recompute_granularity",
+                                                     derive=as_validated)
+        micro_batch_size: int = megatron("micro_batch_size", 1)
+
+    given = argparse.Namespace(recompute_activations=True, recompute_granularity=None)
+    assert read(Reads, given) == Reads(recompute_granularity="selective", micro_batch_size=1)
+    full = argparse.Namespace(recompute_granularity="full", micro_batch_size=4)
+    assert read(Reads, full) == Reads(recompute_granularity="full", micro_batch_size=4)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.config import flag, megatron
+from plugins.common.flags import recompute_granularity
 from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
 from plugins.dualpipe.program import Pipeline
@@ -130,7 +131,7 @@ def _check_overlap(args) -> None:
                               "on its group")
     # Recomputation saves and restores the random generator in backward, racing the
     # other chunk's dropout in forward.
-    if _flag(args, "recompute_granularity") is not None:
+    if recompute_granularity(args) is not None:
         raise PluginError(f"{OVERLAP} with --pipeline-schedule cannot be combined with "
                           "--recompute-granularity: drop it")
     if _flag(args, "overlap_param_gather"):

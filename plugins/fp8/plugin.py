@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.config import flag, megatron
-from plugins.common.flags import Refusal, first_refused
+from plugins.common.flags import Refusal, first_refused, recompute_granularity
 from plugins.fp8.slots import EXCLUDABLE
 
 BLOCK = 128
@@ -94,7 +94,8 @@ class FP8PluginConfig:
     fp16: bool = megatron("fp16", False)
     loss_scale: float | None = megatron("loss_scale")
     num_experts: int | None = megatron("num_experts")
-    recompute_granularity: str | None = megatron("recompute_granularity")
+    recompute_granularity: str | None = megatron("recompute_granularity",
+                                                  derive=recompute_granularity)
     recompute_modules: list | None = megatron("recompute_modules")
 
     @functools.cached_property

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.config import megatron
-from plugins.common.flags import Refusal, first_refused
+from plugins.common.flags import Refusal, first_refused, recompute_granularity
 
 # Selective-recompute names the MLA layer handles, and the ones Megatron handles outside
 # attention (MLP, MoE); 'core_attn' would need Megatron's attention and is refused.
@@ -24,7 +24,8 @@ class MLAPluginConfig:
         "yarn_original_max_position_embeddings")
     yarn_beta_fast: float | None = megatron("yarn_beta_fast")
     yarn_beta_slow: float | None = megatron("yarn_beta_slow")
-    recompute_granularity: str | None = megatron("recompute_granularity")
+    recompute_granularity: str | None = megatron("recompute_granularity",
+                                                  derive=recompute_granularity)
     recompute_modules: tuple | None = megatron("recompute_modules")
 
 
@@ -52,7 +53,7 @@ def check(config: MLAPluginConfig, args) -> None:
     refused = first_refused(args, _attention_flags())
     if refused:
         raise PluginError(f"--plugins mla: {refused}")
-    if args.recompute_granularity == "selective":
+    if recompute_granularity(args) == "selective":
         chosen = args.recompute_modules or ["core_attn"]  # Megatron's default
         unknown = sorted(set(chosen) - set(OWN_RECOMPUTE) - set(MEGATRON_RECOMPUTE))
         if unknown:
@@ -180,7 +181,7 @@ def needed_by(args: argparse.Namespace) -> str | None:
         return ("--multi-latent-attention with --transformer-impl local needs --plugins mla "
                 "(Megatron's own MLA does not build with the local spec: its core attention "
                 "rejects k_channels/v_channels)")
-    if args.recompute_granularity == "selective" and "layernorm" in (args.recompute_modules or ()):
+    if recompute_granularity(args) == "selective" and "layernorm" in (args.recompute_modules or ()):
         return ("--recompute-modules layernorm with --transformer-impl local needs --plugins "
                 "mla (Megatron 0.19.2's own layernorm recomputation calls Transformer Engine "
                 "and fails at the first forward without it; the mla plugin's layers recompute "

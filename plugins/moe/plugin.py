@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.config import flag, megatron
-from plugins.common.flags import Refusal, first_refused
+from plugins.common.flags import Refusal, first_refused, recompute_granularity
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class MoEPluginConfig:
     moe_router_bias_update_rate: float = megatron("moe_router_bias_update_rate", 0.0)
     expert_model_parallel_size: int = megatron("expert_model_parallel_size", 1)
     log_interval: int = megatron("log_interval", 100)
-    recompute_granularity: str | None = megatron("recompute_granularity")
+    recompute_granularity: str | None = megatron("recompute_granularity",
+                                                  derive=recompute_granularity)
     recompute_modules: tuple | None = megatron("recompute_modules")
 
 
@@ -210,7 +211,7 @@ def check(config: MoEPluginConfig, args) -> None:
     except ValueError as error:
         raise PluginError(f"--plugins moe: {error}") from error
 
-    if args.moe_layer_recompute and args.recompute_granularity == "full":
+    if args.moe_layer_recompute and recompute_granularity(args) == "full":
         raise PluginError("--moe-layer-recompute is --recompute-modules moe of --recompute-"
                           "granularity selective; --recompute-granularity full recomputes "
                           "whole layers already: give one of them")
@@ -235,7 +236,7 @@ def needed_by(args: argparse.Namespace) -> str | None:
         return ("--moe-grouped-gemm with --transformer-impl local is ignored by Megatron's "
                 "experts (its grouped experts are Transformer Engine's): drop it, or use "
                 "--plugins moe, whose experts always run grouped")
-    if args.recompute_granularity == "selective" and "moe_act" in (args.recompute_modules or ()):
+    if recompute_granularity(args) == "selective" and "moe_act" in (args.recompute_modules or ()):
         return ("--recompute-modules moe_act with --transformer-impl local needs --plugins moe "
                 "(Megatron recomputes the activation of Transformer Engine's grouped experts "
                 "only); otherwise leave moe_act out of --recompute-modules")
