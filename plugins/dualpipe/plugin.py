@@ -86,6 +86,12 @@ def check(config: DualPipePluginConfig, args) -> None:
                           f"wrongly when one rank holds two embedding copies; drop "
                           f"--dist-ckpt-optim-fully-reshardable (the default format resumes "
                           f"exactly)")
+    if _flag(args, "overlap_param_gather_with_optimizer_step"):
+        # Megatron allows it with virtual stages (which this plugin asks for); it starts
+        # the first bucket's gather from its interleaved schedule's hooks, never called here.
+        raise PluginError(f"--overlap-param-gather-with-optimizer-step cannot be combined with "
+                          f"--pipeline-schedule {schedule}, whose schedules do not start "
+                          f"Megatron's parameter gathers: drop it")
     if _flag(args, "rampup_batch_size") is not None:
         raise PluginError(f"--rampup-batch-size cannot be combined with --pipeline-schedule "
                           f"{schedule}, which needs a fixed number of micro-batches")

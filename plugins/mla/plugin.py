@@ -109,7 +109,7 @@ def overrides(config: MLAPluginConfig) -> dict:
     """--rope-type's default for MLA (Megatron's, see its help), and the YaRN flags under
     the names of MLATransformerConfig's fields: Megatron fills config fields from args by
     name, and those have no flag of that name."""
-    found = {"rope_type": _rope_type(config)}
+    found = {"rope_type": "yarn"} if config.rope_type is None else {}
     for field, given in (("original_max_position_embeddings",
                           config.yarn_original_max_position_embeddings),
                          ("beta_fast", config.yarn_beta_fast),
