@@ -217,13 +217,14 @@ class PluginRegistry:
         plugin flags, builds each enabled plugin's config and runs its start-up check.
         `checked=False` is for the saved arguments of a checkpoint, whose run was checked
         when it started: only what shapes the model is resolved."""
-        chosen = self._chosen(args)
+        read_only = StartUpArguments(args, frozenset())
+        chosen = self._chosen(read_only)
         names = {plugin.name for plugin in chosen}
         if checked:
             self._check_flags_have_their_plugin(args, chosen)
         for plugin in self._plugins.values():
             if plugin.name not in names and plugin.needed_by is not None:
-                message = plugin.needed_by(args)
+                message = plugin.needed_by(read_only)
                 if message:
                     raise PluginError(message)
         claimed: dict[str, str] = {}

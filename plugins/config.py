@@ -77,12 +77,6 @@ def add_flags(config_type: type | None, group: argparse._ArgumentGroup) -> None:
                            **declared.argparse)
 
 
-def given(config_type: type | None, args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(dest, option) of each of `config_type`'s flags given on the command line."""
-    return [(field.name, declared.option) for field, declared in flags(config_type)
-            if hasattr(args, field.name)]
-
-
 def read(config_type: type, args: argparse.Namespace) -> Any:
     """`config_type` from parsed arguments (read only)."""
     values = {}
