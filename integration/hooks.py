@@ -5,9 +5,9 @@
 validates its arguments, just before: the enabled plugins, their configs, and the Megatron
 arguments they set (applied and said in the start-up log, so that Megatron validates what
 will run). `enable(run)` then applies the upstream fixes the plan's plugins need and
-attaches their hooks to Megatron through the seams of `upstream.seams`; every change goes
-through the run's Patcher, so that all are undone when the run ends. Nothing here knows
-any plugin by name.
+attaches their hooks to Megatron through the seams of `upstream.seams` (a module each);
+every change goes through the run's Patcher, so that all are undone when the run ends.
+Nothing here knows any plugin by name.
 """
 
 from __future__ import annotations
@@ -20,8 +20,18 @@ import time
 from typing import Callable, NoReturn
 
 from plugins import Enabled, PluginError, PluginRegistry, RunPlan
-from upstream import checkpoint_files, compat, cpu, seams, wgrad
+from upstream import checkpoint_files, compat, cpu, wgrad
 from upstream.patching import Patcher, apply_fixes
+from upstream.seams.arguments import argument_errors_refused, checks_before_argument_dump
+from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named
+from upstream.seams.checkpoint_state import checkpoint_state
+from upstream.seams.errors import CheckpointMismatch, MegatronRefused
+from upstream.seams.evaluation import evaluation_passes
+from upstream.seams.loop import (after_optimizer_step, after_training, before_gradient_checks,
+                                 schedule)
+from upstream.seams.model import model_specs
+from upstream.seams.placement import pipeline_placement
+from upstream.seams.scheduler_mismatch import scheduler_mismatch_named
 
 
 class MegatronRun:
@@ -86,10 +96,10 @@ def megatron_run(registry: PluginRegistry):
         run.make_plan(args)
 
     try:
-        seams.argument_errors_refused().apply(patcher)
-        seams.checks_before_argument_dump(_start_up_checks, before_megatron).apply(patcher)
-        seams.checkpoint_mismatch_named().apply(patcher)
-        seams.scheduler_mismatch_named().apply(patcher)
+        argument_errors_refused().apply(patcher)
+        checks_before_argument_dump(_start_up_checks, before_megatron).apply(patcher)
+        checkpoint_mismatch_named().apply(patcher)
+        scheduler_mismatch_named().apply(patcher)
         write_failures: list = []  # this process's failed checkpoint writes
         for fix in (checkpoint_files.checksums_as_written(write_failures),
                     checkpoint_files.manifest_after_async_save(),
@@ -97,7 +107,7 @@ def megatron_run(registry: PluginRegistry):
                     checkpoint_files.failed_save_named(write_failures)):
             fix.apply(patcher)
         yield run
-    except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch,
+    except (PluginError, MegatronRefused, CheckpointMismatch,
             checkpoint_files.CheckpointCorrupt) as error:
         exit_refused(error)
     except checkpoint_files.CheckpointSaveFailed as error:
@@ -180,15 +190,15 @@ def enable(run: MegatronRun, model_only: bool = False) -> RunPlan:
     def apply(seam) -> None:
         seam.apply(patcher)
 
-    apply(seams.model_specs(plan.transform_spec))
-    schedule = _the_one(plan.plugins, "schedule", "provide a pipeline schedule")
-    if schedule is not None:
-        apply(seams.schedule(schedule.schedule()))
+    apply(model_specs(plan.transform_spec))
+    scheduling = _the_one(plan.plugins, "schedule", "provide a pipeline schedule")
+    if scheduling is not None:
+        apply(schedule(scheduling.schedule()))
     placing = _the_one(plan.plugins, "placement", "place the pipeline stages")
     if placing is not None:
-        placement = placing.placement()
-        placement.check()
-        apply(seams.pipeline_placement(placement))
+        stages = placing.placement()
+        stages.check()
+        apply(pipeline_placement(stages))
     if not model_only:
         _attach_run_hooks([plugin.run_hooks() for plugin in plan.plugins], apply)
     return plan
@@ -213,7 +223,7 @@ def _attach_run_hooks(hooks: list, apply: Callable) -> None:
         chunks.chunks = model_chunks
         return [h.on_optimizer_step(model_chunks, optimizer) for h in step_hooks]
 
-    apply(seams.after_optimizer_step(callbacks_for))
+    apply(after_optimizer_step(callbacks_for))
 
     checking = [h for h in hooks if h.before_gradient_checks is not None]
     if checking:
@@ -224,7 +234,7 @@ def _attach_run_hooks(hooks: list, apply: Callable) -> None:
                 checks.extend(h.before_gradient_checks(chunks.get()) for h in checking)
             return checks
 
-        apply(seams.before_gradient_checks(gradient_checks))
+        apply(before_gradient_checks(gradient_checks))
 
     ending = [h for h in hooks if h.on_training_end is not None]
     if ending:
@@ -232,7 +242,7 @@ def _attach_run_hooks(hooks: list, apply: Callable) -> None:
             for h in ending:
                 h.on_training_end(chunks.get())
 
-        apply(seams.after_training(training_ended))
+        apply(after_training(training_ended))
 
     stateful = [h for h in hooks if h.checkpoint_state is not None]
     if stateful:
@@ -243,17 +253,17 @@ def _attach_run_hooks(hooks: list, apply: Callable) -> None:
                 states.update({h.name: h.checkpoint_state(chunks.get()) for h in stateful})
             return states
 
-        apply(seams.checkpoint_state(plugin_states))
+        apply(checkpoint_state(plugin_states))
 
     evaluating = [h for h in hooks if h.evaluation is not None]
     if evaluating:
         passes: list | None = None
 
-        def evaluation_passes() -> list:
+        def plugin_passes() -> list:
             nonlocal passes
             if passes is None:  # a hook answers None when the run asks for no extra pass
                 passes = [found for found in (h.evaluation(chunks.get()) for h in evaluating)
                           if found is not None]
             return passes
 
-        apply(seams.evaluation_passes(evaluation_passes))
+        apply(evaluation_passes(plugin_passes))

@@ -107,7 +107,8 @@ class Plugin:
     transform_layer_spec: Callable[[Any, Any], Any] | None = None
     # config -> a Megatron forward-backward function (same keyword interface).
     schedule: Callable[[Any], Callable[..., Any]] | None = None
-    # config -> upstream.seams.Placement: the stages each rank's pipeline chunks build.
+    # config -> upstream.seams.placement.Placement: the stages each rank's pipeline
+    # chunks build.
     placement: Callable[[Any], Any] | None = None
     # (config, model_chunks) -> callable(iteration), run in every training step after its
     # last backward and before Megatron's gradient checks and reduction (possibly more than

@@ -17,8 +17,8 @@ from plugins.config import flag, megatron
 from plugins.common.flags import recompute_granularity
 from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
+from plugins.dualpipe.placement import DualPipePlacement
 from plugins.dualpipe.program import Pipeline
-from upstream.seams import Placement
 
 SCHEDULES = ("dualpipev", "dualpipe")
 
@@ -220,7 +220,7 @@ def fixes(config: DualPipePluginConfig):
     return applicable(delay_wgrad_fixes() + overlap_fixes(), config)
 
 
-def placement(config: DualPipePluginConfig) -> Placement:
+def placement(config: DualPipePluginConfig) -> DualPipePlacement:
     pipeline = Pipeline(config.pipeline_schedule, config.pipeline_model_parallel_size,
                         microbatches=0)
     process_groups = None
@@ -231,9 +231,9 @@ def placement(config: DualPipePluginConfig) -> Placement:
 
         minutes = config.distributed_timeout_minutes
         process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
-    return Placement(pipeline.ranks, pipeline.chunks,
-                     lambda rank, chunk: pipeline.place(rank, chunk)[1],
-                     copies=pipeline.directions, process_groups=process_groups)
+    return DualPipePlacement(pipeline.ranks, pipeline.chunks,
+                             lambda rank, chunk: pipeline.place(rank, chunk)[1],
+                             copies=pipeline.directions, process_groups=process_groups)
 
 
 def schedule(config: DualPipePluginConfig):

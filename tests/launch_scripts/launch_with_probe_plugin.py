@@ -21,7 +21,7 @@ import torch
 from integration import launch
 from plugins import Plugin, PluginRegistry, builtin_plugins
 from plugins.config import flag, megatron
-from upstream.seams import Placement
+from upstream.seams.placement import Placement
 
 
 @dataclass(frozen=True)
