@@ -14,7 +14,7 @@ prints
   a token actually uses included.
 `--json` prints every figure as an exact integer instead.
 
-Counting conventions (each checked in tests/test_describe.py against a count made another
+Counting conventions (each checked in tests/integration/test_describe.py against a count made another
 way):
 - Parameters are those autograd trains (the built model's `numel`): the expert-bias buffer
   (256 numbers a MoE layer at DeepSeek-V3's shape) is not one. The vocabulary is

@@ -1,9 +1,9 @@
 """Shared pytest hooks.
 
 - Tests marked ``gpu`` are skipped when CUDA is unavailable.
-- Tests that start several ranks (through ``tests.multirank.run_ranks`` or a torchrun launch
-  of ``tests.training_runs``) are marked ``multirank``: ``make test-gpu`` runs them with
-  MEGASEEK_TEST_BACKEND=nccl (tests/backend.py), whose value is checked here at start-up.
+- Tests that start several ranks (through ``tests.helpers.multirank.run_ranks`` or a torchrun launch
+  of ``tests.helpers.training_runs``) are marked ``multirank``: ``make test-gpu`` runs them with
+  MEGASEEK_TEST_BACKEND=nccl (tests/helpers/backend.py), whose value is checked here at start-up.
 """
 
 import functools
@@ -11,12 +11,12 @@ import inspect
 
 import pytest
 
-from tests import backend
+from tests.helpers import backend
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "multirank: starts several ranks through the harness (tests/backend.py); "
+        "markers", "multirank: starts several ranks through the harness (tests/helpers/backend.py); "
                    "marked by conftest, run on NCCL by `make test-gpu`")
     try:
         backend.selected()
