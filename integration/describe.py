@@ -14,8 +14,8 @@ prints
   a token actually uses included.
 `--json` prints every figure as an exact integer instead.
 
-Counting conventions (each checked in tests/integration/test_describe.py against a count made another
-way):
+Counting conventions (each checked in tests/integration/test_describe.py against a count made
+another way):
 - Parameters are those autograd trains (the built model's `numel`): the expert-bias buffer
   (256 numbers a MoE layer at DeepSeek-V3's shape) is not one. The vocabulary is
   `--vocab-size` as given for the model totals, padded as Megatron pads it

@@ -1,6 +1,7 @@
 """Build the moe plugin's layer from Megatron's config, with the same weights for every
 configuration and expert-parallel size, on the ranks of an initialized process group
-(inside `tests.helpers.mla_build.megatron_ranks`), on the rank's device (`tests.helpers.backend.device`)."""
+(inside `tests.helpers.mla_build.megatron_ranks`), on the rank's device
+(`tests.helpers.backend.device`)."""
 
 from __future__ import annotations
 

@@ -313,5 +313,6 @@ def test_no_test_starts_ranks_outside_the_harness():
                  for path in sorted(TESTS.rglob("*.py")) if path.name not in HARNESS
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if BYPASSES.search(line)]
-    assert not offenders, ("start ranks through tests/helpers/multirank.py or tests/helpers/training_runs.py, "
-                           "whose backend MEGASEEK_TEST_BACKEND selects:\n" + "\n".join(offenders))
+    assert not offenders, ("start ranks through tests/helpers/multirank.py or "
+                           "tests/helpers/training_runs.py, whose backend MEGASEEK_TEST_BACKEND "
+                           "selects:\n" + "\n".join(offenders))

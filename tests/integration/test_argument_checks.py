@@ -527,20 +527,16 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
     # a required flag left out ('hidden_size argument is None')
     (["drop"], "Megatron's argument check failed: give --hidden-size (Megatron requires it)"),
 ])
-def test_megatrons_failed_checks_name_the_flags(extra, said, monkeypatch):
-    from upstream.patching import Patcher
+def test_megatrons_failed_checks_name_the_flags(extra, said, monkeypatch, patcher):
     from upstream.seams.arguments import checks_before_argument_dump
     from upstream.seams.errors import MegatronRefused
 
     args = parsed(command_line(extra[1:] if extra[0] == "drop" else extra,
                                ("--hidden-size",) if extra[0] == "drop" else ()), monkeypatch)
-    patcher = Patcher()
     checks_before_argument_dump(lambda args: None).apply(patcher)
-    try:
-        with pytest.raises(MegatronRefused) as refused:
-            megatron_validates(args)
-    finally:
-        patcher.undo()
+    with pytest.raises(MegatronRefused) as refused:
+        megatron_validates(args)
+    patcher.undo()
     assert str(refused.value).startswith(said)
 
 
@@ -556,11 +552,10 @@ def test_a_bare_condition_without_words_names_its_flags():
 
 # --- a resume with another learning-rate schedule -------------------------------------------
 
-def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
+def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch, patcher):
     """Megatron's own scheduler, loading the state of one built for half the iterations."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from upstream.patching import Patcher
     from upstream.seams.scheduler_mismatch import scheduler_mismatch_named
     from upstream.seams.errors import CheckpointMismatch
 
@@ -577,16 +572,13 @@ def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
 
     saved = scheduler(40).state_dict()
     monkeypatch.setattr("megatron.training.get_args", lambda: argparse.Namespace(load="ckpt"))
-    patcher = Patcher()
     scheduler_mismatch_named().apply(patcher)
-    try:
-        with pytest.raises(CheckpointMismatch) as refused:
-            scheduler(80).load_state_dict(saved)
-        resumed = scheduler(80, override_opt_param_scheduler=True)
-        resumed.load_state_dict(saved)  # the flags it names do settle it
-        assert resumed.lr_decay_steps == 80
-    finally:
-        patcher.undo()
+    with pytest.raises(CheckpointMismatch) as refused:
+        scheduler(80).load_state_dict(saved)
+    resumed = scheduler(80, override_opt_param_scheduler=True)
+    resumed.load_state_dict(saved)  # the flags it names do settle it
+    assert resumed.lr_decay_steps == 80
+    patcher.undo()
     assert str(refused.value) == (
         "--load ckpt: the checkpoint's learning-rate schedule has decay length 40 samples, "
         "this run 80 samples (from --lr-decay-iters, or --train-iters where --lr-decay-iters "

@@ -173,12 +173,11 @@ def test_an_unwritable_save_folder_is_refused(tmp_path):
      "--no-position-embedding (add_position_embedding) True, this run has False"),
 ])
 def test_a_resume_with_another_compared_argument_names_the_flag(flag, saved, run, said,
-                                                                 monkeypatch):
+                                                                 monkeypatch, patcher):
     """Megatron's own check_checkpoint_args (the arguments it compares with the saved ones
     at load) fails naming the flag and both values, not with its AssertionError."""
     from megatron.training import checkpointing
 
-    from upstream.patching import Patcher
     from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named
     from upstream.seams.errors import CheckpointMismatch
 
@@ -191,14 +190,11 @@ def test_a_resume_with_another_compared_argument_names_the_flag(flag, saved, run
     monkeypatch.setattr(checkpointing, "get_args", lambda: this_run)
     monkeypatch.setattr("megatron.training.get_args", lambda: this_run)
     monkeypatch.setattr(checkpointing, "_CHECKPOINT_VERSION", 3.0)
-    patcher = Patcher()
     checkpoint_mismatch_named().apply(patcher)
-    try:
-        checkpointing.check_checkpoint_args(argparse.Namespace(**vars(this_run)))  # passes
-        with pytest.raises(CheckpointMismatch) as refused:
-            checkpointing.check_checkpoint_args(checkpoint)
-    finally:
-        patcher.undo()
+    checkpointing.check_checkpoint_args(argparse.Namespace(**vars(this_run)))  # passes
+    with pytest.raises(CheckpointMismatch) as refused:
+        checkpointing.check_checkpoint_args(checkpoint)
+    patcher.undo()
     assert str(refused.value) == (f"--load ckpt: the checkpoint was saved with {said}: resume "
                                   "with the value it was saved with")
 
@@ -219,7 +215,7 @@ def test_write_manifest_from_files_writes_the_ranks_missing_entries(tmp_path):
     assert check_files(str(tmp_path), ["__1_0.distcp"]) == []
 
 
-def test_an_async_save_is_finalized_with_a_manifest_that_verifies(tmp_path):
+def test_an_async_save_is_finalized_with_a_manifest_that_verifies(tmp_path, patcher):
     """Megatron's async torch_dist save (its request run here synchronously: its worker
     needs CUDA) gets the manifest when it is finalized, from the files on disk; the
     checkpoint verifies, and a corrupted file is named and refused."""
@@ -231,20 +227,16 @@ def test_an_async_save_is_finalized_with_a_manifest_that_verifies(tmp_path):
     from bench.single_rank import megatron_single_rank
     from upstream.checkpoint_files import (MANIFEST, CheckpointCorrupt,
                                            manifest_after_async_save, verify_checkpoint)
-    from upstream.patching import Patcher
 
     state = {f"w{i}": ShardedTensor.from_rank_offsets(f"w{i}", torch.randn(4096))
              for i in range(3)}
-    patcher = Patcher()
     with megatron_single_rank():
         manifest_after_async_save().apply(patcher)
-        try:
-            request = dist_checkpointing.save(state, str(tmp_path), TorchDistSaveShardedStrategy(),
-                                              async_sharded_save=True, async_strategy="mcore")
-            assert not (tmp_path / MANIFEST).exists()  # nothing written before finalization
-            request.execute_sync()
-        finally:
-            patcher.undo()
+        request = dist_checkpointing.save(state, str(tmp_path), TorchDistSaveShardedStrategy(),
+                                          async_sharded_save=True, async_strategy="mcore")
+        assert not (tmp_path / MANIFEST).exists()  # nothing written before finalization
+        request.execute_sync()
+        patcher.undo()
         data = sorted(tmp_path.glob("*.distcp"))
         assert data and sorted(p.name[:-len(".json")] for p in (tmp_path / MANIFEST).iterdir()) \
             == [p.name for p in data]

@@ -213,15 +213,13 @@ def _built(argv, census: bool, flops: bool):
     from integration import presets
     from plugins import transform_spec
     from tests.helpers.plugin_args import validated
+    from tests.helpers.patching import patching, plugin_fixes
     from upstream import cpu
-    from upstream.patching import Patcher, apply_fixes
 
     argv = [a for a in presets.expand(argv, announce=False)
             if a not in ("--fp8-cache-weights",)]
     args, plugins = validated(cpu.with_cpu_arguments(argv))
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
-                          Patcher())
-    try:
+    with patching(plugin_fixes(plugins)):
         config = core_transformer_config_from_args(args)
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                           normalization=args.normalization)
@@ -250,8 +248,6 @@ def _built(argv, census: bool, flops: bool):
                 model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).sum().backward()
             counted = counter.get_total_flops()
         return dict(numel=numel, saved=saved, flops=counted)
-    finally:
-        patcher.undo()
 
 
 def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:

@@ -150,8 +150,8 @@ def test_mtp_loss_and_gradients_follow_the_reports_formula():
 
 
 # --- MTP through Megatron's loop: under 1F1B at PP=2, DualPipeV and DualPipe against one
-# process, dense and MLA + MoE with EP=2, is tests/plugins/dualpipe/test_pipeline.py (every run there has an
-# MTP layer and compares its loss).
+# process, dense and MLA + MoE with EP=2, is tests/plugins/dualpipe/test_pipeline.py (every
+# run there has an MTP layer and compares its loss).
 
 PIPELINE = ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
             "--untie-embeddings-and-output-weights"]
@@ -212,49 +212,53 @@ def _dualpipev_chunks_with_mtp(rank, world_size):
     from plugins.dualpipe.program import Pipeline
     from plugins.mla.spec import with_mla
     from tests.helpers.mla_build import mla_config
+    from tests.helpers.patching import patching
     from upstream import cpu
-    from upstream.patching import Patcher
     from upstream.seams.placement import pipeline_placement
 
     pipeline = Pipeline("dualpipev", 2, 4)
     placement = DualPipePlacement(2, 2, lambda r, c: pipeline.place(r, c)[1])
-    patcher = Patcher()
     cpu_fixes = cpu.install(force=True)
-    pipeline_placement(placement).apply(patcher)
-    try:
-        parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2,
-                                                 virtual_pipeline_model_parallel_size=2)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234 + rank)
-        config = mla_config(SHAPE, num_layers=4, mtp_num_layers=1, pipeline_model_parallel_size=2,
-                            virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
-        local = get_gpt_layer_local_spec(normalization="RMSNorm")
-        chunks = []
-        for chunk in range(2):
-            mtp = get_gpt_mtp_block_spec(config, local, use_transformer_engine=False,
-                                         vp_stage=chunk)
-            for mtp_layer in (mtp.layer_specs if mtp is not None else []):
-                mtp_layer.submodules.mtp_model_layer = with_mla(mtp_layer.submodules.mtp_model_layer)
-            chunks.append(GPTModel(config=config, transformer_layer_spec=with_mla(local),
-                                   vocab_size=VOCAB, max_sequence_length=SEQ,
-                                   position_embedding_type="rope", vp_stage=chunk,
-                                   share_embeddings_and_output_weights=False,
-                                   mtp_block_spec=mtp))
-        group = parallel_state.get_embedding_group(check_initialized=False)
-        found = {"embedding_group": group and torch.distributed.get_process_group_ranks(group),
-                 "roles": [(c.pre_process, c.post_process, c.mtp_process) for c in chunks]}
-        if rank == 0:  # stage 0 in chunk 0; the last stage, with MTP, in chunk 1
-            first, last = (c.embedding.word_embeddings.weight for c in chunks)
-            found["copies_equal"] = torch.equal(first, last) and first.abs().sum() > 0
-            for weight, value in ((first, 1.0), (last, 2.0)):
-                weight.main_grad = torch.full_like(weight, value)
-            sum_embedding_copies(chunks)
-            found["summed"] = (first.main_grad.unique().tolist(), last.main_grad.unique().tolist())
-        return found
-    finally:
-        parallel_state.destroy_model_parallel()
-        patcher.undo()
-        if cpu_fixes is not None:
-            cpu_fixes.undo()
+    with patching() as patcher:
+        pipeline_placement(placement).apply(patcher)
+        try:
+            parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2,
+                                                     virtual_pipeline_model_parallel_size=2)
+            tensor_parallel.model_parallel_cuda_manual_seed(1234 + rank)
+            config = mla_config(SHAPE, num_layers=4, mtp_num_layers=1,
+                                pipeline_model_parallel_size=2,
+                                virtual_pipeline_model_parallel_size=2,
+                                pipeline_dtype=torch.float32)
+            local = get_gpt_layer_local_spec(normalization="RMSNorm")
+            chunks = []
+            for chunk in range(2):
+                mtp = get_gpt_mtp_block_spec(config, local, use_transformer_engine=False,
+                                             vp_stage=chunk)
+                for mtp_layer in (mtp.layer_specs if mtp is not None else []):
+                    submodules = mtp_layer.submodules
+                    submodules.mtp_model_layer = with_mla(submodules.mtp_model_layer)
+                chunks.append(GPTModel(config=config, transformer_layer_spec=with_mla(local),
+                                       vocab_size=VOCAB, max_sequence_length=SEQ,
+                                       position_embedding_type="rope", vp_stage=chunk,
+                                       share_embeddings_and_output_weights=False,
+                                       mtp_block_spec=mtp))
+            group = parallel_state.get_embedding_group(check_initialized=False)
+            found = {"embedding_group": group
+                     and torch.distributed.get_process_group_ranks(group),
+                     "roles": [(c.pre_process, c.post_process, c.mtp_process) for c in chunks]}
+            if rank == 0:  # stage 0 in chunk 0; the last stage, with MTP, in chunk 1
+                first, last = (c.embedding.word_embeddings.weight for c in chunks)
+                found["copies_equal"] = torch.equal(first, last) and first.abs().sum() > 0
+                for weight, value in ((first, 1.0), (last, 2.0)):
+                    weight.main_grad = torch.full_like(weight, value)
+                sum_embedding_copies(chunks)
+                found["summed"] = (first.main_grad.unique().tolist(),
+                                   last.main_grad.unique().tolist())
+            return found
+        finally:
+            parallel_state.destroy_model_parallel()
+            if cpu_fixes is not None:
+                cpu_fixes.undo()
 
 
 def test_dualpipev_rank_0_ties_the_mtp_embedding_copy_to_the_real_one():

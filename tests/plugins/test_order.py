@@ -77,21 +77,17 @@ def _train(args, plugins) -> dict:
 
 
 def _every_order(rank, world_size):
-    from upstream.patching import Patcher, apply_fixes
     from tests.helpers.mla_build import megatron_ranks
+    from tests.helpers.patching import patching, plugin_fixes
 
     results = {}
     with megatron_ranks():
         for order in ORDERS:
             args, plugins = _parsed(order)
-            patcher = apply_fixes([fix for p in plugins if p.fixes is not None
-                                   for fix in p.fixes()], Patcher())
-            try:
+            with patching(plugin_fixes(plugins)):
                 results[order] = dict(_train(args, plugins),
                                       enabled=[p.name for p in plugins],
                                       configs=[p.config for p in plugins])
-            finally:
-                patcher.undo()
     return results
 
 

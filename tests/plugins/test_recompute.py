@@ -43,12 +43,10 @@ MLA_RECOMPUTE = {"mla-own-and-mlp": ([*SELECTIVE, "layernorm", "mla_up_proj", "m
 def _gradients(argv) -> tuple[dict, list[tuple[bool, int]]]:
     """Every parameter's gradient after one forward and backward, and for each layer
     whether its mlp is an MoE layer and how often it ran forward."""
-    from upstream.patching import Patcher, apply_fixes
+    from tests.helpers.patching import patching, plugin_fixes
 
     args, plugins = validated(argv)
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
-                          Patcher())
-    try:
+    with patching(plugin_fixes(plugins)):
         model = gpt_model(args, plugins, 256)
         runs = [0] * len(model.decoder.layers)
         for i, layer in enumerate(model.decoder.layers):
@@ -59,8 +57,6 @@ def _gradients(argv) -> tuple[dict, list[tuple[bool, int]]]:
         model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean().backward()
         moe = [getattr(layer.mlp, "is_moe_layer", False) for layer in model.decoder.layers]
         return {n: p.grad for n, p in model.named_parameters()}, list(zip(moe, runs))
-    finally:
-        patcher.undo()
 
 
 def _every_recomputation(rank, world_size, model):

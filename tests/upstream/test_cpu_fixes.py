@@ -53,7 +53,7 @@ def compat_installed():
         patcher.undo()
 
 
-# --- the proxy fixes (every fix's probe and upstream place: test_upstream_registry.py) ------
+# --- the proxy fixes (every fix's probe and upstream place: tests/upstream/test_registry.py)
 
 _PY_REFERENCE = re.compile(r"([\w/.]+\.py)(?::([\d,\- ]+))?")
 PROXY_FIXES = tuple(f for f in cpu.FIXES if f.name.startswith("cpu-torch:"))
@@ -525,20 +525,17 @@ def test_rewrite_function_applies_replacements():
     assert source_has(new, "return x + 2")  # the rewrite's own text
 
 
-def test_rewrites_of_one_function_compose():
+def test_rewrites_of_one_function_compose(patcher):
     """Two fixes of one function (e.g. fp8's two TransformerConfig checks): the second
     rewrites the first's text, and each probe sees only its own text gone."""
-    patcher = Patcher()
-    try:
-        patcher.setattr(THIS, "sample_function",
-                        rewrite_function(THIS, "sample_function", {"x + 1": "x + 2"}))
-        assert source_has(THIS.sample_function, "return")
-        patcher.setattr(THIS, "sample_function",
-                        rewrite_function(THIS, "sample_function", {"x + 2": "(x + 2) * 10"}))
-        assert THIS.sample_function(1) == 30
-        assert not source_has(THIS.sample_function, "x + 1")
-    finally:
-        patcher.undo()
+    patcher.setattr(THIS, "sample_function",
+                    rewrite_function(THIS, "sample_function", {"x + 1": "x + 2"}))
+    assert source_has(THIS.sample_function, "return")
+    patcher.setattr(THIS, "sample_function",
+                    rewrite_function(THIS, "sample_function", {"x + 2": "(x + 2) * 10"}))
+    assert THIS.sample_function(1) == 30
+    assert not source_has(THIS.sample_function, "x + 1")
+    patcher.undo()
     assert THIS.sample_function(1) == 2
 
 
@@ -556,34 +553,28 @@ def test_rewrite_function_uses_module_globals(monkeypatch):
     assert new() == 60
 
 
-def test_rewrite_method_with_zero_argument_super():
+def test_rewrite_method_with_zero_argument_super(patcher):
     new = rewrite_function(Child, "greet", {'"child+"': '"kid+"'})
     assert new(Child()) == "kid+base"
-    patcher = Patcher()
     patcher.setattr(Child, "greet", new)
-    try:
-        assert Child().greet() == "kid+base"
-    finally:
-        patcher.undo()
+    assert Child().greet() == "kid+base"
+    patcher.undo()
     assert Child().greet() == "child+base"
 
 
-def test_rewrite_keeps_staticmethod_and_classmethod():
+def test_rewrite_keeps_staticmethod_and_classmethod(patcher):
     twice = rewrite_function(Child, "twice", {"x * 2": "x * 3"})
     make = rewrite_function(Child, "make", {'"!"': '"?"'})
     assert isinstance(twice, staticmethod)
     assert isinstance(make, classmethod)
     assert source_has(twice, "x * 3") and not source_has(twice, "x * 2")
-    patcher = Patcher()
     patcher.setattr(Child, "twice", twice)
     patcher.setattr(Child, "make", make)
-    try:
-        assert Child.twice(2) == 6
-        assert Child().twice(2) == 6
-        assert Child.make() == "Child?"
-        assert not source_has(Child.twice, "x * 2")  # the function behind the staticmethod
-    finally:
-        patcher.undo()
+    assert Child.twice(2) == 6
+    assert Child().twice(2) == 6
+    assert Child.make() == "Child?"
+    assert not source_has(Child.twice, "x * 2")  # the function behind the staticmethod
+    patcher.undo()
     assert Child.twice(2) == 4
     assert Child.make() == "Child!"
     assert source_has(Child.twice, "x * 2")

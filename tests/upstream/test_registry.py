@@ -194,7 +194,7 @@ def test_each_seam_module_is_small():
     assert max(sizes.values()) <= 300, sizes
 
 
-def test_gpt_model_init_is_wrapped_once_whatever_seams_shape_the_model():
+def test_gpt_model_init_is_wrapped_once_whatever_seams_shape_the_model(patcher):
     """The spec seam and the placement seam both attach to GPTModel's construction: one
     wrapper runs both steps, in the order they were attached, and undoing them restores
     Megatron's own __init__."""
@@ -204,16 +204,13 @@ def test_gpt_model_init_is_wrapped_once_whatever_seams_shape_the_model():
     from upstream.seams.placement import Placement, pipeline_placement
 
     megatrons = GPTModel.__init__
-    patcher = Patcher()
-    try:
-        model_specs(lambda spec: spec).apply(patcher)
-        pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)).apply(patcher)
-        assert GPTModel.__init__.__wrapped__ is megatrons
-        assert [step.name for step in GPTModel.__init__.megaseek_build_steps] == [
-            "plugin specs", "pipeline placement"]
-        assert plugin_specs_in_place()
-    finally:
-        patcher.undo()
+    model_specs(lambda spec: spec).apply(patcher)
+    pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)).apply(patcher)
+    assert GPTModel.__init__.__wrapped__ is megatrons
+    assert [step.name for step in GPTModel.__init__.megaseek_build_steps] == [
+        "plugin specs", "pipeline placement"]
+    assert plugin_specs_in_place()
+    patcher.undo()
     assert GPTModel.__init__ is megatrons and not plugin_specs_in_place()
 
 
@@ -318,7 +315,7 @@ def _fp8_config(**kwargs):
 
 
 @pytest.mark.parametrize("plugins", [[], ["fp8"]], ids=["without-fp8", "with-fp8"])
-def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkeypatch):
+def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkeypatch, patcher):
     """As the launch path does: each enabled plugin's fixes, applied where still needed.
     Without --plugins fp8 Megatron keeps its checks; with it, both TE checks are lifted
     (two rewrites of one function, composed) and Megatron's config builds."""
@@ -336,22 +333,19 @@ def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkey
         argv += ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
     args, enabled_plugins = enabled(argv, monkeypatch)
     assert [p.name for p in enabled_plugins] == ["moe", *plugins]
-    fp8_plugins = [p for p in enabled_plugins if p.name == "fp8"]  # (moe's fixes: test_moe_*)
+    fp8_plugins = [p for p in enabled_plugins if p.name == "fp8"]  # (moe's: tests/plugins/moe/)
     upstream_post_init = _post_init()
-    patcher = Patcher()
-    try:
-        for plugin in fp8_plugins:
-            apply_fixes(plugin.fixes(), patcher)
-        if "fp8" in plugins:
-            assert patcher.changes == 2
-            _fp8_config(num_moe_experts=4, **LAYERNORM)  # builds
-            assert not any(fix.still_needed() for fix in fp8_plugins[0].fixes())
-        else:
-            assert patcher.changes == 0 and _post_init() is upstream_post_init
-            with pytest.raises(ValueError, match="transformer-engine"):
-                _fp8_config(num_moe_experts=4, **LAYERNORM)
-    finally:
-        patcher.undo()
+    for plugin in fp8_plugins:
+        apply_fixes(plugin.fixes(), patcher)
+    if "fp8" in plugins:
+        assert patcher.changes == 2
+        _fp8_config(num_moe_experts=4, **LAYERNORM)  # builds
+        assert not any(fix.still_needed() for fix in fp8_plugins[0].fixes())
+    else:
+        assert patcher.changes == 0 and _post_init() is upstream_post_init
+        with pytest.raises(ValueError, match="transformer-engine"):
+            _fp8_config(num_moe_experts=4, **LAYERNORM)
+    patcher.undo()
     assert _post_init() is upstream_post_init
 
 

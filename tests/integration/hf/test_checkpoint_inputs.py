@@ -4,8 +4,8 @@ refuses, and output folders that cannot be written.
 
 Everything here runs in this process and stops before a model is built (no Megatron
 parallel state): the config and the shards' headers are checked first. The config.json
-files of tests/integration/hf/data/hf_configs were written by transformers 4.57.1 and 5.25.0 (how: the
-README there); no second transformers is installed for the tests.
+files of tests/integration/hf/data/hf_configs were written by transformers 4.57.1 and
+5.25.0 (how: the README there); no second transformers is installed for the tests.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def test_every_layout_writes_the_one_process_checkpoint(hf_folder, tmp_path):
         assert done.stdout.count("peak RSS") == ranks, done.stdout
     one, result = tmp_path / "one", tmp_path / "states.pt"
     args = [str(hf_folder), str(one), [str(p) for p in outs.values()], str(result)]
-    done = _run("from tests.integration.hf.test_convert_layouts import convert_one_process_and_load as f\n"
+    done = _run("from tests.integration.hf.test_convert_layouts import "
+                "convert_one_process_and_load as f\n"
                 f"f(*{args!r})\n")
     assert done.returncode == 0, done.stderr[-3000:]
     expected, *states = torch.load(result)

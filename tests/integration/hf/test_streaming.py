@@ -107,7 +107,8 @@ def converted(tmp_path_factory):
     (root / "exports").mkdir()
     args = [str(root / "hf"), [str(p) for p in streamed.values()], str(root / "in-memory"),
             str(root / "exports"), str(root / "result.pt")]
-    done = _run(f"from tests.integration.hf.test_streaming import in_memory_oracle as f\nf(*{args!r})\n")
+    done = _run("from tests.integration.hf.test_streaming import in_memory_oracle as f\n"
+                f"f(*{args!r})\n")
     assert done.returncode == 0, done.stderr[-3000:]
     found = torch.load(root / "result.pt", weights_only=False)
     return root, list(streamed), found

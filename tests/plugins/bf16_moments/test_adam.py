@@ -228,14 +228,10 @@ def _fixes():
 
 
 @pytest.fixture
-def bf16_moments_installed():
-    from upstream.patching import Patcher, apply_fixes
+def bf16_moments_installed(patcher):
+    from upstream.patching import apply_fixes
 
-    patcher = apply_fixes(_fixes(), Patcher())
-    try:
-        yield patcher
-    finally:
-        patcher.undo()
+    return apply_fixes(_fixes(), patcher)
 
 
 def _config(**kwargs):
@@ -387,7 +383,8 @@ def test_megatron_trains_saves_bf16_moments_and_resumes_bit_exact(optimizer, tmp
     weights; its checkpoint load goes through the rewritten init_state_fn).
     distopt-bf16: DeepSeek-V3's layout, BF16 model weights, FP32 master-weight shards and
     BF16 moments in the distributed optimizer (dp_reshardable checkpoint format)."""
-    from tests.helpers.training_runs import checkpoint_tensors, final_validation_loss, losses, pretrain
+    from tests.helpers.training_runs import (checkpoint_tensors, final_validation_loss, losses,
+                                             pretrain)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = optimizer + BF16_MOMENTS + ["--train-iters", "8", "--save-interval", "4"]

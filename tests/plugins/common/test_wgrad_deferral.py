@@ -25,16 +25,11 @@ COUNTS = [3, 0, 3]                          # tokens per expert (one expert gets
 MICROBATCHES = 3
 
 
-@contextlib.contextmanager
 def _config_fix():
-    from upstream.patching import Patcher, apply_fixes
+    from tests.helpers.patching import patching
     from upstream.wgrad import DELAY_WGRAD_CONFIG
 
-    patcher = apply_fixes([DELAY_WGRAD_CONFIG], Patcher())
-    try:
-        yield
-    finally:
-        patcher.undo()
+    return patching([DELAY_WGRAD_CONFIG])
 
 
 def _config(delay: bool, **fields):
@@ -370,22 +365,19 @@ def _validate(rank, world_size, fixed: bool):
     from megatron.training import arguments
 
     from plugins import default_registry
-    from upstream.patching import Patcher, apply_fixes
+    from tests.helpers.patching import patching
     from upstream.wgrad import DELAY_WGRAD_ARGUMENTS
 
-    patcher = apply_fixes([DELAY_WGRAD_ARGUMENTS] if fixed else [], Patcher())
-    saved, sys.argv = sys.argv, ["pretrain", *MODEL, "--delay-wgrad-compute",
-                                 "--transformer-impl", "local"]
-    try:
-        args = arguments.parse_args(extra_args_provider=default_registry().add_arguments)
-        with contextlib.redirect_stdout(io.StringIO()):
-            arguments.validate_args(args, {})  # as patched (looked up now)
-        return bool(args.delay_wgrad_compute)
-    except AssertionError as error:
-        return str(error)
-    finally:
-        sys.argv = saved
-        patcher.undo()
+    with patching([DELAY_WGRAD_ARGUMENTS] if fixed else []) as patcher:
+        patcher.setattr(sys, "argv", ["pretrain", *MODEL, "--delay-wgrad-compute",
+                                      "--transformer-impl", "local"])
+        try:
+            args = arguments.parse_args(extra_args_provider=default_registry().add_arguments)
+            with contextlib.redirect_stdout(io.StringIO()):
+                arguments.validate_args(args, {})  # as patched (looked up now)
+            return bool(args.delay_wgrad_compute)
+        except AssertionError as error:
+            return str(error)
 
 
 def test_validate_args_lets_the_flag_through_without_te():
@@ -395,20 +387,15 @@ def test_validate_args_lets_the_flag_through_without_te():
     assert passed is True
 
 
-def test_the_arguments_fix_will_not_replace_the_argument_seam():
+def test_the_arguments_fix_will_not_replace_the_argument_seam(patcher):
     """It must be in place before the seam wraps validate_args; applied after, it says so
     rather than silently dropping the seam."""
-    from upstream.patching import Patcher
     from upstream.seams.arguments import checks_before_argument_dump
     from upstream.wgrad import DELAY_WGRAD_ARGUMENTS
 
-    patcher = Patcher()
-    try:
-        checks_before_argument_dump(lambda args: None).apply(patcher)
-        with pytest.raises(RuntimeError, match="apply this fix before"):
-            DELAY_WGRAD_ARGUMENTS.apply(patcher)
-    finally:
-        patcher.undo()
+    checks_before_argument_dump(lambda args: None).apply(patcher)
+    with pytest.raises(RuntimeError, match="apply this fix before"):
+        DELAY_WGRAD_ARGUMENTS.apply(patcher)
 
 
 @pytest.mark.parametrize("flags,refused", [

@@ -115,8 +115,8 @@ def test_an_error_in_either_half_reaches_the_caller():
         run_together(lambda: None, fail)
 
 
-# Through Megatron's loop: tests/plugins/dualpipe/test_pipeline.py's MLA+MoE test runs DualPipeV with and
-# without the overlap from one checkpoint and asserts equal losses.
+# Through Megatron's loop: tests/plugins/dualpipe/test_pipeline.py's MLA+MoE test runs
+# DualPipeV with and without the overlap from one checkpoint and asserts equal losses.
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -154,13 +154,13 @@ def test_refused_at_start_up_naming_the_flag(extra, named, four_ranks, monkeypat
         enabled(BASE + extra, monkeypatch)
 
 
-def test_megatron_refuses_what_the_fix_lifts_without_it():
+def test_megatron_refuses_what_the_fix_lifts_without_it(patcher):
     """What `upstream.overlap` lifts: Megatron's config refuses the flag with its default
     token dispatcher and an fp32 model."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from upstream.overlap import OVERLAP_CONFIG
-    from upstream.patching import Patcher, apply_fixes
+    from upstream.patching import apply_fixes
 
     def config():
         return TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
@@ -169,9 +169,6 @@ def test_megatron_refuses_what_the_fix_lifts_without_it():
 
     with pytest.raises(AssertionError, match="alltoall/flex token dispatcher"):
         config()
-    patcher = apply_fixes([OVERLAP_CONFIG], Patcher())
-    try:
-        assert config().overlap_moe_expert_parallel_comm
-        assert not OVERLAP_CONFIG.still_needed()
-    finally:
-        patcher.undo()
+    apply_fixes([OVERLAP_CONFIG], patcher)
+    assert config().overlap_moe_expert_parallel_comm
+    assert not OVERLAP_CONFIG.still_needed()

@@ -27,8 +27,8 @@ import torch
 
 from plugins.dualpipe.program import Pipeline
 from tests.helpers import paths
-from tests.helpers.training_runs import (TINY_GPT, checkpoint_tensors, final_validation_loss, losses,
-                                 mla_moe_ep2, mtp_losses, pretrain, torchrun)
+from tests.helpers.training_runs import (TINY_GPT, checkpoint_tensors, final_validation_loss,
+                                         losses, mla_moe_ep2, mtp_losses, pretrain, torchrun)
 
 pytestmark = pytest.mark.slow
 

@@ -29,16 +29,12 @@ def test_unknown_slot_is_refused_naming_the_flag(monkeypatch):
 
 
 def _model(argv):
-    from upstream.patching import Patcher, apply_fixes
+    from tests.helpers.patching import patching, plugin_fixes
     from tests.helpers.plugin_args import gpt_model, validated
 
     args, plugins = validated(MODEL + argv)
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
-                          Patcher())
-    try:
+    with patching(plugin_fixes(plugins)):
         return args, gpt_model(args, plugins, VOCAB)
-    finally:
-        patcher.undo()
 
 
 def _grads(module, x):

@@ -32,17 +32,12 @@ def _chunk(fused: bool, cache_weights: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from plugins.fp8.modules import _FP8Module
+    from tests.helpers.patching import patching, plugin_fixes
     from tests.helpers.plugin_args import gpt_model, validated
 
-    from upstream.patching import Patcher, apply_fixes
-
     args, plugins = validated(MODEL + (["--fp8-cache-weights"] if cache_weights else []))
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
-                          Patcher())  # the fp8 plugin's lifts of Megatron's TE-only checks
-    try:
+    with patching(plugin_fixes(plugins)):  # the fp8 plugin's lifts of Megatron's TE-only checks
         model = gpt_model(args, plugins, VOCAB)
-    finally:
-        patcher.undo()
     if fused:  # as Megatron builds it with its default --gradient-accumulation-fusion
         model.config.gradient_accumulation_fusion = True
         for module in model.modules():

@@ -16,6 +16,7 @@ import torch
 from tests.helpers import backend
 from tests.helpers.moe_build import moe_layer, tokens
 from tests.helpers.multirank import run_ranks
+from tests.helpers.patching import patching
 
 LOSSES = dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2,
               moe_z_loss_coeff=1e-2)
@@ -25,11 +26,11 @@ RECOMPUTE = [["moe"], ["shared_experts"], ["moe_act"], ["moe", "shared_experts",
 def _recompute_fixes():
     """The upstream fixes the launch path applies for --plugins moe with these flags."""
     from upstream import moe
-    from upstream.patching import Patcher, apply_fixes, applicable
+    from upstream.patching import applicable
 
     args = argparse.Namespace(plugins=["moe"], recompute_granularity="selective",
                               recompute_modules=["moe", "shared_experts", "moe_act", "mlp"])
-    return apply_fixes(applicable(moe.FIXES, args), Patcher())
+    return applicable(moe.FIXES, args)
 
 
 def one_step(layer, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -75,23 +76,20 @@ def recomputed_steps(rank: int, world_size: int) -> dict:
 
     results = {}
     forwards, activations, checkpoints = [], [], []
-    fixes = _recompute_fixes()
-    try:
-        with (megatron_ranks(ep=world_size), counted(DeepSeekMoE, "_forward", forwards),
-              counted(experts_module, "swiglu", activations),
-              counted(tensor_parallel, "checkpoint", checkpoints)):
-            for modules in [[]] + RECOMPUTE:
-                forwards.clear(), activations.clear(), checkpoints.clear()
-                extra = dict(recompute_granularity="selective", recompute_modules=modules)
-                layer = moe_layer(rank, world_size, **LOSSES, **(extra if modules else {}))
-                step = one_step(layer)
-                step["forwards"], step["activations"] = len(forwards), len(activations)
-                # whose forward was checkpointed: the layer's, the shared experts'
-                step["checkpointed"] = sorted(type(getattr(fn, "__self__", fn)).__name__
-                                              for fn in checkpoints)
-                results[" ".join(modules) or "none"] = step
-    finally:
-        fixes.undo()
+    with (patching(_recompute_fixes()), megatron_ranks(ep=world_size),
+          counted(DeepSeekMoE, "_forward", forwards),
+          counted(experts_module, "swiglu", activations),
+          counted(tensor_parallel, "checkpoint", checkpoints)):
+        for modules in [[]] + RECOMPUTE:
+            forwards.clear(), activations.clear(), checkpoints.clear()
+            extra = dict(recompute_granularity="selective", recompute_modules=modules)
+            layer = moe_layer(rank, world_size, **LOSSES, **(extra if modules else {}))
+            step = one_step(layer)
+            step["forwards"], step["activations"] = len(forwards), len(activations)
+            # whose forward was checkpointed: the layer's, the shared experts'
+            step["checkpointed"] = sorted(type(getattr(fn, "__self__", fn)).__name__
+                                          for fn in checkpoints)
+            results[" ".join(modules) or "none"] = step
     return results
 
 
@@ -125,24 +123,19 @@ def activation_kept(rank: int, world_size: int) -> dict[str, bool]:
     from tests.helpers.mla_build import megatron_ranks
 
     kept = {}
-    fixes = _recompute_fixes()
     swiglu, keeping_input = experts_module.swiglu, experts_module._SwiGLUKeepingInput.apply
     outputs = []
-    experts_module.swiglu = lambda h: outputs.append(weakref.ref(y := swiglu(h))) or y
-    experts_module._SwiGLUKeepingInput.apply = (
-        lambda h: outputs.append(weakref.ref(y := keeping_input(h))) or y)
-    try:
-        with megatron_ranks():
-            for modules in ([], ["moe_act"]):
-                outputs.clear()
-                layer = moe_layer(recompute_granularity="selective", recompute_modules=modules)
-                out, _ = layer(tokens())
-                kept[" ".join(modules) or "none"] = outputs[0]() is not None
-                out.sum().backward()
-    finally:
-        experts_module.swiglu = swiglu
-        experts_module._SwiGLUKeepingInput.apply = keeping_input
-        fixes.undo()
+    with patching(_recompute_fixes()) as patcher, megatron_ranks():
+        patcher.setattr(experts_module, "swiglu",
+                        lambda h: outputs.append(weakref.ref(y := swiglu(h))) or y)
+        patcher.setattr(experts_module._SwiGLUKeepingInput, "apply",
+                        lambda h: outputs.append(weakref.ref(y := keeping_input(h))) or y)
+        for modules in ([], ["moe_act"]):
+            outputs.clear()
+            layer = moe_layer(recompute_granularity="selective", recompute_modules=modules)
+            out, _ = layer(tokens())
+            kept[" ".join(modules) or "none"] = outputs[0]() is not None
+            out.sum().backward()
     return kept
 
 
@@ -198,20 +191,19 @@ def test_full_recompute_counts_tokens_once():
 
 # --- the upstream fixes the recompute settings need --------------------------------------------
 
-def test_moe_act_needs_no_grouped_gemm_with_the_plugin():
+def test_moe_act_needs_no_grouped_gemm_with_the_plugin(patcher):
     """Megatron refuses moe_act without --moe-grouped-gemm (CUDA kernels); the fix lifts it
     for --plugins moe, whose experts recompute the activation themselves."""
     from megatron.core.transformer import TransformerConfig
+
+    from upstream.patching import apply_fixes
 
     settings = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=8,
                     recompute_granularity="selective", recompute_modules=["moe_act"])
     with pytest.raises(ValueError, match="moe_act in recompute_modules is only supported"):
         TransformerConfig(**settings)
-    fixes = _recompute_fixes()
-    try:
-        assert "moe_act" in TransformerConfig(**settings).recompute_modules
-    finally:
-        fixes.undo()
+    apply_fixes(_recompute_fixes(), patcher)
+    assert "moe_act" in TransformerConfig(**settings).recompute_modules
 
 
 def mlp_recompute(rank: int, world_size: int) -> dict[str, bool]:
@@ -232,14 +224,10 @@ def mlp_recompute(rank: int, world_size: int) -> dict[str, bool]:
         specs = transform_spec([moe], get_gpt_decoder_block_spec(
             config, use_transformer_engine=False)).layer_specs
         for fixed in (False, True):
-            fixes = _recompute_fixes() if fixed else None
-            try:
+            with patching(_recompute_fixes() if fixed else []):
                 for name, spec in zip(("dense", "moe"), specs):
                     layer = build_module(spec, config=config, layer_number=1)
                     found[f"{name}, {'fixed' if fixed else 'upstream'}"] = layer.recompute_mlp
-            finally:
-                if fixes is not None:
-                    fixes.undo()
     return found
 
 

@@ -156,7 +156,7 @@ HONOURED = {
     "--moe-router-score-function", "--moe-router-dtype", "--moe-router-enable-expert-bias",
     "--moe-router-bias-update-rate", "--moe-router-load-balancing-type", "--moe-aux-loss-coeff",
     "--moe-z-loss-coeff", "--moe-per-layer-logging", "--moe-layer-recompute",
-    "--expert-model-parallel-size",  # test_moe_layer.py: EP=2, 4 equal EP=1
+    "--expert-model-parallel-size",  # tests/plugins/moe/test_layer.py: EP=2, 4 equal EP=1
     "--expert-tensor-parallel-size", "--expert-tensor-parallel-num-weight-shards",  # 1 only
 }
 # Inference and RL-inference settings: `megaseek pretrain` runs no inference engine.
