@@ -100,3 +100,30 @@ def test_megaseek_help_names_the_commands_docs_cli_describes(capsys):
     cli.main(["--help"])
     helped = re.findall(r"^    megaseek ([a-z-]+)", capsys.readouterr().out, re.MULTILINE)
     assert set(described) == set(helped)
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_the_readme_tour_names_real_flags_and_every_plugin_flag():
+    import argparse
+
+    import integration  # noqa: F401  (megatron.training on Python 3.11)
+    from megatron.training.arguments import add_megatron_arguments
+
+    from plugins import builtin_plugins, default_registry
+
+    parser = default_registry().add_arguments(
+        add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    known = {option for action in parser._actions for option in action.option_strings}
+    tour = _readme_section("The plugins")
+    named = set(re.findall(r"(--[a-z][a-z0-9-]*)", tour))
+    assert named - known == set()
+    for plugin in builtin_plugins():
+        assert f"docs/plugins/{plugin.name}.md" in tour
+        for action in docs._declared_flags(plugin.name):
+            assert action.option_strings[0] in tour, (plugin.name, action.option_strings[0])
