@@ -60,8 +60,8 @@ def _plugin(name: str):
     return next(p for p in builtin_plugins() if p.name == name)
 
 
-def _declared_flags(name: str) -> list[argparse.Action]:
-    """The flags plugin `name` declares, as argparse builds them (its own defaults)."""
+def declared_flags(name: str) -> list[argparse.Action]:
+    """The flags plugin `name` declares, as argparse builds them (with their defaults)."""
     plugin = _plugin(name)
     parser = argparse.ArgumentParser(add_help=False)
     if plugin.add_arguments is not None:
@@ -87,7 +87,7 @@ def _default(action: argparse.Action) -> str:
 
 def flags_table(name: str) -> str:
     """Plugin `name`'s own flags: option, what it takes, default, help."""
-    actions = _declared_flags(name)
+    actions = declared_flags(name)
     if not actions:
         return (f"The `{name}` plugin declares no flags of its own: Megatron's flags "
                 f"configure it.\n")
@@ -168,19 +168,22 @@ def upstream_fixes() -> str:
                    for fix in fixes))
 
 
-PLUGIN_NAMES = ("mla", "moe", "fp8", "bf16_moments", "ema", "dualpipe")
+def regions() -> tuple[Region, ...]:
+    """Every generated region: each built plugin's flags on its page
+    (docs/plugins/NAME.md), then the other tables."""
+    from plugins import builtin_plugins
 
-REGIONS: tuple[Region, ...] = (
-    *(Region(f"{name} flags", f"docs/plugins/{name}.md", lambda name=name: flags_table(name))
-      for name in PLUGIN_NAMES),
-    Region("mla refusals", "docs/plugins/mla.md", mla_refusals),
-    Region("moe refusals", "docs/plugins/moe.md", moe_refusals),
-    Region("fp8 refusals", "docs/plugins/fp8.md", fp8_refusals),
-    Region("delay-wgrad refusals", "docs/plugins/dualpipe.md", delay_wgrad_refusals),
-    Region("transformer engine", "docs/launch.md", transformer_engine_table),
-    Region("numeric domains", "docs/launch.md", numeric_domains),
-    Region("upstream fixes", "docs/design.md", upstream_fixes),
-)
+    return (
+        *(Region(f"{p.name} flags", f"docs/plugins/{p.name}.md",
+                 lambda name=p.name: flags_table(name)) for p in builtin_plugins()),
+        Region("mla refusals", "docs/plugins/mla.md", mla_refusals),
+        Region("moe refusals", "docs/plugins/moe.md", moe_refusals),
+        Region("fp8 refusals", "docs/plugins/fp8.md", fp8_refusals),
+        Region("delay-wgrad refusals", "docs/plugins/dualpipe.md", delay_wgrad_refusals),
+        Region("transformer engine", "docs/launch.md", transformer_engine_table),
+        Region("numeric domains", "docs/launch.md", numeric_domains),
+        Region("upstream fixes", "docs/design.md", upstream_fixes),
+    )
 
 
 # --- the regions in the pages -----------------------------------------------------------
@@ -203,22 +206,22 @@ def render(page_text: str, region: Region, body: str | None = None) -> str:
     return pattern.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(3)}", page_text, count=1)
 
 
-def stale(root: Path = ROOT, regions: Iterable[Region] = REGIONS) -> list[str]:
+def stale(root: Path = ROOT) -> list[str]:
     """The regions whose text in the pages under `root` is not what the code makes now,
     as 'PAGE: NAME'."""
     pages: dict[str, str] = {}
     found = []
-    for region in regions:
+    for region in regions():
         text = pages.setdefault(region.page, (root / region.page).read_text())
         if render(text, region) != text:
             found.append(f"{region.page}: {region.name}")
     return found
 
 
-def write(root: Path = ROOT, regions: Iterable[Region] = REGIONS) -> list[str]:
+def write(root: Path = ROOT) -> list[str]:
     """Rewrites every region under `root`; returns the pages changed."""
     pages: dict[str, str] = {}
-    for region in regions:
+    for region in regions():
         text = pages.get(region.page) or (root / region.page).read_text()
         pages[region.page] = render(text, region)
     changed = [page for page, text in pages.items() if (root / page).read_text() != text]
@@ -239,13 +242,13 @@ def main(argv: list[str] | None = None) -> None:
         for page in write():
             print(f"rewrote {page}")
         return
-    regions = stale()
-    for region in regions:
+    out_of_date = stale()
+    for region in out_of_date:
         print(f"stale: {region}")
-    if regions:
+    if out_of_date:
         print(f"run `{COMMAND}`", file=sys.stderr)
         raise SystemExit(1)
-    print(f"{len(REGIONS)} generated regions, none stale")
+    print(f"{len(regions())} generated regions, none stale")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_no_generated_region_is_stale():
 def test_a_changed_table_is_found_stale_and_rewritten(tmp_path):
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     page = tmp_path / "docs" / "plugins" / "moe.md"
-    region = next(r for r in docs.REGIONS if r.name == "moe refusals")
+    region = next(r for r in docs.regions() if r.name == "moe refusals")
     text = page.read_text()
     rows = region.make().splitlines(keepends=True)
     del rows[2]  # the first refusal: as if the code had gained it since the last --write
@@ -49,7 +49,7 @@ def test_a_page_without_a_regions_markers_is_refused_naming_them(tmp_path):
 
 def test_megaseek_docs_says_whether_a_region_is_stale(capsys):
     cli.main(["docs"])
-    assert f"{len(docs.REGIONS)} generated regions, none stale" in capsys.readouterr().out
+    assert f"{len(docs.regions())} generated regions, none stale" in capsys.readouterr().out
 
 
 def test_the_refusal_tables_name_every_refused_flag():
@@ -125,5 +125,5 @@ def test_the_readme_tour_names_real_flags_and_every_plugin_flag():
     assert named - known == set()
     for plugin in builtin_plugins():
         assert f"docs/plugins/{plugin.name}.md" in tour
-        for action in docs._declared_flags(plugin.name):
+        for action in docs.declared_flags(plugin.name):
             assert action.option_strings[0] in tour, (plugin.name, action.option_strings[0])
