@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     else:
         print(f"megaseek: error: unknown command {command!r}; the commands are pretrain, "
-              f"launch, demo, fixes, ema-export, schedule, describe, convert, docs\n{__doc__}", file=sys.stderr)
+              f"launch, demo, fixes, ema-export, schedule, describe, convert, docs\n{__doc__}",
+              file=sys.stderr)
         raise SystemExit(2)
     run(rest)
 
