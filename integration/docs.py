@@ -10,8 +10,8 @@ them is rewritten:
     ...
     <!-- end of generated NAME -->
 
-Each region is made from data the code itself runs on: the plugins' flag declarations
-(each built plugin's `add_arguments`, on a plain argparse parser), their Transformer
+Each region is made from data the code itself runs on: the plugins' flags (as the
+registry adds them to Megatron's parser, with their declared defaults), their Transformer
 Engine declarations, the refusal tables (`plugins.common.flags.Refusal` rows), the
 numeric domains checked at start-up, and the upstream fixes (`upstream.registry`).
 tests/test_docs.py fails while any region is stale.
@@ -20,6 +20,7 @@ tests/test_docs.py fails while any region is stale.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass
@@ -61,12 +62,33 @@ def _plugin(name: str):
 
 
 def declared_flags(name: str) -> list[argparse.Action]:
-    """The flags plugin `name` declares, as argparse builds them (with their defaults)."""
+    """The flags plugin `name` declares, as the registry adds them to Megatron's parser
+    (its `extra_args_provider`), each with the default the plugin declares."""
+    from plugins import PluginRegistry
+
     plugin = _plugin(name)
+    parser = PluginRegistry([plugin]).add_arguments(argparse.ArgumentParser(add_help=False))
+    title = f"megaseek plugin {name}"
+    actions = [action for group in parser._action_groups if group.title == title
+               for action in group._group_actions]
+    defaults = _declared_defaults(plugin)
+    for action in actions:  # this parser's own actions, made for the table
+        action.default = defaults.get(action.dest, action.default)
+    return actions
+
+
+def _declared_defaults(plugin) -> dict[str, Any]:
+    """argparse dest -> default, as the plugin declares it. The registry keeps the defaults
+    out of argparse (to tell a flag given from one defaulted), so they are read from the
+    declaration: the fields of the plugin's config dataclass where it has one (the run
+    plan of issue 24), else its own `add_arguments` on a plain parser."""
+    config = getattr(plugin, "config", None)
+    if config is not None:
+        return {field.name: field.default for field in dataclasses.fields(config)}
     parser = argparse.ArgumentParser(add_help=False)
-    if plugin.add_arguments is not None:
-        plugin.add_arguments(parser.add_argument_group(name))
-    return [action for action in parser._actions if action.option_strings]
+    if getattr(plugin, "add_arguments", None) is not None:
+        plugin.add_arguments(parser.add_argument_group(plugin.name))
+    return {action.dest: action.default for action in parser._actions}
 
 
 def _takes(action: argparse.Action) -> str:
@@ -80,7 +102,7 @@ def _takes(action: argparse.Action) -> str:
 def _default(action: argparse.Action) -> str:
     if action.nargs == 0:
         return "off" if not action.default else "on"
-    if action.default is None or action.default == []:
+    if action.default is None or action.default in ([], ()):
         return "none"
     return _code(action.default)
 
