@@ -127,3 +127,14 @@ def test_the_readme_tour_names_real_flags_and_every_plugin_flag():
         assert f"docs/plugins/{plugin.name}.md" in tour
         for action in docs.declared_flags(plugin.name):
             assert action.option_strings[0] in tour, (plugin.name, action.option_strings[0])
+
+
+def test_every_file_the_pages_name_exists():
+    """Paths in code spans (`plugins/moe/plugin.py`); placeholders are in capitals."""
+    path = re.compile(r"(?<![\w/.])((?:plugins|integration|upstream|tests|bench|scripts|"
+                      r"ci-examples|docs)/[\w/.-]*\w)")
+    missing = [f"{page.relative_to(ROOT)}: {named}" for page in PAGES
+               for span in re.findall(r"`([^`\n]+)`", page.read_text())
+               for named in path.findall(span)
+               if not re.search(r"[A-Z]{3}", named) and not (ROOT / named).exists()]
+    assert not missing
