@@ -123,7 +123,8 @@ def _refused_values(honoured: tuple[Any, ...]) -> str:
     switch = [value for value in honoured if isinstance(value, bool)]
     if switch:  # refused when on; a flag honoured only on is named by its --no- form
         return "given" if switch == [True] else "on"
-    values = [value for value in honoured if value is not None]
+    # An enum's value as its flag spells it (plugins.common.flags says it so too).
+    values = [getattr(value, "name", value) for value in honoured if value is not None]
     if not values:
         return "given (any value)"
     return "any value but " + " or ".join(_code(v) for v in values)
