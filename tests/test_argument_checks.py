@@ -585,11 +585,11 @@ def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
     finally:
         patcher.undo()
     assert str(refused.value) == (
-        "--load ckpt: the checkpoint's learning-rate schedule has total number of iterations "
-        "40, this run 80 (from --lr-decay-iters, or --train-iters where --lr-decay-iters is not "
-        "given (counted in samples: x --global-batch-size)): give --override-opt_param-scheduler "
-        "to use this run's values, or --use-checkpoint-opt_param-scheduler to keep the "
-        "checkpoint's")
+        "--load ckpt: the checkpoint's learning-rate schedule has decay length 40 samples, "
+        "this run 80 samples (from --lr-decay-iters, or --train-iters where --lr-decay-iters "
+        "is not given, x --global-batch-size; or --lr-decay-samples): give "
+        "--override-opt_param-scheduler to use this run's values, or "
+        "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
 
 # --- end to end: one line, on rank 0, exit status 2 ----------------------------------------
@@ -633,9 +633,9 @@ def test_a_resume_with_another_train_iters_names_the_scheduler_flags(tmp_path):
     output = str(failed.value)
     errors = [line for line in output.splitlines() if line.startswith("megaseek: error:")]
     assert errors == [
-        "megaseek: error: --load ckpt: the checkpoint's learning-rate schedule has total number "
-        "of iterations 24, this run 48 (from --lr-decay-iters, or --train-iters where "
-        "--lr-decay-iters is not given (counted in samples: x --global-batch-size)): give "
+        "megaseek: error: --load ckpt: the checkpoint's learning-rate schedule has decay "
+        "length 24 samples, this run 48 samples (from --lr-decay-iters, or --train-iters where "
+        "--lr-decay-iters is not given, x --global-batch-size; or --lr-decay-samples): give "
         "--override-opt_param-scheduler to use this run's values, or "
         "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"]
     assert "rank 0 exited 2" in output and "Traceback" not in output
