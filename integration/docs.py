@@ -80,15 +80,10 @@ def declared_flags(name: str) -> list[argparse.Action]:
 def _declared_defaults(plugin) -> dict[str, Any]:
     """argparse dest -> default, as the plugin declares it. The registry keeps the defaults
     out of argparse (to tell a flag given from one defaulted), so they are read from the
-    declaration: the fields of the plugin's config dataclass where it has one (the run
-    plan of issue 24), else its own `add_arguments` on a plain parser."""
-    config = getattr(plugin, "config", None)
-    if config is not None:
-        return {field.name: field.default for field in dataclasses.fields(config)}
-    parser = argparse.ArgumentParser(add_help=False)
-    if getattr(plugin, "add_arguments", None) is not None:
-        plugin.add_arguments(parser.add_argument_group(plugin.name))
-    return {action.dest: action.default for action in parser._actions}
+    fields of the plugin's config dataclass (`plugins.config`)."""
+    if plugin.config is None:
+        return {}
+    return {field.name: field.default for field in dataclasses.fields(plugin.config)}
 
 
 def _takes(action: argparse.Action) -> str:
