@@ -1,6 +1,7 @@
 """Run a tool on a checkpoint's model: Megatron started with the arguments the checkpoint
 was saved with, on the layout it was saved at, its model built (with its plugins' specs)
-but no optimizer and no data. `megaseek ema-export` is such a tool (`plugins.ema.export`).
+but no optimizer and no data. `megaseek ema-export` is such a tool
+(`integration.ema_export`).
 
 A tool is a module with `parse(argv, parser_class)` (options with `load` and `ckpt_step`;
 argparse's refusals said by `parser_class`),

@@ -142,10 +142,9 @@ def _main(argv):
                                if plugin.name == "ema" else plugin
                                for plugin in builtin_plugins()] + [oracle])
     if argv[:1] == ["ema-export"]:  # `megaseek ema-export` of a run that had the oracle
-        from integration import checkpoint_tool
-        from plugins.ema import export
+        from integration import checkpoint_tool, ema_export
 
-        checkpoint_tool.main(argv[1:], "ema-export", export, registry)
+        checkpoint_tool.main(argv[1:], "ema-export", ema_export, registry)
     else:
         pretrain.main(argv, registry=registry)
 
@@ -522,14 +521,14 @@ def test_megaseek_has_the_ema_export_command(capsys):
 
 
 def test_ema_export_refuses_a_checkpoint_without_ema(tmp_path):
+    from integration import ema_export
     from plugins import PluginError
-    from plugins.ema import export
 
-    options = export.parse(["--load", "CKPT", "--save", "OUT"])
+    options = ema_export.parse(["--load", "CKPT", "--save", "OUT"])
     with pytest.raises(PluginError, match=r"^ema-export needs a checkpoint saved by training "
                        r"with --plugins ema; CKPT holds no EMA \(no megaseek:ema\.\* weights\)$"):
-        export.check_checkpoint(options, {"embedding.word_embeddings.weight"})
-    export.check_checkpoint(options, {"megaseek:ema.embedding.word_embeddings.weight"})
+        ema_export.check_checkpoint(options, {"embedding.word_embeddings.weight"})
+    ema_export.check_checkpoint(options, {"megaseek:ema.embedding.word_embeddings.weight"})
 
 
 @pytest.mark.slow
