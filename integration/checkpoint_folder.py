@@ -30,40 +30,52 @@ _ITERATION_NAME = re.compile(r"^iter_(\d+)$")
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
-def iteration_folder(load: str, step: int | None, named: str) -> str | None:
+def iteration_folder(load: str, step: int | None, flag: str | None = "--load",
+                     steps: bool = True) -> str | None:
     """The iteration folder Megatron's load reads from the checkpoint folder `load`
     (`--ckpt-step` `step`, or its tracker file's), None where `load` holds no checkpoint
-    (an empty folder: a first run). Raises PluginError, naming `load` as `named`, where
-    the user meant a checkpoint that Megatron cannot use."""
+    (an empty folder: a first run). Raises PluginError, naming `load` after `flag` (None:
+    a positional argument), where the user meant a checkpoint Megatron cannot use; the
+    way out names --ckpt-step where the command has it (`steps`)."""
+    given = f"{flag} " if flag else ""
+    named = given + load
     parent, name = os.path.split(os.path.normpath(load))
     if _is_checkpoint(load) and (_ITERATION_NAME.match(name) or name == "release"):
         found = _ITERATION_NAME.match(name)
         raise PluginError(
             f"{named} is an iteration folder of {parent}, not a checkpoint folder: give "
-            f"{named.split()[0] + ' ' if named.startswith('--') else ''}{parent}"
-            + (f" (and --ckpt-step {int(found.group(1))} for this iteration)" if found else ""))
+            f"{given}{parent}" + (f" (and --ckpt-step {int(found.group(1))} for this "
+                                  "iteration)" if found and steps else ""))
     held = saved_iterations(load)
     tracker = os.path.join(load, TRACKER)
     if step is not None:
         directory = _iteration_path(load, step, release=False)
         if not os.path.isdir(directory):
             raise PluginError(missing_step(load, step))
-        return _complete(directory, held, named)
+        return _complete(directory, held, named, steps)
     if not os.path.isfile(tracker):
         if held:
             raise PluginError(
                 f"{named} has {_listed(held)} but no {TRACKER} (the file naming the latest "
-                f"checkpoint), so Megatron would train from scratch: give --ckpt-step "
-                f"{held[-1]} to load the latest, or write {held[-1]} into {tracker}")
+                "checkpoint), so Megatron would train from scratch: "
+                + (f"give --ckpt-step {held[-1]} to load the latest, or " if steps else "")
+                + f"write {held[-1]} into {tracker}")
         return None
-    iteration, release = _tracked(tracker, held, named)
+    iteration, release = _tracked(tracker, held, named, steps)
     directory = _iteration_path(load, iteration, release)
     if not os.path.isdir(directory):
         raise PluginError(
-            f"{named}: {TRACKER} names iteration {iteration}, which is not in {load} ("
-            + (f"it has {_listed(held)}): give --ckpt-step {held[-1]}" if held else
+            f"{named}: {TRACKER} names " + ("'release'" if release else f"iteration {iteration}")
+            + f", which is not in {load} ("
+            + (f"it has {_listed(held)}): {_another(held[-1], tracker, steps)}" if held else
                "it has no iteration folder)"))
-    return _complete(directory, held, named)
+    return _complete(directory, held, named, steps)
+
+
+def _another(iteration: int, tracker: str, steps: bool) -> str:
+    """How to load `iteration` instead."""
+    return (f"give --ckpt-step {iteration}" if steps else
+            f"write {iteration} into {tracker}")
 
 
 def check_load(args: argparse.Namespace) -> None:
@@ -81,7 +93,7 @@ def check_load(args: argparse.Namespace) -> None:
         raise PluginError(f"--load {load}: no such folder; give the folder a run saved its "
                           "checkpoints in (its --save), or the same folder as --save for a "
                           "run that starts from scratch and resumes itself")
-    directory = iteration_folder(load, getattr(args, "ckpt_step", None), f"--load {load}")
+    directory = iteration_folder(load, getattr(args, "ckpt_step", None))
     if directory is None or os.path.basename(directory) == "release":
         return  # nothing to load, or a release checkpoint: weights only, as Megatron reads it
     if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
@@ -156,7 +168,7 @@ def _iteration_path(load: str, iteration: int, release: bool) -> str:
     return os.path.join(load, "release" if release else f"iter_{iteration:07d}")
 
 
-def _tracked(tracker: str, held: list[int], named: str) -> tuple[int, bool]:
+def _tracked(tracker: str, held: list[int], named: str, steps: bool) -> tuple[int, bool]:
     """The tracker's iteration (a number, or 'release'), read as Megatron reads it."""
     with open(tracker) as f:
         text = f.read().strip()
@@ -167,21 +179,21 @@ def _tracked(tracker: str, held: list[int], named: str) -> tuple[int, bool]:
     raise PluginError(
         f"{named}: {tracker} holds {text[:40]!r}, not an iteration number or 'release' "
         "(Megatron would stop without training)"
-        + (f": give --ckpt-step {held[-1]} (it has {_listed(held)}), or write the iteration "
-           "into the file" if held else ""))
+        + (f": {_another(held[-1], tracker, steps)} (it has {_listed(held)})" if held else ""))
 
 
-def _complete(directory: str, held: list[int], named: str) -> str:
+def _complete(directory: str, held: list[int], named: str, steps: bool) -> str:
     """`directory`, if its checkpoint is complete enough for Megatron to tell its format."""
     if _is_checkpoint(directory):
         return directory
+    tracker = os.path.join(os.path.dirname(directory), TRACKER)
     others = [i for i in held if _iteration_path(os.path.dirname(directory), i, False)
               != directory]
     raise PluginError(
         f"{named}: {directory} is not a complete checkpoint (no metadata.json, which a "
         "torch_dist save writes last, nor another format's files)"
-        + (f": load another iteration with --ckpt-step (it has {_listed(others)})"
-           if others else ""))
+        + (f": {_another(others[-1], tracker, steps)} to load another iteration (it has "
+           f"{_listed(others)})" if others else ""))
 
 
 def _sharded_keys(directory: str) -> set[str] | None:

@@ -33,13 +33,15 @@ from plugins import PluginError, PluginRegistry, default_registry
 from upstream import checkpoint_files, shutdown
 
 
-def checkpoint_directory(load: str, step: int | None, named: str | None = None) -> str:
-    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it; a
-    refusal names it as `named` (default `--load LOAD`), as the user gave it."""
-    named = named or f"--load {load}"
-    directory = checkpoint_folder.iteration_folder(load, step, named) \
+def checkpoint_directory(load: str, step: int | None, flag: str | None = "--load",
+                         steps: bool = True) -> str:
+    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it
+    (`integration.checkpoint_folder`); a refusal names it after `flag` (None: a positional
+    argument), as the user gave it, and --ckpt-step where the command has it (`steps`)."""
+    directory = checkpoint_folder.iteration_folder(load, step, flag, steps) \
         if os.path.isdir(load) else None
     if directory is None:
+        named = f"{flag} {load}" if flag else load
         raise PluginError(f"{named}: no checkpoint there (no {checkpoint_folder.TRACKER})")
     return directory
 

@@ -173,7 +173,7 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
     from integration.hf.lazy_load import LayerByLayer
 
     check_output_folder(out, overwrite=overwrite, inputs=[source])
-    directory = checkpoint_directory(str(source), None, named=str(source))
+    directory = checkpoint_directory(str(source), None, flag=None, steps=False)
     verify(directory)  # before anything of it is read
     _on_one_rank()
     if (source / "hf_config.json").is_file():
