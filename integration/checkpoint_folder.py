@@ -119,7 +119,9 @@ def check_load(args: argparse.Namespace) -> None:
 # (optimizer_param_scheduler.py:333); these have no such flag, so a change is refused,
 # with the way to make it count: a new optimizer state. (--lr and --weight-decay are set
 # into the groups at every step by the schedule, which checks them itself.)
-_RESTORED = {"adam": ("adam_beta1", "adam_beta2", "adam_eps"), "sgd": ("sgd_momentum",)}
+# (muon and soap are not compared: which of their settings a load restores is not checked.)
+_RESTORED = {"adam": ("adam_beta1", "adam_beta2", "adam_eps"), "sgd": ("sgd_momentum",),
+             "lion": ("lion_beta1", "lion_beta2")}
 
 
 def _check_optimizer_flags(args: argparse.Namespace, saved: argparse.Namespace,
@@ -142,7 +144,7 @@ def _check_optimizer_flags(args: argparse.Namespace, saved: argparse.Namespace,
         raise PluginError(f"--load {load}: the checkpoint's optimizer state is --optimizer "
                           f"{saved.optimizer}'s, this run has --optimizer {kind}: resume "
                           f"with --optimizer {saved.optimizer}, {afresh}")
-    differ = [(name, getattr(saved, name), getattr(args, name))
+    differ = [(name, getattr(saved, name), getattr(args, name, None))
               for name in _RESTORED.get(kind, ())
               if hasattr(saved, name) and getattr(saved, name) != getattr(args, name, None)]
     if differ:
