@@ -54,15 +54,17 @@ def check_format(directory: str) -> None:
         raise PluginError(f"{directory}: not a torch_dist checkpoint (--ckpt-format torch_dist)")
 
 
-def verify(directory: str) -> None:
+def verify(directory: str, steps: bool = True) -> None:
     """The checkpoint's data files against its checksum manifest, in this process (as
     `--load` verifies them: `upstream.checkpoint_files`), before anything reads them: a
-    damaged file is named. A checkpoint without a manifest is read unverified, as `--load`
-    reads it."""
+    damaged file is named, and --ckpt-step where the command has it (`steps`). A
+    checkpoint without a manifest is read unverified, as `--load` reads it."""
     if os.environ.get(_VERIFIED) == os.path.abspath(directory):
         return  # verified by the process that started this one under torchrun
+    way_out = ("Give an earlier checkpoint (--ckpt-step N)" if steps else
+               "Name an earlier iteration in its latest_checkpointed_iteration.txt")
     try:
-        checkpoint_files.verify_checkpoint(directory)
+        checkpoint_files.verify_checkpoint(directory, f"{way_out} or restore the file")
     except checkpoint_files.CheckpointCorrupt as error:
         raise PluginError(str(error)) from None
 

@@ -232,11 +232,16 @@ def test_the_checkpoint_tools_name_a_damaged_file(resumed, tmp_path, capsys):
     data = damaged / "iter_0000004" / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:1000])  # truncated
     said = (f"megaseek: error: checkpoint {data.parent} is damaged: {data}: 1000 bytes, ")
-    for argv in (["ema-export", "--load", str(damaged), "--save", str(tmp_path / "ema")],
-                 ["convert", "megatron-to-hf", str(damaged), str(tmp_path / "hf")]):
+    for argv, way_out in [
+            (["ema-export", "--load", str(damaged), "--save", str(tmp_path / "ema")],
+             "Give an earlier checkpoint (--ckpt-step N) or restore the file"),
+            (["convert", "megatron-to-hf", str(damaged), str(tmp_path / "hf")],
+             "Name an earlier iteration in its latest_checkpointed_iteration.txt or restore "
+             "the file")]:
         with pytest.raises(SystemExit) as done:
             main(argv)
         assert done.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(said) and err.count("\n") == 1, err
-        assert "(truncated or appended to); the load is refused" in err
+        assert err.endswith(f"(truncated or appended to); the load is refused. {way_out}\n")
+    assert not (tmp_path / "ema").exists() and not (tmp_path / "hf").exists()

@@ -174,7 +174,7 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
 
     check_output_folder(out, overwrite=overwrite, inputs=[source])
     directory = checkpoint_directory(str(source), None, flag=None, steps=False)
-    verify(directory)  # before anything of it is read
+    verify(directory, steps=False)  # before anything of it is read
     _on_one_rank()
     if (source / "hf_config.json").is_file():
         config, vocab, positions = _config_from_hf(source / "hf_config.json")
