@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 
 from plugins import PluginError
 from upstream.checkpoint_files import missing_step, saved_iterations
@@ -219,7 +220,9 @@ def _saved_arguments(directory: str) -> argparse.Namespace | None:
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
     try:
-        return load_common_state_dict(directory).get("args")
+        with warnings.catch_warnings():  # read before the ranks are together, by design
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            return load_common_state_dict(directory).get("args")
     except _unreadable():
         return None
 

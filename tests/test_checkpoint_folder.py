@@ -148,6 +148,16 @@ def resumed(tmp_path_factory) -> Path:
     return work / "ckpt"
 
 
+@pytest.mark.slow
+def test_the_auto_resume_pattern_starts_from_scratch_then_resumes(resumed):
+    """`--load D --save D`, D not there yet: Megatron's documented first run (the fixture
+    asserts it trained from iteration 1, then resumed at 2)."""
+    from upstream.checkpoint_files import saved_iterations
+
+    assert saved_iterations(str(resumed)) == [2, 4]
+    assert (resumed / TRACKER).read_text().strip() == "4"
+
+
 def _saved_arguments(ckpt: Path, step: int) -> argparse.Namespace:
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
