@@ -11,8 +11,15 @@ fails with a raw FileNotFoundError or NotImplementedError (:1612); a checkpoint 
 optimizer state fails with `KeyError: 'optimizer'` once the model is built (:2555). Each
 is refused here, naming the flag and what to give instead.
 
+Where the optimizer state is loaded, the run's optimizer flags are compared with the
+checkpoint's saved arguments: `--use-distributed-optimizer` added or dropped fails in
+Megatron's load (`ShardedTensor.flattened_range is not supported`, or a missing key), and
+the settings the optimizer state restores over the flags (Adam's betas and epsilon) would
+have no effect: both are refused, naming `--no-load-optim`.
+
 Megatron's auto-resume stays as documented: `--load D --save D` where D does not exist
-yet, or a folder without checkpoints, starts from scratch.
+yet, or a folder without checkpoints (or only a first save that did not finish), starts
+from scratch.
 """
 
 from __future__ import annotations
@@ -55,12 +62,15 @@ def iteration_folder(load: str, step: int | None, flag: str | None = "--load",
             raise PluginError(missing_step(load, step))
         return _complete(directory, held, named, steps)
     if not os.path.isfile(tracker):
-        if held:
+        # Complete iterations without the tracker: it was lost. (Incomplete ones alone are
+        # a first save that did not finish: Megatron starts afresh, as it should.)
+        complete = [i for i in held if _is_checkpoint(_iteration_path(load, i, False))]
+        if complete:
             raise PluginError(
-                f"{named} has {_listed(held)} but no {TRACKER} (the file naming the latest "
-                "checkpoint), so Megatron would train from scratch: "
-                + (f"give --ckpt-step {held[-1]} to load the latest, or " if steps else "")
-                + f"write {held[-1]} into {tracker}")
+                f"{named} has {_listed(complete)} but no {TRACKER} (the file naming the "
+                "latest checkpoint), so Megatron would train from scratch: "
+                + (f"give --ckpt-step {complete[-1]} to load the latest, or " if steps else "")
+                + f"write {complete[-1]} into {tracker}")
         return None
     iteration, release = _tracked(tracker, held, named, steps)
     directory = _iteration_path(load, iteration, release)
@@ -196,7 +206,8 @@ def _complete(directory: str, held: list[int], named: str, steps: bool) -> str:
         f"{named}: {directory} is not a complete checkpoint (no metadata.json, which a "
         "torch_dist save writes last, nor another format's files)"
         + (f": {_another(others[-1], tracker, steps)} to load another iteration (it has "
-           f"{_listed(others)})" if others else ""))
+           f"{_listed(others)})" if others else ": restore it, or start afresh without "
+           "--load"))
 
 
 def _sharded_keys(directory: str) -> set[str] | None:

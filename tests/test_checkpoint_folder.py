@@ -67,6 +67,11 @@ def test_a_lost_tracker_file_names_ckpt_step(tmp_path):
     from integration.checkpoint_paths import check
 
     check(argparse.Namespace(load=str(ckpt), save=None, ckpt_step=4, no_load_optim=True))
+    # A first save killed before it finished (no metadata.json, no tracker): auto-resume's
+    # restart starts afresh, as Megatron does.
+    first = _checkpoint(tmp_path / "first", tracker=None)
+    (first / "iter_0000002" / "metadata.json").unlink()
+    _check(first, save=first)
 
 
 @pytest.mark.parametrize("text", ["abc", "-3", ""])
