@@ -102,9 +102,10 @@ def relaunched(world_size: int, command: list[str], verified: str | None = None)
         return False
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    marked = {_VERIFIED: os.path.abspath(verified)} if verified else {}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", str(world_size), *program, *command],
-                          env={**os.environ, **({_VERIFIED: os.path.abspath(verified)} if verified else {})})
+                          env={**os.environ, **marked})
     if done.returncode != 0:
         raise SystemExit(done.returncode)
     return True
