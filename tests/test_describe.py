@@ -17,8 +17,10 @@ import json
 
 import pytest
 
+from integration import cost
 from integration import describe as d
 from integration import presets
+from plugins.common.cost import Activations
 from tests.multirank import run_ranks
 
 LAYOUT = ["--pipeline-model-parallel-size", "16", "--expert-model-parallel-size", "64",
@@ -37,8 +39,8 @@ def test_deepseek_v3_is_671b_with_37b_activated_and_mtp_apart(capsys):
     assert round(main["total"] / 1e9) == 671 and round(main["activated"] / 1e9) == 37
     # README_WEIGHTS: 11.5B MTP parameters besides the shared embedding and head: the
     # transformer layer; the norms and the 2h x h projection add 0.1B.
-    m = d.Model.from_args(d.parse(["--preset", "deepseek-v3"]))
-    assert f"{d.layer_params(m, 61).total / 1e9:.1f}" == "11.5"
+    m = d.shape(d.parse(["--preset", "deepseek-v3"]))
+    assert f"{cost.layer_parameters(m, 61).total / 1e9:.1f}" == "11.5"
     assert f"{mtp['total'] / 1e9:.1f}" == "11.6"
     # DeepSeek's 685B checkpoint: main model, MTP module, and the MTP's copies of the
     # embedding and head (0.9B each), less the 0.1% of FP8 scales it also counts.
@@ -322,16 +324,16 @@ def measured():
 
 
 def _model(variant="none"):
-    return d.Model.from_args(d.parse(_argv(variant)))
+    return d.shape(d.parse(_argv(variant)))
 
 
 def test_parameters_equal_the_built_models_numel(measured):
     numel, m = measured["none"]["numel"], _model()
-    assert numel["decoder.layers.0"] == d.layer_params(m, 0).total  # dense
-    assert numel["decoder.layers.1"] == d.layer_params(m, 1).total  # MoE
-    assert numel["mtp.layers.0"] == d.mtp_layer_params(m).total
-    params = d.model_params(d.Model.from_args(d.parse([*_argv("none"), "--vocab-size",
-                                                       str(VOCAB)])))
+    assert numel["decoder.layers.0"] == cost.layer_parameters(m, 0).total  # dense
+    assert numel["decoder.layers.1"] == cost.layer_parameters(m, 1).total  # MoE
+    assert numel["mtp.layers.0"] == cost.mtp_layer_parameters(m).total
+    params = cost.model_parameters(d.shape(d.parse([*_argv("none"), "--vocab-size",
+                                                    str(VOCAB)])))
     assert params["mtp"].total == numel["mtp.layers.0"]
     assert params["main"].total == sum(v for k, v in numel.items() if not k.startswith("mtp."))
 
@@ -342,15 +344,14 @@ def test_activation_bytes_equal_a_census_of_saved_tensors(measured, variant):
     width)."""
     saved = measured[variant]["saved"]
     args = d.parse(_argv(variant))
-    m = d.Model.from_args(args)
+    m = d.shape(args)
     modules, _ = d.recompute_set(args)
-    precision = d.Precision(element=2 if args.bf16 else 4, fp8="fp8" in args.plugins,
-                            cpu_attention=True)
+    kept = d.kept_activations(args, cpu_attention=True)
     for name, layer in (("decoder.layers.0", 0), ("decoder.layers.1", 1)):
         seq = _seq(_argv(variant))
-        formula = d.layer_activation_bytes(m, layer, seq * BATCH, seq, modules, 1, precision)
-        assert formula == saved[name], (name, formula, saved[name], d.layer_activation_terms(
-            m, layer, seq * BATCH, seq, modules, 1, precision))
+        formula = cost.layer_saved_bytes(m, layer, seq * BATCH, seq, modules, 1, kept)
+        assert formula == saved[name], (name, formula, saved[name], cost.layer_saved_terms(
+            m, layer, seq * BATCH, seq, modules, 1, kept))
 
 
 @pytest.mark.parametrize("variant", ["none", "layernorm+mla_up_proj", "fp8",
@@ -359,13 +360,12 @@ def test_activation_bytes_equal_a_census_of_saved_tensors(measured, variant):
 def test_mtp_module_activation_bytes_equal_the_census(measured, variant):
     saved = measured[variant]["saved"]
     args = d.parse(_argv(variant))
-    m = d.Model.from_args(args)
+    m = d.shape(args)
     modules, _ = d.recompute_set(args)
-    precision = d.Precision(element=2 if args.bf16 else 4, fp8="fp8" in args.plugins,
-                            cpu_attention=True)
+    kept = d.kept_activations(args, cpu_attention=True)
     tokens = SEQ * BATCH
-    formula = (d.layer_activation_bytes(m, m.layers, tokens, SEQ, modules, 1, precision)
-               + d.mtp_extra_activation_bytes(m, tokens, precision))
+    formula = (cost.layer_saved_bytes(m, m.num_layers, tokens, SEQ, modules, 1, kept)
+               + cost.mtp_extra_saved_bytes(m, tokens, kept.element))
     assert formula == saved["mtp.layers.0"]
 
 
@@ -374,9 +374,10 @@ def test_flops_equal_a_count_from_the_shapes(measured):
     experts' grouped GEMMs with the formula above; the CPU flash attention kernel is not
     among the ops it counts, so q.k and p.v are added from the shapes: 2 FLOPs a
     multiply-add, causal, 3x forward for forward + backward."""
-    m = d.Model.from_args(d.parse([*_argv("none"), "--vocab-size", str(VOCAB)]))
-    flops = d.training_flops_per_token(m, SEQ)
-    attention = 3 * (m.layers + m.mtp_layers) * d.attention_flops_per_token(m, SEQ)
+    m = d.shape(d.parse([*_argv("none"), "--vocab-size", str(VOCAB)]))
+    flops = cost.training_flops_per_token(m, SEQ)
+    attention = 3 * (m.num_layers + m.mtp_num_layers) * cost.attention_flops_per_token(
+        m.attention, SEQ)
     counted = measured["none"]["flops"]
     assert counted + attention * SEQ * BATCH == flops["total"] * SEQ * BATCH
 
@@ -408,9 +409,9 @@ def test_full_size_mla_layer_matches_the_benchmarks_census():
     """bench/results.md (mla_saved_bytes b): a DeepSeek-V3 dense layer measured on the CPU
     in BF16, GiB at 4096 tokens per recomputation choice (the bench scaled seq 256 x 16;
     3 decimals)."""
-    m = d.Model.from_args(d.parse(["--preset", "deepseek-v3", "--plugins", "mla", "moe"]))
-    cpu = d.Precision(element=2, cpu_attention=True)
+    m = d.shape(d.parse(["--preset", "deepseek-v3", "--plugins", "mla", "moe"]))
+    cpu = Activations(element=2, cpu_attention=True)
     for modules, gib in (((), 1.831), (("layernorm",), 1.706), (("mla_up_proj",), 1.269),
                          (("layernorm", "mla_up_proj"), 1.144)):
-        got = d.layer_activation_bytes(m, 0, 4096, 4096, frozenset(modules), 1, cpu) / 2 ** 30
+        got = cost.layer_saved_bytes(m, 0, 4096, 4096, frozenset(modules), 1, cpu) / 2 ** 30
         assert abs(got - gib) < 0.0015, (modules, got)
