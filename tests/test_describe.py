@@ -14,13 +14,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from integration import cost
 from integration import describe as d
 from integration import presets
-from plugins.common.cost import Activations
+from plugins.common.cost import Activations, mlp_parameters
+from plugins.fp8.cost import FP8Activations
+from plugins.mla import cost as mla_cost
+from plugins.moe import cost as moe_cost
 from tests.multirank import run_ranks
 
 LAYOUT = ["--pipeline-model-parallel-size", "16", "--expert-model-parallel-size", "64",
@@ -214,6 +218,8 @@ def _built(argv, census: bool, flops: bool):
 
     from integration import presets
     from plugins import transform_spec
+    from plugins.mla.cost import MLAShape
+    from plugins.moe.cost import MoEShape
     from tests.plugin_args import validated
     from upstream import cpu
     from upstream.patching import Patcher, apply_fixes
@@ -234,24 +240,35 @@ def _built(argv, census: bool, flops: bool):
                          max_sequence_length=args.max_position_embeddings,
                          position_embedding_type="rope",
                          share_embeddings_and_output_weights=False)
-        numel = {}
+        numel, part_numel = {}, {}
         for name, p in model.named_parameters():
             key = ".".join(name.split(".")[:3]) if name.startswith(("decoder.layers", "mtp.")) \
                 else name.split(".")[0]
             numel[key] = numel.get(key, 0) + p.numel()
+            if name.startswith("decoder.layers"):
+                part = ".".join(name.split(".")[:4])
+                part_numel[part] = part_numel.get(part, 0) + p.numel()
+        # The plugins' modules' shapes, as their own config gives them.
+        shapes = dict(mla=MLAShape.from_config(model.config),
+                      moe=MoEShape.from_config(model.config),
+                      mlp=(model.config.hidden_size, model.config.ffn_hidden_size,
+                           model.config.gated_linear_unit))
         seq = _seq(argv)
         tokens = torch.randint(VOCAB, (BATCH, seq + 1), generator=torch.Generator().manual_seed(1))
         positions = torch.arange(seq).expand(BATCH, -1)
         saved = _census(model, lambda: model(tokens[:, :-1], positions, None,
                                              labels=tokens[:, 1:]),
                         autograd_c) if census else None
-        counted = None
+        counted = part_flops = None
         if flops:
             with FlopCounterMode(display=False, custom_mapping={
                     torch.ops.aten._grouped_mm: _grouped_mm_flops}) as counter:
                 model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).sum().backward()
             counted = counter.get_total_flops()
-        return dict(numel=numel, saved=saved, flops=counted)
+            part_flops = {name.removeprefix("GPTModel."): sum(ops.values())
+                          for name, ops in counter.get_flop_counts().items()}
+        return dict(numel=numel, part_numel=part_numel, shapes=shapes, saved=saved,
+                    flops=counted, part_flops=part_flops)
     finally:
         patcher.undo()
 
@@ -267,8 +284,9 @@ def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
 
 
 def _census(model, forward, autograd_c) -> dict[str, int]:
-    """{top module: bytes of the unique storages autograd keeps for backward while it runs}
-    (parameters excluded), counted once the forward is done. Every saved-tensor hook in
+    """{module: bytes of the unique storages autograd keeps for backward while it runs}
+    (parameters excluded), counted once the forward is done, for each layer's submodules
+    (`decoder.layers.1.mlp`) and what the layer keeps outside them (`decoder.layers.1`). Every saved-tensor hook in
     force (the recomputation's own included) is wrapped: what its pack keeps as a tensor
     is counted, a recipe is not; a tensor whose graph was dropped during the forward (no
     longer alive at its end) is not counted either."""
@@ -288,7 +306,7 @@ def _census(model, forward, autograd_c) -> dict[str, int]:
 
     hooks = []
     tops = {n: m for n, m in model.named_modules()
-            if n.count(".") == 2 and n.startswith(("decoder.layers.", "mtp.layers."))}
+            if n.count(".") in (2, 3) and n.startswith(("decoder.layers.", "mtp.layers."))}
     for name, module in tops.items():
         hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: owner.append(n)))
         hooks.append(module.register_forward_hook(lambda m, a, o: (owner.pop(), None)[1]))
@@ -308,6 +326,11 @@ def _census(model, forward, autograd_c) -> dict[str, int]:
             totals[name] = totals.get(name, 0) + nbytes
     loss.sum().backward()  # the recipes run (and must work)
     return totals
+
+
+def _kept_by(saved: dict[str, int], module: str) -> int:
+    """What a module and its submodules keep, from the census."""
+    return sum(n for name, n in saved.items() if name == module or name.startswith(module + "."))
 
 
 def _measure(rank, world_size, variants):
@@ -350,7 +373,7 @@ def test_activation_bytes_equal_a_census_of_saved_tensors(measured, variant):
     for name, layer in (("decoder.layers.0", 0), ("decoder.layers.1", 1)):
         seq = _seq(_argv(variant))
         formula = cost.layer_saved_bytes(m, layer, seq * BATCH, seq, modules, 1, kept)
-        assert formula == saved[name], (name, formula, saved[name], cost.layer_saved_terms(
+        assert formula == _kept_by(saved, name), (name, formula, saved, cost.layer_saved_terms(
             m, layer, seq * BATCH, seq, modules, 1, kept))
 
 
@@ -366,7 +389,61 @@ def test_mtp_module_activation_bytes_equal_the_census(measured, variant):
     tokens = SEQ * BATCH
     formula = (cost.layer_saved_bytes(m, m.num_layers, tokens, SEQ, modules, 1, kept)
                + cost.mtp_extra_saved_bytes(m, tokens, kept.element))
-    assert formula == saved["mtp.layers.0"]
+    assert formula == _kept_by(saved, "mtp.layers.0")
+
+
+# --- each cost model against the module it describes, built from the same config ------------
+
+TOKENS = SEQ * BATCH
+
+
+def _kept(variant):
+    """The activations as the variant's layers keep them on the CPU (plain or FP8)."""
+    args = d.parse(_argv(variant))
+    kind = FP8Activations if "fp8" in args.plugins else Activations
+    return kind(element=2 if args.bf16 else 4, cpu_attention=True), d.recompute_set(args)[0]
+
+
+def test_mla_cost_model_matches_the_built_attention(measured):
+    """Parameters == numel; FLOPs == FlopCounterMode's count of the attention's matmuls
+    (forward and backward; its core is the CPU flash kernel, which it does not count)."""
+    built = measured["none"]
+    s = built["shapes"]["mla"]
+    assert mla_cost.parameters(s).total == built["part_numel"]["decoder.layers.0.self_attention"]
+    matmul_weights = mla_cost.parameters(s).activated - mla_cost.latent_norm_channels(s)
+    assert 6 * matmul_weights * TOKENS == built["part_flops"]["decoder.layers.0.self_attention"]
+
+
+def test_moe_cost_model_matches_the_built_moe_layer(measured):
+    """Parameters == numel (router, routed and shared experts; not the expert bias);
+    FLOPs == FlopCounterMode's count: 6 per activated weight a token, the combine."""
+    built = measured["none"]
+    s = built["shapes"]["moe"]
+    assert moe_cost.parameters(s).total == built["part_numel"]["decoder.layers.1.mlp"]
+    per_token = 6 * moe_cost.parameters(s).activated + moe_cost.combine_flops_per_token(s)
+    assert per_token * TOKENS == built["part_flops"]["decoder.layers.1.mlp"]
+
+
+def test_dense_mlp_cost_matches_the_built_mlp(measured):
+    built = measured["none"]
+    hidden, ffn, gated = built["shapes"]["mlp"]
+    assert mlp_parameters(hidden, ffn, gated) == built["part_numel"]["decoder.layers.0.mlp"]
+    assert 6 * mlp_parameters(hidden, ffn, gated) * TOKENS == \
+        built["part_flops"]["decoder.layers.0.mlp"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_plugin_saved_bytes_equal_the_census_of_their_module(measured, variant):
+    """MLA's and the MoE layer's saved bytes (FP8's way of keeping them under fp8), each
+    against the census of its own module, for every recomputation choice."""
+    built, (kept, modules) = measured[variant], _kept(variant)
+    seq = _seq(_argv(variant))
+    shapes, saved = built["shapes"], built["saved"]
+    attention = mla_cost.saved_terms(shapes["mla"], seq * BATCH, seq, modules, 1, kept)
+    assert math.ceil(sum(attention.values())) == saved["decoder.layers.0.self_attention"], \
+        attention
+    moe = moe_cost.saved_terms(shapes["moe"], seq * BATCH, modules, 1, kept)
+    assert math.ceil(sum(moe.values())) == saved["decoder.layers.1.mlp"], moe
 
 
 def test_flops_equal_a_count_from_the_shapes(measured):
