@@ -354,8 +354,7 @@ def _dualpipe_placement(args):
     """The dualpipe plugin's placement hook, as a run asks it."""
     from plugins.dualpipe.plugin import DUALPIPE
 
-    return DUALPIPE.placement(argparse.Namespace(**{**vars(args),
-                                                    "pipeline_schedule": schedule(args)}))
+    return DUALPIPE.placement(args)
 
 
 def _direction(args, rank: int, chunk: int) -> int:

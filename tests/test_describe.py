@@ -99,6 +99,15 @@ def test_json_has_exact_integers(capsys):
      "cannot be cut into 16 pipeline stages"),
     (["--preset", "deepseek-v3", "--recompute-granularity", "selective",
       "--recompute-modules", "core_attn"], "--recompute-modules core_attn"),
+    # Megatron's parser takes more values than describe counts: refused by name
+    (["--preset", "tiny", "--recompute-granularity", "full", "--recompute-method", "block"],
+     "--recompute-method block: describe counts uniform"),
+    (["--preset", "tiny", "--exp-avg-dtype", "fp16"], "--exp-avg-dtype fp16: describe counts"),
+    # ... and refuses as a run does (Megatron's own --moe-layer-freq parser)
+    (["--preset", "tiny", "--moe-layer-freq", "[1]*x"],
+     "argument --moe-layer-freq: invalid moe_freq_type value"),
+    (["--preset", "tiny", "--moe-layer-freq", "[1,0]", "--num-layers", "3"],
+     "--moe-layer-freq [1,0] lists 2 layers, not --num-layers 3"),
 ])
 def test_bad_input_is_refused_by_name(argv, message, capsys):
     """One line, as every megaseek refusal, exit status 2."""
@@ -107,6 +116,13 @@ def test_bad_input_is_refused_by_name(argv, message, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("megaseek: error: ")
+
+
+def test_megatron_schedule_may_be_named():
+    """`--pipeline-schedule 1f1b` names Megatron's schedule, the one a run gets without the
+    flag (the dualpipe plugin's flag takes only its own)."""
+    assert report(["--preset", "tiny", "--pipeline-schedule", "1f1b"]) == report(
+        ["--preset", "tiny"])
 
 
 def test_flops_are_printed_in_a_unit_that_fits(capsys):
