@@ -191,19 +191,29 @@ def layer_saved_terms(m: GPTShape, layer: int, tokens: int, sequence: int,
         raise NotCounted("activation bytes are counted for MLA layers "
                          "(--multi-latent-attention) only")
     a, t, h = activations, tokens, m.hidden_size
-    norms_recomputed = "layernorm" in recompute
     # Each norm keeps its input and one fp32 statistic a token.
     terms = {"input norm": t * h * a.element + t * FP32}
     terms.update(mla.saved_terms(m.attention, t, sequence, recompute, tp, a))
     terms["pre-MLP norm"] = t * h * a.element + t * FP32
     if m.is_moe(layer):
         terms.update(moe.saved_terms(m.moe, t, recompute, tp, a))
-    elif "mlp" in recompute:  # the MLP reruns from its input
-        terms["MLP input"] = 0 if norms_recomputed else a.norm_output(t, h)
     else:
-        terms["MLP input"] = a.norm_output(t, h, 1, norms_recomputed)
-        terms.update(a.mlp_terms(t, m.ffn_hidden_size // tp, m.gated_linear_unit, "MLP"))
+        terms.update(mlp_saved_terms(h, m.ffn_hidden_size // tp, m.gated_linear_unit, t,
+                                     recompute, a))
     return terms
+
+
+def mlp_saved_terms(hidden: int, ffn: int, gated: bool, tokens: int,
+                    recompute: frozenset[str], activations: Activations) -> dict[str, float]:
+    """Megatron's MLP (`ffn`: this TP rank's width): its input, the pre-MLP norm's output
+    (rerun in backward with `layernorm`), and what it keeps past it; with `mlp` it reruns
+    from its input."""
+    a = activations
+    norms_recomputed = "layernorm" in recompute
+    if "mlp" in recompute:
+        return {"MLP input": 0 if norms_recomputed else a.norm_output(tokens, hidden)}
+    return {"MLP input": a.norm_output(tokens, hidden, 1, norms_recomputed),
+            **a.mlp_terms(tokens, ffn, gated, "MLP")}
 
 
 def layer_saved_bytes(*args, **kwargs) -> int:

@@ -1,4 +1,5 @@
-"""`megaseek describe`: each figure against a count made another way.
+"""`megaseek describe` and the cost models it composes (integration.cost, plugins/*/cost.py):
+each figure against a count made another way.
 
 - parameters: DeepSeek-V3's published 671B total / 37B activated (main model) and the MTP
   module's 11.5B transformer layer; the `numel` of the `tiny` preset's model built on CPU
@@ -8,7 +9,10 @@
   parameters) in a real forward of the built tiny model, layer by layer, for each
   recomputation choice and with FP8;
 - FLOPs: torch's FlopCounterMode over a forward and backward of the built model (its
-  matmuls), plus the attention's q.k and p.v counted from the shapes.
+  matmuls), plus the attention's q.k and p.v counted from the shapes;
+- each plugin's cost model (MLA, MoE, FP8's way of keeping activations) and the dense
+  MLP's against its own module in the built model, from the config it was built with:
+  numel, the census of what that module keeps, FlopCounterMode's count for it.
 """
 
 from __future__ import annotations
@@ -302,10 +306,10 @@ def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
 def _census(model, forward, autograd_c) -> dict[str, int]:
     """{module: bytes of the unique storages autograd keeps for backward while it runs}
     (parameters excluded), counted once the forward is done, for each layer's submodules
-    (`decoder.layers.1.mlp`) and what the layer keeps outside them (`decoder.layers.1`). Every saved-tensor hook in
-    force (the recomputation's own included) is wrapped: what its pack keeps as a tensor
-    is counted, a recipe is not; a tensor whose graph was dropped during the forward (no
-    longer alive at its end) is not counted either."""
+    (`decoder.layers.1.mlp`) and what the layer keeps outside them (`decoder.layers.1`).
+    Every saved-tensor hook in force (the recomputation's own included) is wrapped: what
+    its pack keeps as a tensor is counted, a recipe is not; a tensor whose graph was
+    dropped during the forward (no longer alive at its end) is not counted either."""
     import weakref
 
     import torch
@@ -449,9 +453,10 @@ def test_dense_mlp_cost_matches_the_built_mlp(measured):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_plugin_saved_bytes_equal_the_census_of_their_module(measured, variant):
-    """MLA's and the MoE layer's saved bytes (FP8's way of keeping them under fp8), each
-    against the census of its own module, for every recomputation choice."""
+def test_saved_bytes_equal_the_census_of_their_module(measured, variant):
+    """MLA's, the MoE layer's and the dense MLP's saved bytes (FP8's way of keeping them
+    under fp8), each against the census of its own module, for every recomputation
+    choice."""
     built, (kept, modules) = measured[variant], _kept(variant)
     seq = _seq(_argv(variant))
     shapes, saved = built["shapes"], built["saved"]
@@ -460,6 +465,8 @@ def test_plugin_saved_bytes_equal_the_census_of_their_module(measured, variant):
         attention
     moe = moe_cost.saved_terms(shapes["moe"], seq * BATCH, modules, 1, kept)
     assert math.ceil(sum(moe.values())) == saved["decoder.layers.1.mlp"], moe
+    mlp = cost.mlp_saved_terms(*shapes["mlp"], seq * BATCH, modules, kept)
+    assert math.ceil(sum(mlp.values())) == saved["decoder.layers.0.mlp"], mlp
 
 
 def test_flops_equal_a_count_from_the_shapes(measured):
