@@ -189,6 +189,12 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     _check_tokenizer_for_data(args)
     _check_async_save(args)
     _check_recompute(args)
+    _check_query_groups(args, argv)
+    _check_batch_ramp_up(args)
+    _check_sequence_parallel(args)
+    _check_attention_backend(args)
+    _check_wsd_schedule(args, argv)
+    _check_tokenizer_files(args)
 
 
 def after_megatron(args: argparse.Namespace) -> None:
@@ -431,3 +437,198 @@ def _check_writable_directory(args, dest: str, flag: str) -> None:
         problem = unwritable_directory(path)
         if problem:
             raise PluginError(f"{flag} {path}: {problem}")
+
+
+def _check_query_groups(args, argv: list[str]) -> None:
+    """Grouped-query attention as Megatron's attention splits it (megatron-core 0.19.2):
+    validate_args checks none of it. Each of --num-query-groups key/value heads serves
+    --num-attention-heads / groups query heads (attention.py:1867 reshapes by it: a raw
+    shape error in the first forward), and the groups are split over the tensor-parallel
+    ranks or shared by them (TransformerConfig raises a ValueError once the model is
+    built). Without --group-query-attention, argument_utils.py:330 drops the count; MLA
+    (Megatron's or the mla plugin's) has no key/value groups, and validate_args refuses
+    --group-query-attention with it (arguments.py:1893)."""
+    from upstream.cpu import given
+
+    mla = getattr(args, "multi_latent_attention", False)
+    if given(argv, "--num-query-groups") and (mla or not args.group_query_attention):
+        raise PluginError(f"--num-query-groups {args.num_query_groups}: "
+                          + ("--multi-latent-attention has no key/value groups (its keys "
+                             "and values come from one latent): drop --num-query-groups"
+                             if mla else "read only with --group-query-attention: give "
+                                         "both, or drop --num-query-groups"))
+    if mla or not args.group_query_attention:
+        return
+    groups, heads = args.num_query_groups, args.num_attention_heads
+    if not groups or not heads or groups < 1 or heads < 1:
+        return  # NUMERIC_DOMAINS says it
+    if heads % groups:
+        raise PluginError(f"--num-attention-heads {heads} is not divisible by "
+                          f"--num-query-groups {groups} (--group-query-attention: each "
+                          "key/value group serves the same number of query heads)")
+    tp = args.tensor_model_parallel_size or 1
+    if groups % tp and tp % groups:
+        raise PluginError(f"--num-query-groups {groups} must be a multiple or a divisor of "
+                          f"--tensor-model-parallel-size {tp} (the key/value groups are "
+                          "split over the tensor-parallel ranks, or shared by them)")
+
+
+def _check_batch_ramp_up(args) -> None:
+    """megatron-core 0.19.2 deprecated --rampup-batch-size and reads it nowhere: the
+    microbatch calculator is built without it (global_vars.py:127) and every iteration
+    uses --global-batch-size, with --train-iters or --train-samples alike. Its successor,
+    --step-batch-size-schedule, counts its thresholds in tokens (global_vars.py:134 passes
+    --seq-length) and trains with --train-samples (training.py:1534)."""
+    ramp = getattr(args, "rampup_batch_size", None)
+    if ramp is not None:
+        raise PluginError(f"--rampup-batch-size {' '.join(map(str, ramp))} is ignored by "
+                          "Megatron 0.19.2 (deprecated: every step uses --global-batch-size); "
+                          "for a growing batch give --step-batch-size-schedule "
+                          "'TOKENS:BATCH ...' (each batch size from that many tokens trained "
+                          "on, e.g. '0:16 1B:1024') with --train-samples, in place of "
+                          "--global-batch-size; or drop --rampup-batch-size")
+
+
+def _check_sequence_parallel(args) -> None:
+    """validate_args (arguments.py:1393) turns --sequence-parallel off with a warning when
+    there is no tensor parallelism to split the sequence over."""
+    if getattr(args, "sequence_parallel", False) and (args.tensor_model_parallel_size or 1) == 1:
+        raise PluginError("--sequence-parallel splits the sequence over the tensor-parallel "
+                          "ranks and this run has --tensor-model-parallel-size 1: give "
+                          "--tensor-model-parallel-size 2 or more, or drop --sequence-parallel")
+
+
+def _check_attention_backend(args) -> None:
+    """--attention-backend picks Transformer Engine's attention kernel (language_module.py
+    _set_attention_backend sets NVTE_* variables, which only TE reads): Megatron's local
+    attention, and the mla plugin's, never read it. `local` also asserts `--spec local`
+    (arguments.py:434)."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    backend = getattr(args, "attention_backend", AttnBackend.auto)
+    if backend != AttnBackend.auto and getattr(args, "transformer_impl", None) == "local":
+        raise PluginError(f"--attention-backend {backend.name} chooses Transformer Engine's "
+                          "attention kernel, and --transformer-impl local builds Megatron's "
+                          "own attention (or the mla plugin's), which does not read it: drop "
+                          "--attention-backend")
+
+
+_WSD_FLAGS = ("--lr-wsd-decay-iters", "--lr-wsd-decay-samples", "--lr-wsd-decay-style")
+
+
+def _check_wsd_schedule(args, argv: list[str]) -> None:
+    """`--lr-decay-style WSD` anneals over the last --lr-wsd-decay-iters (or -samples) of
+    the decay: OptimizerParamScheduler asserts it was given once the model is built
+    (optimizer_param_scheduler.py:164), divides by it (0: ZeroDivisionError) and anneals
+    from a negative step where it exceeds the decay. Its flags mean nothing with another
+    style, and the samples one nothing in iteration-based training (training.py:1916)."""
+    from upstream.cpu import given
+
+    style = getattr(args, "lr_decay_style", None)
+    if style != "WSD":
+        stray = [flag for flag in _WSD_FLAGS if given(argv, flag)]
+        if stray:
+            raise PluginError(f"{stray[0]} applies to --lr-decay-style WSD only (this run: "
+                              f"{style}): give --lr-decay-style WSD, or drop {stray[0]}")
+        return
+    if _skips_training(args) or (args.train_iters is None and args.train_samples is None):
+        return
+    if args.train_iters:
+        unit, other = "iters", "samples"
+        decay = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+    else:
+        unit, other = "samples", "iters"
+        decay = (args.lr_decay_samples if args.lr_decay_samples is not None
+                 else args.train_samples)
+    wsd, flag = getattr(args, f"lr_wsd_decay_{unit}"), f"--lr-wsd-decay-{unit}"
+    noun = "iterations" if unit == "iters" else "samples"
+    if getattr(args, f"lr_wsd_decay_{other}") is not None:
+        raise PluginError(f"--lr-wsd-decay-{other} is for --train-{other} runs; this one "
+                          f"counts --train-{unit}: give {flag} N instead")
+    if wsd is None:
+        raise PluginError(f"--lr-decay-style WSD needs {flag} N: the last N {noun} of the "
+                          f"decay, over which the learning rate anneals to --min-lr")
+    if not 1 <= wsd <= decay:
+        raise PluginError(f"{flag} {wsd} must be in [1, {decay}]: the annealing is the last "
+                          f"part of the decay's {decay} {noun}")
+
+
+# What each of Megatron's tokenizers loads (core/tokenizers/utils/build_tokenizer.py):
+# the flags it reads files from, and the Python package it needs.
+_SENTENCEPIECE = (("--tokenizer-model",), "sentencepiece")
+TOKENIZER_NEEDS = {
+    "GPT2BPETokenizer": (("--vocab-file", "--merge-file"), "transformers"),
+    "BertWordPieceLowerCase": (("--vocab-file",), "transformers"),
+    "BertWordPieceCase": (("--vocab-file",), "transformers"),
+    "SentencePieceTokenizer": _SENTENCEPIECE,
+    "GPTSentencePieceTokenizer": _SENTENCEPIECE,
+    "Llama2Tokenizer": _SENTENCEPIECE,
+    "TikTokenizer": (("--tokenizer-model",), "tiktoken"),
+    "HuggingFaceTokenizer": (("--tokenizer-model",), "transformers"),
+    "SFTTokenizer": (("--tokenizer-model",), "transformers"),
+}
+# The tokenizers that read each file flag (build_tokenizer.py:44-80); the others drop it.
+_VOCABULARY_READERS = ("GPT2BPETokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
+                       "HuggingFaceTokenizer")
+TOKENIZER_FILE_READERS = {
+    "--vocab-file": _VOCABULARY_READERS,
+    "--merge-file": _VOCABULARY_READERS,
+    "--tokenizer-model": ("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                          "Llama2Tokenizer", "TikTokenizer", "HuggingFaceTokenizer",
+                          "SFTTokenizer"),
+}
+# Megatron's BPE and WordPiece tokenizers fetch a missing file with wget from a fixed URL
+# into its cache, as TYPE_vocab and TYPE_merges (megatron_hf_tokenizer.py:117, 139), where
+# an earlier run may have left it.
+_DOWNLOADED = ("GPT2BPETokenizer", "BertWordPieceLowerCase", "BertWordPieceCase")
+
+
+def _check_tokenizer_files(args) -> None:
+    """The files and the package a tokenizer loads, which Megatron opens only when it
+    builds the tokenizer: a missing one is a raw error there (a wget download that needs the
+    wget package and the network, a FileNotFoundError, a ModuleNotFoundError).
+    --tokenizer-model of HuggingFaceTokenizer may name a model on the Hugging Face Hub; a
+    local path (absolute, or starting with '.' or '~') must exist."""
+    import importlib.util
+    import os
+
+    kind = getattr(args, "tokenizer_type", None)
+    if kind is None:
+        return
+    for flag, readers in TOKENIZER_FILE_READERS.items():
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is not None and kind not in readers:
+            raise PluginError(f"{flag} {path}: --tokenizer-type {kind} does not read it "
+                              f"(read by {', '.join(readers)}): drop {flag}")
+    if kind not in TOKENIZER_NEEDS:
+        return
+    flags, package = TOKENIZER_NEEDS[kind]
+    for flag in flags:
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is None:
+            if _in_megatron_cache(kind, flag):
+                continue
+            raise PluginError(f"--tokenizer-type {kind} needs {flag} FILE (Megatron would "
+                              "otherwise download it with the wget package)"
+                              if kind in _DOWNLOADED else
+                              f"--tokenizer-type {kind} needs {flag}: the tokenizer's file"
+                              + (" (or folder, or a Hugging Face Hub name)"
+                                 if kind in ("HuggingFaceTokenizer", "SFTTokenizer") else ""))
+        local = (kind not in ("HuggingFaceTokenizer", "SFTTokenizer")
+                 or path.startswith(("/", ".", "~")))
+        if local and not os.path.exists(os.path.expanduser(path)):
+            raise PluginError(f"{flag} {path}: no such file (--tokenizer-type {kind} reads it)")
+    if importlib.util.find_spec(package) is None:
+        raise PluginError(f"--tokenizer-type {kind} needs the Python package {package}, "
+                          f"which is not installed: pip install {package}")
+
+
+def _in_megatron_cache(kind: str, flag: str) -> bool:
+    import os
+
+    if kind not in _DOWNLOADED:
+        return False
+    from megatron.core.tokenizers.text.libraries.megatron_hf_tokenizer import MEGATRON_CACHE
+
+    suffix = "_vocab" if flag == "--vocab-file" else "_merges"
+    return os.path.exists(os.path.join(MEGATRON_CACHE, kind + suffix))

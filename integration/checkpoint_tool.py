@@ -31,6 +31,7 @@ from integration.output_dir import OutputFolderError, check_output_folder
 from integration.refusals import Parser
 from plugins import PluginError, PluginRegistry, default_registry
 from upstream import shutdown
+from upstream.checkpoint_files import missing_step
 
 
 def checkpoint_directory(load: str, step: int | None, named: str | None = None) -> str:
@@ -48,6 +49,8 @@ def checkpoint_directory(load: str, step: int | None, named: str | None = None) 
         iteration, release = step, False
     directory = checkpointing.get_checkpoint_name(load, iteration, release, return_base_dir=True)
     if not os.path.isdir(directory):
+        if step is not None and os.path.isdir(load):
+            raise PluginError(missing_step(load, step))
         raise PluginError(f"{named}: no checkpoint of iteration {iteration} there")
     return directory
 

@@ -49,6 +49,7 @@ def megatron_run(registry: PluginRegistry):
         seams.scheduler_mismatch_named().apply(patcher)
         write_failures: list = []  # this process's failed checkpoint writes
         for fix in (checkpoint_files.checksums_as_written(write_failures),
+                    checkpoint_files.manifest_after_async_save(),
                     checkpoint_files.verified_load(),
                     checkpoint_files.failed_save_named(write_failures)):
             fix.apply(patcher)

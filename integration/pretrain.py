@@ -13,7 +13,6 @@ unless the user gives one (257 or more).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 
@@ -82,11 +81,11 @@ def one_rank_without_torchrun() -> None:
     and say so, rather than fail on a missing MASTER_ADDR."""
     if "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    # Port 0: the only rank hosts the rendezvous store, which binds a free port itself
+    # (torch's env:// rendezvous passes it to TCPStore) and no other rank needs to know
+    # it. A port picked here and released first could be taken before the store binds it.
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     print("megaseek: not started by torchrun: running one rank (for several, start it as "
           "`torchrun --nproc-per-node N -m integration.pretrain ...`)", file=sys.stderr)
 

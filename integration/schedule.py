@@ -106,6 +106,10 @@ def main(argv: list[str]) -> None:
         problem = unwritable_file(args.png)
         if problem:
             refuse(f"--png {args.png}: {problem}")
+        if not args.png.lower().endswith(".png"):
+            # the drawing is always written as PNG: another suffix would misname the file
+            refuse(f"--png {args.png}: the timeline is drawn as PNG; give a file name "
+                   "ending in .png")
     if args.from_run:
         from plugins.dualpipe.runlog import read_run
 

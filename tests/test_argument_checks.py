@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import importlib.util
 import inspect
 import io
 import sys
@@ -47,15 +48,23 @@ def parsed(argv: list[str], monkeypatch, world_size: int = 2) -> argparse.Namesp
     from megatron.training.arguments import parse_args
 
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # as `megaseek pretrain` sets it
     monkeypatch.setattr(sys, "argv", ["pretrain", *argv])
     return parse_args(extra_args_provider=default_registry().add_arguments)
 
 
 def megatron_validates(args: argparse.Namespace) -> None:
+    """Megatron's `validate_args`, with the CPU fixes a run has (it asks the GPU's
+    architecture under tensor parallelism)."""
     from megatron.training.arguments import validate_args
 
-    with contextlib.redirect_stdout(io.StringIO()):  # its argument dump
-        validate_args(args, {})
+    fixes = cpu.install()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its argument dump
+            validate_args(args, {})
+    finally:
+        if fixes is not None:
+            fixes.undo()
 
 
 def start_up_refusal(argv: list[str], monkeypatch) -> str | None:
@@ -187,7 +196,87 @@ REFUSED = {
     "tensorboard-dir-read-only": (["--tensorboard-dir", "/proc/megaseek-tensorboard"], (),
                                   "--tensorboard-dir /proc/megaseek-tensorboard: cannot write "
                                   "in /proc"),
+    # grouped-query attention: Megatron's attention reshapes by it in the first forward
+    "heads-not-divisible-by-query-groups": (["--group-query-attention", "--num-query-groups",
+                                             "3"], (), "--num-attention-heads 4 is not "
+                                                       "divisible by --num-query-groups 3"),
+    "query-groups-not-fitting-tp": (["--num-attention-heads", "6", "--kv-channels", "16",
+                                     "--tensor-model-parallel-size", "2",
+                                     "--group-query-attention", "--num-query-groups", "3"], (),
+                                    "--num-query-groups 3 must be a multiple or a divisor of "
+                                    "--tensor-model-parallel-size 2"),
+    "query-groups-without-gqa": (["--num-query-groups", "2"], (),
+                                 "--num-query-groups 2: read only with "
+                                 "--group-query-attention"),
+    "query-groups-with-mla": (["--multi-latent-attention", "--num-query-groups", "2"], (),
+                              "--num-query-groups 2: --multi-latent-attention has no "
+                              "key/value groups"),
+    # flags Megatron reads nowhere, or turns off
+    "rampup-batch-size": (["--rampup-batch-size", "1", "1", "100"], (),
+                          "--rampup-batch-size 1 1 100 is ignored by Megatron 0.19.2"),
+    "rampup-batch-size-by-samples": (["--rampup-batch-size", "2", "2", "100",
+                                      "--train-samples", "40"], ("--train-iters",),
+                                     "--rampup-batch-size 2 2 100 is ignored by Megatron "
+                                     "0.19.2"),
+    "sequence-parallel-without-tp": (["--sequence-parallel"], (),
+                                     "--sequence-parallel splits the sequence over the "
+                                     "tensor-parallel ranks and this run has "
+                                     "--tensor-model-parallel-size 1"),
+    **{f"attention-backend-{backend}-with-local-modules": (
+        ["--attention-backend", backend], (),
+        f"--attention-backend {backend} chooses Transformer Engine's attention kernel, and "
+        "--transformer-impl local builds Megatron's own attention")
+       for backend in ("flash", "fused", "unfused")},
+    # the WSD schedule: OptimizerParamScheduler asserts it once the model is built
+    "wsd-without-decay-iters": (["--lr-decay-style", "WSD"], (),
+                                "--lr-decay-style WSD needs --lr-wsd-decay-iters N"),
+    "wsd-without-decay-samples": (["--lr-decay-style", "WSD", "--train-samples", "40"],
+                                  ("--train-iters",),
+                                  "--lr-decay-style WSD needs --lr-wsd-decay-samples N"),
+    "wsd-samples-in-an-iteration-run": (["--lr-decay-style", "WSD", "--lr-wsd-decay-samples",
+                                         "4"], (), "--lr-wsd-decay-samples is for "
+                                                   "--train-samples runs; this one counts "
+                                                   "--train-iters: give --lr-wsd-decay-iters"),
+    "wsd-decay-longer-than-the-decay": (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters",
+                                         "11"], (), "--lr-wsd-decay-iters 11 must be in "
+                                                    "[1, 10]"),
+    "wsd-decay-0": (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "0"], (),
+                    "--lr-wsd-decay-iters 0 must be in [1, 10]"),
+    "wsd-flag-without-wsd": (["--lr-wsd-decay-iters", "5"], (),
+                             "--lr-wsd-decay-iters applies to --lr-decay-style WSD only (this "
+                             "run: linear)"),
+    "wsd-style-without-wsd": (["--lr-decay-style", "cosine", "--lr-wsd-decay-style", "linear"],
+                              (), "--lr-wsd-decay-style applies to --lr-decay-style WSD only"),
+    # tokenizers: Megatron opens their files (or downloads them) only when it builds them
+    "bert-vocab-file-missing": (["--tokenizer-type", "BertWordPieceCase", "--vocab-file",
+                                 "{folder}/vocab.txt"], (),
+                                "--vocab-file {folder}/vocab.txt: no such file"),
+    "sentencepiece-without-model": (["--tokenizer-type", "GPTSentencePieceTokenizer"], (),
+                                    "--tokenizer-type GPTSentencePieceTokenizer needs "
+                                    "--tokenizer-model"),
+    "tiktoken-model-missing": (["--tokenizer-type", "TikTokenizer", "--tokenizer-model",
+                                "{folder}/none.json"], (),
+                               "--tokenizer-model {folder}/none.json: no such file"),
+    "vocab-file-unread": (["--tokenizer-type", "NullTokenizer", "--vocab-size", "257",
+                           "--vocab-file", "{file}"], (),
+                          "--vocab-file {file}: --tokenizer-type NullTokenizer does not read "
+                          "it"),
+    "tokenizer-model-unread": (["--tokenizer-type", "BertWordPieceCase", "--vocab-file",
+                                "{file}", "--tokenizer-model", "{file}"], (),
+                               "--tokenizer-model {file}: --tokenizer-type BertWordPieceCase "
+                               "does not read it"),
+    "hf-tokenizer-without-model": (["--tokenizer-type", "HuggingFaceTokenizer"], (),
+                                   "--tokenizer-type HuggingFaceTokenizer needs "
+                                   "--tokenizer-model"),
+    "hf-tokenizer-local-folder-missing": (["--tokenizer-type", "HuggingFaceTokenizer",
+                                           "--tokenizer-model", "{folder}/none"], (),
+                                          "--tokenizer-model {folder}/none: no such file"),
 }
+if importlib.util.find_spec("sentencepiece") is None:
+    REFUSED["sentencepiece-not-installed"] = (
+        ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "{file}"], (),
+        "--tokenizer-type Llama2Tokenizer needs the Python package sentencepiece, which is "
+        "not installed")
 REFUSED["async-save-without-its-worker"] = (
     ["--async-save", "--save", "{folder}/ckpt", "--save-interval", "2"], (),
     "--async-save needs --use-persistent-ckpt-worker (without it Megatron saves "
@@ -281,6 +370,16 @@ def test_megatron_misreads_a_negative_mtp_depth(monkeypatch):
     ["--data-path", "0.3", "{tmp}/data", "0.7", "{tmp}/data", *NULL_TOKENIZER],
     ["--data-path", "{tmp}/data", "{tmp}/data", *NULL_TOKENIZER],  # prefixes, no weights
     ["--data-path", "s3://bucket/data", *NULL_TOKENIZER],  # left to Megatron
+    ["--group-query-attention", "--num-query-groups", "2"],
+    ["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size", "2"],
+    ["--sequence-parallel", "--tensor-model-parallel-size", "2"],
+    ["--attention-backend", "auto"],
+    ["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "10", "--lr-wsd-decay-style", "linear"],
+    ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{tmp}/data.idx", "--merge-file",
+     "{tmp}/data.bin"],
+    ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+     "deepseek-ai/DeepSeek-V3"],  # a Hub name: fetched when the tokenizer is built
+    ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "{tmp}"],
 ])
 def test_the_edges_are_accepted(extra, tmp_path, monkeypatch):
     for ext in (".idx", ".bin"):
@@ -338,6 +437,26 @@ def test_the_users_vocab_size_is_kept_with_the_built_in_corpus(tmp_path, monkeyp
     assert vocab(pretrain.with_defaults(presets.expand(user, announce=False), user)) == "257"
     user = ["--preset", "deepseek-v3", "--vocab-size", "512"]
     assert vocab(pretrain.with_defaults(presets.expand(user, announce=False), user)) == "512"
+
+
+def test_a_tokenizer_file_is_asked_for_unless_megatron_has_it_cached(tmp_path, monkeypatch):
+    """Megatron's BPE and WordPiece tokenizers take a file not given from their download
+    cache, and download it (with the wget package) where it is not there."""
+    from megatron.core.tokenizers.text.libraries import megatron_hf_tokenizer
+
+    monkeypatch.setattr(megatron_hf_tokenizer, "MEGATRON_CACHE", str(tmp_path))
+    argv = command_line(["--tokenizer-type", "GPT2BPETokenizer"])
+    assert start_up_refusal(argv, monkeypatch) == (
+        "--tokenizer-type GPT2BPETokenizer needs --vocab-file FILE (Megatron would otherwise "
+        "download it with the wget package)")
+    (tmp_path / "GPT2BPETokenizer_vocab").write_text("{}")
+    assert start_up_refusal(argv, monkeypatch).startswith(
+        "--tokenizer-type GPT2BPETokenizer needs --merge-file FILE")
+    (tmp_path / "GPT2BPETokenizer_merges").write_text("")
+    assert start_up_refusal(argv, monkeypatch) is None
+    assert start_up_refusal(command_line(["--tokenizer-type", "BertWordPieceCase"]),
+                            monkeypatch).startswith(
+        "--tokenizer-type BertWordPieceCase needs --vocab-file FILE")
 
 
 @pytest.mark.slow
@@ -400,6 +519,10 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
      "(total_model_size=4) (the 2 ranks of the run, in model replicas of "
      "--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
      "ranks each) "),
+    # MLA has no key/value groups (the mla plugin's attention no more than Megatron's)
+    (["--multi-latent-attention", "--group-query-attention"],
+     "Megatron's argument check failed: Group query attention is mutually exclusive with "
+     "multi latent attention. (--group-query-attention) "),
     # a required flag left out ('hidden_size argument is None')
     (["drop"], "Megatron's argument check failed: give --hidden-size (Megatron requires it)"),
 ])
@@ -462,11 +585,11 @@ def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
     finally:
         patcher.undo()
     assert str(refused.value) == (
-        "--load ckpt: the checkpoint's learning-rate schedule has total number of iterations "
-        "40, this run 80 (from --lr-decay-iters, or --train-iters where --lr-decay-iters is not "
-        "given (counted in samples: x --global-batch-size)): give --override-opt_param-scheduler "
-        "to use this run's values, or --use-checkpoint-opt_param-scheduler to keep the "
-        "checkpoint's")
+        "--load ckpt: the checkpoint's learning-rate schedule has decay length 40 samples, "
+        "this run 80 samples (from --lr-decay-iters, or --train-iters where --lr-decay-iters "
+        "is not given, x --global-batch-size; or --lr-decay-samples): give "
+        "--override-opt_param-scheduler to use this run's values, or "
+        "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
 
 # --- end to end: one line, on rank 0, exit status 2 ----------------------------------------
@@ -483,7 +606,12 @@ MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size",
     # an unmodified launch script (Megatron-LM's release pretrain_gpt.py)
     (["-m", "integration.launch", RELEASE_SCRIPT], [*MOCK_DATA, "--log-interval", "0"],
      "megaseek: error: --log-interval 0 must be 1 or more"),
-], ids=["argparse", "start-up-check", "launcher-start-up-check"])
+    # Megatron would build the tokenizer after start-up: a wget download, on every rank
+    (["-m", "integration.pretrain"], ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
+                                      "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt"],
+     "megaseek: error: --vocab-file gpt2-vocab.json: no such file (--tokenizer-type "
+     "GPT2BPETokenizer reads it)"),
+], ids=["argparse", "start-up-check", "launcher-start-up-check", "tokenizer-files"])
 def test_a_refusal_is_one_line_on_rank_0_with_exit_status_2(entry, extra, said, tmp_path):
     with pytest.raises(AssertionError) as failed:
         torchrun(entry, TINY_GPT + ["--train-iters", "3", *extra], tmp_path)
@@ -505,9 +633,9 @@ def test_a_resume_with_another_train_iters_names_the_scheduler_flags(tmp_path):
     output = str(failed.value)
     errors = [line for line in output.splitlines() if line.startswith("megaseek: error:")]
     assert errors == [
-        "megaseek: error: --load ckpt: the checkpoint's learning-rate schedule has total number "
-        "of iterations 24, this run 48 (from --lr-decay-iters, or --train-iters where "
-        "--lr-decay-iters is not given (counted in samples: x --global-batch-size)): give "
+        "megaseek: error: --load ckpt: the checkpoint's learning-rate schedule has decay "
+        "length 24 samples, this run 48 samples (from --lr-decay-iters, or --train-iters where "
+        "--lr-decay-iters is not given, x --global-batch-size; or --lr-decay-samples): give "
         "--override-opt_param-scheduler to use this run's values, or "
         "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"]
     assert "rank 0 exited 2" in output and "Traceback" not in output

@@ -164,3 +164,91 @@ def test_an_unwritable_save_folder_is_refused(tmp_path):
     with pytest.raises(PluginError, match=f"^--save {parent}/ckpt: cannot write in {parent} "
                                           r"\(.+\); give --save a folder this user can write in"):
         check(_args(save=str(parent / "ckpt")))
+
+
+@pytest.mark.parametrize("flag, saved, run, said", [
+    ("num_layers", 4, 3, "--num-layers 4, this run has 3"),
+    ("hidden_size", 64, 128, "--hidden-size 64, this run has 128"),
+    ("add_position_embedding", True, False,
+     "--no-position-embedding (add_position_embedding) True, this run has False"),
+])
+def test_a_resume_with_another_compared_argument_names_the_flag(flag, saved, run, said,
+                                                                 monkeypatch):
+    """Megatron's own check_checkpoint_args (the arguments it compares with the saved ones
+    at load) fails naming the flag and both values, not with its AssertionError."""
+    from megatron.training import checkpointing
+
+    from upstream import seams
+    from upstream.patching import Patcher
+
+    sizes = dict(num_layers=4, hidden_size=64, num_attention_heads=4,
+                 add_position_embedding=True, vocab_file=None, data_parallel_random_init=False,
+                 phase_transition_iterations=None, use_dist_ckpt=True, load="ckpt")
+    checkpoint = argparse.Namespace(**sizes)
+    this_run = argparse.Namespace(**dict(sizes, **{flag: run}))
+    setattr(checkpoint, flag, saved)
+    monkeypatch.setattr(checkpointing, "get_args", lambda: this_run)
+    monkeypatch.setattr("megatron.training.get_args", lambda: this_run)
+    monkeypatch.setattr(checkpointing, "_CHECKPOINT_VERSION", 3.0)
+    patcher = Patcher()
+    seams.checkpoint_mismatch_named().apply(patcher)
+    try:
+        checkpointing.check_checkpoint_args(argparse.Namespace(**vars(this_run)))  # passes
+        with pytest.raises(seams.CheckpointMismatch) as refused:
+            checkpointing.check_checkpoint_args(checkpoint)
+    finally:
+        patcher.undo()
+    assert str(refused.value) == (f"--load ckpt: the checkpoint was saved with {said}: resume "
+                                  "with the value it was saved with")
+
+
+# --- an async save's manifest (its writes happen in Megatron's worker process) -------------
+
+def test_write_manifest_from_files_writes_the_ranks_missing_entries(tmp_path):
+    from upstream.checkpoint_files import (MANIFEST, check_files, write_entry,
+                                           write_manifest_from_files)
+
+    for name in ("__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "g__0_2.distcp"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+    write_entry(str(tmp_path / "__0_1.distcp"), 7, 0)  # hashed as written: kept as it is
+    assert write_manifest_from_files(str(tmp_path), 0) == ["__0_0.distcp", "g__0_2.distcp"]
+    assert not (tmp_path / MANIFEST / "__1_0.distcp.json").exists()  # rank 1 writes its own
+    assert check_files(str(tmp_path), ["__0_0.distcp", "g__0_2.distcp"]) == []
+    assert write_manifest_from_files(str(tmp_path), 1) == ["__1_0.distcp"]
+    assert check_files(str(tmp_path), ["__1_0.distcp"]) == []
+
+
+def test_an_async_save_is_finalized_with_a_manifest_that_verifies(tmp_path):
+    """Megatron's async torch_dist save (its request run here synchronously: its worker
+    needs CUDA) gets the manifest when it is finalized, from the files on disk; the
+    checkpoint verifies, and a corrupted file is named and refused."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from bench.single_rank import megatron_single_rank
+    from upstream.checkpoint_files import (MANIFEST, CheckpointCorrupt,
+                                           manifest_after_async_save, verify_checkpoint)
+    from upstream.patching import Patcher
+
+    state = {f"w{i}": ShardedTensor.from_rank_offsets(f"w{i}", torch.randn(4096))
+             for i in range(3)}
+    patcher = Patcher()
+    with megatron_single_rank():
+        manifest_after_async_save().apply(patcher)
+        try:
+            request = dist_checkpointing.save(state, str(tmp_path), TorchDistSaveShardedStrategy(),
+                                              async_sharded_save=True, async_strategy="mcore")
+            assert not (tmp_path / MANIFEST).exists()  # nothing written before finalization
+            request.execute_sync()
+        finally:
+            patcher.undo()
+        data = sorted(tmp_path.glob("*.distcp"))
+        assert data and sorted(p.name[:-len(".json")] for p in (tmp_path / MANIFEST).iterdir()) \
+            == [p.name for p in data]
+        assert verify_checkpoint(str(tmp_path)) is True
+        _corrupt(data[0], 64)
+        with pytest.raises(CheckpointCorrupt, match=rf"{data[0]}: its bytes changed since it "
+                                                    r"was saved"):
+            verify_checkpoint(str(tmp_path))

@@ -140,6 +140,23 @@ def test_cli_unwritable_png_is_refused_before_any_work(tmp_path, capsys):
         assert captured.err == f"megaseek: error: --png {png}: {problem}\n"
 
 
+@pytest.mark.parametrize("name", ["x.jpg", "x.svg", "x", "x.png.txt"])
+def test_cli_png_of_another_format_is_refused_before_any_work(name, tmp_path, capsys):
+    """The timeline is always drawn as PNG: a file named for another format is refused
+    rather than written with PNG bytes under that name."""
+    png = tmp_path / name
+    with pytest.raises(SystemExit) as exit_:
+        schedule_main(["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--png",
+                       str(png)])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == "" and not png.exists()
+    assert captured.err == (f"megaseek: error: --png {png}: the timeline is drawn as PNG; "
+                            "give a file name ending in .png\n")
+    _cli(capsys, "--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--png",
+         str(tmp_path / "x.PNG"))
+    assert (tmp_path / "x.PNG").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_run_files_round_trip_and_draw(tmp_path, capsys):
     pipeline = Pipeline("dualpipev", 2, 5)
     first = simulate(pipeline, Durations(Fr(1), Fr(2), Fr(1)))

@@ -103,6 +103,8 @@ class _OracleState:
     def sharded_state_dict(self):
         return {}
 
+    state_dict = sharded_state_dict  # --ckpt-format torch
+
     def load_state_dict(self, state) -> None:
         self.model_chunks[0].ema_oracle_restart()
 
@@ -242,6 +244,39 @@ def test_resume_continues_the_ema_and_evaluates_it(tmp_path):
                            r"lm loss value: ([0-9.E+-]+)", out_a)
     assert {i for i, _ in ema_lines} >= {"2", "4", "6"}
     assert raw_lines
+
+
+def _torch_format_ema(directory: Path, iteration: int) -> dict[str, torch.Tensor]:
+    """The EMA of a --ckpt-format torch checkpoint (one file: one model-parallel rank)."""
+    files = sorted(directory.glob(f"iter_{iteration:07d}/mp_rank_*/model_optim_rng.pt"))
+    assert len(files) == 1, files
+    return torch.load(files[0], map_location="cpu", weights_only=False)["megaseek:ema"]
+
+
+@pytest.mark.slow
+def test_ema_saves_and_resumes_in_the_torch_format(tmp_path):
+    """--ckpt-format torch (pickled, written by data-parallel rank 0 alone) with MLA, MoE
+    and SwiGLU, whose sharded state holds local factories that cannot be pickled: the EMA
+    is saved as plain tensors, gathered on every rank (DP=2), and a resume from iteration
+    2 continues it exactly: its iteration-4 EMA is the straight run's."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    model = _mla_moe_ep2()
+    assert model[-2:] == ["--expert-model-parallel-size", "2"]
+    common = _with_plugins(model[:-2], "ema") + [  # EP=1: both ranks hold every expert
+        "--ema-decay", "0.7", "--ckpt-format", "torch", "--train-iters", "4",
+        "--save-interval", "2"]
+    _train(common + ["--save", str(straight)], tmp_path)
+    loaded = _train(common + ["--save", str(resumed), "--load", str(straight),
+                              "--ckpt-step", "2"], tmp_path)
+    assert "the checkpoint holds no EMA" not in loaded
+    a, b = _torch_format_ema(straight, 4), _torch_format_ema(resumed, 4)
+    assert a.keys() == b.keys() and len(a) > 10
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"the resumed EMA differs in {differing[:5]}"
+    weights = torch.load(next(straight.glob("iter_0000004/mp_rank_*/model_optim_rng.pt")),
+                         map_location="cpu", weights_only=False)["model"]
+    word = weights["embedding.word_embeddings.weight"]
+    assert any(v.shape == word.shape and not torch.equal(v, word) for v in a.values())
 
 
 def _final_ema_validation_loss(output: str) -> float:
@@ -439,6 +474,19 @@ def test_ema_export_overwrite_never_replaces_a_file(tmp_path, capsys):
                        "--overwrite replaces a previous output (a folder), never a file: "
                        "write to another path\n")
     assert afile.read_text() == "keep me"
+
+
+def test_ema_export_of_a_step_not_saved_names_ckpt_step_and_the_saved_ones(tmp_path, capsys):
+    """--ckpt-step N where the folder holds no iteration N: the refusal names --ckpt-step
+    and lists the iterations it has (before anything is read)."""
+    ckpt = tmp_path / "ckpt"
+    for iteration in (2, 10):
+        (ckpt / f"iter_{iteration:07d}").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("10")
+    err = _refusal(["ema-export", "--load", str(ckpt), "--save", str(tmp_path / "out"),
+                    "--ckpt-step", "1"], capsys)
+    assert err == (f"megaseek: error: --ckpt-step 1: no checkpoint of iteration 1 in {ckpt} "
+                   "(it has 2, 10)\n")
 
 
 def test_megaseek_has_the_ema_export_command(capsys):

@@ -56,6 +56,28 @@ def test_pretrain_without_torchrun_runs_one_rank(tmp_path):
     assert sorted(losses(done.stdout + done.stderr)) == [1, 2, 3]
 
 
+def test_one_rank_lets_its_store_bind_a_free_port(monkeypatch):
+    """Without torchrun the only rank hosts the rendezvous store on a port it binds itself
+    (MASTER_PORT 0): no port is picked, released and then bound, which another process
+    could take in between (EADDRINUSE, seen once in a fresh try)."""
+    import torch.distributed as dist
+
+    from integration import pretrain
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in (
+        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+    pretrain.one_rank_without_torchrun()
+    assert os.environ["MASTER_PORT"] == "0" and os.environ["WORLD_SIZE"] == "1"
+    # torch's env:// rendezvous, as init_process_group makes it: two at once, each on a
+    # port of its own
+    first, rank, world_size = next(dist.rendezvous("env://"))
+    second, _, _ = next(dist.rendezvous("env://"))
+    assert (rank, world_size) == (0, 1)
+    assert first.port > 0 and second.port > 0 and first.port != second.port
+    first.set("key", "value")
+    assert first.get("key") == b"value"
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_model_names_the_key_and_the_flags(tmp_path):
     saved = one_rank(["--train-iters", "3", "--save", "ckpt", "--save-interval", "3"], tmp_path)

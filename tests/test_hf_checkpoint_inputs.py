@@ -122,6 +122,46 @@ def test_another_model_is_named_as_such_first():
         from_hf_config({"architectures": ["LlamaForCausalLM"], "mlp_bias": False})
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("rms_norm_eps", -1e-6, "rms_norm_eps: must be above 0, got -1e-06"),
+    ("rms_norm_eps", 0, "rms_norm_eps: must be above 0, got 0"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps: needs a finite number, got nan"),
+    ("rope_theta", -10000.0, "rope_theta: must be above 0, got -10000.0"),
+    ("rope_theta", float("inf"), "rope_theta: needs a finite number, got inf"),
+    ("routed_scaling_factor", 0.0, "routed_scaling_factor: must be above 0, got 0.0"),
+    ("attention_dropout", 1.0, "attention_dropout: must be below 1, got 1.0"),
+    ("attention_dropout", -0.1, "attention_dropout: must be at least 0, got -0.1"),
+    ("hidden_size", 0, r"hidden_size: needs an integer >= 1, got 0"),
+    ("rope_scaling", {"type": "yarn", "factor": 4, "original_max_position_embeddings": 0},
+     r"rope_scaling\.original_max_position_embeddings: must be at least 1, got 0"),
+    ("rope_scaling", {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16,
+                      "beta_fast": -32}, r"rope_scaling\.beta_fast: must be above 0, got -32"),
+    ("rope_scaling", {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 16},
+     r"rope_scaling\.factor: must be at least 1, got 0\.5"),
+])
+def test_a_number_outside_its_domain_is_refused_naming_the_field(field, value, message):
+    """Every number the converter maps is checked against its domain (eps and theta > 0,
+    sizes >= 1, dropout in [0, 1), finite), not written into Megatron's flags."""
+    from integration.hf.config import HFConversionError, from_hf_config
+
+    cfg = json.loads((CONFIGS / "transformers-4.57.1.saved.json").read_text())
+    with pytest.raises(HFConversionError, match=rf"^config\.json: {message}$"):
+        from_hf_config(dict(cfg, **{field: value}))
+
+
+def test_hf_to_megatron_of_a_negative_epsilon_exits_2_naming_it(plain, tmp_path, capsys):
+    from integration.hf import cli
+
+    folder = _copy(plain, tmp_path / "c")
+    (folder / "config.json").write_text(json.dumps(dict(_config(folder), rms_norm_eps=-1e-6)))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["hf-to-megatron", str(folder), str(tmp_path / "out")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"megaseek: error: {folder / 'config.json'}: "
+                                       "rms_norm_eps: must be above 0, got -1e-06\n")
+    assert not (tmp_path / "out").exists()
+
+
 # --- broken files --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [

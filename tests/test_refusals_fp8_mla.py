@@ -120,6 +120,11 @@ REFUSALS = {
                ["--cp-comm-type a2a", "allgather"]),
     "cp-hybrid": ([*MLA, "--context-parallel-size", "2", "--hybrid-context-parallel"],
                   ["--hybrid-context-parallel"]),
+    # Transformer Engine's attention kernels: MLA's attention is the plugin's own.
+    **{f"mla-attention-backend-{backend}": ([*MLA, "--attention-backend", backend],
+                                            [f"--plugins mla: --attention-backend {backend} "
+                                             "is not supported", "mla plugin computes"])
+       for backend in ("flash", "fused", "unfused", "local")},
 }
 
 ACCEPTED = {  # configurations the plugins honour: no error
@@ -136,6 +141,7 @@ ACCEPTED = {  # configurations the plugins honour: no error
     "mla-rope": [*MLA, *ROPE],
     "mla-cp2": [*MLA, "--context-parallel-size", "2"],
     "mla-cp2-allgather": [*MLA, "--context-parallel-size", "2", "--cp-comm-type", "allgather"],
+    "mla-attention-backend-auto": [*MLA, "--attention-backend", "auto"],  # Megatron's default
     "fp8-knobs-with-te": [*FP8, "--transformer-impl", "transformer_engine",
                           "--fp8-margin", "2"],  # TE's own modules read them
 }

@@ -5,6 +5,10 @@ they are loaded, and no partial iteration folder left by a failed save (megatron
   bytes go to the file (CRC-32: no second read), and its entry, `{"file", "bytes",
   "crc32"}`, is written to `iter_N/megaseek-checksums/<file>.json` once the file is
   complete. The manifest is one entry a file: the writers (threads, ranks) never share one.
+- `manifest_after_async_save`: an async save (`--async-save`) writes its files in
+  Megatron's worker process, out of the seams' reach; its finalization (every rank, once
+  all writes are done, before the tracker file names the checkpoint) writes each rank's
+  entries from its finished files: one read of the files, in the training process.
 - `verified_load`: before Megatron loads a checkpoint, its data files are checked against
   the manifest, split over the ranks; a corrupt, truncated, missing or unlisted file is
   named and the load refused (`CheckpointCorrupt`). A checkpoint without a manifest (saved
@@ -27,6 +31,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import threading
 import zlib
@@ -246,6 +251,68 @@ def checksummed_saves() -> Iterator[None]:
         patcher.undo()
 
 
+# --- the manifest of an async save ----------------------------------------------------------------
+
+_RANK_FILE = re.compile(r"__(\d+)_\d+" + re.escape(DATA_SUFFIX) + "$")  # the writer's names (:495)
+
+
+def write_manifest_from_files(directory: str, rank: int) -> list[str]:
+    """Writes the manifest entries of the data files rank `rank` wrote into `directory`
+    (`[prefix]__RANK_N.distcp`) that have none, each hashed from the finished file: for
+    the writes no seam saw, those of an async save's worker process. Returns their names."""
+    written = []
+    for name in data_files(directory):
+        found = _RANK_FILE.search(name)
+        path = os.path.join(directory, name)
+        if found and int(found.group(1)) == rank and not os.path.isfile(_entry_path(path)):
+            write_entry(path, *file_crc32(path))
+            written.append(name)
+    return written
+
+
+def manifest_after_async_save() -> Fix:
+    """An async torch_dist save (`--async-save`) writes its files in Megatron's worker
+    process (a forkserver child with the persistent worker), where `checksums_as_written`
+    is not applied: the save's finalization (on every rank, once every rank's writes are
+    done) writes each rank's entries from its finished files, before Megatron's own
+    finalization names the checkpoint in the tracker file."""
+
+    def apply(patcher: Patcher) -> None:
+        package = _module("megatron.core.dist_checkpointing")
+        save = package.save
+
+        @wraps(save)
+        def save_then_manifest(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+            request = save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+            if request is not None and hasattr(request, "add_finalize_fn"):
+                request.add_finalize_fn(lambda: _manifest_of_this_rank(str(checkpoint_dir)))
+            return request
+
+        patcher.setattr(package, "save", save_then_manifest)
+
+    return Fix(
+        "seam:manifest-after-async-save",
+        f"megatron/core/dist_checkpointing/serialization.py:349 save (returns the async "
+        f"request, async_utils.py:124 add_finalize_fn), training/checkpointing.py:827 (the "
+        f"save), :1073 (the tracker's finalize fn, added after) ({VERSION})",
+        "an async save's files are written in Megatron's worker process, which no seam of "
+        "this process hashes: they had no manifest and their loads were not verified",
+        lambda: source_has(_module("megatron.core.dist_checkpointing.serialization").save,
+                           "async_sharded_save") and
+        source_has(megatron_checkpointing().save_checkpoint,
+                   "async_save_request.add_finalize_fn(iter_finalize_fn)"),
+        apply, SEAM)
+
+
+def _manifest_of_this_rank(directory: str) -> None:
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    write_manifest_from_files(directory, dist.get_rank() if distributed else 0)
+    if distributed:  # every rank's entries exist before rank 0 updates the tracker
+        dist.barrier()
+
+
 # --- verifying before a load ---------------------------------------------------------------------
 
 def checkpoint_to_load(args, load_arg: str = "load") -> str | None:
@@ -276,11 +343,22 @@ def _refuse_a_missing_step(args, load_arg: str) -> None:
     if os.path.isdir(megatron_checkpointing().get_checkpoint_name(load_dir, step, False,
                                                           return_base_dir=True)):
         return
-    held = sorted(int(name[len("iter_"):]) for name in os.listdir(load_dir)
-                  if name.startswith("iter_") and name[len("iter_"):].isdigit())
-    raise CheckpointMismatch(
-        f"--ckpt-step {step}: no checkpoint of iteration {step} in {load_dir} ("
-        + (f"it has {', '.join(map(str, held))})" if held else "it has none)"))
+    raise CheckpointMismatch(missing_step(load_dir, step))
+
+
+def saved_iterations(folder: str) -> list[int]:
+    """The iterations a checkpoint folder holds (its `iter_N` folders), in order."""
+    prefix = "iter_"
+    return sorted(int(name[len(prefix):]) for name in os.listdir(folder)
+                  if name.startswith(prefix) and name[len(prefix):].isdigit()
+                  and os.path.isdir(os.path.join(folder, name)))
+
+
+def missing_step(folder: str, step: int) -> str:
+    """What to say of `--ckpt-step STEP` where `folder` has no checkpoint of it."""
+    held = saved_iterations(folder)
+    return (f"--ckpt-step {step}: no checkpoint of iteration {step} in {folder} ("
+            + (f"it has {', '.join(map(str, held))})" if held else "it has none)"))
 
 
 def verified_load() -> Fix:

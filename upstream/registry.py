@@ -41,6 +41,7 @@ def all_fixes() -> tuple[Fix, ...]:
         *overlap.overlap_fixes(),
         *seams.all_seams(),
         checkpoint_files.checksums_as_written([]),
+        checkpoint_files.manifest_after_async_save(),
         checkpoint_files.verified_load(),
         checkpoint_files.failed_save_named([]),
         shutdown.PROCESS_GROUPS_LEFT_ALIVE,

@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from functools import wraps
@@ -701,20 +702,39 @@ def _marked_replica(state):
 
 def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
     """`states()[name]` (asked for when a checkpoint is saved or loaded, once the model
-    exists) has `sharded_state_dict()` (saved under 'megaseek:' + name with
-    Megatron's torch_dist checkpoint) and `load_state_dict(state)` (given what was loaded,
+    exists) has `sharded_state_dict()` (saved under 'megaseek:' + name with Megatron's
+    torch_dist checkpoint), `state_dict()` (plain tensors, for the other formats, which
+    pickle what they save: asked for on every rank as the save begins, as only some ranks
+    write a torch-format checkpoint) and `load_state_dict(state)` (given what was loaded,
     or None when the checkpoint holds nothing for it)."""
 
     def apply(patcher: Patcher) -> None:
         checkpointing = megatron_checkpointing()
-        generate_state_dict, load_checkpoint = (checkpointing.generate_state_dict,
-                                                checkpointing.load_checkpoint)
+        generate_state_dict, load_checkpoint, save_checkpoint = (
+            checkpointing.generate_state_dict, checkpointing.load_checkpoint,
+            checkpointing.save_checkpoint)
         loading: dict[str, Any] = {}  # while load_checkpoint runs: checkpoint keys present
+        saving: dict[str, Any] = {}  # while a save in another format runs: the plain states
+
+        @wraps(save_checkpoint)
+        def save_with_plain_states(*args, **kwargs):
+            from megatron.training import get_args
+
+            if get_args().ckpt_format != "torch_dist":  # as generate_state_dict decides
+                saving.update({name: state.state_dict() for name, state in states().items()})
+            try:
+                return save_checkpoint(*args, **kwargs)
+            finally:
+                saving.clear()
 
         @wraps(generate_state_dict)
         def with_plugin_state(args, *rest, **kwargs):
             state_dict = generate_state_dict(args, *rest, **kwargs)
             for name, state in states().items():
+                if args.ckpt_format != "torch_dist":
+                    state_dict[_KEY + name] = (saving[name] if name in saving
+                                               else state.state_dict())
+                    continue
                 sharded = state.sharded_state_dict()
                 if "present" in loading and not _keys(sharded) <= loading["present"]:
                     continue  # not in the checkpoint being loaded: the plugin is told so
@@ -748,20 +768,27 @@ def checkpoint_state(states: Callable[[], dict[str, Any]]) -> Fix:
 
         patcher.setattr(checkpointing, "generate_state_dict", with_plugin_state)
         patcher.setattr(checkpointing, "load_checkpoint", load_with_plugin_state)
+        patcher.setattr(checkpointing, "save_checkpoint", save_with_plain_states)
         # training.py imports both by name.
         training = megatron_training()
         for attribute, replacement in (("load_checkpoint", load_with_plugin_state),):
             if hasattr(training, attribute):
                 patcher.setattr(training, attribute, replacement)
+        if getattr(training, "save_checkpoint", None) is save_checkpoint:
+            patcher.setattr(training, "save_checkpoint", save_with_plain_states)
 
     return Fix(
         "seam:checkpoint-state",
         f"megatron/training/checkpointing.py:1296 generate_state_dict (save :752, load "
-        f":2311/:2408), :2066 load_checkpoint, :1633 _load_base_checkpoint ({VERSION})",
+        f":2311/:2408; sharded for torch_dist only, :1321), :552 save_checkpoint (a torch-"
+        f"format save generates it on data-parallel rank 0 alone, :737), :2066 "
+        f"load_checkpoint, :1633 _load_base_checkpoint ({VERSION})",
         "save and load both build their sharded state dict in generate_state_dict; plugin "
         "state joins it under its own key and is handed back after the load",
         lambda: source_has(megatron_checkpointing().load_checkpoint, "generate_state_dict(",
-                           "_load_base_checkpoint("),
+                           "_load_base_checkpoint(") and
+        source_has(megatron_checkpointing().generate_state_dict,
+                   "if args.ckpt_format == 'torch_dist':"),
         apply, SEAM)
 
 
@@ -868,10 +895,24 @@ def checkpoint_mismatch_named() -> Fix:
         training = megatron_training()
         if getattr(training, "load_checkpoint", None) is load_checkpoint:
             patcher.setattr(training, "load_checkpoint", load_or_name_the_mismatch)
+        check_checkpoint_args = checkpointing.check_checkpoint_args
+
+        @wraps(check_checkpoint_args)
+        def check_or_name_the_flag(checkpoint_args, *args, **kwargs):
+            try:
+                return check_checkpoint_args(checkpoint_args, *args, **kwargs)
+            except AssertionError as error:
+                found = _COMPARED.match(str(error))
+                if found is None:
+                    raise
+                raise CheckpointMismatch(_compared_message(*found.groups())) from None
+
+        patcher.setattr(checkpointing, "check_checkpoint_args", check_or_name_the_flag)
 
     return Fix(
         "seam:checkpoint-mismatch-named",
-        "megatron/core/dist_checkpointing/strategies/torch.py:522 (MCoreLoadPlanner."
+        "megatron/training/checkpointing.py:166 (check_checkpoint_args asserts, naming the "
+        "attribute), megatron/core/dist_checkpointing/strategies/torch.py:522 (MCoreLoadPlanner."
         "_validate_global_shapes raises KeyError with every checkpoint key, :534 "
         "CheckpointingException 'Global shape mismatch'), core/optimizer/optimizer.py:640 "
         "(_filter_and_reorder_param_groups: 'Could not find parameter group'), "
@@ -883,25 +924,56 @@ def checkpoint_mismatch_named() -> Fix:
                            "'Global shape mismatch for loaded (") and
         source_has(_module("megatron.core.optimizer.optimizer")
                    .MegatronOptimizer._filter_and_reorder_param_groups,
-                   f'"{_NO_PARAM_GROUP} with key'),
+                   f'"{_NO_PARAM_GROUP} with key') and
+        source_has(megatron_checkpointing().check_checkpoint_args,
+                   "value from checkpoint ({}) is not equal to the input argument value ({})"),
         apply, SEAM)
 
 
+# check_checkpoint_args's assertion: '<attribute> value from checkpoint (A) is not equal to
+# the input argument value (B).'
+_COMPARED = re.compile(r"^(\w+) value from checkpoint \((.*)\) is not equal to the input "
+                       r"argument value \((.*)\)\.$", re.S)
+# The attributes it compares that are not named as their flag.
+_COMPARED_FLAGS = {
+    "add_position_embedding": "--no-position-embedding (add_position_embedding)",
+    "padded_vocab_size": "the padded vocabulary (--vocab-size or the tokenizer's, and "
+                         "--make-vocab-size-divisible-by)",
+}
+
+
+def _compared_message(name: str, saved: str, run: str) -> str:
+    """Megatron's check of the saved arguments (the model's sizes, the tokenizer, and
+    outside torch_dist the parallel layout) found `name` differ."""
+    flag = _COMPARED_FLAGS.get(name, "--" + name.replace("_", "-"))
+    from megatron.training import get_args
+
+    layout = name.endswith("model_parallel_size")  # compared for --ckpt-format torch only
+    return (f"--load {get_args().load}: the checkpoint was saved with {flag} {saved}, this "
+            f"run has {run}: resume with the value it was saved with"
+            + (" (a --ckpt-format torch checkpoint loads only into the parallel layout it "
+               "was saved with; torch_dist checkpoints reshard)" if layout else ""))
+
+
 # The learning-rate schedule's values a checkpoint keeps (OptimizerParamScheduler.
-# load_state_dict's names), and the flags they come from.
+# load_state_dict's names): as said to the user, the unit of its figures and the flags it
+# comes from. Megatron names its lengths "iterations" but keeps them in samples
+# (training.py:1914: iterations x --global-batch-size), so they are said in samples.
 _SCHEDULER_FLAGS = {
-    "learning rate": "--lr",
-    "minimum learning rate": "--min-lr",
-    "warmup iterations": "--lr-warmup-iters (or --lr-warmup-fraction, --lr-warmup-samples; "
-                         "counted in samples: x --global-batch-size)",
-    "total number of iterations": "--lr-decay-iters, or --train-iters where --lr-decay-iters "
-                                  "is not given (counted in samples: x --global-batch-size)",
-    "learning rate decay style": "--lr-decay-style",
-    "start weight decay": "--start-weight-decay (or --weight-decay)",
-    "end weight decay": "--end-weight-decay (or --weight-decay)",
-    "total number of weight decay iterations": "--train-iters (counted in samples: x "
-                                               "--global-batch-size)",
-    "weight decay incr style": "--weight-decay-incr-style",
+    "learning rate": ("learning rate", "", "--lr"),
+    "minimum learning rate": ("minimum learning rate", "", "--min-lr"),
+    "warmup iterations": ("warmup length", " samples", "--lr-warmup-iters x --global-batch-size, "
+                          "or --lr-warmup-fraction, --lr-warmup-samples"),
+    "total number of iterations": ("decay length", " samples", "--lr-decay-iters, or "
+                                   "--train-iters where --lr-decay-iters is not given, x "
+                                   "--global-batch-size; or --lr-decay-samples"),
+    "learning rate decay style": ("learning rate decay style", "", "--lr-decay-style"),
+    "start weight decay": ("start weight decay", "", "--start-weight-decay (or --weight-decay)"),
+    "end weight decay": ("end weight decay", "", "--end-weight-decay (or --weight-decay)"),
+    "total number of weight decay iterations": ("weight decay length", " samples",
+                                                "--train-iters x --global-batch-size, or "
+                                                "--train-samples"),
+    "weight decay incr style": ("weight decay incr style", "", "--weight-decay-incr-style"),
 }
 
 
@@ -921,10 +993,10 @@ def scheduler_mismatch_named() -> Fix:
             except AssertionError:
                 from megatron.training import get_args
 
-                flags = _SCHEDULER_FLAGS.get(name, "the learning-rate schedule's flags")
+                said, unit, flags = _SCHEDULER_FLAGS.get(name, (name, "", "the schedule's flags"))
                 raise CheckpointMismatch(
                     f"--load {get_args().load}: the checkpoint's learning-rate schedule has "
-                    f"{name} {sd_value}, this run {cls_value} (from {flags}): give "
+                    f"{said} {sd_value}{unit}, this run {cls_value}{unit} (from {flags}): give "
                     f"--override-opt_param-scheduler to use this run's values, or "
                     f"--use-checkpoint-opt_param-scheduler to keep the checkpoint's") from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -189,19 +190,31 @@ def read_hf_model(folder: str | Path) -> HFModel:
     return from_hf_config(read_hf_config(folder), Path(folder) / "config.json")
 
 
-def _int(cfg: dict, key: str, minimum: int = 1) -> int:
+def _int(cfg: dict, key: str, minimum: int = 1, field: str = "") -> int:
+    """`cfg[key]`, an integer >= `minimum`; a refusal names `field` + `key`."""
     value = cfg.get(key)
     if value is None:
-        _fail(key, f"missing (an integer >= {minimum})")
+        _fail(field + key, f"missing (an integer >= {minimum})")
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(key, f"needs an integer >= {minimum}, got {value!r}")
+        _fail(field + key, f"needs an integer >= {minimum}, got {value!r}")
     return value
 
 
-def _float(cfg: dict, key: str, default: float) -> float:
-    value = cfg.get(key, default)
+def _float(cfg: dict, key: str, default: float | None, *, above: float | None = None,
+           below: float | None = None, minimum: float | None = None,
+           field: str | None = None) -> float:
+    """`cfg[key]` (or `default`), a finite number in its domain: > `above`, >= `minimum`,
+    < `below` (each where given). A refusal names `field` (default: `key`)."""
+    value, field = cfg.get(key, default), field or key
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        _fail(key, f"needs a number, got {value!r}")
+        _fail(field, f"needs a number, got {value!r}")
+    if not math.isfinite(value):
+        _fail(field, f"needs a finite number, got {value!r}")
+    for bound, holds, said in ((above, lambda b: value > b, "above"),
+                               (minimum, lambda b: value >= b, "at least"),
+                               (below, lambda b: value < b, "below")):
+        if bound is not None and not holds(bound):
+            _fail(field, f"must be {said} {bound:g}, got {value!r}")
     return float(value)
 
 
@@ -229,8 +242,7 @@ def _rope(cfg: dict) -> tuple[float, Yarn | None]:
         where = "rope_scaling"
         params = _object(cfg, "rope_scaling")
         theta = cfg.get("rope_theta", 10000.0)
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        _fail("rope_theta", f"needs a positive number, got {theta!r}")
+    theta = _float({"rope_theta": theta}, "rope_theta", None, above=0)
     kinds = {params.pop(k) for k in ("type", "rope_type") if k in params}
     if len(kinds) > 1:
         _fail(f"{where}.rope_type", f"type and rope_type disagree: {sorted(kinds)}")
@@ -245,12 +257,12 @@ def _rope(cfg: dict) -> tuple[float, Yarn | None]:
     if unknown:
         _fail(f"{where}.{unknown[0]}", "not understood (YaRN takes "
               + ", ".join(sorted(YARN_KEYS)) + ")")
-    for key, value in params.items():
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            _fail(f"{where}.{key}", f"needs a number, got {value!r}")
     for key in ("factor", "original_max_position_embeddings"):
         if params.get(key) is None:
             _fail(f"{where}.{key}", "YaRN needs it")
+    for key, value in params.items():
+        if value is not None:
+            _float(params, key, None, field=f"{where}.{key}", **_YARN_DOMAINS.get(key, {}))
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     # transformers takes mscale / mscale_all_dim only when both are non-zero; otherwise it
     # uses 0.1*ln(factor)+1 for cos/sin, which Megatron's (DeepSeek's) formula gives only
@@ -259,14 +271,18 @@ def _rope(cfg: dict) -> tuple[float, Yarn | None]:
         _fail(f"{where}.mscale", f"mscale {mscale!r} with mscale_all_dim {mscale_all_dim!r}: "
               "transformers and DeepSeek's formula disagree unless both are set (or neither)")
     yarn = Yarn(factor=float(params["factor"]),
-                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+                original_max_position_embeddings=_int(
+                    params, "original_max_position_embeddings", field=where + "."),
                 beta_fast=float(params.get("beta_fast") or 32.0),
                 beta_slow=float(params.get("beta_slow") or 1.0),
                 mscale=float(mscale) if mscale and mscale_all_dim else 1.0,
                 mscale_all_dim=float(mscale_all_dim or 0.0))
-    if yarn.factor < 1:
-        _fail(f"{where}.factor", f"must be >= 1, got {yarn.factor}")
     return float(theta), yarn
+
+
+# YaRN's numbers, where they have a domain (the others need only be finite).
+_YARN_DOMAINS = {"factor": dict(minimum=1), "beta_fast": dict(above=0),
+                 "beta_slow": dict(above=0), "original_max_position_embeddings": dict(minimum=1)}
 
 
 def _fp8_block(cfg: dict) -> tuple[int, int] | None:
@@ -421,7 +437,7 @@ def _parse(cfg: dict[str, Any]) -> HFModel:
                    num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
                    n_group=_int(cfg, "n_group") if cfg.get("n_group") is not None else 1,
                    topk_group=_int(cfg, "topk_group") if cfg.get("topk_group") is not None else 1,
-                   routed_scaling_factor=_float(cfg, "routed_scaling_factor", 1.0),
+                   routed_scaling_factor=_float(cfg, "routed_scaling_factor", 1.0, above=0),
                    first_k_dense_replace=_int(cfg, "first_k_dense_replace", 0)
                    if "first_k_dense_replace" in cfg else 0)
         if moe["first_k_dense_replace"] >= layers:
@@ -435,12 +451,13 @@ def _parse(cfg: dict[str, Any]) -> HFModel:
         intermediate_size=_int(cfg, "intermediate_size"),
         q_lora_rank=None if q_lora is None else _int(cfg, "q_lora_rank"),
         kv_lora_rank=_int(cfg, "kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-        v_head_dim=_int(cfg, "v_head_dim"), rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
+        v_head_dim=_int(cfg, "v_head_dim"),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6, above=0),
         rope_theta=theta, max_position_embeddings=_int(cfg, "max_position_embeddings"),
         yarn=yarn, rope_interleave=bool(cfg.get("rope_interleave", True)),
         num_nextn_predict_layers=_int(cfg, "num_nextn_predict_layers", 0)
         if "num_nextn_predict_layers" in cfg else 0,
-        attention_dropout=_float(cfg, "attention_dropout", 0.0),
+        attention_dropout=_float(cfg, "attention_dropout", 0.0, minimum=0, below=1),
         fp8_block=_fp8_block(cfg), dtype=cfg.get("torch_dtype", cfg.get("dtype")), **moe)
 
 

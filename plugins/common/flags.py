@@ -19,6 +19,7 @@ def first_refused(args: argparse.Namespace, refusals: Iterable[Refusal]) -> str 
             continue
         value = getattr(args, dest)
         if value not in honoured:
-            given = flag if isinstance(value, bool) else f"{flag} {value}"
+            shown = getattr(value, "name", value)  # an enum's value as its flag spells it
+            given = flag if isinstance(value, bool) else f"{flag} {shown}"
             return f"{given} is not supported: {why}"
     return None

@@ -164,7 +164,8 @@ def on_training_end(args, model_chunks) -> None:
 class EMACheckpointState:
     """The EMA as Megatron dist-checkpointing tensors: each weight's EMA is sharded like
     the weight (its model ShardedTensor with another key and data), so it reshards as the
-    weights do. Saving and loading assemble whole parameters over data parallelism."""
+    weights do; in a torch-format checkpoint, plain tensors. Saving and loading assemble
+    whole parameters over data parallelism."""
 
     def __init__(self, ema: HostEMA, model_chunks: list) -> None:
         self.ema, self.model_chunks = ema, model_chunks
@@ -200,6 +201,12 @@ class EMACheckpointState:
         # at different offsets); what is saved is named by the tensors' own keys.
         return {str(i): make_sharded_optimizer_tensor(model, full, CHECKPOINT_PREFIX)
                 for i, (model, full) in enumerate(zip(self._model_tensors(), fulls))}
+
+    def state_dict(self) -> dict:
+        """For --ckpt-format torch (whose files are pickled, one a model-parallel rank):
+        each parameter's EMA, whole over data parallelism, as a plain tensor keyed like
+        `sharded_state_dict`. A collective on the data-parallel groups, as that is."""
+        return {str(i): full for i, full in enumerate(self.ema.full())}
 
     def load_state_dict(self, state) -> None:
         if state is None:

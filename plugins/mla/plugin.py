@@ -34,6 +34,9 @@ def validate(args: argparse.Namespace) -> None:
             raise PluginError(f"--plugins mla: {flag} {size} must be positive")
     _validate_rope(args)
     _validate_context_parallel(args)
+    refused = first_refused(args, _attention_flags())
+    if refused:
+        raise PluginError(f"--plugins mla: {refused}")
     # Megatron maps config fields from args by name; MLATransformerConfig's YaRN fields
     # have no flag of that name, so the yarn_* flags are passed on under the field names.
     for field, flag in (("original_max_position_embeddings", "yarn_original_max_position_embeddings"),
@@ -72,6 +75,17 @@ IGNORED_ROPE_FLAGS: tuple[Refusal, ...] = (
      "the mla plugin rounds YaRN's correction range to whole dimensions, as DeepSeek-V3 "
      "does"),
 )
+
+
+def _attention_flags() -> tuple[Refusal, ...]:
+    """Megatron's attention flags that the plugin's own attention does not read."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    return (("attention_backend", "--attention-backend", (AttnBackend.auto,),
+             "it picks Transformer Engine's attention kernel, and the mla plugin computes "
+             "MLA's attention itself"),)
+
+
 # The YaRN flags, with Megatron's defaults: with --rope-type rope nothing reads them.
 YARN_FLAGS = (("rotary_scaling_factor", "--rotary-scaling-factor", 1.0),
               ("yarn_original_max_position_embeddings",
