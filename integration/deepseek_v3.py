@@ -7,8 +7,8 @@ Every layer has Multi-head Latent Attention; the first layers (`--moe-layer-freq
 shared experts); norms are RMSNorm; the embedding and the output head are separate
 (`--untie-embeddings-and-output-weights`). The spec is Megatron's local block spec for
 that layout; the plugins (`--plugins mla moe`, and `fp8` for FP8 linears) put their modules
-into it as GPTModel is built (`upstream.seams.model_specs`), the same rewrite every other
-GPT spec gets, so selective recomputation and FP8 follow their own flags. With
+into it as GPTModel is built (`upstream.seams.model.model_specs`), the same rewrite every
+other GPT spec gets, so selective recomputation and FP8 follow their own flags. With
 `--mtp-num-layers D` Megatron's GPT builders add D MTP layers built like the decoder's last
 layer (MLA + MoE), sharing the embedding and output head.
 
@@ -29,7 +29,7 @@ def decoder_spec(config: Any, vp_stage: int | None = None):
     `TransformerBlockSubmodules`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    from upstream.seams import plugin_specs_in_place
+    from upstream.seams.model import plugin_specs_in_place
 
     transformer = getattr(config, "transformer", config)
     missing = [flag for flag, present in (

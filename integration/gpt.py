@@ -3,7 +3,7 @@
 These are the three callables Megatron-LM's `pretrain_gpt.py` hands to `pretrain()`; the
 model provider builds Megatron's `GPTModel` from its local layer spec (TE's with
 `--transformer-impl transformer_engine`) and lets the enabled plugins rewrite that spec as
-the model is built (`upstream.seams.model_specs`).
+the model is built (`upstream.seams.model.model_specs`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from plugins import PluginError
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
                    config=None, pg_collection=None) -> GPTModel:
     """Builds this rank's GPTModel chunk from Megatron's specs for `--transformer-impl` (the
-    plugins rewrite them as GPTModel is built: `upstream.seams.model_specs`)."""
+    plugins rewrite them as GPTModel is built: `upstream.seams.model.model_specs`)."""
     args = get_args()
     config = config or core_transformer_config_from_args(args)
     layer_spec, mtp_spec = layer_specs(args, config, vp_stage)

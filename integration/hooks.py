@@ -3,8 +3,8 @@
 
 `enable(registry, args, patcher)` checks the plugin flags, applies the upstream fixes the
 enabled plugins need, and attaches their hooks to Megatron through the seams of
-`upstream.seams`; every change goes through `patcher`, so the caller undoes them all when
-the run ends. Nothing here knows any plugin by name.
+`upstream.seams` (a module each); every change goes through `patcher`, so the caller
+undoes them all when the run ends. Nothing here knows any plugin by name.
 """
 
 from __future__ import annotations
@@ -17,8 +17,18 @@ import time
 from typing import NoReturn
 
 from plugins import Plugin, PluginError, PluginRegistry, transform_spec
-from upstream import checkpoint_files, compat, cpu, seams, wgrad
+from upstream import checkpoint_files, compat, cpu, wgrad
 from upstream.patching import Patcher, apply_fixes
+from upstream.seams.arguments import argument_errors_refused, checks_before_argument_dump
+from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named
+from upstream.seams.checkpoint_state import checkpoint_state
+from upstream.seams.errors import CheckpointMismatch, MegatronRefused
+from upstream.seams.evaluation import evaluation_passes
+from upstream.seams.loop import (after_optimizer_step, after_training, before_gradient_checks,
+                                 schedule)
+from upstream.seams.model import model_specs
+from upstream.seams.placement import pipeline_placement
+from upstream.seams.scheduler_mismatch import scheduler_mismatch_named
 
 
 @contextlib.contextmanager
@@ -42,11 +52,11 @@ def megatron_run(registry: PluginRegistry):
                  apply_fixes([wgrad.DELAY_WGRAD_ARGUMENTS], Patcher())]
     patcher = Patcher()
     try:
-        seams.argument_errors_refused().apply(patcher)
-        seams.checks_before_argument_dump(lambda args: _start_up_checks(registry, args),
-                                          _checks_before_megatron).apply(patcher)
-        seams.checkpoint_mismatch_named().apply(patcher)
-        seams.scheduler_mismatch_named().apply(patcher)
+        argument_errors_refused().apply(patcher)
+        checks_before_argument_dump(lambda args: _start_up_checks(registry, args),
+                                    _checks_before_megatron).apply(patcher)
+        checkpoint_mismatch_named().apply(patcher)
+        scheduler_mismatch_named().apply(patcher)
         write_failures: list = []  # this process's failed checkpoint writes
         for fix in (checkpoint_files.checksums_as_written(write_failures),
                     checkpoint_files.manifest_after_async_save(),
@@ -54,7 +64,7 @@ def megatron_run(registry: PluginRegistry):
                     checkpoint_files.failed_save_named(write_failures)):
             fix.apply(patcher)
         yield patcher
-    except (PluginError, seams.MegatronRefused, seams.CheckpointMismatch,
+    except (PluginError, MegatronRefused, CheckpointMismatch,
             checkpoint_files.CheckpointCorrupt) as error:
         exit_refused(error)
     except checkpoint_files.CheckpointSaveFailed as error:
@@ -139,14 +149,14 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
     def apply(seam) -> None:
         seam.apply(patcher)
 
-    apply(seams.model_specs(lambda spec: transform_spec(plugins, spec, args)))
+    apply(model_specs(lambda spec: transform_spec(plugins, spec, args)))
 
     schedules = [p for p in plugins if p.schedule is not None]
     if len(schedules) > 1:  # slots normally catch this; a schedule hook without the slot too
         raise PluginError("--plugins: " + " and ".join(p.name for p in schedules)
                           + " both provide a pipeline schedule; enable only one")
     if schedules:
-        apply(seams.schedule(schedules[0].schedule(args)))
+        apply(schedule(schedules[0].schedule(args)))
 
     placements = [p for p in plugins if p.placement is not None]
     if len(placements) > 1:
@@ -155,7 +165,7 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
     if placements:
         placement = placements[0].placement(args)
         placement.check()
-        apply(seams.pipeline_placement(placement))
+        apply(pipeline_placement(placement))
     if model_only:
         return plugins
 
@@ -166,7 +176,7 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
         chunks.chunks = model_chunks
         return [p.on_optimizer_step(args, model_chunks, optimizer) for p in step_hooks]
 
-    apply(seams.after_optimizer_step(callbacks_for))
+    apply(after_optimizer_step(callbacks_for))
 
     checking = [p for p in plugins if p.before_gradient_checks is not None]
     if checking:
@@ -177,7 +187,7 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
                 checks.extend(p.before_gradient_checks(args, chunks.get()) for p in checking)
             return checks
 
-        apply(seams.before_gradient_checks(gradient_checks))
+        apply(before_gradient_checks(gradient_checks))
 
     ending = [p for p in plugins if p.on_training_end is not None]
     if ending:
@@ -185,7 +195,7 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
             for plugin in ending:
                 plugin.on_training_end(args, chunks.get())
 
-        apply(seams.after_training(training_ended))
+        apply(after_training(training_ended))
 
     stateful = [p for p in plugins if p.checkpoint_state is not None]
     if stateful:
@@ -196,18 +206,18 @@ def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
                 states.update({p.name: p.checkpoint_state(args, chunks.get()) for p in stateful})
             return states
 
-        apply(seams.checkpoint_state(plugin_states))
+        apply(checkpoint_state(plugin_states))
 
     evaluating = [p for p in plugins if p.evaluation is not None]
     if evaluating:
         passes: list | None = None
 
-        def evaluation_passes() -> list:
+        def plugin_passes() -> list:
             nonlocal passes
             if passes is None:  # a hook answers None when the run asks for no extra pass
                 passes = [found for found in (p.evaluation(args, chunks.get())
                                               for p in evaluating) if found is not None]
             return passes
 
-        apply(seams.evaluation_passes(evaluation_passes))
+        apply(evaluation_passes(plugin_passes))
     return plugins

@@ -26,8 +26,9 @@ import integration  # noqa: F401  (makes megatron.training importable on Python 
 from integration import hooks, presets
 from integration.refusals import refuse
 from plugins import PluginRegistry, default_registry
-from upstream import cpu, seams, shutdown
+from upstream import cpu, shutdown
 from upstream.patching import apply_fixes
+from upstream.seams.arguments import plugin_arguments
 
 USAGE = "usage: megaseek launch SCRIPT [MEGATRON AND PLUGIN ARGUMENTS]"
 
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     with hooks.megatron_run(registry) as patcher:
         if cpu.cuda_is_absent():
             apply_fixes(cpu.LAUNCH_SCRIPT_FIXES, patcher)
-        seams.plugin_arguments(registry.add_arguments,
-                               lambda args: hooks.enable(registry, args, patcher)).apply(patcher)
+        plugin_arguments(registry.add_arguments,
+                         lambda args: hooks.enable(registry, args, patcher)).apply(patcher)
         sys.argv = [script, *script_args]
         sys.path.insert(0, os.path.dirname(script))
         runpy.run_path(script, run_name="__main__")

@@ -4,7 +4,7 @@ the start-up check of where its layers go.
 Megatron builds MTP with the loss, on the last pipeline stage, unless a
 `--pipeline-model-parallel-layout` places it: then only the layout's 'm' entries are
 built, and a layout without them builds none, silently. (The DualPipe placements put MTP
-with the loss as well: `plugins.dualpipe`, `upstream.seams.pipeline_placement`.)
+with the loss as well: `plugins.dualpipe.placement`, `upstream.seams.placement`.)
 """
 
 from __future__ import annotations

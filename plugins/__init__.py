@@ -72,7 +72,7 @@ class Plugin:
     transform_layer_spec: Callable[[Any, argparse.Namespace], Any] | None = None
     # args -> a Megatron forward-backward function (same keyword interface).
     schedule: Callable[[argparse.Namespace], Callable[..., Any]] | None = None
-    # args -> upstream.seams.Placement: the stages each rank's pipeline chunks build.
+    # args -> upstream.seams.placement.Placement: the stages each rank's pipeline chunks build.
     placement: Callable[[argparse.Namespace], Any] | None = None
     # (args, model_chunks) -> callable(iteration), run in every training step after its
     # last backward and before Megatron's gradient checks and reduction (possibly more than

@@ -527,15 +527,16 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
     (["drop"], "Megatron's argument check failed: give --hidden-size (Megatron requires it)"),
 ])
 def test_megatrons_failed_checks_name_the_flags(extra, said, monkeypatch):
-    from upstream import seams
     from upstream.patching import Patcher
+    from upstream.seams.arguments import checks_before_argument_dump
+    from upstream.seams.errors import MegatronRefused
 
     args = parsed(command_line(extra[1:] if extra[0] == "drop" else extra,
                                ("--hidden-size",) if extra[0] == "drop" else ()), monkeypatch)
     patcher = Patcher()
-    seams.checks_before_argument_dump(lambda args: None).apply(patcher)
+    checks_before_argument_dump(lambda args: None).apply(patcher)
     try:
-        with pytest.raises(seams.MegatronRefused) as refused:
+        with pytest.raises(MegatronRefused) as refused:
             megatron_validates(args)
     finally:
         patcher.undo()
@@ -558,8 +559,9 @@ def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
     """Megatron's own scheduler, loading the state of one built for half the iterations."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from upstream import seams
     from upstream.patching import Patcher
+    from upstream.seams.scheduler_mismatch import scheduler_mismatch_named
+    from upstream.seams.errors import CheckpointMismatch
 
     def scheduler(decay_steps: int, **flags) -> OptimizerParamScheduler:
         """As training.py:1941 builds it, with Megatron's default flags."""
@@ -575,9 +577,9 @@ def test_a_changed_schedule_at_load_names_the_value_and_the_flags(monkeypatch):
     saved = scheduler(40).state_dict()
     monkeypatch.setattr("megatron.training.get_args", lambda: argparse.Namespace(load="ckpt"))
     patcher = Patcher()
-    seams.scheduler_mismatch_named().apply(patcher)
+    scheduler_mismatch_named().apply(patcher)
     try:
-        with pytest.raises(seams.CheckpointMismatch) as refused:
+        with pytest.raises(CheckpointMismatch) as refused:
             scheduler(80).load_state_dict(saved)
         resumed = scheduler(80, override_opt_param_scheduler=True)
         resumed.load_state_dict(saved)  # the flags it names do settle it

@@ -178,8 +178,9 @@ def test_a_resume_with_another_compared_argument_names_the_flag(flag, saved, run
     at load) fails naming the flag and both values, not with its AssertionError."""
     from megatron.training import checkpointing
 
-    from upstream import seams
     from upstream.patching import Patcher
+    from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named
+    from upstream.seams.errors import CheckpointMismatch
 
     sizes = dict(num_layers=4, hidden_size=64, num_attention_heads=4,
                  add_position_embedding=True, vocab_file=None, data_parallel_random_init=False,
@@ -191,10 +192,10 @@ def test_a_resume_with_another_compared_argument_names_the_flag(flag, saved, run
     monkeypatch.setattr("megatron.training.get_args", lambda: this_run)
     monkeypatch.setattr(checkpointing, "_CHECKPOINT_VERSION", 3.0)
     patcher = Patcher()
-    seams.checkpoint_mismatch_named().apply(patcher)
+    checkpoint_mismatch_named().apply(patcher)
     try:
         checkpointing.check_checkpoint_args(argparse.Namespace(**vars(this_run)))  # passes
-        with pytest.raises(seams.CheckpointMismatch) as refused:
+        with pytest.raises(CheckpointMismatch) as refused:
             checkpointing.check_checkpoint_args(checkpoint)
     finally:
         patcher.undo()

@@ -208,15 +208,16 @@ def _dualpipev_chunks_with_mtp(rank, world_size):
     )
 
     import integration  # noqa: F401
+    from plugins.dualpipe.placement import DualPipePlacement, sum_embedding_copies
     from plugins.dualpipe.program import Pipeline
     from plugins.mla.spec import with_mla
     from tests.mla_build import mla_config
     from upstream import cpu
     from upstream.patching import Patcher
-    from upstream.seams import Placement, pipeline_placement, sum_embedding_copies
+    from upstream.seams.placement import pipeline_placement
 
     pipeline = Pipeline("dualpipev", 2, 4)
-    placement = Placement(2, 2, lambda r, c: pipeline.place(r, c)[1])
+    placement = DualPipePlacement(2, 2, lambda r, c: pipeline.place(r, c)[1])
     patcher = Patcher()
     cpu_fixes = cpu.install(force=True)
     pipeline_placement(placement).apply(patcher)

@@ -168,6 +168,52 @@ def test_all_fixes_lists_every_fix_defined_in_the_project():
     assert not missing, f"defined but not in upstream.registry.all_fixes(): {missing}"
 
 
+def test_upstream_reaches_megatron_through_one_accessor():
+    """Every module under upstream/ imports Megatron's modules through
+    `upstream.megatron_modules`, none with an importlib helper of its own."""
+    found = []
+    for path in sorted((REPO / "upstream").rglob("*.py")):
+        if path.name == "megatron_modules.py":
+            continue
+        tree = ast.parse(path.read_text())
+        found += [f"{path.relative_to(REPO)}:{line} import_module(" for line in
+                  _calls(tree, "import_module")]
+        found += [f"{path.relative_to(REPO)}:{node.lineno} def {node.name}" for node in
+                  ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "_module"]
+    assert not found, found
+
+
+def test_each_seam_module_is_small():
+    sizes = {path.name: len(path.read_text().splitlines())
+             for path in (REPO / "upstream" / "seams").glob("*.py")}
+    assert {"arguments.py", "model.py", "loop.py", "placement.py", "checkpoint_state.py",
+            "evaluation.py", "errors.py"} <= set(sizes)
+    assert max(sizes.values()) <= 300, sizes
+
+
+def test_gpt_model_init_is_wrapped_once_whatever_seams_shape_the_model():
+    """The spec seam and the placement seam both attach to GPTModel's construction: one
+    wrapper runs both steps, in the order they were attached, and undoing them restores
+    Megatron's own __init__."""
+    from megatron.core.models.gpt import GPTModel
+
+    from upstream.seams.model import model_specs, plugin_specs_in_place
+    from upstream.seams.placement import Placement, pipeline_placement
+
+    megatrons = GPTModel.__init__
+    patcher = Patcher()
+    try:
+        model_specs(lambda spec: spec).apply(patcher)
+        pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)).apply(patcher)
+        assert GPTModel.__init__.__wrapped__ is megatrons
+        assert [step.name for step in GPTModel.__init__.megaseek_build_steps] == [
+            "plugin specs", "pipeline placement"]
+        assert plugin_specs_in_place()
+    finally:
+        patcher.undo()
+    assert GPTModel.__init__ is megatrons and not plugin_specs_in_place()
+
+
 def test_megaseek_fixes_prints_every_fix_with_scope_place_and_state(capsys):
     from integration.cli import main
 

@@ -398,13 +398,13 @@ def test_validate_args_lets_the_flag_through_without_te():
 def test_the_arguments_fix_will_not_replace_the_argument_seam():
     """It must be in place before the seam wraps validate_args; applied after, it says so
     rather than silently dropping the seam."""
-    from upstream import seams
     from upstream.patching import Patcher
+    from upstream.seams.arguments import checks_before_argument_dump
     from upstream.wgrad import DELAY_WGRAD_ARGUMENTS
 
     patcher = Patcher()
     try:
-        seams.checks_before_argument_dump(lambda args: None).apply(patcher)
+        checks_before_argument_dump(lambda args: None).apply(patcher)
         with pytest.raises(RuntimeError, match="apply this fix before"):
             DELAY_WGRAD_ARGUMENTS.apply(patcher)
     finally:

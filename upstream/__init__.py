@@ -8,7 +8,9 @@ imports them).
 - `compat`: fixes every machine needs; `cpu`, `cpu_device`: fixes for running without CUDA;
 - `transformer`, `optimizer`: fixes that plugins need for a run (fp8, mla, bf16_moments),
   returned by their `fixes` hooks;
-- `seams`: the places where plugins attach to Megatron's training loop.
+- `seams`: the places where plugins attach to Megatron's training loop, one module each;
+- `megatron_modules`: Megatron's modules as the fixes and seams import them (when applied
+  or probed).
 
 Importing this package changes nothing; each fix is applied by whoever needs it, and only
 when its scope holds.

@@ -28,7 +28,6 @@ are not in the manifest: they are parsed whole at load and fail loudly when dama
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import re
@@ -38,17 +37,15 @@ import zlib
 from functools import wraps
 from typing import Any, Iterator
 
+from upstream.megatron_modules import megatron_checkpointing, megatron_module, megatron_training
 from upstream.patching import Fix, Patcher, source_has
-from upstream.seams import (SEAM, VERSION, CheckpointMismatch, megatron_checkpointing,
-                            megatron_training)
+from upstream.seams import SEAM, VERSION
+from upstream.seams.errors import CheckpointMismatch
 
 MANIFEST = "megaseek-checksums"  # the folder of entries inside iter_N
 DATA_SUFFIX = ".distcp"
 _WRITER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
 
-
-def _module(name: str):
-    return importlib.import_module(name)
 
 
 class CheckpointCorrupt(ValueError):
@@ -216,7 +213,7 @@ def checksums_as_written(failures: list) -> Fix:
     def apply(patcher: Patcher) -> None:
         import builtins
 
-        writer = _module(_WRITER)
+        writer = megatron_module(_WRITER)
         builtin_open = builtins.open
 
         def open_hashed(file, mode="r", *args, **kwargs):
@@ -234,7 +231,7 @@ def checksums_as_written(failures: list) -> Fix:
         f"`open_file(file_name, \"wb\")`) ({VERSION})",
         "Megatron writes no checksums (its --verify-integrity reads every file again after "
         "the save); the writer's own file stream hashes the bytes as they are written",
-        lambda: source_has(_module(_WRITER).FileSystemWriterAsync.write_preloaded_data,
+        lambda: source_has(megatron_module(_WRITER).FileSystemWriterAsync.write_preloaded_data,
                            "open_file = open", 'open_file(file_name, "wb")'),
         apply, SEAM)
 
@@ -278,7 +275,7 @@ def manifest_after_async_save() -> Fix:
     finalization names the checkpoint in the tracker file."""
 
     def apply(patcher: Patcher) -> None:
-        package = _module("megatron.core.dist_checkpointing")
+        package = megatron_module("megatron.core.dist_checkpointing")
         save = package.save
 
         @wraps(save)
@@ -297,8 +294,8 @@ def manifest_after_async_save() -> Fix:
         f"save), :1073 (the tracker's finalize fn, added after) ({VERSION})",
         "an async save's files are written in Megatron's worker process, which no seam of "
         "this process hashes: they had no manifest and their loads were not verified",
-        lambda: source_has(_module("megatron.core.dist_checkpointing.serialization").save,
-                           "async_sharded_save") and
+        lambda: source_has(megatron_module("megatron.core.dist_checkpointing.serialization")
+                           .save, "async_sharded_save") and
         source_has(megatron_checkpointing().save_checkpoint,
                    "async_save_request.add_finalize_fn(iter_finalize_fn)"),
         apply, SEAM)
@@ -400,7 +397,8 @@ def verified_load() -> Fix:
         f"args.<load_arg> :2093, iteration from the tracker or --ckpt-step) ({VERSION})",
         "Megatron loads a damaged file silently (4 KiB of random bytes in a .distcp loaded "
         "and trained on until a NaN gradient norm); the files are checked first",
-        lambda: source_has(megatron_checkpointing().load_checkpoint, "load_dir = getattr(args, load_arg)"),
+        lambda: source_has(megatron_checkpointing().load_checkpoint,
+                           "load_dir = getattr(args, load_arg)"),
         apply, SEAM)
 
 
@@ -439,7 +437,8 @@ def failed_save_named(failures: list) -> Fix:
         "a full disk fails the save with `Worker failure ... <class 'OSError'>` or "
         "`unexpected pos 704 vs 598` on another rank, and leaves the partial iter_N "
         "folder; the error names the OS error and the file, and the folder is removed",
-        lambda: source_has(_module(_WRITER).FileSystemWriterAsync.write_preloaded_data_multithread,
+        lambda: source_has(megatron_module(_WRITER).FileSystemWriterAsync
+                           .write_preloaded_data_multithread,
                            "An error is caught while starting worker"),
         apply, SEAM)
 

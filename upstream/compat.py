@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from upstream.megatron_modules import megatron_module
 from upstream.patching import (EVERY_MACHINE, Fix, Patcher, Scope, apply_fixes,
                                rewrite_function, source_has)
 
@@ -62,14 +63,11 @@ def provide_typing_override() -> None:
 
 # --- applied on every machine at the start of a run ---------------------------------------
 
-def _module(name: str):
-    return importlib.import_module(name)
-
 
 def _prebuilt_dataset_helpers() -> None:
     """Stands in for `compile_helpers`: the wheel ships `helpers_cpp` prebuilt."""
     try:
-        importlib.import_module("megatron.core.datasets.helpers_cpp")
+        megatron_module("megatron.core.datasets.helpers_cpp")
     except ImportError as error:
         raise RuntimeError(
             "megatron-core's compiled dataset helpers (megatron.core.datasets.helpers_cpp) "
@@ -78,21 +76,21 @@ def _prebuilt_dataset_helpers() -> None:
 
 
 def _wheel_lacks_makefile() -> bool:
-    datasets = Path(_module("megatron.core.datasets.utils").__file__).parent
-    return (source_has(_module("megatron.core.datasets.utils").compile_helpers, '"make"')
+    datasets = Path(megatron_module("megatron.core.datasets.utils").__file__).parent
+    return (source_has(megatron_module("megatron.core.datasets.utils").compile_helpers, '"make"')
             and not (datasets / "Makefile").exists())
 
 
 def _distopt():
-    return _module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    return megatron_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
 
 
 def _uses_torch_adam() -> bool:
-    return not _module("megatron.core.optimizer.distrib_optimizer").HAVE_APEX_OR_TE
+    return not megatron_module("megatron.core.optimizer.distrib_optimizer").HAVE_APEX_OR_TE
 
 
 def _apply_dataset_helpers(p: Patcher) -> None:
-    p.setattr(_module("megatron.core.datasets.utils"), "compile_helpers",
+    p.setattr(megatron_module("megatron.core.datasets.utils"), "compile_helpers",
               _prebuilt_dataset_helpers)
 
 

@@ -16,12 +16,12 @@ Three kinds of fix, cheapest first:
 
 from __future__ import annotations
 
-import importlib
 import logging
 from functools import partial, wraps
 
 import torch
 
+from upstream.megatron_modules import megatron_arguments, megatron_module, megatron_training
 from upstream.cpu_device import CpuTorch
 from upstream.patching import Fix, Patcher, Scope, apply_fixes, rewrite_function, source_has
 
@@ -68,12 +68,9 @@ CUDA_CALLING_MODULES = {  # module -> where it calls CUDA (lines of its file)
 _CUDA_MARKERS = ("torch.cuda.", "device='cuda'", 'device="cuda"')
 
 
-def _module(name: str):
-    return importlib.import_module(name)
-
 
 def _calls_cuda(name: str) -> bool:
-    return source_has_any(_module(name), _CUDA_MARKERS)
+    return source_has_any(megatron_module(name), _CUDA_MARKERS)
 
 
 def source_has_any(obj, needles) -> bool:
@@ -86,7 +83,7 @@ def _proxy_fix(name: str, where: str) -> Fix:
         upstream=f"{name.replace('.', '/')}.py: {where} ({VERSION})",
         reason="calls torch.cuda or allocates on 'cuda'; sees the CPU as its device",
         still_needed=partial(_calls_cuda, name),
-        apply=lambda p: p.setattr(_module(name), "torch", CpuTorch()),
+        apply=lambda p: p.setattr(megatron_module(name), "torch", CpuTorch()),
         scope=CPU_ONLY,
     )
 
@@ -94,7 +91,7 @@ def _proxy_fix(name: str, where: str) -> Fix:
 # --- RNG: the CPU generator stands in for the CUDA one -------------------------------
 
 def _apply_rng(p: Patcher) -> None:
-    random = _module("megatron.core.tensor_parallel.random")
+    random = megatron_module("megatron.core.tensor_parallel.random")
     p.setattr(random, "_get_cuda_rng_state",
               lambda device=None, clone=False, graph_safe=False: torch.get_rng_state())
     p.setattr(random, "_set_cuda_rng_state",
@@ -110,7 +107,7 @@ def _drop_cpu_rng_warning(record: logging.LogRecord) -> bool:
 
 
 def _rng_needed() -> bool:
-    random = _module("megatron.core.tensor_parallel.random")
+    random = megatron_module("megatron.core.tensor_parallel.random")
     return source_has(random._get_cuda_rng_state, "torch.cuda") and source_has(
         random._set_cuda_rng_state, "torch.cuda.default_generators")
 
@@ -118,8 +115,8 @@ def _rng_needed() -> bool:
 # --- megatron.training entry and argument checks -------------------------------------
 
 def _apply_allow_no_cuda(p: Patcher) -> None:
-    training = _module("megatron.training.training")
-    initialize = _module("megatron.training.initialize")
+    training = megatron_training()
+    initialize = megatron_module("megatron.training.initialize")
     p.setattr(training, "initialize_megatron",
               wraps(initialize.initialize_megatron)(
                   partial(initialize.initialize_megatron, allow_no_cuda=True)))
@@ -128,13 +125,13 @@ def _apply_allow_no_cuda(p: Patcher) -> None:
 def _apply_arch_version(p: Patcher) -> None:
     # The CPU has no CUDA architecture; 0 keeps Megatron's pre-Blackwell rules
     # (e.g. CUDA_DEVICE_MAX_CONNECTIONS=1 with TP > 1).
-    p.setattr(_module("megatron.training.arguments"), "get_device_arch_version", lambda: 0)
+    p.setattr(megatron_arguments(), "get_device_arch_version", lambda: 0)
 
 
 # --- data iterators must not draw from the generator that dropout uses -----------------
 
 def _apply_quiet_data_iterators(p: Patcher) -> None:
-    training = _module("megatron.training.training")
+    training = megatron_training()
     build = training.build_train_valid_test_data_iterators
 
     @wraps(build)
@@ -162,30 +159,32 @@ _TYPE_STRINGS = {"'torch.cuda.FloatTensor'": "'torch.FloatTensor'",
 
 
 def _apply_get_model(p: Patcher) -> None:
-    training = _module("megatron.training.training")
+    training = megatron_training()
     p.setattr(training, "get_model", rewrite_function(training, "get_model", {
         "model_module.cuda(torch.cuda.current_device())":
             "model_module.to(torch.cuda.current_device())"}))
 
 
 def _apply_shared_embedding(p: Patcher) -> None:
-    cls = _module("megatron.core.models.common.language_module.language_module").LanguageModule
+    cls = megatron_module(
+        "megatron.core.models.common.language_module.language_module").LanguageModule
     p.setattr(cls, "setup_embeddings_and_output_layer", rewrite_function(
         cls, "setup_embeddings_and_output_layer",
         {"weight.data.cuda()": "weight.data.cpu()"}))
 
 
 def _apply_clip_grads(p: Patcher) -> None:
-    clip_grads = _module("megatron.core.optimizer.clip_grads")
+    clip_grads = megatron_module("megatron.core.optimizer.clip_grads")
     fixed = rewrite_function(clip_grads, "clip_grad_by_total_norm_fp32",
                              {"'torch.cuda.FloatTensor'": "'torch.FloatTensor'"})
     p.setattr(clip_grads, "clip_grad_by_total_norm_fp32", fixed)
     # optimizer.py:52 imported it by name.
-    p.setattr(_module("megatron.core.optimizer.optimizer"), "clip_grad_by_total_norm_fp32", fixed)
+    p.setattr(megatron_module("megatron.core.optimizer.optimizer"),
+              "clip_grad_by_total_norm_fp32", fixed)
 
 
 def _apply_distopt_types(p: Patcher) -> None:
-    cls = _module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    cls = megatron_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
     p.setattr(cls, "_build_model_and_main_param_groups",
               rewrite_function(cls, "_build_model_and_main_param_groups", _TYPE_STRINGS))
     p.setattr(cls, "__init__", rewrite_function(cls, "__init__", {
@@ -205,11 +204,11 @@ def _apply_float16_optimizer_types(p: Patcher) -> None:
 
 
 def _float16_optimizer():
-    return _module("megatron.core.optimizer.optimizer").Float16OptimizerWithFloat16Params
+    return megatron_module("megatron.core.optimizer.optimizer").Float16OptimizerWithFloat16Params
 
 
 def _distopt():
-    return _module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    return megatron_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
 
 
 FIXES: tuple[Fix, ...] = (
@@ -222,13 +221,13 @@ FIXES: tuple[Fix, ...] = (
     Fix("cpu-allow-no-cuda",
         f"megatron/training/initialize.py:66, training.py:1091 ({VERSION})",
         "initialize_megatron asserts CUDA unless allow_no_cuda, which pretrain() never passes",
-        lambda: source_has(_module("megatron.training.initialize").initialize_megatron,
+        lambda: source_has(megatron_module("megatron.training.initialize").initialize_megatron,
                            'assert torch.cuda.is_available(), "Megatron requires CUDA."'),
         _apply_allow_no_cuda, CPU_ONLY),
     Fix("cpu-arch-version",
         f"megatron/training/arguments.py:1414,1444,1484 ({VERSION})",
         "validate_args queries the CUDA architecture when TP > 1 or CP > 1",
-        lambda: source_has(_module("megatron.training.utils.common_utils")
+        lambda: source_has(megatron_module("megatron.training.utils.common_utils")
                            .get_device_arch_version, "torch.cuda.get_device_properties"),
         _apply_arch_version, CPU_ONLY),
     Fix("cpu-data-iterators-keep-rng",
@@ -239,20 +238,20 @@ FIXES: tuple[Fix, ...] = (
     Fix("cpu-get-model-to-device",
         f"megatron/training/training.py:1818 ({VERSION})",
         "get_model moves each model chunk with .cuda()",
-        lambda: source_has(_module("megatron.training.training").get_model,
+        lambda: source_has(megatron_training().get_model,
                            "model_module.cuda(torch.cuda.current_device())"),
         _apply_get_model, CPU_ONLY),
     Fix("cpu-shared-embedding-to-device",
         f"megatron/core/models/common/language_module/language_module.py:307 ({VERSION})",
         "the embedding tied across pipeline stages is moved with .cuda() before its all-reduce",
-        lambda: source_has(_module("megatron.core.models.common.language_module."
+        lambda: source_has(megatron_module("megatron.core.models.common.language_module."
                                    "language_module").LanguageModule
                            .setup_embeddings_and_output_layer, "weight.data.cuda()"),
         _apply_shared_embedding, CPU_ONLY),
     Fix("cpu-clip-grads-type",
         f"megatron/core/optimizer/clip_grads.py:174 ({VERSION})",
         "asserts every grad's type() is 'torch.cuda.FloatTensor'",
-        lambda: source_has(_module("megatron.core.optimizer.clip_grads")
+        lambda: source_has(megatron_module("megatron.core.optimizer.clip_grads")
                            .clip_grad_by_total_norm_fp32, "'torch.cuda.FloatTensor'"),
         _apply_clip_grads, CPU_ONLY),
     Fix("cpu-distopt-param-types",
@@ -316,7 +315,7 @@ def install(force: bool = False) -> Patcher | None:
     """
     if not (force or CPU_ONLY.holds(None)):
         return None
-    if isinstance(_module("megatron.training.training").torch, CpuTorch):
+    if isinstance(megatron_training().torch, CpuTorch):
         return None
     return apply_fixes(FIXES, Patcher())
 

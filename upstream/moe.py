@@ -13,19 +13,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
+from upstream.megatron_modules import megatron_module
 from upstream.patching import Fix, Patcher, plugin_scope, rewrite_function, source_has
 
 VERSION = "megatron-core 0.19.2"
 
 
 def _config_cls():
-    return importlib.import_module("megatron.core.transformer.transformer_config").TransformerConfig
+    return megatron_module("megatron.core.transformer.transformer_config").TransformerConfig
 
 
 def _layer_cls():
-    return importlib.import_module("megatron.core.transformer.transformer_layer").TransformerLayer
+    return megatron_module("megatron.core.transformer.transformer_layer").TransformerLayer
 
 
 def _recomputes(module: str):

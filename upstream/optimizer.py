@@ -48,10 +48,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 
 import torch
 
+from upstream.megatron_modules import megatron_module
 from upstream.patching import Fix, Patcher, Scope, rewrite_function, source_has
 
 VERSION = "megatron-core 0.19.2"
@@ -126,16 +126,13 @@ def _config_check(key: str) -> tuple[str, str]:
     return old, new
 
 
-def _module(name: str):
-    return importlib.import_module(name)
-
 
 def _factory_owner():
-    return _module("megatron.core.optimizer")
+    return megatron_module("megatron.core.optimizer")
 
 
 def _config_cls():
-    return _module("megatron.core.optimizer.optimizer_config").OptimizerConfig
+    return megatron_module("megatron.core.optimizer.optimizer_config").OptimizerConfig
 
 
 def torch_adam_in_use() -> bool:

@@ -19,8 +19,8 @@ by name, before the config is built.
 
 from __future__ import annotations
 
-import importlib
 
+from upstream.megatron_modules import megatron_module
 from upstream.patching import Fix, Patcher, plugin_scope, rewrite_function, source_has
 
 VERSION = "megatron-core 0.19.2"
@@ -39,7 +39,7 @@ LIFTED = "            pass  # lifted by megaseek: the dualpipe schedule's F&B ov
 
 
 def _config_cls():
-    return importlib.import_module(
+    return megatron_module(
         "megatron.core.transformer.transformer_config").TransformerConfig
 
 

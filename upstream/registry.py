@@ -11,7 +11,7 @@ Where each is defined (its scope), and who applies it:
   `overlap.overlap_fixes` (plugin dualpipe, `--overlap-moe-expert-parallel-comm`): the
   enabled plugins' `fixes` hooks, applied by the launch path;
 - `wgrad.DELAY_WGRAD_ARGUMENTS` (every run): the launch path, before Megatron parses;
-- `seams` (an enabled plugin provides the hook): the launch path;
+- `seams` (an enabled plugin provides the hook): the launch path (`seams.listing`);
 - `checkpoint_files` (every run: checksums, verified loads, failed saves named):
   `integration.hooks.megatron_run`;
 - `shutdown.PROCESS_GROUPS_LEFT_ALIVE`: recorded only; both entry points call `end_run`.
@@ -22,9 +22,10 @@ are listed here as built with placeholders: for listing and probing, not for app
 
 from __future__ import annotations
 
-from upstream import (checkpoint_files, compat, cpu, moe, optimizer, overlap, seams, shutdown,
+from upstream import (checkpoint_files, compat, cpu, moe, optimizer, overlap, shutdown,
                       transformer, wgrad)
 from upstream.patching import Fix
+from upstream.seams.listing import all_seams
 
 
 def all_fixes() -> tuple[Fix, ...]:
@@ -39,7 +40,7 @@ def all_fixes() -> tuple[Fix, ...]:
         wgrad.DELAY_WGRAD_ARGUMENTS,
         *wgrad.delay_wgrad_fixes(),
         *overlap.overlap_fixes(),
-        *seams.all_seams(),
+        *all_seams(),
         checkpoint_files.checksums_as_written([]),
         checkpoint_files.manifest_after_async_save(),
         checkpoint_files.verified_load(),

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib
 
+from upstream.megatron_modules import megatron_module
 from upstream.patching import EVERY_MACHINE, Fix, patches_nothing, source_has
 
 VERSION = "megatron-core 0.19.2"
 
 
 def _leaves_groups_behind() -> bool:
-    parallel_state = importlib.import_module("megatron.core.parallel_state")
-    rotary = importlib.import_module("megatron.core.models.common.embeddings.rotary_pos_embedding")
+    parallel_state = megatron_module("megatron.core.parallel_state")
+    rotary = megatron_module("megatron.core.models.common.embeddings.rotary_pos_embedding")
     return (not source_has(parallel_state.destroy_model_parallel,
                            "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP = None")
             or source_has(rotary.RotaryEmbedding, "@lru_cache"))

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 
+from upstream.megatron_modules import megatron_module
 from upstream.patching import Fix, Patcher, patches_nothing, plugin_scope, rewrite_function, source_has
 
 VERSION = "megatron-core 0.19.2"
 
 
-def _module(name: str):
-    return importlib.import_module(name)
-
 
 def _config_cls():
-    return _module("megatron.core.transformer.transformer_config").TransformerConfig
+    return megatron_module("megatron.core.transformer.transformer_config").TransformerConfig
 
 
 def _recomputes(args: argparse.Namespace, *modules: str) -> bool:
@@ -59,11 +56,12 @@ TE_CHECKPOINT_HOLDERS = ("megatron.core.recompute", "megatron.core.transformer.m
 
 
 def _recompute_goes_through_te() -> bool:
-    sites = (_module("megatron.core.recompute").checkpointed_forward,                 # full
-             _module("megatron.core.transformer.transformer_layer").TransformerLayer._forward_mlp)
+    layer = megatron_module("megatron.core.transformer.transformer_layer").TransformerLayer
+    sites = (megatron_module("megatron.core.recompute").checkpointed_forward,  # full
+             layer._forward_mlp)
     return (all(source_has(site, "if self.config.fp8 or self.config.fp4:", "te_checkpoint(")
                 for site in sites)
-            and any(_module(m).te_checkpoint is not _checkpoint_as_bf16
+            and any(megatron_module(m).te_checkpoint is not _checkpoint_as_bf16
                     for m in TE_CHECKPOINT_HOLDERS))
 
 
@@ -79,7 +77,7 @@ def _checkpoint_as_bf16(forward_func, distribute_saved_activations, get_rng_stat
 
 def _recompute_as_bf16(p: Patcher) -> None:
     for holder in TE_CHECKPOINT_HOLDERS:
-        p.setattr(_module(holder), "te_checkpoint", _checkpoint_as_bf16)
+        p.setattr(megatron_module(holder), "te_checkpoint", _checkpoint_as_bf16)
 
 
 def _recomputes_fp8_blocks(args: argparse.Namespace) -> bool:
@@ -126,8 +124,8 @@ FP8_FIXES: tuple[Fix, ...] = (
 # --- the 'layernorm' recompute needs TE (plugin mla) -----------------------------------------
 
 def _layernorm_recompute_needs_te() -> bool:
-    random = _module("megatron.core.tensor_parallel.random")
-    layer = _module("megatron.core.transformer.transformer_layer").TransformerLayer
+    random = megatron_module("megatron.core.tensor_parallel.random")
+    layer = megatron_module("megatron.core.transformer.transformer_layer").TransformerLayer
     # CheckpointWithoutOutput(fp8=False) still takes TE's FP8 path (`False is not None`);
     # with FP8, the layer's set-up calls TE for the pre-MLP norm.
     return (source_has(random.CheckpointWithoutOutput.__init__, "self.fp8 = fp8 is not None")

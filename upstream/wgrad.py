@@ -19,10 +19,10 @@ What the deferral cannot honour stays refused by name: `plugins.common.wgrad_che
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import types
 
+from upstream.megatron_modules import megatron_arguments, megatron_module
 from upstream.patching import (EVERY_MACHINE, Fix, Patcher, plugin_scope, rewrite_function,
                                source_has)
 
@@ -40,11 +40,11 @@ CONFIG_LIFTED = ("            pass  # lifted by megaseek: the dualpipe schedule 
 
 
 def _arguments():
-    return importlib.import_module("megatron.training.arguments")
+    return megatron_arguments()
 
 
 def _config_cls():
-    return importlib.import_module("megatron.core.transformer.transformer_config").TransformerConfig
+    return megatron_module("megatron.core.transformer.transformer_config").TransformerConfig
 
 
 def _te_free_delay(args: argparse.Namespace) -> bool:

@@ -14,8 +14,8 @@ import argparse
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
+from plugins.dualpipe.placement import DualPipePlacement
 from plugins.dualpipe.program import Pipeline
-from upstream.seams import Placement
 
 SCHEDULES = ("dualpipev", "dualpipe")
 
@@ -192,7 +192,7 @@ def fixes(args: argparse.Namespace):
             + (overlap_fixes() if _flag(args, "overlap_moe_expert_parallel_comm") else ()))
 
 
-def placement(args: argparse.Namespace) -> Placement:
+def placement(args: argparse.Namespace) -> DualPipePlacement:
     pipeline = Pipeline(args.pipeline_schedule, args.pipeline_model_parallel_size,
                         microbatches=0)
     process_groups = None
@@ -203,9 +203,9 @@ def placement(args: argparse.Namespace) -> Placement:
 
         minutes = _flag(args, "distributed_timeout_minutes")
         process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
-    return Placement(pipeline.ranks, pipeline.chunks,
-                     lambda rank, chunk: pipeline.place(rank, chunk)[1],
-                     copies=pipeline.directions, process_groups=process_groups)
+    return DualPipePlacement(pipeline.ranks, pipeline.chunks,
+                             lambda rank, chunk: pipeline.place(rank, chunk)[1],
+                             copies=pipeline.directions, process_groups=process_groups)
 
 
 def schedule(args: argparse.Namespace):

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from plugins.dualpipe.comm import Exchange, needed_by
+from plugins.dualpipe.placement import sum_embedding_copies
 from plugins.dualpipe.program import Cell, Pipeline
-from upstream.seams import sum_embedding_copies
 
 
 def forward_backward(schedule: str, timeline_dir: str | None = None,

@@ -108,8 +108,8 @@ def ema_as_weights(model_chunks: list) -> Iterator[None]:
         return lambda *args, **kwargs: dict_list_map_inplace(ema_key, build(*args, **kwargs))
 
     # An instance attribute shadows the method, for this block. A chunk may have one of its
-    # own already (a mirrored stage's copy marks its tensors as replicas: upstream.seams
-    # _same_weights_as_first_copy), which the save after the block needs again.
+    # own already (a mirrored stage's copy marks its tensors as replicas: plugins.dualpipe.
+    # placement._same_weights_as_first_copy), which the save after the block needs again.
     own = [vars(chunk).get("sharded_state_dict") for chunk in model_chunks]
     for chunk in model_chunks:
         chunk.sharded_state_dict = renamed(chunk.sharded_state_dict)

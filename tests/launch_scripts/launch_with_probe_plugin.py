@@ -19,7 +19,7 @@ import torch
 
 from integration import launch
 from plugins import Plugin, PluginRegistry, builtin_plugins
-from upstream.seams import Placement
+from upstream.seams.placement import Placement
 
 
 def add_arguments(group):
