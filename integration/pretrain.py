@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     registry = registry or default_registry()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-    with hooks.megatron_run(registry) as patcher:
+    with hooks.megatron_run(registry) as run:
         check_training_length(argv)
         argv = with_defaults(argv, user_argv)
         from megatron.core.enums import ModelType
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
 
         sys.argv = [sys.argv[0], *argv]  # Megatron parses sys.argv
         args = parse_and_validate_args(extra_args_provider=registry.add_arguments)
-        hooks.enable(registry, args, patcher)
+        hooks.enable(run)
         pretrain(pretrain_cfg_container_from_args(args), gpt.datasets_provider,
                  ModelType.encoder_or_decoder, gpt.forward_step, model_provider=gpt.model_provider)
     shutdown.end_run()  # pretrain() leaves the process groups up: every rank ends them together

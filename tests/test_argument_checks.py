@@ -69,13 +69,14 @@ def megatron_validates(args: argparse.Namespace) -> None:
 
 def start_up_refusal(argv: list[str], monkeypatch) -> str | None:
     """What megaseek's checks say about `argv`, in the order a run meets them (before
-    Megatron's validation, after it, the plugins'), or None."""
+    Megatron's validation: megaseek's, then the plugins' as the run plan is made; after
+    it), or None."""
     args = parsed(argv, monkeypatch)
     try:
         argument_checks.before_megatron(args, argv)
+        default_registry().plan(args).apply_overrides(args)
         megatron_validates(args)
         argument_checks.after_megatron(args)
-        default_registry().enabled(args)
     except PluginError as error:
         return str(error)
     return None

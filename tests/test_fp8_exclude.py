@@ -33,7 +33,7 @@ def _model(argv):
     from tests.plugin_args import gpt_model, validated
 
     args, plugins = validated(MODEL + argv)
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes(args)],
+    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
                           Patcher())
     try:
         return args, gpt_model(args, plugins, VOCAB)
