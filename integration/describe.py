@@ -352,9 +352,10 @@ def stages(args: argparse.Namespace) -> list[list[Stage]]:
 
 def _dualpipe_placement(args):
     """The dualpipe plugin's placement hook, as a run asks it."""
+    from plugins.config import read
     from plugins.dualpipe.plugin import DUALPIPE
 
-    return DUALPIPE.placement(args)
+    return DUALPIPE.placement(read(DUALPIPE.config, args))
 
 
 def _direction(args, rank: int, chunk: int) -> int:
