@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 import integration  # noqa: F401
-from plugins import PluginError
 from tests.helpers.plugin_args import enabled as parse_enabled
 
 BASE = ["--num-layers", "2", "--hidden-size", "256", "--ffn-hidden-size", "512",
@@ -71,34 +68,6 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
     attention = mla.submodules.self_attention.submodules
     assert attention.linear_kv_down_proj.params["fp8_cache_weights"] is True
     assert attention.linear_proj.params["fp8_cache_weights"] is True
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--plugins", "fp8"], "--fp8-format e4m3"),
-    (["--plugins", "fp8", "--fp8-format", "hybrid", "--fp8-recipe", "blockwise"], "--fp8-format e4m3"),
-    (["--plugins", "fp8", "--fp8-format", "e4m3"], "--fp8-recipe blockwise"),
-    (FP8 + ["--fp8-backend", "torch"], "--fp8-backend torch is unavailable"),
-    (FP8 + ["--hidden-size", "192"], "--hidden-size 192 gives 192 per rank; it must be a "
-                                     "multiple of 128"),
-    (FP8 + ["--tensor-model-parallel-size", "4"],
-     "--num-attention-heads 4 x --kv-channels 64 / --tensor-model-parallel-size 4 gives 64"),
-    (["--plugins", "mla", *FP8[1:], "--multi-latent-attention", "--kv-lora-rank", "96",
-      "--v-head-dim", "32", "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16"],
-     "--kv-lora-rank 96 gives 96"),
-    (FP8 + ["--num-experts", "4", "--moe-ffn-hidden-size", "64"],
-     "--moe-ffn-hidden-size 64 gives 64 per rank"),
-    (["--fp8-backend", "emulated"], "--fp8-backend needs '--plugins fp8'"),
-    (["--fp8-cache-weights"], "--fp8-cache-weights needs '--plugins fp8'"),
-    (FP8 + ["--cuda-graph-impl", "local"], "cannot run under CUDA graphs (--cuda-graph-impl "
-                                           "local): a captured step would replay"),
-    (FP8 + ["--cuda-graph-impl", "full_iteration"], "(--cuda-graph-impl full_iteration)"),
-    (FP8 + ["--enable-cuda-graph"], "cannot run under CUDA graphs (--enable-cuda-graph)"),
-], ids=["no-format", "hybrid", "no-recipe", "torch-backend-on-cpu", "hidden", "attn-proj-tp",
-        "mla-kv-lora", "expert-ffn", "flag-without-plugin", "cache-without-plugin",
-        "cuda-graph-local", "cuda-graph-full-iteration", "enable-cuda-graph"])
-def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
-    with pytest.raises(PluginError, match=re.escape(message)):
-        enabled(argv, monkeypatch)
 
 
 def test_megatron_still_gates_layernorm_recompute_with_fp8_on_transformer_engine():

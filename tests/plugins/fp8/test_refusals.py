@@ -10,6 +10,7 @@ FP8 with MLA's recomputation included, in `tests/plugins/mla/test_refusals.py`.
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -23,6 +24,7 @@ BASE = ["--num-layers", "2", "--hidden-size", "256", "--ffn-hidden-size", "512",
         "--micro-batch-size", "2", "--transformer-impl", "local",
         "--no-gradient-accumulation-fusion"]
 FP8 = ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
+PLUGIN_FP8 = ["--plugins", "fp8", *FP8]
 
 # A value other than Megatron's default for each flag of the fp8 plugin's NOT_HONOURED.
 FP8_KNOBS = {
@@ -91,6 +93,34 @@ def test_refused_at_start_up_naming_the_flag(argv, texts, monkeypatch):
 @pytest.mark.parametrize("argv", ACCEPTED.values(), ids=ACCEPTED.keys())
 def test_honoured(argv, monkeypatch):
     enabled(argv, monkeypatch)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plugins", "fp8"], "--fp8-format e4m3"),
+    (["--plugins", "fp8", "--fp8-format", "hybrid", "--fp8-recipe", "blockwise"], "--fp8-format e4m3"),
+    (["--plugins", "fp8", "--fp8-format", "e4m3"], "--fp8-recipe blockwise"),
+    (PLUGIN_FP8 + ["--fp8-backend", "torch"], "--fp8-backend torch is unavailable"),
+    (PLUGIN_FP8 + ["--hidden-size", "192"], "--hidden-size 192 gives 192 per rank; it must be a "
+                                     "multiple of 128"),
+    (PLUGIN_FP8 + ["--tensor-model-parallel-size", "4"],
+     "--num-attention-heads 4 x --kv-channels 64 / --tensor-model-parallel-size 4 gives 64"),
+    (["--plugins", "mla", *PLUGIN_FP8[1:], "--multi-latent-attention", "--kv-lora-rank", "96",
+      "--v-head-dim", "32", "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16"],
+     "--kv-lora-rank 96 gives 96"),
+    (PLUGIN_FP8 + ["--num-experts", "4", "--moe-ffn-hidden-size", "64"],
+     "--moe-ffn-hidden-size 64 gives 64 per rank"),
+    (["--fp8-backend", "emulated"], "--fp8-backend needs '--plugins fp8'"),
+    (["--fp8-cache-weights"], "--fp8-cache-weights needs '--plugins fp8'"),
+    (PLUGIN_FP8 + ["--cuda-graph-impl", "local"], "cannot run under CUDA graphs (--cuda-graph-impl "
+                                           "local): a captured step would replay"),
+    (PLUGIN_FP8 + ["--cuda-graph-impl", "full_iteration"], "(--cuda-graph-impl full_iteration)"),
+    (PLUGIN_FP8 + ["--enable-cuda-graph"], "cannot run under CUDA graphs (--enable-cuda-graph)"),
+], ids=["no-format", "hybrid", "no-recipe", "torch-backend-on-cpu", "hidden", "attn-proj-tp",
+        "mla-kv-lora", "expert-ffn", "flag-without-plugin", "cache-without-plugin",
+        "cuda-graph-local", "cuda-graph-full-iteration", "enable-cuda-graph"])
+def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
+    with pytest.raises(PluginError, match=re.escape(message)):
+        enabled(argv, monkeypatch)
 
 
 def _megatron_parser() -> argparse.ArgumentParser:

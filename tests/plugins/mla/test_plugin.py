@@ -1,11 +1,9 @@
-"""`--plugins mla` on Megatron's command line: what it accepts and what it refuses."""
+"""`--plugins mla` on Megatron's command line: what it accepts (what it refuses:
+tests/plugins/mla/test_refusals.py)."""
 
 from __future__ import annotations
 
-import pytest
-
 import integration  # noqa: F401  (megatron.training on Python 3.11)
-from plugins import PluginError
 from tests.helpers.plugin_args import enabled as parse_enabled
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -31,25 +29,3 @@ def test_yarn_flags_reach_the_config_fields(monkeypatch):
                              "--yarn-original-max-position-embeddings", "8",
                              "--yarn-beta-fast", "16"], monkeypatch)
     assert (args.original_max_position_embeddings, args.beta_fast) == (8, 16)
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--plugins", "mla"], "--multi-latent-attention"),
-    (MLA + ["--tensor-model-parallel-size", "3"], "--num-attention-heads 4 is not divisible"),
-    (MLA + ["--qk-pos-emb-head-dim", "5"], "--qk-pos-emb-head-dim 5"),
-    (MLA + ["--rope-type", "yarn", "--rotary-scaling-factor", "40"],
-     "--yarn-original-max-position-embeddings"),
-    (MLA + ["--recompute-granularity", "selective"], "--recompute-modules core_attn"),
-    (MLA + ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
-            "layernorm"], "--recompute-modules core_attn"),
-    # Megatron's spelling of selective recomputation, read as its validation sets it (the
-    # run plan is made before).
-    (MLA + ["--recompute-activations"], "--recompute-modules core_attn"),
-    (["--multi-latent-attention"], "--plugins mla"),
-], ids=["no-mla-flag", "heads-vs-tp", "odd-rope", "yarn-no-length", "default-core-attn",
-        "core-attn", "recompute-activations", "megatron-mla-without-plugin"])
-def test_bad_configurations_name_the_flag(argv, flag, monkeypatch):
-    if "--tensor-model-parallel-size" in argv:
-        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    with pytest.raises(PluginError, match=flag.replace(" ", r"\s").replace("-", r"\-")):
-        enabled(argv, monkeypatch)

@@ -123,6 +123,28 @@ def test_honoured(argv, monkeypatch):
     enabled(argv, monkeypatch)
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--plugins", "mla"], "--multi-latent-attention"),
+    (MLA + ["--tensor-model-parallel-size", "3"], "--num-attention-heads 4 is not divisible"),
+    (MLA + ["--qk-pos-emb-head-dim", "5"], "--qk-pos-emb-head-dim 5"),
+    (MLA + ["--rope-type", "yarn", "--rotary-scaling-factor", "40"],
+     "--yarn-original-max-position-embeddings"),
+    (MLA + ["--recompute-granularity", "selective"], "--recompute-modules core_attn"),
+    (MLA + ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
+            "layernorm"], "--recompute-modules core_attn"),
+    # Megatron's spelling of selective recomputation, read as its validation sets it (the
+    # run plan is made before).
+    (MLA + ["--recompute-activations"], "--recompute-modules core_attn"),
+    (["--multi-latent-attention"], "--plugins mla"),
+], ids=["no-mla-flag", "heads-vs-tp", "odd-rope", "yarn-no-length", "default-core-attn",
+        "core-attn", "recompute-activations", "megatron-mla-without-plugin"])
+def test_bad_configurations_name_the_flag(argv, flag, monkeypatch):
+    if "--tensor-model-parallel-size" in argv:
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    with pytest.raises(PluginError, match=flag.replace(" ", r"\s").replace("-", r"\-")):
+        enabled(argv, monkeypatch)
+
+
 def _megatron_parser() -> argparse.ArgumentParser:
     from megatron.training.arguments import add_megatron_arguments
 

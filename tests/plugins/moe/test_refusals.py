@@ -8,6 +8,7 @@ the launch path does; the honoured flags are checked on the layer Megatron's con
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -146,6 +147,29 @@ def test_refused_at_start_up_naming_the_flag(argv, flag, why, monkeypatch):
     with pytest.raises(PluginError) as refused:
         enabled(MOE + argv, monkeypatch)
     assert flag in str(refused.value) and why in str(refused.value), str(refused.value)
+
+
+def without(flag: str) -> list[str]:
+    return [a for a in MOE if a != flag]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (MOE[:2] + MOE[4:], "--plugins moe needs --num-experts"),
+    (MOE + ["--num-experts", "0"], "--num-experts 0 must be 1 or more"),
+    (without("--moe-router-enable-expert-bias"), "--moe-router-enable-expert-bias"),
+    (MOE + ["--moe-router-score-function", "softmax"], "--moe-router-score-function sigmoid"),
+    (MOE + ["--moe-router-group-topk", "5"], "--moe-router-group-topk"),
+    (MOE + ["--moe-router-topk", "5"], "--moe-router-topk"),
+    (MOE + ["--moe-router-num-groups", "3"], "--moe-router-num-groups"),
+    (MOE + ["--moe-fp8-dispatch", "--hidden-size", "96"], "--hidden-size"),
+    (MOE + ["--moe-router-load-balancing-type", "aux_loss"], "--moe-router-load-balancing-type"),
+    (MOE + ["--moe-router-load-balancing-type", "seq_aux_loss"], "--moe-aux-loss-coeff"),
+    (["--moe-fp8-dispatch"], "--moe-fp8-dispatch needs '--plugins moe'"),
+], ids=["no-experts", "zero-experts", "no-bias", "softmax", "group-topk", "topk", "groups", "fp8-hidden",
+        "aux-loss", "seq-loss-without-coeff", "flag-without-plugin"])
+def test_bad_configurations_fail_at_start(argv, message, monkeypatch):
+    with pytest.raises(PluginError, match=re.escape(message)):
+        enabled(argv, monkeypatch)
 
 
 # Flags the plugin's layer honours (each checked below, or in the tests named).
