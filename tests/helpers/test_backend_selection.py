@@ -23,7 +23,7 @@ from tests.helpers import paths
 from tests.helpers.multirank import run_ranks
 
 ROOT = paths.REPO
-TESTS = ROOT / "tests"
+TESTS = paths.TESTS
 
 
 @pytest.fixture
@@ -302,7 +302,8 @@ def test_nothing():
 
 # --- every rank goes through the harness --------------------------------------------------
 
-HARNESS = {"multirank.py", "training_runs.py", "backend.py", Path(__file__).name}
+HARNESS = {TESTS / "helpers" / name for name in ("multirank.py", "training_runs.py", "backend.py")}
+HARNESS.add(Path(__file__).resolve())
 # How a test could start ranks on its own; the backend would then not follow the harness.
 BYPASSES = re.compile(r"torch\.distributed\.run|init_process_group|torch\.multiprocessing\."
                       r"spawn|mp\.spawn|\btorchrun\s+--|\bdist\.launch\b")
@@ -310,7 +311,7 @@ BYPASSES = re.compile(r"torch\.distributed\.run|init_process_group|torch\.multip
 
 def test_no_test_starts_ranks_outside_the_harness():
     offenders = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
-                 for path in sorted(TESTS.rglob("*.py")) if path.name not in HARNESS
+                 for path in sorted(TESTS.rglob("*.py")) if path.resolve() not in HARNESS
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if BYPASSES.search(line)]
     assert not offenders, ("start ranks through tests/helpers/multirank.py or "

@@ -307,7 +307,8 @@ def test_undo_restores_megatron(bf16_moments_installed):
         _config(exp_avg_dtype=torch.bfloat16)
 
 
-def _args(**overrides) -> argparse.Namespace:
+def megatron_args(**overrides) -> argparse.Namespace:
+    """Megatron's parsed optimizer arguments with BF16 moments asked for, and `overrides`."""
     args = dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16,
                 use_precision_aware_optimizer=False, optimizer="adam",
                 optimizer_cpu_offload=False, use_megatron_fsdp=False, use_torch_fsdp2=False,
@@ -316,54 +317,18 @@ def _args(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**args)
 
 
-def test_moment_flags():
-    from plugins import PluginError
-    from plugins.bf16_moments.plugin import check_moment_flags
-
-    assert check_moment_flags(_args()) is True
-    assert check_moment_flags(_args(exp_avg_sq_dtype="fp32")) is True  # strings before mapping
-    assert check_moment_flags(_args(exp_avg_dtype=torch.float32,
-                                    exp_avg_sq_dtype=torch.float32)) is False
-    refused = {
-        "can be stored in fp32 or bf16 only": _args(exp_avg_sq_dtype=torch.float16),
-        "needs Transformer Engine's FusedAdam": _args(use_precision_aware_optimizer=True),
-        "use --optimizer adam": _args(optimizer="sgd"),
-        "not with --optimizer-cpu-offload": _args(optimizer_cpu_offload=True),
-        "not with --use-megatron-fsdp": _args(use_megatron_fsdp=True),
-    }
-    for message, args in refused.items():
-        with pytest.raises(PluginError, match=message):
-            check_moment_flags(args)
-
-
 def test_fixes_apply_exactly_where_the_flags_ask_for_them():
     """The fixes' scope (upstream.optimizer) and the plugin's check agree on every
     request the check accepts."""
     from plugins.bf16_moments.plugin import check_moment_flags, fixes
 
-    for args in (_args(), _args(exp_avg_sq_dtype="fp32"), _args(exp_avg_dtype="fp32"),
-                 _args(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)):
+    for args in (megatron_args(), megatron_args(exp_avg_sq_dtype="fp32"),
+                 megatron_args(exp_avg_dtype="fp32"),
+                 megatron_args(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)):
         needed = check_moment_flags(args)
         assert all(fix.applies(args) is needed for fix in _fixes())
         assert [fix.name for fix in fixes(args)] == (
             ["bf16-moments-adam-class", "bf16-moments-config-check"] if needed else [])
-
-
-def test_the_flags_turn_the_plugin_on(monkeypatch):
-    from plugins import PluginError
-    from tests.helpers.plugin_args import enabled
-
-    args, plugins = enabled(BF16_MOMENTS, monkeypatch)
-    assert [p.name for p in plugins] == ["bf16_moments"]
-    assert len(plugins[0].fixes()) == 2
-    args, plugins = enabled(["--exp-avg-sq-dtype", "bf16"], monkeypatch)
-    assert [p.name for p in plugins] == ["bf16_moments"]
-    args, plugins = enabled([], monkeypatch)
-    assert plugins == []
-    with pytest.raises(PluginError, match="give Megatron's --exp-avg-dtype bf16"):
-        enabled(["--plugins", "bf16_moments"], monkeypatch)
-    with pytest.raises(PluginError, match="fp32 or bf16 only"):
-        enabled(["--exp-avg-dtype", "fp16"], monkeypatch)
 
 
 # --- Megatron's training loop, 2 gloo ranks ----------------------------------------------
