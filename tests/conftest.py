@@ -18,7 +18,7 @@ from tests.helpers import backend
 
 @pytest.fixture
 def patcher():
-    """A `upstream.patching.Patcher` whose changes are undone when the test ends, passed or
+    """An `upstream.patching.Patcher` whose changes are undone when the test ends, passed or
     failed (a test that checks what undoing restores calls `patcher.undo()` itself first)."""
     from tests.helpers.patching import patching
 
