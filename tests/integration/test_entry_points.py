@@ -68,8 +68,8 @@ def test_one_rank_lets_its_store_bind_a_free_port(monkeypatch):
         "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
     pretrain.one_rank_without_torchrun()
     assert os.environ["MASTER_PORT"] == "0" and os.environ["WORLD_SIZE"] == "1"
-    # torch's env:// rendezvous, as starting the process group makes it: two at once, each on a
-    # port of its own
+    # torch's env:// rendezvous, as the default process group's start-up makes it: two at
+    # once, each on a port of its own (no rank is started)
     first, rank, world_size = next(dist.rendezvous("env://"))
     second, _, _ = next(dist.rendezvous("env://"))
     assert (rank, world_size) == (0, 1)
