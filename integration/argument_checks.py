@@ -154,9 +154,10 @@ NUMERIC_DOMAINS = (
                               "model is initialised", least=0, finite=True),
     Domain("rotary_base", "the rotary frequencies take its logarithm: a math domain error "
                           "when the model is built (0 or less)", above=0, finite=True),
-    Domain("layernorm_epsilon", "a negative epsilon makes a norm's denominator vanish or "
-                                "turn negative: non-finite activations in the first forward",
-           least=0, finite=True, named="--norm-epsilon"),
+    Domain("layernorm_epsilon", "0 or a negative epsilon lets a norm's denominator vanish "
+                                "or turn negative: non-finite activations for a zero input; "
+                                "megaseek convert refuses the same rms_norm_eps",
+           above=0, finite=True, named="--norm-epsilon"),
     Domain("seed", "_set_random_seed raises 'should be a positive integer' after the "
                    "process groups are made", least=0),
     Domain("mtp_num_layers", "validate_args reads a negative count as MTP on and refuses the "
@@ -166,6 +167,26 @@ NUMERIC_DOMAINS = (
            least=0, finite=True),
     Domain("clip_grad", "clip_grads.py scales every gradient by clip_grad / norm: a negative "
                         "value flips them", least=0),
+    # Warm-up: the scheduler reads no negative length as an error (optimizer_param_scheduler.py
+    # skips a warm-up of 0 or less) and starts from --lr-warmup-init as a learning rate.
+    Domain("lr_warmup_iters", "a negative warm-up is skipped without a word", least=0),
+    Domain("lr_warmup_samples", "a negative warm-up is skipped without a word", least=0),
+    Domain("lr_warmup_init", "the warm-up starts from it: a negative or NaN learning rate "
+                             "(see --lr)", least=0, finite=True),
+    # fp16's loss scaling: grad_scaler.py asserts these (lines 19, 109, 120, 124) when the
+    # optimizer is built, after the model; `--loss-scale 0` reads as "not given" there
+    # (optimizer/__init__.py:649) and silently scales dynamically.
+    Domain("loss_scale", "grad_scaler.py:19 asserts initial_scale > 0 once the model is "
+                         "built (0 silently means dynamic scaling)", above=0, finite=True),
+    Domain("initial_loss_scale", "grad_scaler.py:19 asserts initial_scale > 0 once the model "
+                                 "is built", above=0, finite=True),
+    Domain("min_loss_scale", "grad_scaler.py:109 asserts min_scale > 0 once the model is "
+                             "built", above=0, finite=True),
+    Domain("loss_scale_window", "grad_scaler.py:120 asserts growth_interval > 0 once the "
+                                "model is built; a fraction grows the scale every step",
+           least=1, finite=True),
+    Domain("hysteresis", "grad_scaler.py:124 asserts hysteresis > 0 once the model is built",
+           least=1),
 )
 
 
@@ -195,6 +216,10 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     _check_attention_backend(args)
     _check_wsd_schedule(args, argv)
     _check_tokenizer_files(args)
+    _check_loss_scaling(args)
+    _check_precision_aware_optimizer(args)
+    _check_moe_layer_pattern(args)
+    _check_pipeline_stage_layers(args)
 
 
 def after_megatron(args: argparse.Namespace) -> None:
@@ -632,3 +657,41 @@ def _in_megatron_cache(kind: str, flag: str) -> bool:
 
     suffix = "_vocab" if flag == "--vocab-file" else "_merges"
     return os.path.exists(os.path.join(MEGATRON_CACHE, kind + suffix))
+
+
+def _check_loss_scaling(args) -> None:
+    """fp16's dynamic loss scaler (optimizer/__init__.py:654, built with the optimizer once
+    the model is) asserts its floor is no higher than its start (grad_scaler.py:110)."""
+    if not getattr(args, "fp16", False) or getattr(args, "loss_scale", None):
+        return
+    low, start = args.min_loss_scale, args.initial_loss_scale
+    if low is not None and start is not None and low > start:
+        raise PluginError(f"--min-loss-scale {low} is above --initial-loss-scale {start}: the "
+                          "dynamic loss scale starts at the second and never drops below the "
+                          "first")
+
+
+def _check_precision_aware_optimizer(args) -> None:
+    """OptimizerConfig.__post_init__ asserts it (optimizer_config.py) in a traceback, when
+    the training loop builds the optimizer."""
+    if (getattr(args, "use_precision_aware_optimizer", False)
+            and not getattr(args, "use_distributed_optimizer", False)):
+        raise PluginError("--use-precision-aware-optimizer works with the distributed "
+                          "optimizer only: add --use-distributed-optimizer, or drop "
+                          "--use-precision-aware-optimizer")
+
+
+def _check_moe_layer_pattern(args) -> None:
+    from integration.layer_layout import moe_layer_pattern_problem
+
+    problem = moe_layer_pattern_problem(args)
+    if problem:
+        raise PluginError(problem)
+
+
+def _check_pipeline_stage_layers(args) -> None:
+    from integration.layer_layout import pipeline_stages_problem
+
+    problem = pipeline_stages_problem(args)
+    if problem:
+        raise PluginError(problem)

@@ -122,7 +122,8 @@ REFUSED = {
     "clip-grad-negative": (["--clip-grad", "-1"], (), "--clip-grad -1.0 must be 0 or more"),
     "rotary-base-0": (["--rotary-base", "0"], (), "--rotary-base 0 must be above 0"),
     "norm-epsilon-negative": (["--norm-epsilon", "-1"], (),
-                              "--norm-epsilon -1.0 must be 0 or more"),
+                              "--norm-epsilon -1.0 must be above 0"),
+    "norm-epsilon-0": (["--norm-epsilon", "0"], (), "--norm-epsilon 0.0 must be above 0"),
     "seed-negative": (["--seed", "-1"], (), "--seed -1 must be 0 or more"),
     "full-recompute-without-method": (["--recompute-granularity", "full"], (),
                                       "--recompute-granularity full needs --recompute-method"),
@@ -152,6 +153,59 @@ REFUSED = {
                                  "--init-method-std -0.02 must be 0 or more (and finite)"),
     "eval-iters-negative": (["--eval-iters", "-1"], (), "--eval-iters -1 must be 0 or more"),
     "lr-nan": (["--lr", "nan"], (), "--lr nan must be 0 or more (and finite)"),
+    "lr-warmup-init-negative": (["--lr-warmup-iters", "2", "--lr-warmup-init", "-0.1"], (),
+                                "--lr-warmup-init -0.1 must be 0 or more (and finite)"),
+    "lr-warmup-iters-negative": (["--lr-warmup-iters", "-2"], (),
+                                 "--lr-warmup-iters -2 must be 0 or more"),
+    # fp16's loss scaler asserts these when the optimizer is built, after the model
+    "loss-scale-negative": (["--fp16", "--loss-scale", "-1"], (),
+                            "--loss-scale -1.0 must be above 0 (and finite)"),
+    "loss-scale-0": (["--bf16", "--loss-scale", "0"], (),
+                     "--loss-scale 0.0 must be above 0 (and finite)"),
+    "initial-loss-scale-0": (["--fp16", "--initial-loss-scale", "0"], (),
+                             "--initial-loss-scale 0.0 must be above 0 (and finite)"),
+    "min-loss-scale-0": (["--fp16", "--min-loss-scale", "0"], (),
+                         "--min-loss-scale 0.0 must be above 0 (and finite)"),
+    "min-loss-scale-above-initial": (["--fp16", "--min-loss-scale", "64",
+                                      "--initial-loss-scale", "32"], (),
+                                     "--min-loss-scale 64.0 is above --initial-loss-scale "
+                                     "32.0"),
+    "loss-scale-window-0": (["--fp16", "--loss-scale-window", "0"], (),
+                            "--loss-scale-window 0.0 must be 1 or more (and finite)"),
+    "hysteresis-0": (["--fp16", "--hysteresis", "0"], (), "--hysteresis 0 must be 1 or more"),
+    "precision-aware-optimizer-alone": (["--use-precision-aware-optimizer"], (),
+                                        "--use-precision-aware-optimizer works with the "
+                                        "distributed optimizer only: add "
+                                        "--use-distributed-optimizer"),
+    # the decoder's layers, as the MoE pattern and the pipeline stages lay them out
+    "moe-layer-freq-longer-than-the-model": (["--num-experts", "4", "--moe-layer-freq",
+                                              "[0,1,1]"], (),
+                                             "--moe-layer-freq has 3 entries for --num-layers 2"),
+    "moe-layer-freq-0": (["--num-experts", "4", "--moe-layer-freq", "0"], (),
+                         "--moe-layer-freq 0 must be 1 or more"),
+    "moe-layer-freq-not-0-or-1": (["--num-experts", "4", "--moe-layer-freq", "[0,2]"], (),
+                                  "--moe-layer-freq holds 2: each entry is 0"),
+    "first-stage-larger-than-the-model": (["--pipeline-model-parallel-size", "2",
+                                           "--decoder-first-pipeline-num-layers", "5"], (),
+                                          "--decoder-first-pipeline-num-layers 5 exceed "
+                                          "--num-layers 2, leaving none for the other 1"),
+    "last-stage-takes-every-layer": (["--pipeline-model-parallel-size", "2",
+                                      "--decoder-last-pipeline-num-layers", "2"], (),
+                                     "--decoder-last-pipeline-num-layers 2 leave 0 of "
+                                     "--num-layers 2 for the other 1"),
+    "first-and-last-short-of-the-model": (["--num-layers", "4", "--pipeline-model-parallel-size",
+                                           "2", "--decoder-first-pipeline-num-layers", "1",
+                                           "--decoder-last-pipeline-num-layers", "1"], (),
+                                          "--decoder-first-pipeline-num-layers 1 and "
+                                          "--decoder-last-pipeline-num-layers 1 must add up to "
+                                          "--num-layers 4"),
+    "embedding-in-the-split-uneven": (["--pipeline-model-parallel-size", "2",
+                                       "--account-for-embedding-in-pipeline-split"], (),
+                                      "--num-layers 2 + 1 for "
+                                      "--account-for-embedding-in-pipeline-split = 3 layers "
+                                      "must divide evenly over --pipeline-model-parallel-size 2 "
+                                      "stages: change --num-layers, or drop "
+                                      "--account-for-embedding-in-pipeline-split"),
     "lr-negative": (["--lr=-1e-3"], (), "--lr -0.001 must be 0 or more (and finite)"),
     # Megatron's words name values the user did not give (eval_global_batch_size, world_size)
     "global-batch-not-a-multiple": (["--global-batch-size", "3", "--micro-batch-size", "2"], (),
@@ -313,7 +367,8 @@ def test_refused_at_start_up_naming_the_flag(case, paths, monkeypatch):
 # Megatron refuses these itself, but by a value the user did not give (tested below).
 MEGATRON_BLAMES_ANOTHER = ("mtp-num-layers-negative", "lr-nan", "lr-negative",
                            "global-batch-not-a-multiple", "micro-batch-too-large",
-                           "eval-batch-not-a-multiple", "pipeline-larger-than-world")
+                           "eval-batch-not-a-multiple", "pipeline-larger-than-world",
+                           "embedding-in-the-split-uneven")
 
 
 @pytest.mark.parametrize("case", [c for c in REFUSED if c not in MEGATRON_BLAMES_ANOTHER])
@@ -334,6 +389,8 @@ def test_megatron_alone_lets_it_through(case, paths, monkeypatch):
     (["--micro-batch-size", "4"], "eval_global_batch_size (4)"),
     (["--eval-micro-batch-size", "3"], "eval_global_batch_size (4)"),
     (["--pipeline-model-parallel-size", "4"], "world size (2)"),
+    (["--pipeline-model-parallel-size", "2", "--account-for-embedding-in-pipeline-split"],
+     "Number of layers should be divisible by the pipeline-model-parallel size"),
 ])
 def test_megatron_blames_a_value_the_user_did_not_give(extra, blamed, monkeypatch):
     from upstream.argument_words import assert_condition
@@ -519,6 +576,12 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
      "(total_model_size=4) (the 2 ranks of the run, in model replicas of "
      "--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
      "ranks each) "),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--account-for-embedding-in-pipeline-split", "--num-layers-per-virtual-pipeline-stage",
+      "1"],
+     "Megatron's argument check failed: number of layers of the model must be divisible "
+     "pipeline model parallel size (--pipeline-model-parallel-size 2, "
+     "--account-for-embedding-in-pipeline-split (one more layer))"),
     # MLA has no key/value groups (the mla plugin's attention no more than Megatron's)
     (["--multi-latent-attention", "--group-query-attention"],
      "Megatron's argument check failed: Group query attention is mutually exclusive with "

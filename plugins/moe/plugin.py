@@ -142,6 +142,12 @@ def validate(args: argparse.Namespace) -> None:
         raise PluginError("--plugins moe needs --num-experts")
     if args.num_experts < 1:
         raise PluginError(f"--num-experts {args.num_experts} must be 1 or more")
+    # Before the refused flags: validate_args derives --expert-tensor-parallel-num-weight-
+    # shards from the expert TP size, which follows --tensor-model-parallel-size by default.
+    if (args.expert_tensor_parallel_size or 1) != 1:
+        raise PluginError("--plugins moe: experts are not tensor-parallel; give "
+                          "--expert-tensor-parallel-size 1 (without it, it follows "
+                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size})")
     refused = first_refused(args, REFUSED)
     if refused:
         raise PluginError(f"--plugins moe: {refused}")
@@ -180,9 +186,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.num_experts % ep:
         raise PluginError(f"--plugins moe: --num-experts {args.num_experts} is not divisible "
                           f"by --expert-model-parallel-size {ep}")
-    if (args.expert_tensor_parallel_size or 1) != 1:
-        raise PluginError("--plugins moe: experts are not tensor-parallel; use "
-                          "--expert-tensor-parallel-size 1")
 
     # Routing: group-limited when both group flags are given.
     groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
