@@ -22,6 +22,7 @@ import torch
 import integration  # noqa: F401  (megatron.training on Python 3.11)
 from integration import argument_checks
 from plugins import PluginError, default_registry
+from tests.test_moe_plugin import MOE
 from tests.training_runs import TINY_GPT, torchrun
 from upstream import cpu
 
@@ -177,6 +178,11 @@ REFUSED = {
                                         "--use-precision-aware-optimizer works with the "
                                         "distributed optimizer only: add "
                                         "--use-distributed-optimizer"),
+    # Megatron derives the expert TP size, then its weight shards, from the model's TP size
+    "moe-experts-under-tensor-parallelism": ([*MOE, "--tensor-model-parallel-size", "2"], (),
+                                             "--plugins moe: experts are not tensor-parallel; "
+                                             "give --expert-tensor-parallel-size 1 (without "
+                                             "it, it follows --tensor-model-parallel-size 2)"),
     # the decoder's layers, as the MoE pattern and the pipeline stages lay them out
     "moe-layer-freq-longer-than-the-model": (["--num-experts", "4", "--moe-layer-freq",
                                               "[0,1,1]"], (),
