@@ -362,10 +362,12 @@ def dataset_prefixes(paths: list[str]) -> list[str]:
 
 
 def _check_data_prefixes(args) -> None:
-    """Each prefix names a PREFIX.idx and a PREFIX.bin (Megatron's indexed dataset);
-    indexed_dataset.py asserts it only once the model is built. A remote prefix (s3://,
-    msc://) is left to Megatron."""
+    """Each prefix names a PREFIX.idx and a PREFIX.bin (Megatron's indexed dataset), an
+    index Megatron can read and data as long as it says; indexed_dataset.py asserts them
+    only once the model is built. A remote prefix (s3://, msc://) is left to Megatron."""
     import os
+
+    from integration.data_files import indexed_dataset_problem
 
     for flag, paths in _data_paths(args):
         for prefix in dataset_prefixes(paths):
@@ -377,6 +379,9 @@ def _check_data_prefixes(args) -> None:
                 raise PluginError(f"{flag} {prefix}: no {' or '.join(missing)} (a dataset "
                                   "prefix names the PREFIX.idx and PREFIX.bin files that "
                                   "Megatron's tools/preprocess_data.py writes)")
+            problem = indexed_dataset_problem(prefix)
+            if problem:
+                raise PluginError(f"{flag} {prefix}: {problem}")
 
 
 def _check_recompute(args) -> None:
@@ -643,9 +648,46 @@ def _check_tokenizer_files(args) -> None:
                  or path.startswith(("/", ".", "~")))
         if local and not os.path.exists(os.path.expanduser(path)):
             raise PluginError(f"{flag} {path}: no such file (--tokenizer-type {kind} reads it)")
+        problem = _tokenizer_file_problem(kind, flag, os.path.expanduser(path))
+        if problem:
+            raise PluginError(f"{flag} {path} {problem} (--tokenizer-type {kind} reads it)")
     if importlib.util.find_spec(package) is None:
         raise PluginError(f"--tokenizer-type {kind} needs the Python package {package}, "
                           f"which is not installed: pip install {package}")
+    _check_hub_tokenizer(kind)
+
+
+def _tokenizer_file_problem(kind: str, flag: str, path: str) -> str | None:
+    from integration.data_files import json_vocabulary_problem, tokenizer_folder_problem
+
+    if flag == "--tokenizer-model" and kind in ("HuggingFaceTokenizer", "SFTTokenizer"):
+        return tokenizer_folder_problem(path)
+    if flag == "--vocab-file" and kind == "GPT2BPETokenizer":
+        return json_vocabulary_problem(path)
+    return None
+
+
+# The Hugging Face Hub tokenizer each of Megatron's BPE and WordPiece tokenizers loads,
+# whatever local files it is given (megatron_hf_tokenizer.py:29-47, 100: AutoTokenizer
+# .from_pretrained(name, vocab_file=...) reads the name's tokenizer_config.json).
+_HUB_TOKENIZERS = {"GPT2BPETokenizer": "gpt2", "BertWordPieceLowerCase": "bert-large-uncased",
+                   "BertWordPieceCase": "bert-large-cased"}
+
+
+def _check_hub_tokenizer(kind: str) -> None:
+    """Offline, a Hub tokenizer that is not in Hugging Face's cache fails when Megatron
+    builds the tokenizer, after a minute of retries, blaming the network."""
+    from integration.data_files import hub_files_cached, hub_unreachable
+
+    repo = _HUB_TOKENIZERS.get(kind)
+    if repo is None or hub_files_cached(repo, "tokenizer_config.json"):
+        return
+    why = hub_unreachable()
+    if why:
+        raise PluginError(f"--tokenizer-type {kind} loads Hugging Face's {repo!r} tokenizer "
+                          f"from the Hub even with local files, and {why} (nor is it in "
+                          "Hugging Face's cache): save a tokenizer to a folder and give "
+                          "--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR")
 
 
 def _in_megatron_cache(kind: str, flag: str) -> bool:

@@ -328,6 +328,25 @@ REFUSED = {
     "hf-tokenizer-without-model": (["--tokenizer-type", "HuggingFaceTokenizer"], (),
                                    "--tokenizer-type HuggingFaceTokenizer needs "
                                    "--tokenizer-model"),
+    "hf-tokenizer-folder-without-tokenizer": (["--tokenizer-type", "HuggingFaceTokenizer",
+                                               "--tokenizer-model", "{folder}"], (),
+                                              "--tokenizer-model {folder} holds no tokenizer "
+                                              "(none of tokenizer.json, tokenizer_config.json"),
+    "gpt2-vocab-not-json": (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{file}",
+                             "--merge-file", "{file}"], (),
+                            "--vocab-file {file} is not a JSON vocabulary"),
+    # data files present but not Megatron's: indexed_dataset.py asserts after the model build
+    "data-path-not-megatrons-index": (["--data-path", "{not_megatrons}", *NULL_TOKENIZER], (),
+                                      "--data-path {not_megatrons}: {not_megatrons}.idx is not "
+                                      "a Megatron index (it does not start with Megatron's "
+                                      "MMIDIDX header)"),
+    "data-path-weighted-not-megatrons": (["--data-path", "0.5", "{prefix}", "0.5",
+                                          "{not_megatrons}", *NULL_TOKENIZER], (),
+                                         "--data-path {not_megatrons}: {not_megatrons}.idx is "
+                                         "not a Megatron index"),
+    "data-path-bin-cut-short": (["--data-path", "{cut}", *NULL_TOKENIZER], (),
+                                "--data-path {cut}: {cut}.bin holds 19 bytes and its index "
+                                "{cut}.idx points to 20"),
     "hf-tokenizer-local-folder-missing": (["--tokenizer-type", "HuggingFaceTokenizer",
                                            "--tokenizer-model", "{folder}/none"], (),
                                           "--tokenizer-model {folder}/none: no such file"),
@@ -354,12 +373,28 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def paths(tmp_path) -> dict[str, str]:
     """{file}: an empty file; {folder}: a folder; {prefix}: a dataset prefix with its
-    PREFIX.idx and PREFIX.bin (empty: only their presence is checked at start-up)."""
+    PREFIX.idx and PREFIX.bin, as Megatron's builder writes them; {not_megatrons}: a prefix
+    whose files are not Megatron's; {cut}: {prefix}'s index with a shorter .bin."""
     (tmp_path / "a-file").write_text("")
+    write_dataset(tmp_path / "data", [[1, 2, 3], [4, 5]])
     for ext in (".idx", ".bin"):
-        (tmp_path / f"data{ext}").write_text("")
+        (tmp_path / f"other{ext}").write_text("token ids, one a line\n")
+    (tmp_path / "cut.idx").write_bytes((tmp_path / "data.idx").read_bytes())
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "data.bin").read_bytes()[:-1])
     return {"file": str(tmp_path / "a-file"), "folder": str(tmp_path),
-            "prefix": str(tmp_path / "data")}
+            "prefix": str(tmp_path / "data"), "not_megatrons": str(tmp_path / "other"),
+            "cut": str(tmp_path / "cut")}
+
+
+def write_dataset(prefix: Path, documents: list[list[int]]) -> None:
+    """PREFIX.bin and PREFIX.idx of `documents` (token ids), by Megatron's own builder."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for document in documents:
+        builder.add_document(numpy.array(document, dtype=numpy.int32), [len(document)])
+    builder.finalize(f"{prefix}.idx")
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
@@ -438,15 +473,16 @@ def test_megatron_misreads_a_negative_mtp_depth(monkeypatch):
     ["--sequence-parallel", "--tensor-model-parallel-size", "2"],
     ["--attention-backend", "auto"],
     ["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "10", "--lr-wsd-decay-style", "linear"],
-    ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{tmp}/data.idx", "--merge-file",
-     "{tmp}/data.bin"],
+    ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{tmp}/vocab.json",
+     "--merge-file", "{tmp}/data.bin"],  # gpt2 in Hugging Face's cache (below)
     ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
      "deepseek-ai/DeepSeek-V3"],  # a Hub name: fetched when the tokenizer is built
     ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "{tmp}"],
 ])
 def test_the_edges_are_accepted(extra, tmp_path, monkeypatch):
-    for ext in (".idx", ".bin"):
-        (tmp_path / f"data{ext}").write_text("")
+    write_dataset(tmp_path / "data", [[7]])
+    (tmp_path / "vocab.json").write_text('{"a": 0}')  # also a tokenizer folder's vocabulary
+    hub_cache_holding("gpt2", tmp_path / "hub", monkeypatch)
     argv = command_line([a.format(tmp=tmp_path) for a in extra])
     assert start_up_refusal(argv, monkeypatch) is None
     assert not (tmp_path / "not").exists()  # a folder is checked, not made
@@ -508,6 +544,7 @@ def test_a_tokenizer_file_is_asked_for_unless_megatron_has_it_cached(tmp_path, m
     from megatron.core.tokenizers.text.libraries import megatron_hf_tokenizer
 
     monkeypatch.setattr(megatron_hf_tokenizer, "MEGATRON_CACHE", str(tmp_path))
+    hub_cache_holding("gpt2", tmp_path / "hub", monkeypatch)
     argv = command_line(["--tokenizer-type", "GPT2BPETokenizer"])
     assert start_up_refusal(argv, monkeypatch) == (
         "--tokenizer-type GPT2BPETokenizer needs --vocab-file FILE (Megatron would otherwise "
@@ -520,6 +557,43 @@ def test_a_tokenizer_file_is_asked_for_unless_megatron_has_it_cached(tmp_path, m
     assert start_up_refusal(command_line(["--tokenizer-type", "BertWordPieceCase"]),
                             monkeypatch).startswith(
         "--tokenizer-type BertWordPieceCase needs --vocab-file FILE")
+
+
+def hub_cache_holding(repo: str | None, cache: Path, monkeypatch) -> None:
+    """Hugging Face's cache at `cache` (HF_HUB_CACHE), offline, holding the
+    tokenizer_config.json of the Hub repository `repo` (None: nothing), in the cache's
+    layout (refs/main names a snapshot)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if repo is not None:
+        folder = cache / f"models--{repo}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (folder / "snapshots" / ("0" * 40) / "tokenizer_config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("kind, files, repo", [
+    ("GPT2BPETokenizer", ["--vocab-file", "{vocab}", "--merge-file", "{merges}"], "gpt2"),
+    ("BertWordPieceCase", ["--vocab-file", "{merges}"], "bert-large-cased"),
+])
+def test_a_hub_tokenizer_offline_is_refused_unless_cached(kind, files, repo, tmp_path,
+                                                          monkeypatch):
+    """Megatron's BPE and WordPiece tokenizers load a Hub tokenizer by name, even with
+    local files: offline and not cached, that fails in the tokenizer build, after retries."""
+    (tmp_path / "vocab.json").write_text('{"a": 0}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    argv = command_line(["--tokenizer-type", kind,
+                         *[f.format(vocab=tmp_path / "vocab.json",
+                                    merges=tmp_path / "merges.txt") for f in files]])
+    hub_cache_holding(None, tmp_path / "hub", monkeypatch)
+    assert start_up_refusal(argv, monkeypatch) == (
+        f"--tokenizer-type {kind} loads Hugging Face's {repo!r} tokenizer from the Hub even "
+        "with local files, and HF_HUB_OFFLINE is set (nor is it in Hugging Face's cache): "
+        "save a tokenizer to a folder and give --tokenizer-type HuggingFaceTokenizer "
+        "--tokenizer-model DIR")
+    hub_cache_holding(repo, tmp_path / "hub", monkeypatch)
+    assert start_up_refusal(argv, monkeypatch) is None
 
 
 @pytest.mark.slow
