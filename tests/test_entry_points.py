@@ -222,7 +222,11 @@ def test_launch_refuses_as_argparse_does(argv, said, capsys):
     (["convert", "megatron-to-hf", "CKPT"], "the following arguments are required: out"),
     (["ema-export", "--load", "CKPT"], "the following arguments are required: --save"),
     (["schedule", "--schedule", "gpipe"], "argument --schedule: invalid choice: 'gpipe'"),
-], ids=["describe", "convert", "ema-export", "schedule"])
+    (["convert", "megatron-to-hf", "CKPT", "OUT", "--max-shard-size", "0"],
+     "argument --max-shard-size: 0 must be 1KB or more"),
+    (["convert", "megatron-to-hf", "CKPT", "OUT", "--max-shard-size", "12XB"],
+     "argument --max-shard-size: '12XB' is not a size"),
+], ids=["describe", "convert", "ema-export", "schedule", "shard-size-0", "shard-size-unit"])
 def test_every_command_refuses_a_command_line_in_one_line(argv, said, capsys):
     """argparse's own refusals read as every other megaseek refusal: one line, exit 2."""
     from integration import cli
