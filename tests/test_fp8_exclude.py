@@ -137,3 +137,28 @@ def test_describe_lists_the_linears_the_built_model_runs_in_fp8(capsys):
     with pytest.raises(SystemExit):
         d.main(argv + ["--fp8-exclude-modules", "linear_kv_up_proj"])
     assert "--fp8-exclude-modules is not modelled yet" in capsys.readouterr().err
+
+
+def _refusal_of_an_absent_slot(rank, world_size):
+    from tests.mla_build import megatron_ranks
+
+    with megatron_ranks():
+        args, model = _model(FP8 + ["--fp8-exclude-modules", "linear_qkv", "linear_fc1"])
+        from tests.plugin_args import validated
+
+        (fp8,) = [p for p in validated(MODEL + FP8)[1] if p.name == "fp8"]
+        try:
+            fp8.on_optimizer_step(args, [model], None)
+        except PluginError as error:
+            return str(error)
+        return None
+
+
+def test_a_slot_the_model_does_not_have_is_refused_naming_its_slots():
+    """MLA has no linear_qkv: excluding it would keep nothing in the training dtype. Known
+    once the model is built (its specs, and its pipeline stage's layers: gathered over the
+    ranks), before the first step."""
+    assert run_ranks(_refusal_of_an_absent_slot, 1, timeout=300)[0] == (
+        "--fp8-exclude-modules linear_qkv: this model has no such linear; its slots are "
+        "linear_proj, linear_q_down_proj, linear_q_up_proj, linear_kv_down_proj, "
+        "linear_kv_up_proj, linear_fc1, linear_fc2")
