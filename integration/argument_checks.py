@@ -218,6 +218,7 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     _check_tokenizer_files(args)
     _check_loss_scaling(args)
     _check_precision_aware_optimizer(args)
+    _check_optimizer_package(args)
     _check_moe_layer_pattern(args)
     _check_pipeline_stage_layers(args)
 
@@ -721,6 +722,19 @@ def _check_precision_aware_optimizer(args) -> None:
         raise PluginError("--use-precision-aware-optimizer works with the distributed "
                           "optimizer only: add --use-distributed-optimizer, or drop "
                           "--use-precision-aware-optimizer")
+
+
+def _check_optimizer_package(args) -> None:
+    """Megatron's optimizers other than Adam and SGD come from the emerging-optimizers
+    package, which megatron-core imports if present and asks for only when the optimizer
+    is built, after the model (optimizer/__init__.py:599 for lion, :756 for the others)."""
+    from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
+
+    optimizer = getattr(args, "optimizer", "adam")
+    if optimizer not in ("adam", "sgd") and not HAVE_EMERGING_OPTIMIZERS:
+        raise PluginError(f"--optimizer {optimizer} needs the Python package "
+                          "emerging-optimizers (0.2 or newer), which is not installed: pip "
+                          "install emerging-optimizers, or give --optimizer adam or sgd")
 
 
 def _check_moe_layer_pattern(args) -> None:

@@ -356,6 +356,10 @@ if importlib.util.find_spec("sentencepiece") is None:
         ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "{file}"], (),
         "--tokenizer-type Llama2Tokenizer needs the Python package sentencepiece, which is "
         "not installed")
+if importlib.util.find_spec("emerging_optimizers") is None:
+    REFUSED["optimizer-package-not-installed"] = (
+        ["--optimizer", "lion"], (), "--optimizer lion needs the Python package "
+                                     "emerging-optimizers (0.2 or newer), which is not installed")
 REFUSED["async-save-without-its-worker"] = (
     ["--async-save", "--save", "{folder}/ckpt", "--save-interval", "2"], (),
     "--async-save needs --use-persistent-ckpt-worker (without it Megatron saves "
