@@ -90,10 +90,10 @@ def pipeline_stages_problem(args: argparse.Namespace) -> str | None:
         return (f"{said} must add up to --num-layers {layers}"
                 + (" (there are no middle stages to hold the rest)" if middle_layers > 0
                    else "") if middle_stages == 0 else
-                f"{said} exceed --num-layers {layers}, leaving none for the other "
+                f"{said}: more than --num-layers {layers}, leaving none for the other "
                 f"{middle_stages} of --pipeline-model-parallel-size {stages} stages")
     if middle_layers < middle_stages or middle_layers % middle_stages:
-        return (f"{said} leave {middle_layers} of --num-layers {layers} for the other "
-                f"{middle_stages} of --pipeline-model-parallel-size {stages} stages: each "
+        return (f"{said}: {middle_layers} of --num-layers {layers} left for the other "
+                f"{middle_stages} of --pipeline-model-parallel-size {stages} stages, and each "
                 "needs the same number, 1 or more")
     return None

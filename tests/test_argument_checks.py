@@ -193,12 +193,12 @@ REFUSED = {
                                   "--moe-layer-freq holds 2: each entry is 0"),
     "first-stage-larger-than-the-model": (["--pipeline-model-parallel-size", "2",
                                            "--decoder-first-pipeline-num-layers", "5"], (),
-                                          "--decoder-first-pipeline-num-layers 5 exceed "
+                                          "--decoder-first-pipeline-num-layers 5: more than "
                                           "--num-layers 2, leaving none for the other 1"),
     "last-stage-takes-every-layer": (["--pipeline-model-parallel-size", "2",
                                       "--decoder-last-pipeline-num-layers", "2"], (),
-                                     "--decoder-last-pipeline-num-layers 2 leave 0 of "
-                                     "--num-layers 2 for the other 1"),
+                                     "--decoder-last-pipeline-num-layers 2: 0 of "
+                                     "--num-layers 2 left for the other 1"),
     "first-and-last-short-of-the-model": (["--num-layers", "4", "--pipeline-model-parallel-size",
                                            "2", "--decoder-first-pipeline-num-layers", "1",
                                            "--decoder-last-pipeline-num-layers", "1"], (),
