@@ -107,7 +107,7 @@ def _bubbles(timers: dict[str, dict[int, float]]) -> list[float]:
 
 
 def _timeline(directory: Path):
-    from plugins.dualpipe.runlog import read_run
+    from integration.dualpipe_report.run_files import read_run
 
     timeline, _ = read_run(directory)
     return timeline
@@ -160,7 +160,7 @@ def run_bubble(smoke: bool = False) -> Result:
         raw["DualPipeV timeline"] = {"bubble_s": measured, "formula_s": formula,
                                      "simulated_s": simulated, "mean_durations_s": durations}
         if not smoke:
-            from plugins.dualpipe.timeline import draw
+            from integration.dualpipe_report.picture import draw
 
             FIGURES.mkdir(parents=True, exist_ok=True)
             draw(timeline, FIGURES / "dualpipev-pp2-run.png", exact,

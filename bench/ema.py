@@ -77,7 +77,7 @@ def demo_mla_moe():
     from plugins import default_registry
 
     registry = default_registry()
-    with hooks.megatron_run(registry) as patcher:
+    with hooks.megatron_run(registry) as run:
         saved, sys.argv = sys.argv, ["pretrain", *_demo_argv()]
         try:
             args = parse_args(extra_args_provider=registry.add_arguments)
@@ -85,7 +85,7 @@ def demo_mla_moe():
             sys.argv = saved
         with contextlib.redirect_stdout(io.StringIO()):  # Megatron's argument dump
             validate_args(args, {})
-        plugins = hooks.enable(registry, args, patcher, model_only=True)
+        plan = hooks.enable(run, model_only=True)
         config = core_transformer_config_from_args(args)
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                           normalization=args.normalization)
@@ -94,15 +94,15 @@ def demo_mla_moe():
                        max_sequence_length=args.max_position_embeddings,
                        share_embeddings_and_output_weights=tied,
                        position_embedding_type=args.position_embedding_type,
-                       rotary_base=args.rotary_base), args, plugins
+                       rotary_base=args.rotary_base), args, plan
 
 
-def make_demo_step(model, args, plugins):
+def make_demo_step(model, args, plan):
     """Forward, backward, Adam and the plugins' after-step callbacks on one fixed random
     micro-batch of the demo's shape."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    callbacks = [p.on_optimizer_step(args, [model], optimizer) for p in plugins
-                 if p.on_optimizer_step is not None]
+    callbacks = [h.on_optimizer_step([model], optimizer)
+                 for h in (p.run_hooks() for p in plan.plugins) if h.on_optimizer_step is not None]
     batch, seq = args.micro_batch_size, args.seq_length
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, DEMO_VOCAB, (batch, seq), generator=generator)

@@ -23,7 +23,6 @@ the host-wait column counts and a GPU does not do).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 from dataclasses import dataclass
@@ -113,13 +112,13 @@ def layer_specs(setup: Setup, backend: str) -> dict:
 
     from plugins.fp8.spec import with_fp8_linears
     from plugins.mla.spec import with_mla
+    from plugins.moe.plugin import MoEPluginConfig
     from plugins.moe.spec import with_deepseek_moe
 
     megatron = with_mla(get_gpt_layer_local_spec(num_experts=setup.experts,
                                                  moe_grouped_gemm=False,
                                                  normalization="RMSNorm"))
-    ours = with_deepseek_moe(megatron, argparse.Namespace(moe_fp8_dispatch=False,
-                                                          moe_dispatch_ranks_per_node=None))
+    ours = with_deepseek_moe(megatron, MoEPluginConfig())
     return {"A": ours, "B": with_fp8_linears(ours, backend, swiglu=True, cache_weights=True),
             "C": megatron}
 

@@ -1,6 +1,7 @@
 """Run a tool on a checkpoint's model: Megatron started with the arguments the checkpoint
 was saved with, on the layout it was saved at, its model built (with its plugins' specs)
-but no optimizer and no data. `megaseek ema-export` is such a tool (`plugins.ema.export`).
+but no optimizer and no data. `megaseek ema-export` is such a tool
+(`integration.ema_export`).
 
 A tool is a module with `parse(argv, parser_class)` (options with `load` and `ckpt_step`;
 argparse's refusals said by `parser_class`),
@@ -104,7 +105,7 @@ def on_checkpoint_model(args: argparse.Namespace, tool: Callable[[list], None],
     """On this rank: Megatron initialised with `args` (a checkpoint's saved arguments, as
     the tool wants them), the model built, `tool(model_chunks)`, the run ended."""
     registry = registry or default_registry()
-    with hooks.megatron_run(registry) as patcher:
+    with hooks.megatron_run(registry) as run:
         from megatron.core.enums import ModelType
         from megatron.training.global_vars import set_global_variables
         from megatron.training.initialize import initialize_megatron
@@ -118,7 +119,8 @@ def on_checkpoint_model(args: argparse.Namespace, tool: Callable[[list], None],
         # sharded_state_dict_keys_map), and the tools run where TE may not be installed.
         args.transformer_impl = "local"
         set_global_variables(args, build_tokenizer=False)
-        hooks.enable(registry, args, patcher, model_only=True)  # the checkpoint's model only
+        run.make_plan(args, checked=False)  # its run was checked when it started
+        hooks.enable(run, model_only=True)  # the checkpoint's model only
         initialize_megatron(allow_no_cuda=True)  # on GPU this only skips an assertion
         tool(get_model(gpt.model_provider, ModelType.encoder_or_decoder, wrap_with_ddp=False))
     shutdown.end_run()

@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "fixes":
         run = list_fixes
     elif command == "ema-export":
-        from integration import checkpoint_tool
-        from plugins.ema import export
+        from integration import checkpoint_tool, ema_export
 
         def run(rest: list[str]) -> None:
-            checkpoint_tool.main(rest, command, export)
+            checkpoint_tool.main(rest, command, ema_export)
     elif command == "schedule":
         from integration.schedule import main as run
     elif command == "convert":

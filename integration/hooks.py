@@ -1,10 +1,13 @@
-"""Enable the plugins on Megatron's parsed arguments: the one function both launch paths
-(`megaseek pretrain` and `megaseek launch SCRIPT`) call.
+"""The frame of a run with the plugins, for both launch paths (`megaseek pretrain` and
+`megaseek launch SCRIPT`).
 
-`enable(registry, args, patcher)` checks the plugin flags, applies the upstream fixes the
-enabled plugins need, and attaches their hooks to Megatron through the seams of
-`upstream.seams` (a module each); every change goes through `patcher`, so the caller
-undoes them all when the run ends. Nothing here knows any plugin by name.
+`megatron_run(registry)` makes the run's plan (`plugins.RunPlan`) once, when Megatron
+validates its arguments, just before: the enabled plugins, their configs, and the Megatron
+arguments they set (applied and said in the start-up log, so that Megatron validates what
+will run). `enable(run)` then applies the upstream fixes the plan's plugins need and
+attaches their hooks to Megatron through the seams of `upstream.seams` (a module each);
+every change goes through the run's Patcher, so that all are undone when the run ends.
+Nothing here knows any plugin by name.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import contextlib
 import os
 import sys
 import time
-from typing import NoReturn
+from typing import Callable, NoReturn
 
-from plugins import Plugin, PluginError, PluginRegistry, transform_spec
+from plugins import Enabled, PluginError, PluginRegistry, RunPlan
 from upstream import checkpoint_files, compat, cpu, wgrad
 from upstream.patching import Patcher, apply_fixes
 from upstream.seams.arguments import argument_errors_refused, checks_before_argument_dump
@@ -31,14 +34,49 @@ from upstream.seams.placement import pipeline_placement
 from upstream.seams.scheduler_mismatch import scheduler_mismatch_named
 
 
+class MegatronRun:
+    """One run inside `megatron_run`: the Patcher that takes its changes, and its plan,
+    made once from Megatron's parsed arguments."""
+
+    def __init__(self, registry: PluginRegistry, patcher: Patcher) -> None:
+        self.registry, self.patcher = registry, patcher
+        self._plan: RunPlan | None = None
+        self._planned_args: argparse.Namespace | None = None
+
+    @property
+    def plan(self) -> RunPlan:
+        if self._plan is None:
+            raise RuntimeError("the run has no plan yet: it is made when Megatron validates "
+                               "its arguments (parse_and_validate_args)")
+        return self._plan
+
+    def make_plan(self, args: argparse.Namespace, checked: bool = True) -> RunPlan:
+        """The plan of `args`, made once per run; its overrides set on `args` and said on
+        rank 0. `checked=False`: the saved arguments of a checkpoint (see
+        `PluginRegistry.plan`)."""
+        if self._plan is not None:
+            if args is not self._planned_args:
+                raise RuntimeError("a run is planned once: Megatron's arguments were "
+                                   "validated a second time, with other arguments")
+            return self._plan
+        plan = self.registry.plan(args, checked=checked)
+        said = plan.apply_overrides(args)
+        if checked and said and int(os.environ.get("RANK", "0")) == 0:
+            print("\n".join(said), flush=True)
+        self._plan, self._planned_args = plan, args
+        return plan
+
+
 @contextlib.contextmanager
 def megatron_run(registry: PluginRegistry):
-    """The frame of one run, for both entry points. Inside the block:
+    """The frame of one run, for both entry points; yields its `MegatronRun`. Inside the
+    block:
     - the fixes this machine needs are in place (`upstream.compat`; `upstream.cpu` without
-      CUDA), and the yielded Patcher takes the run's own changes; all are undone at its end;
-    - the plugins' start-up checks run before Megatron prints its argument dump;
+      CUDA), and the run's Patcher takes the run's own changes; all are undone at its end;
+    - the run's plan is made (the plugins' start-up checks included) before Megatron
+      validates its arguments, with the plugins' overrides applied;
     - megaseek's checks of Megatron's own flags (`integration.argument_checks`) run around
-      Megatron's validation, the plugins' after it;
+      Megatron's validation;
     - a checkpoint that does not fit the model, or whose learning-rate schedule differs
       from the run's, fails naming the flags;
     - checkpoints are saved with a checksum manifest and verified before a load; a save
@@ -51,10 +89,15 @@ def megatron_run(registry: PluginRegistry):
     installed = [compat.install(), cpu.install(),
                  apply_fixes([wgrad.DELAY_WGRAD_ARGUMENTS], Patcher())]
     patcher = Patcher()
+    run = MegatronRun(registry, patcher)
+
+    def before_megatron(args: argparse.Namespace) -> None:
+        _checks_before_megatron(args)
+        run.make_plan(args)
+
     try:
         argument_errors_refused().apply(patcher)
-        checks_before_argument_dump(lambda args: _start_up_checks(registry, args),
-                                    _checks_before_megatron).apply(patcher)
+        checks_before_argument_dump(_start_up_checks, before_megatron).apply(patcher)
         checkpoint_mismatch_named().apply(patcher)
         scheduler_mismatch_named().apply(patcher)
         write_failures: list = []  # this process's failed checkpoint writes
@@ -63,7 +106,7 @@ def megatron_run(registry: PluginRegistry):
                     checkpoint_files.verified_load(),
                     checkpoint_files.failed_save_named(write_failures)):
             fix.apply(patcher)
-        yield patcher
+        yield run
     except (PluginError, MegatronRefused, CheckpointMismatch,
             checkpoint_files.CheckpointCorrupt) as error:
         exit_refused(error)
@@ -110,15 +153,14 @@ def _checks_before_megatron(args: argparse.Namespace) -> None:
     argument_checks.before_megatron(args, sys.argv[1:])
 
 
-def _start_up_checks(registry: PluginRegistry, args: argparse.Namespace) -> None:
-    """Transformer Engine where the flag asks for it, megaseek's checks of Megatron's flags
-    that need the machine or the layout, the plugins' checks, then those of what megaseek
-    builds itself (MTP's placement) and of the checkpoint folders."""
+def _start_up_checks(args: argparse.Namespace) -> None:
+    """Once Megatron has validated its arguments: Transformer Engine where the flag asks for
+    it, megaseek's checks of Megatron's flags that need the machine or the layout, then
+    those of what megaseek builds itself (MTP's placement) and of the checkpoint folders."""
     from integration import argument_checks, checkpoint_paths, mtp, transformer_engine
 
     transformer_engine.check_installed(args)
     argument_checks.after_megatron(args)
-    registry.enabled(args)
     mtp.check_placement(args)
     checkpoint_paths.check(args)
 
@@ -135,89 +177,93 @@ class _ModelChunks:
         return self.chunks
 
 
-def enable(registry: PluginRegistry, args: argparse.Namespace, patcher: Patcher,
-           model_only: bool = False) -> list[Plugin]:
-    """Enables and attaches the plugins `args` names; returns them in registry order. With
-    `model_only` (a tool that builds a checkpoint's model without training it) only what
-    shapes the model attaches: fixes, specs, schedule and placement; no step, end of
-    training, checkpoint state or evaluation hooks."""
-    plugins = registry.enabled(args)
-    for plugin in plugins:
+def enable(run: MegatronRun, model_only: bool = False) -> RunPlan:
+    """Attaches the run plan's plugins to Megatron; returns the plan. With `model_only` (a
+    tool that builds a checkpoint's model without training it) only what shapes the model
+    attaches: fixes, specs, schedule and placement; no step, end of training, checkpoint
+    state or evaluation hooks."""
+    plan, patcher = run.plan, run.patcher
+    for plugin in plan.plugins:
         if plugin.fixes is not None:
-            apply_fixes(plugin.fixes(args), patcher)
+            apply_fixes(plugin.fixes(), patcher)
 
     def apply(seam) -> None:
         seam.apply(patcher)
 
-    apply(model_specs(lambda spec: transform_spec(plugins, spec, args)))
+    apply(model_specs(plan.transform_spec))
+    scheduling = _the_one(plan.plugins, "schedule", "provide a pipeline schedule")
+    if scheduling is not None:
+        apply(schedule(scheduling.schedule()))
+    placing = _the_one(plan.plugins, "placement", "place the pipeline stages")
+    if placing is not None:
+        stages = placing.placement()
+        stages.check()
+        apply(pipeline_placement(stages))
+    if not model_only:
+        _attach_run_hooks([plugin.run_hooks() for plugin in plan.plugins], apply)
+    return plan
 
-    schedules = [p for p in plugins if p.schedule is not None]
-    if len(schedules) > 1:  # slots normally catch this; a schedule hook without the slot too
-        raise PluginError("--plugins: " + " and ".join(p.name for p in schedules)
-                          + " both provide a pipeline schedule; enable only one")
-    if schedules:
-        apply(schedule(schedules[0].schedule(args)))
 
-    placements = [p for p in plugins if p.placement is not None]
-    if len(placements) > 1:
-        raise PluginError("--plugins: " + " and ".join(p.name for p in placements)
-                          + " both place the pipeline stages; enable only one")
-    if placements:
-        placement = placements[0].placement(args)
-        placement.check()
-        apply(pipeline_placement(placement))
-    if model_only:
-        return plugins
+def _the_one(plugins: tuple[Enabled, ...], hook: str, what: str) -> Enabled | None:
+    """The plugin providing `hook`; two are refused (slots normally catch this first)."""
+    providing = [p for p in plugins if getattr(p, hook) is not None]
+    if len(providing) > 1:
+        raise PluginError("--plugins: " + " and ".join(p.name for p in providing)
+                          + f" both {what}; enable only one")
+    return providing[0] if providing else None
 
+
+def _attach_run_hooks(hooks: list, apply: Callable) -> None:
+    """The run-time hooks, called with the model chunks Megatron builds (known once it
+    builds the optimizer for them)."""
     chunks = _ModelChunks()
-    step_hooks = [p for p in plugins if p.on_optimizer_step is not None]
+    step_hooks = [h for h in hooks if h.on_optimizer_step is not None]
 
     def callbacks_for(model_chunks, optimizer):
         chunks.chunks = model_chunks
-        return [p.on_optimizer_step(args, model_chunks, optimizer) for p in step_hooks]
+        return [h.on_optimizer_step(model_chunks, optimizer) for h in step_hooks]
 
     apply(after_optimizer_step(callbacks_for))
 
-    checking = [p for p in plugins if p.before_gradient_checks is not None]
+    checking = [h for h in hooks if h.before_gradient_checks is not None]
     if checking:
         checks: list = []
 
         def gradient_checks() -> list:
             if not checks:
-                checks.extend(p.before_gradient_checks(args, chunks.get()) for p in checking)
+                checks.extend(h.before_gradient_checks(chunks.get()) for h in checking)
             return checks
 
         apply(before_gradient_checks(gradient_checks))
 
-    ending = [p for p in plugins if p.on_training_end is not None]
+    ending = [h for h in hooks if h.on_training_end is not None]
     if ending:
         def training_ended() -> None:
-            for plugin in ending:
-                plugin.on_training_end(args, chunks.get())
+            for h in ending:
+                h.on_training_end(chunks.get())
 
         apply(after_training(training_ended))
 
-    stateful = [p for p in plugins if p.checkpoint_state is not None]
+    stateful = [h for h in hooks if h.checkpoint_state is not None]
     if stateful:
         states: dict = {}
 
         def plugin_states() -> dict:
             if not states:
-                states.update({p.name: p.checkpoint_state(args, chunks.get()) for p in stateful})
+                states.update({h.name: h.checkpoint_state(chunks.get()) for h in stateful})
             return states
 
         apply(checkpoint_state(plugin_states))
 
-    evaluating = [p for p in plugins if p.evaluation is not None]
+    evaluating = [h for h in hooks if h.evaluation is not None]
     if evaluating:
         passes: list | None = None
 
         def plugin_passes() -> list:
             nonlocal passes
             if passes is None:  # a hook answers None when the run asks for no extra pass
-                passes = [found for found in (p.evaluation(args, chunks.get())
-                                              for p in evaluating) if found is not None]
+                passes = [found for found in (h.evaluation(chunks.get()) for h in evaluating)
+                          if found is not None]
             return passes
 
         apply(evaluation_passes(plugin_passes))
-    return plugins

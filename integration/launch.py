@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     registry = registry or default_registry()
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    with hooks.megatron_run(registry) as patcher:
+    with hooks.megatron_run(registry) as run:
         if cpu.cuda_is_absent():
-            apply_fixes(cpu.LAUNCH_SCRIPT_FIXES, patcher)
+            apply_fixes(cpu.LAUNCH_SCRIPT_FIXES, run.patcher)
         plugin_arguments(registry.add_arguments,
-                         lambda args: hooks.enable(registry, args, patcher)).apply(patcher)
+                         lambda args: hooks.enable(run)).apply(run.patcher)
         sys.argv = [script, *script_args]
         sys.path.insert(0, os.path.dirname(script))
         runpy.run_path(script, run_name="__main__")

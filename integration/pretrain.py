@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     argv = presets.expand(user_argv)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-    with hooks.megatron_run(registry) as patcher:
+    with hooks.megatron_run(registry) as run:
         check_training_length(argv)
         argv = with_defaults(argv, user_argv)
         from megatron.core.enums import ModelType
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
 
         sys.argv = [sys.argv[0], *argv]  # Megatron parses sys.argv
         args = parse_and_validate_args(extra_args_provider=registry.add_arguments)
-        hooks.enable(registry, args, patcher)
+        hooks.enable(run)
         pretrain(pretrain_cfg_container_from_args(args), gpt.datasets_provider,
                  ModelType.encoder_or_decoder, gpt.forward_step, model_provider=gpt.model_provider)
     shutdown.end_run()  # pretrain() leaves the process groups up: every rank ends them together

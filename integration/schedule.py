@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
             refuse(f"--png {args.png}: the timeline is drawn as PNG; give a file name "
                    "ending in .png")
     if args.from_run:
-        from plugins.dualpipe.runlog import read_run
+        from integration.dualpipe_report.run_files import read_run
 
         if any(v is not None for v in (args.schedule, args.pp, args.microbatches)):
             refuse("--from-run reads --schedule, --pp and --microbatches from DIR; drop them")
@@ -152,6 +152,6 @@ def main(argv: list[str]) -> None:
                  f"{timeline.pipeline.microbatches} micro-batches (simulated)")
     _report(timeline, durations, bool(args.from_run), args.json)
     if args.png:
-        from plugins.dualpipe.timeline import draw
+        from integration.dualpipe_report.picture import draw
 
         draw(timeline, args.png, durations, title)

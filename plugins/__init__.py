@@ -1,23 +1,31 @@
-"""megaseek's plugins and the one registry that turns them on.
+"""megaseek's plugins, the one registry that turns them on, and the run plan it makes.
 
-A `Plugin` names itself, adds its own flags (through Megatron's `extra_args_provider`),
-validates the parsed arguments, and offers hooks, each optional:
-- `transform_layer_spec`: rewrites one transformer layer's `ModuleSpec` (applied to every
-  layer of a block spec, MTP's included: `transform_spec`);
-- `schedule`: a pipeline schedule (Megatron's forward-backward keyword interface);
-- `placement`: which stages (layers, embedding, head and loss) each pipeline chunk of each
-  rank builds;
-- `before_gradient_checks`: a callback run once a training step's backward passes are
-  done, before Megatron checks and reduces the gradients (where the step waits for the GPU
-  anyway), with Megatron's iteration number; it may raise to fail the step;
-- `on_optimizer_step`: a callback run after every successful optimizer step, with
-  Megatron's iteration number;
-- `on_training_end`: run once Megatron's training loop has ended (before its final
-  checkpoint and evaluation), e.g. to finish background work and raise its failure;
-- `checkpoint_state`: the plugin's own sharded state, saved and loaded with Megatron's
-  checkpoint;
-- `evaluation`: an extra pass of Megatron's evaluation (e.g. with other weights);
-- `fixes`: the upstream changes the plugin needs for a run (`upstream.patching.Fix`).
+A `Plugin` names itself and declares, each optional:
+- `config`: a frozen dataclass, its configuration for a run. Its `plugins.config.flag`
+  fields are the plugin's own flags (option, type, default, help: declared once; the
+  registry adds them to Megatron's parser), its `plugins.config.megatron` fields the
+  Megatron arguments its hooks read;
+- `check(config, args)`: its start-up checks, with Megatron's parsed arguments read only;
+- `overrides(config)`: Megatron arguments it needs set (e.g. dualpipe's two model chunks
+  per rank), set and said in the start-up log before Megatron validates its arguments;
+- hooks, each given the plugin's config (never `args`) and the objects it acts on:
+  - `transform_layer_spec(config, spec)`: rewrites one transformer layer's `ModuleSpec`
+    (applied to every layer of a block spec, MTP's included: `transform_spec`);
+  - `schedule(config)`: a pipeline schedule (Megatron's forward-backward keyword
+    interface);
+  - `placement(config)`: which stages (layers, embedding, head and loss) each pipeline
+    chunk of each rank builds;
+  - `fixes(config)`: the upstream changes the plugin needs for the run
+    (`upstream.patching.Fix`, each returned where its scope holds for the config);
+  - run-time hooks, given the model chunks Megatron built: `before_gradient_checks`
+    (once a step's backward passes are done, before Megatron checks and reduces the
+    gradients; it may raise to fail the step), `on_optimizer_step` (after every
+    successful optimizer step, with Megatron's iteration), `on_training_end` (once
+    Megatron's training loop has ended), `checkpoint_state` (the plugin's own sharded
+    state, saved and loaded with Megatron's checkpoint), `evaluation` (an extra pass of
+    Megatron's evaluation, e.g. with other weights). A plugin whose run-time hooks share
+    what one of them builds (the EMA) declares `run_state(config)`: the object made once
+    per run that those hooks receive instead of the config.
 It claims the *slots* it replaces (e.g. "self_attention", "schedule"); two enabled plugins
 may not claim the same slot. It declares how it goes with Transformer Engine's modules
 (`transformer_engine`): a plugin that does not compose with them refuses `--transformer-impl
@@ -29,6 +37,10 @@ cannot honour by itself here (BF16 Adam moments without Transformer Engine), whe
 flag is given (`enabled_by`). Megatron's own flags configure what Megatron already names;
 a plugin's flags are only for what Megatron lacks, and giving one without enabling its
 plugin is an error at start-up.
+
+`PluginRegistry.plan(args)` resolves a parsed command line once, before Megatron validates
+it, into a frozen `RunPlan`: the enabled plugins (`Enabled`: the plugin, its config, its
+hooks bound to it) in registry order, and their overrides.
 
 Plugins compose through specs, never by knowing about each other: transforms run in the
 registry's order (the order of registration), whatever order `--plugins` names them in,
@@ -42,9 +54,19 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from plugins.config import add_flags, flags, read
 from plugins.common.errors import PluginError  # noqa: F401  (part of this API)
+from plugins.plan import (  # noqa: F401  (part of this API)
+    PLUGINS_FLAG,
+    Enabled,
+    Override,
+    RunHooks,
+    RunPlan,
+    StartUpArguments,
+    overrides_of,
+    transform_spec,
+)
 
-PLUGINS_FLAG = "--plugins"
 TRANSFORMER_IMPL_FLAG = "--transformer-impl"
 
 
@@ -66,35 +88,49 @@ class TransformerEngine:
 class Plugin:
     name: str
     summary: str
-    add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
-    validate: Callable[[argparse.Namespace], None] | None = None
-    # (layer_spec, args) -> layer_spec, for one transformer layer's ModuleSpec.
-    transform_layer_spec: Callable[[Any, argparse.Namespace], Any] | None = None
-    # args -> a Megatron forward-backward function (same keyword interface).
-    schedule: Callable[[argparse.Namespace], Callable[..., Any]] | None = None
-    # args -> upstream.seams.placement.Placement: the stages each rank's pipeline chunks build.
-    placement: Callable[[argparse.Namespace], Any] | None = None
-    # (args, model_chunks) -> callable(iteration), run in every training step after its
+    # The plugin's configuration: a frozen dataclass whose `plugins.config.flag` fields are
+    # its own flags and whose `plugins.config.megatron` fields hold the Megatron arguments
+    # its hooks read. Every hook below receives the instance made for the run (`config`).
+    config: type | None = None
+    # (config, args) -> None: the start-up checks, when the run plan is made (before
+    # Megatron validates its arguments); `args` is Megatron's parsed arguments, read only.
+    # Raises PluginError naming the flag to change.
+    check: Callable[[Any, Any], None] | None = None
+    # config -> {Megatron argument (argparse dest): value}: what the plugin needs Megatron
+    # to run with (e.g. two model chunks per rank), applied and said in the start-up log
+    # before Megatron validates its arguments.
+    overrides: Callable[[Any], dict[str, Any]] | None = None
+    # config -> the object every run-time hook below receives instead of the config, made
+    # once per run: for hooks that share what one of them builds (the EMA).
+    run_state: Callable[[Any], Any] | None = None
+    # (config, layer_spec) -> layer_spec, for one transformer layer's ModuleSpec.
+    transform_layer_spec: Callable[[Any, Any], Any] | None = None
+    # config -> a Megatron forward-backward function (same keyword interface).
+    schedule: Callable[[Any], Callable[..., Any]] | None = None
+    # config -> upstream.seams.placement.Placement: the stages each rank's pipeline
+    # chunks build.
+    placement: Callable[[Any], Any] | None = None
+    # (config, model_chunks) -> callable(iteration), run in every training step after its
     # last backward and before Megatron's gradient checks and reduction (possibly more than
     # once in a step: it must be idempotent); raising fails the step.
-    before_gradient_checks: Callable[[argparse.Namespace, list], Callable[[int], None]] | None = None
-    # (args, model_chunks, optimizer) -> callable(iteration), run after every successful
+    before_gradient_checks: Callable[[Any, list], Callable[[int], None]] | None = None
+    # (config, model_chunks, optimizer) -> callable(iteration), run after every successful
     # optimizer step with the iteration that step completed (Megatron's count, so it
     # continues across a resume).
-    on_optimizer_step: Callable[[argparse.Namespace, list, Any], Callable[[int], None]] | None = None
-    # (args, model_chunks) -> None, once Megatron's training loop has returned or exited
+    on_optimizer_step: Callable[[Any, list, Any], Callable[[int], None]] | None = None
+    # (config, model_chunks) -> None, once Megatron's training loop has returned or exited
     # (--exit-interval and the like), before pretrain's final checkpoint and evaluation.
-    on_training_end: Callable[[argparse.Namespace, list], None] | None = None
-    # (args, model_chunks) -> an object with `sharded_state_dict()` (Megatron
+    on_training_end: Callable[[Any, list], None] | None = None
+    # (config, model_chunks) -> an object with `sharded_state_dict()` (Megatron
     # dist-checkpointing objects, saved under the plugin's name) and
     # `load_state_dict(state)` (what was loaded; None when the checkpoint has none).
-    checkpoint_state: Callable[[argparse.Namespace, list], Any] | None = None
-    # (args, model_chunks) -> (name, context manager factory), or None for no extra pass
+    checkpoint_state: Callable[[Any, list], Any] | None = None
+    # (config, model_chunks) -> (name, context manager factory), or None for no extra pass
     # this run: after each of Megatron's evaluations, it runs again inside the context,
     # its results printed under the name.
-    evaluation: Callable[[argparse.Namespace, list], tuple[str, Callable[[], Any]]] | None = None
-    # args -> the upstream fixes this run needs (each applied only if still needed).
-    fixes: Callable[[argparse.Namespace], Iterable[Any]] | None = None
+    evaluation: Callable[[Any, list], tuple[str, Callable[[], Any]] | None] | None = None
+    # config -> the upstream fixes this run needs (each applied only if still needed).
+    fixes: Callable[[Any], Iterable[Any]] | None = None
     # args -> bool: on without --plugins, because a Megatron flag that only this plugin
     # can honour was given (the flag is the opt-in).
     enabled_by: Callable[[argparse.Namespace], bool] | None = None
@@ -139,32 +175,23 @@ def te_policy_table(plugins: Iterable[Plugin]) -> str:
     return "\n".join(rows) + "\n"
 
 
-class _Unset:
-    """Default of every plugin flag at parse time, so that 'given' is told from 'default'."""
-
-    def __repr__(self) -> str:
-        return "<unset>"
-
-
-@dataclass(frozen=True)
-class _FlagInfo:
-    plugin: str
-    option: str  # e.g. "--ema-decay"
-    default: Any
-
-
 class PluginRegistry:
     def __init__(self, plugins: Iterable[Plugin] = ()) -> None:
         self._plugins: dict[str, Plugin] = {}
-        self._flags: dict[str, _FlagInfo] = {}  # argparse dest -> owner
-        self._unset = _Unset()
+        self._flags: dict[str, tuple[str, str]] = {}  # argparse dest -> (plugin, option)
         for plugin in plugins:
             self.register(plugin)
 
     def register(self, plugin: Plugin) -> None:
         if plugin.name in self._plugins:
             raise PluginError(f"plugin {plugin.name!r} is registered twice")
+        own = {field.name: declared.option for field, declared in flags(plugin.config)}
+        for dest, option in own.items():
+            if dest in self._flags:
+                other = self._flags[dest][0]
+                raise PluginError(f"plugins {other!r} and {plugin.name!r} both define {option}")
         self._plugins[plugin.name] = plugin
+        self._flags.update({dest: (plugin.name, option) for dest, option in own.items()})
 
     @property
     def names(self) -> list[str]:
@@ -176,65 +203,31 @@ class PluginRegistry:
         group.add_argument(PLUGINS_FLAG, nargs="+", default=[], metavar="NAME",
                            help=f"plugins to enable; available: {', '.join(self.names) or 'none'}")
         for plugin in self._plugins.values():
-            if plugin.add_arguments is None:
+            if not any(flags(plugin.config)):
                 continue
-            before = {id(a) for a in parser._actions}
             try:
-                plugin.add_arguments(parser.add_argument_group(f"megaseek plugin {plugin.name}"))
+                add_flags(plugin.config,
+                          parser.add_argument_group(f"megaseek plugin {plugin.name}"))
             except argparse.ArgumentError as clash:
                 raise PluginError(f"plugin {plugin.name!r} adds a flag that Megatron or another "
                                   f"plugin already defines: {clash}") from clash
-            for action in parser._actions:
-                if id(action) in before:
-                    continue
-                # Megatron may build its parser more than once; only another plugin's
-                # claim on the same flag is a conflict.
-                if action.dest in self._flags and self._flags[action.dest].plugin != plugin.name:
-                    other = self._flags[action.dest].plugin
-                    raise PluginError(f"plugins {other!r} and {plugin.name!r} both define "
-                                      f"{action.option_strings[0]}")
-                if action.default is not self._unset:
-                    self._flags[action.dest] = _FlagInfo(plugin.name, action.option_strings[0],
-                                                        action.default)
-                action.default = self._unset
         return parser
 
-    def enabled(self, args: argparse.Namespace) -> list[Plugin]:
-        """Checks `--plugins` and the plugin flags in `args`, fills in defaults, runs each
-        enabled plugin's validation, and returns the enabled plugins in registry order (the
-        order their hooks run in, whatever the order on the command line)."""
-        requested = list(getattr(args, "plugins", []) or [])
-        unknown = [name for name in requested if name not in self._plugins]
-        if unknown:
-            raise PluginError(f"{PLUGINS_FLAG}: unknown plugin(s) {', '.join(unknown)}; "
-                              f"available: {', '.join(self.names) or 'none'}")
-        duplicates = sorted({n for n in requested if requested.count(n) > 1})
-        if duplicates:
-            raise PluginError(f"{PLUGINS_FLAG}: {', '.join(duplicates)} named more than once")
-        chosen = [plugin for name, plugin in self._plugins.items()
-                  if name in requested or (plugin.enabled_by is not None
-                                           and plugin.enabled_by(args))]
-        requested = [plugin.name for plugin in chosen]
-
-        orphans = []
-        defaulted = set(getattr(args, "plugin_flags_defaulted", ()))
-        for dest, info in self._flags.items():
-            value = getattr(args, dest, self._unset)
-            if value is self._unset:
-                setattr(args, dest, info.default)
-                defaulted.add(dest)
-            elif info.plugin not in requested and dest not in defaulted:
-                orphans.append(f"{info.option} needs '{PLUGINS_FLAG} {info.plugin}'")
-        args.plugin_flags_defaulted = sorted(defaulted)  # so that a second check agrees
-        if orphans:
-            raise PluginError("plugin flags given without their plugin: " + "; ".join(orphans))
-
+    def plan(self, args: argparse.Namespace, checked: bool = True) -> RunPlan:
+        """The run plan of parsed arguments `args` (read only): checks `--plugins` and the
+        plugin flags, builds each enabled plugin's config and runs its start-up check.
+        `checked=False` is for the saved arguments of a checkpoint, whose run was checked
+        when it started: only what shapes the model is resolved."""
+        read_only = StartUpArguments(args, frozenset())
+        chosen = self._chosen(read_only)
+        names = {plugin.name for plugin in chosen}
+        if checked:
+            self._check_flags_have_their_plugin(args, chosen)
         for plugin in self._plugins.values():
-            if plugin.name not in requested and plugin.needed_by is not None:
-                message = plugin.needed_by(args)
+            if plugin.name not in names and plugin.needed_by is not None:
+                message = plugin.needed_by(read_only)
                 if message:
                     raise PluginError(message)
-
         claimed: dict[str, str] = {}
         for plugin in chosen:
             for slot in sorted(plugin.slots):
@@ -243,64 +236,44 @@ class PluginRegistry:
                         f"{PLUGINS_FLAG}: plugins {claimed[slot]!r} and {plugin.name!r} both "
                         f"replace {slot!r}; enable only one of them")
                 claimed[slot] = plugin.name
-
         impl = getattr(args, "transformer_impl", "local")
         for plugin in chosen:
             refused = transformer_engine_refusal(plugin, impl)
             if refused:
                 raise PluginError(refused)
 
-        args.megaseek_flags_honoured = sorted(set().union(*(p.honours for p in chosen)))
-        for plugin in chosen:
-            if plugin.validate is not None:
-                plugin.validate(args)
-        return chosen
+        honoured = frozenset().union(*(p.honours for p in chosen))
+        enabled = tuple(Enabled(plugin, None if plugin.config is None
+                                else read(plugin.config, args)) for plugin in chosen)
+        if checked:
+            view = StartUpArguments(args, honoured)
+            for each in enabled:
+                if each.plugin.check is not None:
+                    each.plugin.check(each.config, view)
+        return RunPlan(enabled, overrides_of(enabled))
 
+    def _chosen(self, args: argparse.Namespace) -> list[Plugin]:
+        """The enabled plugins, in registry order."""
+        requested = list(getattr(args, "plugins", []) or [])
+        unknown = [name for name in requested if name not in self._plugins]
+        if unknown:
+            raise PluginError(f"{PLUGINS_FLAG}: unknown plugin(s) {', '.join(unknown)}; "
+                              f"available: {', '.join(self.names) or 'none'}")
+        duplicates = sorted({n for n in requested if requested.count(n) > 1})
+        if duplicates:
+            raise PluginError(f"{PLUGINS_FLAG}: {', '.join(duplicates)} named more than once")
+        return [plugin for name, plugin in self._plugins.items()
+                if name in requested or (plugin.enabled_by is not None
+                                         and plugin.enabled_by(args))]
 
-def transform_spec(plugins: Iterable[Plugin], spec: Any, args: argparse.Namespace) -> Any:
-    """The plugins' layer-spec transforms applied, in registry order, to a layer's
-    `ModuleSpec`, to every layer of a block spec (`TransformerBlockSubmodules`, as
-    Megatron's MoE models use), or to the layer inside every MTP layer of an MTP block
-    spec. Returns a new spec; the one passed in is not changed."""
-    transforms = [p.transform_layer_spec for p in plugins if p.transform_layer_spec is not None]
-    if not transforms or spec is None:
-        return spec
-
-    def one_layer(layer_spec):
-        for transform in transforms:
-            layer_spec = transform(layer_spec, args)
-        return layer_spec
-
-    return _map_layer_specs(spec, one_layer)
-
-
-def _map_layer_specs(spec: Any, one_layer: Callable[[Any], Any]) -> Any:
-    import copy
-
-    from megatron.core.transformer.multi_token_prediction import (
-        MultiTokenPredictionBlockSubmodules,
-        MultiTokenPredictionLayerSubmodules,
-    )
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    if isinstance(spec, (TransformerBlockSubmodules, MultiTokenPredictionBlockSubmodules)):
-        spec = copy.copy(spec)
-        spec.layer_specs = [_map_layer_specs(s, one_layer) for s in spec.layer_specs]
-        return spec
-    if isinstance(spec, ModuleSpec) and isinstance(
-            spec.submodules, (TransformerBlockSubmodules, MultiTokenPredictionBlockSubmodules,
-                              MultiTokenPredictionLayerSubmodules)):
-        spec = copy.copy(spec)
-        spec.submodules = _map_layer_specs(spec.submodules, one_layer)
-        return spec
-    if isinstance(spec, MultiTokenPredictionLayerSubmodules):
-        spec = copy.copy(spec)
-        spec.mtp_model_layer = _map_layer_specs(spec.mtp_model_layer, one_layer)
-        return spec
-    if isinstance(spec, ModuleSpec):
-        return one_layer(copy.deepcopy(spec))
-    raise TypeError(f"not a layer or block spec: {type(spec).__name__}")
+    def _check_flags_have_their_plugin(self, args: argparse.Namespace,
+                                       chosen: list[Plugin]) -> None:
+        names = {plugin.name for plugin in chosen}
+        orphans = [f"{option} needs '{PLUGINS_FLAG} {owner}'"
+                   for dest, (owner, option) in self._flags.items()
+                   if owner not in names and hasattr(args, dest)]
+        if orphans:
+            raise PluginError("plugin flags given without their plugin: " + "; ".join(orphans))
 
 
 def builtin_plugins() -> list[Plugin]:

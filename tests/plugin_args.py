@@ -10,18 +10,23 @@ from plugins import default_registry
 
 
 def enabled(argv: list[str], monkeypatch):
-    """(args, enabled plugins) for `argv`; raises PluginError where start-up would."""
+    """(args, the run plan's enabled plugins) for `argv`, the plan's overrides applied to
+    `args`, as the launch path has them before Megatron validates them; raises PluginError
+    where start-up would."""
     from megatron.training.arguments import parse_args
 
     registry = default_registry()
     monkeypatch.setattr(sys, "argv", ["pretrain", *argv])
     args = parse_args(extra_args_provider=registry.add_arguments)
-    return args, registry.enabled(args)
+    plan = registry.plan(args)
+    plan.apply_overrides(args)
+    return args, list(plan.plugins)
 
 
 def validated(argv: list[str]):
-    """(args, enabled plugins) for `argv` after Megatron's own validation as well (its
-    argument dump silenced), as the launch path has them when it builds the model."""
+    """(args, the run plan's enabled plugins) for `argv` after Megatron's own validation as
+    well (its argument dump silenced), as the launch path has them when it builds the
+    model."""
     import contextlib
     import io
 
@@ -33,10 +38,16 @@ def validated(argv: list[str]):
         args = parse_args(extra_args_provider=registry.add_arguments)
     finally:
         sys.argv = saved
-    plugins = registry.enabled(args)
+    plan = registry.plan(args)
+    plan.apply_overrides(args)
     with contextlib.redirect_stdout(io.StringIO()):
         validate_args(args, {})
-    return args, plugins
+    return args, list(plan.plugins)
+
+
+def fixes_of(plugins) -> list:
+    """The upstream fixes the enabled plugins need for their run."""
+    return [fix for p in plugins if p.fixes is not None for fix in p.fixes()]
 
 
 def gpt_model(args, plugins, vocab_size: int):
@@ -55,6 +66,6 @@ def gpt_model(args, plugins, vocab_size: int):
                                       normalization=args.normalization)
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    return GPTModel(config=config, transformer_layer_spec=transform_spec(plugins, spec, args),
+    return GPTModel(config=config, transformer_layer_spec=transform_spec(plugins, spec),
                     vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
                     position_embedding_type=args.position_embedding_type)

@@ -70,13 +70,14 @@ def megatron_validates(args: argparse.Namespace) -> None:
 
 def start_up_refusal(argv: list[str], monkeypatch) -> str | None:
     """What megaseek's checks say about `argv`, in the order a run meets them (before
-    Megatron's validation, after it, the plugins'), or None."""
+    Megatron's validation: megaseek's, then the plugins' as the run plan is made; after
+    it), or None."""
     args = parsed(argv, monkeypatch)
     try:
         argument_checks.before_megatron(args, argv)
+        default_registry().plan(args).apply_overrides(args)
         megatron_validates(args)
         argument_checks.after_megatron(args)
-        default_registry().enabled(args)
     except PluginError as error:
         return str(error)
     return None
@@ -180,9 +181,10 @@ REFUSED = {
                                         "--use-distributed-optimizer"),
     # Megatron derives the expert TP size, then its weight shards, from the model's TP size
     "moe-experts-under-tensor-parallelism": ([*MOE, "--tensor-model-parallel-size", "2"], (),
-                                             "--plugins moe: experts are not tensor-parallel; "
-                                             "give --expert-tensor-parallel-size 1 (without "
-                                             "it, it follows --tensor-model-parallel-size 2)"),
+                                             "--plugins moe: experts are not tensor-parallel, "
+                                             "and --expert-tensor-parallel-size follows "
+                                             "--tensor-model-parallel-size 2 where it is not "
+                                             "given: give --expert-tensor-parallel-size 1"),
     # the decoder's layers, as the MoE pattern and the pipeline stages lay them out
     "moe-layer-freq-longer-than-the-model": (["--num-experts", "4", "--moe-layer-freq",
                                               "[0,1,1]"], (),

@@ -138,7 +138,7 @@ def test_the_launch_path_checks_the_folders_at_start_up(tmp_path, monkeypatch):
     """The check is one of the start-up checks both launch paths run (before Megatron's
     argument dump); today's Megatron warns about `--load FILE` and trains from scratch."""
     from integration import hooks
-    from plugins import PluginError, default_registry
+    from plugins import PluginError
     from tests.plugin_args import enabled
 
     a_file = tmp_path / "file"
@@ -146,7 +146,7 @@ def test_the_launch_path_checks_the_folders_at_start_up(tmp_path, monkeypatch):
     args, _ = enabled(["--load", str(a_file), "--transformer-impl", "local",
                        "--distributed-backend", "gloo"], monkeypatch)
     with pytest.raises(PluginError, match=f"^--load {a_file} is a file"):
-        hooks._start_up_checks(default_registry(), args)
+        hooks._start_up_checks(args)
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not Path("/sys").is_dir(),

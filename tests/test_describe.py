@@ -219,7 +219,7 @@ def _built(argv, census: bool, flops: bool):
     argv = [a for a in presets.expand(argv, announce=False)
             if a not in ("--fp8-cache-weights",)]
     args, plugins = validated(cpu.with_cpu_arguments(argv))
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes(args)],
+    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
                           Patcher())
     try:
         config = core_transformer_config_from_args(args)
@@ -227,8 +227,8 @@ def _built(argv, census: bool, flops: bool):
                                           normalization=args.normalization)
         mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
         torch.manual_seed(0)
-        model = GPTModel(config=config, transformer_layer_spec=transform_spec(plugins, spec, args),
-                         mtp_block_spec=transform_spec(plugins, mtp, args), vocab_size=VOCAB,
+        model = GPTModel(config=config, transformer_layer_spec=transform_spec(plugins, spec),
+                         mtp_block_spec=transform_spec(plugins, mtp), vocab_size=VOCAB,
                          max_sequence_length=args.max_position_embeddings,
                          position_embedding_type="rope",
                          share_embeddings_and_output_weights=False)

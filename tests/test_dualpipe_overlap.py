@@ -137,7 +137,7 @@ def four_ranks(monkeypatch):
 def test_a_valid_overlap_configuration_is_accepted(four_ranks, monkeypatch):
     args, plugins = enabled(BASE, monkeypatch)
     assert [p.name for p in plugins] == ["dualpipe"]
-    names = [fix.name for fix in plugins[0].fixes(args)]
+    names = [fix.name for fix in plugins[0].fixes()]
     assert names == ["moe-a2a-overlap-in-dualpipe"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plugins import PluginError
-from tests.plugin_args import enabled
+from tests.plugin_args import enabled, validated
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
@@ -22,7 +22,9 @@ def two_ranks(monkeypatch):
 def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     args, plugins = enabled(BASE + V, monkeypatch)
     assert [p.name for p in plugins] == ["dualpipe"]
-    assert args.virtual_pipeline_model_parallel_size == 2
+    assert args.num_virtual_stages_per_pipeline_rank == 2  # before Megatron validates
+    args, _ = validated(BASE + V + ["--transformer-impl", "local"])
+    assert args.virtual_pipeline_model_parallel_size == 2  # as Megatron validated it
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -35,6 +37,11 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--decoder-first-pipeline-num-layers", "1"], r"drop --decoder-first-pipeline-num-layers"),
     (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8"),
     (V + ["--rampup-batch-size", "4", "4", "100"], r"--rampup-batch-size"),
+    # Megatron refused it without virtual stages; with the two the plugin asks for, it
+    # would let it through to a schedule that never starts the gathers.
+    (V + ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+          "--overlap-param-gather-with-optimizer-step"],
+     r"--overlap-param-gather-with-optimizer-step cannot be combined with --pipeline-schedule"),
     (V + ["--position-embedding-type", "rope", "--mtp-num-layers", "1",
           "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"],
      r"--dist-ckpt-optim-fully-reshardable cannot be combined with --mtp-num-layers"),
@@ -45,8 +52,9 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--overlap-moe-expert-parallel-comm"],
      r"--overlap-moe-expert-parallel-comm needs --expert-model-parallel-size 2 or more"),
 ], ids=["no-schedule", "schedule-without-plugin", "pp1", "too-few-microbatches", "vp-flag",
-        "layout", "uneven", "layers", "rampup", "mtp-fully-reshardable", "wgrad-without-dualpipe",
-        "wgrad-overlap-grad-reduce", "a2a-overlap"])
+        "layout", "uneven", "layers", "rampup", "param-gather-with-step",
+        "mtp-fully-reshardable", "wgrad-without-dualpipe", "wgrad-overlap-grad-reduce",
+        "a2a-overlap"])
 def test_refused_at_start_up_naming_the_flag(extra, named, monkeypatch):
     with pytest.raises(PluginError, match=named):
         enabled(BASE + extra, monkeypatch)

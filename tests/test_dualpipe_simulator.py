@@ -10,7 +10,7 @@ import pytest
 
 from integration.schedule import main as schedule_main
 from plugins.dualpipe.program import SCHEDULES, Pipeline
-from plugins.dualpipe.runlog import read_run, write_run
+from integration.dualpipe_report.run_files import read_run, write_run
 from plugins.dualpipe.simulator import (Durations, mean_durations, params_per_device,
                                         peak_activations, published_bubble, simulate)
 

@@ -13,22 +13,30 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+from plugins.config import flag, megatron
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 # --- the oracle plugin (used when this file runs under torchrun) -------------------------
 
-def _oracle_arguments(group):
-    group.add_argument("--oracle-trace", type=str, default=None, help="file for the result")
-    group.add_argument("--oracle-tensorboard", type=str, default=None,
-                       help="record Megatron's TensorBoard scalars (last rank) in this file")
-    group.add_argument("--oracle-fail-last-update", action="store_true", default=False,
-                       help="the EMA update of the last iteration raises")
+@dataclass(frozen=True)
+class OracleConfig:
+    oracle_trace: str | None = flag("--oracle-trace", None, type=str,
+                                     help="file for the result")
+    oracle_tensorboard: str | None = flag(
+        "--oracle-tensorboard", None, type=str,
+        help="record Megatron's TensorBoard scalars (last rank) in this file")
+    oracle_fail_last_update: bool = flag("--oracle-fail-last-update", False,
+                                         action="store_true",
+                                         help="the EMA update of the last iteration raises")
+    train_iters: int | None = megatron("train_iters")
 
 
 class _RecordingWriter:
@@ -47,15 +55,16 @@ class _RecordingWriter:
         return lambda *unused, **unused_kw: None
 
 
-def _oracle_step(args, model_chunks, optimizer):
+def _oracle_step(config, model_chunks, optimizer, ema_runs: list):
+    """`ema_runs`: the ema plugin's run state of this process (one run)."""
     from plugins.ema.ema import owned_shards
-    from plugins.ema.plugin import ema_of
 
+    (run,) = ema_runs
     last_rank = torch.distributed.get_world_size() - 1
-    if args.oracle_tensorboard and torch.distributed.get_rank() == last_rank:
+    if config.oracle_tensorboard and torch.distributed.get_rank() == last_rank:
         from megatron.training import global_vars
 
-        global_vars._GLOBAL_TENSORBOARD_WRITER = _RecordingWriter(args.oracle_tensorboard)
+        global_vars._GLOBAL_TENSORBOARD_WRITER = _RecordingWriter(config.oracle_tensorboard)
     shards = owned_shards(model_chunks, optimizer)
 
     def weights():  # the owned weights, flat, FP32: the layout of HostEMA.ema
@@ -64,27 +73,28 @@ def _oracle_step(args, model_chunks, optimizer):
     oracle = [weights()]  # the EMA starts at the weights the optimizer was built with
     # ... or at the weights loaded from a checkpoint without EMA (_OracleState).
     object.__setattr__(model_chunks[0], "ema_oracle_restart", lambda: oracle.__setitem__(0, weights()))
-    decay, interval, start = args.ema_decay, args.ema_interval, args.ema_start_iter
+    ema_config = run.config
+    decay, interval, start = ema_config.ema_decay, ema_config.ema_interval, ema_config.ema_start_iter
 
     def after_step(iteration: int) -> None:
-        if args.oracle_fail_last_update:
-            if iteration == args.train_iters - 1:  # the EMA's update for it has started
-                ema_of(model_chunks).apply = _broken_update
+        if config.oracle_fail_last_update:
+            if iteration == config.train_iters - 1:  # the EMA's update for it has started
+                run.ema.apply = _broken_update
             return
         w = weights()
         if iteration < start:
             oracle[0] = w.clone()
         elif iteration % interval == 0:
             oracle[0].mul_(decay).add_(w, alpha=1.0 - decay)
-        if iteration == args.train_iters:
-            ema = ema_of(model_chunks)
+        if iteration == config.train_iters:
+            ema = run.ema
             ema.wait()
             # Same formula, same FP32 operations in the same order on the same layout:
             # the background update is expected bit for bit.
             error = (ema.ema - oracle[0]).abs().max().item() if oracle[0].numel() else 0.0
             moved = (ema.ema - w).abs().max().item() if w.numel() else 0.0
             rank = torch.distributed.get_rank()
-            with open(args.oracle_trace, "a") as f:
+            with open(config.oracle_trace, "a") as f:
                 f.write(f"{rank} owned {w.numel()} error {error!r} moved {moved!r}\n")
 
     return after_step
@@ -112,17 +122,29 @@ class _OracleState:
 def _main(argv):
     sys.path.insert(0, str(REPO))
     from integration import pretrain
+    import dataclasses
+    import functools
+
     from plugins import Plugin, PluginRegistry, builtin_plugins
+    from plugins.ema.plugin import EMARun
+
+    ema_runs: list = []  # the EMA of this process's run, as the ema plugin makes it
+
+    def ema_run(config) -> EMARun:
+        ema_runs.append(EMARun(config))
+        return ema_runs[-1]
 
     oracle = Plugin("ema_oracle", "test: a synchronous EMA of the recorded weights",
-                    add_arguments=_oracle_arguments, on_optimizer_step=_oracle_step,
-                    checkpoint_state=lambda args, chunks: _OracleState(chunks))
-    registry = PluginRegistry([*builtin_plugins(), oracle])
+                    config=OracleConfig,
+                    on_optimizer_step=functools.partial(_oracle_step, ema_runs=ema_runs),
+                    checkpoint_state=lambda config, chunks: _OracleState(chunks))
+    registry = PluginRegistry([dataclasses.replace(plugin, run_state=ema_run)
+                               if plugin.name == "ema" else plugin
+                               for plugin in builtin_plugins()] + [oracle])
     if argv[:1] == ["ema-export"]:  # `megaseek ema-export` of a run that had the oracle
-        from integration import checkpoint_tool
-        from plugins.ema import export
+        from integration import checkpoint_tool, ema_export
 
-        checkpoint_tool.main(argv[1:], "ema-export", export, registry)
+        checkpoint_tool.main(argv[1:], "ema-export", ema_export, registry)
     else:
         pretrain.main(argv, registry=registry)
 
@@ -499,14 +521,14 @@ def test_megaseek_has_the_ema_export_command(capsys):
 
 
 def test_ema_export_refuses_a_checkpoint_without_ema(tmp_path):
+    from integration import ema_export
     from plugins import PluginError
-    from plugins.ema import export
 
-    options = export.parse(["--load", "CKPT", "--save", "OUT"])
+    options = ema_export.parse(["--load", "CKPT", "--save", "OUT"])
     with pytest.raises(PluginError, match=r"^ema-export needs a checkpoint saved by training "
                        r"with --plugins ema; CKPT holds no EMA \(no megaseek:ema\.\* weights\)$"):
-        export.check_checkpoint(options, {"embedding.word_embeddings.weight"})
-    export.check_checkpoint(options, {"megaseek:ema.embedding.word_embeddings.weight"})
+        ema_export.check_checkpoint(options, {"embedding.word_embeddings.weight"})
+    ema_export.check_checkpoint(options, {"megaseek:ema.embedding.word_embeddings.weight"})
 
 
 @pytest.mark.slow
@@ -637,7 +659,7 @@ def test_good_flags_enable_the_plugin(monkeypatch):
     args, plugins = enabled(["--plugins", "ema", "--ema-decay", "0.999", "--ema-eval",
                              "--eval-iters", "2"], monkeypatch)
     assert [p.name for p in plugins] == ["ema"]
-    assert (args.ema_interval, args.ema_start_iter) == (1, 0)
+    assert (plugins[0].config.ema_interval, plugins[0].config.ema_start_iter) == (1, 0)
 
 
 def test_too_little_host_memory_names_the_figure():

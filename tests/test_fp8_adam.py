@@ -359,7 +359,7 @@ def test_the_flags_turn_the_plugin_on(monkeypatch):
 
     args, plugins = enabled(BF16_MOMENTS, monkeypatch)
     assert [p.name for p in plugins] == ["bf16_moments"]
-    assert len(plugins[0].fixes(args)) == 2
+    assert len(plugins[0].fixes()) == 2
     args, plugins = enabled(["--exp-avg-sq-dtype", "bf16"], monkeypatch)
     assert [p.name for p in plugins] == ["bf16_moments"]
     args, plugins = enabled([], monkeypatch)

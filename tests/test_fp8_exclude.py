@@ -33,7 +33,7 @@ def _model(argv):
     from tests.plugin_args import gpt_model, validated
 
     args, plugins = validated(MODEL + argv)
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes(args)],
+    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
                           Patcher())
     try:
         return args, gpt_model(args, plugins, VOCAB)
@@ -143,12 +143,13 @@ def _refusal_of_an_absent_slot(rank, world_size):
     from tests.mla_build import megatron_ranks
 
     with megatron_ranks():
-        args, model = _model(FP8 + ["--fp8-exclude-modules", "linear_qkv", "linear_fc1"])
         from tests.plugin_args import validated
 
-        (fp8,) = [p for p in validated(MODEL + FP8)[1] if p.name == "fp8"]
+        excluded = FP8 + ["--fp8-exclude-modules", "linear_qkv", "linear_fc1"]
+        _, model = _model(excluded)
+        (fp8,) = [p for p in validated(MODEL + excluded)[1] if p.name == "fp8"]
         try:
-            fp8.on_optimizer_step(args, [model], None)
+            fp8.run_hooks().on_optimizer_step([model], None)
         except PluginError as error:
             return str(error)
         return None

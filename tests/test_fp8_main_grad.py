@@ -37,7 +37,7 @@ def _chunk(fused: bool, cache_weights: bool):
     from upstream.patching import Patcher, apply_fixes
 
     args, plugins = validated(MODEL + (["--fp8-cache-weights"] if cache_weights else []))
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes(args)],
+    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
                           Patcher())  # the fp8 plugin's lifts of Megatron's TE-only checks
     try:
         model = gpt_model(args, plugins, VOCAB)

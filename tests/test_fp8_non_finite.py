@@ -5,7 +5,6 @@ fp16 with Megatron's dynamic loss scaler a backward overflow is the scaler's to 
 
 from __future__ import annotations
 
-import argparse
 import re
 
 import pytest
@@ -77,8 +76,12 @@ def test_fp8_linear_and_expert_group_never_wait_for_the_device():
     assert waits["eager"].count("aten::_local_scalar_dense") == 2
 
 
-def _args(**fields):
-    return argparse.Namespace(**{"fp16": False, "loss_scale": None, **fields})
+def _args(fp16: bool = False, loss_scale: float | None = None, bf16: bool = False):
+    """The fp8 plugin's config of a run in bf16 (or fp32), or fp16 with Megatron's dynamic
+    loss scaler (no --loss-scale) or a constant one."""
+    from plugins.fp8.plugin import FP8PluginConfig
+
+    return FP8PluginConfig(fp16=fp16, loss_scale=loss_scale)
 
 
 def _flags(rank, world):

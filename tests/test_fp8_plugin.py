@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 
 import pytest
@@ -25,7 +24,7 @@ def enabled(argv, monkeypatch):
 
 def test_auto_backend_resolves_to_emulated_without_a_gpu(monkeypatch):
     args, plugins = enabled(FP8, monkeypatch)
-    assert [p.name for p in plugins] == ["fp8"] and args.fp8_backend == "emulated"
+    assert [p.name for p in plugins] == ["fp8"] and plugins[0].config.backend == "emulated"
 
 
 @pytest.mark.parametrize("capability,backend", [((9, 0), "torch"), ((8, 9), "triton"),
@@ -48,27 +47,27 @@ def test_every_layer_linear_becomes_fp8(monkeypatch):
     from plugins.fp8.modules import FP8LocalExperts, FP8ReplicatedLinear
     from plugins.fp8.spec import count_fp8_linears
     from plugins.mla.spec import with_mla
+    from plugins.moe.plugin import MoEPluginConfig
     from plugins.moe.spec import with_deepseek_moe
 
     args, plugins = enabled(FP8, monkeypatch)
-    dense = plugins[0].transform_layer_spec(get_gpt_layer_local_spec(), args)
+    dense = plugins[0].transform_layer_spec(get_gpt_layer_local_spec())
     assert count_fp8_linears(dense) == 4  # qkv, proj, fc1, fc2
-    mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()), args)
+    mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()))
     # MLA's q/kv down- and up-projections, q_proj slot, output projection, fc1, fc2.
     assert count_fp8_linears(mla) == 8
     attention = mla.submodules.self_attention.submodules
     assert attention.linear_kv_down_proj.module is FP8ReplicatedLinear
     assert attention.linear_kv_down_proj.params == {"fp8_backend": "emulated",
                                                      "fp8_cache_weights": False}
-    moe_args = argparse.Namespace(moe_fp8_dispatch=False, moe_dispatch_ranks_per_node=None)
     moe = with_deepseek_moe(get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False),
-                            moe_args)
-    moe = plugins[0].transform_layer_spec(moe, args)
+                            MoEPluginConfig())
+    moe = plugins[0].transform_layer_spec(moe)
     assert moe.submodules.mlp.submodules.experts.module is FP8LocalExperts
     # qkv, proj; routed experts; shared experts' fc1, fc2.
     assert count_fp8_linears(moe) == 5
     args, plugins = enabled(FP8 + ["--fp8-cache-weights"], monkeypatch)
-    mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()), args)
+    mla = plugins[0].transform_layer_spec(with_mla(get_gpt_layer_local_spec()))
     attention = mla.submodules.self_attention.submodules
     assert attention.linear_kv_down_proj.params["fp8_cache_weights"] is True
     assert attention.linear_proj.params["fp8_cache_weights"] is True

@@ -51,10 +51,14 @@ def test_the_plugin_puts_it_into_megatrons_mlp(monkeypatch):
         "x", "--num-layers", "1", "--hidden-size", "128", "--num-attention-heads", "4",
         "--seq-length", "128", "--max-position-embeddings", "128", "--micro-batch-size", "1",
         "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--swiglu",
+        # (Megatron's default with --swiglu, 320, is no multiple of 128: refused)
+        "--ffn-hidden-size", "512",
         "--no-bias-swiglu-fusion", "--plugins", "fp8", "--fp8-format", "e4m3",
         "--fp8-recipe", "blockwise"])
     args = parse_args(extra_args_provider=registry.add_arguments)
-    fp8, = registry.enabled(args)
+    plan = registry.plan(args)
+    fp8, = plan.plugins
+    plan.apply_overrides(args)
     assert args.use_te_activation_func
-    spec = fp8.transform_layer_spec(get_gpt_layer_local_spec(), args)
+    spec = fp8.transform_layer_spec(get_gpt_layer_local_spec())
     assert spec.submodules.mlp.keywords["submodules"].activation_func is FP8SwiGLU

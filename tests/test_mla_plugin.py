@@ -42,9 +42,12 @@ def test_yarn_flags_reach_the_config_fields(monkeypatch):
     (MLA + ["--recompute-granularity", "selective"], "--recompute-modules core_attn"),
     (MLA + ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
             "layernorm"], "--recompute-modules core_attn"),
+    # Megatron's spelling of selective recomputation, read as its validation sets it (the
+    # run plan is made before).
+    (MLA + ["--recompute-activations"], "--recompute-modules core_attn"),
     (["--multi-latent-attention"], "--plugins mla"),
 ], ids=["no-mla-flag", "heads-vs-tp", "odd-rope", "yarn-no-length", "default-core-attn",
-        "core-attn", "megatron-mla-without-plugin"])
+        "core-attn", "recompute-activations", "megatron-mla-without-plugin"])
 def test_bad_configurations_name_the_flag(argv, flag, monkeypatch):
     if "--tensor-model-parallel-size" in argv:
         monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -158,13 +158,12 @@ def full_recompute_steps(rank: int, world_size: int) -> dict:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_block import TransformerBlock
 
-    from plugins import transform_spec
+    from plugins import Enabled, transform_spec
     from plugins.moe.layer import DeepSeekMoE
-    from plugins.moe.plugin import MOE
+    from plugins.moe.plugin import MOE, MoEPluginConfig
     from tests.mla_build import megatron_ranks
 
-    args = argparse.Namespace(plugins=["moe"], moe_fp8_dispatch=False,
-                              moe_dispatch_ranks_per_node=None)
+    moe = Enabled(MOE, MoEPluginConfig())
     results, weights, forwards = {}, None, []
     with megatron_ranks(), counted(DeepSeekMoE, "_forward", forwards):
         for granularity in (None, "full"):
@@ -173,7 +172,7 @@ def full_recompute_steps(rank: int, world_size: int) -> dict:
                         recompute_num_layers=1) if granularity else {}
             config = moe_layer(**LOSSES, **full, hidden_dropout=0.0, attention_dropout=0.0).config
             block = TransformerBlock(config, transform_spec(
-                [MOE], get_gpt_decoder_block_spec(config, use_transformer_engine=False), args))
+                [moe], get_gpt_decoder_block_spec(config, use_transformer_engine=False)))
             weights = weights or block.state_dict()
             block.load_state_dict(weights)
             block.train()
@@ -221,18 +220,17 @@ def mlp_recompute(rank: int, world_size: int) -> dict[str, bool]:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.spec_utils import build_module
 
-    from plugins import transform_spec
-    from plugins.moe.plugin import MOE
+    from plugins import Enabled, transform_spec
+    from plugins.moe.plugin import MOE, MoEPluginConfig
     from tests.mla_build import megatron_ranks
 
-    args = argparse.Namespace(plugins=["moe"], moe_fp8_dispatch=False,
-                              moe_dispatch_ranks_per_node=None)
+    moe = Enabled(MOE, MoEPluginConfig())
     found = {}
     with megatron_ranks():
         config = moe_layer(recompute_granularity="selective", recompute_modules=["mlp"],
                            moe_layer_freq=[0, 1]).config
-        specs = transform_spec([MOE], get_gpt_decoder_block_spec(
-            config, use_transformer_engine=False), args).layer_specs
+        specs = transform_spec([moe], get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False)).layer_specs
         for fixed in (False, True):
             fixes = _recompute_fixes() if fixed else None
             try:
@@ -260,12 +258,15 @@ def test_mlp_recompute_leaves_the_moe_layers_to_moe():
     ("full", ["moe_act", "mlp"], []),
 ])
 def test_fixes_apply_only_with_their_flags(granularity, modules, expected):
-    from upstream import moe
-    from upstream.patching import applicable
+    from plugins import Enabled
+    from plugins.mla.plugin import MLA, MLAPluginConfig
+    from plugins.moe.plugin import MOE, MoEPluginConfig
 
-    def names(plugins):
-        args = argparse.Namespace(plugins=plugins, recompute_granularity=granularity,
-                                  recompute_modules=modules)
-        return [fix.name for fix in applicable(moe.FIXES, args)]
+    def names(plugins):  # the fixes a run with `plugins` applies (integration.hooks.enable)
+        enabled = {"moe": Enabled(MOE, MoEPluginConfig(recompute_granularity=granularity,
+                                                       recompute_modules=tuple(modules))),
+                   "mla": Enabled(MLA, MLAPluginConfig())}
+        return [fix.name for name in plugins if enabled[name].fixes is not None
+                for fix in enabled[name].fixes()]
 
     assert names(["moe"]) == expected and names(["mla"]) == []

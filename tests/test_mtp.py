@@ -275,7 +275,6 @@ def test_a_layout_that_places_no_mtp_layer_is_refused_at_start_up(monkeypatch):
     --mtp-num-layers silently. The launch path's start-up check (run before Megatron's
     argument dump) stops it, naming both flags; a layout with the 'm' passes."""
     from integration import hooks
-    from plugins import default_registry
     from tests.plugin_args import validated
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -289,6 +288,6 @@ def test_a_layout_that_places_no_mtp_layer_is_refused_at_start_up(monkeypatch):
     args, _ = validated(base + layout + ["Ett|ttL"])
     with pytest.raises(PluginError, match=r"--mtp-num-layers 1 with "
                                           r"--pipeline-model-parallel-layout .*places 0 MTP layer"):
-        hooks._start_up_checks(default_registry(), args)
+        hooks._start_up_checks(args)
     args, _ = validated(base + layout + ["Ett|ttmL"])
-    hooks._start_up_checks(default_registry(), args)
+    hooks._start_up_checks(args)

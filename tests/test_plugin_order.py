@@ -56,8 +56,8 @@ def _train(args, plugins) -> dict:
 
     model = gpt_model(args, plugins, VOCAB)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    after_step = [p.on_optimizer_step(args, [model], optimizer) for p in plugins
-                  if p.on_optimizer_step is not None]
+    after_step = [h.on_optimizer_step([model], optimizer)
+                  for h in (p.run_hooks() for p in plugins) if h.on_optimizer_step is not None]
     tokens = torch.randint(VOCAB, (2, args.seq_length + 1),
                            generator=torch.Generator().manual_seed(1))  # one batch, learnt
     positions = torch.arange(args.seq_length).expand(2, -1)
@@ -85,10 +85,11 @@ def _every_order(rank, world_size):
         for order in ORDERS:
             args, plugins = _parsed(order)
             patcher = apply_fixes([fix for p in plugins if p.fixes is not None
-                                   for fix in p.fixes(args)], Patcher())
+                                   for fix in p.fixes()], Patcher())
             try:
                 results[order] = dict(_train(args, plugins),
-                                      enabled=[p.name for p in plugins])
+                                      enabled=[p.name for p in plugins],
+                                      configs=[p.config for p in plugins])
             finally:
                 patcher.undo()
     return results

@@ -46,7 +46,7 @@ def _gradients(argv) -> tuple[dict, list[tuple[bool, int]]]:
     from upstream.patching import Patcher, apply_fixes
 
     args, plugins = validated(argv)
-    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes(args)],
+    patcher = apply_fixes([fix for p in plugins if p.fixes is not None for fix in p.fixes()],
                           Patcher())
     try:
         model = gpt_model(args, plugins, 256)

@@ -214,7 +214,8 @@ def honoured_effects(rank, world_size):
     from plugins import transform_spec
     from plugins.moe.balance import sequence_balance_loss, update_expert_bias
     from plugins.moe.layer import DeepSeekMoE
-    from plugins.moe.plugin import MOE as MOE_PLUGIN
+    from plugins import Enabled
+    from plugins.moe.plugin import MOE as MOE_PLUGIN, MoEPluginConfig
     from tests.mla_build import megatron_ranks
 
     effects = {}
@@ -302,10 +303,8 @@ def honoured_effects(rank, world_size):
 
         # --moe-layer-freq: the plugin's layer goes where Megatron's block spec has MoE.
         config = moe_layer(moe_layer_freq=[0, 1]).config
-        args = argparse.Namespace(plugins=["moe"], moe_fp8_dispatch=False,
-                                  moe_dispatch_ranks_per_node=None)
-        block = transform_spec([MOE_PLUGIN], get_gpt_decoder_block_spec(
-            config, use_transformer_engine=False), args)
+        block = transform_spec([Enabled(MOE_PLUGIN, MoEPluginConfig())],
+                               get_gpt_decoder_block_spec(config, use_transformer_engine=False))
         effects["--moe-layer-freq"] = ([getattr(spec.submodules.mlp, "module", None) is DeepSeekMoE
                                         for spec in block.layer_specs] == [False, True], "")
 

@@ -113,7 +113,7 @@ def test_a_plugin_that_composes_leaves_te_spec_as_megatron_wrote_it(name, monkey
     if plugin.transform_layer_spec is None:
         return  # nothing of it reaches the spec
     for layer in _te_layer_specs(monkeypatch):
-        assert plugin.transform_layer_spec(layer, args) is layer
+        assert plugin.transform_layer_spec(layer) is layer
 
 
 @pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
@@ -154,9 +154,9 @@ def test_a_plugin_without_a_declaration_refuses_te():
                                           r"transformer_engine .*: it does not declare that it "
                                           r"works with Transformer Engine's modules; pass "
                                           r"--transformer-impl local$"):
-        registry.enabled(args)
+        registry.plan(args)
     args.transformer_impl = "local"
-    assert [p.name for p in registry.enabled(args)] == ["mine"]
+    assert registry.plan(args).names == ["mine"]
 
 
 # --- Transformer Engine where it is not installed -------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import integration  # noqa: F401  (megatron.training on Python 3.11)
 import upstream
 from upstream import compat, cpu, transformer
-from upstream.patching import EVERY_MACHINE, Fix, Patcher, apply_fixes, applicable
+from upstream.patching import EVERY_MACHINE, Fix, Patcher, apply_fixes
 from upstream.registry import all_fixes
 
 VERSION = "megatron-core 0.19.2"
@@ -159,9 +159,11 @@ def test_all_fixes_lists_every_fix_defined_in_the_project():
             defined[fix.name] = info.name
     from plugins import builtin_plugins
 
+    from plugins.config import read
+
     for plugin in builtin_plugins():
         if plugin.fixes is not None:
-            fixes = list(plugin.fixes(_everything_on()))
+            fixes = list(plugin.fixes(read(plugin.config, _everything_on())))
             assert fixes, f"plugin {plugin.name}: its fixes hook returns nothing"
             defined.update({fix.name: f"plugin {plugin.name}" for fix in fixes})
     missing = {name: where for name, where in defined.items() if name not in listed}
@@ -283,10 +285,22 @@ LAYERNORM = dict(recompute_granularity="selective", recompute_modules=["layernor
         "bf16-exp-avg", "bf16-exp-avg-sq", "precision-aware", "dualpipe-wgrad",
         "wgrad-without-dualpipe", "wgrad-with-te"])
 def test_conditional_fixes_apply_only_where_their_scope_holds(args, expected):
-    conditional = [f for f in ALL if f.scope.label not in (
+    """The fixes a run's plugins offer (each from its `fixes` hook, with its config) where
+    their scopes hold: a plugin's fixes only while it is enabled."""
+    from plugins import builtin_plugins
+    from plugins.config import read
+
+    applied = []
+    for plugin in builtin_plugins():
+        enabled = plugin.name in args.plugins or (plugin.enabled_by is not None
+                                                  and plugin.enabled_by(args))
+        if enabled and plugin.fixes is not None:
+            applied += plugin.fixes(read(plugin.config, args))
+    conditional = {f.name for f in ALL if f.scope.label not in (
         EVERY_MACHINE.label, cpu.CPU_ONLY.label, compat.PYTHON_BEFORE_3_12.label)
-        and not f.name.startswith(("seam:", "cpu-launch"))]
-    assert _names(applicable(conditional, args)) == expected
+        and not f.name.startswith(("seam:", "cpu-launch"))}
+    assert set(_names(applied)) <= conditional
+    assert sorted(_names(applied)) == sorted(expected)
 
 
 def _post_init():
@@ -326,11 +340,11 @@ def test_enabled_plugins_apply_their_fixes_only_with_their_flags(plugins, monkey
     patcher = Patcher()
     try:
         for plugin in fp8_plugins:
-            apply_fixes(plugin.fixes(args), patcher)
+            apply_fixes(plugin.fixes(), patcher)
         if "fp8" in plugins:
             assert patcher.changes == 2
             _fp8_config(num_moe_experts=4, **LAYERNORM)  # builds
-            assert not any(fix.still_needed() for fix in fp8_plugins[0].fixes(args))
+            assert not any(fix.still_needed() for fix in fp8_plugins[0].fixes())
         else:
             assert patcher.changes == 0 and _post_init() is upstream_post_init
             with pytest.raises(ValueError, match="transformer-engine"):
@@ -373,3 +387,211 @@ def test_typing_override_is_applied_once_at_import():
 
     assert typing.override is typing_extensions.override
     assert apply_fixes([compat.TYPING_OVERRIDE], Patcher()).changes == 0
+
+
+# --- Megatron's private names that plugin modules rely on ---------------------------------
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _megatron_private_names() -> set[str]:
+    """Every private name megatron's sources define: functions, methods, assignments."""
+    defined = re.compile(r"(?:def |self\.|^)(_[A-Za-z]\w*)\s*(?:\(|=[^=])", re.MULTILINE)
+    return {name for path in _megatron_files() for name in defined.findall(path.read_text())
+            if _private(name)}
+
+
+def _project_names() -> set[str]:
+    """The names megaseek defines itself (any private name it may read of its own)."""
+    names = set()
+    for path in _project_files("plugins", "integration", "upstream"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+    return names
+
+
+def _root(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _megatron_bases(path: Path) -> dict[str, set[str]]:
+    """Per class of a plugin module whose bases include a Megatron class: the private
+    names those Megatron classes define (what the class can override)."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    module = importlib.import_module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    found = {}
+    for cls in vars(module).values():
+        if isinstance(cls, type) and cls.__module__ == module.__name__:
+            names = {name for base in cls.__mro__ if base.__module__.startswith("megatron.")
+                     for name in vars(base) if _private(name)}
+            if names:
+                found[cls.__name__] = names
+    return found
+
+
+def _private_megatron_uses() -> set[tuple[str, str]]:
+    """(plugin file, private Megatron name) for every private name of a Megatron class a
+    plugin class overrides (a method of its own, or `self._name = ...`), and every
+    private name a plugin module reads from something not its own: `x._name`, or
+    `hasattr`/`getattr(x, "_name")` (torch's own private functions, `torch._...`, are
+    torch's and not counted)."""
+    megatron, ours = _megatron_private_names(), _project_names()
+    uses = set()
+    for path in _project_files("plugins"):
+        where = path.relative_to(REPO).as_posix()
+        tree = ast.parse(path.read_text())
+        bases = _megatron_bases(path)
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name in bases):
+            for node in ast.walk(cls):
+                if isinstance(node, ast.FunctionDef) and node.name in bases[cls.name]:
+                    uses.add((where, node.name))
+                elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                        and _root(node) == "self" and node.attr in bases[cls.name]):
+                    uses.add((where, node.attr))
+        for node in ast.walk(tree):
+            read = None
+            if isinstance(node, ast.Attribute) and _private(node.attr) and _root(node) != "torch":
+                read = node.attr
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) in (
+                    "hasattr", "getattr") and len(node.args) >= 2
+                    and isinstance(node.args[1], ast.Constant)
+                    and _private(str(node.args[1].value))):
+                read = node.args[1].value
+            if read is not None and read in megatron and read not in ours:
+                uses.add((where, read))
+    return uses
+
+
+def test_every_private_megatron_name_a_plugin_relies_on_has_a_probe():
+    """Each private Megatron name a plugin overrides or reads is named (its upstream
+    place) by a `private:` record whose reason names the plugin file: its probe says when
+    Megatron changes it."""
+    from upstream import private_names
+
+    uses = _private_megatron_uses()
+    # The scan sees each kind of use: a method set on the instance, a method of the class,
+    # a function of a Megatron module, a method of an object the plugin is handed.
+    assert {("plugins/fp8/modules.py", "_forward_impl"),
+            ("plugins/common/parallel_linear.py", "_forward_impl"),
+            ("plugins/dualpipe/schedule.py", "_build_default_pg_collection"),
+            ("plugins/ema/ema.py", "_get_model_param_range_map")} <= uses
+    records = [f for f in ALL if f.name.startswith("private:")]
+    assert set(records) == set(private_names.FIXES)
+    uncovered = sorted((where, name) for where, name in uses if not any(
+        where in f.reason and name in f.upstream for f in records))
+    assert not uncovered, f"private Megatron names without a probe: {uncovered}"
+
+
+def _calls_forward_impl_with_a_new_keyword(self, input_):
+    return self._forward_impl(input=input_, weight=self.weight, bias=None,
+                              gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                              sequence_parallel=False, grad_output_buffer=None,
+                              wgrad_deferral_limit=None, tp_group=None, gtp_remat_size=1,
+                              fp4_recipe=None)
+
+
+def _linear_with_a_new_parameter(input, weight, bias, gradient_accumulation_fusion,
+                                 allreduce_dgrad, sequence_parallel, grad_output_buffer=None,
+                                 wgrad_deferral_limit=0, tp_group=None, gtp_remat_size=1,
+                                 fp4_recipe=None):
+    raise AssertionError("never called")
+
+
+def _megatron_changes(change: str, monkeypatch) -> None:
+    """What a later Megatron might do to each private name (undone after the test)."""
+    layers = importlib.import_module("megatron.core.tensor_parallel.layers")
+    if change == "forward-impl-renamed":
+        monkeypatch.delattr(layers.RowParallelLinear, "_forward_impl")
+    elif change == "forward-impl-new-keyword":
+        monkeypatch.setattr(layers.ColumnParallelLinear, "forward",
+                            _calls_forward_impl_with_a_new_keyword)
+    elif change == "linear-new-parameter":
+        monkeypatch.setattr(layers, "linear_with_grad_accumulation_and_async_allreduce",
+                            _linear_with_a_new_parameter)
+    elif change == "param-range-map-renamed":
+        distributed = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+        monkeypatch.delattr(distributed.DistributedOptimizer, "_get_model_param_range_map")
+    elif change == "default-groups-renamed":
+        schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
+        monkeypatch.delattr(schedules, "_build_default_pg_collection")
+
+
+@pytest.mark.parametrize("fix_name, change, message", [
+    ("private:fp8-linears-forward-impl", "forward-impl-renamed",
+     "RowParallelLinear defines no _forward_impl"),
+    ("private:fp8-linears-forward-impl", "forward-impl-new-keyword",
+     r"ColumnParallelLinear.forward passes _forward_impl \[.*'fp4_recipe'"),
+    ("private:deferring-linears-forward-impl", "forward-impl-renamed",
+     "RowParallelLinear defines no _forward_impl"),
+    ("private:deferring-linears-forward-impl", "linear-new-parameter",
+     "linear_with_grad_accumulation_and_async_allreduce takes .*'fp4_recipe'"),
+    ("private:ema-param-range-map", "param-range-map-renamed",
+     "DistributedOptimizer has no _get_model_param_range_map"),
+    ("private:dualpipe-default-groups", "default-groups-renamed",
+     "schedules has no _build_default_pg_collection"),
+])
+def test_private_name_probe_fails_loudly_when_megatron_changes_it(fix_name, change, message,
+                                                                   monkeypatch):
+    from upstream.private_names import PrivateNameChanged, require
+
+    fix = next(f for f in ALL if f.name == fix_name)
+    assert fix.still_needed() is True
+    module = re.search(r"plugins/\S+\.py", fix.reason).group(0)
+    _megatron_changes(change, monkeypatch)
+    with pytest.raises(PrivateNameChanged, match=message) as raised:
+        require(fix)
+    assert f"review {module}" in str(raised.value) and fix_name in str(raised.value)
+    # The probes of other private names still hold.
+    for other in ALL:
+        if other.name.startswith("private:") and other.upstream.split()[0] != fix.upstream.split()[0]:
+            assert other.still_needed() is True
+
+
+def test_plugin_modules_run_their_probe_before_relying_on_the_name(monkeypatch):
+    """The EMA probes before it reads the optimizer's shards, the dualpipe schedule before
+    it falls back on Megatron's groups; the linears' modules at import
+    (test_private_linears_refuse_to_import_on_a_changed_megatron)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from plugins.dualpipe.schedule import Settings, Step
+    from plugins.ema.ema import owned_shards
+    from upstream.private_names import PrivateNameChanged
+
+    _megatron_changes("param-range-map-renamed", monkeypatch)
+    with pytest.raises(PrivateNameChanged, match="review plugins/ema/ema.py"):
+        owned_shards([], optimizer=object())
+    _megatron_changes("default-groups-renamed", monkeypatch)
+    chunk = torch.nn.Linear(2, 2)
+    chunk.config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2)
+    with pytest.raises(PrivateNameChanged, match="review plugins/dualpipe/schedule.py"):
+        Step(Settings("dualpipev"), forward_step_func=None, data_iterator=None,
+             model=[chunk, chunk], num_microbatches=4, seq_length=8, micro_batch_size=1)
+
+
+def test_private_linears_refuse_to_import_on_a_changed_megatron():
+    import subprocess
+    import sys
+
+    code = ("import importlib, integration\n"
+            "from megatron.core.tensor_parallel import layers\n"
+            "del layers.ColumnParallelLinear._forward_impl\n"
+            "for name in ('plugins.common.parallel_linear', 'plugins.fp8.modules'):\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except Exception as error:\n"
+            "        print(name, type(error).__name__, error)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300).stdout
+    assert ("plugins.common.parallel_linear PrivateNameChanged ColumnParallelLinear defines "
+            "no _forward_impl") in out and "review plugins/common/parallel_linear.py" in out
+    assert "plugins.fp8.modules PrivateNameChanged" in out and "review plugins/fp8/modules.py" in out

@@ -263,11 +263,11 @@ VOCAB = 64
 
 def _deferring_plugin():
     """What the dualpipe plugin's spec transform does for `--delay-wgrad-compute`."""
-    from plugins import Plugin
+    from plugins import Enabled, Plugin
     from plugins.common.parallel_linear import with_deferring_linears
 
-    return Plugin("deferring-linears", "test",
-                  transform_layer_spec=lambda spec, args: with_deferring_linears(spec))
+    return Enabled(Plugin("deferring-linears", "test", transform_layer_spec=lambda config, spec:
+                          with_deferring_linears(spec)), None)
 
 
 def _chunk(argv, delay: bool, deferring_spec: bool = True):

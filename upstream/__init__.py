@@ -10,7 +10,9 @@ imports them).
   returned by their `fixes` hooks;
 - `seams`: the places where plugins attach to Megatron's training loop, one module each;
 - `megatron_modules`: Megatron's modules as the fixes and seams import them (when applied
-  or probed).
+  or probed);
+- `private_names`: Megatron's private names that plugin modules override or call, with
+  the probes those modules run.
 
 Importing this package changes nothing; each fix is applied by whoever needs it, and only
 when its scope holds.

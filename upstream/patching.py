@@ -31,11 +31,13 @@ EVERY_MACHINE = Scope("every machine", lambda args: True)
 
 
 def plugin_scope(name: str, when: str = "",
-                 condition: Callable[[argparse.Namespace], bool] = lambda args: True) -> Scope:
-    """Holds while `--plugins` names `name` and `condition(args)` holds (`when` says it)."""
+                 condition: Callable[[Any], bool] = lambda config: True) -> Scope:
+    """The scope of a fix that plugin `name` offers from its `fixes` hook: the plugin object
+    that returns it scopes it (no name is matched); it holds for that plugin's run config
+    where `condition(config)` holds (`when` says it, `name` labels it in `megaseek
+    fixes`). The config holds the Megatron arguments the condition reads, by their names."""
     return Scope(f"plugin {name}" + (f", with {when}" if when else ""),
-                 lambda args: (args is not None and name in (getattr(args, "plugins", None) or ())
-                               and bool(condition(args))))
+                 lambda config: config is not None and bool(condition(config)))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ Where each is defined (its scope), and who applies it:
 - `seams` (an enabled plugin provides the hook): the launch path (`seams.listing`);
 - `checkpoint_files` (every run: checksums, verified loads, failed saves named):
   `integration.hooks.megatron_run`;
+- `private_names` (patch nothing): Megatron's private names that plugin modules override
+  or call; each module runs the probe where it relies on the name;
 - `shutdown.PROCESS_GROUPS_LEFT_ALIVE`: recorded only; both entry points call `end_run`.
 
 Fixes built by a factory from what a plugin provides (an optimizer class, a callback)
@@ -22,8 +24,8 @@ are listed here as built with placeholders: for listing and probing, not for app
 
 from __future__ import annotations
 
-from upstream import (checkpoint_files, compat, cpu, moe, optimizer, overlap, shutdown,
-                      transformer, wgrad)
+from upstream import (checkpoint_files, compat, cpu, moe, optimizer, overlap, private_names,
+                      shutdown, transformer, wgrad)
 from upstream.patching import Fix
 from upstream.seams.listing import all_seams
 
@@ -46,4 +48,5 @@ def all_fixes() -> tuple[Fix, ...]:
         checkpoint_files.verified_load(),
         checkpoint_files.failed_save_named([]),
         shutdown.PROCESS_GROUPS_LEFT_ALIVE,
+        *private_names.FIXES,
     )

@@ -16,7 +16,6 @@ layer by layer (`lazy_load`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -72,11 +71,11 @@ def build_model(config, vocab_size: int, max_position_embeddings: int,
                                                           get_gpt_mtp_block_spec)
 
     import plugins
-    from plugins.mla.plugin import MLA
-    from plugins.moe.plugin import MOE
+    from plugins.mla.plugin import MLA, MLAPluginConfig
+    from plugins.moe.plugin import MOE, MoEPluginConfig
 
-    enabled = [MLA, MOE] if config.num_moe_experts else [MLA]
-    args = argparse.Namespace(moe_fp8_dispatch=False, moe_dispatch_ranks_per_node=None)
+    mla = plugins.Enabled(MLA, MLAPluginConfig())
+    enabled = [mla, plugins.Enabled(MOE, MoEPluginConfig())] if config.num_moe_experts else [mla]
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                        normalization="RMSNorm")
     mtp = None
@@ -84,9 +83,9 @@ def build_model(config, vocab_size: int, max_position_embeddings: int,
         last = get_gpt_decoder_layer_specs(config, use_transformer_engine=False,
                                            normalization="RMSNorm")[-1]
         mtp = plugins.transform_spec(enabled, get_gpt_mtp_block_spec(
-            config, last, use_transformer_engine=False), args)
+            config, last, use_transformer_engine=False))
     return GPTModel(config=config,
-                    transformer_layer_spec=plugins.transform_spec(enabled, block, args),
+                    transformer_layer_spec=plugins.transform_spec(enabled, block),
                     vocab_size=vocab_size, max_sequence_length=max_position_embeddings,
                     position_embedding_type="rope", rotary_base=int(config.rotary_base),
                     share_embeddings_and_output_weights=False, mtp_block_spec=mtp,

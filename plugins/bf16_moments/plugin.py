@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
 from plugins import Plugin, PluginError, TransformerEngine
+from plugins.config import megatron
 from plugins.bf16_moments.adam import AdamWBF16Moments
 from upstream.optimizer import (
     bf16_moments_fixes,
@@ -75,22 +77,32 @@ def moments_not_fp32(args: argparse.Namespace) -> bool:
     return any(d != torch.float32 for d in moment_dtypes(args).values())
 
 
-def validate(args: argparse.Namespace) -> None:
-    if not moments_not_fp32(args):
+@dataclass(frozen=True)
+class BF16MomentsPluginConfig:
+    """What the bf16_moments plugin reads: Megatron's moment flags (it adds none)."""
+
+    exp_avg_dtype: str = megatron("exp_avg_dtype", "fp32")
+    exp_avg_sq_dtype: str = megatron("exp_avg_sq_dtype", "fp32")
+    use_precision_aware_optimizer: bool = megatron("use_precision_aware_optimizer", False)
+
+
+def check(config: BF16MomentsPluginConfig, args) -> None:
+    if not moments_not_fp32(config):
         raise PluginError("--plugins bf16_moments: give Megatron's --exp-avg-dtype bf16 and/or "
                           "--exp-avg-sq-dtype bf16 (they turn it on without --plugins)")
     check_moment_flags(args)
 
 
-def fixes(args: argparse.Namespace):
-    return applicable(bf16_moments_fixes(AdamWBF16Moments), args)
+def fixes(config: BF16MomentsPluginConfig):
+    return applicable(bf16_moments_fixes(AdamWBF16Moments), config)
 
 
 BF16_MOMENTS = Plugin(
     name="bf16_moments",
     summary="Adam moments in BF16 with FP32 master weights (--exp-avg-dtype/--exp-avg-sq-dtype "
             "bf16) without Transformer Engine",
-    validate=validate,
+    config=BF16MomentsPluginConfig,
+    check=check,
     fixes=fixes,
     enabled_by=moments_not_fp32,
     transformer_engine=TransformerEngine(

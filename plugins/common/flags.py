@@ -10,10 +10,19 @@ from typing import Any, Iterable
 Refusal = tuple[str, str, tuple[Any, ...], str]
 
 
+def recompute_granularity(args) -> str | None:
+    """--recompute-granularity as Megatron's validation sets it: --recompute-activations
+    is its spelling of 'selective' (arguments.py:589). The run plan is made before."""
+    if getattr(args, "recompute_activations", False):
+        return "selective"
+    return getattr(args, "recompute_granularity", None)
+
+
 def first_refused(args: argparse.Namespace, refusals: Iterable[Refusal]) -> str | None:
     """The error message for the first flag given a value the plugin does not honour
-    (flags another enabled plugin implements, `Plugin.honours`, are that plugin's)."""
-    elsewhere = set(getattr(args, "megaseek_flags_honoured", ()))
+    (flags another enabled plugin implements, `Plugin.honours`, are that plugin's: the
+    start-up check's `plugins.StartUpArguments` says which)."""
+    elsewhere = getattr(args, "honoured_by_plugins", frozenset())
     for dest, flag, honoured, why in refusals:
         if dest in elsewhere:
             continue

@@ -28,6 +28,12 @@ from megatron.core.tensor_parallel.layers import (  # what Megatron's linear its
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from plugins.common.wgrad import DELAY_FLAG, WgradSink, sink_for, wgrad_store
+from upstream.private_names import DEFERRING_LINEARS_FORWARD_IMPL, require
+
+# The classes below override Megatron's private `_forward_impl`: checked here, so that a
+# Megatron that renamed or changed it fails at import, not with the weight gradients
+# silently undeferred.
+require(DEFERRING_LINEARS_FORWARD_IMPL)
 
 
 def _gathered(input: torch.Tensor, tp_group, buffer: bool) -> torch.Tensor:

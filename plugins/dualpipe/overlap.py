@@ -14,7 +14,7 @@ the other waits. Correct only because the halves share nothing that orders messa
   one rank need no copy; the plugin refuses larger tensor-, context- and expert-tensor-
   parallel groups, on which both chunks' layers would communicate.
 - Pipeline messages: receives are posted before the cell, sends queued by each half and
-  posted after it in the F-then-B order the peers expect (`schedule._Run`).
+  posted after it in the F-then-B order the peers expect (`schedule.Step`).
 - Process-wide state Megatron's steps touch: the timers (`forward-compute` only in the
   forward, `backward-compute` only in the backward); `set_current_microbatch` and the
   first-micro-batch flag (per chunk); `MoEAuxLossAutoScaler`'s scale (a class attribute the

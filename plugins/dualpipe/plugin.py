@@ -10,8 +10,11 @@ seam then puts where the schedule needs them.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
+from plugins.config import flag, megatron
+from plugins.common.flags import recompute_granularity
 from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
 from plugins.dualpipe.placement import DualPipePlacement
@@ -20,22 +23,32 @@ from plugins.dualpipe.program import Pipeline
 SCHEDULES = ("dualpipev", "dualpipe")
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--pipeline-schedule", choices=SCHEDULES, default=None,
-                       help="DeepSeek-V3's pipeline schedule: dualpipev (2 stages per rank in "
-                            "a V, loss on rank 0) or dualpipe (micro-batches from both ends, "
-                            "each stage held by two ranks)")
-    group.add_argument("--pipeline-timeline", default=None, metavar="DIR",
-                       help="record when each pipeline cell ran, per rank, in "
-                            "DIR/timeline-rank{R}.jsonl (`megaseek schedule --from-run DIR`)")
+@dataclass(frozen=True)
+class DualPipePluginConfig:
+    """The dualpipe plugin's flags, and the Megatron arguments its hooks read."""
+
+    pipeline_schedule: str | None = flag(
+        "--pipeline-schedule", None, choices=SCHEDULES,
+        help="DeepSeek-V3's pipeline schedule: dualpipev (2 stages per rank in a V, loss on "
+             "rank 0) or dualpipe (micro-batches from both ends, each stage held by two "
+             "ranks)")
+    pipeline_timeline: str | None = flag(
+        "--pipeline-timeline", None, metavar="DIR",
+        help="record when each pipeline cell ran, per rank, in DIR/timeline-rank{R}.jsonl "
+             "(`megaseek schedule --from-run DIR`)")
+    pipeline_model_parallel_size: int = megatron("pipeline_model_parallel_size", 1)
+    delay_wgrad_compute: bool = megatron("delay_wgrad_compute", False)
+    overlap_moe_expert_parallel_comm: bool = megatron("overlap_moe_expert_parallel_comm", False)
+    transformer_impl: str = megatron("transformer_impl", "local")
+    distributed_timeout_minutes: int | None = megatron("distributed_timeout_minutes")
 
 
 def _flag(args, dest: str):
     return getattr(args, dest, None)
 
 
-def validate(args: argparse.Namespace) -> None:
-    schedule = args.pipeline_schedule
+def check(config: DualPipePluginConfig, args) -> None:
+    schedule = config.pipeline_schedule
     if schedule is None:
         raise PluginError("--plugins dualpipe needs --pipeline-schedule dualpipev (or dualpipe)")
     p = args.pipeline_model_parallel_size
@@ -73,6 +86,12 @@ def validate(args: argparse.Namespace) -> None:
                           f"wrongly when one rank holds two embedding copies; drop "
                           f"--dist-ckpt-optim-fully-reshardable (the default format resumes "
                           f"exactly)")
+    if _flag(args, "overlap_param_gather_with_optimizer_step"):
+        # Megatron allows it with virtual stages (which this plugin asks for); it starts
+        # the first bucket's gather from its interleaved schedule's hooks, never called here.
+        raise PluginError(f"--overlap-param-gather-with-optimizer-step cannot be combined with "
+                          f"--pipeline-schedule {schedule}, whose schedules do not start "
+                          f"Megatron's parameter gathers: drop it")
     if _flag(args, "rampup_batch_size") is not None:
         raise PluginError(f"--rampup-batch-size cannot be combined with --pipeline-schedule "
                           f"{schedule}, which needs a fixed number of micro-batches")
@@ -81,15 +100,20 @@ def validate(args: argparse.Namespace) -> None:
     refused = delay_wgrad_refusal(args)
     if refused:
         raise PluginError(refused)
-    timeline = _flag(args, "pipeline_timeline")
+    timeline = config.pipeline_timeline
     unwritable = timeline and unwritable_directory(timeline)
     if unwritable:  # each rank writes its file at the end of the first step
         raise PluginError(f"--pipeline-timeline {timeline}: {unwritable}")
     _check_layers(args, schedule)
     _check_microbatches(args, schedule)
-    # Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each);
-    # the placement seam decides which stages they are.
-    args.virtual_pipeline_model_parallel_size = 2
+
+
+def overrides(config: DualPipePluginConfig) -> dict:
+    """Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each),
+    as for its interleaved schedule; the placement seam decides which stages they are. The
+    schedules call no parameter-gather hooks of Megatron's interleaved schedule (as
+    Megatron turns them off without virtual stages)."""
+    return {"num_virtual_stages_per_pipeline_rank": 2, "align_param_gather": False}
 
 
 OVERLAP = "--overlap-moe-expert-parallel-comm"
@@ -113,7 +137,7 @@ def _check_overlap(args) -> None:
                               "on its group")
     # Recomputation saves and restores the random generator in backward, racing the
     # other chunk's dropout in forward.
-    if _flag(args, "recompute_granularity") is not None:
+    if recompute_granularity(args) is not None:
         raise PluginError(f"{OVERLAP} with --pipeline-schedule cannot be combined with "
                           "--recompute-granularity: drop it")
     if _flag(args, "overlap_param_gather"):
@@ -152,13 +176,15 @@ def _check_microbatches(args, schedule: str) -> None:
     data_parallel = getattr(args, "data_parallel_size", None) or max(1, args.world_size // (
         args.tensor_model_parallel_size * p * args.context_parallel_size))
     per_microbatch = args.micro_batch_size * data_parallel
-    microbatches = args.global_batch_size // per_microbatch
+    # Megatron's default where the flag is not given: one micro-batch per data-parallel rank.
+    global_batch = args.global_batch_size or per_microbatch
+    microbatches = global_batch // per_microbatch
     pipeline = Pipeline(schedule, p, microbatches)
     try:
         pipeline.check()
     except ValueError as why:
         smallest = Pipeline.smallest_microbatches(schedule, p)
-        raise PluginError(f"--global-batch-size {args.global_batch_size} gives {microbatches} "
+        raise PluginError(f"--global-batch-size {global_batch} gives {microbatches} "
                           f"micro-batches per step (--micro-batch-size {args.micro_batch_size} "
                           f"x {data_parallel} data-parallel ranks); {why}: use "
                           f"--global-batch-size {smallest * per_microbatch} or more") from None
@@ -174,56 +200,59 @@ def needed_by(args: argparse.Namespace) -> str | None:
     return None
 
 
-def transform_layer_spec(layer_spec, args: argparse.Namespace):
+def transform_layer_spec(config: DualPipePluginConfig, layer_spec):
     """With --delay-wgrad-compute, Megatron's parallel linears become their deferring
     drop-ins (megaseek's own linears defer by their config)."""
-    if not _flag(args, "delay_wgrad_compute"):
+    if not config.delay_wgrad_compute:
         return layer_spec
     from plugins.common.parallel_linear import with_deferring_linears
 
     return with_deferring_linears(layer_spec)
 
 
-def fixes(args: argparse.Namespace):
+def fixes(config: DualPipePluginConfig):
+    """Megatron's config checks for deferred weight gradients without TE and for the
+    all-to-all overlap, lifted where the run asks for them."""
     from upstream.overlap import overlap_fixes
+    from upstream.patching import applicable
     from upstream.wgrad import delay_wgrad_fixes
 
-    return ((delay_wgrad_fixes() if _flag(args, "delay_wgrad_compute") else ())
-            + (overlap_fixes() if _flag(args, "overlap_moe_expert_parallel_comm") else ()))
+    return applicable(delay_wgrad_fixes() + overlap_fixes(), config)
 
 
-def placement(args: argparse.Namespace) -> DualPipePlacement:
-    pipeline = Pipeline(args.pipeline_schedule, args.pipeline_model_parallel_size,
+def placement(config: DualPipePluginConfig) -> DualPipePlacement:
+    pipeline = Pipeline(config.pipeline_schedule, config.pipeline_model_parallel_size,
                         microbatches=0)
     process_groups = None
-    if _flag(args, "overlap_moe_expert_parallel_comm"):  # chunk 1 on its own communicators
+    if config.overlap_moe_expert_parallel_comm:  # chunk 1 on its own communicators
         from datetime import timedelta
 
         from plugins.dualpipe.overlap import chunk_process_groups
 
-        minutes = _flag(args, "distributed_timeout_minutes")
+        minutes = config.distributed_timeout_minutes
         process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
     return DualPipePlacement(pipeline.ranks, pipeline.chunks,
                              lambda rank, chunk: pipeline.place(rank, chunk)[1],
                              copies=pipeline.directions, process_groups=process_groups)
 
 
-def schedule(args: argparse.Namespace):
+def schedule(config: DualPipePluginConfig):
     from plugins.common.wgrad import take_deferred_weight_gradients
     from plugins.dualpipe.schedule import forward_backward
 
-    return forward_backward(args.pipeline_schedule, timeline_dir=args.pipeline_timeline,
+    return forward_backward(config.pipeline_schedule, timeline_dir=config.pipeline_timeline,
                             weight_gradients=take_deferred_weight_gradients
-                            if _flag(args, "delay_wgrad_compute") else None,
-                            overlap=bool(_flag(args, "overlap_moe_expert_parallel_comm")))
+                            if config.delay_wgrad_compute else None,
+                            overlap=config.overlap_moe_expert_parallel_comm)
 
 
 DUALPIPE = Plugin(
     name="dualpipe",
     summary="DeepSeek-V3's DualPipe and DualPipeV pipeline schedules as Megatron schedules "
             "(--pipeline-schedule)",
-    add_arguments=add_arguments,
-    validate=validate,
+    config=DualPipePluginConfig,
+    check=check,
+    overrides=overrides,
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     fixes=fixes,

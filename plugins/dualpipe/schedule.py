@@ -4,7 +4,8 @@
 schedules (megatron/core/pipeline_parallel/schedules.py) that runs this rank's cells of
 `Pipeline.program` in order, each forward and backward through Megatron's own
 `forward_step` and `backward_step`, so the loss, its scaling and the MoE and MTP loss
-scales are Megatron's.
+scales are Megatron's. Each call is one `Step`, whose fields are Megatron's keywords:
+`Step.run` is the step in four numbered phases, `Step.cell` one cell of the program.
 
 Megatron's training loop reduces and logs the loss on the last pipeline rank
 (training.py:2500, :4266) and broadcasts the token count from it (finalize_model_grads.py
@@ -16,10 +17,8 @@ loop works as under 1F1B.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -27,113 +26,166 @@ import torch
 from plugins.dualpipe.comm import Exchange, needed_by
 from plugins.dualpipe.placement import sum_embedding_copies
 from plugins.dualpipe.program import Cell, Pipeline
+from plugins.dualpipe.recorder import TimelineRecorder
+from upstream.private_names import DUALPIPE_DEFAULT_GROUPS, require
 
 
 def forward_backward(schedule: str, timeline_dir: str | None = None,
                      weight_gradients: Callable[[Any], Callable[[], None]] | None = None,
                      overlap: bool = False):
-    """The schedule's Megatron forward-backward function. `weight_gradients(chunk)` takes
-    the weight gradients a chunk's last backward deferred (None: nothing defers);
-    `overlap` runs the two halves of each F&B cell at once (`plugins.dualpipe.overlap`)."""
+    """The schedule's Megatron forward-backward function: each call runs one `Step`."""
+    settings = Settings(schedule, timeline_dir, weight_gradients, overlap)
 
-    def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microbatches,
-                              seq_length, micro_batch_size, decoder_seq_length=None,
-                              forward_only=False, collect_non_loss_data=False,
-                              first_val_step=None, adjust_tensor_shapes_fn=None,
-                              p2p_communicator=None, pg_collection=None,
-                              force_all_reduce=False):
-        from megatron.core.pipeline_parallel import schedules
-        from megatron.core.utils import get_model_config
-
-        if not isinstance(model, list) or len(model) != 2:
-            raise RuntimeError(f"{schedule} runs two model chunks per rank; Megatron built "
-                               f"{len(model) if isinstance(model, list) else 1}")
-        iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator] * 2
-        config = get_model_config(model[0])
-        if pg_collection is None:
-            pg_collection = schedules._build_default_pg_collection()
-        pp_group = pg_collection.pp
-        rank, ranks = pp_group.rank(), pp_group.size()
-        pipeline = Pipeline(schedule, ranks, num_microbatches,
-                            split_backward=bool(config.delay_wgrad_compute) and not forward_only)
-        pipeline.check()
-
-        shapes = schedules.get_tensor_shapes(
-            seq_length=seq_length, micro_batch_size=micro_batch_size,
-            decoder_seq_length=decoder_seq_length, config=config, tp_group=pg_collection.tp,
-            cp_group=pg_collection.cp)
-        if adjust_tensor_shapes_fn is not None:
-            shapes, _ = adjust_tensor_shapes_fn(shapes, shapes)
-        if len(shapes) != 1:
-            raise RuntimeError(f"{schedule} passes one tensor between stages; got shapes {shapes}")
-        device = next(model[0].parameters()).device
-        programs = [pipeline.program(r, forward_only) for r in range(ranks)]
-        exchange = Exchange(pipeline, rank, programs, pp_group,
-                            torch.distributed.get_process_group_ranks(pp_group), shapes[0],
-                            config.pipeline_dtype, device)
-
-        run = _Run(pipeline, rank, model, iterators, config, exchange, forward_step_func,
-                   num_microbatches, pg_collection.cp.size(), forward_only,
-                   collect_non_loss_data, first_val_step, weight_gradients, overlap)
-        if config.timers is not None:
-            config.timers("forward-backward", log_level=1).start(
-                barrier=config.barrier_with_L1_time)
-        # One pipeline records: the one of the first tensor- and data-parallel rank.
-        records = timeline_dir is not None and not forward_only and all(
-            getattr(pg_collection, name).rank() == 0 for name in ("tp", "dp_cp"))
-        recorder = _Timeline(timeline_dir if records else None, pipeline, rank, pp_group)
-        with _grad_sync_held(model, forward_only):
-            program = programs[rank]
-            exchange.post(needed_by(pipeline, rank, program[0]) if program else [])
-            for index, cell in enumerate(program):
-                started = recorder.now()
-                run.cell(cell)
-                recorder.add(cell, started)
-                following = program[index + 1] if index + 1 < len(program) else None
-                exchange.post(needed_by(pipeline, rank, following) if following else [])
-            exchange.finish()
-            run.finish_data()
-            if not forward_only:
-                sum_embedding_copies(model)
-                if pipeline.directions == 2:
-                    _sum_gradients_of_copies(model, ranks - 1 - rank, pp_group)
-                _start_grad_sync(model)
-        recorder.close()
-        if not forward_only and config.mtp_num_layers:
-            _mtp_metrics_on_last_rank(config.mtp_num_layers, pp_group, device)
-
-        losses, num_tokens = _gathered_on_last_rank(run.losses, run.num_tokens, pp_group, device)
-        if config.finalize_model_grads_func is not None and not forward_only:
-            config.finalize_model_grads_func(
-                model, num_tokens if config.calculate_per_token_loss else None,
-                pg_collection=pg_collection, force_all_reduce=force_all_reduce)
-        if config.timers is not None:
-            config.timers("forward-backward").stop()
-        return losses
+    def forward_backward_dual(**megatron_keywords) -> list:
+        return Step(settings, **megatron_keywords).run()
 
     forward_backward_dual.__name__ = f"forward_backward_{schedule}"
     return forward_backward_dual
 
 
-class _Run:
-    """Runs cells on this rank: Megatron's forward and backward steps, the hand-over
-    between a rank's own chunks, and the deferred weight gradients."""
+@dataclass(frozen=True)
+class Settings:
+    """What the plugin's flags fix for every step."""
 
-    def __init__(self, pipeline, rank, model, iterators, config, exchange, forward_step_func,
-                 num_microbatches, cp_size, forward_only, collect_non_loss_data,
-                 first_val_step, weight_gradients, overlap=False) -> None:
-        self.pipeline, self.rank, self.model, self.iterators = pipeline, rank, model, iterators
-        self.config, self.exchange = config, exchange
-        self.forward_step_func, self.num_microbatches = forward_step_func, num_microbatches
-        self.cp_size, self.forward_only = cp_size, forward_only
-        self.collect_non_loss_data, self.first_val_step = collect_non_loss_data, first_val_step
-        self.weight_gradients, self.overlap = weight_gradients, overlap
+    schedule: str  # --pipeline-schedule: "dualpipe" or "dualpipev"
+    timeline_dir: str | None = None  # --pipeline-timeline: where cells' times are appended
+    # With --delay-wgrad-compute: `weight_gradients(chunk)` takes the weight gradients the
+    # chunk's last backward deferred (None: nothing defers).
+    weight_gradients: Callable[[Any], Callable[[], None]] | None = None
+    # --overlap-moe-expert-parallel-comm: the two halves of each F&B cell run at once
+    # (`plugins.dualpipe.overlap`).
+    overlap: bool = False
+
+
+@dataclass(eq=False)
+class Step:
+    """One step of the schedule on this rank, as Megatron's loop calls a schedule: its
+    fields are the keywords of Megatron's forward-backward functions (schedules.py:992),
+    `run()` the step. Its cells run through Megatron's `forward_step` and
+    `backward_step`; messages to other pipeline ranks go through an `Exchange` planned
+    from every rank's program."""
+
+    settings: Settings
+    forward_step_func: Callable
+    data_iterator: Any  # one iterator, or one per model chunk
+    model: list  # this rank's two model chunks
+    num_microbatches: int
+    seq_length: int
+    micro_batch_size: int
+    decoder_seq_length: int | None = None
+    forward_only: bool = False
+    collect_non_loss_data: bool = False
+    first_val_step: bool | None = None
+    adjust_tensor_shapes_fn: Callable | None = None
+    p2p_communicator: Any = None  # not used: `exchange` carries the messages
+    pg_collection: Any = None  # None: Megatron's default groups
+    force_all_reduce: bool = False
+
+    def __post_init__(self) -> None:
+        from megatron.core.pipeline_parallel import schedules
+        from megatron.core.utils import get_model_config
+
+        schedule = self.settings.schedule
+        if not isinstance(self.model, list) or len(self.model) != 2:
+            raise RuntimeError(f"{schedule} runs two model chunks per rank; Megatron built "
+                               f"{len(self.model) if isinstance(self.model, list) else 1}")
+        self.iterators = (self.data_iterator if isinstance(self.data_iterator, list)
+                          else [self.data_iterator] * 2)
+        self.config = config = get_model_config(self.model[0])
+        if self.pg_collection is None:  # Megatron's schedules' own (private) fallback
+            require(DUALPIPE_DEFAULT_GROUPS)
+            self.pg_collection = schedules._build_default_pg_collection()
+        self.pp_group, self.cp_size = self.pg_collection.pp, self.pg_collection.cp.size()
+        self.rank, ranks = self.pp_group.rank(), self.pp_group.size()
+        self.pipeline = Pipeline(schedule, ranks, self.num_microbatches, split_backward=bool(
+            config.delay_wgrad_compute) and not self.forward_only)
+        self.pipeline.check()
+        self.device = next(self.model[0].parameters()).device
+        self.programs = [self.pipeline.program(r, self.forward_only) for r in range(ranks)]
+        self.exchange = Exchange(self.pipeline, self.rank, self.programs, self.pp_group,
+                                 torch.distributed.get_process_group_ranks(self.pp_group),
+                                 self._message_shape(), config.pipeline_dtype, self.device)
+        # What the step's cells hand on to each other.
         self.local: dict = {}  # messages between this rank's own chunks
         self.saved: dict[tuple[int, int], tuple] = {}  # (chunk, microbatch) -> (input, output)
         self.deferred: deque[Callable[[], None]] = deque()
         self.losses: dict[int, list] = {}  # global micro-batch -> its loss records
         self.num_tokens = torch.zeros([], dtype=torch.int)
-        self.batches_read = [0] * len(model)  # per chunk, micro-batches taken from its iterator
+        self.batches_read = [0] * len(self.model)  # per chunk, micro-batches taken so far
+
+    def _message_shape(self) -> tuple:
+        """The one tensor shape that travels between stages (Megatron's)."""
+        from megatron.core.pipeline_parallel import schedules
+
+        shapes = schedules.get_tensor_shapes(
+            seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
+            decoder_seq_length=self.decoder_seq_length, config=self.config,
+            tp_group=self.pg_collection.tp, cp_group=self.pg_collection.cp)
+        if self.adjust_tensor_shapes_fn is not None:
+            shapes, _ = self.adjust_tensor_shapes_fn(shapes, shapes)
+        if len(shapes) != 1:
+            raise RuntimeError(f"{self.settings.schedule} passes one tensor between stages; "
+                               f"got shapes {shapes}")
+        return shapes[0]
+
+    def run(self) -> list:
+        """The step; returns the micro-batches' loss records on the last pipeline rank
+        (empty elsewhere), as Megatron's schedules do."""
+        config, timers = self.config, self.config.timers
+        if timers is not None:
+            timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
+        recorder = TimelineRecorder(self._timeline_dir(), self.pipeline, self.rank, self.pp_group)
+        with _grad_sync_held(self.model, self.forward_only):
+            # 1. This rank's cells, in its program's order.
+            self._run_program(recorder)
+            # 2. Every copy of a stage holds the sum of the copies' gradients; the
+            #    data-parallel reduction starts.
+            if not self.forward_only:
+                self._complete_gradients()
+        recorder.close()
+        # 3. Loss records, token count and MTP metrics where Megatron's loop reads them.
+        if not self.forward_only and config.mtp_num_layers:
+            _mtp_metrics_on_last_rank(config.mtp_num_layers, self.pp_group, self.device)
+        losses, num_tokens = _gathered_on_last_rank(self.losses, self.num_tokens,
+                                                    self.pp_group, self.device)
+        # 4. Megatron's end of a step's gradients (finalize_model_grads).
+        if config.finalize_model_grads_func is not None and not self.forward_only:
+            config.finalize_model_grads_func(
+                self.model, num_tokens if config.calculate_per_token_loss else None,
+                pg_collection=self.pg_collection, force_all_reduce=self.force_all_reduce)
+        if timers is not None:
+            timers("forward-backward").stop()
+        return losses
+
+    def _timeline_dir(self) -> str | None:
+        """Where this rank records its cells: one pipeline records (the one of the first
+        tensor- and data-parallel rank), training steps only."""
+        records = self.settings.timeline_dir is not None and not self.forward_only and all(
+            getattr(self.pg_collection, name).rank() == 0 for name in ("tp", "dp_cp"))
+        return self.settings.timeline_dir if records else None
+
+    def _run_program(self, recorder: TimelineRecorder) -> None:
+        """This rank's cells in order; the receives each cell needs are posted, with the
+        sends queued before it, as the previous cell ends."""
+        program, pipeline, rank = self.programs[self.rank], self.pipeline, self.rank
+        self.exchange.post(needed_by(pipeline, rank, program[0]) if program else [])
+        for index, cell in enumerate(program):
+            started = recorder.now()
+            self.cell(cell)
+            recorder.add(cell, started)
+            following = program[index + 1] if index + 1 < len(program) else None
+            self.exchange.post(needed_by(pipeline, rank, following) if following else [])
+        self.exchange.finish()
+        self.finish_data()
+
+    def _complete_gradients(self) -> None:
+        """The gradients of every copy of a weight summed, then the data-parallel reduction
+        started (Megatron's DDP would have started it during the last backward)."""
+        sum_embedding_copies(self.model)
+        if self.pipeline.directions == 2:
+            _sum_gradients_of_copies(self.model, self.pipeline.ranks - 1 - self.rank,
+                                     self.pp_group)
+        _start_grad_sync(self.model)
 
     def _data_at(self, chunk: int, microbatch: int):
         """The chunk's data iterator, moved on to `microbatch` of the step. Every chunk's
@@ -158,7 +210,7 @@ class _Run:
                 self.batches_read[chunk] += 1
 
     def cell(self, cell: Cell) -> None:
-        if cell.op == "FB" and self.overlap:
+        if cell.op == "FB" and self.settings.overlap:
             self._forward_and_backward(*cell.parts())
             return
         for part in cell.parts():
@@ -249,8 +301,8 @@ class _Run:
             output_grad = self._incoming(("grad", direction, stage + 1, cell.microbatch),
                                          stage + 1, direction)
         input_grad = schedules.backward_step(input_tensor, output, output_grad, self.config)
-        if self.weight_gradients is not None:
-            weight_gradients = self.weight_gradients(self.model[cell.chunk])
+        if self.settings.weight_gradients is not None:
+            weight_gradients = self.settings.weight_gradients(self.model[cell.chunk])
             if cell.split:
                 self.deferred.append(weight_gradients)
             else:
@@ -350,39 +402,3 @@ def _to(value, device: torch.device):
     if isinstance(value, (list, tuple)):
         return type(value)(_to(v, device) for v in value)
     return value
-
-
-class _Timeline:
-    """With --pipeline-timeline DIR: when each cell of each training step started and
-    ended, relative to the step's start (all ranks start it after a barrier), appended to
-    DIR/timeline-rank{R}.jsonl (format in runlog.py; `megaseek schedule --from-run DIR`)."""
-
-    def __init__(self, directory: str | None, pipeline: Pipeline, rank: int, pp_group) -> None:
-        from plugins.dualpipe import runlog
-
-        self.file = None
-        if directory is None:
-            return
-        os.makedirs(directory, exist_ok=True)
-        path = runlog.path_of(directory, rank)
-        self.step = runlog.steps_recorded(path)
-        self.file = open(path, "a")
-        if self.step == 0 and self.file.tell() == 0:
-            self.file.write(json.dumps(runlog.header_record(pipeline, rank)) + "\n")
-        self.cell_record = runlog.cell_record
-        torch.distributed.barrier(group=pp_group)
-        self.start = time.perf_counter()
-
-    def now(self) -> float:
-        if self.file is not None and torch.cuda.is_available():
-            torch.cuda.synchronize()  # a cell's time is its device time
-        return time.perf_counter()
-
-    def add(self, cell: Cell, started: float) -> None:
-        if self.file is not None:
-            record = self.cell_record(self.step, cell, started - self.start, self.now() - self.start)
-            self.file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()

@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from upstream.private_names import EMA_PARAM_RANGE_MAP, require
+
 
 class EMAWorkerFailed(RuntimeError):
     """The background EMA update raised; the message holds its traceback."""
@@ -81,6 +83,8 @@ def owned_shards(model_chunks: list, optimizer: Any = None) -> list[Shard]:
     optimizers = getattr(optimizer, "chained_optimizers", None) or (
         [optimizer] if optimizer is not None else [])
     distributed = False
+    if optimizers:  # a distributed optimizer is told by a private method of Megatron's
+        require(EMA_PARAM_RANGE_MAP)
     for opt in optimizers:
         index_map = getattr(opt, "model_param_group_index_map", None)
         if index_map is None or not hasattr(opt, "_get_model_param_range_map"):

@@ -7,58 +7,75 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 import torch
 
 from plugins import Plugin, PluginError, TransformerEngine
+from plugins.config import add_flags, flag, megatron
 from plugins.ema.ema import EMAConfig, HostEMA, owned_shards
 
-_ATTRIBUTE = "megaseek_ema"  # where the run's HostEMA hangs on the first model chunk
 CHECKPOINT_PREFIX = "megaseek:ema"  # the EMA's sharded keys: PREFIX.<the weight's key>
 EVALUATION_NAME = "EMA weights"
 
 
+@dataclass(frozen=True)
+class EMAPluginConfig:
+    """The ema plugin's flags, and the Megatron arguments it reads."""
+
+    ema_decay: float | None = flag(
+        "--ema-decay", None, type=float, metavar="D",
+        help="EMA of the weights: ema = D * ema + (1 - D) * weights, in host memory, after "
+             "each update step (DeepSeek-V3)")
+    ema_interval: int = flag("--ema-interval", 1, type=int, metavar="N",
+                             help="update the EMA every N iterations")
+    ema_start_iter: int = flag("--ema-start-iter", 0, type=int, metavar="K",
+                               help="before iteration K the EMA is a copy of the weights")
+    ema_eval: bool = flag("--ema-eval", False, action="store_true",
+                          help="every evaluation also runs with the EMA weights")
+    log_interval: int = megatron("log_interval", 100)
+    train_iters: int | None = megatron("train_iters")
+    eval_iters: int | None = megatron("eval_iters")
+    fp8_param_gather: bool = megatron("fp8_param_gather", False)
+
+    def ema(self) -> EMAConfig:
+        return EMAConfig(self.ema_decay, self.ema_interval, self.ema_start_iter)
+
+
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--ema-decay", type=float, default=None, metavar="D",
-                       help="EMA of the weights: ema = D * ema + (1 - D) * weights, in host "
-                            "memory, after each update step (DeepSeek-V3)")
-    group.add_argument("--ema-interval", type=int, default=1, metavar="N",
-                       help="update the EMA every N iterations")
-    group.add_argument("--ema-start-iter", type=int, default=0, metavar="K",
-                       help="before iteration K the EMA is a copy of the weights")
-    group.add_argument("--ema-eval", action="store_true", default=False,
-                       help="every evaluation also runs with the EMA weights")
+    """The ema plugin's flags (`megaseek ema-export` reads a run's saved ones)."""
+    add_flags(EMAPluginConfig, group)
 
 
-def validate(args: argparse.Namespace) -> None:
-    decay = args.ema_decay
+def check(config: EMAPluginConfig, args) -> None:
+    decay = config.ema_decay
     if decay is None:
         raise PluginError("--plugins ema needs --ema-decay D (0 < D < 1, e.g. 0.999)")
     if not 0.0 < decay < 1.0:
         raise PluginError(f"--ema-decay must be in (0, 1); got {decay}")
-    if args.ema_interval < 1:
-        raise PluginError(f"--ema-interval must be at least 1; got {args.ema_interval}")
-    if args.ema_start_iter < 0:
-        raise PluginError(f"--ema-start-iter must be at least 0; got {args.ema_start_iter}")
-    if getattr(args, "fp8_param_gather", False):
+    if config.ema_interval < 1:
+        raise PluginError(f"--ema-interval must be at least 1; got {config.ema_interval}")
+    if config.ema_start_iter < 0:
+        raise PluginError(f"--ema-start-iter must be at least 0; got {config.ema_start_iter}")
+    if config.fp8_param_gather:
         raise PluginError("--fp8-param-gather is not supported with --plugins ema: the EMA "
                           "reads, checkpoints and swaps in the parameters as plain tensors, "
                           "not Transformer Engine's FP8 ones; drop --fp8-param-gather")
-    _check_updates_within_training(args)
-    if args.ema_eval and not (getattr(args, "eval_iters", 0) or 0) > 0:
+    _check_updates_within_training(config)
+    if config.ema_eval and not (config.eval_iters or 0) > 0:
         raise PluginError(f"--ema-eval needs evaluation: give --eval-iters > 0 (got "
-                          f"--eval-iters {getattr(args, 'eval_iters', None)})")
+                          f"--eval-iters {config.eval_iters})")
 
 
-def _check_updates_within_training(args: argparse.Namespace) -> None:
+def _check_updates_within_training(config: EMAPluginConfig) -> None:
     """The EMA averages at the iterations from --ema-start-iter on that --ema-interval
     divides (`HostEMA.due`); a run that ends before the first of them would save and
     evaluate an EMA that is only a copy of the weights. (Unknown with --train-samples:
     Megatron counts the iterations later.)"""
-    train_iters = getattr(args, "train_iters", None)
+    train_iters = config.train_iters
     if not train_iters:
         return
-    interval, start = args.ema_interval, args.ema_start_iter
+    interval, start = config.ema_interval, config.ema_start_iter
     first = -(-max(start, 1) // interval) * interval  # the first multiple of N from K on
     if first > train_iters:
         raise PluginError(
@@ -67,10 +84,6 @@ def _check_updates_within_training(args: argparse.Namespace) -> None:
             f"run ends, and stay a copy of the weights; lower "
             + ("--ema-start-iter" if start > train_iters else "--ema-interval")
             + f" (or train longer)")
-
-
-def config_of(args: argparse.Namespace) -> EMAConfig:
-    return EMAConfig(args.ema_decay, args.ema_interval, args.ema_start_iter)
 
 
 def available_host_bytes() -> int:
@@ -98,7 +111,7 @@ def check_host_memory(owned_numel: int, ranks_on_host: int, available: int) -> N
             "machines, or drop --plugins ema")
 
 
-def create(args: argparse.Namespace, model_chunks: list, optimizer) -> HostEMA:
+def create(config: EMAPluginConfig, model_chunks: list, optimizer) -> HostEMA:
     shards = owned_shards(model_chunks, optimizer)
     check_host_memory(sum(s.numel for s in shards),
                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")), available_host_bytes())
@@ -108,32 +121,44 @@ def create(args: argparse.Namespace, model_chunks: list, optimizer) -> HostEMA:
 
         return get_timers()("ema-wait", log_level=0)
 
-    ema = HostEMA(shards, config_of(args), wait_timer)
+    ema = HostEMA(shards, config.ema(), wait_timer)
     if ema.copies_from_gpu:  # GPU: the next step's update waits for the staging copy
         for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
             inner = getattr(opt, "optimizer", None)
             if isinstance(inner, torch.optim.Optimizer):
                 inner.register_step_pre_hook(lambda *unused: ema.hold_weight_writes())
-    object.__setattr__(model_chunks[0], _ATTRIBUTE, ema)
     return ema
 
 
-def ema_of(model_chunks: list) -> HostEMA:
-    ema = getattr(model_chunks[0], _ATTRIBUTE, None)
-    if ema is None:
-        raise RuntimeError("the EMA is made when Megatron builds the optimizer; it was asked "
-                           "for before")
-    return ema
+class EMARun:
+    """The EMA of one run, shared by the plugin's hooks (`Plugin.run_state`): made when
+    Megatron builds the optimizer (`on_optimizer_step`), then waited for, checkpointed and
+    evaluated."""
+
+    def __init__(self, config: EMAPluginConfig) -> None:
+        self.config = config
+        self._ema: HostEMA | None = None
+
+    @property
+    def ema(self) -> HostEMA:
+        if self._ema is None:
+            raise RuntimeError("the EMA is made when Megatron builds the optimizer; it was "
+                               "asked for before")
+        return self._ema
+
+    def start(self, model_chunks: list, optimizer) -> HostEMA:
+        self._ema = create(self.config, model_chunks, optimizer)
+        return self._ema
 
 
-def _log_wait(args, iteration: int) -> None:
+def _log_wait(log_interval: int, iteration: int) -> None:
     """Every --log-interval: the time this rank's steps waited for the previous update, to
     TensorBoard as `ema-wait-ms` (zeros included, so the curve is whole) and printed when
     not zero; from the last rank, where Megatron keeps its writer and prints its log."""
     from megatron.training import get_tensorboard_writer, get_timers
 
     timers = get_timers()
-    if timers is None or iteration % max(1, args.log_interval) != 0:
+    if timers is None or iteration % max(1, log_interval) != 0:
         return
     waited_ms = timers("ema-wait", log_level=0).elapsed(reset=True) * 1e3
     writer = get_tensorboard_writer()
@@ -143,22 +168,22 @@ def _log_wait(args, iteration: int) -> None:
             or torch.distributed.get_rank() == torch.distributed.get_world_size() - 1)
     if waited_ms > 0.0 and last:
         print(f" ema: iteration {iteration}: waited {waited_ms:.3f} ms for the previous "
-              f"EMA update over the last {args.log_interval} iterations", flush=True)
+              f"EMA update over the last {log_interval} iterations", flush=True)
 
 
-def on_optimizer_step(args, model_chunks, optimizer):
-    ema = create(args, model_chunks, optimizer)
+def on_optimizer_step(run: EMARun, model_chunks, optimizer):
+    ema = run.start(model_chunks, optimizer)
 
     def after_step(iteration: int) -> None:
         ema.step(iteration)
-        _log_wait(args, iteration)
+        _log_wait(run.config.log_interval, iteration)
 
     return after_step
 
 
-def on_training_end(args, model_chunks) -> None:
+def on_training_end(run: EMARun, model_chunks) -> None:
     """The last update of the run has no next step to report its failure: wait for it."""
-    ema_of(model_chunks).close()
+    run.ema.close()
 
 
 class EMACheckpointState:
@@ -218,22 +243,23 @@ class EMACheckpointState:
         self.ema.load_full([state[str(i)] for i in range(len(self.ema.shards))])
 
 
-def checkpoint_state(args, model_chunks) -> EMACheckpointState:
-    return EMACheckpointState(ema_of(model_chunks), model_chunks)
+def checkpoint_state(run: EMARun, model_chunks) -> EMACheckpointState:
+    return EMACheckpointState(run.ema, model_chunks)
 
 
-def evaluation(args, model_chunks):
-    if not args.ema_eval:
+def evaluation(run: EMARun, model_chunks):
+    if not run.config.ema_eval:
         return None  # no EMA evaluation asked for: Megatron evaluates the raw weights only
-    return EVALUATION_NAME, ema_of(model_chunks).swapped_in
+    return EVALUATION_NAME, run.ema.swapped_in
 
 
 EMA = Plugin(
     name="ema",
     summary="DeepSeek-V3's EMA of the weights in host memory, updated in the background "
             "after each step, checkpointed and optionally evaluated (--ema-decay)",
-    add_arguments=add_arguments,
-    validate=validate,
+    config=EMAPluginConfig,
+    check=check,
+    run_state=EMARun,
     on_optimizer_step=on_optimizer_step,
     on_training_end=on_training_end,
     checkpoint_state=checkpoint_state,

@@ -42,6 +42,12 @@ from plugins.fp8.non_finite import FPROP, WEIGHT, X, NonFiniteFlags
 from plugins.fp8.slots import EXCLUDABLE
 from plugins.fp8.swiglu import FP8CachedSwiGLU
 from plugins.fp8.weight_cache import FP8WeightCache
+from upstream.private_names import FP8_LINEARS_FORWARD_IMPL, require
+
+# The FP8 linears replace Megatron's private `_forward_impl`: checked here, so that a
+# Megatron that renamed or changed it fails at import, not with the GEMMs silently run in
+# the training dtype.
+require(FP8_LINEARS_FORWARD_IMPL)
 
 
 class _FP8Module:

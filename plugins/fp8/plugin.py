@@ -9,9 +9,12 @@ scales, with or without the plugin (`NOT_HONOURED`).
 from __future__ import annotations
 
 import argparse
+import functools
+from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
-from plugins.common.flags import Refusal, first_refused
+from plugins.config import flag, megatron
+from plugins.common.flags import Refusal, first_refused, recompute_granularity
 from plugins.fp8.slots import EXCLUDABLE
 
 BLOCK = 128
@@ -65,35 +68,50 @@ def _refused_flag(args: argparse.Namespace) -> str | None:
     return first_refused(args, NOT_HONOURED)
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--fp8-backend", choices=["auto", "emulated", "torch", "triton"],
-                       default="auto",
-                       help="GEMM implementation of the fp8 plugin: 'torch' (block-scaled "
-                            "torch._scaled_mm, sm90 GPUs), 'triton' (megaseek's kernel, FP8 "
-                            "tensor cores), 'emulated' (exact FP32 product of the FP8 "
-                            "operands, any device), 'auto' (torch on sm90, triton on other "
-                            "sm89+ GPUs, else emulated)")
-    group.add_argument("--fp8-exclude-modules", nargs="+", default=[], metavar="SLOT",
-                       help="linear slots kept in the training dtype, by Megatron's submodule "
-                            "name, everything under them included (e.g. linear_kv_up_proj: "
-                            "MLA's kv up-projection, [32768, 512] at DeepSeek-V3's shape, "
-                            "expected slower in FP8 than BF16 at K=512); one of "
-                            + ", ".join(EXCLUDABLE) + ". Default: none, every linear in "
-                            "FP8, until a GPU measures where FP8 does not pay")
-    group.add_argument("--fp8-cache-weights", action="store_true",
-                       help="keep each weight's FP8 copy from its first use in a step until "
-                            "the optimizer step, instead of quantizing it in every "
-                            "micro-batch's forward and backward (costs 2 bytes per weight: "
-                            "W for forward, W^T for backward)")
+@dataclass(frozen=True)
+class FP8PluginConfig:
+    """The fp8 plugin's flags, and the Megatron arguments its hooks and fixes read."""
+
+    fp8_backend: str = flag(
+        "--fp8-backend", "auto", choices=["auto", "emulated", "torch", "triton"],
+        help="GEMM implementation of the fp8 plugin: 'torch' (block-scaled "
+             "torch._scaled_mm, sm90 GPUs), 'triton' (megaseek's kernel, FP8 tensor cores), "
+             "'emulated' (exact FP32 product of the FP8 operands, any device), 'auto' "
+             "(torch on sm90, triton on other sm89+ GPUs, else emulated)")
+    fp8_exclude_modules: list = flag(
+        "--fp8-exclude-modules", [], nargs="+", metavar="SLOT",
+        help="linear slots kept in the training dtype, by Megatron's submodule name, "
+             "everything under them included (e.g. linear_kv_up_proj: MLA's kv "
+             "up-projection, [32768, 512] at DeepSeek-V3's shape, expected slower in FP8 "
+             "than BF16 at K=512); one of " + ", ".join(EXCLUDABLE) + ". Default: none, "
+             "every linear in FP8, until a GPU measures where FP8 does not pay")
+    fp8_cache_weights: bool = flag(
+        "--fp8-cache-weights", False, action="store_true",
+        help="keep each weight's FP8 copy from its first use in a step until the optimizer "
+             "step, instead of quantizing it in every micro-batch's forward and backward "
+             "(costs 2 bytes per weight: W for forward, W^T for backward)")
+    swiglu: bool = megatron("swiglu", False)
+    fp16: bool = megatron("fp16", False)
+    loss_scale: float | None = megatron("loss_scale")
+    num_experts: int | None = megatron("num_experts")
+    recompute_granularity: str | None = megatron("recompute_granularity",
+                                                  derive=recompute_granularity)
+    recompute_modules: list | None = megatron("recompute_modules")
+
+    @functools.cached_property
+    def backend(self) -> str:
+        """The GEMM backend --fp8-backend resolves to on this machine (`check` has
+        refused one that cannot run here)."""
+        from plugins.fp8 import backends
+
+        return backends.resolve(self.fp8_backend)
 
 
-def validate(args: argparse.Namespace) -> None:
-    from plugins.fp8 import backends
-
+def check(config: FP8PluginConfig, args) -> None:
     refused = _refused_flag(args)
     if refused:
         raise PluginError(refused)
-    unknown = [name for name in args.fp8_exclude_modules if name not in EXCLUDABLE]
+    unknown = [name for name in config.fp8_exclude_modules if name not in EXCLUDABLE]
     if unknown:
         raise PluginError(f"--fp8-exclude-modules {' '.join(unknown)}: unknown; choose from "
                           f"{', '.join(EXCLUDABLE)}")
@@ -117,18 +135,20 @@ def validate(args: argparse.Namespace) -> None:
             raise PluginError(f"--plugins fp8: {what} gives {per_rank} per rank; it must be a "
                               f"multiple of {BLOCK} (an FP8 GEMM reduces over whole 1x128 / "
                               "128x128 tiles)")
-    if args.swiglu:
-        if args.bias_swiglu_fusion:
-            raise PluginError("--plugins fp8 with --swiglu needs --no-bias-swiglu-fusion (the "
-                              "fused kernel keeps its input in the training dtype)")
-        # Megatron's seam for an activation module (no flag of its own; config fields are
-        # filled from args by name): MLP then calls MLPSubmodules.activation_func, which
-        # the spec transform sets to the SwiGLU that caches its input in FP8.
-        args.use_te_activation_func = True
+    if config.swiglu and args.bias_swiglu_fusion:
+        raise PluginError("--plugins fp8 with --swiglu needs --no-bias-swiglu-fusion (the "
+                          "fused kernel keeps its input in the training dtype)")
     try:
-        args.fp8_backend = backends.resolve(args.fp8_backend)
+        config.backend
     except ValueError as error:
         raise PluginError(str(error)) from error
+
+
+def overrides(config: FP8PluginConfig) -> dict:
+    """Megatron's seam for an activation module (no flag of its own; config fields are
+    filled from args by name): MLP then calls MLPSubmodules.activation_func, which the spec
+    transform sets to the SwiGLU that caches its input in FP8."""
+    return {"use_te_activation_func": True} if config.swiglu else {}
 
 
 def _cuda_graph_flag(args: argparse.Namespace) -> str | None:
@@ -166,7 +186,7 @@ def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
     tp = args.tensor_model_parallel_size
     per_tp = f" / --tensor-model-parallel-size {tp}" if tp > 1 else ""
     dims = [(f"--hidden-size {args.hidden_size}", args.hidden_size)]  # every input projection
-    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+    ffn = args.ffn_hidden_size or _megatron_ffn_hidden_size(args)
     dims.append((f"--ffn-hidden-size {ffn}{per_tp}", ffn // tp))  # fc2 (row-parallel)
     if args.multi_latent_attention:
         heads = args.num_attention_heads
@@ -188,7 +208,15 @@ def _reduction_dims(args: argparse.Namespace) -> list[tuple[str, int]]:
     return dims
 
 
-def fixes(args: argparse.Namespace):
+def _megatron_ffn_hidden_size(args) -> int:
+    """--ffn-hidden-size's default, as Megatron's validation derives it (arguments.py:1280):
+    the checks run before it."""
+    if args.swiglu:
+        return int((4 * args.hidden_size * 2 / 3) / 64) * 64
+    return 4 * args.hidden_size
+
+
+def fixes(config: FP8PluginConfig):
     """Where Megatron hands FP8 to Transformer Engine, which this plugin replaces: two of
     TransformerConfig's FP8 checks, lifted, and the recomputation of full layers and MLPs,
     which checkpoint as in BF16 (`upstream.transformer`), each for the run where it
@@ -196,18 +224,18 @@ def fixes(args: argparse.Namespace):
     from upstream.patching import applicable
     from upstream.transformer import FP8_FIXES
 
-    return applicable(FP8_FIXES, args)
+    return applicable(FP8_FIXES, config)
 
 
-def transform_layer_spec(layer_spec, args):
+def transform_layer_spec(config: FP8PluginConfig, layer_spec):
     from plugins.fp8.spec import with_fp8_linears
 
-    return with_fp8_linears(layer_spec, args.fp8_backend, swiglu=args.swiglu,
-                            cache_weights=args.fp8_cache_weights,
-                            exclude=tuple(args.fp8_exclude_modules))
+    return with_fp8_linears(layer_spec, config.backend, swiglu=config.swiglu,
+                            cache_weights=config.fp8_cache_weights,
+                            exclude=tuple(config.fp8_exclude_modules))
 
 
-def before_gradient_checks(args, model_chunks):
+def before_gradient_checks(config: FP8PluginConfig, model_chunks):
     """Reads every FP8 module's inf/NaN flags once the step's backward passes are done
     (`plugins.fp8.non_finite`; one transfer for the whole model) and fails the step naming
     each module, pass and operand, and the iteration. Under fp16 with Megatron's dynamic
@@ -216,7 +244,7 @@ def before_gradient_checks(args, model_chunks):
     from plugins.fp8.non_finite import FPROP, found_in, named_flags
 
     named = named_flags(model_chunks)
-    loss_scaled = bool(args.fp16) and not args.loss_scale  # Megatron's DynamicGradScaler
+    loss_scaled = bool(config.fp16) and not config.loss_scale  # Megatron's DynamicGradScaler
 
     def check(iteration: int) -> None:
         found = found_in(named)
@@ -239,7 +267,7 @@ class NonFiniteFP8Operand(ValueError):
                          f"{iteration}: {where}")
 
 
-def on_optimizer_step(args, model_chunks, optimizer):
+def on_optimizer_step(config: FP8PluginConfig, model_chunks, optimizer):
     """New weights after each successful step: cached FP8 copies are stale (whatever the
     iteration). Called once the model is built: says which linears run in FP8."""
     from megatron.training.utils import print_rank_0
@@ -248,10 +276,10 @@ def on_optimizer_step(args, model_chunks, optimizer):
     from plugins.fp8.slots import absent_slots_problem
     from plugins.fp8.weight_cache import drop_fp8_weights
 
-    absent = absent_slots_problem(args.fp8_exclude_modules, model_chunks)
+    absent = absent_slots_problem(config.fp8_exclude_modules, model_chunks)
     if absent:  # which slots a model has is known once it is built (its specs, its stage)
         raise PluginError(absent)
-    print_rank_0(fp8_census(model_chunks, args.fp8_exclude_modules))
+    print_rank_0(fp8_census(model_chunks, config.fp8_exclude_modules))
 
     def drop(iteration: int) -> None:
         drop_fp8_weights(model_chunks)
@@ -262,8 +290,9 @@ def on_optimizer_step(args, model_chunks, optimizer):
 FP8 = Plugin(
     name="fp8",
     summary="DeepSeek-V3 fine-grained FP8 GEMMs (1x128 / 128x128 scales) without TE",
-    add_arguments=add_arguments,
-    validate=validate,
+    config=FP8PluginConfig,
+    check=check,
+    overrides=overrides,
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     fixes=fixes,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
-from plugins.common.flags import Refusal, first_refused
+from plugins.config import megatron
+from plugins.common.flags import Refusal, first_refused, recompute_granularity
 
 # Selective-recompute names the MLA layer handles, and the ones Megatron handles outside
 # attention (MLP, MoE); 'core_attn' would need Megatron's attention and is refused.
@@ -13,7 +15,21 @@ OWN_RECOMPUTE = ("layernorm", "mla_up_proj")
 MEGATRON_RECOMPUTE = ("mlp", "moe", "moe_act", "shared_experts")
 
 
-def validate(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class MLAPluginConfig:
+    """What the mla plugin reads: Megatron's own MLA flags (it adds none)."""
+
+    rope_type: str | None = megatron("rope_type")
+    yarn_original_max_position_embeddings: int | None = megatron(
+        "yarn_original_max_position_embeddings")
+    yarn_beta_fast: float | None = megatron("yarn_beta_fast")
+    yarn_beta_slow: float | None = megatron("yarn_beta_slow")
+    recompute_granularity: str | None = megatron("recompute_granularity",
+                                                  derive=recompute_granularity)
+    recompute_modules: tuple | None = megatron("recompute_modules")
+
+
+def check(config: MLAPluginConfig, args) -> None:
     if not args.multi_latent_attention:
         raise PluginError("--plugins mla needs --multi-latent-attention (and Megatron's MLA "
                           "flags: --q-lora-rank, --kv-lora-rank, --qk-head-dim, ...)")
@@ -32,18 +48,12 @@ def validate(args: argparse.Namespace) -> None:
     for flag, size in (("--qk-head-dim", args.qk_head_dim), ("--v-head-dim", args.v_head_dim)):
         if size <= 0:
             raise PluginError(f"--plugins mla: {flag} {size} must be positive")
-    _validate_rope(args)
+    _validate_rope(config, args)
     _validate_context_parallel(args)
     refused = first_refused(args, _attention_flags())
     if refused:
         raise PluginError(f"--plugins mla: {refused}")
-    # Megatron maps config fields from args by name; MLATransformerConfig's YaRN fields
-    # have no flag of that name, so the yarn_* flags are passed on under the field names.
-    for field, flag in (("original_max_position_embeddings", "yarn_original_max_position_embeddings"),
-                        ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
-        if getattr(args, flag, None) is not None:
-            setattr(args, field, getattr(args, flag))
-    if args.recompute_granularity == "selective":
+    if recompute_granularity(args) == "selective":
         chosen = args.recompute_modules or ["core_attn"]  # Megatron's default
         unknown = sorted(set(chosen) - set(OWN_RECOMPUTE) - set(MEGATRON_RECOMPUTE))
         if unknown:
@@ -95,15 +105,31 @@ YARN_FLAGS = (("rotary_scaling_factor", "--rotary-scaling-factor", 1.0),
               ("mscale", "--mscale", 1.0), ("mscale_all_dim", "--mscale-all-dim", 0.0))
 
 
-def _validate_rope(args: argparse.Namespace) -> None:
+def overrides(config: MLAPluginConfig) -> dict:
+    """--rope-type's default for MLA (Megatron's, see its help), and the YaRN flags under
+    the names of MLATransformerConfig's fields: Megatron fills config fields from args by
+    name, and those have no flag of that name."""
+    found = {"rope_type": "yarn"} if config.rope_type is None else {}
+    for field, given in (("original_max_position_embeddings",
+                          config.yarn_original_max_position_embeddings),
+                         ("beta_fast", config.yarn_beta_fast),
+                         ("beta_slow", config.yarn_beta_slow)):
+        if given is not None:
+            found[field] = given
+    return found
+
+
+def _rope_type(config: MLAPluginConfig) -> str:
+    return "yarn" if config.rope_type is None else config.rope_type
+
+
+def _validate_rope(config: MLAPluginConfig, args) -> None:
     from plugins.mla.rope import Yarn
 
     refused = first_refused(args, IGNORED_ROPE_FLAGS)
     if refused:
         raise PluginError(f"--plugins mla: {refused}")
-    if args.rope_type is None:
-        args.rope_type = "yarn"  # Megatron's default for MLA (see --rope-type's help)
-    if args.rope_type == "rope":
+    if _rope_type(config) == "rope":
         given = [f"{flag} {getattr(args, dest)}" for dest, flag, default in YARN_FLAGS
                  if getattr(args, dest) != default]
         if given:
@@ -155,7 +181,7 @@ def needed_by(args: argparse.Namespace) -> str | None:
         return ("--multi-latent-attention with --transformer-impl local needs --plugins mla "
                 "(Megatron's own MLA does not build with the local spec: its core attention "
                 "rejects k_channels/v_channels)")
-    if args.recompute_granularity == "selective" and "layernorm" in (args.recompute_modules or ()):
+    if recompute_granularity(args) == "selective" and "layernorm" in (args.recompute_modules or ()):
         return ("--recompute-modules layernorm with --transformer-impl local needs --plugins "
                 "mla (Megatron 0.19.2's own layernorm recomputation calls Transformer Engine "
                 "and fails at the first forward without it; the mla plugin's layers recompute "
@@ -163,18 +189,30 @@ def needed_by(args: argparse.Namespace) -> str | None:
     return None
 
 
-def transform_layer_spec(layer_spec, args):
+def transform_layer_spec(config: MLAPluginConfig, layer_spec):
     from plugins.mla.spec import with_mla
 
-    return with_mla(layer_spec, args)
+    return with_mla(layer_spec)
+
+
+def fixes(config: MLAPluginConfig):
+    """The record of Megatron's layernorm recomputation, which the plugin's layers do
+    themselves (`upstream.transformer`: it changes nothing), where the run asks for it."""
+    from upstream.patching import applicable
+    from upstream.transformer import MLA_LAYERNORM_RECOMPUTE
+
+    return applicable((MLA_LAYERNORM_RECOMPUTE,), config)
 
 
 MLA = Plugin(
     name="mla",
     summary="DeepSeek-V3 Multi-head Latent Attention with selective recompute, no TE needed",
-    validate=validate,
+    config=MLAPluginConfig,
+    check=check,
+    overrides=overrides,
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
+    fixes=fixes,
     # The attention, the layer's two norms (RMSNorms that support sequence parallelism)
     # and the layer module itself (for selective recomputation).
     slots=frozenset({"self_attention", "input_layernorm", "pre_mlp_layernorm",

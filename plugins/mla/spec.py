@@ -28,7 +28,7 @@ def mla_attention_spec() -> ModuleSpec:
     ))
 
 
-def with_mla(layer_spec: ModuleSpec, args=None) -> ModuleSpec:
+def with_mla(layer_spec: ModuleSpec) -> ModuleSpec:
     """A copy of a GPT layer spec whose attention is MLA and whose norms are RMSNorms that
     support sequence parallelism; other submodules (the MLP, MoE) stay as they were."""
     spec = copy.deepcopy(layer_spec)

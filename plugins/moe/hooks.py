@@ -17,12 +17,13 @@ class BiasUpdate:
     Statistics come to the host only on logging steps (iteration % --log-interval == 0).
     """
 
-    def __init__(self, args, model_chunks) -> None:
-        self.rate = args.moe_router_bias_update_rate
-        self.log_interval = args.log_interval
+    def __init__(self, config, model_chunks) -> None:
+        """`config`: the moe plugin's `MoEPluginConfig`."""
+        self.rate = config.moe_router_bias_update_rate
+        self.log_interval = config.log_interval
         # Simulated or real nodes of the EP group, for the per-node share of routed tokens.
-        ranks_per_node = args.moe_dispatch_ranks_per_node or args.expert_model_parallel_size
-        self.nodes = args.expert_model_parallel_size // ranks_per_node
+        ep = config.expert_model_parallel_size
+        self.nodes = ep // (config.moe_dispatch_ranks_per_node or ep)
         self.layers = [m for chunk in model_chunks for m in chunk.modules()
                        if isinstance(m, DeepSeekMoE)]
         groups = {layer.load_group for layer in self.layers}

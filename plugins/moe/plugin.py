@@ -7,18 +7,31 @@ by name, with the reason (`validate`): nothing is ignored quietly.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
-from plugins.common.flags import Refusal, first_refused
+from plugins.config import flag, megatron
+from plugins.common.flags import Refusal, first_refused, recompute_granularity
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--moe-fp8-dispatch", action="store_true", default=False,
-                       help="send tokens to the experts in FP8 E4M3 with one power-of-two "
-                            "scale per 1x128 tile (the combine stays in the training dtype)")
-    group.add_argument("--moe-dispatch-ranks-per-node", type=int, default=None,
-                       help="node-aware two-hop dispatch: ranks per node of the expert-"
-                            "parallel group (a token crosses to each target node once)")
+@dataclass(frozen=True)
+class MoEPluginConfig:
+    """The moe plugin's flags, and the Megatron arguments its hooks and fixes read."""
+
+    moe_fp8_dispatch: bool = flag(
+        "--moe-fp8-dispatch", False, action="store_true",
+        help="send tokens to the experts in FP8 E4M3 with one power-of-two scale per 1x128 "
+             "tile (the combine stays in the training dtype)")
+    moe_dispatch_ranks_per_node: int | None = flag(
+        "--moe-dispatch-ranks-per-node", None, type=int,
+        help="node-aware two-hop dispatch: ranks per node of the expert-parallel group (a "
+             "token crosses to each target node once)")
+    moe_router_bias_update_rate: float = megatron("moe_router_bias_update_rate", 0.0)
+    expert_model_parallel_size: int = megatron("expert_model_parallel_size", 1)
+    log_interval: int = megatron("log_interval", 100)
+    recompute_granularity: str | None = megatron("recompute_granularity",
+                                                  derive=recompute_granularity)
+    recompute_modules: tuple | None = megatron("recompute_modules")
 
 
 _DISPATCHER = ("the plugin dispatches tokens with its own all-to-all (--moe-fp8-dispatch, "
@@ -135,19 +148,23 @@ def _positive(args: argparse.Namespace, dest: str, what: str = "") -> None:
         raise PluginError(f"{flag(dest)} must be > 0, got {value}{what}")
 
 
-def validate(args: argparse.Namespace) -> None:
+def check(config: MoEPluginConfig, args) -> None:
     from plugins.moe.router import RouterConfig
 
     if args.num_experts is None:
         raise PluginError("--plugins moe needs --num-experts")
     if args.num_experts < 1:
         raise PluginError(f"--num-experts {args.num_experts} must be 1 or more")
-    # Before the refused flags: validate_args derives --expert-tensor-parallel-num-weight-
-    # shards from the expert TP size, which follows --tensor-model-parallel-size by default.
+    # The expert TP size follows --tensor-model-parallel-size where it is not given
+    # (arguments.py:569), and validate_args derives the expert weight shards from it.
+    if args.expert_tensor_parallel_size is None and args.tensor_model_parallel_size != 1:
+        raise PluginError("--plugins moe: experts are not tensor-parallel, and "
+                          "--expert-tensor-parallel-size follows --tensor-model-parallel-size "
+                          f"{args.tensor_model_parallel_size} where it is not given: give "
+                          "--expert-tensor-parallel-size 1")
     if (args.expert_tensor_parallel_size or 1) != 1:
         raise PluginError("--plugins moe: experts are not tensor-parallel; give "
-                          "--expert-tensor-parallel-size 1 (without it, it follows "
-                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size})")
+                          "--expert-tensor-parallel-size 1")
     refused = first_refused(args, REFUSED)
     if refused:
         raise PluginError(f"--plugins moe: {refused}")
@@ -201,16 +218,16 @@ def validate(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise PluginError(f"--plugins moe: {error}") from error
 
-    if args.moe_layer_recompute and args.recompute_granularity == "full":
+    if args.moe_layer_recompute and recompute_granularity(args) == "full":
         raise PluginError("--moe-layer-recompute is --recompute-modules moe of --recompute-"
                           "granularity selective; --recompute-granularity full recomputes "
                           "whole layers already: give one of them")
 
     # The plugin's own dispatch flags
-    if args.moe_fp8_dispatch and args.hidden_size % 128:
+    if config.moe_fp8_dispatch and args.hidden_size % 128:
         raise PluginError(f"--moe-fp8-dispatch needs --hidden-size a multiple of 128 "
                           f"(got {args.hidden_size})")
-    per_node = args.moe_dispatch_ranks_per_node
+    per_node = config.moe_dispatch_ranks_per_node
     if per_node is not None and (per_node < 1 or ep % per_node):
         raise PluginError(f"--moe-dispatch-ranks-per-node {per_node} must be a positive "
                           f"divisor of --expert-model-parallel-size {ep}")
@@ -226,38 +243,38 @@ def needed_by(args: argparse.Namespace) -> str | None:
         return ("--moe-grouped-gemm with --transformer-impl local is ignored by Megatron's "
                 "experts (its grouped experts are Transformer Engine's): drop it, or use "
                 "--plugins moe, whose experts always run grouped")
-    if args.recompute_granularity == "selective" and "moe_act" in (args.recompute_modules or ()):
+    if recompute_granularity(args) == "selective" and "moe_act" in (args.recompute_modules or ()):
         return ("--recompute-modules moe_act with --transformer-impl local needs --plugins moe "
                 "(Megatron recomputes the activation of Transformer Engine's grouped experts "
                 "only); otherwise leave moe_act out of --recompute-modules")
     return None
 
 
-def transform_layer_spec(layer_spec, args):
+def transform_layer_spec(config: MoEPluginConfig, layer_spec):
     from plugins.moe.spec import with_deepseek_moe
 
-    return with_deepseek_moe(layer_spec, args)
+    return with_deepseek_moe(layer_spec, config)
 
 
-def on_optimizer_step(args, model_chunks, optimizer):
+def on_optimizer_step(config: MoEPluginConfig, model_chunks, optimizer):
     from plugins.moe.hooks import BiasUpdate
 
-    return BiasUpdate(args, model_chunks)
+    return BiasUpdate(config, model_chunks)
 
 
-def fixes(args: argparse.Namespace):
+def fixes(config: MoEPluginConfig):
     from upstream.moe import FIXES
     from upstream.patching import applicable
 
-    return applicable(FIXES, args)
+    return applicable(FIXES, config)
 
 
 MOE = Plugin(
     name="moe",
     summary="DeepSeek-V3 MoE: sigmoid group-limited router, aux-loss-free balancing, "
             "EP all-to-all dispatch in FP8",
-    add_arguments=add_arguments,
-    validate=validate,
+    config=MoEPluginConfig,
+    check=check,
     needed_by=needed_by,
     transform_layer_spec=transform_layer_spec,
     on_optimizer_step=on_optimizer_step,

@@ -17,10 +17,11 @@ def _is_megatron_moe(mlp) -> bool:
     return module is MoELayer
 
 
-def with_deepseek_moe(layer_spec: ModuleSpec, args) -> ModuleSpec:
+def with_deepseek_moe(layer_spec: ModuleSpec, config) -> ModuleSpec:
     """The layer's `mlp` slot becomes DeepSeekMoE, with Megatron's shared experts and
-    `LocalExperts` in its submodule slots. Dense layers (first-k-dense) are returned
-    unchanged."""
+    `LocalExperts` in its submodule slots, dispatching as `config` (the moe plugin's
+    `MoEPluginConfig`: `moe_fp8_dispatch`, `moe_dispatch_ranks_per_node`) says. Dense
+    layers (first-k-dense) are returned unchanged."""
     mlp = layer_spec.submodules.mlp
     if not _is_megatron_moe(mlp):
         return layer_spec
@@ -29,8 +30,8 @@ def with_deepseek_moe(layer_spec: ModuleSpec, args) -> ModuleSpec:
     spec.submodules = copy.copy(layer_spec.submodules)
     spec.submodules.mlp = ModuleSpec(
         module=DeepSeekMoE,
-        params={"fp8_dispatch": args.moe_fp8_dispatch,
-                "ranks_per_node": args.moe_dispatch_ranks_per_node},
+        params={"fp8_dispatch": config.moe_fp8_dispatch,
+                "ranks_per_node": config.moe_dispatch_ranks_per_node},
         submodules=DeepSeekMoESubmodules(shared_experts=submodules.shared_experts,
                                          experts=LocalExperts))
     return spec

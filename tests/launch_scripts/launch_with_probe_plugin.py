@@ -14,22 +14,26 @@ seam and leave a trace (one line per event, `RANK EVENT`, in the `--probe-trace`
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from integration import launch
 from plugins import Plugin, PluginRegistry, builtin_plugins
+from plugins.config import flag, megatron
 from upstream.seams.placement import Placement
 
 
-def add_arguments(group):
-    group.add_argument("--probe-trace", type=str, default=None, help="file to write events to")
-    group.add_argument("--probe-drop-mlp", action="store_true", default=False,
-                       help="drop every layer's MLP")
+@dataclass(frozen=True)
+class ProbeConfig:
+    probe_trace: str | None = flag("--probe-trace", None, type=str,
+                                   help="file to write events to")
+    probe_drop_mlp: bool = flag("--probe-drop-mlp", False, action="store_true",
+                                help="drop every layer's MLP")
 
 
-def trace(args, event):
-    with open(args.probe_trace, "a") as f:
+def trace(config, event):
+    with open(config.probe_trace, "a") as f:
         f.write(f"{os.environ['RANK']} {event}\n")
 
 
@@ -40,37 +44,37 @@ def name_of(spec):
     return getattr(module, "__name__", type(module).__name__)
 
 
-def record_spec(spec, args):
+def record_spec(config, spec):
     from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 
-    if args.probe_drop_mlp:
+    if config.probe_drop_mlp:
         spec.submodules.pre_mlp_layernorm = IdentityOp
         spec.submodules.mlp = IdentityOp
         spec.submodules.mlp_bda = IdentityFuncOp
-    trace(args, f"spec {name_of(spec.submodules.self_attention)} {name_of(spec.submodules.mlp)}")
+    trace(config, f"spec {name_of(spec.submodules.self_attention)} {name_of(spec.submodules.mlp)}")
     return spec
 
 
-def schedule(args):
+def schedule(config):
     from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 
     def counted(*a, **kw):
-        trace(args, "schedule")
+        trace(config, "schedule")
         return get_forward_backward_func()(*a, **kw)
 
     return counted
 
 
-def on_optimizer_step(args, model_chunks, optimizer):
-    return lambda iteration: trace(args, f"step {iteration}")
+def on_optimizer_step(config, model_chunks, optimizer):
+    return lambda iteration: trace(config, f"step {iteration}")
 
 
 class Counter:
     """A per-rank tensor saved as one shard of a [world] tensor: 10 x the iteration it was
     saved at, plus the rank (a fresh run's holds the rank alone)."""
 
-    def __init__(self, args) -> None:
-        self.args = args
+    def __init__(self, config) -> None:
+        self.config = config
 
     def sharded_state_dict(self):
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -78,17 +82,17 @@ class Counter:
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         value = 10.0 * (getattr(get_args(), "curr_iteration", -1) + 1) + rank
-        trace(self.args, f"state {value:g}")
+        trace(self.config, f"state {value:g}")
         return {"counter": ShardedTensor.from_rank_offsets("probe.counter",
                                                            torch.tensor([value]),
                                                            (0, rank, world))}
 
     def load_state_dict(self, state):
-        trace(self.args, "loaded nothing" if state is None
+        trace(self.config, "loaded nothing" if state is None
               else f"loaded {state['counter'].item():g}")
 
 
-def evaluation(args, model_chunks):
+def evaluation(config, model_chunks):
     @contextmanager
     def output_layer_zeroed():
         # The output layer's weight, or the embedding it is tied to: zero logits.
@@ -100,7 +104,7 @@ def evaluation(args, model_chunks):
         with torch.no_grad():
             for w in weights:
                 w.zero_()
-        trace(args, "evaluation pass")
+        trace(config, "evaluation pass")
         try:
             yield
         finally:
@@ -111,36 +115,44 @@ def evaluation(args, model_chunks):
     return "probe", output_layer_zeroed
 
 
-PROBE = Plugin("probe", "test plugin using every seam", add_arguments=add_arguments,
+PROBE = Plugin("probe", "test plugin using every seam", config=ProbeConfig,
                transform_layer_spec=record_spec, schedule=schedule,
                on_optimizer_step=on_optimizer_step,
-               checkpoint_state=lambda args, chunks: Counter(args),
+               checkpoint_state=lambda config, chunks: Counter(config),
                evaluation=evaluation, slots=frozenset({"schedule"}))
 
 
-def v_placement(args):
-    p = args.pipeline_model_parallel_size
+@dataclass(frozen=True)
+class VPlaceConfig:
+    pipeline_model_parallel_size: int = megatron("pipeline_model_parallel_size")
+
+
+def v_placement(config):
+    p = config.pipeline_model_parallel_size
     return Placement(p, 2, lambda rank, chunk: rank if chunk == 0 else 2 * p - 1 - rank)
 
 
-VPLACE = Plugin("vplace", "test plugin: DualPipeV's placement", placement=v_placement,
+VPLACE = Plugin("vplace", "test plugin: DualPipeV's placement", config=VPlaceConfig,
+                placement=v_placement,
                 slots=frozenset({"placement"}))
 
-def add_crash_arguments(group):
-    group.add_argument("--crash-rank", type=int, default=None)
-    group.add_argument("--crash-at-layer-call", type=int, default=None)
+@dataclass(frozen=True)
+class CrashConfig:
+    crash_rank: int | None = flag("--crash-rank", None, type=int, help="the rank that dies")
+    crash_at_layer_call: int | None = flag("--crash-at-layer-call", None, type=int,
+                                           help="at its K-th transformer-layer call")
 
 
-def crashing_layer(spec, args):
+def crashing_layer(config, spec):
     """The layer's class, subclassed so that its K-th call on rank R ends the process."""
-    if int(os.environ["RANK"]) != args.crash_rank:
+    if int(os.environ["RANK"]) != config.crash_rank:
         return spec
     calls = [0]
 
     class CrashingLayer(spec.module):
         def forward(self, *a, **k):
             calls[0] += 1
-            if calls[0] == args.crash_at_layer_call:
+            if calls[0] == config.crash_at_layer_call:
                 os._exit(17)
             return super().forward(*a, **k)
 
@@ -148,7 +160,7 @@ def crashing_layer(spec, args):
     return spec
 
 
-CRASH = Plugin("crash", "test plugin: a rank dies mid-step", add_arguments=add_crash_arguments,
+CRASH = Plugin("crash", "test plugin: a rank dies mid-step", config=CrashConfig,
                transform_layer_spec=crashing_layer)
 
 if __name__ == "__main__":
