@@ -171,6 +171,11 @@ NUMERIC_DOMAINS = (
     # skips a warm-up of 0 or less) and starts from --lr-warmup-init as a learning rate.
     Domain("lr_warmup_iters", "a negative warm-up is skipped without a word", least=0),
     Domain("lr_warmup_samples", "a negative warm-up is skipped without a word", least=0),
+    Domain("decoupled_lr", "the embedding and output layer's learning rate (see --lr)",
+           least=0, finite=True),
+    Domain("decoupled_min_lr", "their schedule decays to it (see --lr)", least=0,
+           finite=True),
+    _size("lr_decay_samples", "optimizer_param_scheduler.py:159 asserts lr_decay_steps > 0"),
     Domain("lr_warmup_init", "the warm-up starts from it: a negative or NaN learning rate "
                              "(see --lr)", least=0, finite=True),
     # fp16's loss scaling: grad_scaler.py asserts these (lines 19, 109, 120, 124) when the

@@ -157,6 +157,8 @@ REFUSED = {
     "lr-nan": (["--lr", "nan"], (), "--lr nan must be 0 or more (and finite)"),
     "lr-warmup-init-negative": (["--lr-warmup-iters", "2", "--lr-warmup-init", "-0.1"], (),
                                 "--lr-warmup-init -0.1 must be 0 or more (and finite)"),
+    "decoupled-lr-negative": (["--decoupled-lr=-1e-3"], (),
+                              "--decoupled-lr -0.001 must be 0 or more (and finite)"),
     "lr-warmup-iters-negative": (["--lr-warmup-iters", "-2"], (),
                                  "--lr-warmup-iters -2 must be 0 or more"),
     # fp16's loss scaler asserts these when the optimizer is built, after the model
