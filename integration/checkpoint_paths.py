@@ -1,13 +1,15 @@
 """Start-up checks of the checkpoint folders: `--save` must be a folder this process can
 write in (or make), `--load` and `--save` must not name a file. Megatron finds out at the
 first save (a traceback) or, for `--load FILE`, warns and trains from scratch. Whether
-`--save` can be written is tried, not read from permission bits (`plugins.common.paths`)."""
+`--save` can be written is tried, not read from permission bits (`plugins.common.paths`).
+What the `--load` folder holds, and what the run may ask of it: `integration.checkpoint_folder`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
+from integration import checkpoint_folder
 from plugins import PluginError
 from plugins.common.paths import unwritable_directory
 
@@ -18,6 +20,7 @@ def check(args: argparse.Namespace) -> None:
         if path and os.path.exists(path) and not os.path.isdir(path):
             raise PluginError(f"{flag} {path} is a file, not a checkpoint folder: give the "
                               "folder (the --save folder of the run that wrote it)")
+    checkpoint_folder.check_load(args)
     save = getattr(args, "save", None)
     if not save:
         return

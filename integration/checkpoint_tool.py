@@ -27,32 +27,23 @@ from types import ModuleType
 from typing import Callable
 
 import integration  # noqa: F401  (makes megatron.training importable on Python 3.11)
-from integration import hooks
+from integration import checkpoint_folder, hooks
 from integration.output_dir import OutputFolderError, check_output_folder
 from integration.refusals import Parser
 from plugins import PluginError, PluginRegistry, default_registry
-from upstream import shutdown
-from upstream.checkpoint_files import missing_step
+from upstream import checkpoint_files, shutdown
 
 
-def checkpoint_directory(load: str, step: int | None, named: str | None = None) -> str:
-    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it; a
-    refusal names it as `named` (default `--load LOAD`), as the user gave it."""
-    from megatron.training import checkpointing
-
-    named = named or f"--load {load}"
-    tracker = checkpointing.get_checkpoint_tracker_filename(load)
-    if step is None and not os.path.isfile(tracker):
-        raise PluginError(f"{named}: no checkpoint there (no {os.path.basename(tracker)})")
-    if step is None:
-        iteration, release = checkpointing.read_metadata(tracker)
-    else:
-        iteration, release = step, False
-    directory = checkpointing.get_checkpoint_name(load, iteration, release, return_base_dir=True)
-    if not os.path.isdir(directory):
-        if step is not None and os.path.isdir(load):
-            raise PluginError(missing_step(load, step))
-        raise PluginError(f"{named}: no checkpoint of iteration {iteration} there")
+def checkpoint_directory(load: str, step: int | None, flag: str | None = "--load",
+                         steps: bool = True) -> str:
+    """The iteration folder `--load` (and `--ckpt-step`) names, as Megatron finds it
+    (`integration.checkpoint_folder`); a refusal names it after `flag` (None: a positional
+    argument), as the user gave it, and --ckpt-step where the command has it (`steps`)."""
+    directory = checkpoint_folder.iteration_folder(load, step, flag, steps) \
+        if os.path.isdir(load) else None
+    if directory is None:
+        named = f"{flag} {load}" if flag else load
+        raise PluginError(f"{named}: no checkpoint there (no {checkpoint_folder.TRACKER})")
     return directory
 
 
@@ -62,6 +53,24 @@ def check_format(directory: str) -> None:
 
     if not check_is_distributed_checkpoint(directory):
         raise PluginError(f"{directory}: not a torch_dist checkpoint (--ckpt-format torch_dist)")
+
+
+def verify(directory: str, steps: bool = True) -> None:
+    """The checkpoint's data files against its checksum manifest, in this process (as
+    `--load` verifies them: `upstream.checkpoint_files`), before anything reads them: a
+    damaged file is named, and --ckpt-step where the command has it (`steps`). A
+    checkpoint without a manifest is read unverified, as `--load` reads it."""
+    if os.environ.get(_VERIFIED) == os.path.abspath(directory):
+        return  # verified by the process that started this one under torchrun
+    way_out = ("Give an earlier checkpoint (--ckpt-step N)" if steps else
+               "Name an earlier iteration in its latest_checkpointed_iteration.txt")
+    try:
+        checkpoint_files.verify_checkpoint(directory, f"{way_out} or restore the file")
+    except checkpoint_files.CheckpointCorrupt as error:
+        raise PluginError(str(error)) from None
+
+
+_VERIFIED = "MEGASEEK_TOOL_VERIFIED_CHECKPOINT"
 
 
 def saved_arguments(directory: str) -> argparse.Namespace:
@@ -80,11 +89,12 @@ def checkpoint_keys(directory: str) -> set[str]:
     return set(load_sharded_metadata(directory))
 
 
-def relaunched(world_size: int, command: list[str]) -> bool:
+def relaunched(world_size: int, command: list[str], verified: str | None = None) -> bool:
     """Under torchrun: checks the world size and returns False (go on). Otherwise runs this
     program again (`-m integration.cli`, the `megaseek` script, or a script that passes its
     own registry) with `command` under torchrun on `world_size` ranks, and returns True
-    once it has succeeded."""
+    once it has succeeded; `verified`: the checkpoint folder this process has verified
+    (the ranks do not verify it again before they read it)."""
     if "WORLD_SIZE" in os.environ:
         if int(os.environ["WORLD_SIZE"]) != world_size:
             raise PluginError(f"the checkpoint was saved by {world_size} ranks; start "
@@ -93,8 +103,10 @@ def relaunched(world_size: int, command: list[str]) -> bool:
         return False
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    marked = {_VERIFIED: os.path.abspath(verified)} if verified else {}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", str(world_size), *program, *command])
+                           "--nproc-per-node", str(world_size), *program, *command],
+                          env={**os.environ, **marked})
     if done.returncode != 0:
         raise SystemExit(done.returncode)
     return True
@@ -138,11 +150,12 @@ def main(argv: list[str], command: str, tool: ModuleType,
     try:
         directory = checkpoint_directory(options.load, options.ckpt_step)
         check_format(directory)
+        verify(directory)
         # what the tool needs first: a checkpoint without it (one that `megaseek convert`
         # wrote holds no saved arguments either) is refused for what the tool needs
         tool.check_checkpoint(options, checkpoint_keys(directory))
         saved = saved_arguments(directory)
-        if relaunched(saved.world_size, [command, *argv]):
+        if relaunched(saved.world_size, [command, *argv], verified=directory):
             return
     except PluginError as error:
         hooks.exit_refused(error)

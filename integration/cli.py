@@ -15,6 +15,10 @@
                                                         and FLOPs per token, by arithmetic
     megaseek convert hf-to-megatron HF_DIR OUT          a Hugging Face DeepSeek-V3 folder as a
     megaseek convert megatron-to-hf CKPT OUT            Megatron checkpoint, and back
+    megaseek docs [--write]                             the tables in docs/ that restate code:
+                                                        which are stale (--write: regenerate)
+
+docs/cli.md says more about each.
 """
 
 from __future__ import annotations
@@ -70,12 +74,15 @@ def main(argv: list[str] | None = None) -> None:
         from integration.hf.cli import main as run
     elif command == "describe":
         from integration.describe import main as run
+    elif command == "docs":
+        from integration.docs import main as run
     elif command in ("", "-h", "--help", "help"):
         print(__doc__)
         return
     else:
         print(f"megaseek: error: unknown command {command!r}; the commands are pretrain, "
-              f"launch, demo, fixes, ema-export, schedule, describe, convert\n{__doc__}", file=sys.stderr)
+              f"launch, demo, fixes, ema-export, schedule, describe, convert, docs\n{__doc__}",
+              file=sys.stderr)
         raise SystemExit(2)
     run(rest)
 

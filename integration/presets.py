@@ -363,11 +363,15 @@ def expand(argv: list[str], announce: bool = True, file=None) -> list[str]:
 # --- consistency of the merged flags ---------------------------------------------------------
 
 def _layer_pattern(text: str) -> list[int] | None:
-    """Megatron's --moe-layer-freq as a list of 0/1, or None for an integer frequency."""
-    if "[" not in text:
-        return None
+    """--moe-layer-freq as Megatron parses it (`moe_freq_type`) when it is a list of 0/1,
+    else None (an integer frequency, or a value Megatron's parser refuses itself)."""
+    import warnings
+
+    with warnings.catch_warnings():  # megatron's import-time notes about TE and Apex
+        warnings.simplefilter("ignore")
+        from megatron.training.arguments import moe_freq_type
     try:
-        pattern = eval(text, {"__builtins__": {}}, {})  # noqa: S307  (Megatron evals it too)
+        pattern = moe_freq_type(text)
     except Exception:  # noqa: BLE001  (Megatron's parser reports it)
         return None
     return list(pattern) if isinstance(pattern, (list, tuple)) else None

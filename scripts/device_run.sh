@@ -115,7 +115,7 @@ step "4. gpu_moe" 60 python3 -m bench gpu_moe --out "$OUT/bench"
 step "5. other gpu tests" 60 python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
   --continue-on-collection-errors --timeout=60 tests --ignore=tests/test_fp8_gpu.py \
   --ignore=tests/test_bench_gpu_smoke.py
-# The multi-rank tests on NCCL, one GPU per rank (README "Parallel tests on a multi-GPU
+# The multi-rank tests on NCCL, one GPU per rank (docs/testing.md "Parallel tests on a multi-GPU
 # CI"); `-o setup`: the packages are installed above, there is no .venv here.
 if command -v make >/dev/null; then
   step "6. make test-gpu" 150 make -o setup test-gpu PY=python3 \

@@ -129,7 +129,8 @@ def test_save_and_load_must_be_folders_save_writable(tmp_path):
                                           "folder"):
         check(_args(save=str(a_file / "ckpt")))
 
-    check(_args(save=str(tmp_path / "new" / "ckpt"), load=str(tmp_path / "not-yet")))
+    new = str(tmp_path / "new" / "ckpt")
+    check(_args(save=new, load=new))  # auto-resume's first run: --load D --save D, D not yet
     assert not (tmp_path / "new").exists()  # checked, not made
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone
 

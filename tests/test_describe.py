@@ -1,4 +1,5 @@
-"""`megaseek describe`: each figure against a count made another way.
+"""`megaseek describe` and the cost models it composes (integration.cost, plugins/*/cost.py):
+each figure against a count made another way.
 
 - parameters: DeepSeek-V3's published 671B total / 37B activated (main model) and the MTP
   module's 11.5B transformer layer; the `numel` of the `tiny` preset's model built on CPU
@@ -8,17 +9,26 @@
   parameters) in a real forward of the built tiny model, layer by layer, for each
   recomputation choice and with FP8;
 - FLOPs: torch's FlopCounterMode over a forward and backward of the built model (its
-  matmuls), plus the attention's q.k and p.v counted from the shapes.
+  matmuls), plus the attention's q.k and p.v counted from the shapes;
+- each plugin's cost model (MLA, MoE, FP8's way of keeping activations) and the dense
+  MLP's against its own module in the built model, from the config it was built with:
+  numel, the census of what that module keeps, FlopCounterMode's count for it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
+from integration import cost
 from integration import describe as d
 from integration import presets
+from plugins.common.cost import Activations, mlp_parameters
+from plugins.fp8.cost import FP8Activations
+from plugins.mla import cost as mla_cost
+from plugins.moe import cost as moe_cost
 from tests.multirank import run_ranks
 
 LAYOUT = ["--pipeline-model-parallel-size", "16", "--expert-model-parallel-size", "64",
@@ -37,8 +47,8 @@ def test_deepseek_v3_is_671b_with_37b_activated_and_mtp_apart(capsys):
     assert round(main["total"] / 1e9) == 671 and round(main["activated"] / 1e9) == 37
     # README_WEIGHTS: 11.5B MTP parameters besides the shared embedding and head: the
     # transformer layer; the norms and the 2h x h projection add 0.1B.
-    m = d.Model.from_args(d.parse(["--preset", "deepseek-v3"]))
-    assert f"{d.layer_params(m, 61).total / 1e9:.1f}" == "11.5"
+    m = d.shape(d.parse(["--preset", "deepseek-v3"]))
+    assert f"{cost.layer_parameters(m, 61).total / 1e9:.1f}" == "11.5"
     assert f"{mtp['total'] / 1e9:.1f}" == "11.6"
     # DeepSeek's 685B checkpoint: main model, MTP module, and the MTP's copies of the
     # embedding and head (0.9B each), less the 0.1% of FP8 scales it also counts.
@@ -93,6 +103,15 @@ def test_json_has_exact_integers(capsys):
      "cannot be cut into 16 pipeline stages"),
     (["--preset", "deepseek-v3", "--recompute-granularity", "selective",
       "--recompute-modules", "core_attn"], "--recompute-modules core_attn"),
+    # Megatron's parser takes more values than describe counts: refused by name
+    (["--preset", "tiny", "--recompute-granularity", "full", "--recompute-method", "block"],
+     "--recompute-method block: describe counts uniform"),
+    (["--preset", "tiny", "--exp-avg-dtype", "fp16"], "--exp-avg-dtype fp16: describe counts"),
+    # ... and refuses as a run does (Megatron's own --moe-layer-freq parser)
+    (["--preset", "tiny", "--moe-layer-freq", "[1]*x"],
+     "argument --moe-layer-freq: invalid moe_freq_type value"),
+    (["--preset", "tiny", "--moe-layer-freq", "[1,0]", "--num-layers", "3"],
+     "--moe-layer-freq [1,0] lists 2 layers, not --num-layers 3"),
 ])
 def test_bad_input_is_refused_by_name(argv, message, capsys):
     """One line, as every megaseek refusal, exit status 2."""
@@ -101,6 +120,13 @@ def test_bad_input_is_refused_by_name(argv, message, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("megaseek: error: ")
+
+
+def test_megatron_schedule_may_be_named():
+    """`--pipeline-schedule 1f1b` names Megatron's schedule, the one a run gets without the
+    flag (the dualpipe plugin's flag takes only its own)."""
+    assert report(["--preset", "tiny", "--pipeline-schedule", "1f1b"]) == report(
+        ["--preset", "tiny"])
 
 
 def test_flops_are_printed_in_a_unit_that_fits(capsys):
@@ -212,6 +238,8 @@ def _built(argv, census: bool, flops: bool):
 
     from integration import presets
     from plugins import transform_spec
+    from plugins.mla.cost import MLAShape
+    from plugins.moe.cost import MoEShape
     from tests.plugin_args import validated
     from upstream import cpu
     from upstream.patching import Patcher, apply_fixes
@@ -232,24 +260,35 @@ def _built(argv, census: bool, flops: bool):
                          max_sequence_length=args.max_position_embeddings,
                          position_embedding_type="rope",
                          share_embeddings_and_output_weights=False)
-        numel = {}
+        numel, part_numel = {}, {}
         for name, p in model.named_parameters():
             key = ".".join(name.split(".")[:3]) if name.startswith(("decoder.layers", "mtp.")) \
                 else name.split(".")[0]
             numel[key] = numel.get(key, 0) + p.numel()
+            if name.startswith("decoder.layers"):
+                part = ".".join(name.split(".")[:4])
+                part_numel[part] = part_numel.get(part, 0) + p.numel()
+        # The plugins' modules' shapes, as their own config gives them.
+        shapes = dict(mla=MLAShape.from_config(model.config),
+                      moe=MoEShape.from_config(model.config),
+                      mlp=(model.config.hidden_size, model.config.ffn_hidden_size,
+                           model.config.gated_linear_unit))
         seq = _seq(argv)
         tokens = torch.randint(VOCAB, (BATCH, seq + 1), generator=torch.Generator().manual_seed(1))
         positions = torch.arange(seq).expand(BATCH, -1)
         saved = _census(model, lambda: model(tokens[:, :-1], positions, None,
                                              labels=tokens[:, 1:]),
                         autograd_c) if census else None
-        counted = None
+        counted = part_flops = None
         if flops:
             with FlopCounterMode(display=False, custom_mapping={
                     torch.ops.aten._grouped_mm: _grouped_mm_flops}) as counter:
                 model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).sum().backward()
             counted = counter.get_total_flops()
-        return dict(numel=numel, saved=saved, flops=counted)
+            part_flops = {name.removeprefix("GPTModel."): sum(ops.values())
+                          for name, ops in counter.get_flop_counts().items()}
+        return dict(numel=numel, part_numel=part_numel, shapes=shapes, saved=saved,
+                    flops=counted, part_flops=part_flops)
     finally:
         patcher.undo()
 
@@ -265,11 +304,12 @@ def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
 
 
 def _census(model, forward, autograd_c) -> dict[str, int]:
-    """{top module: bytes of the unique storages autograd keeps for backward while it runs}
-    (parameters excluded), counted once the forward is done. Every saved-tensor hook in
-    force (the recomputation's own included) is wrapped: what its pack keeps as a tensor
-    is counted, a recipe is not; a tensor whose graph was dropped during the forward (no
-    longer alive at its end) is not counted either."""
+    """{module: bytes of the unique storages autograd keeps for backward while it runs}
+    (parameters excluded), counted once the forward is done, for each layer's submodules
+    (`decoder.layers.1.mlp`) and what the layer keeps outside them (`decoder.layers.1`).
+    Every saved-tensor hook in force (the recomputation's own included) is wrapped: what
+    its pack keeps as a tensor is counted, a recipe is not; a tensor whose graph was
+    dropped during the forward (no longer alive at its end) is not counted either."""
     import weakref
 
     import torch
@@ -286,7 +326,7 @@ def _census(model, forward, autograd_c) -> dict[str, int]:
 
     hooks = []
     tops = {n: m for n, m in model.named_modules()
-            if n.count(".") == 2 and n.startswith(("decoder.layers.", "mtp.layers."))}
+            if n.count(".") in (2, 3) and n.startswith(("decoder.layers.", "mtp.layers."))}
     for name, module in tops.items():
         hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: owner.append(n)))
         hooks.append(module.register_forward_hook(lambda m, a, o: (owner.pop(), None)[1]))
@@ -308,6 +348,11 @@ def _census(model, forward, autograd_c) -> dict[str, int]:
     return totals
 
 
+def _kept_by(saved: dict[str, int], module: str) -> int:
+    """What a module and its submodules keep, from the census."""
+    return sum(n for name, n in saved.items() if name == module or name.startswith(module + "."))
+
+
 def _measure(rank, world_size, variants):
     from tests.mla_build import megatron_ranks
 
@@ -322,16 +367,16 @@ def measured():
 
 
 def _model(variant="none"):
-    return d.Model.from_args(d.parse(_argv(variant)))
+    return d.shape(d.parse(_argv(variant)))
 
 
 def test_parameters_equal_the_built_models_numel(measured):
     numel, m = measured["none"]["numel"], _model()
-    assert numel["decoder.layers.0"] == d.layer_params(m, 0).total  # dense
-    assert numel["decoder.layers.1"] == d.layer_params(m, 1).total  # MoE
-    assert numel["mtp.layers.0"] == d.mtp_layer_params(m).total
-    params = d.model_params(d.Model.from_args(d.parse([*_argv("none"), "--vocab-size",
-                                                       str(VOCAB)])))
+    assert numel["decoder.layers.0"] == cost.layer_parameters(m, 0).total  # dense
+    assert numel["decoder.layers.1"] == cost.layer_parameters(m, 1).total  # MoE
+    assert numel["mtp.layers.0"] == cost.mtp_layer_parameters(m).total
+    params = cost.model_parameters(d.shape(d.parse([*_argv("none"), "--vocab-size",
+                                                    str(VOCAB)])))
     assert params["mtp"].total == numel["mtp.layers.0"]
     assert params["main"].total == sum(v for k, v in numel.items() if not k.startswith("mtp."))
 
@@ -342,15 +387,14 @@ def test_activation_bytes_equal_a_census_of_saved_tensors(measured, variant):
     width)."""
     saved = measured[variant]["saved"]
     args = d.parse(_argv(variant))
-    m = d.Model.from_args(args)
+    m = d.shape(args)
     modules, _ = d.recompute_set(args)
-    precision = d.Precision(element=2 if args.bf16 else 4, fp8="fp8" in args.plugins,
-                            cpu_attention=True)
+    kept = d.kept_activations(args, cpu_attention=True)
     for name, layer in (("decoder.layers.0", 0), ("decoder.layers.1", 1)):
         seq = _seq(_argv(variant))
-        formula = d.layer_activation_bytes(m, layer, seq * BATCH, seq, modules, 1, precision)
-        assert formula == saved[name], (name, formula, saved[name], d.layer_activation_terms(
-            m, layer, seq * BATCH, seq, modules, 1, precision))
+        formula = cost.layer_saved_bytes(m, layer, seq * BATCH, seq, modules, 1, kept)
+        assert formula == _kept_by(saved, name), (name, formula, saved, cost.layer_saved_terms(
+            m, layer, seq * BATCH, seq, modules, 1, kept))
 
 
 @pytest.mark.parametrize("variant", ["none", "layernorm+mla_up_proj", "fp8",
@@ -359,14 +403,70 @@ def test_activation_bytes_equal_a_census_of_saved_tensors(measured, variant):
 def test_mtp_module_activation_bytes_equal_the_census(measured, variant):
     saved = measured[variant]["saved"]
     args = d.parse(_argv(variant))
-    m = d.Model.from_args(args)
+    m = d.shape(args)
     modules, _ = d.recompute_set(args)
-    precision = d.Precision(element=2 if args.bf16 else 4, fp8="fp8" in args.plugins,
-                            cpu_attention=True)
+    kept = d.kept_activations(args, cpu_attention=True)
     tokens = SEQ * BATCH
-    formula = (d.layer_activation_bytes(m, m.layers, tokens, SEQ, modules, 1, precision)
-               + d.mtp_extra_activation_bytes(m, tokens, precision))
-    assert formula == saved["mtp.layers.0"]
+    formula = (cost.layer_saved_bytes(m, m.num_layers, tokens, SEQ, modules, 1, kept)
+               + cost.mtp_extra_saved_bytes(m, tokens, kept.element))
+    assert formula == _kept_by(saved, "mtp.layers.0")
+
+
+# --- each cost model against the module it describes, built from the same config ------------
+
+TOKENS = SEQ * BATCH
+
+
+def _kept(variant):
+    """The activations as the variant's layers keep them on the CPU (plain or FP8)."""
+    args = d.parse(_argv(variant))
+    kind = FP8Activations if "fp8" in args.plugins else Activations
+    return kind(element=2 if args.bf16 else 4, cpu_attention=True), d.recompute_set(args)[0]
+
+
+def test_mla_cost_model_matches_the_built_attention(measured):
+    """Parameters == numel; FLOPs == FlopCounterMode's count of the attention's matmuls
+    (forward and backward; its core is the CPU flash kernel, which it does not count)."""
+    built = measured["none"]
+    s = built["shapes"]["mla"]
+    assert mla_cost.parameters(s).total == built["part_numel"]["decoder.layers.0.self_attention"]
+    matmul_weights = mla_cost.parameters(s).activated - mla_cost.latent_norm_channels(s)
+    assert 6 * matmul_weights * TOKENS == built["part_flops"]["decoder.layers.0.self_attention"]
+
+
+def test_moe_cost_model_matches_the_built_moe_layer(measured):
+    """Parameters == numel (router, routed and shared experts; not the expert bias);
+    FLOPs == FlopCounterMode's count: 6 per activated weight a token, the combine."""
+    built = measured["none"]
+    s = built["shapes"]["moe"]
+    assert moe_cost.parameters(s).total == built["part_numel"]["decoder.layers.1.mlp"]
+    per_token = 6 * moe_cost.parameters(s).activated + moe_cost.combine_flops_per_token(s)
+    assert per_token * TOKENS == built["part_flops"]["decoder.layers.1.mlp"]
+
+
+def test_dense_mlp_cost_matches_the_built_mlp(measured):
+    built = measured["none"]
+    hidden, ffn, gated = built["shapes"]["mlp"]
+    assert mlp_parameters(hidden, ffn, gated) == built["part_numel"]["decoder.layers.0.mlp"]
+    assert 6 * mlp_parameters(hidden, ffn, gated) * TOKENS == \
+        built["part_flops"]["decoder.layers.0.mlp"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_saved_bytes_equal_the_census_of_their_module(measured, variant):
+    """MLA's, the MoE layer's and the dense MLP's saved bytes (FP8's way of keeping them
+    under fp8), each against the census of its own module, for every recomputation
+    choice."""
+    built, (kept, modules) = measured[variant], _kept(variant)
+    seq = _seq(_argv(variant))
+    shapes, saved = built["shapes"], built["saved"]
+    attention = mla_cost.saved_terms(shapes["mla"], seq * BATCH, seq, modules, 1, kept)
+    assert math.ceil(sum(attention.values())) == saved["decoder.layers.0.self_attention"], \
+        attention
+    moe = moe_cost.saved_terms(shapes["moe"], seq * BATCH, modules, 1, kept)
+    assert math.ceil(sum(moe.values())) == saved["decoder.layers.1.mlp"], moe
+    mlp = cost.mlp_saved_terms(*shapes["mlp"], seq * BATCH, modules, kept)
+    assert math.ceil(sum(mlp.values())) == saved["decoder.layers.0.mlp"], mlp
 
 
 def test_flops_equal_a_count_from_the_shapes(measured):
@@ -374,9 +474,10 @@ def test_flops_equal_a_count_from_the_shapes(measured):
     experts' grouped GEMMs with the formula above; the CPU flash attention kernel is not
     among the ops it counts, so q.k and p.v are added from the shapes: 2 FLOPs a
     multiply-add, causal, 3x forward for forward + backward."""
-    m = d.Model.from_args(d.parse([*_argv("none"), "--vocab-size", str(VOCAB)]))
-    flops = d.training_flops_per_token(m, SEQ)
-    attention = 3 * (m.layers + m.mtp_layers) * d.attention_flops_per_token(m, SEQ)
+    m = d.shape(d.parse([*_argv("none"), "--vocab-size", str(VOCAB)]))
+    flops = cost.training_flops_per_token(m, SEQ)
+    attention = 3 * (m.num_layers + m.mtp_num_layers) * cost.attention_flops_per_token(
+        m.attention, SEQ)
     counted = measured["none"]["flops"]
     assert counted + attention * SEQ * BATCH == flops["total"] * SEQ * BATCH
 
@@ -408,9 +509,9 @@ def test_full_size_mla_layer_matches_the_benchmarks_census():
     """bench/results.md (mla_saved_bytes b): a DeepSeek-V3 dense layer measured on the CPU
     in BF16, GiB at 4096 tokens per recomputation choice (the bench scaled seq 256 x 16;
     3 decimals)."""
-    m = d.Model.from_args(d.parse(["--preset", "deepseek-v3", "--plugins", "mla", "moe"]))
-    cpu = d.Precision(element=2, cpu_attention=True)
+    m = d.shape(d.parse(["--preset", "deepseek-v3", "--plugins", "mla", "moe"]))
+    cpu = Activations(element=2, cpu_attention=True)
     for modules, gib in (((), 1.831), (("layernorm",), 1.706), (("mla_up_proj",), 1.269),
                          (("layernorm", "mla_up_proj"), 1.144)):
-        got = d.layer_activation_bytes(m, 0, 4096, 4096, frozenset(modules), 1, cpu) / 2 ** 30
+        got = cost.layer_saved_bytes(m, 0, 4096, 4096, frozenset(modules), 1, cpu) / 2 ** 30
         assert abs(got - gib) < 0.0015, (modules, got)

@@ -217,7 +217,7 @@ WIDE = dict(hidden_size=512, moe_intermediate_size=512, intermediate_size=1024,
 def test_peak_memory_does_not_grow_with_the_layers(tmp_path):
     """The same model with 3 and 6 decoder layers, both ways: the 6-layer conversion's peak
     is within a quarter of the 3 extra layers' weight of the 3-layer one's (the in-memory
-    conversion's peak grew by all of it: README.md)."""
+    conversion's peak grew by all of it: docs/cli.md)."""
     increase = {}
     for layers in (3, 6):
         sizes = synthetic_hf(tmp_path / f"hf{layers}", num_hidden_layers=layers, **WIDE)

@@ -1,7 +1,7 @@
 """`--transformer-impl` is honoured or refused: Transformer Engine where it is asked for and
 installed, a start-up error naming the flag where it is not; each plugin composes with TE's
 modules or refuses them by name, as its declaration (`plugins.TransformerEngine`) says, and
-the README's table is those declarations.
+the docs' table (docs/launch.md) is those declarations.
 
 Transformer Engine does not install on this machine: what runs here is the refusal, the
 start-up checks, and the specs Megatron writes for TE (its spec functions run without TE,
@@ -23,7 +23,7 @@ from tests.plugin_args import enabled
 from tests.training_runs import TINY_GPT, torchrun
 
 TE = ["--transformer-impl", "transformer_engine"]
-README = Path(__file__).parent.parent / "README.md"
+TE_PAGE = Path(__file__).parent.parent / "docs" / "launch.md"  # its Transformer Engine table
 RELEASE = str(Path(__file__).parent / "launch_scripts" / "release" / "pretrain_gpt.py")
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
          "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
@@ -58,8 +58,8 @@ def test_every_builtin_plugin_declares_what_it_does_with_transformer_engine():
         assert plugin.transformer_engine.composes == (plugin.name in COMPOSING), plugin.name
 
 
-def test_the_readme_table_is_the_plugins_declarations():
-    assert te_policy_table(builtin_plugins()) in README.read_text()
+def test_the_docs_table_is_the_plugins_declarations():
+    assert te_policy_table(builtin_plugins()) in TE_PAGE.read_text()
 
 
 @pytest.mark.parametrize("name", REFUSING)

@@ -128,10 +128,12 @@ def listed_but_missing(directory: str) -> list[str]:
             for name in sorted(listed - set(data_files(directory)))]
 
 
-def verify_checkpoint(directory: str) -> bool:
+def verify_checkpoint(directory: str,
+                      way_out: str = "Load an earlier checkpoint (--ckpt-step N) or restore "
+                                     "the file") -> bool:
     """Checks the data files of a checkpoint folder, a share on each rank (a collective on
-    the default group). Raises CheckpointCorrupt naming the first bad file (and how many);
-    returns False where the folder has no manifest."""
+    the default group). Raises CheckpointCorrupt naming the first bad file (and how many),
+    then `way_out`; returns False where the folder has no manifest."""
     import torch.distributed as dist
 
     if not has_manifest(directory):
@@ -149,8 +151,7 @@ def verify_checkpoint(directory: str) -> bool:
     if problems:
         more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
         raise CheckpointCorrupt(f"checkpoint {directory} is damaged: {problems[0]}{more}; "
-                                "the load is refused. Load an earlier checkpoint "
-                                "(--ckpt-step N) or restore the file")
+                                f"the load is refused. {way_out}")
     return True
 
 

@@ -177,14 +177,15 @@ def megatron_to_hf(source: Path, out: Path, max_shard_size: int, dtype: str | No
     the model is built on the meta device, one layer's tensors are read at a time."""
     import torch
 
-    from integration.checkpoint_tool import checkpoint_directory
+    from integration.checkpoint_tool import checkpoint_directory, verify
     from integration.hf.convert import DTYPES as TORCH_DTYPES
     from integration.hf.convert import _on_one_rank, build_model, write_hf
     from integration.hf.layout import peak_rss_mib
     from integration.hf.lazy_load import LayerByLayer
 
     check_output_folder(out, overwrite=overwrite, inputs=[source])
-    directory = checkpoint_directory(str(source), None, named=str(source))
+    directory = checkpoint_directory(str(source), None, flag=None, steps=False)
+    verify(directory, steps=False)  # before anything of it is read
     _on_one_rank()
     if (source / "hf_config.json").is_file():
         config, vocab, positions = _config_from_hf(source / "hf_config.json")
