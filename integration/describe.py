@@ -19,8 +19,9 @@ The flags are read as a run reads them: Megatron's parser (`add_megatron_argumen
 the plugins' flags (the registry's `add_arguments`, as the launch adds them), after
 `--preset` is expanded; describe adds only `--data-parallel-size` (a run derives it from
 the world size) and `--json`. A flag describe does not model is refused by name, never
-ignored. The figures are the cost models' (`integration.cost`, which composes the
-plugins': `plugins.mla.cost`, `plugins.moe.cost`, `plugins.fp8.cost`); the stages each
+ignored; the flags get a run's start-up checks (`run_start_up_checks`): what a run
+refuses, describe refuses. The figures are the cost models' (`integration.cost`, which
+composes the plugins': `plugins.mla.cost`, `plugins.moe.cost`, `plugins.fp8.cost`); the stages each
 pipeline rank holds are Megatron's layer split, at the places the dualpipe plugin's
 `Pipeline` puts them. Conventions (see `integration.cost`): the vocabulary is
 `--vocab-size` as given for the model totals, padded as Megatron pads it
@@ -216,11 +217,11 @@ def run_start_up_checks(args: argparse.Namespace, argv: list[str], options: dict
     backend, --tensorboard-dir, the data), which describe does not read."""
     from integration import argument_checks
     from plugins import PluginError, default_registry
-    from upstream.cpu import CPU_ARGUMENTS
+    from upstream.cpu import CPU_ARGUMENTS, given
 
     run = argparse.Namespace(**vars(args))
     for option in CPU_ARGUMENTS:  # what a run on this CPU machine adds where not given
-        if option[0] not in argv:
+        if not given(argv, option[0]):
             action = options[option[0]]
             setattr(run, action.dest, option[1] if len(option) > 1 else action.const)
     run.transformer_impl = "local"
