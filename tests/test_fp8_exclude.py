@@ -128,7 +128,11 @@ def test_describe_lists_the_linears_the_built_model_runs_in_fp8(capsys):
             "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
             "--num-experts", "4", "--moe-ffn-hidden-size", "128",
             "--moe-shared-expert-intermediate-size", "128", "--moe-layer-freq", "([0]+[1]*1)",
-            "--plugins", "mla", "moe", "fp8"]
+            "--plugins", "mla", "moe", "fp8",
+            # what a run asks of the moe and fp8 plugins (describe checks as a run does)
+            "--moe-router-topk", "2", "--moe-router-score-function", "sigmoid",
+            "--moe-router-enable-expert-bias", "--moe-router-load-balancing-type", "none",
+            "--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
     described = d.describe(d.parse(argv))["fp8_linears"]
     assert "mlp.experts" in built and "mlp.shared_experts.linear_fc1" in built
     assert sorted(described) == sorted(built)
