@@ -329,6 +329,7 @@ def _parameters(checkpoint: Path) -> dict[str, tuple[int, ...]]:
             if hasattr(entry, "size") and not name.startswith("optimizer.")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_both_launch_paths_build_and_train_one_model_and_report_mtp_validation_loss(
         schedule, tmp_path):
