@@ -338,7 +338,7 @@ def test_both_launch_paths_build_and_train_one_model_and_report_mtp_validation_l
     pretrain_gpt.py (Megatron's own GPT builder makes the MTP block spec: the plugins' spec
     transforms reach it whatever the placement; under DualPipe(V) rank 0 holds the MTP
     stage): both train, and save the same parameters. The validation line carries MTP's
-    loss beside the main loss, equal to what the same ranks without a pipeline compute on
+    loss beside the main loss, equal to what one process without a pipeline computes on
     the same batches from the saved weights (under DualPipe(V) the MTP layer sits on rank
     0 and its loss is gathered to the last rank, which prints)."""
     runs = {}
@@ -354,7 +354,7 @@ def test_both_launch_paths_build_and_train_one_model_and_report_mtp_validation_l
     # evaluation at iteration 2 (each run's first) read.
     one_process = torchrun(["-m", "integration.pretrain"], TINY_RUN + [
         "--pipeline-model-parallel-size", "1", "--load", str(tmp_path / "release"),
-        "--skip-train"], tmp_path)
+        "--skip-train"], tmp_path, ranks=1)
     [(main, mtp)] = _validations(one_process)
     assert mtp != pytest.approx(main, rel=1e-3)  # two losses, not one printed twice
     for path, output in runs.items():
