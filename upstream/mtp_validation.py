@@ -39,6 +39,7 @@ def _mtp_validation_loss(patcher: Patcher) -> None:
 
     @wraps(evaluate)
     def evaluate_with_mtp_loss(*args, **kwargs):
+        from megatron.core import parallel_state
         from megatron.training import get_args
 
         depth = get_args().mtp_num_layers
@@ -58,9 +59,8 @@ def _mtp_validation_loss(patcher: Patcher) -> None:
             results = evaluate(*args, **kwargs)
             losses = _tracked_losses(depth, device)
         total_loss_dict, _, timelimit = results
+        # Sums, then one division: the mean over every evaluated micro-batch, wherever it ran.
         summed = torch.cat([losses, torch.tensor([float(len(micro_batches))], device=device)])
-        from megatron.core import parallel_state
-
         torch.distributed.all_reduce(summed, group=parallel_state.get_pipeline_model_parallel_group())
         torch.distributed.all_reduce(
             summed, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
