@@ -154,9 +154,10 @@ NUMERIC_DOMAINS = (
                               "model is initialised", least=0, finite=True),
     Domain("rotary_base", "the rotary frequencies take its logarithm: a math domain error "
                           "when the model is built (0 or less)", above=0, finite=True),
-    Domain("layernorm_epsilon", "a negative epsilon makes a norm's denominator vanish or "
-                                "turn negative: non-finite activations in the first forward",
-           least=0, finite=True, named="--norm-epsilon"),
+    Domain("layernorm_epsilon", "0 or a negative epsilon lets a norm's denominator vanish "
+                                "or turn negative: non-finite activations for a zero input; "
+                                "megaseek convert refuses the same rms_norm_eps",
+           above=0, finite=True, named="--norm-epsilon"),
     Domain("seed", "_set_random_seed raises 'should be a positive integer' after the "
                    "process groups are made", least=0),
     Domain("mtp_num_layers", "validate_args reads a negative count as MTP on and refuses the "
@@ -166,6 +167,31 @@ NUMERIC_DOMAINS = (
            least=0, finite=True),
     Domain("clip_grad", "clip_grads.py scales every gradient by clip_grad / norm: a negative "
                         "value flips them", least=0),
+    # Warm-up: the scheduler reads no negative length as an error (optimizer_param_scheduler.py
+    # skips a warm-up of 0 or less) and starts from --lr-warmup-init as a learning rate.
+    Domain("lr_warmup_iters", "a negative warm-up is skipped without a word", least=0),
+    Domain("lr_warmup_samples", "a negative warm-up is skipped without a word", least=0),
+    Domain("decoupled_lr", "the embedding and output layer's learning rate (see --lr)",
+           least=0, finite=True),
+    Domain("decoupled_min_lr", "their schedule decays to it (see --lr)", least=0,
+           finite=True),
+    _size("lr_decay_samples", "optimizer_param_scheduler.py:159 asserts lr_decay_steps > 0"),
+    Domain("lr_warmup_init", "the warm-up starts from it: a negative or NaN learning rate "
+                             "(see --lr)", least=0, finite=True),
+    # fp16's loss scaling: grad_scaler.py asserts these (lines 19, 109, 120, 124) when the
+    # optimizer is built, after the model; `--loss-scale 0` reads as "not given" there
+    # (optimizer/__init__.py:649) and silently scales dynamically.
+    Domain("loss_scale", "grad_scaler.py:19 asserts initial_scale > 0 once the model is "
+                         "built (0 silently means dynamic scaling)", above=0, finite=True),
+    Domain("initial_loss_scale", "grad_scaler.py:19 asserts initial_scale > 0 once the model "
+                                 "is built", above=0, finite=True),
+    Domain("min_loss_scale", "grad_scaler.py:109 asserts min_scale > 0 once the model is "
+                             "built", above=0, finite=True),
+    Domain("loss_scale_window", "grad_scaler.py:120 asserts growth_interval > 0 once the "
+                                "model is built; a fraction grows the scale every step",
+           least=1, finite=True),
+    Domain("hysteresis", "grad_scaler.py:124 asserts hysteresis > 0 once the model is built",
+           least=1),
 )
 
 
@@ -195,6 +221,11 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     _check_attention_backend(args)
     _check_wsd_schedule(args, argv)
     _check_tokenizer_files(args)
+    _check_loss_scaling(args)
+    _check_precision_aware_optimizer(args)
+    _check_optimizer_package(args)
+    _check_moe_layer_pattern(args)
+    _check_pipeline_stage_layers(args)
 
 
 def after_megatron(args: argparse.Namespace) -> None:
@@ -337,10 +368,12 @@ def dataset_prefixes(paths: list[str]) -> list[str]:
 
 
 def _check_data_prefixes(args) -> None:
-    """Each prefix names a PREFIX.idx and a PREFIX.bin (Megatron's indexed dataset);
-    indexed_dataset.py asserts it only once the model is built. A remote prefix (s3://,
-    msc://) is left to Megatron."""
+    """Each prefix names a PREFIX.idx and a PREFIX.bin (Megatron's indexed dataset), an
+    index Megatron can read and data as long as it says; indexed_dataset.py asserts them
+    only once the model is built. A remote prefix (s3://, msc://) is left to Megatron."""
     import os
+
+    from integration.data_files import indexed_dataset_problem
 
     for flag, paths in _data_paths(args):
         for prefix in dataset_prefixes(paths):
@@ -352,6 +385,9 @@ def _check_data_prefixes(args) -> None:
                 raise PluginError(f"{flag} {prefix}: no {' or '.join(missing)} (a dataset "
                                   "prefix names the PREFIX.idx and PREFIX.bin files that "
                                   "Megatron's tools/preprocess_data.py writes)")
+            problem = indexed_dataset_problem(prefix)
+            if problem:
+                raise PluginError(f"{flag} {prefix}: {problem}")
 
 
 def _check_recompute(args) -> None:
@@ -618,9 +654,46 @@ def _check_tokenizer_files(args) -> None:
                  or path.startswith(("/", ".", "~")))
         if local and not os.path.exists(os.path.expanduser(path)):
             raise PluginError(f"{flag} {path}: no such file (--tokenizer-type {kind} reads it)")
+        problem = _tokenizer_file_problem(kind, flag, os.path.expanduser(path))
+        if problem:
+            raise PluginError(f"{flag} {path} {problem} (--tokenizer-type {kind} reads it)")
     if importlib.util.find_spec(package) is None:
         raise PluginError(f"--tokenizer-type {kind} needs the Python package {package}, "
                           f"which is not installed: pip install {package}")
+    _check_hub_tokenizer(kind)
+
+
+def _tokenizer_file_problem(kind: str, flag: str, path: str) -> str | None:
+    from integration.data_files import json_vocabulary_problem, tokenizer_folder_problem
+
+    if flag == "--tokenizer-model" and kind in ("HuggingFaceTokenizer", "SFTTokenizer"):
+        return tokenizer_folder_problem(path)
+    if flag == "--vocab-file" and kind == "GPT2BPETokenizer":
+        return json_vocabulary_problem(path)
+    return None
+
+
+# The Hugging Face Hub tokenizer each of Megatron's BPE and WordPiece tokenizers loads,
+# whatever local files it is given (megatron_hf_tokenizer.py:29-47, 100: AutoTokenizer
+# .from_pretrained(name, vocab_file=...) reads the name's tokenizer_config.json).
+_HUB_TOKENIZERS = {"GPT2BPETokenizer": "gpt2", "BertWordPieceLowerCase": "bert-large-uncased",
+                   "BertWordPieceCase": "bert-large-cased"}
+
+
+def _check_hub_tokenizer(kind: str) -> None:
+    """Offline, a Hub tokenizer that is not in Hugging Face's cache fails when Megatron
+    builds the tokenizer, after a minute of retries, blaming the network."""
+    from integration.data_files import hub_files_cached, hub_unreachable
+
+    repo = _HUB_TOKENIZERS.get(kind)
+    if repo is None or hub_files_cached(repo, "tokenizer_config.json"):
+        return
+    why = hub_unreachable()
+    if why:
+        raise PluginError(f"--tokenizer-type {kind} loads Hugging Face's {repo!r} tokenizer "
+                          f"from the Hub even with local files, and {why} (nor is it in "
+                          "Hugging Face's cache): save a tokenizer to a folder and give "
+                          "--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR")
 
 
 def _in_megatron_cache(kind: str, flag: str) -> bool:
@@ -632,3 +705,54 @@ def _in_megatron_cache(kind: str, flag: str) -> bool:
 
     suffix = "_vocab" if flag == "--vocab-file" else "_merges"
     return os.path.exists(os.path.join(MEGATRON_CACHE, kind + suffix))
+
+
+def _check_loss_scaling(args) -> None:
+    """fp16's dynamic loss scaler (optimizer/__init__.py:654, built with the optimizer once
+    the model is) asserts its floor is no higher than its start (grad_scaler.py:110)."""
+    if not getattr(args, "fp16", False) or getattr(args, "loss_scale", None):
+        return
+    low, start = args.min_loss_scale, args.initial_loss_scale
+    if low is not None and start is not None and low > start:
+        raise PluginError(f"--min-loss-scale {low} is above --initial-loss-scale {start}: the "
+                          "dynamic loss scale starts at the second and never drops below the "
+                          "first")
+
+
+def _check_precision_aware_optimizer(args) -> None:
+    """OptimizerConfig.__post_init__ asserts it (optimizer_config.py) in a traceback, when
+    the training loop builds the optimizer."""
+    if (getattr(args, "use_precision_aware_optimizer", False)
+            and not getattr(args, "use_distributed_optimizer", False)):
+        raise PluginError("--use-precision-aware-optimizer works with the distributed "
+                          "optimizer only: add --use-distributed-optimizer, or drop "
+                          "--use-precision-aware-optimizer")
+
+
+def _check_optimizer_package(args) -> None:
+    """Megatron's optimizers other than Adam and SGD come from the emerging-optimizers
+    package, which megatron-core imports if present and asks for only when the optimizer
+    is built, after the model (optimizer/__init__.py:599 for lion, :756 for the others)."""
+    from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
+
+    optimizer = getattr(args, "optimizer", "adam")
+    if optimizer not in ("adam", "sgd") and not HAVE_EMERGING_OPTIMIZERS:
+        raise PluginError(f"--optimizer {optimizer} needs the Python package "
+                          "emerging-optimizers (0.2 or newer), which is not installed: pip "
+                          "install emerging-optimizers, or give --optimizer adam or sgd")
+
+
+def _check_moe_layer_pattern(args) -> None:
+    from integration.layer_layout import moe_layer_pattern_problem
+
+    problem = moe_layer_pattern_problem(args)
+    if problem:
+        raise PluginError(problem)
+
+
+def _check_pipeline_stage_layers(args) -> None:
+    from integration.layer_layout import pipeline_stages_problem
+
+    problem = pipeline_stages_problem(args)
+    if problem:
+        raise PluginError(problem)

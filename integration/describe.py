@@ -19,8 +19,9 @@ The flags are read as a run reads them: Megatron's parser (`add_megatron_argumen
 the plugins' flags (the registry's `add_arguments`, as the launch adds them), after
 `--preset` is expanded; describe adds only `--data-parallel-size` (a run derives it from
 the world size) and `--json`. A flag describe does not model is refused by name, never
-ignored. The figures are the cost models' (`integration.cost`, which composes the
-plugins': `plugins.mla.cost`, `plugins.moe.cost`, `plugins.fp8.cost`); the stages each
+ignored; the flags get a run's start-up checks (`run_start_up_checks`): what a run
+refuses, describe refuses. The figures are the cost models' (`integration.cost`, which
+composes the plugins': `plugins.mla.cost`, `plugins.moe.cost`, `plugins.fp8.cost`); the stages each
 pipeline rank holds are Megatron's layer split, at the places the dualpipe plugin's
 `Pipeline` puts them. Conventions (see `integration.cost`): the vocabulary is
 `--vocab-size` as given for the model totals, padded as Megatron pads it
@@ -87,6 +88,7 @@ READ_UNCOUNTED = frozenset("""
     --moe-router-score-function --moe-router-bias-update-rate
     --moe-router-topk-scaling-factor --moe-router-dtype --moe-router-load-balancing-type
     --moe-aux-loss-coeff --fp8-backend --moe-router-enable-expert-bias --no-rope-fusion
+    --expert-tensor-parallel-size --global-batch-size
 """.split())
 HELP = frozenset({"-h", "--help"})
 # Flags Megatron takes more values of than describe counts.
@@ -178,7 +180,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
         raise DescribeError(f"give {', '.join(missing)} (or a --preset)")
-    return check(args)
+    return check(args, argv, p._option_string_actions)
 
 
 def plugin_flag(args: argparse.Namespace, dest: str, off):
@@ -205,16 +207,43 @@ def schedule(args: argparse.Namespace) -> str:
     return plugin_flag(args, "pipeline_schedule", None) or ONE_F_ONE_B
 
 
-def check(args: argparse.Namespace) -> argparse.Namespace:
+def run_start_up_checks(args: argparse.Namespace, argv: list[str], options: dict) -> None:
+    """What `megaseek pretrain` refuses at start-up in these flags, refused here too:
+    megaseek's checks before Megatron's validation (`argument_checks.before_megatron`), then
+    the plugins' as the run plan is made. They run on a copy of `args` as a run of this
+    layout has them: Megatron's local modules (describe reads no --transformer-impl), and
+    --tensor-model-parallel-size x --pipeline-model-parallel-size x --data-parallel-size
+    ranks. The checks after Megatron's validation are of the machine and the files (the
+    backend, --tensorboard-dir, the data), which describe does not read."""
     from integration import argument_checks
-    from plugins import PluginError
+    from plugins import PluginError, default_registry
+    from upstream.cpu import CPU_ARGUMENTS, given
+
+    run = argparse.Namespace(**vars(args))
+    for option in CPU_ARGUMENTS:  # what a run on this CPU machine adds where not given
+        if not given(argv, option[0]):
+            action = options[option[0]]
+            setattr(run, action.dest, option[1] if len(option) > 1 else action.const)
+    run.transformer_impl = "local"
+    run.world_size = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                      * args.context_parallel_size * args.data_parallel_size)
+    try:
+        argument_checks.before_megatron(run, argv)
+        default_registry().plan(run)
+    except PluginError as error:
+        raise DescribeError(f"{error}") from None
+
+
+def check(args: argparse.Namespace, argv: list[str], options: dict) -> argparse.Namespace:
     from plugins.mla.plugin import MLA
     from plugins.moe.plugin import MOE
 
-    try:  # the flags describe shares with a run get a run's start-up checks
-        argument_checks.check_values(args)
-    except PluginError as error:
-        raise DescribeError(f"{error}") from None
+    for flag, size in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+                       ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+                       ("--data-parallel-size", args.data_parallel_size)):
+        if size < 1:  # before the world size is made of them
+            raise DescribeError(f"{flag} {size} must be 1 or more")
+    run_start_up_checks(args, argv, options)
     plugins = enabled_plugins(args)
     for flag in ("--hidden-size", "--num-attention-heads"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:

@@ -20,7 +20,7 @@ import time
 from typing import Callable, NoReturn
 
 from plugins import Enabled, PluginError, PluginRegistry, RunPlan
-from upstream import checkpoint_files, compat, cpu, wgrad
+from upstream import checkpoint_files, compat, cpu, mtp_validation, wgrad
 from upstream.patching import Patcher, apply_fixes
 from upstream.seams.arguments import argument_errors_refused, checks_before_argument_dump
 from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named
@@ -81,6 +81,7 @@ def megatron_run(registry: PluginRegistry):
       from the run's, fails naming the flags;
     - checkpoints are saved with a checksum manifest and verified before a load; a save
       that fails names the OS error and leaves no partial folder (`upstream.checkpoint_files`);
+    - evaluation reports the MTP layers' loss beside the main loss (`upstream.mtp_validation`);
     - a command line Megatron's parser refuses, or a configuration the plugins (or
       Megatron's own checks) refuse, ends the run as argparse does: one line,
       `megaseek: error: ...`, on rank 0 only, and exit status 2 on every rank."""
@@ -100,6 +101,7 @@ def megatron_run(registry: PluginRegistry):
         checks_before_argument_dump(_start_up_checks, before_megatron).apply(patcher)
         checkpoint_mismatch_named().apply(patcher)
         scheduler_mismatch_named().apply(patcher)
+        mtp_validation.MTP_VALIDATION_LOSS.apply(patcher)
         write_failures: list = []  # this process's failed checkpoint writes
         for fix in (checkpoint_files.checksums_as_written(write_failures),
                     checkpoint_files.manifest_after_async_save(),

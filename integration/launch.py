@@ -37,10 +37,19 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         _refuse("give the SCRIPT to run", usage=True)
+    if argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__}\nThe script's arguments: Megatron's and the plugins' "
+              "(`megaseek pretrain --help` lists them), and --preset NAME.")
+        return
     script = os.path.abspath(argv[0])
-    script_args = cpu.with_cpu_arguments(presets.expand(argv[1:]))
+    if os.path.isdir(script):
+        _refuse(f"{argv[0]} is a folder: give the Python script to run")
     if not os.path.isfile(script):
         _refuse(f"no such script: {argv[0]}")
+    problem = _not_python(script)
+    if problem:
+        _refuse(f"{argv[0]} is not a Python script ({problem})")
+    script_args = cpu.with_cpu_arguments(presets.expand(argv[1:]))
     registry = registry or default_registry()
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -53,6 +62,21 @@ def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) 
         sys.path.insert(0, os.path.dirname(script))
         runpy.run_path(script, run_name="__main__")
     shutdown.end_run()  # only where the script left a process group initialised: see upstream/shutdown.py
+
+
+def _not_python(script: str) -> str | None:
+    """Why `script` cannot be compiled as Python (before any flag is parsed or process group
+    made: the script would fail only when run), or None."""
+    try:
+        with open(script, "rb") as stream:
+            compile(stream.read(), script, "exec", dont_inherit=True)
+    except SyntaxError as error:
+        if error.lineno is None:  # not text at all (null bytes)
+            return error.msg
+        return f"{error.__class__.__name__} at line {error.lineno}: {error.msg}"
+    except ValueError as error:  # null bytes, on Pythons that raise this instead
+        return str(error)
+    return None
 
 
 def _refuse(message: str, usage: bool = False) -> NoReturn:

@@ -90,11 +90,43 @@ def one_rank_without_torchrun() -> None:
           "`torchrun --nproc-per-node N -m integration.pretrain ...`)", file=sys.stderr)
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def print_help(registry: PluginRegistry, prog: str = "megaseek pretrain") -> None:
+    """Megatron's flags and the plugins' (the parser a run parses with), after what
+    megaseek adds to them."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        # Help texts taken from config docstrings may hold a bare '%' that argparse reads
+        # as a format (transformer_config.py:1278, "1.10 = 10%)": Megatron's own --help
+        # fails on it with a ValueError); such a text is printed as written.
+        def _expand_help(self, action):
+            try:
+                return super()._expand_help(action)
+            except (ValueError, TypeError, KeyError):
+                return action.help
+
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, formatter_class=Formatter,
+        usage=f"{prog} [--preset NAME] [MEGATRON AND PLUGIN FLAGS]",
+        description=__doc__ + "\n--preset NAME: a model's flags, put before the others "
+                              f"(one of {', '.join(presets.PRESETS)}).")
+    registry.add_arguments(add_megatron_arguments(parser))
+    parser.print_help()
+
+
 def main(argv: list[str] | None = None, registry: PluginRegistry | None = None) -> None:
-    one_rank_without_torchrun()
     user_argv = list(sys.argv[1:] if argv is None else argv)
-    argv = presets.expand(user_argv)
     registry = registry or default_registry()
+    if any(flag in user_argv for flag in HELP_FLAGS):
+        print_help(registry)
+        return
+    one_rank_without_torchrun()
+    argv = presets.expand(user_argv)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     with hooks.megatron_run(registry) as run:

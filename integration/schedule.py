@@ -30,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule", choices=SCHEDULES)
     parser.add_argument("--pp", type=int, help="pipeline ranks")
     parser.add_argument("--microbatches", type=int, help="micro-batches per step")
-    for flag, default in (("--f", "1"), ("--b", "2"), ("--w", "1"), ("--fb", None)):
-        parser.add_argument(flag, type=Fraction, default=default and Fraction(default))
+    for flag, default in (("--f", "1"), ("--b", "2")):
+        parser.add_argument(flag, type=Fraction, default=Fraction(default))
+    # None where not given (W: 1), so a duration the schedule has no cell for is refused.
+    parser.add_argument("--w", type=Fraction)
+    parser.add_argument("--fb", type=Fraction)
     parser.add_argument("--png", help="draw the timeline into this PNG file")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--from-run", metavar="DIR", help="a run's --pipeline-timeline DIR")
@@ -58,13 +61,31 @@ def _pipeline(args: argparse.Namespace) -> Pipeline:
 
 
 def _durations(args: argparse.Namespace) -> Durations:
+    w = Durations.W if args.w is None else args.w
     if args.f <= 0 or args.b <= 0:
         refuse("--f and --b must be above 0")
-    if not 0 <= args.w <= args.b:
-        refuse(f"--w must be between 0 and --b ({args.b}); got {args.w}")
+    if not 0 <= w <= args.b:
+        refuse(f"--w must be between 0 and --b ({args.b}); got {w}")
     if args.fb is not None and args.fb <= 0:
         refuse(f"--fb must be above 0; got {args.fb}")
-    return Durations(args.f, args.b, args.w, args.fb)
+    return Durations(args.f, args.b, w, args.fb)
+
+
+# The duration flags that time a kind of cell other than F and B (which every schedule has).
+_CELL_FLAGS = (("w", "W", "separate weight-gradient (W) cell (its B is the whole "
+                          "backward)"),
+               ("fb", "FB", "overlapped forward-and-backward (F&B) cell"))
+
+
+def _check_durations_apply(args: argparse.Namespace, timeline: Timeline) -> None:
+    """A duration flag of a cell the simulated pipeline never runs would change nothing."""
+    ops = {span.cell.op for row in timeline.rows for span in row}
+    for dest, op, cell in _CELL_FLAGS:
+        if getattr(args, dest) is not None and op not in ops:
+            pipeline = timeline.pipeline
+            refuse(f"--{dest} {_number(getattr(args, dest))}: {pipeline.schedule} with --pp "
+                   f"{pipeline.ranks} and --microbatches {pipeline.microbatches} has no "
+                   f"{cell}, so --{dest} would change nothing: drop it")
 
 
 def _number(x) -> float | int:
@@ -126,6 +147,7 @@ def main(argv: list[str]) -> None:
             refuse("--step needs --from-run DIR")
         durations = _durations(args)
         timeline = simulate(_pipeline(args), durations)
+        _check_durations_apply(args, timeline)
         title = (f"{timeline.pipeline.schedule}, --pp {timeline.pipeline.ranks}, "
                  f"{timeline.pipeline.microbatches} micro-batches (simulated)")
     _report(timeline, durations, bool(args.from_run), args.json)

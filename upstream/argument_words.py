@@ -129,6 +129,16 @@ DERIVED = {
     "data_parallel_size": lambda args: (
         f"data-parallel size {getattr(args, 'data_parallel_size', '?')} (the ranks of the "
         f"run / {_MODEL_PARALLEL})"),
+    # arguments.py:438 copies it from --pipeline-model-parallel-size; the layer checks that
+    # divide by it count one more layer per --account-for-*-in-pipeline-split.
+    "transformer_pipeline_model_parallel_size": lambda args: (
+        f"--pipeline-model-parallel-size "
+        f"{getattr(args, 'transformer_pipeline_model_parallel_size', '?')}"
+        + "".join(f", {flag} (one more layer)" for dest, flag in (
+            ("account_for_embedding_in_pipeline_split",
+             "--account-for-embedding-in-pipeline-split"),
+            ("account_for_loss_in_pipeline_split", "--account-for-loss-in-pipeline-split"))
+                  if getattr(args, dest, False))),
     "eval_global_batch_size": _defaulted("eval_global_batch_size", "global_batch_size"),
     "eval_micro_batch_size": _defaulted("eval_micro_batch_size", "micro_batch_size"),
 }

@@ -50,12 +50,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def _size(text: str) -> int:
+SMALLEST_SHARD = 2**10  # below it a shard holds a single small tensor: a file per tensor
+
+
+def shard_size(text: str) -> int:
+    """--max-shard-size: bytes, or a number with KB, MB or GB (powers of 1024), 1KB or
+    more (each shard holds whole tensors, so a smaller size writes one file per tensor)."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    try:
+        unit = next((u for u in units if text.upper().endswith(u)), "")
+        size = int(float(text[: len(text) - len(unit)]) * units.get(unit, 1))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 5GB, 500MB, 8KB or a "
+                                         "number of bytes)") from None
+    if size < SMALLEST_SHARD:
+        raise argparse.ArgumentTypeError(f"{text} must be 1KB or more (each shard holds whole "
+                                         "tensors; Hugging Face's default is 5GB)")
+    return size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     to_hf = sub.add_parser("megatron-to-hf")
     to_hf.add_argument("source")
     to_hf.add_argument("out")
-    to_hf.add_argument("--max-shard-size", type=_size, default=5 * 2**30)
+    to_hf.add_argument("--max-shard-size", type=shard_size, default=5 * 2**30)
     to_hf.add_argument("--dtype", choices=DTYPES, default=None)
     to_hf.add_argument("--overwrite", action="store_true")
     flags = sub.add_parser("flags")

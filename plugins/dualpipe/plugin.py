@@ -168,7 +168,11 @@ def _check_layers(args, schedule: str) -> None:
         raise PluginError(f"--num-layers {layers} cannot be cut into the {stages} equal stages "
                           f"of --pipeline-schedule {schedule} on "
                           f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: "
-                          f"use a multiple of {stages} (e.g. --num-layers {smallest})")
+                          f"use a multiple of {stages} (e.g. --num-layers {smallest})"
+                          + "".join(f"; --{dest.replace('_', '-')} counts one more layer "
+                                    "(or drop it)" for dest in (
+                              "account_for_embedding_in_pipeline_split",
+                              "account_for_loss_in_pipeline_split") if _flag(args, dest)))
 
 
 def _check_microbatches(args, schedule: str) -> None:

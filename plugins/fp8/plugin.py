@@ -273,8 +273,12 @@ def on_optimizer_step(config: FP8PluginConfig, model_chunks, optimizer):
     from megatron.training.utils import print_rank_0
 
     from plugins.fp8.modules import fp8_census
+    from plugins.fp8.slots import absent_slots_problem
     from plugins.fp8.weight_cache import drop_fp8_weights
 
+    absent = absent_slots_problem(config.fp8_exclude_modules, model_chunks)
+    if absent:  # which slots a model has is known once it is built (its specs, its stage)
+        raise PluginError(absent)
     print_rank_0(fp8_census(model_chunks, config.fp8_exclude_modules))
 
     def drop(iteration: int) -> None:

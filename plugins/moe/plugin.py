@@ -155,6 +155,16 @@ def check(config: MoEPluginConfig, args) -> None:
         raise PluginError("--plugins moe needs --num-experts")
     if args.num_experts < 1:
         raise PluginError(f"--num-experts {args.num_experts} must be 1 or more")
+    # The expert TP size follows --tensor-model-parallel-size where it is not given
+    # (arguments.py:569), and validate_args derives the expert weight shards from it.
+    if args.expert_tensor_parallel_size is None and args.tensor_model_parallel_size != 1:
+        raise PluginError("--plugins moe: experts are not tensor-parallel, and "
+                          "--expert-tensor-parallel-size follows --tensor-model-parallel-size "
+                          f"{args.tensor_model_parallel_size} where it is not given: give "
+                          "--expert-tensor-parallel-size 1")
+    if (args.expert_tensor_parallel_size or 1) != 1:
+        raise PluginError("--plugins moe: experts are not tensor-parallel; give "
+                          "--expert-tensor-parallel-size 1")
     refused = first_refused(args, REFUSED)
     if refused:
         raise PluginError(f"--plugins moe: {refused}")
@@ -193,9 +203,6 @@ def check(config: MoEPluginConfig, args) -> None:
     if args.num_experts % ep:
         raise PluginError(f"--plugins moe: --num-experts {args.num_experts} is not divisible "
                           f"by --expert-model-parallel-size {ep}")
-    if (args.expert_tensor_parallel_size or 1) != 1:
-        raise PluginError("--plugins moe: experts are not tensor-parallel; use "
-                          "--expert-tensor-parallel-size 1")
 
     # Routing: group-limited when both group flags are given.
     groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk

@@ -23,6 +23,7 @@ from integration import argument_checks
 from plugins import PluginError, default_registry
 from tests.helpers.paths import RELEASE_SCRIPT as RELEASE_SCRIPT_PATH
 from tests.helpers.training_runs import TINY_GPT, torchrun
+from tests.plugins.moe.test_plugin import MOE
 from upstream import cpu
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -123,7 +124,8 @@ REFUSED = {
     "clip-grad-negative": (["--clip-grad", "-1"], (), "--clip-grad -1.0 must be 0 or more"),
     "rotary-base-0": (["--rotary-base", "0"], (), "--rotary-base 0 must be above 0"),
     "norm-epsilon-negative": (["--norm-epsilon", "-1"], (),
-                              "--norm-epsilon -1.0 must be 0 or more"),
+                              "--norm-epsilon -1.0 must be above 0"),
+    "norm-epsilon-0": (["--norm-epsilon", "0"], (), "--norm-epsilon 0.0 must be above 0"),
     "seed-negative": (["--seed", "-1"], (), "--seed -1 must be 0 or more"),
     "full-recompute-without-method": (["--recompute-granularity", "full"], (),
                                       "--recompute-granularity full needs --recompute-method"),
@@ -153,6 +155,67 @@ REFUSED = {
                                  "--init-method-std -0.02 must be 0 or more (and finite)"),
     "eval-iters-negative": (["--eval-iters", "-1"], (), "--eval-iters -1 must be 0 or more"),
     "lr-nan": (["--lr", "nan"], (), "--lr nan must be 0 or more (and finite)"),
+    "lr-warmup-init-negative": (["--lr-warmup-iters", "2", "--lr-warmup-init", "-0.1"], (),
+                                "--lr-warmup-init -0.1 must be 0 or more (and finite)"),
+    "decoupled-lr-negative": (["--decoupled-lr=-1e-3"], (),
+                              "--decoupled-lr -0.001 must be 0 or more (and finite)"),
+    "lr-warmup-iters-negative": (["--lr-warmup-iters", "-2"], (),
+                                 "--lr-warmup-iters -2 must be 0 or more"),
+    # fp16's loss scaler asserts these when the optimizer is built, after the model
+    "loss-scale-negative": (["--fp16", "--loss-scale", "-1"], (),
+                            "--loss-scale -1.0 must be above 0 (and finite)"),
+    "loss-scale-0": (["--bf16", "--loss-scale", "0"], (),
+                     "--loss-scale 0.0 must be above 0 (and finite)"),
+    "initial-loss-scale-0": (["--fp16", "--initial-loss-scale", "0"], (),
+                             "--initial-loss-scale 0.0 must be above 0 (and finite)"),
+    "min-loss-scale-0": (["--fp16", "--min-loss-scale", "0"], (),
+                         "--min-loss-scale 0.0 must be above 0 (and finite)"),
+    "min-loss-scale-above-initial": (["--fp16", "--min-loss-scale", "64",
+                                      "--initial-loss-scale", "32"], (),
+                                     "--min-loss-scale 64.0 is above --initial-loss-scale "
+                                     "32.0"),
+    "loss-scale-window-0": (["--fp16", "--loss-scale-window", "0"], (),
+                            "--loss-scale-window 0.0 must be 1 or more (and finite)"),
+    "hysteresis-0": (["--fp16", "--hysteresis", "0"], (), "--hysteresis 0 must be 1 or more"),
+    "precision-aware-optimizer-alone": (["--use-precision-aware-optimizer"], (),
+                                        "--use-precision-aware-optimizer works with the "
+                                        "distributed optimizer only: add "
+                                        "--use-distributed-optimizer"),
+    # Megatron derives the expert TP size, then its weight shards, from the model's TP size
+    "moe-experts-under-tensor-parallelism": ([*MOE, "--tensor-model-parallel-size", "2"], (),
+                                             "--plugins moe: experts are not tensor-parallel, "
+                                             "and --expert-tensor-parallel-size follows "
+                                             "--tensor-model-parallel-size 2 where it is not "
+                                             "given: give --expert-tensor-parallel-size 1"),
+    # the decoder's layers, as the MoE pattern and the pipeline stages lay them out
+    "moe-layer-freq-longer-than-the-model": (["--num-experts", "4", "--moe-layer-freq",
+                                              "[0,1,1]"], (),
+                                             "--moe-layer-freq has 3 entries for --num-layers 2"),
+    "moe-layer-freq-0": (["--num-experts", "4", "--moe-layer-freq", "0"], (),
+                         "--moe-layer-freq 0 must be 1 or more"),
+    "moe-layer-freq-not-0-or-1": (["--num-experts", "4", "--moe-layer-freq", "[0,2]"], (),
+                                  "--moe-layer-freq holds 2: each entry is 0"),
+    "first-stage-larger-than-the-model": (["--pipeline-model-parallel-size", "2",
+                                           "--decoder-first-pipeline-num-layers", "5"], (),
+                                          "--decoder-first-pipeline-num-layers 5: more than "
+                                          "--num-layers 2, leaving none for the other 1"),
+    "last-stage-takes-every-layer": (["--pipeline-model-parallel-size", "2",
+                                      "--decoder-last-pipeline-num-layers", "2"], (),
+                                     "--decoder-last-pipeline-num-layers 2: 0 of "
+                                     "--num-layers 2 left for the other 1"),
+    "first-and-last-short-of-the-model": (["--num-layers", "4", "--pipeline-model-parallel-size",
+                                           "2", "--decoder-first-pipeline-num-layers", "1",
+                                           "--decoder-last-pipeline-num-layers", "1"], (),
+                                          "--decoder-first-pipeline-num-layers 1 and "
+                                          "--decoder-last-pipeline-num-layers 1 must add up to "
+                                          "--num-layers 4"),
+    "embedding-in-the-split-uneven": (["--pipeline-model-parallel-size", "2",
+                                       "--account-for-embedding-in-pipeline-split"], (),
+                                      "--num-layers 2 + 1 for "
+                                      "--account-for-embedding-in-pipeline-split = 3 layers "
+                                      "must divide evenly over --pipeline-model-parallel-size 2 "
+                                      "stages: change --num-layers, or drop "
+                                      "--account-for-embedding-in-pipeline-split"),
     "lr-negative": (["--lr=-1e-3"], (), "--lr -0.001 must be 0 or more (and finite)"),
     # Megatron's words name values the user did not give (eval_global_batch_size, world_size)
     "global-batch-not-a-multiple": (["--global-batch-size", "3", "--micro-batch-size", "2"], (),
@@ -269,6 +332,25 @@ REFUSED = {
     "hf-tokenizer-without-model": (["--tokenizer-type", "HuggingFaceTokenizer"], (),
                                    "--tokenizer-type HuggingFaceTokenizer needs "
                                    "--tokenizer-model"),
+    "hf-tokenizer-folder-without-tokenizer": (["--tokenizer-type", "HuggingFaceTokenizer",
+                                               "--tokenizer-model", "{folder}"], (),
+                                              "--tokenizer-model {folder} holds no tokenizer "
+                                              "(none of tokenizer.json, tokenizer_config.json"),
+    "gpt2-vocab-not-json": (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{file}",
+                             "--merge-file", "{file}"], (),
+                            "--vocab-file {file} is not a JSON vocabulary"),
+    # data files present but not Megatron's: indexed_dataset.py asserts after the model build
+    "data-path-not-megatrons-index": (["--data-path", "{not_megatrons}", *NULL_TOKENIZER], (),
+                                      "--data-path {not_megatrons}: {not_megatrons}.idx is not "
+                                      "a Megatron index (it does not start with Megatron's "
+                                      "MMIDIDX header)"),
+    "data-path-weighted-not-megatrons": (["--data-path", "0.5", "{prefix}", "0.5",
+                                          "{not_megatrons}", *NULL_TOKENIZER], (),
+                                         "--data-path {not_megatrons}: {not_megatrons}.idx is "
+                                         "not a Megatron index"),
+    "data-path-bin-cut-short": (["--data-path", "{cut}", *NULL_TOKENIZER], (),
+                                "--data-path {cut}: {cut}.bin holds 19 bytes and its index "
+                                "{cut}.idx points to 20"),
     "hf-tokenizer-local-folder-missing": (["--tokenizer-type", "HuggingFaceTokenizer",
                                            "--tokenizer-model", "{folder}/none"], (),
                                           "--tokenizer-model {folder}/none: no such file"),
@@ -278,6 +360,10 @@ if importlib.util.find_spec("sentencepiece") is None:
         ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "{file}"], (),
         "--tokenizer-type Llama2Tokenizer needs the Python package sentencepiece, which is "
         "not installed")
+if importlib.util.find_spec("emerging_optimizers") is None:
+    REFUSED["optimizer-package-not-installed"] = (
+        ["--optimizer", "lion"], (), "--optimizer lion needs the Python package "
+                                     "emerging-optimizers (0.2 or newer), which is not installed")
 REFUSED["async-save-without-its-worker"] = (
     ["--async-save", "--save", "{folder}/ckpt", "--save-interval", "2"], (),
     "--async-save needs --use-persistent-ckpt-worker (without it Megatron saves "
@@ -295,12 +381,28 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def paths(tmp_path) -> dict[str, str]:
     """{file}: an empty file; {folder}: a folder; {prefix}: a dataset prefix with its
-    PREFIX.idx and PREFIX.bin (empty: only their presence is checked at start-up)."""
+    PREFIX.idx and PREFIX.bin, as Megatron's builder writes them; {not_megatrons}: a prefix
+    whose files are not Megatron's; {cut}: {prefix}'s index with a shorter .bin."""
     (tmp_path / "a-file").write_text("")
+    write_dataset(tmp_path / "data", [[1, 2, 3], [4, 5]])
     for ext in (".idx", ".bin"):
-        (tmp_path / f"data{ext}").write_text("")
+        (tmp_path / f"other{ext}").write_text("token ids, one a line\n")
+    (tmp_path / "cut.idx").write_bytes((tmp_path / "data.idx").read_bytes())
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "data.bin").read_bytes()[:-1])
     return {"file": str(tmp_path / "a-file"), "folder": str(tmp_path),
-            "prefix": str(tmp_path / "data")}
+            "prefix": str(tmp_path / "data"), "not_megatrons": str(tmp_path / "other"),
+            "cut": str(tmp_path / "cut")}
+
+
+def write_dataset(prefix: Path, documents: list[list[int]]) -> None:
+    """PREFIX.bin and PREFIX.idx of `documents` (token ids), by Megatron's own builder."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for document in documents:
+        builder.add_document(numpy.array(document, dtype=numpy.int32), [len(document)])
+    builder.finalize(f"{prefix}.idx")
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
@@ -314,7 +416,8 @@ def test_refused_at_start_up_naming_the_flag(case, paths, monkeypatch):
 # Megatron refuses these itself, but by a value the user did not give (tested below).
 MEGATRON_BLAMES_ANOTHER = ("mtp-num-layers-negative", "lr-nan", "lr-negative",
                            "global-batch-not-a-multiple", "micro-batch-too-large",
-                           "eval-batch-not-a-multiple", "pipeline-larger-than-world")
+                           "eval-batch-not-a-multiple", "pipeline-larger-than-world",
+                           "embedding-in-the-split-uneven")
 
 
 @pytest.mark.parametrize("case", [c for c in REFUSED if c not in MEGATRON_BLAMES_ANOTHER])
@@ -335,6 +438,8 @@ def test_megatron_alone_lets_it_through(case, paths, monkeypatch):
     (["--micro-batch-size", "4"], "eval_global_batch_size (4)"),
     (["--eval-micro-batch-size", "3"], "eval_global_batch_size (4)"),
     (["--pipeline-model-parallel-size", "4"], "world size (2)"),
+    (["--pipeline-model-parallel-size", "2", "--account-for-embedding-in-pipeline-split"],
+     "Number of layers should be divisible by the pipeline-model-parallel size"),
 ])
 def test_megatron_blames_a_value_the_user_did_not_give(extra, blamed, monkeypatch):
     from upstream.argument_words import assert_condition
@@ -376,15 +481,16 @@ def test_megatron_misreads_a_negative_mtp_depth(monkeypatch):
     ["--sequence-parallel", "--tensor-model-parallel-size", "2"],
     ["--attention-backend", "auto"],
     ["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "10", "--lr-wsd-decay-style", "linear"],
-    ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{tmp}/data.idx", "--merge-file",
-     "{tmp}/data.bin"],
+    ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{tmp}/vocab.json",
+     "--merge-file", "{tmp}/data.bin"],  # gpt2 in Hugging Face's cache (below)
     ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
      "deepseek-ai/DeepSeek-V3"],  # a Hub name: fetched when the tokenizer is built
     ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "{tmp}"],
 ])
 def test_the_edges_are_accepted(extra, tmp_path, monkeypatch):
-    for ext in (".idx", ".bin"):
-        (tmp_path / f"data{ext}").write_text("")
+    write_dataset(tmp_path / "data", [[7]])
+    (tmp_path / "vocab.json").write_text('{"a": 0}')  # also a tokenizer folder's vocabulary
+    hub_cache_holding("gpt2", tmp_path / "hub", monkeypatch)
     argv = command_line([a.format(tmp=tmp_path) for a in extra])
     assert start_up_refusal(argv, monkeypatch) is None
     assert not (tmp_path / "not").exists()  # a folder is checked, not made
@@ -446,6 +552,7 @@ def test_a_tokenizer_file_is_asked_for_unless_megatron_has_it_cached(tmp_path, m
     from megatron.core.tokenizers.text.libraries import megatron_hf_tokenizer
 
     monkeypatch.setattr(megatron_hf_tokenizer, "MEGATRON_CACHE", str(tmp_path))
+    hub_cache_holding("gpt2", tmp_path / "hub", monkeypatch)
     argv = command_line(["--tokenizer-type", "GPT2BPETokenizer"])
     assert start_up_refusal(argv, monkeypatch) == (
         "--tokenizer-type GPT2BPETokenizer needs --vocab-file FILE (Megatron would otherwise "
@@ -458,6 +565,43 @@ def test_a_tokenizer_file_is_asked_for_unless_megatron_has_it_cached(tmp_path, m
     assert start_up_refusal(command_line(["--tokenizer-type", "BertWordPieceCase"]),
                             monkeypatch).startswith(
         "--tokenizer-type BertWordPieceCase needs --vocab-file FILE")
+
+
+def hub_cache_holding(repo: str | None, cache: Path, monkeypatch) -> None:
+    """Hugging Face's cache at `cache` (HF_HUB_CACHE), offline, holding the
+    tokenizer_config.json of the Hub repository `repo` (None: nothing), in the cache's
+    layout (refs/main names a snapshot)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if repo is not None:
+        folder = cache / f"models--{repo}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (folder / "snapshots" / ("0" * 40) / "tokenizer_config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("kind, files, repo", [
+    ("GPT2BPETokenizer", ["--vocab-file", "{vocab}", "--merge-file", "{merges}"], "gpt2"),
+    ("BertWordPieceCase", ["--vocab-file", "{merges}"], "bert-large-cased"),
+])
+def test_a_hub_tokenizer_offline_is_refused_unless_cached(kind, files, repo, tmp_path,
+                                                          monkeypatch):
+    """Megatron's BPE and WordPiece tokenizers load a Hub tokenizer by name, even with
+    local files: offline and not cached, that fails in the tokenizer build, after retries."""
+    (tmp_path / "vocab.json").write_text('{"a": 0}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    argv = command_line(["--tokenizer-type", kind,
+                         *[f.format(vocab=tmp_path / "vocab.json",
+                                    merges=tmp_path / "merges.txt") for f in files]])
+    hub_cache_holding(None, tmp_path / "hub", monkeypatch)
+    assert start_up_refusal(argv, monkeypatch) == (
+        f"--tokenizer-type {kind} loads Hugging Face's {repo!r} tokenizer from the Hub even "
+        "with local files, and HF_HUB_OFFLINE is set (nor is it in Hugging Face's cache): "
+        "save a tokenizer to a folder and give --tokenizer-type HuggingFaceTokenizer "
+        "--tokenizer-model DIR")
+    hub_cache_holding(repo, tmp_path / "hub", monkeypatch)
+    assert start_up_refusal(argv, monkeypatch) is None
 
 
 @pytest.mark.slow
@@ -520,6 +664,12 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
      "(total_model_size=4) (the 2 ranks of the run, in model replicas of "
      "--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
      "ranks each) "),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--account-for-embedding-in-pipeline-split", "--num-layers-per-virtual-pipeline-stage",
+      "1"],
+     "Megatron's argument check failed: number of layers of the model must be divisible "
+     "pipeline model parallel size (--pipeline-model-parallel-size 2, "
+     "--account-for-embedding-in-pipeline-split (one more layer))"),
     # MLA has no key/value groups (the mla plugin's attention no more than Megatron's)
     (["--multi-latent-attention", "--group-query-attention"],
      "Megatron's argument check failed: Group query attention is mutually exclusive with "

@@ -97,10 +97,26 @@ def test_json_has_exact_integers(capsys):
     (["--preset", "deepseek-v3", "--mtp-num-layers", "-1"], "--mtp-num-layers -1 must be 0"),
     # the DualPipe schedules cut equal stages: no hint to the uneven-stage flags they refuse
     (["--preset", "deepseek-v3", "--pipeline-model-parallel-size", "16",
-      "--pipeline-schedule", "dualpipev"], "--pipeline-schedule dualpipev cuts equal stages: "
-                                            "give a --num-layers that 32 divides"),
+      "--pipeline-schedule", "dualpipev", "--plugins", "mla", "moe", "fp8", "dualpipe"],
+     "--num-layers 61 cannot be cut into the 32 equal stages of --pipeline-schedule dualpipev"),
+    # as a run refuses them: the schedule without its plugin, megaseek's checks of
+    # Megatron's flags, the plugins' checks (issue 23 e09, e11)
+    (["--preset", "tiny", "--pipeline-schedule", "dualpipev", "--pipeline-model-parallel-size",
+      "2"], "--pipeline-schedule needs '--plugins dualpipe'"),
+    (["--preset", "tiny", "--recompute-granularity", "full"],
+     "--recompute-granularity full needs --recompute-method uniform or block"),
+    (["--preset", "tiny", "--tensor-model-parallel-size", "2"],
+     "--plugins moe: experts are not tensor-parallel, and --expert-tensor-parallel-size "
+     "follows --tensor-model-parallel-size 2 where it is not given"),
+    (["--preset", "tiny", "--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size",
+      "1"], "--plugins fp8: --num-attention-heads 4 x --v-head-dim 32 / "
+            "--tensor-model-parallel-size 2 gives 64 per rank"),
+    (["--preset", "tiny", "--pipeline-model-parallel-size", "2",
+      "--decoder-first-pipeline-num-layers", "5"],
+     "--decoder-first-pipeline-num-layers 5: more than --num-layers 4"),
     (["--preset", "deepseek-v3", "--pipeline-model-parallel-size", "16"],
-     "cannot be cut into 16 pipeline stages"),
+     "--num-layers 61 = 61 layers must divide evenly over --pipeline-model-parallel-size 16 "
+     "stages"),  # as a run refuses it (integration.layer_layout)
     (["--preset", "deepseek-v3", "--recompute-granularity", "selective",
       "--recompute-modules", "core_attn"], "--recompute-modules core_attn"),
     # Megatron's parser takes more values than describe counts: refused by name
@@ -111,7 +127,7 @@ def test_json_has_exact_integers(capsys):
     (["--preset", "tiny", "--moe-layer-freq", "[1]*x"],
      "argument --moe-layer-freq: invalid moe_freq_type value"),
     (["--preset", "tiny", "--moe-layer-freq", "[1,0]", "--num-layers", "3"],
-     "--moe-layer-freq [1,0] lists 2 layers, not --num-layers 3"),
+     "--moe-layer-freq has 2 entries for --num-layers 3"),
 ])
 def test_bad_input_is_refused_by_name(argv, message, capsys):
     """One line, as every megaseek refusal, exit status 2."""
@@ -155,14 +171,16 @@ def test_pipeline_layouts_place_embedding_head_and_in_flight_microbatches():
     assert [r["microbatches_in_flight"] for r in one] == list(range(8, 0, -1))  # 1F1B: P - r
     assert one[0]["embedding"] and not one[0]["head"] and one[-1]["head"]
     assert [len(r["layers"][0]) for r in one] == [8] * 8
-    v = report([*base, "--pipeline-model-parallel-size", "8", "--pipeline-schedule",
+    # as a run asks: the plugin, and the micro-batches its schedules need (16 on 8 ranks)
+    dualpipe = ["--plugins", "mla", "moe", "fp8", "dualpipe", "--global-batch-size", "16"]
+    v = report([*base, *dualpipe, "--pipeline-model-parallel-size", "8", "--pipeline-schedule",
                 "dualpipev"])["per_rank"]
     assert v[0]["embedding"] and v[0]["head"]  # DualPipeV: both ends on rank 0
     assert not any(r["embedding"] or r["head"] for r in v[1:])
     assert [r["microbatches_in_flight"] for r in v] == [9] * 8  # P + 1
     assert v[3]["layers"] == [list(range(12, 16)), list(range(48, 52))]
-    two = report([*base, "--pipeline-model-parallel-size", "8", "--pipeline-schedule",
-                  "dualpipe"])["per_rank"]
+    two = report([*base, *dualpipe, "--pipeline-model-parallel-size", "8",
+                  "--pipeline-schedule", "dualpipe"])["per_rank"]
     # DualPipe: every stage on two ranks (both directions): twice the parameters.
     assert sum(r["parameters"] for r in two) == 2 * sum(r["parameters"] for r in one)
 
@@ -487,6 +505,7 @@ def _rank_numel(rank, world_size):
     os.environ.update(WORLD_SIZE=str(world_size), CUDA_DEVICE_MAX_CONNECTIONS="1")
     with megatron_ranks(tp=2, ep=2):
         built = _built([*_argv("none"), "--tensor-model-parallel-size", "2",
+                        "--expert-tensor-parallel-size", "1",
                         "--expert-model-parallel-size", "2"], census=False, flops=False)
     return sum(built["numel"].values())
 
@@ -496,6 +515,7 @@ def test_each_tp_ep_rank_holds_describes_share():
     down-projections, norms and router are whole on each; EP=2 halves the experts."""
     numel = run_ranks(_rank_numel, 2, timeout=600)
     args = d.parse([*_argv("none"), "--tensor-model-parallel-size", "2",
+                    "--expert-tensor-parallel-size", "1",
                     "--expert-model-parallel-size", "2", "--vocab-size", str(VOCAB)])
     (rank,) = d.describe(args)["per_rank"]
     assert numel == [rank["parameters"]] * 2

@@ -222,7 +222,11 @@ def test_launch_refuses_as_argparse_does(argv, said, capsys):
     (["convert", "megatron-to-hf", "CKPT"], "the following arguments are required: out"),
     (["ema-export", "--load", "CKPT"], "the following arguments are required: --save"),
     (["schedule", "--schedule", "gpipe"], "argument --schedule: invalid choice: 'gpipe'"),
-], ids=["describe", "convert", "ema-export", "schedule"])
+    (["convert", "megatron-to-hf", "CKPT", "OUT", "--max-shard-size", "0"],
+     "argument --max-shard-size: 0 must be 1KB or more"),
+    (["convert", "megatron-to-hf", "CKPT", "OUT", "--max-shard-size", "12XB"],
+     "argument --max-shard-size: '12XB' is not a size"),
+], ids=["describe", "convert", "ema-export", "schedule", "shard-size-0", "shard-size-unit"])
 def test_every_command_refuses_a_command_line_in_one_line(argv, said, capsys):
     """argparse's own refusals read as every other megaseek refusal: one line, exit 2."""
     from integration import cli
@@ -232,3 +236,43 @@ def test_every_command_refuses_a_command_line_in_one_line(argv, said, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"megaseek: error: {said}") and err.count("\n") == 1
+
+
+def test_pretrain_help_lists_megatrons_and_the_plugins_flags(capsys):
+    """`megaseek pretrain --help` prints the flags a run parses (Megatron's, whose own
+    --help fails on a '%' in one text, and the plugins'), and succeeds."""
+    from integration import cli
+
+    cli.main(["pretrain", "--preset", "tiny", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: megaseek pretrain [--preset NAME]")
+    for flag in ("--num-layers", "--moe-paged-stash-buffer-size-factor-cuda", "--plugins",
+                 "--ema-decay", "--fp8-exclude-modules", "--pipeline-schedule"):
+        assert f"\n  {flag}" in out, flag
+
+
+def test_launch_help_prints_the_usage(capsys):
+    from integration import cli
+
+    cli.main(["launch", "--help"])
+    assert capsys.readouterr().out.startswith(
+        "usage: megaseek launch SCRIPT [MEGATRON AND PLUGIN ARGUMENTS]")
+
+
+@pytest.mark.parametrize("content, said", [
+    ('{"not": "python",\n', "is not a Python script (SyntaxError at line 1: "),
+    ("\0\1binary", "is not a Python script (source code string cannot contain null bytes)"),
+    (None, "is a folder: give the Python script to run"),
+], ids=["json", "binary", "folder"])
+def test_launch_refuses_a_script_that_is_not_python(content, said, tmp_path, capsys):
+    from integration import cli
+
+    script = tmp_path / "script"
+    if content is None:
+        script.mkdir()
+    else:
+        script.write_text(content)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["launch", str(script), "--preset", "tiny"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(f"megaseek: error: launch: {script} {said}")

@@ -15,6 +15,8 @@ reaching earlier positions). One process, fp32: the two agree to rounding.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +297,71 @@ def test_a_layout_that_places_no_mtp_layer_is_refused_at_start_up(monkeypatch):
         hooks._start_up_checks(args)
     args, _ = validated(base + layout + ["Ett|ttmL"])
     hooks._start_up_checks(args)
+
+
+# --- both launch paths, every schedule: the same model, MTP's validation loss -----------------
+
+TINY_RUN = ["--preset", "tiny", "--mock-data", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "128", "--fp8-backend", "emulated", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "1",
+            "--train-iters", "2", "--log-interval", "1", "--eval-interval", "2",
+            "--eval-iters", "1", "--seed", "1234", "--save-interval", "2"]
+SCHEDULES = {
+    "1f1b": ["--pipeline-model-parallel-size", "2"],
+    "dualpipev": ["--pipeline-model-parallel-size", "2", "--plugins", "mla", "moe", "fp8",
+                  "dualpipe", "--pipeline-schedule", "dualpipev"],
+    "dualpipe": ["--pipeline-model-parallel-size", "2", "--plugins", "mla", "moe", "fp8",
+                 "dualpipe", "--pipeline-schedule", "dualpipe"],
+}
+_VALIDATION_MTP = re.compile(r"validation loss at iteration \d+(?: on validation set)? \| lm loss "
+                             r"value: ([0-9.E+-]+) \|.*?\| mtp_1 loss value: ([0-9.E+-]+) \|")
+
+
+def _validations(output: str) -> list[tuple[float, float]]:
+    """Each validation's (main loss, MTP loss), as Megatron's validation lines print them."""
+    found = _VALIDATION_MTP.findall(output)
+    assert found, "no MTP loss on the validation line"
+    return [(float(main), float(mtp)) for main, mtp in found]
+
+
+def _parameters(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """The model's tensors a `torch_dist` checkpoint holds (names and global shapes: the
+    placement does not show in them)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint / "iter_0000002")).read_metadata()
+    return {name: tuple(entry.size) for name, entry in metadata.state_dict_metadata.items()
+            if hasattr(entry, "size") and not name.startswith("optimizer.")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_both_launch_paths_build_and_train_one_model_and_report_mtp_validation_loss(
+        schedule, tmp_path):
+    """The tiny preset (MLA + MoE + FP8 + one MTP layer) at PP=2 under `schedule`, through
+    `megaseek pretrain` and through the launcher running Megatron-LM's release
+    pretrain_gpt.py (Megatron's own GPT builder makes the MTP block spec: the plugins' spec
+    transforms reach it whatever the placement; under DualPipe(V) rank 0 holds the MTP
+    stage): both train, and save the same parameters. The validation line carries MTP's
+    loss beside the main loss, equal to what one process without a pipeline computes on
+    the same batches from the saved weights (under DualPipe(V) the MTP layer sits on rank
+    0 and its loss is gathered to the last rank, which prints)."""
+    runs = {}
+    for path, command in (("pretrain", ["-m", "integration.pretrain"]),
+                          ("release", ["-m", "integration.launch", RELEASE])):
+        runs[path] = torchrun(command, TINY_RUN + SCHEDULES[schedule] + [
+            "--save", str(tmp_path / path)], tmp_path)
+        assert sorted(losses(runs[path])) == sorted(mtp_losses(runs[path])) == [1, 2], path
+    assert _parameters(tmp_path / "release") == _parameters(tmp_path / "pretrain")
+    assert any(name.startswith("mtp.layers.0.") for name in _parameters(tmp_path / "release"))
+
+    # The checkpoint of iteration 2 evaluates, without training, the batches that the
+    # evaluation at iteration 2 (each run's first) read.
+    one_process = torchrun(["-m", "integration.pretrain"], TINY_RUN + [
+        "--pipeline-model-parallel-size", "1", "--load", str(tmp_path / "release"),
+        "--skip-train"], tmp_path, ranks=1)
+    [(main, mtp)] = _validations(one_process)
+    assert mtp != pytest.approx(main, rel=1e-3)  # two losses, not one printed twice
+    for path, output in runs.items():
+        assert _validations(output)[0] == (pytest.approx(main, rel=1e-5),
+                                           pytest.approx(mtp, rel=1e-5)), path

@@ -12,6 +12,7 @@ import argparse
 import ast
 import importlib
 import importlib.metadata
+import inspect
 import pkgutil
 import re
 from pathlib import Path
@@ -212,6 +213,45 @@ def test_gpt_model_init_is_wrapped_once_whatever_seams_shape_the_model(patcher):
     assert plugin_specs_in_place()
     patcher.undo()
     assert GPTModel.__init__ is megatrons and not plugin_specs_in_place()
+
+
+def test_the_spec_seam_sees_the_mtp_block_spec_however_it_is_passed():
+    """Issue 25: the release pretrain_gpt.py under DualPipeV built its MTP layer with
+    Megatron's own MLA, because a wrapper that rebound GPTModel's arguments passed
+    `mtp_block_spec` positionally and the spec seam looked for it among the keywords
+    only. The one wrapper binds the arguments by name: every build step sees the MTP
+    block spec, passed by keyword (Megatron's GPT builder) or by position."""
+    from megatron.core.models.gpt import GPTModel
+
+    from upstream.seams.model import model_specs
+    from upstream.seams.placement import Placement, pipeline_placement
+
+    class Built(Exception):
+        """Stops the construction once the specs have been seen."""
+
+    seen: list = []
+
+    def transform(spec):
+        seen.append(spec)
+        if spec == "layer":  # the layer spec comes after the MTP block spec
+            raise Built
+        return spec
+
+    positions = list(inspect.signature(GPTModel.__init__).parameters)[1:]
+    by_position = [None] * positions.index("mtp_block_spec") + ["mtp"]  # every argument
+    by_position[positions.index("transformer_layer_spec")] = "layer"
+    patcher = Patcher()
+    try:
+        model_specs(transform).apply(patcher)
+        pipeline_placement(Placement(1, 1, lambda rank, chunk: 0)).apply(patcher)
+        for args, kwargs in ((by_position, {}),
+                             ([None, "layer", 128, 64], {"mtp_block_spec": "mtp"})):
+            seen.clear()
+            with pytest.raises(Built):
+                GPTModel.__init__(object.__new__(GPTModel), *args, **kwargs)
+            assert seen == ["mtp", "layer"]
+    finally:
+        patcher.undo()
 
 
 def test_megaseek_fixes_prints_every_fix_with_scope_place_and_state(capsys):

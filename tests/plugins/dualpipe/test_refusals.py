@@ -36,6 +36,9 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--pipeline-model-parallel-layout", "Et|tL"], r"drop --pipeline-model-parallel-layout"),
     (V + ["--decoder-first-pipeline-num-layers", "1"], r"drop --decoder-first-pipeline-num-layers"),
     (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8"),
+    (V + ["--account-for-embedding-in-pipeline-split"],
+     r"cannot be cut into the 4 equal stages.*--num-layers 7\); "
+     r"--account-for-embedding-in-pipeline-split counts one more layer"),
     (V + ["--rampup-batch-size", "4", "4", "100"], r"--rampup-batch-size"),
     # Megatron refused it without virtual stages; with the two the plugin asks for, it
     # would let it through to a schedule that never starts the gathers.
@@ -52,7 +55,8 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--overlap-moe-expert-parallel-comm"],
      r"--overlap-moe-expert-parallel-comm needs --expert-model-parallel-size 2 or more"),
 ], ids=["no-schedule", "schedule-without-plugin", "pp1", "too-few-microbatches", "vp-flag",
-        "layout", "uneven", "layers", "rampup", "param-gather-with-step",
+        "layout", "uneven", "layers", "embedding-in-the-split", "rampup",
+        "param-gather-with-step",
         "mtp-fully-reshardable", "wgrad-without-dualpipe", "wgrad-overlap-grad-reduce",
         "a2a-overlap"])
 def test_refused_at_start_up_naming_the_flag(extra, named, monkeypatch):

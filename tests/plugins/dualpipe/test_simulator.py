@@ -116,6 +116,15 @@ def test_cli_json_has_the_keys_and_nothing_else(capsys):
      "--microbatches must be at least 8"),
     (["--schedule", "1f1b", "--pp", "1", "--microbatches", "4"], "--pp must be at least 2"),
     (["--schedule", "dualpipe", "--pp", "2", "--microbatches", "5"], "use 6"),
+    # a duration of a cell the schedule never runs would change nothing
+    (["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--fb", "0.1"],
+     "--fb 0.1: 1f1b with --pp 2 and --microbatches 4 has no overlapped forward-and-backward "
+     "(F&B) cell"),
+    (["--schedule", "zb1p", "--pp", "2", "--microbatches", "4", "--fb", "2"],
+     "--fb 2: zb1p with --pp 2"),
+    (["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--w", "0.5"],
+     "--w 0.5: 1f1b with --pp 2 and --microbatches 4 has no separate weight-gradient (W) "
+     "cell"),
 ])
 def test_cli_bad_input_is_one_error_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_:
@@ -123,6 +132,15 @@ def test_cli_bad_input_is_one_error_line(capsys, argv, needle):
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.count("\n") == 1 and err.startswith("megaseek: error: ") and needle in err
+
+
+@pytest.mark.parametrize("schedule, durations", [
+    ("zb1p", ["--w", "0.5"]), ("dualpipev", ["--w", "0.5", "--fb", "2"]),
+    ("dualpipe", ["--fb", "2.5"])])
+def test_cli_durations_of_cells_the_schedule_runs_are_honoured(schedule, durations, capsys):
+    out = _cli(capsys, "--schedule", schedule, "--pp", "2", "--microbatches", "8", *durations)
+    for flag, value in zip(durations[::2], durations[1::2]):
+        assert f"{'W' if flag == '--w' else 'F&B'}={value}" in out
 
 
 def test_cli_unwritable_png_is_refused_before_any_work(tmp_path, capsys):

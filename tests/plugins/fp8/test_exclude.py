@@ -124,7 +124,11 @@ def test_describe_lists_the_linears_the_built_model_runs_in_fp8(capsys):
             "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
             "--num-experts", "4", "--moe-ffn-hidden-size", "128",
             "--moe-shared-expert-intermediate-size", "128", "--moe-layer-freq", "([0]+[1]*1)",
-            "--plugins", "mla", "moe", "fp8"]
+            "--plugins", "mla", "moe", "fp8",
+            # what a run asks of the moe and fp8 plugins (describe checks as a run does)
+            "--moe-router-topk", "2", "--moe-router-score-function", "sigmoid",
+            "--moe-router-enable-expert-bias", "--moe-router-load-balancing-type", "none",
+            "--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
     described = d.describe(d.parse(argv))["fp8_linears"]
     assert "mlp.experts" in built and "mlp.shared_experts.linear_fc1" in built
     assert sorted(described) == sorted(built)
@@ -133,3 +137,29 @@ def test_describe_lists_the_linears_the_built_model_runs_in_fp8(capsys):
     with pytest.raises(SystemExit):
         d.main(argv + ["--fp8-exclude-modules", "linear_kv_up_proj"])
     assert "--fp8-exclude-modules is not modelled yet" in capsys.readouterr().err
+
+
+def _refusal_of_an_absent_slot(rank, world_size):
+    from tests.helpers.mla_build import megatron_ranks
+
+    with megatron_ranks():
+        from tests.helpers.plugin_args import validated
+
+        excluded = FP8 + ["--fp8-exclude-modules", "linear_qkv", "linear_fc1"]
+        _, model = _model(excluded)
+        (fp8,) = [p for p in validated(MODEL + excluded)[1] if p.name == "fp8"]
+        try:
+            fp8.run_hooks().on_optimizer_step([model], None)
+        except PluginError as error:
+            return str(error)
+        return None
+
+
+def test_a_slot_the_model_does_not_have_is_refused_naming_its_slots():
+    """MLA has no linear_qkv: excluding it would keep nothing in the training dtype. Known
+    once the model is built (its specs, and its pipeline stage's layers: gathered over the
+    ranks), before the first step."""
+    assert run_ranks(_refusal_of_an_absent_slot, 1, timeout=300)[0] == (
+        "--fp8-exclude-modules linear_qkv: this model has no such linear; its slots are "
+        "linear_proj, linear_q_down_proj, linear_q_up_proj, linear_kv_down_proj, "
+        "linear_kv_up_proj, linear_fc1, linear_fc2")
