@@ -222,8 +222,9 @@ def run_saved_bytes(smoke: bool = False) -> Result:
     return Result("mla_saved_bytes", [], [
         "Saved bytes: unique storages of the tensors autograd saves inside the layer "
         "(SelectiveRecompute's ledger sees each), parameters and recomputed outputs "
-        "excluded, as tests/test_mla.py counts them; each labelled by the innermost module "
-        "running when it was saved. Every option runs on the same weights and inputs.",
+        "excluded, as tests/plugins/mla/test_attention.py counts them; each labelled by the "
+        "innermost module running when it was saved. Every option runs on the same weights "
+        "and inputs.",
         "Layer: plugins.mla.spec.with_mla(get_gpt_layer_local_spec(normalization='RMSNorm'))"
         ", no biases, dropout 0, plain RoPE, TP = 1.",
         *(linearity_note(label, results) for label, results in measured.items()),

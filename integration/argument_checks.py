@@ -8,8 +8,8 @@ value checks on the flags it shares.
 They live here rather than in `upstream/`: they change nothing in Megatron (no patch to
 undo, nothing a newer Megatron would make obsolete by itself), they are megaseek's policy
 on what it lets start. Each names where Megatron fails without it, and
-tests/test_argument_checks.py asserts that Megatron's own validation still lets each
-input through (the check is still needed).
+tests/integration/test_argument_checks.py asserts that Megatron's own validation still lets
+each input through (the check is still needed).
 
 Two passes, with Megatron's `validate_args` between them:
 - `before_megatron(args, argv)`: values on their own, which Megatron's own checks would

@@ -3,7 +3,7 @@
 parts megaseek builds through Megatron as the DeepSeek-V3 spec uses them: standard
 attention, the dense MLP, the norms, embedding and output head, and the MTP modules.
 
-Counting conventions (each checked in tests/test_describe.py against the built model):
+Counting conventions (each checked in tests/integration/test_describe.py against the built model):
 - Parameters are those autograd trains (`numel`); the expert-bias buffer is not one.
 - Activated parameters: everything a token's computation reads, that is all but the
   routed experts it is not sent to, with one row of the input embedding.

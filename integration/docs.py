@@ -14,7 +14,7 @@ Each region is made from data the code itself runs on: the plugins' flags (as th
 registry adds them to Megatron's parser, with their declared defaults), their Transformer
 Engine declarations, the refusal tables (`plugins.common.flags.Refusal` rows), the
 numeric domains checked at start-up, and the upstream fixes (`upstream.registry`).
-tests/test_docs.py fails while any region is stale.
+tests/integration/test_docs.py fails while any region is stale.
 """
 
 from __future__ import annotations

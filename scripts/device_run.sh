@@ -17,7 +17,7 @@
 #    step log):
 #      run.log                    all output, each step's start, limit and exit code
 #      env.txt                    GPU, driver, versions
-#      pytest_gpu.xml             step 1: tests/test_fp8_gpu.py and the benchmarks' smoke
+#      pytest_gpu.xml             step 1: tests/plugins/fp8/test_gpu.py and the benchmarks' smoke
 #                                 test on the GPU
 #      bench/results/gpu_fp8.json step 2: the FP8 linear against BF16 at the 8 shapes (W held,
 #                                 the once-per-step W/W^T quantization, speedup, slower
@@ -106,15 +106,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD"
 
 step "1. quick GPU tests" 90 python3 -m pytest -p no:cacheprovider -q -rfE --timeout=80 \
-  --junitxml="$OUT/pytest_gpu.xml" tests/test_fp8_gpu.py tests/test_bench_gpu_smoke.py
+  --junitxml="$OUT/pytest_gpu.xml" tests/plugins/fp8/test_gpu.py tests/bench/test_gpu_smoke.py
 step "2. gpu_fp8" 150 python3 -m bench gpu_fp8 --out "$OUT/bench"
 step "3. gpu_layer" 140 python3 -m bench gpu_layer --out "$OUT/bench"
 step "4. gpu_moe" 60 python3 -m bench gpu_moe --out "$OUT/bench"
 # Other tests marked gpu (e.g. NCCL all-reduce); modules that fail to import on the
 # device's packages are reported and skipped.
 step "5. other gpu tests" 60 python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
-  --continue-on-collection-errors --timeout=60 tests --ignore=tests/test_fp8_gpu.py \
-  --ignore=tests/test_bench_gpu_smoke.py
+  --continue-on-collection-errors --timeout=60 tests --ignore=tests/plugins/fp8/test_gpu.py \
+  --ignore=tests/bench/test_gpu_smoke.py
 # The multi-rank tests on NCCL, one GPU per rank (docs/testing.md "Parallel tests on a multi-GPU
 # CI"); `-o setup`: the packages are installed above, there is no .venv here.
 if command -v make >/dev/null; then

@@ -1,9 +1,11 @@
 """Shared pytest hooks.
 
 - Tests marked ``gpu`` are skipped when CUDA is unavailable.
-- Tests that start several ranks (through ``tests.multirank.run_ranks`` or a torchrun launch
-  of ``tests.training_runs``) are marked ``multirank``: ``make test-gpu`` runs them with
-  MEGASEEK_TEST_BACKEND=nccl (tests/backend.py), whose value is checked here at start-up.
+- Tests that start several ranks (through ``tests.helpers.multirank.run_ranks`` or a torchrun
+  launch of ``tests.helpers.training_runs``) are marked ``multirank``: ``make test-gpu`` runs
+  them with MEGASEEK_TEST_BACKEND=nccl (tests/helpers/backend.py), whose value is checked here
+  at start-up.
+- The `patcher` fixture: upstream changes made during a test are undone when it ends.
 """
 
 import functools
@@ -11,13 +13,24 @@ import inspect
 
 import pytest
 
-from tests import backend
+from tests.helpers import backend
+
+
+@pytest.fixture
+def patcher():
+    """An `upstream.patching.Patcher` whose changes are undone when the test ends, passed or
+    failed (a test that checks what undoing restores calls `patcher.undo()` itself first)."""
+    from tests.helpers.patching import patching
+
+    with patching() as recorded:
+        yield recorded
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "multirank: starts several ranks through the harness (tests/backend.py); "
-                   "marked by conftest, run on NCCL by `make test-gpu`")
+        "markers", "multirank: starts several ranks through the harness "
+                   "(tests/helpers/backend.py); marked by conftest, run on NCCL by "
+                   "`make test-gpu`")
     try:
         backend.selected()
     except ValueError as e:

@@ -253,7 +253,7 @@ def _quantize_with_transposed(x, q, scales, q_t, scales_t, rows, cols, q_rows, q
 # Triton 3.9.0): its float32 -> float8e4nv cast rounds ties away from zero and truncates
 # E4M3 subnormals, and its bf16 -> float32 cast gets subnormals wrong; the GPU's
 # conversions are exact (widening) and round to nearest even, as torch's. Interpreted, the
-# kernel converts in integer arithmetic instead. tests/test_fp8_triton_quantize.py fails
+# kernel converts in integer arithmetic instead. tests/plugins/common/test_triton_quantize.py fails
 # once the interpreter's casts are right.
 _SOFTWARE_CASTS = isinstance(_quantize_tiles, InterpretedFunction)
 

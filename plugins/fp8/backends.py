@@ -88,8 +88,8 @@ def _cublas_aligned(a: Operand, b: Operand) -> tuple[Operand, Operand]:
     """a and b padded with zero rows and zero K-blocks (scale 1) to the shapes cuBLAS's
     block-scaled GEMM reads correctly; the product's first [m, n] are unchanged.
 
-    Seen with torch 2.11 + CUDA 13 on an H100 and an H200 (2026-11-26: tests/test_fp8_gpu.py,
-    scripts/gpu_probe.py; bench/gpu-runs.md):
+    Seen with torch 2.11 + CUDA 13 on an H100 and an H200 (2026-11-26:
+    tests/plugins/fp8/test_gpu.py, scripts/gpu_probe.py; bench/gpu-runs.md):
     - 128x128 scales of B with k/128 not a multiple of 4 (3, 5, 2 tried) give wrong
       products, silently; torch 2.11 refuses the layout with rows padded to 4, which later
       PyTorch demands (ScaledBlas.cpp, is_blockwise_128x128_scaling: round_up(k/128, 4)),

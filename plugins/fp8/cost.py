@@ -1,7 +1,7 @@
 """How `--plugins fp8` changes what a layer keeps for backward and what its weight cache
 holds: every FP8 linear keeps its input as E4M3 with a float32 scale per 1x128 tile, in
 the layout its weight gradient reads; the FP8 MLP recomputes its SwiGLU output. Tested
-against the built modules' saved tensors in tests/test_describe.py.
+against the built modules' saved tensors in tests/integration/test_describe.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What `attention.MLASelfAttention` costs: its parameters, the FLOPs of its attention
 core, and the bytes it keeps for backward, from the config it is built from (Megatron's
 MLA fields of `TransformerConfig`). Tested against the built module in
-tests/test_describe.py (numel, a census of saved tensors, FlopCounterMode).
+tests/integration/test_describe.py (numel, a census of saved tensors, FlopCounterMode).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 experts: parameters (total and activated per token), the FLOPs of combining the experts'
 outputs, and the bytes it keeps for backward, from the config it is built from
 (Megatron's MoE fields of `TransformerConfig`). Tested against the built module in
-tests/test_describe.py (numel, a census of saved tensors, FlopCounterMode).
+tests/integration/test_describe.py (numel, a census of saved tensors, FlopCounterMode).
 """
 
 from __future__ import annotations
