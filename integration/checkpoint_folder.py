@@ -105,6 +105,8 @@ def check_load(args: argparse.Namespace) -> None:
                           "checkpoints in (its --save), or the same folder as --save for a "
                           "run that starts from scratch and resumes itself")
     directory = iteration_folder(load, getattr(args, "ckpt_step", None))
+    if directory is not None:
+        _check_format(args, load, directory)
     if directory is None or os.path.basename(directory) == "release":
         return  # nothing to load, or a release checkpoint: weights only, as Megatron reads it
     if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
@@ -165,6 +167,23 @@ def _check_optimizer_flags(args: argparse.Namespace, saved: argparse.Namespace,
             f"--load {load}: the checkpoint's optimizer state was saved with other settings, "
             f"which its load restores over this run's flags ({flags}): resume with the "
             f"checkpoint's values, {afresh} with this run's")
+
+
+def _check_format(args: argparse.Namespace, load: str, directory: str) -> None:
+    """Megatron reads a checkpoint in the format `--ckpt-format` names unless
+    `--auto-detect-ckpt-format` is given (checkpointing.py:2111); the other format fails
+    once the model is built, with a traceback (:1571 for torch_dist read as torch)."""
+    if getattr(args, "auto_detect_ckpt_format", False):
+        return
+    names = os.listdir(directory)
+    saved = ("torch_dist" if "metadata.json" in names else
+             "torch" if any(n.startswith("mp_rank_") for n in names) else None)
+    wanted = getattr(args, "ckpt_format", "torch_dist")
+    if saved is None or saved == wanted or {saved, wanted} - {"torch", "torch_dist"}:
+        return
+    raise PluginError(
+        f"--load {load}: {directory} is a {saved} checkpoint and this run reads "
+        f"--ckpt-format {wanted}: give --ckpt-format {saved}, or --auto-detect-ckpt-format")
 
 
 def _is_checkpoint(folder: str) -> bool:

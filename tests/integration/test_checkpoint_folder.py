@@ -98,6 +98,23 @@ def test_an_iteration_without_its_metadata_is_not_a_checkpoint(tmp_path):
         "to load another iteration (it has iter_0000002)")
 
 
+def test_a_checkpoint_read_in_another_format_names_ckpt_format(tmp_path):
+    dist = _checkpoint(tmp_path / "dist")
+    assert _refused(dist, ckpt_format="torch") == (
+        f"--load {dist}: {dist}/iter_0000002 is a torch_dist checkpoint and this run reads "
+        "--ckpt-format torch: give --ckpt-format torch_dist, or --auto-detect-ckpt-format")
+    _check(dist, ckpt_format="torch", auto_detect_ckpt_format=True)
+    _check(dist, ckpt_format="torch_dist")
+    torch_saved = tmp_path / "torch"
+    (torch_saved / "iter_0000002" / "mp_rank_00").mkdir(parents=True)
+    (torch_saved / TRACKER).write_text("2")
+    assert _refused(torch_saved, ckpt_format="torch_dist", no_load_optim=True) == (
+        f"--load {torch_saved}: {torch_saved}/iter_0000002 is a torch checkpoint and this run "
+        "reads --ckpt-format torch_dist: give --ckpt-format torch, or "
+        "--auto-detect-ckpt-format")
+    _check(torch_saved, ckpt_format="torch", no_load_optim=True)
+
+
 def test_a_load_that_does_not_exist_is_refused_unless_it_is_save(tmp_path):
     missing = tmp_path / "no-such-ckpt"
     assert _refused(missing) == (
