@@ -233,6 +233,24 @@ def test_an_optimizer_setting_its_state_restores_is_refused(resumed, flag, value
 
 
 @pytest.mark.slow
+def test_a_missing_optimizer_key_names_the_precision_flag_and_no_load_optim(resumed):
+    """A checkpoint saved in FP32 resumed with --bf16: the optimizer state has no FP32 main
+    copy of the weights (optimizer.state.fp32_param.*), and Megatron's load fails on the
+    missing key; the refusal names --bf16, not only 'another model configuration'."""
+    from upstream.seams.checkpoint_mismatch import _mismatch_message
+
+    args = _saved_arguments(resumed, 2)
+    args.bf16 = True
+    key = "optimizer.state.fp32_param.decoder.layers.0.mlp.linear_fc1.weight"
+    said = _mismatch_message(args, KeyError(f"{key} from model not in state dict"))
+    assert said == (
+        f"--load {resumed}: the checkpoint has no '{key}', which this run's model needs: it "
+        "was saved with another configuration. Flags that differ: --bf16 (checkpoint: "
+        "False, this run: True). Load it with the configuration it was saved with, or give "
+        "--no-load-optim to start the optimizer state afresh.")
+
+
+@pytest.mark.slow
 def test_a_resume_that_adds_the_distributed_optimizer_is_refused_at_start_up(resumed):
     """Through `megaseek pretrain`: one line, exit 2, before the model is built (Megatron
     fails at load with `ShardedTensor.flattened_range is not supported`)."""
