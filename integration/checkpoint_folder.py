@@ -109,6 +109,8 @@ def check_load(args: argparse.Namespace) -> None:
         _check_format(args, load, directory)
     if directory is None or os.path.basename(directory) == "release":
         return  # nothing to load, or a release checkpoint: weights only, as Megatron reads it
+    saved = _saved_arguments(directory) if "metadata.json" in os.listdir(directory) else None
+    _say_mtp_left_behind(args, saved, load)
     if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
         return
     keys = _sharded_keys(directory)
@@ -120,9 +122,22 @@ def check_load(args: argparse.Namespace) -> None:
             "(an ema-export output, or saved with --no-save-optim): give --no-load-optim to "
             "train on from its iteration with a new optimizer and learning-rate schedule, or "
             "--finetune to start at iteration 0")
-    saved = _saved_arguments(directory)
     if saved is not None:
         _check_optimizer_flags(args, saved, load)
+
+
+def _say_mtp_left_behind(args: argparse.Namespace, saved, load: str) -> None:
+    """Rank 0 says once that MTP layers the checkpoint holds are not loaded: Megatron loads
+    a checkpoint with unexpected keys without a word (its --dist-ckpt-strictness default),
+    and the run's own checkpoints then lack them; a warning, since training on without
+    MTP can be meant."""
+    held = getattr(saved, "mtp_num_layers", None) or 0
+    kept = getattr(args, "mtp_num_layers", None) or 0
+    if held > kept and int(os.environ.get("RANK", "0")) == 0:
+        print(f" megaseek: warning: --load {load} holds {held} MTP layer(s) (saved with "
+              f"--mtp-num-layers {held}) and this run has --mtp-num-layers {kept}: the "
+              f"weights of the MTP layers past {kept} are not loaded, and this run's "
+              f"checkpoints will not have them", flush=True)
 
 
 # The optimizer's settings that its saved state restores over the run's flags: torch's

@@ -232,6 +232,26 @@ def test_an_optimizer_setting_its_state_restores_is_refused(resumed, flag, value
     check(args)
 
 
+def test_mtp_layers_left_behind_are_said_once(tmp_path, capsys, monkeypatch):
+    """Megatron loads a checkpoint with unexpected keys silently: MTP layers saved and not
+    built this run would be dropped without a word."""
+    from integration.checkpoint_folder import _say_mtp_left_behind
+
+    monkeypatch.setenv("RANK", "0")
+    saved = argparse.Namespace(mtp_num_layers=1)
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=1), saved, "ckpt")
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=2), saved, "ckpt")
+    assert capsys.readouterr().out == ""
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=None), saved, "ckpt")
+    assert capsys.readouterr().out == (
+        " megaseek: warning: --load ckpt holds 1 MTP layer(s) (saved with --mtp-num-layers 1) "
+        "and this run has --mtp-num-layers 0: the weights of the MTP layers past 0 are not "
+        "loaded, and this run's checkpoints will not have them\n")
+    monkeypatch.setenv("RANK", "1")
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=None), saved, "ckpt")
+    assert capsys.readouterr().out == ""  # said once, by rank 0
+
+
 @pytest.mark.slow
 def test_a_missing_optimizer_key_names_the_precision_flag_and_no_load_optim(resumed):
     """A checkpoint saved in FP32 resumed with --bf16: the optimizer state has no FP32 main
