@@ -105,8 +105,12 @@ def check_load(args: argparse.Namespace) -> None:
                           "checkpoints in (its --save), or the same folder as --save for a "
                           "run that starts from scratch and resumes itself")
     directory = iteration_folder(load, getattr(args, "ckpt_step", None))
+    if directory is not None:
+        _check_format(args, load, directory)
     if directory is None or os.path.basename(directory) == "release":
         return  # nothing to load, or a release checkpoint: weights only, as Megatron reads it
+    saved = _saved_arguments(directory) if "metadata.json" in os.listdir(directory) else None
+    _say_mtp_left_behind(args, saved, load)
     if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
         return
     keys = _sharded_keys(directory)
@@ -118,9 +122,22 @@ def check_load(args: argparse.Namespace) -> None:
             "(an ema-export output, or saved with --no-save-optim): give --no-load-optim to "
             "train on from its iteration with a new optimizer and learning-rate schedule, or "
             "--finetune to start at iteration 0")
-    saved = _saved_arguments(directory)
     if saved is not None:
         _check_optimizer_flags(args, saved, load)
+
+
+def _say_mtp_left_behind(args: argparse.Namespace, saved, load: str) -> None:
+    """Rank 0 says once that MTP layers the checkpoint holds are not loaded: Megatron loads
+    a checkpoint with unexpected keys without a word (its --dist-ckpt-strictness default),
+    and the run's own checkpoints then lack them; a warning, since training on without
+    MTP can be meant."""
+    held = getattr(saved, "mtp_num_layers", None) or 0
+    kept = getattr(args, "mtp_num_layers", None) or 0
+    if held > kept and int(os.environ.get("RANK", "0")) == 0:
+        print(f" megaseek: warning: --load {load} holds {held} MTP layer(s) (saved with "
+              f"--mtp-num-layers {held}) and this run has --mtp-num-layers {kept}: the "
+              f"weights of the MTP layers past {kept} are not loaded, and this run's "
+              f"checkpoints will not have them", flush=True)
 
 
 # The optimizer's settings that its saved state restores over the run's flags: torch's
@@ -165,6 +182,23 @@ def _check_optimizer_flags(args: argparse.Namespace, saved: argparse.Namespace,
             f"--load {load}: the checkpoint's optimizer state was saved with other settings, "
             f"which its load restores over this run's flags ({flags}): resume with the "
             f"checkpoint's values, {afresh} with this run's")
+
+
+def _check_format(args: argparse.Namespace, load: str, directory: str) -> None:
+    """Megatron reads a checkpoint in the format `--ckpt-format` names unless
+    `--auto-detect-ckpt-format` is given (checkpointing.py:2111); the other format fails
+    once the model is built, with a traceback (:1571 for torch_dist read as torch)."""
+    if getattr(args, "auto_detect_ckpt_format", False):
+        return
+    names = os.listdir(directory)
+    saved = ("torch_dist" if "metadata.json" in names else
+             "torch" if any(n.startswith("mp_rank_") for n in names) else None)
+    wanted = getattr(args, "ckpt_format", "torch_dist")
+    if saved is None or saved == wanted or {saved, wanted} - {"torch", "torch_dist"}:
+        return
+    raise PluginError(
+        f"--load {load}: {directory} is a {saved} checkpoint and this run reads "
+        f"--ckpt-format {wanted}: give --ckpt-format {saved}, or --auto-detect-ckpt-format")
 
 
 def _is_checkpoint(folder: str) -> bool:

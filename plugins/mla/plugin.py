@@ -140,9 +140,10 @@ def _validate_rope(config: MLAPluginConfig, args) -> None:
                               "(Megatron's MLA config refuses RoPE fusion without YaRN)")
         return
     factor = args.rotary_scaling_factor
-    if factor <= 0:
-        raise PluginError(f"--plugins mla: --rotary-scaling-factor {factor} must be positive "
-                          "(YaRN divides the low RoPE frequencies by it)")
+    if not factor >= 1:  # NaN too; the HF converter refuses rope_scaling.factor < 1 alike
+        raise PluginError(f"--plugins mla: --rotary-scaling-factor {factor} must be 1 or more "
+                          "(YaRN divides the low RoPE frequencies by it to stretch the context "
+                          "by that factor; below 1 it would shrink it)")
     if factor != 1 and args.yarn_original_max_position_embeddings is None:
         raise PluginError(f"--plugins mla: --rope-type yarn with --rotary-scaling-factor "
                           f"{factor} needs --yarn-original-max-position-embeddings")

@@ -98,6 +98,23 @@ def test_an_iteration_without_its_metadata_is_not_a_checkpoint(tmp_path):
         "to load another iteration (it has iter_0000002)")
 
 
+def test_a_checkpoint_read_in_another_format_names_ckpt_format(tmp_path):
+    dist = _checkpoint(tmp_path / "dist")
+    assert _refused(dist, ckpt_format="torch") == (
+        f"--load {dist}: {dist}/iter_0000002 is a torch_dist checkpoint and this run reads "
+        "--ckpt-format torch: give --ckpt-format torch_dist, or --auto-detect-ckpt-format")
+    _check(dist, ckpt_format="torch", auto_detect_ckpt_format=True)
+    _check(dist, ckpt_format="torch_dist")
+    torch_saved = tmp_path / "torch"
+    (torch_saved / "iter_0000002" / "mp_rank_00").mkdir(parents=True)
+    (torch_saved / TRACKER).write_text("2")
+    assert _refused(torch_saved, ckpt_format="torch_dist", no_load_optim=True) == (
+        f"--load {torch_saved}: {torch_saved}/iter_0000002 is a torch checkpoint and this run "
+        "reads --ckpt-format torch_dist: give --ckpt-format torch, or "
+        "--auto-detect-ckpt-format")
+    _check(torch_saved, ckpt_format="torch", no_load_optim=True)
+
+
 def test_a_load_that_does_not_exist_is_refused_unless_it_is_save(tmp_path):
     missing = tmp_path / "no-such-ckpt"
     assert _refused(missing) == (
@@ -213,6 +230,44 @@ def test_an_optimizer_setting_its_state_restores_is_refused(resumed, flag, value
         "with this run's")
     args.no_load_optim = True
     check(args)
+
+
+def test_mtp_layers_left_behind_are_said_once(tmp_path, capsys, monkeypatch):
+    """Megatron loads a checkpoint with unexpected keys silently: MTP layers saved and not
+    built this run would be dropped without a word."""
+    from integration.checkpoint_folder import _say_mtp_left_behind
+
+    monkeypatch.setenv("RANK", "0")
+    saved = argparse.Namespace(mtp_num_layers=1)
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=1), saved, "ckpt")
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=2), saved, "ckpt")
+    assert capsys.readouterr().out == ""
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=None), saved, "ckpt")
+    assert capsys.readouterr().out == (
+        " megaseek: warning: --load ckpt holds 1 MTP layer(s) (saved with --mtp-num-layers 1) "
+        "and this run has --mtp-num-layers 0: the weights of the MTP layers past 0 are not "
+        "loaded, and this run's checkpoints will not have them\n")
+    monkeypatch.setenv("RANK", "1")
+    _say_mtp_left_behind(argparse.Namespace(mtp_num_layers=None), saved, "ckpt")
+    assert capsys.readouterr().out == ""  # said once, by rank 0
+
+
+@pytest.mark.slow
+def test_a_missing_optimizer_key_names_the_precision_flag_and_no_load_optim(resumed):
+    """A checkpoint saved in FP32 resumed with --bf16: the optimizer state has no FP32 main
+    copy of the weights (optimizer.state.fp32_param.*), and Megatron's load fails on the
+    missing key; the refusal names --bf16, not only 'another model configuration'."""
+    from upstream.seams.checkpoint_mismatch import _mismatch_message
+
+    args = _saved_arguments(resumed, 2)
+    args.bf16 = True
+    key = "optimizer.state.fp32_param.decoder.layers.0.mlp.linear_fc1.weight"
+    said = _mismatch_message(args, KeyError(f"{key} from model not in state dict"))
+    assert said == (
+        f"--load {resumed}: the checkpoint has no '{key}', which this run's model needs: it "
+        "was saved with another configuration. Flags that differ: --bf16 (checkpoint: "
+        "False, this run: True). Load it with the configuration it was saved with, or give "
+        "--no-load-optim to start the optimizer state afresh.")
 
 
 @pytest.mark.slow

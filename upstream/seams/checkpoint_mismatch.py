@@ -26,6 +26,10 @@ _MODEL_FLAGS = ("plugins", "num_layers", "hidden_size", "ffn_hidden_size",
                 "normalization", "swiglu", "add_bias_linear", "qk_layernorm",
                 "untie_embeddings_and_output_weights", "position_embedding_type",
                 "mtp_num_layers", "transformer_impl")
+# What shapes the optimizer's state: its keys (the FP32 main copy of BF16/FP16 weights,
+# optimizer.state.fp32_param.*) and layout.
+_OPTIMIZER_STATE_FLAGS = ("bf16", "fp16", "use_distributed_optimizer",
+                          "use_precision_aware_optimizer", "optimizer")
 
 
 def checkpoint_mismatch_named() -> Fix:
@@ -153,11 +157,16 @@ def _mismatch_message(args, error: Exception) -> str:
     else:
         key = text.split(_NOT_SAVED)[0].strip("\"' ")
         what = f"the checkpoint has no '{key}', which this run's model needs"
-    differ = _flags_that_differ(args, _MODEL_FLAGS)
-    return (f"--load {args.load}: {what}: it was saved with another model configuration. "
+    in_optimizer = ".optimizer." in f".{key}"
+    differ = _flags_that_differ(args, _MODEL_FLAGS + (_OPTIMIZER_STATE_FLAGS if in_optimizer
+                                                      else ()))
+    return (f"--load {args.load}: {what}: it was saved with another "
+            + ("configuration" if in_optimizer else "model configuration") + ". "
             + ("Flags that differ: " + "; ".join(differ) + "." if differ else
                "Its saved arguments could not be compared.")
-            + " Load it with the configuration it was saved with.")
+            + " Load it with the configuration it was saved with"
+            + (", or give --no-load-optim to start the optimizer state afresh."
+               if in_optimizer else "."))
 
 
 def _shape(text: str) -> str:
