@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 from typing import Callable, NoReturn
@@ -143,8 +144,21 @@ def exit_refused(error: Exception, status: int = 2) -> NoReturn:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"megaseek: error: {error}", file=sys.stderr, flush=True)
     else:
-        time.sleep(RANK0_FIRST_S)
+        # torchrun's SIGTERM ends the wait as a normal exit, so that atexit still shuts
+        # down what the run started (Megatron's checkpoint writer keeps a multiprocessing
+        # Manager, filesystem_async.py:53-66, which the signal's default would orphan).
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm(status))
+        try:
+            time.sleep(RANK0_FIRST_S)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     raise SystemExit(status) from None
+
+
+def _exit_on_sigterm(status: int) -> Callable[..., NoReturn]:
+    def handler(*unused) -> NoReturn:
+        raise SystemExit(status)
+    return handler
 
 
 def _checks_before_megatron(args: argparse.Namespace) -> None:

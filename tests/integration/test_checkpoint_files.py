@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,7 @@ def test_full_disk_damaged_file_and_plain_checkpoint(tmp_path):
             f"removed; --load {ckpt} reads the last complete one, iteration 2") in output
     assert not failing.exists()
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert _processes_in(tmp_path) == []  # the ranks' helpers (Megatron's writer queue) ended
     saved = ckpt / "iter_0000002"
     data = sorted(p.name for p in saved.glob("*.distcp"))
     assert data == ["__0_0.distcp", "__1_0.distcp"]
@@ -81,6 +83,22 @@ def test_full_disk_damaged_file_and_plain_checkpoint(tmp_path):
     assert resumed.count(f"{plain / 'iter_0000002'} has no checksum manifest (saved "
                          "without megaseek's checksums): its files are not verified") == 1
     assert sorted(losses(resumed)) == [3, 4]
+
+
+def _processes_in(folder) -> list[str]:
+    """Processes other than this one whose working directory is `folder` (a run's ranks
+    and whatever they started), after a moment for exits under way."""
+    import psutil
+
+    time.sleep(2)
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid != os.getpid() and process.cwd() == str(folder):
+                found.append(" ".join(process.info["cmdline"] or [])[:120])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def test_check_files_names_each_kind_of_damage(tmp_path):
