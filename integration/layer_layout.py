@@ -57,12 +57,14 @@ def pipeline_stages_problem(args: argparse.Namespace) -> str | None:
     layers, stages = args.num_layers, args.pipeline_model_parallel_size or 1
     if not layers or layers < 1 or stages < 1 or _layout_given_otherwise(args):
         return None
+    if getattr(args, "pipeline_schedule", None):
+        return None  # a plugin's schedule places its own stages and checks their cut
     first = getattr(args, "decoder_first_pipeline_num_layers", None)
     last = getattr(args, "decoder_last_pipeline_num_layers", None)
     accounted = [flag for dest, flag in _ACCOUNTED if getattr(args, dest, False)]
     if first is None and last is None:
-        if stages == 1 or getattr(args, "pipeline_schedule", None):
-            return None  # a plugin's schedule places its own stages and checks their cut
+        if stages == 1:
+            return None
         counted = layers + len(accounted)
         if counted % stages == 0:
             return None

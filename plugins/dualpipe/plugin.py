@@ -17,6 +17,7 @@ from plugins.config import flag, megatron
 from plugins.common.flags import recompute_granularity
 from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
+from plugins.dualpipe.layout import FIRST_FLAG, LAST_FLAG, LAYOUT_FLAG, LayoutError, StageLayout
 from plugins.dualpipe.placement import DualPipePlacement
 from plugins.dualpipe.program import Pipeline
 
@@ -37,6 +38,12 @@ class DualPipePluginConfig:
         help="record when each pipeline cell ran, per rank, in DIR/timeline-rank{R}.jsonl "
              "(`megaseek schedule --from-run DIR`)")
     pipeline_model_parallel_size: int = megatron("pipeline_model_parallel_size", 1)
+    num_layers: int | None = megatron("num_layers")
+    mtp_num_layers: int | None = megatron("mtp_num_layers")
+    pipeline_model_parallel_layout: str | None = megatron("pipeline_model_parallel_layout")
+    decoder_first_pipeline_num_layers: int | None = megatron(
+        "decoder_first_pipeline_num_layers")
+    decoder_last_pipeline_num_layers: int | None = megatron("decoder_last_pipeline_num_layers")
     delay_wgrad_compute: bool = megatron("delay_wgrad_compute", False)
     overlap_moe_expert_parallel_comm: bool = megatron("overlap_moe_expert_parallel_comm", False)
     transformer_impl: str = megatron("transformer_impl", "local")
@@ -61,12 +68,7 @@ def check(config: DualPipePluginConfig, args) -> None:
     for dest, flag in (("num_layers_per_virtual_pipeline_stage",
                         "--num-layers-per-virtual-pipeline-stage"),
                        ("num_virtual_stages_per_pipeline_rank",
-                        "--num-virtual-stages-per-pipeline-rank"),
-                       ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout"),
-                       ("decoder_first_pipeline_num_layers",
-                        "--decoder-first-pipeline-num-layers"),
-                       ("decoder_last_pipeline_num_layers",
-                        "--decoder-last-pipeline-num-layers")):
+                        "--num-virtual-stages-per-pipeline-rank")):
         if _flag(args, dest) is not None:
             raise PluginError(f"{flag} cannot be combined with --pipeline-schedule {schedule}, "
                               f"which places its own stages: drop {flag}")
@@ -104,16 +106,64 @@ def check(config: DualPipePluginConfig, args) -> None:
     unwritable = timeline and unwritable_directory(timeline)
     if unwritable:  # each rank writes its file at the end of the first step
         raise PluginError(f"--pipeline-timeline {timeline}: {unwritable}")
-    _check_layers(args, schedule)
+    try:
+        layout = stage_layout(config)
+    except LayoutError as why:
+        raise PluginError(str(why)) from None
+    if layout is None:
+        _check_layers(args, schedule)
+    else:
+        for dest in ("account_for_embedding_in_pipeline_split",
+                     "account_for_loss_in_pipeline_split"):
+            if _flag(args, dest):  # Megatron's rule for its own layouts too
+                raise PluginError(f"--{dest.replace('_', '-')} cannot be combined with "
+                                  f"{_layout_flags(config)}, which place the embedding and "
+                                  f"the loss themselves: drop --{dest.replace('_', '-')}")
     _check_microbatches(args, schedule)
+
+
+def _layout_flags(config: DualPipePluginConfig) -> str:
+    return " and ".join(flag for flag, value in (
+        (LAYOUT_FLAG, config.pipeline_model_parallel_layout),
+        (FIRST_FLAG, config.decoder_first_pipeline_num_layers),
+        (LAST_FLAG, config.decoder_last_pipeline_num_layers)) if value is not None)
+
+
+def stage_layout(config: DualPipePluginConfig) -> StageLayout | None:
+    """The uneven layout the run's flags give the schedule's stages, checked (raises
+    `LayoutError` naming the flag); None for Megatron's even split."""
+    layout_text = config.pipeline_model_parallel_layout
+    first = config.decoder_first_pipeline_num_layers
+    last = config.decoder_last_pipeline_num_layers
+    if layout_text is None and first is None and last is None:
+        return None
+    if layout_text is not None and (first is not None or last is not None):
+        raise LayoutError(f"{LAYOUT_FLAG} cannot be combined with {FIRST_FLAG} or "
+                          f"{LAST_FLAG} (the layout already says every stage's layers): "
+                          f"drop one")
+    p = config.pipeline_model_parallel_size
+    stages = Pipeline(config.pipeline_schedule, p, microbatches=0).stages
+    mtp = config.mtp_num_layers or 0
+    if layout_text is not None:
+        layout = StageLayout.parse(layout_text)
+    else:
+        layout = StageLayout.split(config.num_layers, stages, first, last, mtp)
+    layout.check(stages, config.num_layers, mtp, config.pipeline_schedule, p)
+    return layout
 
 
 def overrides(config: DualPipePluginConfig) -> dict:
     """Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each),
     as for its interleaved schedule; the placement seam decides which stages they are. The
     schedules call no parameter-gather hooks of Megatron's interleaved schedule (as
-    Megatron turns them off without virtual stages)."""
-    return {"num_virtual_stages_per_pipeline_rank": 2, "align_param_gather": False}
+    Megatron turns them off without virtual stages). An uneven layout is the placement's
+    to cut (Megatron would read it as interleaved stages), so Megatron is given none."""
+    taken = {}
+    if stage_layout(config) is not None:
+        taken = {"pipeline_model_parallel_layout": None,
+                 "decoder_first_pipeline_num_layers": None,
+                 "decoder_last_pipeline_num_layers": None}
+    return {"num_virtual_stages_per_pipeline_rank": 2, "align_param_gather": False, **taken}
 
 
 OVERLAP = "--overlap-moe-expert-parallel-comm"
@@ -235,9 +285,11 @@ def placement(config: DualPipePluginConfig) -> DualPipePlacement:
 
         minutes = config.distributed_timeout_minutes
         process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
+    layout = stage_layout(config)
     return DualPipePlacement(pipeline.ranks, pipeline.chunks,
                              lambda rank, chunk: pipeline.place(rank, chunk)[1],
-                             copies=pipeline.directions, process_groups=process_groups)
+                             copies=pipeline.directions, process_groups=process_groups,
+                             layers=None if layout is None else layout.layers)
 
 
 def schedule(config: DualPipePluginConfig):

@@ -39,6 +39,10 @@ class Placement:
     is built with instead of `given` (Megatron's `pg_collection`, None for parallel_state's).
     Every rank asks it for every chunk in the same order, so it may create groups.
 
+    `layers(stage)`, where given, answers the global numbers of the transformer layers a
+    stage builds (an uneven layout the placement cuts itself: plugins/dualpipe/layout.py);
+    without it Megatron's layer split gives them out.
+
     `chunk_built` runs on each chunk once Megatron has built it. Megatron's embedding group
     is the first pipeline rank alone under the seam (it cannot tie two copies on one rank):
     a placement that puts the MTP stage, which keeps its own copy of the embedding, on the
@@ -50,6 +54,7 @@ class Placement:
     stage: Callable[[int, int], int]
     copies: int = 1
     process_groups: Callable[[int, Any], Any] | None = None
+    layers: Callable[[int], range] | None = None
 
     @property
     def stages(self) -> int:
@@ -110,10 +115,12 @@ def pipeline_placement(placement: Placement) -> Fix:
         block = megatron_module("megatron.core.transformer.transformer_block")
         offset, count = layer.get_transformer_layer_offset, block.get_num_layers_to_build
 
-        def placed(function):
+        def placed(function, of_layers: Callable[[range], int]):
             @wraps(function)
             def at_placed_stage(config, vp_stage=None, pp_rank=None):
                 rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+                if placement.layers is not None:
+                    return of_layers(placement.layers(placement.stage(rank, vp_stage or 0)))
                 pp, vp = placement.megatron_coordinates(rank, vp_stage or 0)
                 if vp is not None:
                     return function(config, vp_stage=vp, pp_rank=pp)
@@ -130,10 +137,11 @@ def pipeline_placement(placement: Placement) -> Fix:
 
         for name in _LAYER_SPLIT_USERS:
             module = megatron_module(name)
-            for attribute, original in (("get_transformer_layer_offset", offset),
-                                        ("get_num_layers_to_build", count)):
+            for attribute, original, of_layers in (
+                    ("get_transformer_layer_offset", offset, lambda layers: layers.start),
+                    ("get_num_layers_to_build", count, len)):
                 if getattr(module, attribute, None) is original:
-                    patcher.setattr(module, attribute, placed(original))
+                    patcher.setattr(module, attribute, placed(original, of_layers))
 
         # Asked per chunk (ignore_virtual=False), "first/last stage" means the placement's;
         # asked per rank, it keeps meaning the first/last pipeline rank.

@@ -33,8 +33,28 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--pipeline-model-parallel-size", "1"], r"--pipeline-model-parallel-size 2 or more \(got 1\)"),
     (V + ["--global-batch-size", "3"], r"gives 3 micro-batches.*at least 4.*--global-batch-size 4 or more"),
     (V + ["--num-virtual-stages-per-pipeline-rank", "2"], r"drop --num-virtual-stages-per-pipeline-rank"),
-    (V + ["--pipeline-model-parallel-layout", "Et|tL"], r"drop --pipeline-model-parallel-layout"),
-    (V + ["--decoder-first-pipeline-num-layers", "1"], r"drop --decoder-first-pipeline-num-layers"),
+    (V + ["--pipeline-model-parallel-layout", "Et|tt|tL"],
+     r"--pipeline-model-parallel-layout Et\|tt\|tL has 3 stages; --pipeline-schedule dualpipev "
+     r"on --pipeline-model-parallel-size 2 runs 4 .*give 4 stages"),
+    (["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe",
+      "--pipeline-model-parallel-layout", "Et|t|t|tL"],
+     r"has 4 stages; --pipeline-schedule dualpipe on --pipeline-model-parallel-size 2 runs 2 "),
+    (V + ["--pipeline-model-parallel-layout", "tE|t|t|tL"], r"the embedding \(E\) must open the first stage"),
+    (V + ["--pipeline-model-parallel-layout", "Et|t|tL|t"], r"the loss \(L\) must end the last stage"),
+    (V + ["--pipeline-model-parallel-layout", "Et|t|t|ttL"], r"holds 5 transformer layers \(t\); --num-layers is 4"),
+    (V + ["--pipeline-model-parallel-layout", "Et|tm|t|tL", "--position-embedding-type", "rope",
+          "--mtp-num-layers", "1"], r"the MTP layers \(m\) must sit together just before the loss"),
+    (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--position-embedding-type", "rope",
+          "--mtp-num-layers", "1"], r"holds 0 MTP layers \(m\); --mtp-num-layers is 1"),
+    (V + ["--pipeline-model-parallel-layout", "Et|x|t|tL"], r"Invalid layer character: x"),
+    (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--decoder-first-pipeline-num-layers", "1"],
+     r"--pipeline-model-parallel-layout cannot be combined with --decoder-first"),
+    (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--account-for-loss-in-pipeline-split"],
+     r"drop --account-for-loss-in-pipeline-split"),
+    (V + ["--decoder-first-pipeline-num-layers", "2"],
+     r"--decoder-first-pipeline-num-layers 2 leave 2 of --num-layers 4 layers to the 3 stages"),
+    (V + ["--decoder-last-pipeline-num-layers", "5"], r"5 layers, more than --num-layers 4"),
+    (V + ["--decoder-first-pipeline-num-layers", "0"], r"--decoder-first-pipeline-num-layers 0 must be 1 or more"),
     (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8"),
     (V + ["--account-for-embedding-in-pipeline-split"],
      r"cannot be cut into the 4 equal stages.*--num-layers 7\); "
@@ -55,13 +75,36 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--overlap-moe-expert-parallel-comm"],
      r"--overlap-moe-expert-parallel-comm needs --expert-model-parallel-size 2 or more"),
 ], ids=["no-schedule", "schedule-without-plugin", "pp1", "too-few-microbatches", "vp-flag",
-        "layout", "uneven", "layers", "embedding-in-the-split", "rampup",
+        "layout-stages", "layout-stages-dualpipe", "layout-embedding",
+        "layout-loss", "layout-layers", "layout-mtp-place", "layout-mtp-count", "layout-letter",
+        "layout-and-uneven", "layout-and-accounting", "uneven-rest", "uneven-too-many", "uneven-zero", "layers", "embedding-in-the-split", "rampup",
         "param-gather-with-step",
         "mtp-fully-reshardable", "wgrad-without-dualpipe", "wgrad-overlap-grad-reduce",
         "a2a-overlap"])
 def test_refused_at_start_up_naming_the_flag(extra, named, monkeypatch):
     with pytest.raises(PluginError, match=named):
         enabled(BASE + extra, monkeypatch)
+
+
+@pytest.mark.parametrize("extra, stages", [
+    (V + ["--pipeline-model-parallel-layout", "Et|t|tt|L"], ("Et", "t", "tt", "L")),
+    (V + ["--num-layers", "5", "--decoder-last-pipeline-num-layers", "2"],
+     ("Et", "t", "t", "ttL")),
+    (["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe",
+      "--pipeline-model-parallel-layout", "Et|tttL"], ("Et", "tttL")),
+], ids=["dualpipev-layout", "dualpipev-first-last", "dualpipe-layout"])
+def test_a_layout_is_the_placements_and_megatron_gets_none(extra, stages, monkeypatch):
+    from plugins.dualpipe.plugin import stage_layout
+
+    args, plugins = enabled(BASE + extra, monkeypatch)
+    assert args.pipeline_model_parallel_layout is None  # Megatron would read it interleaved
+    assert args.decoder_first_pipeline_num_layers is None
+    assert args.num_virtual_stages_per_pipeline_rank == 2
+    assert stage_layout(plugins[0].config).stages == stages
+    placement = plugins[0].placement()
+    before = [sum(stage.count("t") for stage in stages[:s]) for s in range(len(stages) + 1)]
+    assert [placement.layers(s) for s in range(placement.stages)] == [
+        range(before[s], before[s + 1]) for s in range(len(stages))]
 
 
 def test_tied_embeddings_are_refused(monkeypatch):
