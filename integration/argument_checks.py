@@ -379,6 +379,11 @@ def _check_data_prefixes(args) -> None:
         for prefix in dataset_prefixes(paths):
             if "://" in prefix:
                 continue
+            folders = [prefix + ext for ext in (".idx", ".bin") if os.path.isdir(prefix + ext)]
+            if folders:
+                raise PluginError(f"{flag} {prefix}: {folders[0]} is a folder, not a file (a "
+                                  "dataset prefix names the PREFIX.idx and PREFIX.bin files "
+                                  "that Megatron's tools/preprocess_data.py writes)")
             missing = [prefix + ext for ext in (".idx", ".bin")
                        if not os.path.isfile(prefix + ext)]
             if missing:

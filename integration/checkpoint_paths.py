@@ -18,8 +18,10 @@ def check(args: argparse.Namespace) -> None:
     for flag, path in (("--load", getattr(args, "load", None)),
                        ("--save", getattr(args, "save", None))):
         if path and os.path.exists(path) and not os.path.isdir(path):
-            raise PluginError(f"{flag} {path} is a file, not a checkpoint folder: give the "
-                              "folder (the --save folder of the run that wrote it)")
+            which = ("the --save folder of the run that wrote it" if flag == "--load" else
+                     "a folder to write the checkpoints in, new or existing")
+            raise PluginError(f"{flag} {path} is a file, not a checkpoint folder: give "
+                              f"{which}")
     checkpoint_folder.check_load(args)
     save = getattr(args, "save", None)
     if not save:

@@ -61,7 +61,7 @@ class MegatronRun:
                                    "validated a second time, with other arguments")
             return self._plan
         plan = self.registry.plan(args, checked=checked)
-        said = plan.apply_overrides(args)
+        said = plan.enabled_by_their_flags(args) + plan.apply_overrides(args)
         if checked and said and int(os.environ.get("RANK", "0")) == 0:
             print("\n".join(said), flush=True)
         self._plan, self._planned_args = plan, args

@@ -293,7 +293,9 @@ def split(argv: list[str]) -> tuple[str | None, list[str]]:
         arg = argv[i]
         if arg == PRESET_FLAG or arg.startswith(PRESET_FLAG + "="):
             if name is not None:
-                raise PresetError(f"{PRESET_FLAG} given twice ({name} and more); give one")
+                again = (arg.split("=", 1)[1] if "=" in arg else
+                         argv[i + 1] if i + 1 < len(argv) else "")
+                raise PresetError(f"{PRESET_FLAG} given twice ({name} and {again}); give one")
             if "=" in arg:
                 name = arg.split("=", 1)[1]
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):

@@ -127,6 +127,13 @@ class RunPlan:
             setattr(args, override.dest, override.value)
         return [f"megaseek: {override}" for override in self.overrides]
 
+    def enabled_by_their_flags(self, args: argparse.Namespace) -> list[str]:
+        """The start-up log's lines for the enabled plugins that `--plugins` does not name
+        (a plugin whose Megatron flags turn it on, `Plugin.enabled_by`)."""
+        named = set(getattr(args, "plugins", None) or ())
+        return [f"megaseek: plugin {enabled.name} is enabled by its Megatron flags (not named "
+                f"in {PLUGINS_FLAG})" for enabled in self.plugins if enabled.name not in named]
+
     def transform_spec(self, spec: Any) -> Any:
         return transform_spec(self.plugins, spec)
 

@@ -78,12 +78,38 @@ _ARGS_NAME = re.compile(r"\bargs\.(\w+)")
 _REQUIRED = "getattr(args, arg) is not None"
 
 
+# Messages of validate_args that name no flag and whose condition names only one side of
+# the conflict (the other is the `if` around the assert: arguments.py:1236-1258).
+MESSAGES = {
+    "expected iteration-based training":
+        "--train-iters {train_iters} and --train-samples {train_samples} both given: train "
+        "by one of them",
+    "expected iteration-based learning rate decay":
+        "--lr-decay-samples {lr_decay_samples} with --train-iters {train_iters}: training "
+        "counts iterations, so give --lr-decay-iters instead",
+    "expected iteration-based learning rate warmup":
+        "--lr-warmup-samples {lr_warmup_samples} with --train-iters {train_iters}: training "
+        "counts iterations, so give --lr-warmup-iters instead",
+    "expected sample-based training":
+        "--train-samples {train_samples} and --train-iters {train_iters} both given: train "
+        "by one of them",
+    "expected sample-based learning rate decay":
+        "--lr-decay-iters {lr_decay_iters} with --train-samples {train_samples}: training "
+        "counts samples, so give --lr-decay-samples instead",
+    "expected sample-based learnig rate warmup":
+        "--lr-warmup-iters {lr_warmup_iters} with --train-samples {train_samples}: training "
+        "counts samples, so give --lr-warmup-samples instead",
+}
+
+
 def in_words(condition: str | None, message: str, args: Any) -> str:
     """What a failed check of Megatron's says: its message, with the flags of its condition
     where the message names none; for a bare condition, `WORDS`' sentence, or the condition
     and its flags."""
     if condition == _REQUIRED and message.endswith(" argument is None"):
         return f"give --{message.split()[0].replace('_', '-')} (Megatron requires it)"
+    if message in MESSAGES:
+        return MESSAGES[message].format_map(_Values(args))
     if message:
         if "--" in message or not condition:
             return message

@@ -180,6 +180,9 @@ def read_json(path: str | Path, what: str = "a JSON object") -> dict[str, Any]:
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
+    if Path(folder).is_file():
+        raise HFConversionError(f"{folder} is a file: give the Hugging Face model's folder "
+                                "(the one that holds config.json)")
     if not path.is_file():
         raise HFConversionError(f"{path}: no config.json")
     return read_json(path, "a model config (a JSON object of fields)")

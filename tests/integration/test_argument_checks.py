@@ -245,6 +245,9 @@ REFUSED = {
                                  "--data-path {file}: no {file}.idx or {file}.bin"),
     "data-path-a-folder": (["--data-path", "{folder}", *NULL_TOKENIZER], (),
                            "--data-path {folder}: no {folder}.idx or {folder}.bin"),
+    "data-path-idx-a-folder": (["--data-path", "{idx_folder}", *NULL_TOKENIZER], (),
+                               "--data-path {idx_folder}: {idx_folder}.idx is a folder, not a "
+                               "file"),
     "train-data-path-missing": (["--train-data-path", "{folder}/none", "--valid-data-path",
                                  "{prefix}", "--test-data-path", "{prefix}", *NULL_TOKENIZER],
                                 (), "--train-data-path {folder}/none: no {folder}/none.idx or "
@@ -389,7 +392,9 @@ def paths(tmp_path) -> dict[str, str]:
         (tmp_path / f"other{ext}").write_text("token ids, one a line\n")
     (tmp_path / "cut.idx").write_bytes((tmp_path / "data.idx").read_bytes())
     (tmp_path / "cut.bin").write_bytes((tmp_path / "data.bin").read_bytes()[:-1])
-    return {"file": str(tmp_path / "a-file"), "folder": str(tmp_path),
+    (tmp_path / "held.idx").mkdir()
+    (tmp_path / "held.bin").write_bytes((tmp_path / "data.bin").read_bytes())
+    return {"idx_folder": str(tmp_path / "held"), "file": str(tmp_path / "a-file"), "folder": str(tmp_path),
             "prefix": str(tmp_path / "data"), "not_megatrons": str(tmp_path / "other"),
             "cut": str(tmp_path / "cut")}
 
@@ -648,9 +653,18 @@ def test_every_bare_assert_of_validate_args_is_said_in_words():
     (["--hidden-size", "66"], "Megatron's argument check failed: --hidden-size 66 is not "
                               "divisible by --num-attention-heads 4"),
     (["--min-lr", "1"], "Megatron's argument check failed: --min-lr 1.0 is above --lr 0.001"),
+    # a message that names one side of the conflict: both flags said
+    (["--train-samples", "100"], "Megatron's argument check failed: --train-iters 10 and "
+                                 "--train-samples 100 both given: train by one of them "),
+    (["--lr-decay-samples", "100"], "Megatron's argument check failed: --lr-decay-samples 100 "
+                                    "with --train-iters 10: training counts iterations, so "
+                                    "give --lr-decay-iters instead "),
     # a message that names no flag gets the flags of its condition
-    (["--train-samples", "100"], "Megatron's argument check failed: expected iteration-based "
-                                 "training (--train-samples 100) "),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--num-layers-per-virtual-pipeline-stage", "3"],
+     "Megatron's argument check failed: number of layers per pipeline stage must be "
+     "divisible number of layers per virtual pipeline stage (--num-layers-per-virtual-"
+     "pipeline-stage 3) "),
     # values the user did not give are said as the flags they derive from
     (["--global-batch-size", "3", "--micro-batch-size", "2"],
      "Megatron's argument check failed: eval_global_batch_size (3) must be divisible by "

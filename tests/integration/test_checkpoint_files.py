@@ -139,9 +139,10 @@ def test_save_and_load_must_be_folders_save_writable(tmp_path):
 
     a_file = tmp_path / "file"
     a_file.write_text("not a checkpoint")
-    for flag in ("load", "save"):
+    for flag, hint in (("load", "the --save folder of the run that wrote it"),
+                       ("save", "a folder to write the checkpoints in")):
         with pytest.raises(PluginError, match=f"^--{flag} {a_file} is a file, not a "
-                                              "checkpoint folder"):
+                                              f"checkpoint folder: give {hint}"):
             check(_args(**{flag: str(a_file)}))
     with pytest.raises(PluginError, match=f"^--save {a_file}/ckpt: {a_file} is a file, not a "
                                           "folder"):

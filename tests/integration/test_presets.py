@@ -88,7 +88,8 @@ def test_a_bad_preset_is_said_once_on_rank_0(monkeypatch, capsys):
      "--tensor-model-parallel-size 3"),
     (["--preset", "deepseek-v3", "--expert-model-parallel-size", "3"],
      "the preset's --num-experts 256 is not divisible by --expert-model-parallel-size 3"),
-    (["--preset", "tiny", "--preset", "deepseek-v3"], "--preset given twice"),
+    (["--preset", "tiny", "--preset", "deepseek-v3"],
+     "--preset given twice (tiny and deepseek-v3); give one"),
     (["--preset"], "--preset needs a name"),
 ], ids=["groups-divide-experts", "group-topk", "topk", "topk-groups-fill", "layer-freq",
         "tp-heads", "ep-experts", "twice", "no-name"])

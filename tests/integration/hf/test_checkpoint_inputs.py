@@ -190,6 +190,15 @@ def test_a_broken_config_json_is_named_with_what_is_wrong(plain, tmp_path, text,
         read_hf_model(folder)
 
 
+def test_a_file_given_for_the_model_folder_is_named_as_a_file(tmp_path):
+    from integration.hf.config import HFConversionError, read_hf_model
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(HFConversionError, match=rf"^{re.escape(str(tmp_path))}/model\.safetensors "
+                                                r"is a file: give the Hugging Face model's folder"):
+        read_hf_model(tmp_path / "model.safetensors")
+
+
 def _cut(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 

@@ -46,3 +46,22 @@ def test_the_flags_turn_the_plugin_on(monkeypatch):
         enabled(["--plugins", "bf16_moments"], monkeypatch)
     with pytest.raises(PluginError, match="fp32 or bf16 only"):
         enabled(["--exp-avg-dtype", "fp16"], monkeypatch)
+
+
+def test_a_plugin_its_flags_turn_on_is_said_at_start_up(monkeypatch):
+    """The argument dump's `plugins` line lists --plugins only; the start-up log says that the
+    moment flags enabled the plugin."""
+    import sys
+
+    from megatron.training.arguments import parse_args
+
+    from plugins import default_registry
+
+    registry = default_registry()
+    for argv, said in ((["--exp-avg-dtype", "bf16"],
+                        ["megaseek: plugin bf16_moments is enabled by its Megatron flags (not "
+                         "named in --plugins)"]),
+                       (["--plugins", "bf16_moments", "--exp-avg-dtype", "bf16"], [])):
+        monkeypatch.setattr(sys, "argv", ["pretrain", *argv])
+        args = parse_args(extra_args_provider=registry.add_arguments)
+        assert registry.plan(args).enabled_by_their_flags(args) == said
