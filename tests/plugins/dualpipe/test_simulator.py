@@ -168,6 +168,8 @@ def test_a_balanced_layout_idles_less_than_equal_stages_when_the_ends_carry_the_
     assert sum(even.bubbles()) < sum(uneven.bubbles())
     # the same work in both: the weights average 1
     assert sum(map(even.busy, range(2))) == sum(map(uneven.busy, range(2)))
+    with pytest.raises(ValueError, match="3 layers cannot give each of 4 stages one"):
+        balanced_layout(pipeline, 3, costs, d)
 
 
 def _cli(capsys, *argv):
