@@ -30,8 +30,10 @@ where an overlapped FB is given. Weights of 1 change nothing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from types import MappingProxyType
 from typing import Union
 
 from plugins.dualpipe.layout import EMBEDDING, LAYER, LOSS, MTP, StageLayout
@@ -105,10 +107,11 @@ def _needs(pipeline: Pipeline, rank: int, cell: Cell) -> list[tuple]:
 
 
 # What a layout's letters cost when not given: a layer each, as the layout counts them.
-LAYER_COSTS = {EMBEDDING: Fraction(0), LAYER: Fraction(1), MTP: Fraction(1), LOSS: Fraction(0)}
+LAYER_COSTS: Mapping[str, Time] = MappingProxyType(
+    {EMBEDDING: Fraction(0), LAYER: Fraction(1), MTP: Fraction(1), LOSS: Fraction(0)})
 
 
-def stage_weights(layout: StageLayout, costs: dict[str, Time] = LAYER_COSTS
+def stage_weights(layout: StageLayout, costs: Mapping[str, Time] = LAYER_COSTS
                   ) -> tuple[Time, ...]:
     """Each stage's cost (the sum of its letters' `costs`) over the mean stage's, so the
     weights average 1 and the whole step's work is that of equal stages."""
@@ -120,7 +123,7 @@ def stage_weights(layout: StageLayout, costs: dict[str, Time] = LAYER_COSTS
     return tuple(total * len(totals) / whole for total in totals)
 
 
-def balanced_layout(pipeline: Pipeline, layers: int, costs: dict[str, Time],
+def balanced_layout(pipeline: Pipeline, layers: int, costs: Mapping[str, Time],
                     durations: Durations = Durations(), mtp: int = 0) -> StageLayout:
     """The cut of `layers` transformer layers into the pipeline's stages (at least one a
     stage; the embedding opening the first, the MTP layers and the loss ending the last)

@@ -133,6 +133,8 @@ def test_a_slow_second_stage_makes_the_first_rank_wait():
     timeline = simulate(Pipeline("1f1b", 2, 2), Durations(Fr(1), Fr(2), Fr(0)),
                         (Fr(1), Fr(2)))
     assert timeline.makespan == 15 and timeline.bubbles() == [9, 3]
+    with pytest.raises(ValueError, match="1f1b on 2 ranks runs 2 stages; got 3 stage weights"):
+        simulate(Pipeline("1f1b", 2, 2), Durations(), (Fr(1),) * 3)
 
 
 def test_an_overlapped_cell_pairs_the_weights_of_its_two_stages():
