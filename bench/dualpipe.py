@@ -172,7 +172,10 @@ def run_bubble(smoke: bool = False) -> Result:
     notes = [
         f"Dense GPT (8 layers, hidden 256, sequence 256, micro-batch 2), fp32, "
         f"{microbatches} micro-batches per step, PP=2 on 2 gloo ranks (one core each); "
-        f"{iterations} iterations, the first dropped from the step times.",
+        f"Each layout run {repetitions} times, alternating with the other; {iterations} "
+        f"iterations a run, logged every {interval}: step times are the logged intervals' "
+        "but the first (the warm-up), the timers' bubbles their last interval's, averaged "
+        "over the runs.",
         "Bubble fraction = 1 - (forward-compute + backward-compute) / forward-backward, "
         "per rank, from Megatron's timers; communication waits count as bubble.",
         "DualPipeV's recorded last step: measured bubble per rank "
@@ -222,3 +225,189 @@ def run_chunks(smoke: bool = False) -> Result:
                   [Table("mean cell time (ms)", ["cell", *measured], rows,
                          right=frozenset({1, 2}))],
                   {"mean_durations_s": measured})
+
+
+# dualpipe_layout: a model whose output head costs about four layers (vocabulary 12800 at
+# hidden 256, by integration.cost's FLOPs; DeepSeek-V3's is about 1.4 of its mean layer), so
+# that the rank holding it is clearly the long one at toy size.
+LAYOUT_MODEL = ["--num-layers", "16", "--hidden-size", "256", "--num-attention-heads", "8",
+                "--seq-length", "256", "--max-position-embeddings", "256",
+                "--micro-batch-size", "1", "--vocab-size", "12800",
+                "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
+                "--attention-dropout", "0", "--lr", "1e-4", "--lr-warmup-iters", "1",
+                "--eval-iters", "0", "--eval-interval", "1000", "--seed", "1234",
+                "--timing-log-level", "2", "--timing-log-option", "all",
+                "--plugins", "dualpipe", "--pipeline-schedule", "dualpipev"]
+LAYOUT_RANKS = (4, 2)  # PP=4 on 4 ranks (2 cores: shared), PP=2 on 2 (a core each)
+
+
+def _flag(flags: list[str], name: str) -> int:
+    return int(flags[flags.index(name) + 1])
+
+
+def letter_costs(flags: list[str]) -> dict:
+    """The layout letters' training FLOPs per token from the project's cost model
+    (integration.cost), over a transformer layer's: t = 1, L the output head (the loss's
+    softmax is not counted), E 0 (a lookup), m unused here. describe prints no per-stage
+    FLOPs yet, so they are taken from the model it sums."""
+    import dataclasses
+    from fractions import Fraction
+
+    from integration import cost
+
+    layers, hidden = _flag(flags, "--num-layers"), _flag(flags, "--hidden-size")
+    heads = _flag(flags, "--num-attention-heads")
+    shape = cost.GPTShape(layers, hidden, 4 * hidden, _flag(flags, "--vocab-size"),
+                          untied=True, gated_linear_unit=False, norm_numbers=2,
+                          attention=cost.StandardAttention(hidden, heads, heads,
+                                                           hidden // heads),
+                          moe=None, moe_layers=(0,) * layers, mtp_num_layers=0)
+    seq = _flag(flags, "--seq-length")
+    whole = cost.training_flops_per_token(shape, seq)["main"]
+    layers_only = cost.training_flops_per_token(dataclasses.replace(shape, vocab_size=0),
+                                                seq)["main"]
+    layer = Fraction(layers_only, layers)
+    return {"E": Fraction(0), "t": Fraction(1), "m": Fraction(1),
+            "L": (whole - layers_only) / layer}
+
+
+def _stage_means(timeline) -> list[float]:
+    """Each stage's mean F + B (ms) in a recorded timeline: its lone F and B cells."""
+    pipeline = timeline.pipeline
+    spans = {}
+    for rank, row in enumerate(timeline.rows):
+        for span in row:
+            if span.cell.op in ("F", "B") and not span.cell.split:
+                stage = pipeline.place(rank, span.cell.chunk)[1]
+                spans.setdefault((stage, span.cell.op), []).append(span.end - span.start)
+    return [1e3 * sum(statistics.mean(spans.get((stage, op), [0.0])) for op in ("F", "B"))
+            for stage in range(pipeline.stages)]
+
+
+def _layout_runs(model: list[str], ranks: int, costs: dict, work: Path,
+                 repetitions: int) -> dict:
+    """Equal stages and the balanced layout under DualPipeV on `ranks` pipeline ranks, one
+    after the other `repetitions` times (so that load from elsewhere falls on both alike):
+    per layout its step times (all repetitions), the timers' bubbles (their mean), the
+    last repetition's timeline, and the simulator's predictions."""
+    from fractions import Fraction
+
+    from plugins.dualpipe.layout import StageLayout
+    from plugins.dualpipe.program import Pipeline
+    from plugins.dualpipe.simulator import Durations, balanced_layout, simulate, stage_weights
+
+    layers = _flag(model, "--num-layers")
+    pipeline = Pipeline("dualpipev", ranks, 8, split_backward=False)
+    unit = Durations(Fraction(1), Fraction(2), Fraction(0))  # B = 2F, no W split
+    layouts = {"equal stages": StageLayout.split(layers, pipeline.stages),
+               "balanced layout": balanced_layout(pipeline, layers, costs, unit)}
+    steps, bubbles = {name: [] for name in layouts}, {name: [] for name in layouts}
+    for repetition in range(repetitions):
+        for name, layout in layouts.items():
+            directory = work / f"pp{ranks}-{name.replace(' ', '-')}-{repetition}"
+            flags = model + ["--pipeline-model-parallel-size", str(ranks),
+                             "--pipeline-timeline", str(directory)]
+            if name != "equal stages":
+                flags += ["--pipeline-model-parallel-layout", str(layout)]
+            output = _pretrain(flags, ranks, work)
+            steps[name] += _step_ms(output)[1:]  # the first interval holds the warm-up
+            bubbles[name].append(_bubbles(_per_rank_timers(output)))
+    runs = {}
+    for name, layout in layouts.items():
+        weights = stage_weights(layout, costs)
+        predicted = simulate(pipeline, unit, weights)
+        timeline = _timeline(work / f"pp{ranks}-{name.replace(' ', '-')}-{repetitions - 1}")
+        runs[name] = {
+            "layout": str(layout),
+            "step_ms": steps[name],
+            "bubble_fraction": [statistics.mean(rank) for rank in zip(*bubbles[name])],
+            "bubble_fraction_each_run": bubbles[name],
+            "predicted_span_units": float(predicted.makespan),
+            "predicted_bubble_fraction": [float(b / predicted.makespan)
+                                          for b in predicted.bubbles()],
+            "stage_weights": [float(w) for w in weights],
+            "timeline_span_ms": float(timeline.makespan) * 1e3,
+            "timeline_bubble_ms": [float(b) * 1e3 for b in timeline.bubbles()],
+            "stage_f_plus_b_ms": _stage_means(timeline)}
+    return runs
+
+
+def run_layout(smoke: bool = False) -> Result:
+    iterations, interval, repetitions = (2, 1, 1) if smoke else (7, 2, 2)
+    model = LAYOUT_MODEL + ["--global-batch-size", "8", "--train-iters", str(iterations),
+                            "--log-interval", str(interval)]
+    if smoke:
+        model = [("64" if a == "256" else a) for a in model]
+    costs = letter_costs(model)
+    raw = {"letter_costs": {k: float(v) for k, v in costs.items()}}
+    load_before = os.getloadavg()[0]
+    configs, tables = [], []
+    with tempfile.TemporaryDirectory() as work:
+        for ranks in LAYOUT_RANKS:
+            runs = _layout_runs(model, ranks, costs, Path(work), repetitions)
+            raw[f"pp{ranks}"] = runs
+            columns = [f"rank {r}" for r in range(ranks)]
+            timer_rows, timeline_rows = [], []
+            equal = runs["equal stages"]
+            for name, run in runs.items():
+                configs.append(Config(f"PP={ranks}, {name}", f"PP={ranks}, {name} "
+                                      f"({run['layout']})", [ms / 1e3 for ms in run["step_ms"]]))
+                ratio = statistics.median(run["step_ms"]) / statistics.median(equal["step_ms"])
+                timer_rows.append(
+                    [f"{name}: {run['layout']}", f"{statistics.median(run['step_ms']):.0f}",
+                     f"{ratio:.2f}",
+                     f"{run['predicted_span_units'] / equal['predicted_span_units']:.2f}"]
+                    + [f"{b:.3f}" for b in run["bubble_fraction"]]
+                    + [f"{b:.3f}" for b in run["predicted_bubble_fraction"]])
+                timeline_rows.append(
+                    [name, f"{run['timeline_span_ms']:.0f}"]
+                    + [f"{b:.0f}" for b in run["timeline_bubble_ms"]]
+                    + [f"{b / run['timeline_span_ms']:.3f}" for b in run["timeline_bubble_ms"]])
+            tables += [
+                Table(f"PP={ranks} on {ranks} gloo ranks: step time and bubble fraction per "
+                      "rank, from Megatron's timers (last logging interval, mean of the "
+                      "runs), beside the simulator's prediction from the FLOPs costs (step: "
+                      "over equal stages')",
+                      ["layout", "step ms (median)", "step", "predicted step", *columns,
+                       *[f"{c} predicted" for c in columns]], timer_rows,
+                      right=frozenset(range(1, 4 + 2 * ranks))),
+                Table(f"PP={ranks}: the last step's recorded timeline (--pipeline-timeline): "
+                      "span and bubble per rank (ms), and the bubble's fraction of the span "
+                      "(the last run)",
+                      ["layout", "span ms", *[f"{c} ms" for c in columns],
+                       *[f"{c} fraction" for c in columns]], timeline_rows,
+                      right=frozenset(range(1, 2 + 2 * ranks)))]
+    load_after = os.getloadavg()[0]
+    raw["load_average_1min"] = [load_before, load_after]
+    layers, hidden = _flag(model, "--num-layers"), _flag(model, "--hidden-size")
+    notes = [
+        f"Dense GPT ({layers} layers, hidden {hidden}, sequence {_flag(model, '--seq-length')}, "
+        f"vocabulary {_flag(model, '--vocab-size')}, untied head, micro-batch 1), fp32, 8 "
+        "micro-batches per step, DualPipeV without the W split: PP=4 on 4 gloo ranks (8 "
+        "stages, rank r holding stages r and 7-r; 4 ranks share the 2 cores) and PP=2 on 2 "
+        "(4 stages, a core each); rank 0 holds the embedding and the head. "
+        f"Each layout run {repetitions} times, alternating with the other; {iterations} "
+        f"iterations a run, logged every {interval}: step times are the logged intervals' "
+        "but the first (the warm-up), the timers' bubbles their last interval's, averaged "
+        "over the runs.",
+        "Stage costs from integration.cost's training FLOPs per token (describe prints no "
+        "per-stage figure yet): a transformer layer 1, the output head "
+        f"{float(costs['L']):.2f}, the embedding 0 (a lookup). The balanced layout is the "
+        "cut (one layer a stage at least) whose busiest rank carries the least, and of "
+        "those the shortest step the simulator gives with those costs (F = 1, B = 2, no "
+        "W; `plugins.dualpipe.simulator.balanced_layout`); `megaseek schedule --schedule "
+        "dualpipev --pp P --microbatches 8 --w 0 --pipeline-model-parallel-layout LAYOUT "
+        f"--layer-costs L={float(costs['L']):.3f}` prints the predicted figures.",
+        "Bubble fraction = 1 - (forward-compute + backward-compute) / forward-backward, per "
+        "rank, from Megatron's timers; communication waits and waits for a core count as "
+        "bubble. With 4 ranks on 2 cores a rank that waits frees its core for the others, "
+        "so the step follows the total work more than the busiest rank's; PP=2 on 2 ranks "
+        "is the figure the balance is for. Other work on the machine waits for the same "
+        "cores (load average " + " -> ".join(f"{x:.1f}" for x in (load_before, load_after))
+        + " over the run, 1-minute).",
+        "Measured F + B per stage (ms, the lone F and B cells of the last step), stage 0 "
+        "first: " + "; ".join(
+            f"PP={ranks} {name}: " + ", ".join(f"{v:.0f}" for v in run["stage_f_plus_b_ms"])
+            for ranks in LAYOUT_RANKS for name, run in raw[f"pp{ranks}"].items()) + ".",
+    ]
+    return Result("dualpipe_layout", configs, notes, tables, raw)

@@ -47,6 +47,9 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("dualpipe_bubble", "bench.dualpipe:run_bubble", "cpu",
               "pipeline bubble of 1F1B, interleaved 1F1B, DualPipeV and DualPipe in real "
               "Megatron runs on 2 gloo ranks, and DualPipeV's recorded timeline"),
+    Benchmark("dualpipe_layout", "bench.dualpipe:run_layout", "cpu",
+              "DualPipeV bubble on 4 gloo ranks: equal stages against a layout balanced "
+              "by FLOPs (--pipeline-model-parallel-layout), measured and simulated"),
     Benchmark("dualpipe_chunks", "bench.dualpipe:run_chunks", "cpu",
               "F, B, W and F&B times of a DualPipeV MLA+MoE chunk with EP=2 (4 gloo ranks)"),
     Benchmark("checkpoint_checksums", "bench.checkpoint:run", "cpu",

@@ -3,12 +3,21 @@ timeline, with its bubble against DeepSeek's formula.
 
     megaseek schedule --schedule {1f1b,zb1p,dualpipe,dualpipev} --pp P --microbatches M
                       [--f F --b B --w W --fb FB] [--png FILE] [--json]
+                      [--pipeline-model-parallel-layout LAYOUT [--layer-costs E=..,L=..]
+                       | --stage-weights W0,W1,...]
     megaseek schedule --from-run DIR [--step K] [--png FILE] [--json]
 
 `--pp` counts pipeline ranks, as Megatron's --pipeline-model-parallel-size (DualPipeV
 runs 2P stages on them). Durations are one chunk's, as in DeepSeek's table: B a whole
 backward, W its weight part, FB a forward and a backward overlapped. The defaults are
 the report's figures' (F = B-W = W = 1, F&B = F + B), where the formula is exact.
+
+Uneven stages: `--pipeline-model-parallel-layout` (Megatron's letters: E embedding, t
+transformer layer, m MTP layer, L loss and head; `|` between stages, as many stages as
+the schedule runs: 2P for DualPipeV, P otherwise) with `--layer-costs` (each letter's
+relative cost; default t=1, m=1, E=0, L=0), or `--stage-weights` (one relative cost a
+stage). Each stage's cells are scaled by its cost over the mean stage's, so the
+durations given are a mean stage's and the step's work is that of equal stages.
 """
 
 from __future__ import annotations
@@ -16,25 +25,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from fractions import Fraction
 
 from integration.refusals import Parser, refuse
+from plugins.dualpipe.layout import LAYER, LAYOUT_FLAG, MTP, LayoutError, StageLayout
 from plugins.dualpipe.program import SCHEDULES, Pipeline
-from plugins.dualpipe.simulator import (Durations, Timeline, mean_durations, params_per_device,
-                                        peak_activations, published_bubble, simulate)
+from plugins.dualpipe.simulator import (LAYER_COSTS, Durations, Timeline, mean_durations,
+                                        params_per_device, peak_activations, published_bubble,
+                                        simulate, stage_weights)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="megaseek schedule", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--schedule", choices=SCHEDULES)
-    parser.add_argument("--pp", type=int, help="pipeline ranks")
+    # Megatron's names too, so a run's flags can be pasted.
+    parser.add_argument("--schedule", "--pipeline-schedule", dest="schedule", choices=SCHEDULES)
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int,
+                        help="pipeline ranks")
     parser.add_argument("--microbatches", type=int, help="micro-batches per step")
     for flag, default in (("--f", "1"), ("--b", "2")):
         parser.add_argument(flag, type=Fraction, default=Fraction(default))
     # None where not given (W: 1), so a duration the schedule has no cell for is refused.
     parser.add_argument("--w", type=Fraction)
     parser.add_argument("--fb", type=Fraction)
+    parser.add_argument(LAYOUT_FLAG, "--layout", dest="layout", metavar="LAYOUT",
+                        help="each stage's layers, as Megatron's flag: e.g. 'Et|tt|tt|tL'")
+    parser.add_argument("--layer-costs", metavar="X=C,...",
+                        help="with a layout: relative cost of E, t, m, L (default "
+                             "t=1,m=1,E=0,L=0)")
+    parser.add_argument("--stage-weights", metavar="W0,W1,...",
+                        help="one relative cost a stage, instead of a layout")
     parser.add_argument("--png", help="draw the timeline into this PNG file")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--from-run", metavar="DIR", help="a run's --pipeline-timeline DIR")
@@ -71,6 +92,73 @@ def _durations(args: argparse.Namespace) -> Durations:
     return Durations(args.f, args.b, w, args.fb)
 
 
+def _fraction(flag: str, text: str) -> Fraction:
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        refuse(f"{flag}: {text!r} is not a number")
+    if value < 0:
+        refuse(f"{flag}: {text} is below 0")
+    return value
+
+
+def _layer_costs(text: str | None) -> dict[str, Fraction]:
+    """--layer-costs 'E=0.5,L=2': the letters given, the others at their defaults."""
+    costs = dict(LAYER_COSTS)
+    if text is None:
+        return costs
+    for item in text.split(","):
+        letter, sep, value = item.partition("=")
+        letter = letter.strip()
+        if not sep or letter not in costs:
+            refuse(f"--layer-costs {text}: give LETTER=COST pairs separated by commas, the "
+                   f"letters {', '.join(costs)} (e.g. E=0.1,L=1.5)")
+        costs[letter] = _fraction("--layer-costs", value.strip())
+    return costs
+
+
+def _weights(args: argparse.Namespace, pipeline: Pipeline) -> tuple[str, tuple | None]:
+    """(what the printout says of the stages, each stage's weight or None if equal)."""
+    if args.layer_costs is not None and args.layout is None:
+        refuse(f"--layer-costs prices the letters of {LAYOUT_FLAG}: give a layout, or drop it")
+    if args.stage_weights is not None:
+        if args.layout is not None:
+            refuse(f"--stage-weights and {LAYOUT_FLAG} both give the stages' costs: keep one")
+        weights = tuple(_fraction("--stage-weights", w.strip())
+                        for w in args.stage_weights.split(","))
+        if len(weights) != pipeline.stages:
+            refuse(f"--stage-weights {args.stage_weights} gives {len(weights)} stages; "
+                   f"{pipeline.schedule} on --pp {pipeline.ranks} runs {pipeline.stages}: "
+                   f"give {pipeline.stages} weights")
+        if not sum(weights):
+            refuse(f"--stage-weights {args.stage_weights}: every stage costs 0")
+        mean = sum(weights) / len(weights)
+        return f"stage weights {args.stage_weights}", tuple(w / mean for w in weights)
+    if args.layout is None:
+        return "equal stages", None
+    try:
+        with warnings.catch_warnings():  # megatron's import-time notes about TE and Apex
+            warnings.simplefilter("ignore")
+            layout = StageLayout.parse(args.layout)
+        if pipeline.schedule in ("1f1b", "zb1p") and len(layout.stages) != pipeline.stages:
+            raise LayoutError(f"{LAYOUT_FLAG} {layout} has {len(layout.stages)} stages; "
+                              f"{pipeline.schedule} on --pp {pipeline.ranks} runs "
+                              f"{pipeline.stages} (one a rank): give {pipeline.stages} stages "
+                              "separated by '|'")
+        # The layout's own layer counts: the simulator has no --num-layers to hold it to.
+        layout.check(pipeline.stages, layout.count(LAYER), layout.count(MTP),
+                     pipeline.schedule, pipeline.ranks)
+    except LayoutError as error:
+        refuse(str(error))
+    costs = _layer_costs(args.layer_costs)
+    try:
+        weights = stage_weights(layout, costs)
+    except ValueError as error:
+        refuse(f"--layer-costs: {error}")
+    said = ",".join(f"{letter}={_number(cost)}" for letter, cost in costs.items())
+    return f"layout {layout}, costs {said}", weights
+
+
 # The duration flags that time a kind of cell other than F and B (which every schedule has).
 _CELL_FLAGS = (("w", "W", "separate weight-gradient (W) cell (its B is the whole "
                           "backward)"),
@@ -93,15 +181,24 @@ def _number(x) -> float | int:
     return int(x) if x.is_integer() else round(x, 6)
 
 
-def _report(timeline: Timeline, durations: Durations, measured: bool, as_json: bool) -> None:
+def _stages_held(pipeline, rank: int) -> str:
+    """The stages a rank runs, its chunks in order (DualPipe: one of each direction)."""
+    return ",".join(str(pipeline.place(rank, chunk)[1]) for chunk in range(pipeline.chunks))
+
+
+def _report(timeline: Timeline, durations: Durations, measured: bool, as_json: bool,
+            stages: str = "equal stages", weights: tuple | None = None) -> None:
     pipeline = timeline.pipeline
     bubbles = [_number(b) for b in timeline.bubbles()]
+    busy = [_number(timeline.busy(rank)) for rank in range(pipeline.ranks)]
     params = params_per_device(pipeline)
     peaks = [peak_activations([span.cell for span in row]) for row in timeline.rows]
     if as_json:
         print(json.dumps({"schedule": pipeline.schedule, "pp": pipeline.ranks,
                           "devices": pipeline.ranks, "microbatches": pipeline.microbatches,
-                          "bubble": bubbles, "params_per_device": params,
+                          "stage_weights": [_number(w) for w in weights or
+                                            [1] * pipeline.stages],
+                          "busy": busy, "bubble": bubbles, "params_per_device": params,
                           "peak_activations": peaks}))
         return
     formula = _number(published_bubble(pipeline.schedule, pipeline.stages, durations))
@@ -111,12 +208,17 @@ def _report(timeline: Timeline, durations: Durations, measured: bool, as_json: b
           f"direction), {pipeline.microbatches} micro-batches, {kind}")
     print(f"{'mean ' if measured else ''}durations: F={_number(d.F)} B={_number(d.B)} "
           f"W={_number(d.W)} F&B={_number(d.fb)}; step span {_number(timeline.makespan)}")
-    print(f"{'device':>6} {'bubble':>10} {'formula':>10} {'params':>7} {'activations':>12}")
+    if weights is not None:
+        print(f"{stages}; stage weights (cost over the mean stage's, scaling the "
+              "durations): " + " ".join(f"{_number(w):g}" for w in weights))
+    print(f"{'device':>6} {'stages':>7} {'busy':>10} {'bubble':>10} {'formula':>10} "
+          f"{'params':>7} {'activations':>12}")
     for rank in range(pipeline.ranks):
-        print(f"{rank:>6} {bubbles[rank]:>10} {formula:>10} {params[rank]:>6}x {peaks[rank]:>12}")
+        print(f"{rank:>6} {_stages_held(pipeline, rank):>7} {busy[rank]:>10} "
+              f"{bubbles[rank]:>10} {formula:>10} {params[rank]:>6}x {peaks[rank]:>12}")
     print("bubble: idle time (span minus busy); formula: DeepSeek's table with these "
-          "durations; params in stages (1/PP of the model); activations in (micro-batch, "
-          "stage) forward outputs held for their backward")
+          "durations (equal stages); params in stages (1/PP of the model); activations in "
+          "(micro-batch, stage) forward outputs held for their backward")
 
 
 def main(argv: list[str]) -> None:
@@ -136,6 +238,11 @@ def main(argv: list[str]) -> None:
 
         if any(v is not None for v in (args.schedule, args.pp, args.microbatches)):
             refuse("--from-run reads --schedule, --pp and --microbatches from DIR; drop them")
+        for flag, value in ((LAYOUT_FLAG, args.layout), ("--layer-costs", args.layer_costs),
+                            ("--stage-weights", args.stage_weights)):
+            if value is not None:
+                refuse(f"{flag}: --from-run draws the cells as measured, each as long as it "
+                       "ran; drop it")
         try:
             timeline, step = read_run(args.from_run, args.step)
         except (ValueError, OSError) as error:
@@ -146,11 +253,15 @@ def main(argv: list[str]) -> None:
         if args.step is not None:
             refuse("--step needs --from-run DIR")
         durations = _durations(args)
-        timeline = simulate(_pipeline(args), durations)
+        pipeline = _pipeline(args)
+        stages, weights = _weights(args, pipeline)
+        timeline = simulate(pipeline, durations, weights)
         _check_durations_apply(args, timeline)
         title = (f"{timeline.pipeline.schedule}, --pp {timeline.pipeline.ranks}, "
                  f"{timeline.pipeline.microbatches} micro-batches (simulated)")
-    _report(timeline, durations, bool(args.from_run), args.json)
+    if args.from_run:
+        stages, weights = "as measured", None
+    _report(timeline, durations, bool(args.from_run), args.json, stages, weights)
     if args.png:
         from integration.dualpipe_report.picture import draw
 

@@ -21,14 +21,22 @@ Figures per device, in the units of DeepSeek's table (PP = stages of one directi
   for their backward: +1 when a forward ends, -1 when its input-gradient backward ends
   (W's saved inputs are not counted, as in the table). The forward half of an F&B cell
   counts before its backward half frees: the +1 of DualPipe's PP+1.
+
+Uneven stages (a `--pipeline-model-parallel-layout`, or measured stage times): one weight
+a stage scales every cell of that stage (`stage_weights`); the durations are then a mean
+stage's. An F&B cell pairs two stages: F x w_forward + B x w_backward, times FB / (F + B)
+where an overlapped FB is given. Weights of 1 change nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from types import MappingProxyType
 from typing import Union
 
+from plugins.dualpipe.layout import EMBEDDING, LAYER, LOSS, MTP, StageLayout
 from plugins.dualpipe.program import Cell, Pipeline
 
 Time = Union[Fraction, float]
@@ -98,10 +106,85 @@ def _needs(pipeline: Pipeline, rank: int, cell: Cell) -> list[tuple]:
     return needs
 
 
-def simulate(pipeline: Pipeline, durations: Durations = Durations()) -> Timeline:
+# What a layout's letters cost when not given: a layer each, as the layout counts them.
+LAYER_COSTS: Mapping[str, Time] = MappingProxyType(
+    {EMBEDDING: Fraction(0), LAYER: Fraction(1), MTP: Fraction(1), LOSS: Fraction(0)})
+
+
+def stage_weights(layout: StageLayout, costs: Mapping[str, Time] = LAYER_COSTS
+                  ) -> tuple[Time, ...]:
+    """Each stage's cost (the sum of its letters' `costs`) over the mean stage's, so the
+    weights average 1 and the whole step's work is that of equal stages."""
+    totals = [sum((costs[letter] for letter in stage), Fraction(0)) for stage in layout.stages]
+    whole = sum(totals, Fraction(0))
+    if whole <= 0:
+        raise ValueError(f"the stages of {layout} cost nothing: give a transformer layer (t) "
+                         "a cost above 0")
+    return tuple(total * len(totals) / whole for total in totals)
+
+
+def balanced_layout(pipeline: Pipeline, layers: int, costs: Mapping[str, Time],
+                    durations: Durations = Durations(), mtp: int = 0) -> StageLayout:
+    """The cut of `layers` transformer layers into the pipeline's stages (at least one a
+    stage; the embedding opening the first, the MTP layers and the loss ending the last)
+    whose simulated step is shortest with the letters' `costs`. Only the cuts whose
+    busiest rank carries the least are simulated; the first shortest of them wins."""
+    from itertools import combinations
+
+    stages = pipeline.stages
+    if layers < stages:
+        raise ValueError(f"{layers} layers cannot give each of {stages} stages one")
+    held = [[pipeline.place(rank, chunk)[1] for chunk in range(pipeline.chunks)]
+            for rank in range(pipeline.ranks)]
+    cuts = []
+    for bounds in combinations(range(1, layers), stages - 1):
+        counts = [b - a for a, b in zip((0, *bounds), (*bounds, layers))]
+        letters = [LAYER * n for n in counts]
+        letters[0] = EMBEDDING + letters[0]
+        letters[-1] += MTP * mtp + LOSS
+        cost = [sum((costs[x] for x in stage), Fraction(0)) for stage in letters]
+        cuts.append((max(sum(cost[s] for s in mine) for mine in held), tuple(letters)))
+    least = min(load for load, _ in cuts)
+    best = None
+    for load, letters in cuts:
+        if load != least:
+            continue
+        layout = StageLayout(letters)
+        span = simulate(pipeline, durations, stage_weights(layout, costs)).makespan
+        if best is None or span < best[0]:
+            best = (span, layout)
+    return best[1]
+
+
+def cell_time(pipeline: Pipeline, durations: Durations, rank: int, cell: Cell,
+              weights: tuple[Time, ...] | None = None) -> Time:
+    """`cell`'s duration on `rank`: `durations.of(cell)`, scaled by its stage's weight
+    (the weights are per stage of a direction; DualPipe's two directions run the same
+    stages)."""
+    if weights is None:
+        return durations.of(cell)
+
+    def weight(part: Cell) -> Time:
+        return weights[pipeline.place(rank, part.chunk)[1]]
+
+    if cell.op == "FB":
+        forward, backward = cell.parts()
+        alone = durations.F + durations.B
+        return (durations.fb * (weight(forward) * durations.F + weight(backward) * durations.B)
+                / alone)
+    return durations.of(cell) * weight(cell)
+
+
+def simulate(pipeline: Pipeline, durations: Durations = Durations(),
+             weights: tuple[Time, ...] | None = None) -> Timeline:
     """Run every rank's program as far as its dependencies allow, round after round,
-    until all have ended (or none can move: a deadlock, a ValueError naming the cells)."""
+    until all have ended (or none can move: a deadlock, a ValueError naming the cells).
+    `weights`: one a stage (`pipeline.stages` of them) scaling its cells, None for equal
+    stages."""
     pipeline.check()
+    if weights is not None and len(weights) != pipeline.stages:
+        raise ValueError(f"{pipeline.schedule} on {pipeline.ranks} ranks runs "
+                         f"{pipeline.stages} stages; got {len(weights)} stage weights")
     programs = [pipeline.program(rank) for rank in range(pipeline.ranks)]
     ended: dict[tuple, Time] = {}  # (op, direction, stage, micro-batch) -> end time
     rows: list[list[Span]] = [[] for _ in programs]
@@ -116,7 +199,7 @@ def simulate(pipeline: Pipeline, durations: Durations = Durations()) -> Timeline
                 if any(need not in ended for need in needs):
                     break
                 start = max([free[rank]] + [ended[need] for need in needs])
-                end = start + durations.of(cell)
+                end = start + cell_time(pipeline, durations, rank, cell, weights)
                 for part in cell.parts():
                     ended[_key(pipeline, rank, part)] = end
                 rows[rank].append(Span(cell, start, end))

@@ -221,7 +221,8 @@ def test_launch_refuses_as_argparse_does(argv, said, capsys):
     (["describe", "--num-layers", "x"], "argument --num-layers: invalid int value: 'x'"),
     (["convert", "megatron-to-hf", "CKPT"], "the following arguments are required: out"),
     (["ema-export", "--load", "CKPT"], "the following arguments are required: --save"),
-    (["schedule", "--schedule", "gpipe"], "argument --schedule: invalid choice: 'gpipe'"),
+    (["schedule", "--schedule", "gpipe"],  # Megatron's name is its alias
+     "argument --schedule/--pipeline-schedule: invalid choice: 'gpipe'"),
     (["convert", "megatron-to-hf", "CKPT", "OUT", "--max-shard-size", "0"],
      "argument --max-shard-size: 0 must be 1KB or more"),
     (["convert", "megatron-to-hf", "CKPT", "OUT", "--max-shard-size", "12XB"],

@@ -11,8 +11,10 @@ import pytest
 from integration.schedule import main as schedule_main
 from plugins.dualpipe.program import SCHEDULES, Pipeline
 from integration.dualpipe_report.run_files import read_run, write_run
-from plugins.dualpipe.simulator import (Durations, mean_durations, params_per_device,
-                                        peak_activations, published_bubble, simulate)
+from plugins.dualpipe.layout import StageLayout
+from plugins.dualpipe.simulator import (Durations, balanced_layout, cell_time, mean_durations,
+                                        params_per_device, peak_activations, published_bubble,
+                                        simulate, stage_weights)
 
 # (F, B, W, F&B) with B-W = F, W <= F, F&B = F+B: the report's figures' proportions, where
 # the DualPipe row is exact (and the ZB1P row needs W <= F and W <= B-W).
@@ -97,6 +99,81 @@ def test_every_program_finishes_and_runs_each_cell_once(schedule, split):
             assert split or not splits
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_equal_stage_weights_reproduce_the_equal_stages_exactly(schedule):
+    d = Durations(Fr(1), Fr(2), Fr(1, 2), Fr(5, 2))
+    for p, n in _sizes(schedule):
+        pipeline = Pipeline(schedule, p, n)
+        # a layout whose stages cost the same: E and L cost nothing by default
+        layout = StageLayout.split(2 * pipeline.stages, pipeline.stages)
+        assert stage_weights(layout) == (Fr(1),) * pipeline.stages
+        assert simulate(pipeline, d, stage_weights(layout)).rows == simulate(pipeline, d).rows
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_each_rank_is_busy_for_the_stages_it_holds(schedule):
+    """A rank's busy time is its stages' work at their weights: n x w x (F + B) a stage
+    (W is part of B; an F&B without overlap gain is F + B)."""
+    d = Durations(Fr(1), Fr(2), Fr(1, 2))
+    for p, n in _sizes(schedule):
+        pipeline = Pipeline(schedule, p, n)
+        weights = tuple(Fr(s + 1, 3) for s in range(pipeline.stages))
+        timeline = simulate(pipeline, d, weights)
+        per_direction = pipeline.microbatches_per_direction
+        for rank in range(p):
+            held = [pipeline.place(rank, chunk)[1] for chunk in range(pipeline.chunks)]
+            assert timeline.busy(rank) == sum(per_direction * weights[s] * (d.F + d.B)
+                                              for s in held), (p, n, rank)
+
+
+def test_a_slow_second_stage_makes_the_first_rank_wait():
+    # 1F1B on 2 ranks, 2 micro-batches, stage 1 twice as slow (F = 1, B = 2), by hand:
+    # rank 0 F0 [0,1] F1 [1,2]; rank 1 F0 [1,3] B0 [3,7] F1 [7,9] B1 [9,13];
+    # rank 0 B0 [7,9] B1 [13,15].
+    timeline = simulate(Pipeline("1f1b", 2, 2), Durations(Fr(1), Fr(2), Fr(0)),
+                        (Fr(1), Fr(2)))
+    assert timeline.makespan == 15 and timeline.bubbles() == [9, 3]
+    with pytest.raises(ValueError, match="1f1b on 2 ranks runs 2 stages; got 3 stage weights"):
+        simulate(Pipeline("1f1b", 2, 2), Durations(), (Fr(1),) * 3)
+
+
+def test_an_overlapped_cell_pairs_the_weights_of_its_two_stages():
+    pipeline = Pipeline("dualpipev", 2, 4)
+    fb = next(cell for cell in pipeline.program(0) if cell.op == "FB")
+    forward = pipeline.place(0, fb.chunk)[1]
+    backward = pipeline.place(0, fb.backward.chunk)[1]
+    weights = (Fr(1, 2), Fr(1), Fr(1), Fr(5, 2))
+    plain = Durations(Fr(1), Fr(2), Fr(1, 2))
+    assert cell_time(pipeline, plain, 0, fb, weights) == \
+        weights[forward] * 1 + weights[backward] * 2
+    overlapped = Durations(Fr(1), Fr(2), Fr(1, 2), Fr(5, 2))  # F&B at 5/6 of F + B
+    assert cell_time(pipeline, overlapped, 0, fb, weights) == \
+        Fr(5, 6) * (weights[forward] * 1 + weights[backward] * 2)
+
+
+def test_a_balanced_layout_idles_less_than_equal_stages_when_the_ends_carry_the_head():
+    """DualPipeV on 2 ranks holds the embedding and the head on rank 0 (stages 0 and 3):
+    with the head worth two layers, equal stages leave rank 1 idle; a layout that moves
+    layers off rank 0 shortens the step and the bubble."""
+    pipeline = Pipeline("dualpipev", 2, 8, split_backward=False)
+    d = Durations(Fr(1), Fr(2), Fr(0))
+    costs = {"E": Fr(0), "t": Fr(1), "m": Fr(1), "L": Fr(2)}
+    equal = StageLayout.split(8, 4)
+    assert str(equal) == "Ett|tt|tt|ttL"
+    balanced = balanced_layout(pipeline, 8, costs, d)
+    # rank 0: stages 0 and 3, 5 layers' worth of the 10 (the head two): even with rank 1
+    assert balanced.count("t", 0) + balanced.count("t", 3) == 3
+    uneven, even = (simulate(pipeline, d, stage_weights(layout, costs))
+                    for layout in (equal, balanced))
+    assert even.makespan < uneven.makespan
+    assert max(even.bubbles()) < max(uneven.bubbles())
+    assert sum(even.bubbles()) < sum(uneven.bubbles())
+    # the same work in both: the weights average 1
+    assert sum(map(even.busy, range(2))) == sum(map(uneven.busy, range(2)))
+    with pytest.raises(ValueError, match="3 layers cannot give each of 4 stages one"):
+        balanced_layout(pipeline, 3, costs, d)
+
+
 def _cli(capsys, *argv):
     schedule_main(list(argv))
     return capsys.readouterr().out
@@ -105,7 +182,8 @@ def _cli(capsys, *argv):
 def test_cli_json_has_the_keys_and_nothing_else(capsys):
     out = _cli(capsys, "--schedule", "dualpipev", "--pp", "4", "--microbatches", "10", "--json")
     assert json.loads(out) == {"schedule": "dualpipev", "pp": 4, "devices": 4,
-                               "microbatches": 10, "bubble": [6, 6, 6, 6],
+                               "microbatches": 10, "stage_weights": [1] * 8,
+                               "busy": [60] * 4, "bubble": [6, 6, 6, 6],
                                "params_per_device": [2, 2, 2, 2],
                                "peak_activations": [9, 9, 9, 9]}
 
@@ -132,6 +210,70 @@ def test_cli_bad_input_is_one_error_line(capsys, argv, needle):
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.count("\n") == 1 and err.startswith("megaseek: error: ") and needle in err
+
+
+def _json(capsys, *argv):
+    return json.loads(_cli(capsys, *argv, "--json"))
+
+
+def test_cli_layout_is_honoured_and_equal_weights_change_nothing(capsys):
+    base = ["--schedule", "dualpipev", "--pp", "2", "--microbatches", "8", "--w", "0"]
+    equal = _json(capsys, *base)
+    assert _json(capsys, *base, "--stage-weights", "3,3,3,3") == equal
+    assert _json(capsys, *base, "--pipeline-model-parallel-layout", "Ett|tt|tt|ttL") == equal
+    uneven = _json(capsys, *base, "--pipeline-model-parallel-layout", "Ett|tt|tt|ttL",
+                   "--layer-costs", "L=2")
+    assert uneven["stage_weights"] == [0.8, 0.8, 0.8, 1.6]
+    balanced = _json(capsys, *base, "--layout", "Et|ttt|tt|ttL", "--layer-costs", "L=2")
+    assert balanced["stage_weights"] == [0.4, 1.2, 0.8, 1.6]
+    assert max(balanced["bubble"]) < max(uneven["bubble"])
+    # Megatron's flag names, pasted from a run, say the same as the short ones
+    assert _json(capsys, "--pipeline-schedule", "dualpipev", "--pipeline-model-parallel-size",
+                 "2", "--microbatches", "8", "--w", "0", "--layout", "Et|ttt|tt|ttL",
+                 "--layer-costs", "L=2") == balanced
+    printed = _cli(capsys, *base, "--layout", "Et|ttt|tt|ttL", "--layer-costs", "L=2,E=0.5")
+    assert "layout Et|ttt|tt|ttL, costs E=0.5,t=1,m=1,L=2" in printed
+    assert "stages       busy" in printed and "     0     0,3" in printed
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--schedule", "dualpipev", "--pp", "4", "--layout", "Et|tt|tt|tL"],
+     "--pipeline-model-parallel-layout Et|tt|tt|tL has 4 stages; --pipeline-schedule "
+     "dualpipev on --pipeline-model-parallel-size 4 runs 8 (2 per rank, rank r holding "
+     "stages r and 7-r): give 8 stages separated by '|'"),
+    (["--schedule", "1f1b", "--pp", "2", "--layout", "Et|t|tL"],
+     "--pipeline-model-parallel-layout Et|t|tL has 3 stages; 1f1b on --pp 2 runs 2 (one a "
+     "rank): give 2 stages separated by '|'"),
+    (["--schedule", "dualpipe", "--pp", "2", "--layout", "tL|Et"],
+     "--pipeline-model-parallel-layout tL|Et: the embedding (E) must open the first stage"),
+    (["--schedule", "dualpipe", "--pp", "2", "--layout", "Et|tX"],
+     "--pipeline-model-parallel-layout Et|tX: Invalid layer character: X"),
+    (["--schedule", "dualpipe", "--pp", "2", "--layer-costs", "L=2"],
+     "--layer-costs prices the letters of --pipeline-model-parallel-layout: give a layout, "
+     "or drop it"),
+    (["--schedule", "dualpipe", "--pp", "2", "--layout", "Et|tL", "--layer-costs", "H=2"],
+     "--layer-costs H=2: give LETTER=COST pairs separated by commas, the letters E, t, m, L"),
+    (["--schedule", "dualpipe", "--pp", "2", "--layout", "Et|tL", "--layer-costs", "L=-1"],
+     "--layer-costs: -1 is below 0"),
+    (["--schedule", "dualpipe", "--pp", "2", "--layout", "Et|tL", "--layer-costs", "t=0"],
+     "--layer-costs: the stages of Et|tL cost nothing"),
+    (["--schedule", "dualpipev", "--pp", "2", "--stage-weights", "1,2,1"],
+     "--stage-weights 1,2,1 gives 3 stages; dualpipev on --pp 2 runs 4: give 4 weights"),
+    (["--schedule", "dualpipev", "--pp", "2", "--stage-weights", "1,x,1,1"],
+     "--stage-weights: 'x' is not a number"),
+    (["--schedule", "dualpipev", "--pp", "2", "--stage-weights", "1,1,1,1", "--layout",
+      "Et|t|t|tL"], "--stage-weights and --pipeline-model-parallel-layout both give"),
+    (["--from-run", "somewhere", "--layout", "Et|tL"],
+     "--pipeline-model-parallel-layout: --from-run draws the cells as measured"),
+])
+def test_cli_stage_costs_bad_input_is_one_error_line(capsys, argv, error):
+    if "--from-run" not in argv:
+        argv = argv + ["--microbatches", "8"]
+    with pytest.raises(SystemExit) as exit_:
+        schedule_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith(f"megaseek: error: {error}"), err
 
 
 @pytest.mark.parametrize("schedule, durations", [
