@@ -62,8 +62,6 @@ class Domain:
         value = getattr(args, self.dest, None)
         if value is None or (self.unless is not None and self.unless(args)):
             return None
-        if isinstance(value, str):  # `megaseek describe` reads flags it does not use as text
-            return None
         if self.holds(value):
             return None
         return f"{self.flag} {value} must be {self.domain}" + (" (and finite)" if self.finite

@@ -496,6 +496,25 @@ def test_the_edges_are_accepted(extra, tmp_path, monkeypatch):
     assert not (tmp_path / "not").exists()  # a folder is checked, not made
 
 
+def test_every_numeric_domain_is_of_a_flag_megatron_parses_as_a_number():
+    """`Domain.problem` compares the parsed value with its bounds: a run and `megaseek
+    describe` both parse with Megatron's typed parser (and the plugins' flags), so each
+    value is a number (or None: not given)."""
+    from integration import describe
+
+    for parser in (megatron_parser(), describe.parser()):
+        actions = {action.dest: action for action in parser._actions}
+        assert {rule.dest: actions[rule.dest].type for rule in argument_checks.NUMERIC_DOMAINS
+                if actions[rule.dest].type not in (int, float)} == {}
+
+
+def megatron_parser() -> argparse.ArgumentParser:
+    from megatron.training.arguments import add_megatron_arguments
+
+    return default_registry().add_arguments(add_megatron_arguments(
+        argparse.ArgumentParser(allow_abbrev=False)))
+
+
 def test_a_run_that_may_not_train_needs_no_training_flags(monkeypatch):
     """A launch script may only build the model: without a training length, the flags
     only training reads are not asked for. `megaseek pretrain` always trains."""
