@@ -62,6 +62,42 @@ NOT_HONOURED: tuple[Refusal, ...] = (
 )
 
 
+# Megatron's features inside its linears' GEMM (the `_forward_impl` keywords
+# grad_output_buffer and wgrad_deferral_limit) that the fp8 plugin's linears do not
+# implement: refused with the plugin. (gtp_remat_size: `_weights_sharded_past_tp`.)
+NOT_IMPLEMENTED: tuple[Refusal, ...] = (
+    ("defer_embedding_wgrad_compute", "--defer-embedding-wgrad-compute", (False,),
+     "Megatron defers the output layer's weight gradient by keeping the input of every "
+     "local column-parallel linear in a buffer that only the output layer has "
+     "(tensor_parallel/layers.py:1148-1154): the fp8 plugin's linears are such linears, and "
+     "the first forward fails"),
+    ("wgrad_deferral_limit", "--wgrad-deferral-limit", (0,),
+     "it sizes --defer-embedding-wgrad-compute, which the fp8 plugin does not support"),
+)
+
+
+def _weights_sharded_past_tp(args: argparse.Namespace) -> str | None:
+    """The refusal of GTP weight sharding (more weight shards than tensor-parallel ranks),
+    where a flag asks for it: Megatron's linears gather a GTP-sharded weight inside their
+    GEMM (gtp_remat_size), the fp8 plugin's GEMM does not."""
+    tp = args.tensor_model_parallel_size
+    for flag, shards, ranks, ranks_flag in (
+            ("--tensor-parallel-num-weight-shards",
+             getattr(args, "tensor_parallel_num_weight_shards", None), tp,
+             "--tensor-model-parallel-size"),
+            ("--expert-tensor-parallel-num-weight-shards",
+             getattr(args, "expert_tensor_parallel_num_weight_shards", None),
+             getattr(args, "expert_tensor_parallel_size", None) or tp,
+             "--expert-tensor-parallel-size")):
+        if shards is not None and shards > ranks:
+            return (f"{flag} {shards} is not supported with --plugins fp8: it shards each "
+                    f"weight over more ranks than {ranks_flag} {ranks} (GTP), to be gathered "
+                    "inside Megatron's linear GEMM (gtp_remat_size, "
+                    "tensor_parallel/layers.py:517), and the fp8 plugin's GEMM takes the "
+                    f"weight as it is held; drop {flag}")
+    return None
+
+
 def _refused_flag(args: argparse.Namespace) -> str | None:
     if args.transformer_impl != "local":
         return None  # Transformer Engine's modules read them
@@ -108,7 +144,8 @@ class FP8PluginConfig:
 
 
 def check(config: FP8PluginConfig, args) -> None:
-    refused = _refused_flag(args)
+    refused = (_refused_flag(args) or first_refused(args, NOT_IMPLEMENTED)
+               or _weights_sharded_past_tp(args))
     if refused:
         raise PluginError(refused)
     unknown = [name for name in config.fp8_exclude_modules if name not in EXCLUDABLE]
