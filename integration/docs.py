@@ -150,12 +150,6 @@ def fp8_refusals() -> str:
     return refusal_table(NOT_HONOURED)
 
 
-def fp8_linear_refusals() -> str:
-    from plugins.fp8.plugin import NOT_IMPLEMENTED
-
-    return refusal_table(NOT_IMPLEMENTED)
-
-
 def delay_wgrad_refusals() -> str:
     from plugins.common.wgrad_checks import REFUSALS
 
@@ -203,7 +197,6 @@ def regions() -> tuple[Region, ...]:
         Region("mla refusals", "docs/plugins/mla.md", mla_refusals),
         Region("moe refusals", "docs/plugins/moe.md", moe_refusals),
         Region("fp8 refusals", "docs/plugins/fp8.md", fp8_refusals),
-        Region("fp8 linear refusals", "docs/plugins/fp8.md", fp8_linear_refusals),
         Region("delay-wgrad refusals", "docs/plugins/dualpipe.md", delay_wgrad_refusals),
         Region("transformer engine", "docs/launch.md", transformer_engine_table),
         Region("numeric domains", "docs/launch.md", numeric_domains),

@@ -62,24 +62,13 @@ NOT_HONOURED: tuple[Refusal, ...] = (
 )
 
 
-# Megatron's features inside its linears' GEMM (the `_forward_impl` keywords
-# grad_output_buffer and wgrad_deferral_limit) that the fp8 plugin's linears do not
-# implement: refused with the plugin. (gtp_remat_size: `_weights_sharded_past_tp`.)
-NOT_IMPLEMENTED: tuple[Refusal, ...] = (
-    ("defer_embedding_wgrad_compute", "--defer-embedding-wgrad-compute", (False,),
-     "Megatron defers the output layer's weight gradient by keeping the input of every "
-     "local column-parallel linear in a buffer that only the output layer has "
-     "(tensor_parallel/layers.py:1148-1154): the fp8 plugin's linears are such linears, and "
-     "the first forward fails"),
-    ("wgrad_deferral_limit", "--wgrad-deferral-limit", (0,),
-     "it sizes --defer-embedding-wgrad-compute, which the fp8 plugin does not support"),
-)
-
-
 def _weights_sharded_past_tp(args: argparse.Namespace) -> str | None:
     """The refusal of GTP weight sharding (more weight shards than tensor-parallel ranks),
     where a flag asks for it: Megatron's linears gather a GTP-sharded weight inside their
-    GEMM (gtp_remat_size), the fp8 plugin's GEMM does not."""
+    GEMM (the `_forward_impl` keyword gtp_remat_size), the fp8 plugin's GEMM does not.
+    (Its other keywords the FP8 GEMM leaves unused, grad_output_buffer and
+    wgrad_deferral_limit, are --defer-embedding-wgrad-compute's, which megaseek refuses for
+    Megatron's local linears whatever the plugins: `integration.argument_checks`.)"""
     tp = args.tensor_model_parallel_size
     for flag, shards, ranks, ranks_flag in (
             ("--tensor-parallel-num-weight-shards",
@@ -144,8 +133,7 @@ class FP8PluginConfig:
 
 
 def check(config: FP8PluginConfig, args) -> None:
-    refused = (_refused_flag(args) or first_refused(args, NOT_IMPLEMENTED)
-               or _weights_sharded_past_tp(args))
+    refused = _refused_flag(args) or _weights_sharded_past_tp(args)
     if refused:
         raise PluginError(refused)
     unknown = [name for name in config.fp8_exclude_modules if name not in EXCLUDABLE]

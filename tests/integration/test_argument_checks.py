@@ -286,6 +286,21 @@ REFUSED = {
                                      "--sequence-parallel splits the sequence over the "
                                      "tensor-parallel ranks and this run has "
                                      "--tensor-model-parallel-size 1"),
+    "defer-embedding-wgrad-with-local-modules": (
+        ["--defer-embedding-wgrad-compute", "--pipeline-model-parallel-size", "2"], (),
+        "--defer-embedding-wgrad-compute needs Transformer Engine's linears"),
+    "defer-embedding-wgrad-without-pipeline": (
+        ["--defer-embedding-wgrad-compute", "--transformer-impl", "transformer_engine"], (),
+        "--defer-embedding-wgrad-compute defers the embedding's gradient past the pipeline's "
+        "last backward and needs --pipeline-model-parallel-size 2 or more"),
+    "defer-embedding-wgrad-without-fusion": (  # CPU runs: --no-gradient-accumulation-fusion
+        ["--defer-embedding-wgrad-compute", "--transformer-impl", "transformer_engine",
+         "--pipeline-model-parallel-size", "2"], (),
+        "--defer-embedding-wgrad-compute needs gradient accumulation fusion: drop "
+        "--no-gradient-accumulation-fusion"),
+    "wgrad-deferral-limit-without-deferral": (
+        ["--wgrad-deferral-limit", "2"], (),
+        "--wgrad-deferral-limit 2 limits what --defer-embedding-wgrad-compute defers"),
     **{f"attention-backend-{backend}-with-local-modules": (
         ["--attention-backend", backend], (),
         f"--attention-backend {backend} chooses Transformer Engine's attention kernel, and "
