@@ -120,9 +120,14 @@ def _apply_distopt_load_param_state(p: Patcher) -> None:
     p.setattr(cls, "_set_main_param_and_optimizer_states", torch.no_grad()(fixed))
 
 
+_READS_WHAT_IT_LOADS = "__megaseek_reads_what_it_loads__"  # marks the applied fix
+
+
 def _load_template_ignores_save_flags() -> bool:
     checkpointing = megatron_checkpointing()
-    return (source_has(checkpointing.generate_state_dict, "if not args.no_save_optim:",
+    # (functools.wraps carries the mark through the seams' wrappers of load_checkpoint)
+    return (not getattr(checkpointing.load_checkpoint, _READS_WHAT_IT_LOADS, False)
+            and source_has(checkpointing.generate_state_dict, "if not args.no_save_optim:",
                        "if not args.no_save_rng and rng_state:")
             and source_has(checkpointing.load_checkpoint,
                            "load_kwargs['sharded_state_dict'] = generate_state_dict(\n"
@@ -146,6 +151,7 @@ def _apply_load_template_without_save_flags(p: Patcher) -> None:
         with p.scoped(checkpointing, "generate_state_dict", what_the_load_reads):
             return load_checkpoint(*args, **kwargs)
 
+    setattr(load_reading_what_it_loads, _READS_WHAT_IT_LOADS, True)
     p.setattr(checkpointing, "load_checkpoint", load_reading_what_it_loads)
     training = megatron_training()
     if getattr(training, "load_checkpoint", None) is load_checkpoint:
