@@ -136,18 +136,20 @@ def _load_template_ignores_save_flags() -> bool:
 
 def _apply_load_template_without_save_flags(p: Patcher) -> None:
     checkpointing = megatron_checkpointing()
-    load_checkpoint, generate_state_dict = (checkpointing.load_checkpoint,
-                                            checkpointing.generate_state_dict)
-
-    def what_the_load_reads(args, *rest, **kwargs):
-        # The load passes the optimizer and RNG state only where it reads them (its
-        # --no-load-optim and --no-load-rng); the save flags are of this run's saves.
-        loading = copy.copy(args)
-        loading.no_save_optim = loading.no_save_rng = False
-        return generate_state_dict(loading, *rest, **kwargs)
+    load_checkpoint = checkpointing.load_checkpoint
 
     @wraps(load_checkpoint)
     def load_reading_what_it_loads(*args, **kwargs):
+        # generate_state_dict as it is now: the seams wrap it too (plugin state).
+        generate_state_dict = checkpointing.generate_state_dict
+
+        def what_the_load_reads(run_args, *rest, **more):
+            # The load passes the optimizer and RNG state only where it reads them (its
+            # --no-load-optim and --no-load-rng); the save flags are of this run's saves.
+            loading = copy.copy(run_args)
+            loading.no_save_optim = loading.no_save_rng = False
+            return generate_state_dict(loading, *rest, **more)
+
         with p.scoped(checkpointing, "generate_state_dict", what_the_load_reads):
             return load_checkpoint(*args, **kwargs)
 
