@@ -62,8 +62,6 @@ class Domain:
         value = getattr(args, self.dest, None)
         if value is None or (self.unless is not None and self.unless(args)):
             return None
-        if isinstance(value, str):  # `megaseek describe` reads flags it does not use as text
-            return None
         if self.holds(value):
             return None
         return f"{self.flag} {value} must be {self.domain}" + (" (and finite)" if self.finite
@@ -219,6 +217,7 @@ def before_megatron(args: argparse.Namespace, argv: list[str]) -> None:
     _check_batch_ramp_up(args)
     _check_sequence_parallel(args)
     _check_attention_backend(args)
+    _check_embedding_wgrad_deferral(args)
     _check_wsd_schedule(args, argv)
     _check_tokenizer_files(args)
     _check_loss_scaling(args)
@@ -552,6 +551,35 @@ def _check_attention_backend(args) -> None:
                           "attention kernel, and --transformer-impl local builds Megatron's "
                           "own attention (or the mla plugin's), which does not read it: drop "
                           "--attention-backend")
+
+
+def _check_embedding_wgrad_deferral(args) -> None:
+    """--defer-embedding-wgrad-compute fails once the model is built or runs: Megatron's local
+    column-parallel linears keep their input for it in a buffer only the output layer has
+    (tensor_parallel/layers.py:1148-1154, 'NoneType' object has no attribute 'append' at the
+    first forward), and the model's config raises without pipeline parallelism or gradient
+    accumulation fusion (model_parallel_config.py:545, :550). --wgrad-deferral-limit sizes
+    it and is read nowhere else."""
+    limit = getattr(args, "wgrad_deferral_limit", 0)
+    if not getattr(args, "defer_embedding_wgrad_compute", False):
+        if limit:
+            raise PluginError(f"--wgrad-deferral-limit {limit} limits what "
+                              "--defer-embedding-wgrad-compute defers, which this run does not "
+                              "give: drop --wgrad-deferral-limit")
+        return
+    if getattr(args, "transformer_impl", None) == "local":
+        raise PluginError("--defer-embedding-wgrad-compute needs Transformer Engine's linears "
+                          "(--transformer-impl transformer_engine): Megatron's local linears "
+                          "keep their input for it in a buffer only the output layer has, and "
+                          "fail at the first forward; drop --defer-embedding-wgrad-compute")
+    if (args.pipeline_model_parallel_size or 1) == 1:
+        raise PluginError("--defer-embedding-wgrad-compute defers the embedding's gradient "
+                          "past the pipeline's last backward and needs "
+                          "--pipeline-model-parallel-size 2 or more; drop it")
+    if not getattr(args, "gradient_accumulation_fusion", True):
+        raise PluginError("--defer-embedding-wgrad-compute needs gradient accumulation fusion: "
+                          "drop --no-gradient-accumulation-fusion, or drop "
+                          "--defer-embedding-wgrad-compute")
 
 
 _WSD_FLAGS = ("--lr-wsd-decay-iters", "--lr-wsd-decay-samples", "--lr-wsd-decay-style")

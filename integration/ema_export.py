@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from plugins import PluginError
-from plugins.ema.plugin import CHECKPOINT_PREFIX, add_arguments
+from plugins.config import flags
+from plugins.ema.plugin import CHECKPOINT_PREFIX, EMA
 
 
 def parse(argv: list[str],
@@ -64,10 +65,8 @@ def check_checkpoint(options: argparse.Namespace, checkpoint_keys: set[str]) -> 
 
 
 def _ema_dests() -> list[str]:
-    """The argument names the `ema` plugin adds."""
-    group = argparse.ArgumentParser(add_help=False).add_argument_group()
-    add_arguments(group)
-    return [action.dest for action in group._group_actions]
+    """The argument names the `ema` plugin adds, as its config declares them."""
+    return [declared.dest for _, declared in flags(EMA.config)]
 
 
 def run_arguments(saved: argparse.Namespace, options: argparse.Namespace) -> argparse.Namespace:

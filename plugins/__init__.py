@@ -74,7 +74,7 @@ TRANSFORMER_IMPL_FLAG = "--transformer-impl"
 class TransformerEngine:
     """How a plugin goes with Transformer Engine's spec (`--transformer-impl
     transformer_engine`, Megatron's default): stated once, read by the start-up check and
-    by the README's table (`te_policy_table`)."""
+    by the table in docs/launch.md (`te_policy_table`)."""
 
     composes: bool
     # What happens to a model built from TE's spec with the plugin on; for a plugin that
@@ -162,7 +162,8 @@ def transformer_engine_refusal(plugin: Plugin, impl: str) -> str | None:
 
 
 def te_policy_table(plugins: Iterable[Plugin]) -> str:
-    """The README's table of what each plugin does with Transformer Engine (Markdown)."""
+    """The table of what each plugin does with Transformer Engine (Markdown), generated into
+    docs/launch.md."""
     rows = ["| plugin | with `--transformer-impl transformer_engine` | what a TE user gives up |",
             "|---|---|---|"]
     for plugin in plugins:

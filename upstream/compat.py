@@ -8,15 +8,17 @@ it; `FIXES` by `install()`, at the start of a run.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
 import typing
+from functools import wraps
 from pathlib import Path
 
 import torch
 
-from upstream.megatron_modules import megatron_module
+from upstream.megatron_modules import megatron_checkpointing, megatron_module, megatron_training
 from upstream.patching import (EVERY_MACHINE, Fix, Patcher, Scope, apply_fixes,
                                rewrite_function, source_has)
 
@@ -118,6 +120,46 @@ def _apply_distopt_load_param_state(p: Patcher) -> None:
     p.setattr(cls, "_set_main_param_and_optimizer_states", torch.no_grad()(fixed))
 
 
+_READS_WHAT_IT_LOADS = "__megaseek_reads_what_it_loads__"  # marks the applied fix
+
+
+def _load_template_ignores_save_flags() -> bool:
+    checkpointing = megatron_checkpointing()
+    # (functools.wraps carries the mark through the seams' wrappers of load_checkpoint)
+    return (not getattr(checkpointing.load_checkpoint, _READS_WHAT_IT_LOADS, False)
+            and source_has(checkpointing.generate_state_dict, "if not args.no_save_optim:",
+                       "if not args.no_save_rng and rng_state:")
+            and source_has(checkpointing.load_checkpoint,
+                           "load_kwargs['sharded_state_dict'] = generate_state_dict(\n"
+                           "                args,"))
+
+
+def _apply_load_template_without_save_flags(p: Patcher) -> None:
+    checkpointing = megatron_checkpointing()
+    load_checkpoint = checkpointing.load_checkpoint
+
+    @wraps(load_checkpoint)
+    def load_reading_what_it_loads(*args, **kwargs):
+        # generate_state_dict as it is now: the seams wrap it too (plugin state).
+        generate_state_dict = checkpointing.generate_state_dict
+
+        def what_the_load_reads(run_args, *rest, **more):
+            # The load passes the optimizer and RNG state only where it reads them (its
+            # --no-load-optim and --no-load-rng); the save flags are of this run's saves.
+            loading = copy.copy(run_args)
+            loading.no_save_optim = loading.no_save_rng = False
+            return generate_state_dict(loading, *rest, **more)
+
+        with p.scoped(checkpointing, "generate_state_dict", what_the_load_reads):
+            return load_checkpoint(*args, **kwargs)
+
+    setattr(load_reading_what_it_loads, _READS_WHAT_IT_LOADS, True)
+    p.setattr(checkpointing, "load_checkpoint", load_reading_what_it_loads)
+    training = megatron_training()
+    if getattr(training, "load_checkpoint", None) is load_checkpoint:
+        p.setattr(training, "load_checkpoint", load_reading_what_it_loads)
+
+
 FIXES: tuple[Fix, ...] = (
     Fix("dataset-helpers-prebuilt",
         f"megatron/training/initialize.py:173-177 -> megatron/core/datasets/utils.py:25 ({VERSION})",
@@ -146,6 +188,16 @@ FIXES: tuple[Fix, ...] = (
         lambda: source_has(_distopt()._set_main_param_and_optimizer_states,
                            _LOAD_PARAM_STATE_CHECK),
         _apply_distopt_load_param_state, EVERY_MACHINE),
+    Fix("load-reads-state-a-run-does-not-save",
+        f"megatron/training/checkpointing.py:1338 and :1374 (generate_state_dict leaves out "
+        f"the optimizer and RNG state under --no-save-optim, --no-save-rng), called for the "
+        f"load at :2311 ({VERSION})",
+        "a run that saves no optimizer (or RNG) state cannot load it either: the load's "
+        "template lacks it, and Megatron fails with KeyError 'params' "
+        "(optimizer.py:627, the saved parameter groups without their parameters) or stops "
+        "with exit status 0 before training ('Unable to load rng state', :2686-2693)",
+        _load_template_ignores_save_flags, _apply_load_template_without_save_flags,
+        EVERY_MACHINE),
 )
 
 

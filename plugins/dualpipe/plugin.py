@@ -94,9 +94,6 @@ def check(config: DualPipePluginConfig, args) -> None:
         raise PluginError(f"--overlap-param-gather-with-optimizer-step cannot be combined with "
                           f"--pipeline-schedule {schedule}, whose schedules do not start "
                           f"Megatron's parameter gathers: drop it")
-    if _flag(args, "rampup_batch_size") is not None:
-        raise PluginError(f"--rampup-batch-size cannot be combined with --pipeline-schedule "
-                          f"{schedule}, which needs a fixed number of micro-batches")
     if _flag(args, "overlap_moe_expert_parallel_comm"):
         _check_overlap(args)
     refused = delay_wgrad_refusal(args)

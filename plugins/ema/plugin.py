@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 
 import torch
 
 from plugins import Plugin, PluginError, TransformerEngine
-from plugins.config import add_flags, flag, megatron
+from plugins.config import flag, megatron
 from plugins.ema.ema import EMAConfig, HostEMA, owned_shards
 
 CHECKPOINT_PREFIX = "megaseek:ema"  # the EMA's sharded keys: PREFIX.<the weight's key>
@@ -40,11 +39,6 @@ class EMAPluginConfig:
 
     def ema(self) -> EMAConfig:
         return EMAConfig(self.ema_decay, self.ema_interval, self.ema_start_iter)
-
-
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """The ema plugin's flags (`megaseek ema-export` reads a run's saved ones)."""
-    add_flags(EMAPluginConfig, group)
 
 
 def check(config: EMAPluginConfig, args) -> None:

@@ -114,7 +114,10 @@ def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allredu
     """Megatron's `linear_with_grad_accumulation_and_async_allreduce` contract with the
     GEMMs in FP8: all-gather the input under sequence parallelism, all-reduce its
     gradient under plain TP (both through Megatron's own mappings); with
-    `gradient_accumulation_fusion`, Wgrad adds into the weight's main_grad."""
+    `gradient_accumulation_fusion`, Wgrad adds into the weight's main_grad. The keywords
+    left in `unused` carry features refused at start-up: grad_output_buffer and
+    wgrad_deferral_limit (--defer-embedding-wgrad-compute, for every run of Megatron's local
+    linears), a gtp_remat_size above 1 (GTP weight shards, with the plugin)."""
     if sequence_parallel:
         input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
                                                      group=tp_group)

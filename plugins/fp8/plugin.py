@@ -62,6 +62,31 @@ NOT_HONOURED: tuple[Refusal, ...] = (
 )
 
 
+def _weights_sharded_past_tp(args: argparse.Namespace) -> str | None:
+    """The refusal of GTP weight sharding (more weight shards than tensor-parallel ranks),
+    where a flag asks for it: Megatron's linears gather a GTP-sharded weight inside their
+    GEMM (the `_forward_impl` keyword gtp_remat_size), the fp8 plugin's GEMM does not.
+    (Its other keywords the FP8 GEMM leaves unused, grad_output_buffer and
+    wgrad_deferral_limit, are --defer-embedding-wgrad-compute's, which megaseek refuses for
+    Megatron's local linears whatever the plugins: `integration.argument_checks`.)"""
+    tp = args.tensor_model_parallel_size
+    for flag, shards, ranks, ranks_flag in (
+            ("--tensor-parallel-num-weight-shards",
+             getattr(args, "tensor_parallel_num_weight_shards", None), tp,
+             "--tensor-model-parallel-size"),
+            ("--expert-tensor-parallel-num-weight-shards",
+             getattr(args, "expert_tensor_parallel_num_weight_shards", None),
+             getattr(args, "expert_tensor_parallel_size", None) or tp,
+             "--expert-tensor-parallel-size")):
+        if shards is not None and shards > ranks:
+            return (f"{flag} {shards} is not supported with --plugins fp8: it shards each "
+                    f"weight over more ranks than {ranks_flag} {ranks} (GTP), to be gathered "
+                    "inside Megatron's linear GEMM (gtp_remat_size, "
+                    "tensor_parallel/layers.py:517), and the fp8 plugin's GEMM takes the "
+                    f"weight as it is held; drop {flag}")
+    return None
+
+
 def _refused_flag(args: argparse.Namespace) -> str | None:
     if args.transformer_impl != "local":
         return None  # Transformer Engine's modules read them
@@ -108,7 +133,7 @@ class FP8PluginConfig:
 
 
 def check(config: FP8PluginConfig, args) -> None:
-    refused = _refused_flag(args)
+    refused = _refused_flag(args) or _weights_sharded_past_tp(args)
     if refused:
         raise PluginError(refused)
     unknown = [name for name in config.fp8_exclude_modules if name not in EXCLUDABLE]

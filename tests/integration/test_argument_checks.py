@@ -289,6 +289,21 @@ REFUSED = {
                                      "--sequence-parallel splits the sequence over the "
                                      "tensor-parallel ranks and this run has "
                                      "--tensor-model-parallel-size 1"),
+    "defer-embedding-wgrad-with-local-modules": (
+        ["--defer-embedding-wgrad-compute", "--pipeline-model-parallel-size", "2"], (),
+        "--defer-embedding-wgrad-compute needs Transformer Engine's linears"),
+    "defer-embedding-wgrad-without-pipeline": (
+        ["--defer-embedding-wgrad-compute", "--transformer-impl", "transformer_engine"], (),
+        "--defer-embedding-wgrad-compute defers the embedding's gradient past the pipeline's "
+        "last backward and needs --pipeline-model-parallel-size 2 or more"),
+    "defer-embedding-wgrad-without-fusion": (  # CPU runs: --no-gradient-accumulation-fusion
+        ["--defer-embedding-wgrad-compute", "--transformer-impl", "transformer_engine",
+         "--pipeline-model-parallel-size", "2"], (),
+        "--defer-embedding-wgrad-compute needs gradient accumulation fusion: drop "
+        "--no-gradient-accumulation-fusion"),
+    "wgrad-deferral-limit-without-deferral": (
+        ["--wgrad-deferral-limit", "2"], (),
+        "--wgrad-deferral-limit 2 limits what --defer-embedding-wgrad-compute defers"),
     **{f"attention-backend-{backend}-with-local-modules": (
         ["--attention-backend", backend], (),
         f"--attention-backend {backend} chooses Transformer Engine's attention kernel, and "
@@ -499,6 +514,25 @@ def test_the_edges_are_accepted(extra, tmp_path, monkeypatch):
     argv = command_line([a.format(tmp=tmp_path) for a in extra])
     assert start_up_refusal(argv, monkeypatch) is None
     assert not (tmp_path / "not").exists()  # a folder is checked, not made
+
+
+def test_every_numeric_domain_is_of_a_flag_megatron_parses_as_a_number():
+    """`Domain.problem` compares the parsed value with its bounds: a run and `megaseek
+    describe` both parse with Megatron's typed parser (and the plugins' flags), so each
+    value is a number (or None: not given)."""
+    from integration import describe
+
+    for parser in (megatron_parser(), describe.parser()):
+        actions = {action.dest: action for action in parser._actions}
+        assert {rule.dest: actions[rule.dest].type for rule in argument_checks.NUMERIC_DOMAINS
+                if actions[rule.dest].type not in (int, float)} == {}
+
+
+def megatron_parser() -> argparse.ArgumentParser:
+    from megatron.training.arguments import add_megatron_arguments
+
+    return default_registry().add_arguments(add_megatron_arguments(
+        argparse.ArgumentParser(allow_abbrev=False)))
 
 
 def test_a_run_that_may_not_train_needs_no_training_flags(monkeypatch):

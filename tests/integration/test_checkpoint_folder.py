@@ -17,8 +17,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.helpers.training_runs import TINY_GPT, losses, torchrun
+from tests.helpers.training_runs import TINY_GPT, checkpoint_tensors, losses, torchrun
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -162,8 +163,6 @@ def resumed(tmp_path_factory) -> Path:
                      work, ranks=1)
     assert sorted(losses(first)) == [1, 2]  # from scratch
     second = torchrun(["-m", "integration.pretrain"],
-                      # (a run with --no-save-optim cannot load an optimizer state either:
-                      # Megatron 0.19.2 fails with KeyError 'params')
                       TINY_GPT + ["--train-iters", "4", "--no-save-optim", "--no-load-optim",
                                   *pair], work, ranks=1)
     assert sorted(losses(second)) == [3, 4]  # resumed at iteration 2
@@ -289,6 +288,29 @@ def test_a_resume_that_adds_the_distributed_optimizer_is_refused_at_start_up(res
         "--ckpt-fully-parallel-load): resume without --use-distributed-optimizer, or give "
         "--no-load-optim to start the optimizer state afresh"]
     assert "Traceback" not in output and "building GPT model" not in output
+
+
+@pytest.mark.slow
+def test_a_run_that_saves_no_optimizer_or_rng_state_still_loads_them(resumed, tmp_path):
+    """--no-save-optim and --no-save-rng are of the run's own saves: resumed with them, a
+    run loads the checkpoint's optimizer state (and RNG state) as a plain resume does, and
+    takes the same step (Megatron 0.19.2 left them out of what its load reads:
+    KeyError 'params', and an exit with status 0 before training;
+    `upstream.compat` 'load-reads-state-a-run-does-not-save')."""
+    resume = TINY_GPT + ["--train-iters", "3", "--load", str(resumed), "--ckpt-step", "2",
+                         "--save-interval", "3",
+                         "--override-opt_param-scheduler"]  # this run's shorter schedule
+    saved = {}
+    for name, flags in (("plain", []), ("lean", ["--no-save-optim", "--no-save-rng"])):
+        out = torchrun(["-m", "integration.pretrain"],
+                       resume + flags + ["--save", str(tmp_path / name)], tmp_path, ranks=1)
+        assert sorted(losses(out)) == [3]
+        saved[name] = checkpoint_tensors(tmp_path / name, 3)
+    assert not [key for key in saved["lean"] if key.startswith("optimizer.")]
+    assert [key for key in saved["plain"] if key.startswith("optimizer.")]
+    assert saved["lean"].keys() <= saved["plain"].keys()
+    for key, weight in saved["lean"].items():  # the step taken with the loaded Adam state
+        assert torch.equal(weight, saved["plain"][key]), key
 
 
 # --- the tools verify the checksum manifest ------------------------------------------------------

@@ -390,13 +390,17 @@ def test_compat_undo_restores_upstream():
     names = ("state_dict", "load_state_dict", "_set_main_param_and_optimizer_states")
     originals = {name: vars(cls)[name] for name in names}
     compile_helpers = utils.compile_helpers
+    checkpointing = importlib.import_module("megatron.training.checkpointing")
+    load_checkpoint = checkpointing.load_checkpoint
     patcher = compat.install()
     try:
         for name in names:
             assert vars(cls)[name] is not originals[name], name
         assert utils.compile_helpers is compat._prebuilt_dataset_helpers
+        assert checkpointing.load_checkpoint is not load_checkpoint
     finally:
         patcher.undo()
+    assert checkpointing.load_checkpoint is load_checkpoint
     for name in names:
         assert vars(cls)[name] is originals[name], name
     assert utils.compile_helpers is compile_helpers

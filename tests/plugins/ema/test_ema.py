@@ -528,6 +528,20 @@ def test_ema_export_refuses_a_checkpoint_without_ema(tmp_path):
     with pytest.raises(PluginError, match=r"^ema-export needs a checkpoint saved by training "
                        r"with --plugins ema; CKPT holds no EMA \(no megaseek:ema\.\* weights\)$"):
         ema_export.check_checkpoint(options, {"embedding.word_embeddings.weight"})
+
+
+def test_ema_export_runs_the_saved_arguments_without_the_ema_plugin_and_its_flags():
+    import argparse
+
+    from integration import ema_export
+
+    saved = argparse.Namespace(plugins=["mla", "ema"], ema_decay=0.9, ema_interval=2,
+                               ema_start_iter=1, ema_eval=True, hidden_size=64)
+    options = ema_export.parse(["--load", "CKPT", "--save", "OUT"])
+    args = ema_export.run_arguments(saved, options)
+    assert args.plugins == ["mla"] and args.hidden_size == 64
+    assert not [dest for dest in vars(args) if dest.startswith("ema_")]
+    assert saved.ema_decay == 0.9  # the saved arguments are left as read
     ema_export.check_checkpoint(options, {"megaseek:ema.embedding.word_embeddings.weight"})
 
 

@@ -64,6 +64,14 @@ REFUSALS = {
                        "blockwise"], ["--fp8-format e4m3"]),
     "plugin-delayed": (["--plugins", "fp8", "--fp8-format", "e4m3"],
                        ["--fp8-recipe blockwise"]),
+    # GTP weight shards, which Megatron's linears gather inside their GEMM.
+    "gtp": (PLUGIN_FP8 + ["--tensor-parallel-num-weight-shards", "2"],
+            ["--tensor-parallel-num-weight-shards 2 is not supported with --plugins fp8",
+             "--tensor-model-parallel-size 1 (GTP)", "drop --tensor-parallel-num-weight-shards"]),
+    "expert-gtp": (PLUGIN_FP8 + ["--tensor-model-parallel-size", "2",
+                                 "--expert-tensor-parallel-num-weight-shards", "4"],
+                   ["--expert-tensor-parallel-num-weight-shards 4 is not supported with "
+                    "--plugins fp8", "--expert-tensor-parallel-size 2 (GTP)"]),
 }
 
 ACCEPTED = {  # configurations the plugin honours: no error
@@ -74,6 +82,12 @@ ACCEPTED = {  # configurations the plugin honours: no error
                           "--recompute-modules", "mlp"],
     "fp8-knobs-with-te": [*FP8, "--transformer-impl", "transformer_engine",
                           "--fp8-margin", "2"],  # TE's own modules read them
+    # as many weight shards as tensor-parallel ranks: no GTP
+    "fp8-weight-shards-of-tp": [*PLUGIN_FP8, "--tensor-model-parallel-size", "2",
+                                "--tensor-parallel-num-weight-shards", "2",
+                                "--expert-tensor-parallel-num-weight-shards", "2"],
+    # without the plugin, Megatron's own linears take them
+    "gtp-without-plugin": ["--tensor-parallel-num-weight-shards", "2"],
 }
 
 
@@ -146,3 +160,28 @@ def test_refusal_table_holds_megatrons_defaults():
     defaults = _megatron_parser().parse_args([])
     for dest, flag, honoured, _ in NOT_HONOURED:
         assert getattr(defaults, dest) == honoured[0], flag
+
+
+def test_embedding_wgrad_deferral_is_refused_before_the_plugin_is_asked(monkeypatch):
+    """--defer-embedding-wgrad-compute (what Megatron passes to `_forward_impl` as
+    grad_output_buffer and wgrad_deferral_limit) fails in every local linear, the FP8 ones
+    among them: megaseek's check of Megatron's flags refuses it first."""
+    from tests.integration.test_argument_checks import start_up_refusal
+
+    for extra, said in ((["--defer-embedding-wgrad-compute", "--pipeline-model-parallel-size",
+                          "2"], "--defer-embedding-wgrad-compute needs Transformer Engine's"),
+                        (["--wgrad-deferral-limit", "2"], "--wgrad-deferral-limit 2 limits")):
+        assert start_up_refusal(BASE + PLUGIN_FP8 + extra, monkeypatch).startswith(said)
+
+
+def test_every_keyword_of_megatrons_gemm_is_honoured_or_its_flags_refused():
+    """The keywords Megatron's linears pass to `_forward_impl` that the FP8 GEMM does not
+    take by name carry features refused at start-up (the tests above)."""
+    import inspect
+
+    from plugins.fp8.modules import _fp8_forward_impl
+    from upstream.private_names import COLUMN_KEYWORDS
+
+    taken = set(inspect.signature(_fp8_forward_impl).parameters)
+    assert COLUMN_KEYWORDS - taken == {"grad_output_buffer", "wgrad_deferral_limit",
+                                       "gtp_remat_size"}
