@@ -1,16 +1,23 @@
 """`megaseek describe --preset NAME [FLAGS]`: what a model costs, by arithmetic over its
 flags; nothing is built.
 
-    megaseek describe --preset deepseek-v3 --pipeline-model-parallel-size 16 \\
-        --decoder-first-pipeline-num-layers 1 --expert-model-parallel-size 64 \\
-        --data-parallel-size 128 --micro-batch-size 1 --bf16 --use-distributed-optimizer \\
-        --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
+    megaseek describe --preset deepseek-v3 --plugins mla moe fp8 dualpipe \\
+        --pipeline-schedule dualpipe --pipeline-model-parallel-size 16 \\
+        --pipeline-model-parallel-layout "Etttt|(tttt|)*14tmL" \\
+        --expert-model-parallel-size 64 --data-parallel-size 128 --micro-batch-size 1 \\
+        --global-batch-size 15360 --bf16 --use-distributed-optimizer \\
+        --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --recompute-granularity selective \\
+        --recompute-modules layernorm mla_up_proj
 
-prints
+(DeepSeek's recipe: `integration.deepseek_v3.RECIPE`) prints
 - the parameters of the main model and of the MTP modules, total and activated per token;
-- per pipeline rank: parameter, gradient and optimizer-state bytes at the layout, and the
-  activations kept for backward (per micro-batch, and times the micro-batches the schedule
-  keeps in flight: 1F1B P - rank, DualPipe and DualPipeV P + 1);
+- per pipeline rank, each of its stages (contents, parameters, activation bytes and
+  forward + backward FLOPs of one micro-batch, the micro-batches of it in flight at the
+  rank's peak, from the schedule's own program: 1F1B P - rank, DualPipe P + 1 and
+  DualPipeV 2P + 1 stages of their P- and 2P-stage cuts), and the rank's parameter,
+  gradient, optimizer-state and activation bytes;
+- how evenly the stages and ranks share the FLOPs, and DeepSeek's memory savings that
+  megaseek does not have yet with what each would save;
 - training FLOPs per token (forward + backward, for MFU), attention and the routed experts
   a token actually uses included.
 `--json` prints every figure as an exact integer instead.
@@ -21,14 +28,14 @@ the plugins' flags (the registry's `add_arguments`, as the launch adds them), af
 the world size) and `--json`. A flag describe does not model is refused by name, never
 ignored; the flags get a run's start-up checks (`run_start_up_checks`): what a run
 refuses, describe refuses. The figures are the cost models' (`integration.cost`, which
-composes the plugins': `plugins.mla.cost`, `plugins.moe.cost`, `plugins.fp8.cost`); the stages each
-pipeline rank holds are Megatron's layer split, at the places the dualpipe plugin's
-`Pipeline` puts them. Conventions (see `integration.cost`): the vocabulary is
-`--vocab-size` as given for the model totals, padded as Megatron pads it
-(`--make-vocab-size-divisible-by` x TP) for the per-rank bytes; activations as the
-plugins' layers keep them on a GPU, dropout off. DeepSeek-V3: 671.0B total, 36.6B
-activated (the report's 37B; README_WEIGHTS counts 36.7B without the 0.9B embedding); its
-MTP module 11.6B, of which the transformer layer is README_WEIGHTS' 11.5B.
+composes the plugins': `plugins.mla.cost`, `plugins.moe.cost`, `plugins.fp8.cost`); the
+stages are the run's (`stage_layout`), at the places the schedule's `Pipeline` puts them.
+Conventions (see `integration.cost`): the vocabulary is `--vocab-size` as given for the
+model totals, padded as Megatron pads it (`--make-vocab-size-divisible-by` x TP) for the
+per-rank bytes; activations as the plugins' layers keep them on a GPU, dropout off.
+DeepSeek-V3: 671.0B total, 36.6B activated (the report's 37B; README_WEIGHTS counts 36.7B
+without the 0.9B embedding); its MTP module 11.6B, of which the transformer layer is
+README_WEIGHTS' 11.5B.
 """
 
 from __future__ import annotations
@@ -100,7 +107,8 @@ READ_UNCOUNTED = frozenset("""
     --yarn-original-max-position-embeddings --yarn-beta-fast --yarn-beta-slow --mscale
     --mscale-all-dim --norm-epsilon --moe-router-num-groups --moe-router-group-topk
     --moe-router-score-function --moe-router-bias-update-rate
-    --moe-router-topk-scaling-factor --moe-router-dtype --fp8-backend --moe-router-enable-expert-bias --no-rope-fusion
+    --moe-router-topk-scaling-factor --moe-router-dtype --fp8-backend
+    --moe-router-enable-expert-bias --no-rope-fusion
     --expert-tensor-parallel-size --global-batch-size
 """.split())
 HELP = frozenset({"-h", "--help"})
@@ -659,11 +667,6 @@ def savings_not_built(args) -> list[Saving]:
             {"router input (fp32)": 1, "dispatch": 1,
              "experts' output, gates (fp32)": 0.5}))
     return found
-
-
-def in_flight(args, rank: int) -> int:
-    """Micro-batches the rank holds in flight at its peak, over its chunks."""
-    return sum(held_at_peak(args, rank, [1] * _pipeline(args).chunks)[1])
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -263,6 +263,39 @@ def test_deepseek_v3_layouts_are_balanced_by_stage_flops(schedule):
         assert max(cost_["rank_flops"]) >= max(chosen["rank_flops"]), other
 
 
+def test_savings_not_built_are_what_megaseek_keeps_and_deepseek_does_not():
+    """The MTP stage's embedding copy (weights, gradients, optimizer share) on the rank
+    that also holds stage 0, and each saving's activation terms in every micro-batch the
+    rank holds; every rank's total with all of them."""
+    args = _dsv3("dualpipev", "--pipeline-model-parallel-layout",
+                 deepseek_v3.PIPELINE_LAYOUTS["dualpipev"])
+    got = d.describe(args)
+    saving = {s.short: s for s in d.savings_not_built(args)}
+    assert list(saving) == ["MTP sharing the embedding", "RMSNorm outputs not kept",
+                            "the experts' SwiGLU output recomputed",
+                            "no fp32 copies in the MoE layer"]
+    first, middle = got["per_rank"][0], got["per_rank"][5]
+    embedding = 129280 * 7168  # a multiple of 128 rows: no padding
+    name = saving["MTP sharing the embedding"].name
+    # BF16 weight, fp32 gradient, fp32 master and two BF16 moments over 128 DP ranks
+    assert first["not_built_bytes"][name] == embedding * (2 + 4) + embedding * 8 // 128
+    assert middle["not_built_bytes"][name] == 0
+    # rank 5: stages 5 and 26 of two MoE layers each, 33 micro-batches in flight
+    assert [s["layers"] for s in middle["stages"]] == [[9, 10], [51, 52]]
+    assert middle["microbatches_in_flight"] == 33
+    m, kept = d.shape(args), d.kept_activations(args)
+    terms = cost.layer_saved_terms(m, 20, 4096, 4096, frozenset({"layernorm", "mla_up_proj"}),
+                                   1, kept)
+    for short in list(saving)[1:]:
+        spared = saving[short].spared
+        per_layer = math.ceil(sum(terms.values())) - math.ceil(
+            sum(v * (1 - spared.get(term, 0)) for term, v in terms.items()))
+        assert per_layer > 0 and middle["not_built_bytes"][saving[short].name] == 66 * per_layer
+    for r in got["per_rank"][2:]:  # every chunk alike: the savings add up
+        assert r["total_bytes_with_all_built"] == r["total_bytes"] - sum(
+            r["not_built_bytes"].values())
+
+
 def test_a_layout_the_schedule_cannot_place_is_refused_as_a_run_refuses_it():
     """One source of truth: the dualpipe plugin's `stage_layout`, which a run calls."""
     from plugins.config import read
@@ -360,9 +393,13 @@ VARIANTS = {  # name: extra flags
 }
 
 
+def _last(argv, flag: str) -> int:
+    """The value argv gives `flag` (its last, as argparse reads it)."""
+    return int(argv[len(argv) - 1 - argv[::-1].index(flag) + 1])
+
+
 def _seq(argv) -> int:
-    """The sequence length argv asks for (the last --seq-length, as argparse reads it)."""
-    return int(argv[len(argv) - 1 - argv[::-1].index("--seq-length") + 1])
+    return _last(argv, "--seq-length")
 
 
 def _argv(variant: str) -> list[str]:
@@ -419,12 +456,12 @@ def _built(argv, census: bool, flops: bool):
                       moe=MoEShape.from_config(model.config),
                       mlp=(model.config.hidden_size, model.config.ffn_hidden_size,
                            model.config.gated_linear_unit))
-        seq = _seq(argv)
-        tokens = torch.randint(VOCAB, (BATCH, seq + 1), generator=torch.Generator().manual_seed(1))
-        positions = torch.arange(seq).expand(BATCH, -1)
+        seq, batch = _seq(argv), _last(argv, "--micro-batch-size")
+        tokens = torch.randint(VOCAB, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(seq).expand(batch, -1)
         # Token ids, labels and the fp32 loss mask as Megatron's get_batch gives them.
-        ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        mask = torch.ones(BATCH, seq)
+        ids, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # storages of their own
+        mask = torch.ones(batch, seq)
         saved = _census(model, lambda: model(ids, positions, None, labels=labels,
                                              loss_mask=mask),
                         autograd_c) if census else None
@@ -524,8 +561,7 @@ DSV3_SCALED = ["--preset", "deepseek-v3", "--num-layers", "3", "--moe-layer-freq
                "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
                "--num-experts", "32", "--moe-ffn-hidden-size", "128",
                "--moe-shared-expert-intermediate-size", "128", "--seq-length", str(SEQ),
-               "--max-position-embeddings", str(SEQ), "--micro-batch-size", str(BATCH),
-               "--vocab-size", str(VOCAB), "--bf16", "--fp8-backend", "emulated",
+               "--max-position-embeddings", str(SEQ), "--vocab-size", str(VOCAB), "--bf16", "--fp8-backend", "emulated",
                "--recompute-granularity", "selective", "--recompute-modules", "layernorm",
                "mla_up_proj"]
 
@@ -537,12 +573,16 @@ def _measure_argv(rank, world_size, argv):
         return _built(argv, census=True, flops=False)
 
 
-def test_whole_model_activation_equals_the_census_at_a_scaled_down_deepseek_v3():
+@pytest.mark.parametrize("micro_batch", [1, BATCH])
+def test_whole_model_activation_equals_the_census_at_a_scaled_down_deepseek_v3(micro_batch):
     """describe's activation figure for a stage, here the one stage holding the whole
     model at PP=1 (embedding, dense and MoE layers, final norm, head and loss, the MTP
-    module), against the census of everything a real forward keeps for backward."""
-    (measured_,) = run_ranks(_measure_argv, 1, DSV3_SCALED, timeout=600)
-    args = d.parse(DSV3_SCALED)
+    module), against the census of everything a real forward keeps for backward; one
+    sequence a micro-batch (DeepSeek's) and several (the balance loss copies the scores
+    to order them by sequence)."""
+    argv = [*DSV3_SCALED, "--micro-batch-size", str(micro_batch)]
+    (measured_,) = run_ranks(_measure_argv, 1, argv, timeout=600)
+    args = d.parse(argv)
     m = d.shape(args)
     ((stage,),) = d.stages(args)
     assert stage.embedding and stage.head and stage.mtp == 1 and stage.layers == [0, 1, 2]
