@@ -101,7 +101,8 @@ READ = frozenset("""
     --use-distributed-optimizer --main-grads-dtype --exp-avg-dtype --exp-avg-sq-dtype --json
 """.split())
 # Read (checked as a run checks them), but they change no figure: the positional
-# encoding's settings and the router's.
+# encoding's settings, the router's, and the EMA's (its copy of the weights is in host
+# memory).
 READ_UNCOUNTED = frozenset("""
     --position-embedding-type --rope-type --rotary-base --rotary-scaling-factor
     --yarn-original-max-position-embeddings --yarn-beta-fast --yarn-beta-slow --mscale
@@ -110,6 +111,7 @@ READ_UNCOUNTED = frozenset("""
     --moe-router-topk-scaling-factor --moe-router-dtype --fp8-backend
     --moe-router-enable-expert-bias --no-rope-fusion
     --expert-tensor-parallel-size --global-batch-size
+    --ema-decay --ema-interval --ema-start-iter
 """.split())
 HELP = frozenset({"-h", "--help"})
 # Flags Megatron takes more values of than describe counts.

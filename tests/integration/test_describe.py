@@ -141,6 +141,12 @@ def test_bad_input_is_refused_by_name(argv, message, capsys):
     assert message in err and err.count("\n") == 1 and err.startswith("megaseek: error: ")
 
 
+def test_the_ema_in_host_memory_adds_no_gpu_byte():
+    base = ["--preset", "tiny", "--bf16"]
+    with_ema = report([*base, "--plugins", "mla", "moe", "fp8", "ema", "--ema-decay", "0.999"])
+    assert with_ema["per_rank"] == report(base)["per_rank"]
+
+
 def test_megatron_schedule_may_be_named():
     """`--pipeline-schedule 1f1b` names Megatron's schedule, the one a run gets without the
     flag (the dualpipe plugin's flag takes only its own)."""
