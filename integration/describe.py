@@ -655,19 +655,17 @@ def savings_not_built(args) -> list[Saving]:
              "kv up-projection input": 1, "shared experts' fc1 input": 1, "MLP input": 1}))
     if fp8_enabled(args) and args.num_experts:
         found.append(Saving(
-            "the experts' SwiGLU output recomputed in backward (the FP8 experts keep fc2's "
-            "FP8 input and the fp32 intermediates of quantizing it)",
-            "the experts' SwiGLU output recomputed",
-            {"experts' fc2 input (quantization)": 1, "experts' fc2 input": 1,
-             "shared experts fc2 input": 1}))
+            "the SwiGLU output recomputed in backward (the FP8 routed and shared experts "
+            "keep fc2's FP8 input)",
+            "the SwiGLU output recomputed",
+            {"experts' fc2 input": 1, "shared experts fc2 input": 1}))
     if args.num_experts and args.bf16:
         found.append(Saving(
-            "no fp32 copies in the MoE layer (megaseek keeps the router's input and the "
-            "dispatched rows in fp32, not needed with DeepSeek's FP8 dispatch, and the "
-            "experts' outputs in fp32, BF16 in DeepSeek's combine)",
+            "no fp32 copies in the MoE layer (megaseek keeps the router's input in fp32, "
+            "which the RMSNorm recomputation could rebuild, and the experts' outputs in "
+            "fp32, BF16 in DeepSeek's combine)",
             "no fp32 copies in the MoE layer",
-            {"router input (fp32)": 1, "dispatch": 1,
-             "experts' output, gates (fp32)": 0.5}))
+            {"router input (fp32)": 1, "experts' output, gates (fp32)": 0.5}))
     return found
 
 

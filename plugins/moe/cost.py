@@ -118,12 +118,9 @@ def saved_terms(s: MoEShape, tokens: int, recompute: frozenset[str], tp: int,
             terms["shared experts' fc1 input"] = a.linear_input(t, h)
         elif lowp:
             terms["shared experts' fc1 input"] = 0 if norm_recomputed else t * h * e
-    # Dispatch and combine bookkeeping: fp32 token rows (one, or two below fp32) and two
-    # fp32 numbers a token's 1x128 tile; tokens per expert (int32) twice a micro-batch (not
-    # kept by quantized experts).
-    tiles = -(-h // 128)
-    terms["dispatch"] = ((2 if lowp else 1) * t * h * FP32 + 2 * t * tiles * FP32
-                         + (0 if a.quantized else 2 * x * 4))
+    # Dispatch bookkeeping: tokens per expert (int32) twice a micro-batch (not kept by
+    # quantized experts); the FP8 wire is quantized outside autograd and keeps nothing.
+    terms["dispatch"] = 0 if a.quantized else 2 * x * 4
     terms["experts' input"] = a.expert_input(t * k, h)
     terms.update(a.experts_terms(t * k, s.moe_ffn_hidden_size, "moe_act" in recompute))
     # The experts' outputs, weighed by the gates in fp32.
