@@ -154,24 +154,35 @@ def linear_parameters(m: GPTShape, layer: int, tp: int, ep: int) -> int:
 
 # --- FLOPs --------------------------------------------------------------------------------
 
+def layer_flops_per_token(m: GPTShape, layer: int, seq: int) -> int:
+    """One transformer layer (0-based; MTP's inner layer is built like the last one),
+    forward + backward: 6 per activated matmul weight, 3x the attention core's forward and
+    the experts' combine."""
+    combine = moe.combine_flops_per_token(m.moe) if m.is_moe(layer) else 0
+    weights = layer_parameters(m, layer).activated - norm_weights(m, layer)
+    return 6 * weights + 3 * attention_flops_per_token(m.attention, seq) + combine
+
+
+def head_flops_per_token(m: GPTShape) -> int:
+    """One prediction through the output layer, forward + backward (the final norm and the
+    loss are not matmuls)."""
+    return 6 * m.vocab_size * m.hidden_size
+
+
+def mtp_flops_per_token(m: GPTShape, seq: int) -> int:
+    """One MTP module, forward + backward: eh_proj ([2h -> h]), its transformer layer and
+    its prediction through the shared output head (its embedding is a lookup)."""
+    h = m.hidden_size
+    return 6 * 2 * h * h + layer_flops_per_token(m, m.num_layers, seq) + head_flops_per_token(m)
+
+
 def training_flops_per_token(m: GPTShape, seq: int) -> dict[str, int]:
     """Forward + backward FLOPs per token: 6 per activated matmul weight, 3x the attention
     core's forward and the experts' combine. Main model and MTP modules (which also run
     the shared output head)."""
-    def combine(layer: int) -> int:
-        return moe.combine_flops_per_token(m.moe) if m.is_moe(layer) else 0
-
-    core = attention_flops_per_token(m.attention, seq)
-    head = m.vocab_size * m.hidden_size
-    weights = sum(layer_parameters(m, layer).activated - norm_weights(m, layer)
-                  for layer in range(m.num_layers))
-    main = (6 * (weights + head) + 3 * m.num_layers * core
-            + sum(combine(layer) for layer in range(m.num_layers)))
-    mtp = 0
-    for _ in range(m.mtp_num_layers):
-        weights = (mtp_layer_parameters(m).activated - norm_weights(m, m.num_layers)
-                   - 3 * m.norm_numbers * m.hidden_size)
-        mtp += 6 * (weights + head) + 3 * core + combine(m.num_layers)
+    main = (sum(layer_flops_per_token(m, layer, seq) for layer in range(m.num_layers))
+            + head_flops_per_token(m))
+    mtp = m.mtp_num_layers * mtp_flops_per_token(m, seq)
     return {"main": main, "mtp": mtp, "total": main + mtp}
 
 
@@ -196,7 +207,7 @@ def layer_saved_terms(m: GPTShape, layer: int, tokens: int, sequence: int,
     terms.update(mla.saved_terms(m.attention, t, sequence, recompute, tp, a))
     terms["pre-MLP norm"] = t * h * a.element + t * FP32
     if m.is_moe(layer):
-        terms.update(moe.saved_terms(m.moe, t, recompute, tp, a))
+        terms.update(moe.saved_terms(m.moe, t, recompute, tp, a, sequence))
     else:
         terms.update(mlp_saved_terms(h, m.ffn_hidden_size // tp, m.gated_linear_unit, t,
                                      recompute, a))
@@ -231,7 +242,11 @@ def mtp_extra_saved_bytes(m: GPTShape, tokens: int, element: int) -> int:
 def head_saved_bytes(m: GPTShape, tokens: int, tp: int, element: int) -> int:
     """The final norm (Megatron's, as the MTP modules' norms: input and output in fp32,
     statistics), then per prediction (the main model's and each MTP module's) the output
-    layer's input and the loss's fp32 softmax over this TP rank's vocabulary."""
+    layer's input, the loss's fp32 softmax over this TP rank's vocabulary and which
+    targets fall in it (the targets, int64, and a mask); per MTP module, its loss mask
+    shifted once more and the per-token loss its gradient scaler keeps (fp32 each), and
+    the token count that loss is divided by."""
     h, predictions = m.hidden_size, 1 + m.mtp_num_layers
-    return tokens * (2 * h * FP32 + FP32
-                     + predictions * (h * element + FP32 * (-(-m.vocab_size // tp))))
+    return (tokens * (2 * h * FP32 + FP32
+                      + predictions * (h * element + FP32 * (-(-m.vocab_size // tp)) + 8 + 1))
+            + m.mtp_num_layers * (tokens * 2 * FP32 + FP32))

@@ -186,6 +186,92 @@ def upstream_fixes() -> str:
                    for fix in fixes))
 
 
+def _deepseek_v3_runs() -> list[tuple[str, list[str], dict]]:
+    """(schedule, describe's argv, its report) for DeepSeek-V3's documented layouts under
+    DeepSeek's recipe (`integration.deepseek_v3`)."""
+    import warnings
+
+    from integration import deepseek_v3, describe
+
+    runs = []
+    for schedule, layout in deepseek_v3.PIPELINE_LAYOUTS.items():
+        argv = ["--preset", "deepseek-v3", *deepseek_v3.RECIPE, "--pipeline-schedule",
+                schedule, "--pipeline-model-parallel-layout", layout]
+        with warnings.catch_warnings():  # megatron's import-time notes about TE and Apex
+            warnings.simplefilter("ignore")
+            runs.append((schedule, argv, describe.describe(describe.parse(argv))))
+    return runs
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _stage_shape(stage: dict) -> str:
+    """A stage by what it holds, without layer numbers: `E+4t`, `1t+mL`."""
+    layers = f"{len(stage['layers'])}t" if stage["layers"] else ""
+    head = stage["contents"].lstrip("E0123456789-")
+    return "+".join(part for part in ("E" if stage["contents"].startswith("E") else "",
+                                      layers, head) if part)
+
+
+def _ranks(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and runs[-1][-1] == n - 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
+def deepseek_v3_memory() -> str:
+    """README: each rank's memory for DeepSeek-V3's documented layouts (ranks with the same
+    figures together), whether it fits an 80 GB GPU, and DeepSeek's memory savings that
+    megaseek does not have yet with what each would save."""
+    rows, savings = [], {}
+    runs = _deepseek_v3_runs()
+    for schedule, argv, report in runs:
+        groups: dict[tuple, list[dict]] = {}
+        for r in report["per_rank"]:
+            key = (tuple(_stage_shape(s) for s in r["stages"]), r["total_bytes"])
+            groups.setdefault(key, []).append(r)
+        layout = argv[argv.index("--pipeline-model-parallel-layout") + 1]
+        for (shapes, total), ranks in groups.items():
+            r = ranks[0]
+            state = r["parameter_bytes"] + r["gradient_bytes"] + r["optimizer_bytes"]
+            rows.append((f"{schedule} `{layout}`", _ranks([x["rank"] for x in ranks]),
+                         ", ".join(shapes), _gb(state),
+                         f"{_gb(r['activation_bytes'])} ({r['microbatches_in_flight']})",
+                         _gb(total), "yes" if total <= 80e9 else "no",
+                         _gb(r["total_bytes_with_all_built"])))
+        for name, short in zip(report["not_built"], report["not_built_short"]):
+            savings.setdefault(short, {})[schedule] = max(
+                r["not_built_bytes"][name] for r in report["per_rank"])
+    text = _table(("schedule, layout", "ranks", "stages", "weights, grads, optimizer",
+                   "activations (micro-batches held)", "total", "under 80 GB",
+                   "with all below"), rows)
+    schedules = " / ".join(schedule for schedule, _, _ in runs)
+    text += (f"\nNot built yet, the most each saves on a rank ({schedules}): "
+             + "; ".join(f"{name} " + " / ".join(_gb(n) for n in by.values())
+                         for name, by in savings.items()) + ".\n")
+    return text
+
+
+def deepseek_v3_describe() -> str:
+    """docs/cli.md: describe's whole output for DeepSeek-V3's documented layouts."""
+    import shlex
+
+    from integration import describe
+
+    blocks = []
+    for _, argv, report in _deepseek_v3_runs():
+        blocks.append("```\n$ megaseek describe " + shlex.join(argv) + "\n"
+                      + describe.render(report) + "\n```\n")
+    return "\n".join(blocks)
+
+
 def regions() -> tuple[Region, ...]:
     """Every generated region: each built plugin's flags on its page
     (docs/plugins/NAME.md), then the other tables."""
@@ -201,6 +287,8 @@ def regions() -> tuple[Region, ...]:
         Region("transformer engine", "docs/launch.md", transformer_engine_table),
         Region("numeric domains", "docs/launch.md", numeric_domains),
         Region("upstream fixes", "docs/design.md", upstream_fixes),
+        Region("deepseek-v3 memory", "README.md", deepseek_v3_memory),
+        Region("deepseek-v3 describe", "docs/cli.md", deepseek_v3_describe),
     )
 
 

@@ -47,14 +47,11 @@ class FP8Activations(Activations):
         return rows * width * FP8_BYTES
 
     def experts_terms(self, rows: int, ffn: int, act_recomputed: bool) -> dict[str, float]:
-        """As measured on the emulated backend: fc1's output in FP8; quantizing the
-        SwiGLU output for fc2 keeps three fp32 tensors of its size and 17 bytes per 1x128
-        tile (its scales among them), besides the E4M3 bytes fc2 reads. Nothing is left
-        for `moe_act` to recompute."""
-        tiles = -(-ffn // TILE)
+        """fc1's output (the SwiGLU input) and fc2's input (the SwiGLU output, quantized
+        outside autograd), both in FP8 1x128 tiles along each row's channels. Nothing is
+        left for `moe_act` to recompute."""
         return {"experts' SwiGLU input": rows * 2 * ffn * FP8_BYTES,
-                "experts' fc2 input (quantization)": 3 * rows * ffn * FP32 + 17 * rows * tiles,
-                "experts' fc2 input": rows * ffn}
+                "experts' fc2 input": rows * ffn * FP8_BYTES}
 
 
 def weight_cache_bytes(fp8_parameters: int) -> int:

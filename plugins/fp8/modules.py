@@ -166,8 +166,12 @@ class FP8ReplicatedLinear(_FP8Module, ReplicatedLinear):
 
 def _recorded_fp8(x: torch.Tensor, flags: NonFiniteFlags, quantizer: Quantizer
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x in FP8 1x128 tiles, its scales recorded as the projection's Fprop input."""
-    q, scales = quantize(x, ACTIVATION, check_finite=False, quantizer=quantizer)
+    """x in FP8 1x128 tiles, its scales recorded as the projection's Fprop input. Outside
+    autograd: the projection takes x's gradient through x itself, and recorded, the
+    quantization would keep its fp32 intermediates alive with the FP8 copy the projection
+    saves (the GPU's Triton kernel records none)."""
+    with torch.no_grad():
+        q, scales = quantize(x, ACTIVATION, check_finite=False, quantizer=quantizer)
     flags.record(FPROP, (X, scales, ACTIVATION))
     return q, scales
 

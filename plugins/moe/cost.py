@@ -23,6 +23,7 @@ class MoEShape:
     moe_shared_expert_intermediate_size: int  # 0: no shared experts
     moe_shared_expert_gate: bool
     gated_linear_unit: bool                   # the shared experts' MLP is SwiGLU
+    sequence_balance_loss: bool = False       # the sequence-wise balance loss is on
 
     @classmethod
     def from_config(cls, config) -> "MoEShape":
@@ -33,7 +34,17 @@ class MoEShape:
                    moe_shared_expert_intermediate_size=(
                        config.moe_shared_expert_intermediate_size or 0),
                    moe_shared_expert_gate=config.moe_shared_expert_gate,
-                   gated_linear_unit=config.gated_linear_unit)
+                   gated_linear_unit=config.gated_linear_unit,
+                   sequence_balance_loss=sequence_balance_loss_on(config))
+
+
+def sequence_balance_loss_on(config) -> bool:
+    """Whether the layer adds the sequence-wise balance loss, as `layer.DeepSeekMoE` reads
+    Megatron's --moe-router-load-balancing-type and --moe-aux-loss-coeff."""
+    kinds = config.moe_router_load_balancing_type
+    coeff = config.moe_aux_loss_coeff
+    return ("seq_aux_loss" in (kinds if isinstance(kinds, list) else [kinds])
+            and float(coeff[0] if isinstance(coeff, list) else coeff or 0) > 0)
 
 
 def router_parameters(s: MoEShape) -> int:
@@ -72,9 +83,10 @@ def combine_flops_per_token(s: MoEShape) -> int:
 
 
 def saved_terms(s: MoEShape, tokens: int, recompute: frozenset[str], tp: int,
-                activations: Activations) -> dict[str, float]:
-    """Bytes the layer keeps for backward for `tokens` tokens, past the pre-MLP norm's,
-    on a TP rank (its share of the shared experts), by what keeps them. `recompute` holds
+                activations: Activations, sequence: int | None = None) -> dict[str, float]:
+    """Bytes the layer keeps for backward for `tokens` tokens (sequences of `sequence`,
+    default one), past the pre-MLP norm's, on a TP rank (its share of the shared experts),
+    by what keeps them. `recompute` holds
     Megatron's --recompute-modules names: `moe` reruns the whole layer from its input,
     `moe_act` the experts' SwiGLU, `shared_experts` the shared experts, `layernorm` the
     norm whose output the layer reads."""
@@ -85,11 +97,20 @@ def saved_terms(s: MoEShape, tokens: int, recompute: frozenset[str], tp: int,
         return {"MoE input": a.norm_output(t, h, 1, norm_recomputed)}
     terms: dict[str, float] = {}
     lowp = e != FP32  # the router's fp32 copies are new tensors (in fp32 they are the input)
-    # The router runs in fp32 on an fp32 copy of its input (the norm's output itself when
-    # training in fp32, then recomputed with `layernorm`): scores (and, below fp32, the
-    # logits), the chosen indices (int64), their gates and normaliser.
+    # The router runs in fp32 on fp32 copies of its input (the norm's output itself when
+    # training in fp32, then recomputed with `layernorm`) and of its weight (the
+    # parameter itself in fp32): scores, the chosen indices (int64), their gates and
+    # normaliser.
     terms["router input (fp32)"] = 0 if norm_recomputed and not lowp else t * h * FP32
-    terms["router"] = (2 if lowp else 1) * t * x * FP32 + t * k * 8 + t * k * FP32 + t * FP32
+    terms["router"] = (t * x * FP32 + (x * h * FP32 if lowp else 0) + t * k * 8
+                       + t * k * FP32 + t * FP32)
+    if s.sequence_balance_loss:
+        # Its affinities normalised per token: the scores batch-major (a copy of the
+        # router's when a micro-batch holds several sequences) and their sums (fp32), the
+        # expert counts of each sequence (fp32), the loss its gradient scaler keeps.
+        sequences = tokens // (sequence or tokens)
+        terms["sequence balance loss"] = ((t * x * FP32 if sequences > 1 else 0) + t * FP32
+                                          + sequences * x * FP32 + FP32)
     # The shared experts' input: the norm's output (a storage of its own below fp32); a
     # quantizing fc1 keeps its own copy.
     if s.moe_shared_expert_intermediate_size and "shared_experts" not in recompute:
@@ -97,11 +118,9 @@ def saved_terms(s: MoEShape, tokens: int, recompute: frozenset[str], tp: int,
             terms["shared experts' fc1 input"] = a.linear_input(t, h)
         elif lowp:
             terms["shared experts' fc1 input"] = 0 if norm_recomputed else t * h * e
-    # Dispatch and combine bookkeeping: fp32 token rows (one, or two below fp32) and two
-    # fp32 numbers a token; tokens per expert (int32) twice a micro-batch (not kept by
-    # quantized experts).
-    terms["dispatch"] = ((2 if lowp else 1) * t * h * FP32 + 2 * t * FP32
-                         + (0 if a.quantized else 2 * x * 4))
+    # Dispatch bookkeeping: tokens per expert (int32) twice a micro-batch (not kept by
+    # quantized experts); the FP8 wire is quantized outside autograd and keeps nothing.
+    terms["dispatch"] = 0 if a.quantized else 2 * x * 4
     terms["experts' input"] = a.expert_input(t * k, h)
     terms.update(a.experts_terms(t * k, s.moe_ffn_hidden_size, "moe_act" in recompute))
     # The experts' outputs, weighed by the gates in fp32.

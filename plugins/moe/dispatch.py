@@ -280,8 +280,12 @@ def fp8_row_bytes(hidden_size: int) -> int:
 
 def _pack(hidden: torch.Tensor) -> torch.Tensor:
     """hidden [T, H] -> [T, H + H/32] uint8: E4M3 bytes, then the float32 scales' bytes.
-    Unchecked here (a tile with inf or NaN gets scale inf): `_raise_if_non_finite`."""
-    q, scales = quantize(hidden, _BLOCK, power_of_two_scales=True, check_finite=False)
+    Unchecked here (a tile with inf or NaN gets scale inf): `_raise_if_non_finite`.
+    Outside autograd: the wire carries no gradient (`_Exchange` is straight-through), and
+    recorded, the quantization would keep its fp32 intermediates alive with the wire
+    until backward (the GPU's Triton kernel records none)."""
+    with torch.no_grad():
+        q, scales = quantize(hidden, _BLOCK, power_of_two_scales=True, check_finite=False)
     return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
 
 

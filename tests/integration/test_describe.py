@@ -17,6 +17,7 @@ each figure against a count made another way.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -24,8 +25,9 @@ import pytest
 
 from integration import cost
 from integration import describe as d
-from integration import presets
+from integration import deepseek_v3, presets
 from plugins.common.cost import Activations, mlp_parameters
+from plugins.dualpipe.layout import LAYER, LayoutError, StageLayout
 from plugins.fp8.cost import FP8Activations
 from plugins.mla import cost as mla_cost
 from plugins.moe import cost as moe_cost
@@ -34,6 +36,7 @@ from tests.helpers.multirank import run_ranks
 LAYOUT = ["--pipeline-model-parallel-size", "16", "--expert-model-parallel-size", "64",
           "--data-parallel-size", "128", "--decoder-first-pipeline-num-layers", "1", "--bf16",
           "--use-distributed-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
+LAYOUT_1F1B = ["--preset", "deepseek-v3", *LAYOUT[:6], *LAYOUT[8:]]  # no first/last
 SEQ, BATCH, VOCAB = 64, 2, 256
 
 
@@ -138,6 +141,12 @@ def test_bad_input_is_refused_by_name(argv, message, capsys):
     assert message in err and err.count("\n") == 1 and err.startswith("megaseek: error: ")
 
 
+def test_the_ema_in_host_memory_adds_no_gpu_byte():
+    base = ["--preset", "tiny", "--bf16"]
+    with_ema = report([*base, "--plugins", "mla", "moe", "fp8", "ema", "--ema-decay", "0.999"])
+    assert with_ema["per_rank"] == report(base)["per_rank"]
+
+
 def test_megatron_schedule_may_be_named():
     """`--pipeline-schedule 1f1b` names Megatron's schedule, the one a run gets without the
     flag (the dualpipe plugin's flag takes only its own)."""
@@ -177,12 +186,172 @@ def test_pipeline_layouts_place_embedding_head_and_in_flight_microbatches():
                 "dualpipev"])["per_rank"]
     assert v[0]["embedding"] and v[0]["head"]  # DualPipeV: both ends on rank 0
     assert not any(r["embedding"] or r["head"] for r in v[1:])
-    assert [r["microbatches_in_flight"] for r in v] == [9] * 8  # P + 1
+    # DeepSeek's table: PP + 1 micro-batches of a stage in flight, PP the stages: DualPipeV
+    # cuts 2P (2P + 1 held), DualPipe P (P + 1 held); at the peak rank r holds 2P - r
+    # (DualPipe: P - r, r < P/2) of its first chunk and r + 1 of its second.
+    assert [r["microbatches_in_flight"] for r in v] == [17] * 8
+    assert [[s["microbatches_held"] for s in r["stages"]] for r in v] == [
+        [16 - r, r + 1] for r in range(8)]
     assert v[3]["layers"] == [list(range(12, 16)), list(range(48, 52))]
+    first, last = v[0]["activation_bytes_per_microbatch"]
+    assert v[0]["activation_bytes"] == 16 * first + last
     two = report([*base, *dualpipe, "--pipeline-model-parallel-size", "8",
                   "--pipeline-schedule", "dualpipe"])["per_rank"]
+    assert [r["microbatches_in_flight"] for r in two] == [9] * 8
     # DualPipe: every stage on two ranks (both directions): twice the parameters.
     assert sum(r["parameters"] for r in two) == 2 * sum(r["parameters"] for r in one)
+
+
+DSV3_RUN = ["--preset", "deepseek-v3", *deepseek_v3.RECIPE]
+
+
+def _dsv3(schedule, *extra):
+    return d.parse([*DSV3_RUN, "--pipeline-schedule", schedule, *extra])
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_deepseek_v3_layouts_are_described_per_rank(schedule, capsys):
+    """The preset's documented layouts: each rank's stages as the placement gives them,
+    the embedding and the head with MTP where the layout puts them, every layer once a
+    direction, every rank's figures."""
+    layout = deepseek_v3.PIPELINE_LAYOUTS[schedule]
+    got = d.describe(_dsv3(schedule, "--pipeline-model-parallel-layout", layout))
+    ranks = got["per_rank"]
+    assert len(ranks) == 16 and got["layout"]["stages"].startswith("Et")
+    contents = {s["stage"]: s["contents"] for r in ranks for s in r["stages"]}
+    last = max(contents)
+    assert contents[0].startswith("E") and contents[last].endswith("mL")
+    held = sorted(layer for r in ranks for s in r["stages"] for layer in s["layers"])
+    directions = 2 if schedule == "dualpipe" else 1
+    assert held == sorted(list(range(61)) * directions)
+    assert ranks[0]["stages"][0]["contents"] == ("E0-3" if schedule == "dualpipe" else "E0")
+    d.main([*DSV3_RUN, "--pipeline-schedule", schedule, "--pipeline-model-parallel-layout",
+            layout])
+    out = capsys.readouterr().out
+    # rank 15 holds stage 15 (DualPipeV), or stage 0 of DualPipe's second direction first
+    assert ("  15    15 29-30" if schedule == "dualpipev" else "  15    0' E0-3") in out
+    assert "not built     DeepSeek's memory savings" in out
+
+
+def _one_layer_moved(layout: StageLayout):
+    """Every layout that moves one transformer layer from a stage to another (the layers
+    stay in order: the stages between shift by one)."""
+    parts = []  # (what precedes the stage's layers, their number, what follows them)
+    for stage in layout.stages:
+        before = stage[:len(stage) - len(stage.lstrip("E"))]
+        layers = stage.count(LAYER)
+        parts.append((before, layers, stage[len(before) + layers:]))
+    for source, target in itertools.permutations(range(len(parts)), 2):
+        if parts[source][1]:
+            counts = [n for _, n, _ in parts]
+            counts[source] -= 1
+            counts[target] += 1
+            yield StageLayout(tuple(before + LAYER * n + after
+                                    for (before, _, after), n in zip(parts, counts)))
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_deepseek_v3_layouts_are_balanced_by_stage_flops(schedule):
+    """No move of one layer lowers the FLOPs of the most loaded stage or of the most loaded
+    rank (its stages together) of the documented layouts; the output head and MTP make
+    the last stage weigh 3.9 layers besides its own."""
+    layout = StageLayout.parse(deepseek_v3.PIPELINE_LAYOUTS[schedule])
+    args = _dsv3(schedule, "--pipeline-model-parallel-layout", str(layout))
+    chosen = d.balance(args, layout)
+    expected = {"dualpipe": (1.21, 1.10), "dualpipev": (1.93, 1.21)}[schedule]
+    assert (round(chosen["stage_max_over_mean"], 2),
+            round(chosen["rank_max_over_mean"], 2)) == expected
+    moved = list(_one_layer_moved(layout))
+    assert len(moved) > len(layout.stages) and all(m.count(LAYER) == 61 for m in moved)
+    for other in moved:
+        cost_ = d.balance(args, other)
+        assert max(cost_["stage_flops"]) >= max(chosen["stage_flops"]), other
+        assert max(cost_["rank_flops"]) >= max(chosen["rank_flops"]), other
+
+
+def test_savings_not_built_are_what_megaseek_keeps_and_deepseek_does_not():
+    """The MTP stage's embedding copy (weights, gradients, optimizer share) on the rank
+    that also holds stage 0, and each saving's activation terms in every micro-batch the
+    rank holds; every rank's total with all of them."""
+    args = _dsv3("dualpipev", "--pipeline-model-parallel-layout",
+                 deepseek_v3.PIPELINE_LAYOUTS["dualpipev"])
+    got = d.describe(args)
+    saving = {s.short: s for s in d.savings_not_built(args)}
+    assert list(saving) == ["MTP sharing the embedding", "RMSNorm outputs not kept",
+                            "the SwiGLU output recomputed",
+                            "no fp32 copies in the MoE layer"]
+    first, middle = got["per_rank"][0], got["per_rank"][5]
+    embedding = 129280 * 7168  # a multiple of 128 rows: no padding
+    name = saving["MTP sharing the embedding"].name
+    # BF16 weight, fp32 gradient, fp32 master and two BF16 moments over 128 DP ranks
+    assert first["not_built_bytes"][name] == embedding * (2 + 4) + embedding * 8 // 128
+    assert middle["not_built_bytes"][name] == 0
+    # rank 5: stages 5 and 26 of two MoE layers each, 33 micro-batches in flight
+    assert [s["layers"] for s in middle["stages"]] == [[9, 10], [51, 52]]
+    assert middle["microbatches_in_flight"] == 33
+    m, kept = d.shape(args), d.kept_activations(args)
+    terms = cost.layer_saved_terms(m, 20, 4096, 4096, frozenset({"layernorm", "mla_up_proj"}),
+                                   1, kept)
+    for short in list(saving)[1:]:
+        spared = saving[short].spared
+        per_layer = math.ceil(sum(terms.values())) - math.ceil(
+            sum(v * (1 - spared.get(term, 0)) for term, v in terms.items()))
+        assert per_layer > 0 and middle["not_built_bytes"][saving[short].name] == 66 * per_layer
+    for r in got["per_rank"][2:]:  # every chunk alike: the savings add up
+        assert r["total_bytes_with_all_built"] == r["total_bytes"] - sum(
+            r["not_built_bytes"].values())
+
+
+def test_a_layout_the_schedule_cannot_place_is_refused_as_a_run_refuses_it():
+    """One source of truth: the dualpipe plugin's `stage_layout`, which a run calls."""
+    from plugins.config import read
+    from plugins.dualpipe.plugin import DUALPIPE
+    from plugins.dualpipe.plugin import stage_layout as placed
+
+    argv = [*DSV3_RUN, "--pipeline-schedule", "dualpipe", "--pipeline-model-parallel-layout",
+            "Et|(tt|)*30mL"]
+    with pytest.raises(d.DescribeError) as refused:
+        d.parse(argv)
+    assert "has 32 stages; --pipeline-schedule dualpipe on --pipeline-model-parallel-size " \
+           "16 runs 16" in refused.value.message
+    args = d.parser().parse_args(presets.expand(argv, announce=False))
+    with pytest.raises(LayoutError) as run:
+        placed(read(DUALPIPE.config, args))
+    assert refused.value.message == str(run.value)
+
+
+def test_decoder_first_and_last_cut_the_dualpipe_stages():
+    base = ["--preset", "deepseek-v3", "--num-layers", "64", "--moe-layer-freq",
+            "([0]*3+[1]*61)", "--mtp-num-layers", "0", "--plugins", "mla", "moe", "fp8",
+            "dualpipe", "--global-batch-size", "16", "--pipeline-model-parallel-size", "8",
+            "--pipeline-schedule", "dualpipev"]
+    v = report([*base, "--decoder-first-pipeline-num-layers", "2",
+                "--decoder-last-pipeline-num-layers", "6"])["per_rank"]
+    assert v[0]["layers"] == [[0, 1], list(range(58, 64))]
+    assert v[1]["layers"] == [list(range(2, 6)), list(range(54, 58))]
+
+
+def test_megatron_layout_under_1f1b():
+    """Megatron's own schedule takes --pipeline-model-parallel-layout as Megatron checks
+    it; one stage a rank is the uneven split it also gets from the first/last flags;
+    virtual stages (Megatron's interleaved schedule) and a standalone MTP stage are
+    refused, not ignored."""
+    layout = report([*LAYOUT_1F1B, "--pipeline-model-parallel-layout", "Et|(tttt|)*14ttttmL"])
+    split = report([*LAYOUT_1F1B, "--decoder-first-pipeline-num-layers", "1"])
+    assert layout["per_rank"] == split["per_rank"]
+    for given, message in (
+            ("Et|(tt|)*30mL", "has 32 stages on --pipeline-model-parallel-size 16: "
+                              "Megatron's interleaved schedule (2 virtual stages a rank)"),
+            ("Et|(tttt|)*14tttt|mL", "--pipeline-model-parallel-layout"),
+            ("Et|(tttt|)*14tttmL", "Number of decoder layers 60must match num_layers 61"),
+            ("Et|(tttt|)*13ttttttttm|L", "Megatron's standalone MTP stage is not modelled")):
+        with pytest.raises(d.DescribeError) as refused:
+            d.parse([*LAYOUT_1F1B, "--pipeline-model-parallel-layout", given])
+        assert message in refused.value.message, refused.value.message
+    with pytest.raises(d.DescribeError) as refused:
+        d.parse([*LAYOUT_1F1B, "--pipeline-model-parallel-layout", "Et|(tttt|)*14ttttmL",
+                 "--decoder-first-pipeline-num-layers", "1"])
+    assert "cannot be combined with" in refused.value.message, refused.value.message
 
 
 def test_distributed_optimizer_and_bf16_moments_shrink_the_optimizer_state():
@@ -230,9 +399,13 @@ VARIANTS = {  # name: extra flags
 }
 
 
+def _last(argv, flag: str) -> int:
+    """The value argv gives `flag` (its last, as argparse reads it)."""
+    return int(argv[len(argv) - 1 - argv[::-1].index(flag) + 1])
+
+
 def _seq(argv) -> int:
-    """The sequence length argv asks for (the last --seq-length, as argparse reads it)."""
-    return int(argv[len(argv) - 1 - argv[::-1].index("--seq-length") + 1])
+    return _last(argv, "--seq-length")
 
 
 def _argv(variant: str) -> list[str]:
@@ -289,11 +462,14 @@ def _built(argv, census: bool, flops: bool):
                       moe=MoEShape.from_config(model.config),
                       mlp=(model.config.hidden_size, model.config.ffn_hidden_size,
                            model.config.gated_linear_unit))
-        seq = _seq(argv)
-        tokens = torch.randint(VOCAB, (BATCH, seq + 1), generator=torch.Generator().manual_seed(1))
-        positions = torch.arange(seq).expand(BATCH, -1)
-        saved = _census(model, lambda: model(tokens[:, :-1], positions, None,
-                                             labels=tokens[:, 1:]),
+        seq, batch = _seq(argv), _last(argv, "--micro-batch-size")
+        tokens = torch.randint(VOCAB, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(seq).expand(batch, -1)
+        # Token ids, labels and the fp32 loss mask as Megatron's get_batch gives them.
+        ids, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # storages of their own
+        mask = torch.ones(batch, seq)
+        saved = _census(model, lambda: model(ids, positions, None, labels=labels,
+                                             loss_mask=mask),
                         autograd_c) if census else None
         counted = part_flops = None
         if flops:
@@ -378,6 +554,46 @@ def _measure(rank, world_size, variants):
 def measured():
     (results,) = run_ranks(_measure, 1, list(VARIANTS), timeout=600)
     return results
+
+
+# DeepSeek-V3 scaled down: the preset's structure (a dense first layer, then MoE layers of
+# 8 routed experts a token from 4 of 8 groups and a shared expert, one MTP layer, an untied
+# head, the router in fp32 with its sequence-wise balance loss) at toy widths, under
+# DeepSeek's recipe as describe counts it at full size (deepseek_v3.RECIPE: BF16, FP8
+# linears, RMSNorm and MLA up-projections recomputed).
+DSV3_SCALED = ["--preset", "deepseek-v3", "--num-layers", "3", "--moe-layer-freq",
+               "([0]*1+[1]*2)", "--hidden-size", "256", "--ffn-hidden-size", "640",
+               "--num-attention-heads", "4", "--q-lora-rank", "128", "--kv-lora-rank", "128",
+               "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
+               "--num-experts", "32", "--moe-ffn-hidden-size", "128",
+               "--moe-shared-expert-intermediate-size", "128", "--seq-length", str(SEQ),
+               "--max-position-embeddings", str(SEQ), "--vocab-size", str(VOCAB), "--bf16", "--fp8-backend", "emulated",
+               "--recompute-granularity", "selective", "--recompute-modules", "layernorm",
+               "mla_up_proj"]
+
+
+def _measure_argv(rank, world_size, argv):
+    from tests.helpers.mla_build import megatron_ranks
+
+    with megatron_ranks():
+        return _built(argv, census=True, flops=False)
+
+
+@pytest.mark.parametrize("micro_batch", [1, BATCH])
+def test_whole_model_activation_equals_the_census_at_a_scaled_down_deepseek_v3(micro_batch):
+    """describe's activation figure for a stage, here the one stage holding the whole
+    model at PP=1 (embedding, dense and MoE layers, final norm, head and loss, the MTP
+    module), against the census of everything a real forward keeps for backward; one
+    sequence a micro-batch (DeepSeek's) and several (the balance loss copies the scores
+    to order them by sequence)."""
+    argv = [*DSV3_SCALED, "--micro-batch-size", str(micro_batch)]
+    (measured_,) = run_ranks(_measure_argv, 1, argv, timeout=600)
+    args = d.parse(argv)
+    m = d.shape(args)
+    ((stage,),) = d.stages(args)
+    assert stage.embedding and stage.head and stage.mtp == 1 and stage.layers == [0, 1, 2]
+    formula = d.chunk_activation(m, args, stage, d.kept_activations(args, cpu_attention=True))
+    assert formula == sum(measured_["saved"].values()), measured_["saved"]
 
 
 def _model(variant="none"):

@@ -25,8 +25,14 @@ def test_no_generated_region_is_stale():
                        f"run `{docs.COMMAND}`")
 
 
+def _copy_pages(to):
+    """The pages holding generated regions: docs/ and the README."""
+    shutil.copytree(ROOT / "docs", to / "docs")
+    shutil.copy(ROOT / "README.md", to / "README.md")
+
+
 def test_a_changed_table_is_found_stale_and_rewritten(tmp_path):
-    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    _copy_pages(tmp_path)
     page = tmp_path / "docs" / "plugins" / "moe.md"
     region = next(r for r in docs.regions() if r.name == "moe refusals")
     text = page.read_text()
@@ -41,7 +47,7 @@ def test_a_changed_table_is_found_stale_and_rewritten(tmp_path):
 
 
 def test_a_page_without_a_regions_markers_is_refused_naming_them(tmp_path):
-    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    _copy_pages(tmp_path)
     page = tmp_path / "docs" / "design.md"
     page.write_text(page.read_text().replace("<!-- end of generated upstream fixes -->", ""))
     with pytest.raises(ValueError, match="<!-- end of generated upstream fixes -->"):
