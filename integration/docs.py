@@ -125,11 +125,13 @@ def _refused_values(honoured: tuple[Any, ...]) -> str:
     return "any value but " + " or ".join(_code(v) for v in values)
 
 
-def refusal_table(refusals) -> str:
-    """A table of `plugins.common.flags.Refusal` rows: (dest, flag, honoured values, why)."""
+def refusal_table(refusals, more: Iterable[tuple[str, str, str]] = ()) -> str:
+    """A table of `plugins.common.flags.Refusal` rows: (dest, flag, honoured values, why),
+    then `more` rows already in words: (flag, refused when, why)."""
     return _table(("flag", "refused when", "why"),
-                  ((_code(flag), _refused_values(honoured), why)
-                   for _dest, flag, honoured, why in refusals))
+                  [*((_code(flag), _refused_values(honoured), why)
+                     for _dest, flag, honoured, why in refusals),
+                   *((_code(flag), when, why) for flag, when, why in more)])
 
 
 def moe_refusals() -> str:
@@ -151,9 +153,11 @@ def fp8_refusals() -> str:
 
 
 def delay_wgrad_refusals() -> str:
-    from plugins.common.wgrad_checks import REFUSALS
+    from plugins.common.flags import WEIGHT_SHARD_FLAGS
+    from plugins.common.wgrad_checks import REFUSALS, SHARDED_PAST_TP_WHY
 
-    return refusal_table(REFUSALS)
+    return refusal_table(REFUSALS, [(flag, f"above {ranks_flag} (GTP)", SHARDED_PAST_TP_WHY)
+                                    for flag, ranks_flag in WEIGHT_SHARD_FLAGS])
 
 
 def transformer_engine_table() -> str:

@@ -21,7 +21,7 @@ import time
 from typing import Callable, NoReturn
 
 from plugins import Enabled, PluginError, PluginRegistry, RunPlan
-from upstream import checkpoint_files, compat, cpu, mtp_validation, wgrad
+from upstream import checkpoint_files, compat, cpu, mtp_training_log, mtp_validation, wgrad
 from upstream.patching import Patcher, apply_fixes
 from upstream.seams.arguments import argument_errors_refused, checks_before_argument_dump
 from upstream.seams.checkpoint_mismatch import checkpoint_mismatch_named
@@ -83,6 +83,8 @@ def megatron_run(registry: PluginRegistry):
     - checkpoints are saved with a checksum manifest and verified before a load; a save
       that fails names the OS error and leaves no partial folder (`upstream.checkpoint_files`);
     - evaluation reports the MTP layers' loss beside the main loss (`upstream.mtp_validation`);
+      training logs it over the iterations it logs the main loss over, skipped ones left
+      out (`upstream.mtp_training_log`);
     - a command line Megatron's parser refuses, or a configuration the plugins (or
       Megatron's own checks) refuse, ends the run as argparse does: one line,
       `megaseek: error: ...`, on rank 0 only, and exit status 2 on every rank."""
@@ -103,6 +105,7 @@ def megatron_run(registry: PluginRegistry):
         checkpoint_mismatch_named().apply(patcher)
         scheduler_mismatch_named().apply(patcher)
         mtp_validation.MTP_VALIDATION_LOSS.apply(patcher)
+        mtp_training_log.MTP_LOSS_OF_SKIPPED_ITERATIONS.apply(patcher)
         write_failures: list = []  # this process's failed checkpoint writes
         for fix in (checkpoint_files.checksums_as_written(write_failures),
                     checkpoint_files.manifest_after_async_save(),

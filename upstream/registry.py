@@ -12,8 +12,9 @@ Where each is defined (its scope), and who applies it:
   enabled plugins' `fixes` hooks, applied by the launch path;
 - `wgrad.DELAY_WGRAD_ARGUMENTS` (every run): the launch path, before Megatron parses;
 - `seams` (an enabled plugin provides the hook): the launch path (`seams.listing`);
-- `checkpoint_files` (every run: checksums, verified loads, failed saves named) and
-  `mtp_validation` (every run: MTP's loss in the validation results):
+- `checkpoint_files` (every run: checksums, verified loads, failed saves named),
+  `mtp_validation` (every run: MTP's loss in the validation results) and
+  `mtp_training_log` (every run: MTP's training loss over the advanced iterations):
   `integration.hooks.megatron_run`;
 - `private_names` (patch nothing): Megatron's private names that plugin modules override
   or call; each module runs the probe where it relies on the name;
@@ -25,8 +26,8 @@ are listed here as built with placeholders: for listing and probing, not for app
 
 from __future__ import annotations
 
-from upstream import (checkpoint_files, compat, cpu, moe, mtp_validation, optimizer, overlap,
-                      private_names, shutdown, transformer, wgrad)
+from upstream import (checkpoint_files, compat, cpu, moe, mtp_training_log, mtp_validation,
+                      optimizer, overlap, private_names, shutdown, transformer, wgrad)
 from upstream.patching import Fix
 from upstream.seams.listing import all_seams
 
@@ -49,6 +50,7 @@ def all_fixes() -> tuple[Fix, ...]:
         checkpoint_files.verified_load(),
         checkpoint_files.failed_save_named([]),
         mtp_validation.MTP_VALIDATION_LOSS,
+        mtp_training_log.MTP_LOSS_OF_SKIPPED_ITERATIONS,
         shutdown.PROCESS_GROUPS_LEFT_ALIVE,
         *private_names.FIXES,
     )

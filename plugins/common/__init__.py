@@ -9,7 +9,8 @@
   slot of the moe plugin's layer spec;
 - `groups.process_groups`: Megatron's `pg_collection`, or parallel_state's groups without one;
 - `flags.first_refused`: the start-up error for a Megatron flag a plugin's modules do not
-  read, given a value of its own;
+  read, given a value of its own; `flags.weights_sharded_past_tp`: the GTP weight sharding
+  a run's flags ask for (the fp8 GEMM and the wgrad deferral refuse it);
 - `wgrad` (with `wgrad_autograd`, `wgrad_checks`, `parallel_linear`): Megatron's
   `--delay-wgrad-compute` without TE: the linears' weight-gradient GEMMs deferred to a
   schedule's W cell, `take_deferred_weight_gradients(model_chunk)`.

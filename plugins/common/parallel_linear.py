@@ -91,6 +91,21 @@ class _LinearDeferringWgrad(torch.autograd.Function):
         return grad_input, None, grad_bias, None, None, None, None
 
 
+def _undeferrable(gradient_accumulation_fusion, grad_output_buffer, gtp_remat_size) -> str:
+    """What, of Megatron's `_forward_impl` keywords, the deferring GEMM cannot honour,
+    named by the flag that asks for it."""
+    causes = []
+    if gradient_accumulation_fusion:
+        causes.append("gradient-accumulation fusion (pass --no-gradient-accumulation-fusion)")
+    if grad_output_buffer is not None:
+        causes.append("--defer-embedding-wgrad-compute (drop it)")
+    if gtp_remat_size > 1:
+        causes.append(f"GTP weight shards, {gtp_remat_size} per tensor-parallel rank (drop "
+                      "--tensor-parallel-num-weight-shards or "
+                      "--expert-tensor-parallel-num-weight-shards)")
+    return "; ".join(causes)
+
+
 def _deferring_forward_impl(module, megatron_forward_impl, input, weight, bias,
                             gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
                             grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None,
@@ -105,11 +120,13 @@ def _deferring_forward_impl(module, megatron_forward_impl, input, weight, bias,
             grad_output_buffer=grad_output_buffer, wgrad_deferral_limit=wgrad_deferral_limit,
             tp_group=tp_group, gtp_remat_size=gtp_remat_size)
     if gradient_accumulation_fusion or grad_output_buffer is not None or gtp_remat_size > 1:
+        # A backstop: the start-up check (`wgrad_checks.delay_wgrad_refusal` and
+        # `integration.argument_checks`) refuses each of these by its flag.
         from plugins.common.errors import PluginError
 
-        raise PluginError(f"{DELAY_FLAG} cannot defer a linear with gradient-accumulation "
-                          "fusion, --defer-embedding-wgrad-compute or GTP weight "
-                          "rematerialization; pass --no-gradient-accumulation-fusion")
+        raise PluginError(f"{DELAY_FLAG} cannot defer the weight gradient of "
+                          f"{type(module).__name__}: " + _undeferrable(
+                              gradient_accumulation_fusion, grad_output_buffer, gtp_remat_size))
     tp_group = get_tensor_model_parallel_group_if_none(tp_group)
     return _LinearDeferringWgrad.apply(input, weight, bias, allreduce_dgrad, sequence_parallel,
                                        tp_group, sink)

@@ -1,6 +1,7 @@
 """What `--delay-wgrad-compute` cannot honour, refused by name instead of computed undeferred.
 
-- `delay_wgrad_refusal(args)`: the start-up error for flags the deferral cannot go with;
+- `delay_wgrad_refusal(args)`: the start-up error for flags the deferral cannot go with
+  (`REFUSALS`, and GTP weight shards: `weights_sharded_past_tp`);
 - `check_deferral(model_chunk)`: every linear of every transformer layer of a built chunk
   defers (`take_deferred_weight_gradients` runs it before each take).
 """
@@ -11,7 +12,7 @@ import argparse
 
 import torch
 
-from plugins.common.flags import Refusal, first_refused
+from plugins.common.flags import Refusal, first_refused, weights_sharded_past_tp
 
 DELAY_FLAG = "--delay-wgrad-compute"
 
@@ -25,6 +26,10 @@ REFUSALS: tuple[Refusal, ...] = (
     ("gradient_accumulation_fusion", "--gradient-accumulation-fusion", (False,),
      f"{DELAY_FLAG} defers the plain wgrad GEMM; pass --no-gradient-accumulation-fusion"),
 )
+# Why GTP weight shards (more than the tensor-parallel ranks) are refused, whatever their number.
+SHARDED_PAST_TP_WHY = ("Megatron's linear gathers a GTP-sharded weight inside its GEMM, "
+                       "reduce-scattering the weight's gradient back; the deferred "
+                       "weight-gradient GEMM does neither")
 
 
 def delay_wgrad_refusal(args: argparse.Namespace) -> str | None:
@@ -32,7 +37,15 @@ def delay_wgrad_refusal(args: argparse.Namespace) -> str | None:
     if not getattr(args, "delay_wgrad_compute", False):
         return None
     message = first_refused(args, REFUSALS)
-    return f"{message} (given with {DELAY_FLAG})" if message else None
+    if message:
+        return f"{message} (given with {DELAY_FLAG})"
+    sharded = weights_sharded_past_tp(args)
+    if sharded:
+        return (f"{sharded.flag} {sharded.shards} cannot be combined with {DELAY_FLAG}: it "
+                f"shards each weight over more ranks than {sharded.ranks_flag} "
+                f"{sharded.ranks} (GTP); {SHARDED_PAST_TP_WHY}. Drop {sharded.flag} or "
+                f"{DELAY_FLAG}")
+    return None
 
 
 def _computes_wgrad_in_backward(module: torch.nn.Module) -> bool:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.config import flag, megatron
-from plugins.common.flags import Refusal, first_refused, recompute_granularity
+from plugins.common.flags import (Refusal, first_refused, recompute_granularity,
+                                  weights_sharded_past_tp)
 from plugins.fp8.slots import EXCLUDABLE
 
 BLOCK = 128
@@ -63,28 +64,19 @@ NOT_HONOURED: tuple[Refusal, ...] = (
 
 
 def _weights_sharded_past_tp(args: argparse.Namespace) -> str | None:
-    """The refusal of GTP weight sharding (more weight shards than tensor-parallel ranks),
-    where a flag asks for it: Megatron's linears gather a GTP-sharded weight inside their
-    GEMM (the `_forward_impl` keyword gtp_remat_size), the fp8 plugin's GEMM does not.
-    (Its other keywords the FP8 GEMM leaves unused, grad_output_buffer and
+    """The refusal of GTP weight sharding where a flag asks for it: Megatron's linears
+    gather a GTP-sharded weight inside their GEMM, the fp8 plugin's GEMM does not. (Its
+    other keywords the FP8 GEMM leaves unused, grad_output_buffer and
     wgrad_deferral_limit, are --defer-embedding-wgrad-compute's, which megaseek refuses for
     Megatron's local linears whatever the plugins: `integration.argument_checks`.)"""
-    tp = args.tensor_model_parallel_size
-    for flag, shards, ranks, ranks_flag in (
-            ("--tensor-parallel-num-weight-shards",
-             getattr(args, "tensor_parallel_num_weight_shards", None), tp,
-             "--tensor-model-parallel-size"),
-            ("--expert-tensor-parallel-num-weight-shards",
-             getattr(args, "expert_tensor_parallel_num_weight_shards", None),
-             getattr(args, "expert_tensor_parallel_size", None) or tp,
-             "--expert-tensor-parallel-size")):
-        if shards is not None and shards > ranks:
-            return (f"{flag} {shards} is not supported with --plugins fp8: it shards each "
-                    f"weight over more ranks than {ranks_flag} {ranks} (GTP), to be gathered "
-                    "inside Megatron's linear GEMM (gtp_remat_size, "
-                    "tensor_parallel/layers.py:517), and the fp8 plugin's GEMM takes the "
-                    f"weight as it is held; drop {flag}")
-    return None
+    sharded = weights_sharded_past_tp(args)
+    if sharded is None:
+        return None
+    return (f"{sharded.flag} {sharded.shards} is not supported with --plugins fp8: it shards "
+            f"each weight over more ranks than {sharded.ranks_flag} {sharded.ranks} (GTP), to "
+            "be gathered inside Megatron's linear GEMM (gtp_remat_size, "
+            "tensor_parallel/layers.py:517), and the fp8 plugin's GEMM takes the weight as it "
+            f"is held; drop {sharded.flag}")
 
 
 def _refused_flag(args: argparse.Namespace) -> str | None:

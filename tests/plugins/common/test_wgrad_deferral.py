@@ -316,7 +316,25 @@ def _model_chunks(rank, world_size):
             results["refusal"] = None
         except PluginError as error:
             results["refusal"] = str(error)
+        results["gtp_backstop"] = _gtp_weight_refused()
     return results
+
+
+def _gtp_weight_refused() -> str | None:
+    """A deferring linear handed a GTP-sharded weight (Megatron's gtp_remat_size > 1), which
+    start-up refuses: the backstop's message, or None if it computed."""
+    from plugins import PluginError
+    from plugins.common.parallel_linear import DeferringColumnParallelLinear
+
+    m = DeferringColumnParallelLinear(IN, OUT, config=_config(True), bias=False,
+                                      init_method=torch.nn.init.normal_, gather_output=False)
+    try:
+        m._forward_impl(torch.randn(TOKENS, 1, IN), m.weight, bias=None,
+                        gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                        sequence_parallel=False, gtp_remat_size=2)
+    except PluginError as error:
+        return str(error)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +358,18 @@ def test_a_layer_linear_that_cannot_defer_is_refused(model_chunks):
     message = model_chunks["refusal"]
     assert message is not None and "--delay-wgrad-compute" in message
     assert "ColumnParallelLinear" in message or "RowParallelLinear" in message
+
+
+def test_a_gtp_sharded_weight_reaching_a_deferring_linear_names_the_shard_flags(model_chunks):
+    """Start-up refuses GTP weight shards with the flag (below); should one reach a
+    deferring linear anyway, its error names the shard flags, not gradient-accumulation
+    fusion, which has nothing to do with it."""
+    message = model_chunks["gtp_backstop"]
+    assert message is not None and message.startswith(
+        "--delay-wgrad-compute cannot defer the weight gradient of "
+        "DeferringColumnParallelLinear: GTP weight shards, 2 per tensor-parallel rank")
+    assert "--tensor-parallel-num-weight-shards" in message
+    assert "gradient-accumulation" not in message
 
 
 # --- Megatron's flag without TE: the fixes, and what stays refused ---------------------------
@@ -403,13 +433,23 @@ def test_the_arguments_fix_will_not_replace_the_argument_seam(patcher):
     (dict(transformer_impl="transformer_engine"), "--transformer-impl transformer_engine"),
     (dict(overlap_grad_reduce=True), "--overlap-grad-reduce"),
     (dict(gradient_accumulation_fusion=True), "--gradient-accumulation-fusion"),
+    (dict(tensor_parallel_num_weight_shards=2), "--tensor-parallel-num-weight-shards 2 "
+     "cannot be combined with --delay-wgrad-compute: it shards each weight over more ranks "
+     "than --tensor-model-parallel-size 1 (GTP)"),
+    (dict(expert_tensor_parallel_num_weight_shards=4, expert_tensor_parallel_size=2),
+     "--expert-tensor-parallel-num-weight-shards 4 cannot be combined with "
+     "--delay-wgrad-compute: it shards each weight over more ranks than "
+     "--expert-tensor-parallel-size 2 (GTP)"),
+    # as many weight shards as tensor-parallel ranks: no GTP
+    (dict(tensor_model_parallel_size=2, tensor_parallel_num_weight_shards=2), None),
 ])
 def test_flags_the_deferral_cannot_honour_are_refused(flags, refused):
     from plugins.common.wgrad_checks import delay_wgrad_refusal
 
     args = argparse.Namespace(**{**dict(delay_wgrad_compute=True, transformer_impl="local",
                                         overlap_grad_reduce=False,
-                                        gradient_accumulation_fusion=False), **flags})
+                                        gradient_accumulation_fusion=False,
+                                        tensor_model_parallel_size=1), **flags})
     message = delay_wgrad_refusal(args)
     if refused is None:
         assert message is None
@@ -417,6 +457,30 @@ def test_flags_the_deferral_cannot_honour_are_refused(flags, refused):
         assert message.startswith(refused) and "--delay-wgrad-compute" in message
     args.delay_wgrad_compute = False
     assert delay_wgrad_refusal(args) is None
+
+
+def test_gtp_weight_shards_are_refused_at_start_up(monkeypatch):
+    """Through the launch path's argument parsing and the dualpipe plugin's start-up check
+    (which runs `delay_wgrad_refusal`): refused before any model is built, naming both
+    flags; it used to surface at the first forward, telling the user to pass
+    --no-gradient-accumulation-fusion."""
+    from plugins import PluginError
+    from tests.helpers.plugin_args import enabled
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
+            "--global-batch-size", "8", "--untie-embeddings-and-output-weights",
+            "--pipeline-model-parallel-size", "2", "--plugins", "dualpipe",
+            "--pipeline-schedule", "dualpipev", "--transformer-impl", "local",
+            "--no-gradient-accumulation-fusion", "--delay-wgrad-compute"]
+    enabled(argv, monkeypatch)  # the same run without GTP starts
+    with pytest.raises(PluginError) as refused:
+        enabled(argv + ["--tensor-parallel-num-weight-shards", "2"], monkeypatch)
+    message = str(refused.value)
+    assert message.startswith("--tensor-parallel-num-weight-shards 2 cannot be combined with "
+                              "--delay-wgrad-compute")
+    assert message.endswith("Drop --tensor-parallel-num-weight-shards or --delay-wgrad-compute")
 
 
 def test_fp8_maps_the_deferring_linears_in_either_order():
