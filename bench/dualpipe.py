@@ -233,7 +233,8 @@ def run_chunks(smoke: bool = False) -> Result:
 LAYOUT_MODEL = ["--num-layers", "16", "--hidden-size", "256", "--num-attention-heads", "8",
                 "--seq-length", "256", "--max-position-embeddings", "256",
                 "--micro-batch-size", "1", "--vocab-size", "12800",
-                "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
+                "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+                "--hidden-dropout", "0",
                 "--attention-dropout", "0", "--lr", "1e-4", "--lr-warmup-iters", "1",
                 "--eval-iters", "0", "--eval-interval", "1000", "--seed", "1234",
                 "--timing-log-level", "2", "--timing-log-option", "all",
@@ -245,30 +246,33 @@ def _flag(flags: list[str], name: str) -> int:
     return int(flags[flags.index(name) + 1])
 
 
+_MODEL_SHAPE = ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
+                "--hidden-dropout", "--attention-dropout",
+                "--max-position-embeddings", "--micro-batch-size", "--vocab-size",
+                "--untie-embeddings-and-output-weights", "--disable-bias-linear")
+_SWITCHES = ("--untie-embeddings-and-output-weights", "--disable-bias-linear")
+
+
 def letter_costs(flags: list[str]) -> dict:
-    """The layout letters' training FLOPs per token from the project's cost model
-    (integration.cost), over a transformer layer's: t = 1, L the output head (the loss's
-    softmax is not counted), E 0 (a lookup), m unused here. describe prints no per-stage
-    FLOPs yet, so they are taken from the model it sums."""
-    import dataclasses
+    """The layout letters' costs as `megaseek describe` prints them per stage (training
+    FLOPs of one micro-batch, `integration.describe.stage_flops`), over a transformer
+    layer's: t = 1, L the final norm, output head and loss, m an MTP layer, E 0 (a lookup)."""
     from fractions import Fraction
 
-    from integration import cost
+    from integration import describe
 
-    layers, hidden = _flag(flags, "--num-layers"), _flag(flags, "--hidden-size")
-    heads = _flag(flags, "--num-attention-heads")
-    shape = cost.GPTShape(layers, hidden, 4 * hidden, _flag(flags, "--vocab-size"),
-                          untied=True, gated_linear_unit=False, norm_numbers=2,
-                          attention=cost.StandardAttention(hidden, heads, heads,
-                                                           hidden // heads),
-                          moe=None, moe_layers=(0,) * layers, mtp_num_layers=0)
-    seq = _flag(flags, "--seq-length")
-    whole = cost.training_flops_per_token(shape, seq)["main"]
-    layers_only = cost.training_flops_per_token(dataclasses.replace(shape, vocab_size=0),
-                                                seq)["main"]
-    layer = Fraction(layers_only, layers)
-    return {"E": Fraction(0), "t": Fraction(1), "m": Fraction(1),
-            "L": (whole - layers_only) / layer}
+    shaping = [name for name in flags if name in _MODEL_SHAPE]
+    argv = [a for name in shaping for a in
+            ([name] if name in _SWITCHES else [name, flags[flags.index(name) + 1]])]
+    args = describe.parse(argv)
+    model = describe.shape(args)
+
+    def stage(**contents) -> int:
+        return describe.stage_flops(model, args, describe.Stage(0, **contents))
+
+    layer = stage(layers=[0])
+    return {"E": Fraction(0), "t": Fraction(1), "m": Fraction(stage(layers=[], mtp=1), layer),
+            "L": Fraction(stage(layers=[], head=True), layer)}
 
 
 def _stage_means(timeline) -> list[float]:
@@ -390,8 +394,8 @@ def run_layout(smoke: bool = False) -> Result:
         f"iterations a run, logged every {interval}: step times are the logged intervals' "
         "but the first (the warm-up), the timers' bubbles their last interval's, averaged "
         "over the runs.",
-        "Stage costs from integration.cost's training FLOPs per token (describe prints no "
-        "per-stage figure yet): a transformer layer 1, the output head "
+        "Stage costs as `megaseek describe` prints them per stage (training FLOPs of a "
+        "micro-batch, integration.describe.stage_flops): a transformer layer 1, the output head "
         f"{float(costs['L']):.2f}, the embedding 0 (a lookup). The balanced layout is the "
         "cut (one layer a stage at least) whose busiest rank carries the least, and of "
         "those the shortest step the simulator gives with those costs (F = 1, B = 2, no "
