@@ -10,6 +10,7 @@ seam then puts where the schedule needs them.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
@@ -44,6 +45,10 @@ class DualPipePluginConfig:
     decoder_first_pipeline_num_layers: int | None = megatron(
         "decoder_first_pipeline_num_layers")
     decoder_last_pipeline_num_layers: int | None = megatron("decoder_last_pipeline_num_layers")
+    account_for_embedding_in_pipeline_split: bool = megatron(
+        "account_for_embedding_in_pipeline_split", False)
+    account_for_loss_in_pipeline_split: bool = megatron("account_for_loss_in_pipeline_split",
+                                                        False)
     delay_wgrad_compute: bool = megatron("delay_wgrad_compute", False)
     overlap_moe_expert_parallel_comm: bool = megatron("overlap_moe_expert_parallel_comm", False)
     transformer_impl: str = megatron("transformer_impl", "local")
@@ -150,6 +155,35 @@ def stage_layout(config: DualPipePluginConfig) -> StageLayout | None:
         layout = StageLayout.split(config.num_layers, stages, first, last, mtp)
     layout.check(stages, config.num_layers, mtp, config.pipeline_schedule, p)
     return layout
+
+
+def stages_said(config: DualPipePluginConfig) -> list[str]:
+    """The start-up log's lines that say which stages each pipeline rank holds and what is
+    in them (the layout's cut, else Megatron's even split), one line per rank."""
+    p, schedule = config.pipeline_model_parallel_size, config.pipeline_schedule
+    pipeline = Pipeline(schedule, p, microbatches=0)
+    layout = stage_layout(config) or StageLayout.even(
+        config.num_layers, pipeline.stages, config.mtp_num_layers or 0,
+        config.account_for_embedding_in_pipeline_split,
+        config.account_for_loss_in_pipeline_split)
+    given = ""
+    if config.pipeline_model_parallel_layout is not None:
+        given = f" ({LAYOUT_FLAG} {layout})"
+    elif stage_layout(config) is not None:
+        given = " (" + " ".join(f"{flag} {count}" for flag, count in (
+            (FIRST_FLAG, config.decoder_first_pipeline_num_layers),
+            (LAST_FLAG, config.decoder_last_pipeline_num_layers)) if count is not None) \
+            + f": {layout})"
+    lines = [f"megaseek: --pipeline-schedule {schedule} places its stages{given}:"]
+    for rank in range(p):
+        held = []
+        for direction, stage in sorted(pipeline.place(rank, c) for c in range(pipeline.chunks)):
+            held.append(f"stage {stage} ({layout.contents(stage)})")
+            if pipeline.directions == 2:  # DualPipe: micro-batches enter at both ends
+                held[-1] += (" of the micro-batches from rank 0" if direction == 0
+                             else f" of those from rank {p - 1}")
+        lines.append(f"megaseek:   rank {rank} holds {' and '.join(held)}")
+    return lines
 
 
 def overrides(config: DualPipePluginConfig) -> dict:
@@ -285,6 +319,8 @@ def placement(config: DualPipePluginConfig) -> DualPipePlacement:
 
         minutes = config.distributed_timeout_minutes
         process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
+    if int(os.environ.get("RANK", "0")) == 0:  # once, where Megatron's log is read
+        print("\n".join(stages_said(config)), flush=True)
     layout = stage_layout(config)
     return DualPipePlacement(pipeline.ranks, pipeline.chunks,
                              lambda rank, chunk: pipeline.place(rank, chunk)[1],

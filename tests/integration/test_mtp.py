@@ -313,6 +313,10 @@ SCHEDULES = {
     "dualpipe": ["--pipeline-model-parallel-size", "2", "--plugins", "mla", "moe", "fp8",
                  "dualpipe", "--pipeline-schedule", "dualpipe"],
 }
+# Each schedule's uneven cut of the preset's 4 layers and MTP, as Megatron's layout flag
+# says it: Megatron's own under 1F1B (2 stages), the placement's under DualPipeV (4 stages,
+# the last holding MTP and the loss only) and DualPipe (2 stages).
+LAYOUTS = {"1f1b": "Ettt|tmL", "dualpipev": "Et|tt|t|mL", "dualpipe": "Ettt|tmL"}
 _VALIDATION_MTP = re.compile(r"validation loss at iteration \d+(?: on validation set)? \| lm loss "
                              r"value: ([0-9.E+-]+) \|.*?\| mtp_1 loss value: ([0-9.E+-]+) \|")
 
@@ -342,18 +346,28 @@ def test_both_launch_paths_build_and_train_one_model_and_report_mtp_validation_l
     `megaseek pretrain` and through the launcher running Megatron-LM's release
     pretrain_gpt.py (Megatron's own GPT builder makes the MTP block spec: the plugins' spec
     transforms reach it whatever the placement; under DualPipe(V) rank 0 holds the MTP
-    stage): both train, and save the same parameters. The validation line carries MTP's
-    loss beside the main loss, equal to what one process without a pipeline computes on
-    the same batches from the saved weights (under DualPipe(V) the MTP layer sits on rank
-    0 and its loss is gathered to the last rank, which prints)."""
-    runs = {}
+    stage), each with the even split and with the schedule's layout (LAYOUTS): all train,
+    and save the same parameters (every layer under its global number, wherever it ran).
+    The validation line carries MTP's loss beside the main loss, equal to what one process
+    without a pipeline computes on the same batches from the saved weights (under
+    DualPipe(V) the MTP layer sits on rank 0 and its loss is gathered to the last rank,
+    which prints)."""
+    runs, saved = {}, {}
     for path, command in (("pretrain", ["-m", "integration.pretrain"]),
                           ("release", ["-m", "integration.launch", RELEASE])):
-        runs[path] = torchrun(command, TINY_RUN + SCHEDULES[schedule] + [
-            "--save", str(tmp_path / path)], tmp_path)
-        assert sorted(losses(runs[path])) == sorted(mtp_losses(runs[path])) == [1, 2], path
-    assert _parameters(tmp_path / "release") == _parameters(tmp_path / "pretrain")
-    assert any(name.startswith("mtp.layers.0.") for name in _parameters(tmp_path / "release"))
+        for split, layout in (("even", []),
+                              ("layout", ["--pipeline-model-parallel-layout",
+                                          LAYOUTS[schedule]])):
+            folder = tmp_path / path if split == "even" else tmp_path / f"{path}-{split}"
+            output = torchrun(command, TINY_RUN + SCHEDULES[schedule] + layout + [
+                "--save", str(folder)], tmp_path)
+            assert sorted(losses(output)) == sorted(mtp_losses(output)) == [1, 2], (path, split)
+            saved[(path, split)] = _parameters(folder)
+            if split == "even":
+                runs[path] = output
+    reference = saved[("pretrain", "even")]
+    assert [run for run, parameters in saved.items() if parameters != reference] == []
+    assert any(name.startswith("mtp.layers.0.") for name in reference)
 
     # The checkpoint of iteration 2 evaluates, without training, the batches that the
     # evaluation at iteration 2 (each run's first) read.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from plugins import PluginError
 from tests.helpers.plugin_args import enabled, validated
@@ -47,6 +48,9 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--position-embedding-type", "rope",
           "--mtp-num-layers", "1"], r"holds 0 MTP layers \(m\); --mtp-num-layers is 1"),
     (V + ["--pipeline-model-parallel-layout", "Et|x|t|tL"], r"Invalid layer character: x"),
+    (V + ["--pipeline-model-parallel-layout", "Ett||t|tL"],
+     r"--pipeline-model-parallel-layout Ett\|\|t\|tL: stage 1 holds nothing; every stage needs "
+     r"at least one of E, t, m, L"),
     (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--decoder-first-pipeline-num-layers", "1"],
      r"--pipeline-model-parallel-layout cannot be combined with --decoder-first"),
     (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--account-for-loss-in-pipeline-split"],
@@ -77,6 +81,7 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
 ], ids=["no-schedule", "schedule-without-plugin", "pp1", "too-few-microbatches", "vp-flag",
         "layout-stages", "layout-stages-dualpipe", "layout-embedding",
         "layout-loss", "layout-layers", "layout-mtp-place", "layout-mtp-count", "layout-letter",
+        "layout-empty-stage",
         "layout-and-uneven", "layout-and-accounting", "uneven-rest", "uneven-too-many", "uneven-zero", "layers", "embedding-in-the-split", "rampup",
         "param-gather-with-step",
         "mtp-fully-reshardable", "wgrad-without-dualpipe", "wgrad-overlap-grad-reduce",
@@ -126,3 +131,60 @@ def test_an_unwritable_pipeline_timeline_is_refused_at_start_up(tmp_path, monkey
                       monkeypatch)
     assert not (tmp_path / "new").exists()  # checked, not created
 
+
+
+@pytest.mark.parametrize("extra, said", [
+    (V + ["--pipeline-model-parallel-layout", "E|ttt|t|mL", "--position-embedding-type",
+          "rope", "--mtp-num-layers", "1"],
+     ["megaseek: --pipeline-schedule dualpipev places its stages "
+      "(--pipeline-model-parallel-layout E|ttt|t|mL):",
+      "megaseek:   rank 0 holds stage 0 (E) and stage 3 (m L)",
+      "megaseek:   rank 1 holds stage 1 (t0-t2) and stage 2 (t3)"]),
+    (V + ["--num-layers", "8"],
+     ["megaseek: --pipeline-schedule dualpipev places its stages:",
+      "megaseek:   rank 0 holds stage 0 (E t0 t1) and stage 3 (t6 t7 L)",
+      "megaseek:   rank 1 holds stage 1 (t2 t3) and stage 2 (t4 t5)"]),
+    (V + ["--num-layers", "7", "--account-for-embedding-in-pipeline-split"],
+     ["megaseek: --pipeline-schedule dualpipev places its stages:",
+      "megaseek:   rank 0 holds stage 0 (E t0) and stage 3 (t5 t6 L)",
+      "megaseek:   rank 1 holds stage 1 (t1 t2) and stage 2 (t3 t4)"]),
+    (["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe"],
+     ["megaseek: --pipeline-schedule dualpipe places its stages:",
+      "megaseek:   rank 0 holds stage 0 (E t0 t1) of the micro-batches from rank 0 and "
+      "stage 1 (t2 t3 L) of those from rank 1",
+      "megaseek:   rank 1 holds stage 1 (t2 t3 L) of the micro-batches from rank 0 and "
+      "stage 0 (E t0 t1) of those from rank 1"]),
+], ids=["layout", "even", "even-embedding-counted", "dualpipe-even"])
+def test_rank_0_says_which_stages_each_rank_holds(extra, said, monkeypatch, capsys):
+    """Once, on rank 0, when the placement is made; with the even split, the layers are
+    those Megatron's split gives each stage (its functions asked at the stage's
+    coordinates, as the placement seam asks them)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    args, plugins = enabled(BASE + extra, monkeypatch)
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "1")
+    plugins[0].placement()
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    placement = plugins[0].placement()
+    assert capsys.readouterr().out.splitlines() == said
+    if placement.layers is not None:
+        return
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=64, num_attention_heads=4,
+        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+        account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
+        pipeline_dtype=torch.float32)
+    for stage in range(placement.stages):
+        rank, chunk = placement.holders(stage)[0]
+        pp, vp = placement.megatron_coordinates(rank, chunk)
+        config.virtual_pipeline_model_parallel_size = None if vp is None else 2
+        start = get_transformer_layer_offset(config, vp_stage=vp, pp_rank=pp)
+        count = get_num_layers_to_build(config, vp_stage=vp, pp_rank=pp)
+        held = f"t{start}-t{start + count - 1}" if count >= 3 else " ".join(
+            f"t{n}" for n in range(start, start + count))
+        assert any(f"stage {stage} ({'E ' if stage == 0 else ''}{held}" in line
+                   for line in said), (stage, held)
