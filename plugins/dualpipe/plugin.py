@@ -162,18 +162,18 @@ def stages_said(config: DualPipePluginConfig) -> list[str]:
     in them (the layout's cut, else Megatron's even split), one line per rank."""
     p, schedule = config.pipeline_model_parallel_size, config.pipeline_schedule
     pipeline = Pipeline(schedule, p, microbatches=0)
-    layout = stage_layout(config) or StageLayout.even(
-        config.num_layers, pipeline.stages, config.mtp_num_layers or 0,
-        config.account_for_embedding_in_pipeline_split,
-        config.account_for_loss_in_pipeline_split)
-    given = ""
+    layout, given = stage_layout(config), ""
     if config.pipeline_model_parallel_layout is not None:
         given = f" ({LAYOUT_FLAG} {layout})"
-    elif stage_layout(config) is not None:
+    elif layout is not None:  # Megatron's uneven split, and the cut it gives
         given = " (" + " ".join(f"{flag} {count}" for flag, count in (
             (FIRST_FLAG, config.decoder_first_pipeline_num_layers),
             (LAST_FLAG, config.decoder_last_pipeline_num_layers)) if count is not None) \
             + f": {layout})"
+    else:
+        layout = StageLayout.even(config.num_layers, pipeline.stages, config.mtp_num_layers or 0,
+                                  config.account_for_embedding_in_pipeline_split,
+                                  config.account_for_loss_in_pipeline_split)
     lines = [f"megaseek: --pipeline-schedule {schedule} places its stages{given}:"]
     for rank in range(p):
         held = []
