@@ -42,11 +42,11 @@ def _oracle(model: list[str], tmp_path, until: int) -> tuple:
     return start, output
 
 
-def _trains_as(run: str, oracle: str) -> None:
-    """Main and MTP losses of every logged iteration after 2, and the final validation
-    loss, as the one-process oracle's."""
+def _trains_as(run: str, oracle: str, start: int = 2) -> None:
+    """Main and MTP losses of every logged iteration after `start` (the checkpoint it was
+    resumed from), and the final validation loss, as the one-process oracle's."""
     for parse in (losses, mtp_losses):
-        expected = logged_when_resumed(oracle, 2, parse)
+        expected = logged_when_resumed(oracle, start, parse)
         assert sorted(parse(run)) == sorted(expected), parse.__name__
         for iteration, loss in expected.items():
             assert parse(run)[iteration] == pytest.approx(loss, **CLOSE), (parse.__name__,
@@ -103,15 +103,18 @@ def test_dualpipev_trains_mla_moe_with_a_layout_as_one_process_resumes_and_loads
 
 def test_dualpipe_with_embedding_and_loss_stages_alone_and_dualpipev_with_first_last_layers(
         tmp_path):
-    """A dense 7-layer model with MTP from one checkpoint, against one process:
-    - DualPipe at PP=4 with `E|ttt|tttt|mL`: the first stage only embeds, the last only
-      runs MTP and the loss (its final norm sits with layer 6, as Megatron places it with
-      MTP), every stage held by two ranks;
+    """A dense 7-layer model with MTP, against one process:
+    - DualPipe at PP=4 with `E|ttt|tttt|mL` from the oracle's iteration 2: the first stage
+      only embeds, the last only runs MTP and the loss (its final norm sits with layer 6,
+      as Megatron places it with MTP), every stage held by two ranks;
     - DualPipeV at PP=2 with --decoder-first-pipeline-num-layers 1 and
-      --decoder-last-pipeline-num-layers 2 (Megatron's uneven split: Et|tt|tt|ttmL)."""
-    start, one_process = _oracle(DENSE, tmp_path, 4)
-    resumed = ["--load", str(start), "--ckpt-step", "2", "--train-iters", "4"]
-    dualpipe = pretrain(DENSE + resumed + [
+      --decoder-last-pipeline-num-layers 2 (Megatron's uneven split: Et|tt|tt|ttmL), from
+      DualPipe's iteration-4 checkpoint (saved once, by the first copy of each stage)."""
+    start, one_process = _oracle(DENSE, tmp_path, 6)
+    dualpipe_saved = tmp_path / "dualpipe"
+    dualpipe = pretrain(DENSE + [
+        "--load", str(start), "--ckpt-step", "2", "--train-iters", "6", "--save",
+        str(dualpipe_saved), "--save-interval", "4",
         "--plugins", "dualpipe", "--pipeline-schedule", "dualpipe",
         "--pipeline-model-parallel-size", "4", "--pipeline-model-parallel-layout",
         "E|ttt|tttt|mL"], tmp_path, ranks=4)
@@ -128,7 +131,8 @@ def test_dualpipe_with_embedding_and_loss_stages_alone_and_dualpipev_with_first_
         "(E) of those from rank 3"])
     _trains_as(dualpipe, one_process)
 
-    dualpipev = pretrain(DENSE + resumed + [
+    dualpipev = pretrain(DENSE + [
+        "--load", str(dualpipe_saved), "--ckpt-step", "4", "--train-iters", "6",
         "--plugins", "dualpipe", "--pipeline-schedule", "dualpipev",
         "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
         "--decoder-last-pipeline-num-layers", "2"], tmp_path)
@@ -138,4 +142,4 @@ def test_dualpipe_with_embedding_and_loss_stages_alone_and_dualpipev_with_first_
         "Et|tt|tt|ttmL):",
         "megaseek:   rank 0 holds stage 0 (E t0) and stage 3 (t5 t6 m L)",
         "megaseek:   rank 1 holds stage 1 (t1 t2) and stage 2 (t3 t4)"])
-    _trains_as(dualpipev, one_process)
+    _trains_as(dualpipev, one_process, start=4)
