@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugins import PluginError
+from plugins import PluginError, default_registry
 from tests.helpers.plugin_args import enabled, validated
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -110,6 +110,10 @@ def test_a_layout_is_the_placements_and_megatron_gets_none(extra, stages, monkey
     before = [sum(stage.count("t") for stage in stages[:s]) for s in range(len(stages) + 1)]
     assert [placement.layers(s) for s in range(placement.stages)] == [
         range(before[s], before[s + 1]) for s in range(len(stages))]
+    # Megatron saves these arguments with each checkpoint; a tool that rebuilds the
+    # checkpoint's model plans from them (integration/checkpoint_tool.py): the same cut.
+    saved = default_registry().plan(args, checked=False)
+    assert stage_layout(saved.plugins[0].config).stages == stages
 
 
 def test_tied_embeddings_are_refused(monkeypatch):
