@@ -10,7 +10,6 @@ seam then puts where the schedule needs them.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
@@ -330,13 +329,12 @@ def placement(config: DualPipePluginConfig) -> DualPipePlacement:
 
         minutes = config.distributed_timeout_minutes
         process_groups = chunk_process_groups(timedelta(minutes=minutes) if minutes else None)
-    if int(os.environ.get("RANK", "0")) == 0:  # once, where Megatron's log is read
-        print("\n".join(stages_said(config)), flush=True)
     layout = stage_layout(config)
     return DualPipePlacement(pipeline.ranks, pipeline.chunks,
                              lambda rank, chunk: pipeline.place(rank, chunk)[1],
                              copies=pipeline.directions, process_groups=process_groups,
-                             layers=None if layout is None else layout.layers)
+                             layers=None if layout is None else layout.layers,
+                             said=tuple(stages_said(config)))
 
 
 def schedule(config: DualPipePluginConfig):

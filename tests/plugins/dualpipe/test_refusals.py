@@ -160,21 +160,25 @@ def test_an_unwritable_pipeline_timeline_is_refused_at_start_up(tmp_path, monkey
       "stage 0 (E t0 t1) of those from rank 1"]),
 ], ids=["layout", "even", "even-embedding-counted", "dualpipe-even"])
 def test_rank_0_says_which_stages_each_rank_holds(extra, said, monkeypatch, capsys):
-    """Once, on rank 0, when the placement is made; with the even split, the layers are
-    those Megatron's split gives each stage (its functions asked at the stage's
-    coordinates, as the placement seam asks them)."""
+    """Once, on rank 0, when the placement seam attaches the placement to the run (the
+    plugin's hook itself prints nothing: `megaseek describe` asks it too); with the even
+    split, the layers are those Megatron's split gives each stage (its functions asked at
+    the stage's coordinates, as the seam asks them)."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+    from tests.helpers.patching import patching
+    from upstream.seams.placement import pipeline_placement
+
     args, plugins = enabled(BASE + extra, monkeypatch)
-    capsys.readouterr()
-    monkeypatch.setenv("RANK", "1")
-    plugins[0].placement()
-    assert capsys.readouterr().out == ""
-    monkeypatch.setenv("RANK", "0")
     placement = plugins[0].placement()
-    assert capsys.readouterr().out.splitlines() == said
+    capsys.readouterr()
+    for rank, printed in (("1", []), ("0", said)):
+        monkeypatch.setenv("RANK", rank)
+        with patching() as patcher:
+            pipeline_placement(placement).apply(patcher)
+        assert capsys.readouterr().out.splitlines() == printed, rank
     if placement.layers is not None:
         return
     config = TransformerConfig(
