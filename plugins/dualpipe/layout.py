@@ -87,8 +87,37 @@ class StageLayout:
         cut[-1] = cut[-1] + MTP * mtp + LOSS
         return cls(tuple(cut))
 
+    @classmethod
+    def even(cls, layers: int, stages: int, mtp: int = 0, embedding_counted: bool = False,
+             loss_counted: bool = False) -> "StageLayout":
+        """Megatron's even split of `layers` over `stages` stages, the embedding / loss
+        counted as a layer where `embedding_counted` / `loss_counted` (its
+        --account-for-embedding/loss-in-pipeline-split): what a run without a layout
+        builds. The caller has checked that the count comes out whole."""
+        per_stage = (layers + embedding_counted + loss_counted) // stages
+        counts = [per_stage] * stages
+        counts[0] -= embedding_counted
+        counts[-1] -= loss_counted
+        cut = [LAYER * n for n in counts]
+        cut[0] = EMBEDDING + cut[0]
+        cut[-1] = cut[-1] + MTP * mtp + LOSS
+        return cls(tuple(cut))
+
     def __str__(self) -> str:
         return "|".join(self.stages)
+
+    def contents(self, stage: int) -> str:
+        """What a stage holds, its transformer layers by global number from 0 (as the
+        checkpoint's `decoder.layers.N`), a run of three or more as a range: "E t0-t3",
+        "t6 m L"."""
+        layers = self.layers(stage)
+        if len(layers) >= 3:
+            numbered = [f"t{layers.start}-t{layers.stop - 1}"]
+        else:
+            numbered = [f"t{n}" for n in layers]
+        letters = self.stages[stage]
+        return " ".join([EMBEDDING] * letters.count(EMBEDDING) + numbered
+                        + [MTP] * letters.count(MTP) + [LOSS] * letters.count(LOSS))
 
     def count(self, letter: str, stage: int | None = None) -> int:
         held = self.stages if stage is None else [self.stages[stage]]
@@ -113,6 +142,13 @@ class StageLayout:
                               f"{schedule} on --pipeline-model-parallel-size {pipeline_size} "
                               f"runs {stages} ({per_rank}): give {stages} stages separated "
                               "by '|'")
+        empty = [stage for stage, letters in enumerate(self.stages) if not letters]
+        if empty:
+            # A model chunk without parameters (measured: the schedule and the MTP
+            # evaluation take a chunk's device from its parameters, and its checkpoint
+            # state is saved as one rank's common state).
+            raise LayoutError(f"{said}: stage {empty[0]} holds nothing; every stage needs at "
+                              f"least one of E, t, m, L: move a layer (t) into it")
         for letter, name in ((EMBEDDING, "the embedding (E)"), (LOSS, "the loss (L)")):
             if self.count(letter) != 1:
                 raise LayoutError(f"{said} holds {name} {self.count(letter)} times: give it "

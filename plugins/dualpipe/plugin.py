@@ -22,6 +22,10 @@ from plugins.dualpipe.placement import DualPipePlacement
 from plugins.dualpipe.program import Pipeline
 
 SCHEDULES = ("dualpipev", "dualpipe")
+# Where the run's cut is kept in Megatron's arguments, which hold none of the layout flags
+# (`overrides`) and are saved with every checkpoint: a tool that rebuilds a checkpoint's
+# model from them (integration/checkpoint_tool.py) builds the same stages.
+SAVED_LAYOUT = "dualpipe_stage_layout"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class DualPipePluginConfig:
     decoder_first_pipeline_num_layers: int | None = megatron(
         "decoder_first_pipeline_num_layers")
     decoder_last_pipeline_num_layers: int | None = megatron("decoder_last_pipeline_num_layers")
+    saved_stage_layout: str | None = megatron(SAVED_LAYOUT)
+    account_for_embedding_in_pipeline_split: bool = megatron(
+        "account_for_embedding_in_pipeline_split", False)
+    account_for_loss_in_pipeline_split: bool = megatron("account_for_loss_in_pipeline_split",
+                                                        False)
     delay_wgrad_compute: bool = megatron("delay_wgrad_compute", False)
     overlap_moe_expert_parallel_comm: bool = megatron("overlap_moe_expert_parallel_comm", False)
     transformer_impl: str = megatron("transformer_impl", "local")
@@ -133,7 +142,9 @@ def stage_layout(config: DualPipePluginConfig) -> StageLayout | None:
     first = config.decoder_first_pipeline_num_layers
     last = config.decoder_last_pipeline_num_layers
     if layout_text is None and first is None and last is None:
-        return None
+        if config.saved_stage_layout is None:
+            return None
+        layout_text = config.saved_stage_layout  # a checkpoint's saved arguments
     if layout_text is not None and (first is not None or last is not None):
         raise LayoutError(f"{LAYOUT_FLAG} cannot be combined with {FIRST_FLAG} or "
                           f"{LAST_FLAG} (the layout already says every stage's layers): "
@@ -149,17 +160,50 @@ def stage_layout(config: DualPipePluginConfig) -> StageLayout | None:
     return layout
 
 
+def stages_said(config: DualPipePluginConfig) -> list[str]:
+    """The start-up log's lines that say which stages each pipeline rank holds and what is
+    in them (the layout's cut, else Megatron's even split), one line per rank."""
+    p, schedule = config.pipeline_model_parallel_size, config.pipeline_schedule
+    pipeline = Pipeline(schedule, p, microbatches=0)
+    layout, given = stage_layout(config), ""
+    if config.pipeline_model_parallel_layout is not None:
+        given = f" ({LAYOUT_FLAG} {layout})"
+    elif config.decoder_first_pipeline_num_layers is not None or \
+            config.decoder_last_pipeline_num_layers is not None:
+        given = " (" + " ".join(f"{flag} {count}" for flag, count in (
+            (FIRST_FLAG, config.decoder_first_pipeline_num_layers),
+            (LAST_FLAG, config.decoder_last_pipeline_num_layers)) if count is not None) \
+            + f": {layout})"  # Megatron's uneven split, and the cut it gives
+    elif layout is not None:
+        given = f" (as the checkpoint was saved: {layout})"
+    else:
+        layout = StageLayout.even(config.num_layers, pipeline.stages, config.mtp_num_layers or 0,
+                                  config.account_for_embedding_in_pipeline_split,
+                                  config.account_for_loss_in_pipeline_split)
+    lines = [f"megaseek: --pipeline-schedule {schedule} places its stages{given}:"]
+    for rank in range(p):
+        held = []
+        for direction, stage in sorted(pipeline.place(rank, c) for c in range(pipeline.chunks)):
+            held.append(f"stage {stage} ({layout.contents(stage)})")
+            if pipeline.directions == 2:  # DualPipe: micro-batches enter at both ends
+                held[-1] += (" of the micro-batches from rank 0" if direction == 0
+                             else f" of those from rank {p - 1}")
+        lines.append(f"megaseek:   rank {rank} holds {' and '.join(held)}")
+    return lines
+
+
 def overrides(config: DualPipePluginConfig) -> dict:
     """Megatron builds two model chunks per rank (one DDP wrapper, one data iterator each),
     as for its interleaved schedule; the placement seam decides which stages they are. The
     schedules call no parameter-gather hooks of Megatron's interleaved schedule (as
     Megatron turns them off without virtual stages). An uneven layout is the placement's
-    to cut (Megatron would read it as interleaved stages), so Megatron is given none."""
-    taken = {}
-    if stage_layout(config) is not None:
+    to cut (Megatron would read it as interleaved stages), so Megatron is given none; the
+    cut is kept beside its arguments (SAVED_LAYOUT), to be saved with them."""
+    taken, layout = {}, stage_layout(config)
+    if layout is not None:
         taken = {"pipeline_model_parallel_layout": None,
                  "decoder_first_pipeline_num_layers": None,
-                 "decoder_last_pipeline_num_layers": None}
+                 "decoder_last_pipeline_num_layers": None, SAVED_LAYOUT: str(layout)}
     return {"num_virtual_stages_per_pipeline_rank": 2, "align_param_gather": False, **taken}
 
 
@@ -286,7 +330,8 @@ def placement(config: DualPipePluginConfig) -> DualPipePlacement:
     return DualPipePlacement(pipeline.ranks, pipeline.chunks,
                              lambda rank, chunk: pipeline.place(rank, chunk)[1],
                              copies=pipeline.directions, process_groups=process_groups,
-                             layers=None if layout is None else layout.layers)
+                             layers=None if layout is None else layout.layers,
+                             said=tuple(stages_said(config)))
 
 
 def schedule(config: DualPipePluginConfig):

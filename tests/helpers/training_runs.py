@@ -211,6 +211,19 @@ def mtp_losses(output: str) -> dict[int, float]:
     return {int(i): float(v) for i, v in _MTP_LOSS.findall(output)}
 
 
+def logged_when_resumed(straight: str, start: int, parse=losses) -> dict[int, float]:
+    """The losses a run resumed from iteration `start`'s checkpoint logs, from the output of
+    the straight run that saved it and went on in memory: the same losses, but Megatron does
+    not reset its loss sums after a run's first logged iteration (`training_log`,
+    `is_first_iteration`), so every run's second line is the mean of its first two
+    iterations' losses (the straight run's own line of iteration 2 too: hence `start` >= 2)."""
+    logged = parse(straight)
+    assert start >= 2 and sorted(logged) == list(range(1, max(logged) + 1))
+    expected = {i: loss for i, loss in logged.items() if i > start}
+    expected[start + 2] = (logged[start + 1] + logged[start + 2]) / 2
+    return expected
+
+
 def final_validation_loss(output: str) -> float:
     found = _VALIDATION.findall(output)
     assert found, "no final validation loss in the output"

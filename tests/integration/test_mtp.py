@@ -313,6 +313,13 @@ SCHEDULES = {
     "dualpipe": ["--pipeline-model-parallel-size", "2", "--plugins", "mla", "moe", "fp8",
                  "dualpipe", "--pipeline-schedule", "dualpipe"],
 }
+# Each schedule's uneven cut of the preset's 4 layers and MTP, as Megatron's layout flag
+# says it: Megatron's own under 1F1B (2 stages), the placement's under DualPipeV (4 stages,
+# the last holding MTP and the loss only) and DualPipe (2 stages). One step, saved, no
+# evaluation: the suite's time.
+LAYOUTS = {"1f1b": "Ettt|tmL", "dualpipev": "Et|tt|t|mL", "dualpipe": "Ettt|tmL"}
+ONE_STEP = ["--train-iters", "1", "--lr-warmup-iters", "0", "--eval-iters", "0",
+            "--save-interval", "1"]
 _VALIDATION_MTP = re.compile(r"validation loss at iteration \d+(?: on validation set)? \| lm loss "
                              r"value: ([0-9.E+-]+) \|.*?\| mtp_1 loss value: ([0-9.E+-]+) \|")
 
@@ -324,12 +331,12 @@ def _validations(output: str) -> list[tuple[float, float]]:
     return [(float(main), float(mtp)) for main, mtp in found]
 
 
-def _parameters(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+def _parameters(checkpoint: Path, iteration: int = 2) -> dict[str, tuple[int, ...]]:
     """The model's tensors a `torch_dist` checkpoint holds (names and global shapes: the
     placement does not show in them)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    metadata = FileSystemReader(str(checkpoint / "iter_0000002")).read_metadata()
+    metadata = FileSystemReader(str(checkpoint / f"iter_{iteration:07d}")).read_metadata()
     return {name: tuple(entry.size) for name, entry in metadata.state_dict_metadata.items()
             if hasattr(entry, "size") and not name.startswith("optimizer.")}
 
@@ -342,18 +349,27 @@ def test_both_launch_paths_build_and_train_one_model_and_report_mtp_validation_l
     `megaseek pretrain` and through the launcher running Megatron-LM's release
     pretrain_gpt.py (Megatron's own GPT builder makes the MTP block spec: the plugins' spec
     transforms reach it whatever the placement; under DualPipe(V) rank 0 holds the MTP
-    stage): both train, and save the same parameters. The validation line carries MTP's
-    loss beside the main loss, equal to what one process without a pipeline computes on
-    the same batches from the saved weights (under DualPipe(V) the MTP layer sits on rank
-    0 and its loss is gathered to the last rank, which prints)."""
-    runs = {}
+    stage), each with the even split and with the schedule's layout (LAYOUTS): all train,
+    and save the same parameters (every layer under its global number, wherever it ran).
+    The validation line carries MTP's loss beside the main loss, equal to what one process
+    without a pipeline computes on the same batches from the saved weights (under
+    DualPipe(V) the MTP layer sits on rank 0 and its loss is gathered to the last rank,
+    which prints)."""
+    runs, saved = {}, {}
     for path, command in (("pretrain", ["-m", "integration.pretrain"]),
                           ("release", ["-m", "integration.launch", RELEASE])):
         runs[path] = torchrun(command, TINY_RUN + SCHEDULES[schedule] + [
             "--save", str(tmp_path / path)], tmp_path)
         assert sorted(losses(runs[path])) == sorted(mtp_losses(runs[path])) == [1, 2], path
-    assert _parameters(tmp_path / "release") == _parameters(tmp_path / "pretrain")
-    assert any(name.startswith("mtp.layers.0.") for name in _parameters(tmp_path / "release"))
+        saved[(path, "even")] = _parameters(tmp_path / path)
+        laid_out = torchrun(command, TINY_RUN + SCHEDULES[schedule] + ONE_STEP + [
+            "--pipeline-model-parallel-layout", LAYOUTS[schedule], "--save",
+            str(tmp_path / f"{path}-layout")], tmp_path)
+        assert sorted(losses(laid_out)) == sorted(mtp_losses(laid_out)) == [1], path
+        saved[(path, "layout")] = _parameters(tmp_path / f"{path}-layout", iteration=1)
+    reference = saved[("pretrain", "even")]
+    assert [run for run, parameters in saved.items() if parameters != reference] == []
+    assert any(name.startswith("mtp.layers.0.") for name in reference)
 
     # The checkpoint of iteration 2 evaluates, without training, the batches that the
     # evaluation at iteration 2 (each run's first) read.

@@ -11,6 +11,7 @@ copies on one rank) is the plugin's: `Placement.chunk_built`.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from dataclasses import dataclass
 from functools import wraps
@@ -43,6 +44,9 @@ class Placement:
     stage builds (an uneven layout the placement cuts itself: plugins/dualpipe/layout.py);
     without it Megatron's layer split gives them out.
 
+    `said`: the start-up log's lines that tell where the stages went; the seam prints them
+    once, on rank 0, when it attaches the placement to a run.
+
     `chunk_built` runs on each chunk once Megatron has built it. Megatron's embedding group
     is the first pipeline rank alone under the seam (it cannot tie two copies on one rank):
     a placement that puts the MTP stage, which keeps its own copy of the embedding, on the
@@ -55,6 +59,7 @@ class Placement:
     copies: int = 1
     process_groups: Callable[[int, Any], Any] | None = None
     layers: Callable[[int], range] | None = None
+    said: tuple[str, ...] = ()
 
     @property
     def stages(self) -> int:
@@ -106,10 +111,13 @@ def pipeline_placement(placement: Placement) -> Fix:
     """Megatron's layer split answers for the placement's stages, and each chunk it builds
     gets pre_process (embedding) / post_process (head, loss) and MTP by its stage (through
     the one `GPTModel.__init__` wrapper, `upstream.seams.model`), then goes to
-    `placement.chunk_built`."""
+    `placement.chunk_built`. Rank 0 prints `placement.said` as it attaches."""
 
     def apply(patcher: Patcher) -> None:
         from megatron.core import parallel_state
+
+        if placement.said and int(os.environ.get("RANK", "0")) == 0:
+            print("\n".join(placement.said), flush=True)
 
         layer = megatron_module("megatron.core.transformer.transformer_layer")
         block = megatron_module("megatron.core.transformer.transformer_block")

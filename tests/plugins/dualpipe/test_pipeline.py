@@ -28,7 +28,8 @@ import torch
 from plugins.dualpipe.program import Pipeline
 from tests.helpers import paths
 from tests.helpers.training_runs import (TINY_GPT, checkpoint_tensors, final_validation_loss,
-                                         losses, mla_moe_ep2, mtp_losses, pretrain, torchrun)
+                                         logged_when_resumed, losses, mla_moe_ep2, mtp_losses,
+                                         pretrain, torchrun)
 
 pytestmark = pytest.mark.slow
 
@@ -74,19 +75,6 @@ def _gradients(save_dir, pipeline: Pipeline | None) -> dict[str, torch.Tensor]:
     return merged
 
 
-def _logged_when_resumed(straight: str, start: int, parse=losses) -> dict[int, float]:
-    """The losses a run resumed from iteration `start`'s checkpoint logs, from the output of
-    the straight run that saved it and went on in memory: the same losses, but Megatron does
-    not reset its loss sums after a run's first logged iteration (`training_log`,
-    `is_first_iteration`), so every run's second line is the mean of its first two
-    iterations' losses (the straight run's own line of iteration 2 too: hence `start` >= 2)."""
-    logged = parse(straight)
-    assert start >= 2 and sorted(logged) == list(range(1, max(logged) + 1))
-    expected = {i: loss for i, loss in logged.items() if i > start}
-    expected[start + 2] = (logged[start + 1] + logged[start + 2]) / 2
-    return expected
-
-
 def _resumed(load, step: int, until: int, extra: list[str], tmp_path, pipeline=PIPELINE,
              **kwargs) -> str:
     return pretrain(pipeline + extra + ["--load", str(load), "--ckpt-step", str(step),
@@ -107,12 +95,12 @@ def test_dualpipev_and_dualpipe_train_as_one_process_resume_exactly_and_load_any
     # at iteration 2 is every pipelined run's start; it goes on from the state it saved (a
     # run resumed from there computes the same: weights, optimizer, scheduler and data
     # position are restored, and dropout is off; only Megatron's log differs, see
-    # _logged_when_resumed). One start-up fewer than a separate run saving the start.
+    # logged_when_resumed). One start-up fewer than a separate run saving the start.
     oracle = start = tmp_path / "one-process"
     one_process = pretrain(PIPELINE + grads + [
         "--pipeline-model-parallel-size", "1", "--train-iters", "6", "--save", str(oracle),
         "--save-interval", "2"], tmp_path, ranks=1)
-    after_start = _logged_when_resumed(one_process, 2)
+    after_start = logged_when_resumed(one_process, 2)
 
     # DualPipeV with the W split (--delay-wgrad-compute): weight gradients deferred to
     # the schedule's W cells.
@@ -183,13 +171,13 @@ def test_mla_moe_with_expert_parallelism_trains_as_1f1b_on_4_ranks(tmp_path):
     # the oracle for iterations 3 and 4: it goes on from the state it saved (a run resumed
     # from that checkpoint computes the same: Megatron restores the weights, optimizer,
     # scheduler, expert bias and data position, and dropout is off; only Megatron's log
-    # differs, see _logged_when_resumed). One 4-rank start-up fewer than saving and
+    # differs, see logged_when_resumed). One 4-rank start-up fewer than saving and
     # resuming in two runs.
     straight = pretrain(PIPELINE_DDP + MLA_MOE_EP2 + ["--train-iters", "4", "--save",
                                                       str(start), "--save-interval", "2"],
                         tmp_path, ranks=4)
-    one_f_one_b = _logged_when_resumed(straight, 2)
-    mtp_1f1b = _logged_when_resumed(straight, 2, mtp_losses)
+    one_f_one_b = logged_when_resumed(straight, 2)
+    mtp_1f1b = logged_when_resumed(straight, 2, mtp_losses)
     runs = {}
     for schedule, extra in (("dualpipev", []), ("dualpipe", ["--delay-wgrad-compute"]),
                             ("dualpipev", ["--overlap-moe-expert-parallel-comm"])):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from plugins import PluginError
+from plugins import PluginError, default_registry
 from tests.helpers.plugin_args import enabled, validated
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -47,6 +48,9 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--position-embedding-type", "rope",
           "--mtp-num-layers", "1"], r"holds 0 MTP layers \(m\); --mtp-num-layers is 1"),
     (V + ["--pipeline-model-parallel-layout", "Et|x|t|tL"], r"Invalid layer character: x"),
+    (V + ["--pipeline-model-parallel-layout", "Ett||t|tL"],
+     r"--pipeline-model-parallel-layout Ett\|\|t\|tL: stage 1 holds nothing; every stage needs "
+     r"at least one of E, t, m, L"),
     (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--decoder-first-pipeline-num-layers", "1"],
      r"--pipeline-model-parallel-layout cannot be combined with --decoder-first"),
     (V + ["--pipeline-model-parallel-layout", "Et|t|t|tL", "--account-for-loss-in-pipeline-split"],
@@ -76,7 +80,9 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
 ], ids=["no-schedule", "schedule-without-plugin", "pp1", "too-few-microbatches", "vp-flag",
         "layout-stages", "layout-stages-dualpipe", "layout-embedding",
         "layout-loss", "layout-layers", "layout-mtp-place", "layout-mtp-count", "layout-letter",
-        "layout-and-uneven", "layout-and-accounting", "uneven-rest", "uneven-too-many", "uneven-zero", "layers", "embedding-in-the-split",
+        "layout-empty-stage",
+        "layout-and-uneven", "layout-and-accounting", "uneven-rest", "uneven-too-many",
+        "uneven-zero", "layers", "embedding-in-the-split",
         "param-gather-with-step",
         "mtp-fully-reshardable", "wgrad-without-dualpipe", "wgrad-overlap-grad-reduce",
         "a2a-overlap"])
@@ -115,6 +121,10 @@ def test_a_layout_is_the_placements_and_megatron_gets_none(extra, stages, monkey
     before = [sum(stage.count("t") for stage in stages[:s]) for s in range(len(stages) + 1)]
     assert [placement.layers(s) for s in range(placement.stages)] == [
         range(before[s], before[s + 1]) for s in range(len(stages))]
+    # Megatron saves these arguments with each checkpoint; a tool that rebuilds the
+    # checkpoint's model plans from them (integration/checkpoint_tool.py): the same cut.
+    saved = default_registry().plan(args, checked=False)
+    assert stage_layout(saved.plugins[0].config).stages == stages
 
 
 def test_tied_embeddings_are_refused(monkeypatch):
@@ -136,3 +146,64 @@ def test_an_unwritable_pipeline_timeline_is_refused_at_start_up(tmp_path, monkey
                       monkeypatch)
     assert not (tmp_path / "new").exists()  # checked, not created
 
+
+
+@pytest.mark.parametrize("extra, said", [
+    (V + ["--pipeline-model-parallel-layout", "E|ttt|t|mL", "--position-embedding-type",
+          "rope", "--mtp-num-layers", "1"],
+     ["megaseek: --pipeline-schedule dualpipev places its stages "
+      "(--pipeline-model-parallel-layout E|ttt|t|mL):",
+      "megaseek:   rank 0 holds stage 0 (E) and stage 3 (m L)",
+      "megaseek:   rank 1 holds stage 1 (t0-t2) and stage 2 (t3)"]),
+    (V + ["--num-layers", "8"],
+     ["megaseek: --pipeline-schedule dualpipev places its stages:",
+      "megaseek:   rank 0 holds stage 0 (E t0 t1) and stage 3 (t6 t7 L)",
+      "megaseek:   rank 1 holds stage 1 (t2 t3) and stage 2 (t4 t5)"]),
+    (V + ["--num-layers", "7", "--account-for-embedding-in-pipeline-split"],
+     ["megaseek: --pipeline-schedule dualpipev places its stages:",
+      "megaseek:   rank 0 holds stage 0 (E t0) and stage 3 (t5 t6 L)",
+      "megaseek:   rank 1 holds stage 1 (t1 t2) and stage 2 (t3 t4)"]),
+    (["--plugins", "dualpipe", "--pipeline-schedule", "dualpipe"],
+     ["megaseek: --pipeline-schedule dualpipe places its stages:",
+      "megaseek:   rank 0 holds stage 0 (E t0 t1) of the micro-batches from rank 0 and "
+      "stage 1 (t2 t3 L) of those from rank 1",
+      "megaseek:   rank 1 holds stage 1 (t2 t3 L) of the micro-batches from rank 0 and "
+      "stage 0 (E t0 t1) of those from rank 1"]),
+], ids=["layout", "even", "even-embedding-counted", "dualpipe-even"])
+def test_rank_0_says_which_stages_each_rank_holds(extra, said, monkeypatch, capsys):
+    """Once, on rank 0, when the placement seam attaches the placement to the run (the
+    plugin's hook itself prints nothing: `megaseek describe` asks it too); with the even
+    split, the layers are those Megatron's split gives each stage (its functions asked at
+    the stage's coordinates, as the seam asks them)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from tests.helpers.patching import patching
+    from upstream.seams.placement import pipeline_placement
+
+    args, plugins = enabled(BASE + extra, monkeypatch)
+    placement = plugins[0].placement()
+    capsys.readouterr()
+    for rank, printed in (("1", []), ("0", said)):
+        monkeypatch.setenv("RANK", rank)
+        with patching() as patcher:
+            pipeline_placement(placement).apply(patcher)
+        assert capsys.readouterr().out.splitlines() == printed, rank
+    if placement.layers is not None:
+        return
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=64, num_attention_heads=4,
+        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+        account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
+        pipeline_dtype=torch.float32)
+    for stage in range(placement.stages):
+        rank, chunk = placement.holders(stage)[0]
+        pp, vp = placement.megatron_coordinates(rank, chunk)
+        config.virtual_pipeline_model_parallel_size = None if vp is None else 2
+        start = get_transformer_layer_offset(config, vp_stage=vp, pp_rank=pp)
+        count = get_num_layers_to_build(config, vp_stage=vp, pp_rank=pp)
+        held = f"t{start}-t{start + count - 1}" if count >= 3 else " ".join(
+            f"t{n}" for n in range(start, start + count))
+        assert any(f"stage {stage} ({'E ' if stage == 0 else ''}{held}" in line
+                   for line in said), (stage, held)
