@@ -90,15 +90,26 @@ class RunHooks:
 
 
 @dataclass(frozen=True)
+class Explained:
+    """An override's value with why the plugin sets it, for the start-up log (a plugin's
+    `overrides` may give one where the bare value would puzzle a user)."""
+
+    value: Any
+    why: str
+
+
+@dataclass(frozen=True)
 class Override:
     """A Megatron argument a plugin sets before Megatron validates the arguments."""
 
     plugin: str
     dest: str  # argparse's name, e.g. "num_virtual_stages_per_pipeline_rank"
     value: Any
+    why: str = ""
 
     def __str__(self) -> str:
-        return f"--plugins {self.plugin} sets Megatron's {self.dest} = {self.value!r}"
+        said = f"--plugins {self.plugin} sets Megatron's {self.dest} = {self.value!r}"
+        return f"{said} ({self.why})" if self.why else said
 
 
 @dataclass(frozen=True)
@@ -123,9 +134,13 @@ class RunPlan:
     def apply_overrides(self, args: argparse.Namespace) -> list[str]:
         """Sets the overrides on Megatron's arguments (before its validation); returns the
         start-up log's lines that say them."""
+        said = []
         for override in self.overrides:
+            unset = object()
+            if getattr(args, override.dest, unset) != override.value:
+                said.append(f"megaseek: {override}")  # what it changes, not what it keeps
             setattr(args, override.dest, override.value)
-        return [f"megaseek: {override}" for override in self.overrides]
+        return said
 
     def enabled_by_their_flags(self, args: argparse.Namespace) -> list[str]:
         """The start-up log's lines for the enabled plugins that `--plugins` does not name
@@ -146,12 +161,15 @@ def overrides_of(enabled: tuple[Enabled, ...]) -> tuple[Override, ...]:
         if each.plugin.overrides is None:
             continue
         for dest, value in each.plugin.overrides(each.config).items():
+            why = ""
+            if isinstance(value, Explained):
+                value, why = value.value, value.why
             earlier = found.get(dest)
             if earlier is not None and earlier.value != value:
                 raise PluginError(f"{PLUGINS_FLAG}: plugins {earlier.plugin!r} and "
                                   f"{each.name!r} need Megatron's {dest} set to "
                                   f"{earlier.value!r} and {value!r}; enable only one of them")
-            found.setdefault(dest, Override(each.name, dest, value))
+            found.setdefault(dest, Override(each.name, dest, value, why))
     return tuple(found.values())
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from plugins import Plugin, PluginError, TransformerEngine
 from plugins.config import flag, megatron
+from plugins.plan import Explained
 from plugins.common.flags import recompute_granularity
 from plugins.common.paths import unwritable_directory
 from plugins.common.wgrad_checks import delay_wgrad_refusal
@@ -201,9 +202,13 @@ def overrides(config: DualPipePluginConfig) -> dict:
     cut is kept beside its arguments (SAVED_LAYOUT), to be saved with them."""
     taken, layout = {}, stage_layout(config)
     if layout is not None:
-        taken = {"pipeline_model_parallel_layout": None,
-                 "decoder_first_pipeline_num_layers": None,
-                 "decoder_last_pipeline_num_layers": None, SAVED_LAYOUT: str(layout)}
+        placed = Explained(None, "the schedule's placement cuts the layout's stages itself; "
+                                 "Megatron would read them as interleaved ones")
+        taken = {"pipeline_model_parallel_layout": placed,
+                 "decoder_first_pipeline_num_layers": placed,
+                 "decoder_last_pipeline_num_layers": placed,
+                 SAVED_LAYOUT: Explained(str(layout), "the cut, saved with the checkpoint's "
+                                                      "arguments for tools that rebuild it")}
     return {"num_virtual_stages_per_pipeline_rank": 2, "align_param_gather": False, **taken}
 
 
@@ -263,7 +268,9 @@ def _check_layers(args, schedule: str) -> None:
                           + "".join(f"; --{dest.replace('_', '-')} counts one more layer "
                                     "(or drop it)" for dest in (
                               "account_for_embedding_in_pipeline_split",
-                              "account_for_loss_in_pipeline_split") if _flag(args, dest)))
+                              "account_for_loss_in_pipeline_split") if _flag(args, dest))
+                          + f"; or cut {stages} uneven stages with {LAYOUT_FLAG} (or "
+                          f"{FIRST_FLAG} / {LAST_FLAG})")
 
 
 def _check_microbatches(args, schedule: str) -> None:

@@ -201,6 +201,23 @@ def test_overrides_are_in_the_plan_and_applied_on_request():
     assert reg.plan(parse(reg, ["--plugins", "alpha"])).overrides == ()
 
 
+def test_an_override_is_said_with_its_reason_and_only_where_it_changes_a_value():
+    from plugins.plan import Explained
+
+    def overrides(config):
+        return {"virtual_stages": Explained(2, "two chunks a rank"), "micro_batch_size": 4}
+
+    reg = PluginRegistry([Plugin("alpha", "a", config=AlphaConfig, overrides=overrides)])
+    args = parse(reg, ["--plugins", "alpha"])
+    args.micro_batch_size = 4  # as Megatron parsed it
+    plan = reg.plan(args)
+    assert [(o.dest, o.value) for o in plan.overrides] == [("virtual_stages", 2),
+                                                           ("micro_batch_size", 4)]
+    assert plan.apply_overrides(args) == [
+        "megaseek: --plugins alpha sets Megatron's virtual_stages = 2 (two chunks a rank)"]
+    assert args.virtual_stages == 2 and args.micro_batch_size == 4
+
+
 def test_two_plugins_overriding_one_argument_differently_are_refused():
     reg = PluginRegistry([
         Plugin("alpha", "a", overrides=lambda config: {"virtual_stages": 2}),

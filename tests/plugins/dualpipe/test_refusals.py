@@ -59,7 +59,9 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
      r"--decoder-first-pipeline-num-layers 2 leave 2 of --num-layers 4 layers to the 3 stages"),
     (V + ["--decoder-last-pipeline-num-layers", "5"], r"5 layers, more than --num-layers 4"),
     (V + ["--decoder-first-pipeline-num-layers", "0"], r"--decoder-first-pipeline-num-layers 0 must be 1 or more"),
-    (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8"),
+    (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8\); "
+                                r"or cut 4 uneven stages with --pipeline-model-parallel-layout \(or "
+                                r"--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers\)$"),
     (V + ["--account-for-embedding-in-pipeline-split"],
      r"cannot be cut into the 4 equal stages.*--num-layers 7\); "
      r"--account-for-embedding-in-pipeline-split counts one more layer"),
