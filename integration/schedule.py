@@ -204,10 +204,14 @@ def _report(timeline: Timeline, durations: Durations, measured: bool, as_json: b
     formula = _number(published_bubble(pipeline.schedule, pipeline.stages, durations))
     d = durations
     kind = "measured (seconds)" if measured else "simulated (unit time)"
-    print(f"{pipeline.schedule} on {pipeline.ranks} ranks ({pipeline.stages} stages per "
-          f"direction), {pipeline.microbatches} micro-batches, {kind}")
-    print(f"{'mean ' if measured else ''}durations: F={_number(d.F)} B={_number(d.B)} "
-          f"W={_number(d.W)} F&B={_number(d.fb)}; step span {_number(timeline.makespan)}")
+    per = " per direction" if pipeline.directions == 2 else ""
+    print(f"{pipeline.schedule} on {pipeline.ranks} ranks ({pipeline.stages} stages{per}), "
+          f"{pipeline.microbatches} micro-batches, {kind}")
+    cells = [("F", d.F), ("B", d.B)] + [("W", d.W)] * (pipeline.schedule != "1f1b") + [
+        ("F&B", d.fb)] * (pipeline.chunks == 2)  # the cells this schedule runs
+    print(f"{'mean ' if measured else ''}durations: "
+          + " ".join(f"{name}={_number(value)}" for name, value in cells)
+          + f"; step span {_number(timeline.makespan)}")
     if weights is not None:
         print(f"{stages}; stage weights (cost over the mean stage's, scaling the "
               "durations): " + " ".join(f"{_number(w):g}" for w in weights))

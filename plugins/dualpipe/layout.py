@@ -44,6 +44,9 @@ class StageLayout:
 
         letters = {LayerType.embedding: EMBEDDING, LayerType.decoder: LAYER,
                    LayerType.mtp: MTP, LayerType.loss: LOSS}
+        if any(character.isspace() for character in text):
+            raise LayoutError(f"{LAYOUT_FLAG} {text!r} holds spaces: write it without them "
+                              "(e.g. 'Et|tt|tmL')")
         try:
             rows = PipelineParallelLayerLayout.parse_str_to_list(text)
         except (AssertionError, ValueError) as why:
@@ -73,6 +76,10 @@ class StageLayout:
         if middle == 0 and rest:
             raise LayoutError(f"{given} place {ends} of --num-layers {layers} layers, and "
                               f"no stage is left between them for the other {rest}")
+        if middle and rest < middle:
+            raise LayoutError(f"{given} leave {rest} of --num-layers {layers} layers to the "
+                              f"{middle} stages between, which need one each, as Megatron has "
+                              f"it (stages without layers: give {LAYOUT_FLAG})")
         if middle and rest % middle:
             raise LayoutError(f"{given} leave {rest} of --num-layers {layers} layers to the "
                               f"{middle} stages between, which they do not share equally: "

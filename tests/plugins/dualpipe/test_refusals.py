@@ -58,6 +58,12 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
     (V + ["--decoder-first-pipeline-num-layers", "2"],
      r"--decoder-first-pipeline-num-layers 2 leave 2 of --num-layers 4 layers to the 3 stages"),
     (V + ["--decoder-last-pipeline-num-layers", "5"], r"5 layers, more than --num-layers 4"),
+    (V + ["--decoder-first-pipeline-num-layers", "4"],
+     r"leave 0 of --num-layers 4 layers to the 3 stages between, which need one each"),
+    (V + ["--num-layers", "6", "--decoder-first-pipeline-num-layers", "1"],
+     r"leave 5 of --num-layers 6 layers to the 3 stages between, which they do not share "
+     r"equally"),
+    (V + ["--pipeline-model-parallel-layout", "Et|t|t| tL"], r"'Et\|t\|t\| tL' holds spaces"),
     (V + ["--decoder-first-pipeline-num-layers", "0"], r"--decoder-first-pipeline-num-layers 0 must be 1 or more"),
     (V + ["--num-layers", "6"], r"--num-layers 6 cannot be cut into the 4 equal stages.*--num-layers 8\); "
                                 r"or cut 4 uneven stages with --pipeline-model-parallel-layout \(or "
@@ -84,7 +90,7 @@ def test_a_valid_configuration_asks_megatron_for_two_chunks(monkeypatch):
         "layout-loss", "layout-layers", "layout-mtp-place", "layout-mtp-count", "layout-letter",
         "layout-empty-stage",
         "layout-and-uneven", "layout-and-accounting", "uneven-rest", "uneven-too-many",
-        "uneven-zero", "layers", "embedding-in-the-split",
+        "uneven-none-left", "uneven-not-shared", "layout-spaces", "uneven-zero", "layers", "embedding-in-the-split",
         "param-gather-with-step",
         "mtp-fully-reshardable", "wgrad-without-dualpipe", "wgrad-overlap-grad-reduce",
         "a2a-overlap"])

@@ -353,3 +353,18 @@ def test_simulated_picture_is_small(tmp_path, capsys):
     png = tmp_path / "v.png"
     _cli(capsys, "--schedule", "dualpipev", "--pp", "4", "--microbatches", "10", "--png", str(png))
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
+
+
+@pytest.mark.parametrize("schedule, header, durations", [
+    ("1f1b", "1f1b on 4 ranks (4 stages), 8 micro-batches", "durations: F=1 B=2; "),
+    ("zb1p", "zb1p on 4 ranks (4 stages), 8 micro-batches", "durations: F=1 B=2 W=1; "),
+    ("dualpipev", "dualpipev on 4 ranks (8 stages), 8 micro-batches",
+     "durations: F=1 B=2 W=1 F&B=3; "),
+    ("dualpipe", "dualpipe on 4 ranks (4 stages per direction), 8 micro-batches",
+     "durations: F=1 B=2 W=1 F&B=3; "),
+])
+def test_cli_says_the_schedules_directions_and_only_the_cells_it_runs(schedule, header,
+                                                                       durations, capsys):
+    first, second = _cli(capsys, "--schedule", schedule, "--pp", "4",
+                         "--microbatches", "8").splitlines()[:2]
+    assert first.startswith(header) and second.startswith(durations)
