@@ -634,7 +634,8 @@ class Saving:
 
 
 def savings_not_built(args) -> list[Saving]:
-    """DeepSeek-V3's memory savings (the report, section 3) that the layers and placement
+    """DeepSeek-V3's memory savings (the report, section 3, and two inferred where it does
+    not say how the MoE combine keeps the experts' outputs) that the layers and placement
     megaseek builds do not make, for this run's flags. Recomputing RMSNorm and the MLA
     up-projections (--recompute-modules layernorm mla_up_proj), FP8 linear inputs (--plugins
     fp8), BF16 moments, ZeRO-1 (--use-distributed-optimizer) and the EMA on the host
@@ -666,6 +667,16 @@ def savings_not_built(args) -> list[Saving]:
             "fp32, BF16 in DeepSeek's combine)",
             "no fp32 copies in the MoE layer",
             {"router input (fp32)": 1, "experts' output, gates (fp32)": 0.5}))
+    if args.num_experts and fp8_enabled(args) and "moe_act" not in modules:
+        # Inferred, not in the report: with the gate applied to the SwiGLU output, the
+        # gate's gradient is fc2's input gradient against that output (which the SwiGLU
+        # recomputation rebuilds), so nothing of the experts' outputs is kept.
+        found.append(Saving(
+            "the experts' outputs not kept (the gates applied to the SwiGLU output before "
+            "the down-projection, so that their gradient comes from what fc2 keeps; "
+            "inferred: the report does not say how its combine keeps them)",
+            "the experts' outputs not kept",
+            {"experts' output, gates (fp32)": 1}))
     return found
 
 

@@ -279,7 +279,7 @@ def test_savings_not_built_are_what_megaseek_keeps_and_deepseek_does_not():
     saving = {s.short: s for s in d.savings_not_built(args)}
     assert list(saving) == ["MTP sharing the embedding", "RMSNorm outputs not kept",
                             "the SwiGLU output recomputed",
-                            "no fp32 copies in the MoE layer"]
+                            "no fp32 copies in the MoE layer", "the experts' outputs not kept"]
     first, middle = got["per_rank"][0], got["per_rank"][5]
     embedding = 129280 * 7168  # a multiple of 128 rows: no padding
     name = saving["MTP sharing the embedding"].name
@@ -297,9 +297,14 @@ def test_savings_not_built_are_what_megaseek_keeps_and_deepseek_does_not():
         per_layer = math.ceil(sum(terms.values())) - math.ceil(
             sum(v * (1 - spared.get(term, 0)) for term, v in terms.items()))
         assert per_layer > 0 and middle["not_built_bytes"][saving[short].name] == 66 * per_layer
-    for r in got["per_rank"][2:]:  # every chunk alike: the savings add up
+    # Every chunk alike: the savings add up, but for the experts' outputs, whose fp32 half
+    # both the last two spare.
+    output = terms["experts' output, gates (fp32)"]
+    assert saving["no fp32 copies in the MoE layer"].spared["experts' output, gates (fp32)"] \
+        == 0.5 and output % 2 == 0
+    for r in got["per_rank"][2:]:
         assert r["total_bytes_with_all_built"] == r["total_bytes"] - sum(
-            r["not_built_bytes"].values())
+            r["not_built_bytes"].values()) + 66 * output // 2
 
 
 def test_a_layout_the_schedule_cannot_place_is_refused_as_a_run_refuses_it():
