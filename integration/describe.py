@@ -54,7 +54,6 @@ from plugins.dualpipe.layout import (
     EMBEDDING,
     FIRST_FLAG,
     LAST_FLAG,
-    LAYER,
     LAYOUT_FLAG,
     LOSS,
     MTP,
@@ -392,16 +391,13 @@ def stage_layout(args: argparse.Namespace) -> StageLayout:
 
         config = read(DUALPIPE.config, args)
         stages = _pipeline(args).stages
-        return placed(config) or StageLayout.split(args.num_layers, stages, mtp=mtp)
+        return placed(config) or StageLayout.even(args.num_layers, stages, mtp)
     if args.pipeline_model_parallel_layout is not None:
         return _megatron_layout(args)
     p = args.pipeline_model_parallel_size
     split = _megatron_split(args.num_layers, p, args.decoder_first_pipeline_num_layers,
                             args.decoder_last_pipeline_num_layers)
-    cut = [LAYER * split(rank)[1] for rank in range(p)]
-    cut[0] = EMBEDDING + cut[0]
-    cut[-1] = cut[-1] + MTP * mtp + LOSS  # the same stage as the first at PP=1
-    return StageLayout(tuple(cut))
+    return StageLayout.from_counts([split(rank)[1] for rank in range(p)], mtp)
 
 
 def _megatron_layout(args: argparse.Namespace) -> StageLayout:

@@ -136,8 +136,7 @@ class RunPlan:
         start-up log's lines that say them."""
         said = []
         for override in self.overrides:
-            unset = object()
-            if getattr(args, override.dest, unset) != override.value:
+            if not hasattr(args, override.dest) or getattr(args, override.dest) != override.value:
                 said.append(f"megaseek: {override}")  # what it changes, not what it keeps
             setattr(args, override.dest, override.value)
         return said

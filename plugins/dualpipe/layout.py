@@ -89,10 +89,7 @@ class StageLayout:
             counts[0] = first
         if last is not None:
             counts[-1] = last
-        cut = [LAYER * n for n in counts]
-        cut[0] = EMBEDDING + cut[0]
-        cut[-1] = cut[-1] + MTP * mtp + LOSS
-        return cls(tuple(cut))
+        return cls.from_counts(counts, mtp)
 
     @classmethod
     def even(cls, layers: int, stages: int, mtp: int = 0, embedding_counted: bool = False,
@@ -105,6 +102,12 @@ class StageLayout:
         counts = [per_stage] * stages
         counts[0] -= embedding_counted
         counts[-1] -= loss_counted
+        return cls.from_counts(counts, mtp)
+
+    @classmethod
+    def from_counts(cls, counts: list[int], mtp: int = 0) -> "StageLayout":
+        """Each stage's transformer layers as counted, the embedding opening the first
+        stage, the MTP layers and the loss ending the last (the same stage when one)."""
         cut = [LAYER * n for n in counts]
         cut[0] = EMBEDDING + cut[0]
         cut[-1] = cut[-1] + MTP * mtp + LOSS
